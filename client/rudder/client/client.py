@@ -1,0 +1,159 @@
+"""Sync and asyncio clients.
+
+    from rudder.client import Client, clamp, readouts
+    with Client("127.0.0.1:50051") as c:
+        for tok in c.generate("Hello", interventions=[clamp("resid15", 123, 8.0)],
+                              readouts=readouts(saes=["resid15"], top_k=5)):
+            print(tok.text, tok.readouts)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from rudder.client.errors import from_rpc_error
+from rudder.client.types import Token
+from rudder.v1 import steering_pb2 as pb
+from rudder.v1 import steering_pb2_grpc as pb_grpc
+
+Chat = Sequence[dict[str, str]]
+
+
+def build_generate(prompt: str | None = None, chat: Chat | None = None, *, max_tokens: int | None = None,
+                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                   seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                   interventions: Sequence[pb.Intervention] = (), readouts: pb.ReadoutRequest | None = None,
+                   include_baseline: bool = False) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(interventions=interventions, readouts=readouts, include_baseline=include_baseline)
+    _set_input(req, prompt, chat)
+    s = req.sampling
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(s, name, value)
+    s.stop.extend(stop)
+    s.ignore_eos = ignore_eos
+    return req
+
+
+def build_trace(prompt: str | None = None, chat: Chat | None = None, *,
+                interventions: Sequence[pb.Intervention] = (), readouts: pb.ReadoutRequest | None = None
+                ) -> pb.TraceRequest:
+    req = pb.TraceRequest(interventions=interventions, readouts=readouts)
+    _set_input(req, prompt, chat)
+    return req
+
+
+def _set_input(req, prompt: str | None, chat: Chat | None) -> None:
+    if (prompt is None) == (chat is None):
+        raise ValueError("give exactly one of prompt and chat")
+    if prompt is not None:
+        req.prompt = prompt
+    else:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+
+
+def _token(msg: pb.GenerateResponse) -> Token:
+    usage = msg.usage if msg.HasField("usage") else None
+    return Token.from_pb(msg.token, msg.readouts, msg.baseline, msg.stop_reason, usage)
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is each call's deadline."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self.channel = (grpc.secure_channel(target, credentials) if credentials
+                        else grpc.insecure_channel(target))
+        self.stub = pb_grpc.SteeringStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, prompt: str | None = None, chat: Chat | None = None, *, timeout: float | None = None,
+                 **kwargs) -> Iterator[Token]:
+        """Stream tokens. Keyword arguments: see `build_generate`. Breaking out of the loop cancels the call."""
+        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+        try:
+            for msg in call:
+                yield _token(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def trace(self, prompt: str | None = None, chat: Chat | None = None, *, timeout: float | None = None,
+              **kwargs) -> list[Token]:
+        try:
+            resp = self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
+
+    def model_info(self) -> pb.ModelInfo:
+        try:
+            return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20,
+                      offset: int = 0) -> pb.ListFeaturesResponse:
+        req = pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset)
+        try:
+            return self.stub.ListFeatures(req, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+
+class AsyncClient:
+    """asyncio client with the same methods as `Client`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
+        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
+                        else grpc.aio.insecure_channel(target))
+        self.stub = pb_grpc.SteeringStub(self.channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def generate(self, prompt: str | None = None, chat: Chat | None = None, *,
+                       timeout: float | None = None, **kwargs) -> AsyncIterator[Token]:
+        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+        try:
+            async for msg in call:
+                yield _token(msg)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    async def trace(self, prompt: str | None = None, chat: Chat | None = None, *,
+                    timeout: float | None = None, **kwargs) -> list[Token]:
+        try:
+            resp = await self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
+
+    async def model_info(self) -> pb.ModelInfo:
+        try:
+            return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None

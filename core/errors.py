@@ -1,0 +1,32 @@
+"""Domain errors. The server maps each class to one gRPC status code; the message
+is shown to the user as is, so it says what was wrong and what to do instead."""
+
+from __future__ import annotations
+
+
+class RudderError(Exception):
+    """Base class; `code` names the gRPC status the server answers with."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(RudderError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(RudderError):
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(RudderError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(RudderError):
+    code = "FAILED_PRECONDITION"
+
+
+class ArtifactError(RudderError):
+    """An artifact that cannot be attached to the model (a start-up error)."""
+
+    code = "FAILED_PRECONDITION"

@@ -1,0 +1,193 @@
+"""Sparse autoencoders for inference, in the SAELens folder format.
+
+A folder holds `cfg.json` and `sae_weights.safetensors` with
+`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`
+and, for jumprelu, `threshold [d_sae]`. SAEs saved by SAELens load here and
+SAEs saved here load in SAELens.
+
+    f = act(W_encᵀ (x − b_dec·apply_b_dec_to_input) + b_enc)        encode
+    x̂ = f W_dec + b_dec                                              decode
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from rudder.core.errors import ArtifactError
+from rudder.core.fileio import replace_dir
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+# ---------------------------------------------------------------- activations
+# One registry: an architecture name maps to its activation. Registering twice raises.
+Activation = Callable[["SAE", Tensor], Tensor]
+ACTIVATIONS: dict[str, Activation] = {}
+
+
+def register_activation(name: str) -> Callable[[Activation], Activation]:
+    def wrap(fn: Activation) -> Activation:
+        if name in ACTIVATIONS:
+            raise ValueError(f"SAE architecture {name!r} is registered twice")
+        ACTIVATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_activation("standard")
+def _relu(sae: SAE, pre: Tensor) -> Tensor:
+    return torch.relu(pre)
+
+
+@register_activation("topk")
+def _topk(sae: SAE, pre: Tensor) -> Tensor:
+    # SAELens' TopK: keep the k largest pre-activations, ReLU'd, zero elsewhere.
+    values, ids = pre.topk(sae.cfg.k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values))
+
+
+@register_activation("jumprelu")
+def _jumprelu(sae: SAE, pre: Tensor) -> Tensor:
+    return torch.relu(pre) * (pre > sae.threshold)
+
+
+# ---------------------------------------------------------------- config
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    hook_name: str
+    architecture: str = "standard"
+    """standard (ReLU) | topk | jumprelu"""
+    k: int | None = None
+    """active features per token (topk only)"""
+    apply_b_dec_to_input: bool = True
+    dtype: str = "float32"
+    model_name: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """training provenance: objective and coefficients, tokens, eval metrics"""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ACTIVATIONS:
+            raise ArtifactError(
+                f"SAE architecture {self.architecture!r} is not supported; known: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ArtifactError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.architecture == "topk" and not (self.k and 0 < self.k <= self.d_sae):
+            raise ArtifactError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+
+    def to_saelens(self) -> dict[str, Any]:
+        """The SAELens v6 cfg.json dictionary (hook and model names under `metadata`)."""
+        cfg: dict[str, Any] = {
+            "architecture": self.architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": self.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": "none",
+            "reshape_activations": "hook_z" if self.hook_name.endswith("hook_z") else "none",
+            "metadata": {**self.metadata, "hook_name": self.hook_name, "model_name": self.model_name},
+        }
+        if self.architecture == "topk":
+            cfg["k"] = self.k
+        return cfg
+
+    @classmethod
+    def from_saelens(cls, raw: dict[str, Any]) -> SAEConfig:
+        """Read SAELens v6 configs (names under `metadata`) and older flat ones."""
+        meta = dict(raw.get("metadata") or {})
+        hook_name = meta.pop("hook_name", None) or raw.get("hook_name")
+        if not hook_name:
+            raise ArtifactError("cfg.json names no hook: expected `metadata.hook_name` (or `hook_name`)")
+        norm = raw.get("normalize_activations", "none") or "none"
+        if norm != "none":
+            raise ArtifactError(
+                f"cfg.json has normalize_activations={norm!r}: fold the normalisation into the weights "
+                "before serving (SAELens: `sae.fold_activation_norm_scaling_factor`)"
+            )
+        arch = raw.get("architecture", "standard")
+        return cls(
+            d_in=int(raw["d_in"]),
+            d_sae=int(raw["d_sae"]),
+            hook_name=hook_name,
+            architecture=arch,
+            k=raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k"),
+            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
+            model_name=meta.pop("model_name", None) or raw.get("model_name", ""),
+            metadata=meta,
+        )
+
+
+# ---------------------------------------------------------------- module
+
+
+class SAE(nn.Module):
+    """An inference-only SAE. Training code subclasses or wraps it; the math is here once."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc  # (..., d_sae)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return ACTIVATIONS[self.cfg.architecture](self, self.pre_acts(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec  # (..., d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # -------------------------------------------------------------- disk
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the SAELens folder atomically: a killed save leaves the old folder or none."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        save_file(tensors, staging / WEIGHTS_FILE)
+        (staging / CFG_FILE).write_text(json.dumps(self.cfg.to_saelens(), indent=2))
+        replace_dir(staging, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+        path = Path(path)
+        if not (path / CFG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+            raise ArtifactError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+        cfg = SAEConfig.from_saelens(json.loads((path / CFG_FILE).read_text()))
+        sae = cls(cfg)
+        weights = load_file(path / WEIGHTS_FILE)
+        expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+        got = {name: tuple(t.shape) for name, t in weights.items() if name in expected}
+        if got != expected:
+            raise ArtifactError(f"{path / WEIGHTS_FILE}: tensors {got} do not match the config's shapes {expected}")
+        sae.load_state_dict({name: weights[name] for name in expected})
+        return sae.to(device=device, dtype=getattr(torch, cfg.dtype)).requires_grad_(False)

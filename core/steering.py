@@ -1,0 +1,370 @@
+"""The steering math: one pure-torch implementation that every backend calls.
+
+A backend flattens each hook site's activation to token rows `x (N, d)` and
+describes the rows with a `RowIndex`: which request slot each row belongs to
+(-1: padding or a request nobody steers) and its token position. Each request's
+edits are turned once into small per-slot tables (`StepTables`); at every step a
+row's slot gathers its ops from them, so steered and unsteered requests share a
+batch and an unsteered row is never written.
+
+Per site, in order:
+1. codebooks (part of the model, always on): snap every row, forcing codes;
+2. SAE edits on f = encode(x):  x' = x + (f' − f) W_dec   (reconstruction error kept);
+3. direction adds:              x' = x + α v.
+Readouts (SAE top-k and selected features of f', active code ids) come back as
+tensors keyed by row, for the backend to route to requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+from rudder.core.codebook import Codebook, ForcedCodes
+from rudder.core.sae import SAE
+
+OPEN_END = 2**31 - 1
+
+
+class Op(IntEnum):
+    NONE = 0
+    CLAMP = 1
+    ADD = 2
+    SCALE = 3
+    ABLATE = 4
+
+
+# ---------------------------------------------------------------- request specs
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Token positions an edit acts on: all | prompt | generated | range [start, end)."""
+
+    kind: str = "all"
+    start: int = 0
+    end: int | None = None
+
+    def bounds(self, prompt_len: int) -> tuple[int, int]:
+        if self.kind == "prompt":
+            return 0, prompt_len
+        if self.kind == "generated":
+            return prompt_len, OPEN_END
+        if self.kind == "range":
+            return self.start, OPEN_END if self.end is None else self.end
+        return 0, OPEN_END
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    sae: str
+    feature: int
+    op: Op
+    value: float = 0.0
+    scope: Scope = Scope()
+
+
+@dataclass(frozen=True, eq=False)
+class DirectionEdit:
+    site: str
+    vector: Tensor  # (d,)
+    alpha: float
+    scope: Scope = Scope()
+
+
+@dataclass(frozen=True)
+class CodeEdit:
+    codebook: str
+    head: int
+    code: int
+    strength: float = 1.0
+    scope: Scope = Scope()
+
+
+@dataclass(frozen=True)
+class ReadoutSpec:
+    saes: tuple[str, ...] = ()
+    codebooks: tuple[str, ...] = ()
+    top_k: int = 0
+    feature_ids: tuple[int, ...] = ()
+    include_prompt: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.saes and not self.codebooks
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringSpec:
+    """Everything one request asks of the hooks."""
+
+    features: tuple[FeatureEdit, ...] = ()
+    directions: tuple[DirectionEdit, ...] = ()
+    codes: tuple[CodeEdit, ...] = ()
+    readouts: ReadoutSpec = ReadoutSpec()
+
+    @property
+    def steers(self) -> bool:
+        return bool(self.features or self.directions or self.codes)
+
+
+# ---------------------------------------------------------------- per-step tables
+
+
+@dataclass
+class RowIndex:
+    """Per token row: its request slot (-1 = leave alone), its token position, and
+    whether its readouts are wanted this step (None: every row's)."""
+
+    slot: Tensor  # (N,) long
+    position: Tensor  # (N,) long
+    read: Tensor | None = None  # (N,) bool
+
+
+@dataclass
+class _OpTable:
+    """Ops of every slot for one SAE / codebook / site: column m is each slot's m-th op."""
+
+    start: Tensor  # (S, M)
+    end: Tensor  # (S, M)
+    valid: Tensor  # (S, M) bool
+
+    def active(self, rows: RowIndex, sel: Tensor) -> tuple[Tensor, Tensor]:
+        """Slots of the selected rows, and which of their ops apply at their positions."""
+        slot, pos = rows.slot[sel], rows.position[sel, None]
+        act = self.valid[slot] & (self.start[slot] <= pos) & (pos < self.end[slot])  # (R, M)
+        return slot, act
+
+
+@dataclass
+class SaeTable(_OpTable):
+    feature: Tensor  # (S, M) long
+    op: Tensor  # (S, M) long
+    value: Tensor  # (S, M)
+    reads: Tensor  # (S,) bool: slot reads this SAE out
+    top_k: int
+    selected: Tensor  # (K,) feature ids read for every reading slot
+
+
+@dataclass
+class DirectionTable(_OpTable):
+    vector: Tensor  # (S, M, d)
+    alpha: Tensor  # (S, M)
+
+
+@dataclass
+class CodeTable(_OpTable):
+    head: Tensor  # (S, M)
+    code: Tensor  # (S, M)
+    strength: Tensor  # (S, M)
+    reads: Tensor  # (S,) bool
+
+
+@dataclass
+class StepTables:
+    saes: dict[str, SaeTable] = field(default_factory=dict)
+    directions: dict[str, DirectionTable] = field(default_factory=dict)
+    codebooks: dict[str, CodeTable] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.saes or self.directions or self.codebooks)
+
+
+def _pad(rows: list[list], width: int, fill) -> list[list]:
+    return [r + [fill] * (width - len(r)) for r in rows]
+
+
+def _scope_columns(per_slot: list[list], prompt_lens: list[int], device) -> tuple[Tensor, Tensor, Tensor, int]:
+    width = max(1, max(len(edits) for edits in per_slot))
+    bounds = [[e.scope.bounds(p) for e in edits] for edits, p in zip(per_slot, prompt_lens)]
+    start = torch.tensor(_pad([[b[0] for b in r] for r in bounds], width, 0), device=device)
+    end = torch.tensor(_pad([[b[1] for b in r] for r in bounds], width, 0), device=device)
+    valid = torch.tensor(_pad([[True] * len(r) for r in per_slot], width, False), device=device)
+    return start, end, valid, width
+
+
+def build_tables(
+    specs: list[SteeringSpec | None], prompt_lens: list[int], device: torch.device | str = "cpu"
+) -> StepTables:
+    """Turn each slot's request spec into the per-slot tables the hooks gather from."""
+    specs = [s or SteeringSpec() for s in specs]
+    tables = StepTables()
+    float_kw = {"device": device, "dtype": torch.float32}
+
+    for sae_id in sorted({e.sae for s in specs for e in s.features} | {i for s in specs for i in s.readouts.saes}):
+        per_slot = [[e for e in s.features if e.sae == sae_id] for s in specs]
+        start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
+        reading = [sae_id in s.readouts.saes for s in specs]
+        tables.saes[sae_id] = SaeTable(
+            start=start, end=end, valid=valid,
+            feature=torch.tensor(_pad([[e.feature for e in r] for r in per_slot], w, 0), device=device),
+            op=torch.tensor(_pad([[int(e.op) for e in r] for r in per_slot], w, 0), device=device),
+            value=torch.tensor(_pad([[e.value for e in r] for r in per_slot], w, 0.0), **float_kw),
+            reads=torch.tensor(reading, device=device),
+            top_k=max((s.readouts.top_k for s, r in zip(specs, reading) if r), default=0),
+            selected=torch.tensor(
+                sorted({i for s, r in zip(specs, reading) if r for i in s.readouts.feature_ids}),
+                dtype=torch.long, device=device,
+            ),
+        )
+
+    for site in sorted({e.site for s in specs for e in s.directions}):
+        per_slot = [[e for e in s.directions if e.site == site] for s in specs]
+        start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
+        d = next(e.vector.shape[0] for r in per_slot for e in r)
+        vec = torch.zeros(len(specs), w, d, **float_kw)
+        for i, r in enumerate(per_slot):
+            for m, e in enumerate(r):
+                vec[i, m] = e.vector
+        tables.directions[site] = DirectionTable(
+            start=start, end=end, valid=valid, vector=vec,
+            alpha=torch.tensor(_pad([[e.alpha for e in r] for r in per_slot], w, 0.0), **float_kw),
+        )
+
+    for cb_id in sorted({e.codebook for s in specs for e in s.codes} | {i for s in specs for i in s.readouts.codebooks}):
+        per_slot = [[e for e in s.codes if e.codebook == cb_id] for s in specs]
+        start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
+        tables.codebooks[cb_id] = CodeTable(
+            start=start, end=end, valid=valid,
+            head=torch.tensor(_pad([[e.head for e in r] for r in per_slot], w, 0), device=device),
+            code=torch.tensor(_pad([[e.code for e in r] for r in per_slot], w, 0), device=device),
+            strength=torch.tensor(_pad([[e.strength for e in r] for r in per_slot], w, 1.0), **float_kw),
+            reads=torch.tensor([cb_id in s.readouts.codebooks for s in specs], device=device),
+        )
+    return tables
+
+
+# ---------------------------------------------------------------- readouts
+
+
+@dataclass
+class SaeReadout:
+    source: str
+    rows: Tensor  # (R,) token rows
+    top_ids: Tensor  # (R, k)
+    top_values: Tensor  # (R, k)
+    selected_ids: Tensor  # (K,)
+    selected_values: Tensor  # (R, K)
+
+
+@dataclass
+class CodeReadout:
+    source: str
+    rows: Tensor  # (R,)
+    ids: Tensor  # (R, G, k)
+
+
+Readout = SaeReadout | CodeReadout
+
+
+# ---------------------------------------------------------------- the site hook
+
+
+@dataclass
+class SiteArtifacts:
+    """What is attached at one site."""
+
+    saes: dict[str, SAE] = field(default_factory=dict)
+    codebooks: dict[str, Codebook] = field(default_factory=dict)
+
+
+def _row_mask(rows: RowIndex, wanted: Tensor) -> Tensor:
+    """(N,) bool: rows whose slot is marked in `wanted (S,)`; never a padding or unsteered row."""
+    ok = rows.slot >= 0
+    hit = torch.zeros_like(ok)
+    hit[ok] = wanted[rows.slot[ok]]
+    return hit
+
+
+def _reading(rows: RowIndex, reads: Tensor) -> Tensor:
+    hit = _row_mask(rows, reads)
+    return hit if rows.read is None else hit & rows.read
+
+
+def _slot_rows(rows: RowIndex, wanted: Tensor) -> Tensor:
+    return _row_mask(rows, wanted).nonzero().squeeze(-1)
+
+
+def apply_codebook(cb_id: str, cb: Codebook, x: Tensor, table: CodeTable | None, rows: RowIndex,
+                   readouts: list[Readout]) -> Tensor:
+    g = cb.cfg.num_heads
+    xh = x.view(x.shape[0], g, -1)  # (N, G, d)
+    forced: list[ForcedCodes] = []
+    if table is not None:
+        sel = _slot_rows(rows, table.valid.any(dim=1))
+        if sel.numel():
+            slot, act = table.active(rows, sel)
+            for m in range(act.shape[1]):
+                on = act[:, m]
+                forced.append(ForcedCodes(sel[on], table.head[slot[on], m], table.code[slot[on], m],
+                                          table.strength[slot[on], m]))
+    y, ids = cb.snap(xh, forced)
+    if table is not None:
+        read = _reading(rows, table.reads).nonzero().squeeze(-1)
+        if read.numel():
+            readouts.append(CodeReadout(cb_id, read, ids[read]))
+    return y.reshape(x.shape)
+
+
+def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, readouts: list[Readout]) -> Tensor:
+    read_mask = _reading(rows, table.reads)
+    sel = (_row_mask(rows, table.valid.any(dim=1)) | read_mask).nonzero().squeeze(-1)
+    if sel.numel() == 0:
+        return x
+    slot, act = table.active(rows, sel)
+    f = sae.encode(x[sel])  # (R, d_sae)
+    f_new = f.clone()
+    r = torch.arange(sel.numel(), device=x.device)
+    # Ops apply in the request's order, column by column.
+    for m in range(act.shape[1]):
+        feat, op, val = table.feature[slot, m], table.op[slot, m], table.value[slot, m].to(f.dtype)
+        cur = f_new[r, feat]
+        new = torch.where(op == Op.CLAMP, val, torch.where(op == Op.ADD, cur + val,
+                          torch.where(op == Op.SCALE, cur * val, torch.zeros_like(cur))))
+        f_new[r, feat] = torch.where(act[:, m], new, cur)
+    edited = act.any(dim=1)
+    if edited.any():
+        delta = (f_new[edited] - f[edited]) @ sae.W_dec  # (E, d_in)
+        x = x.index_add(0, sel[edited], delta.to(x.dtype))
+    reading = read_mask[sel]
+    if reading.any():
+        fr = f_new[reading]
+        k = min(table.top_k, fr.shape[-1])
+        top = fr.topk(k, dim=-1) if k else None
+        readouts.append(SaeReadout(
+            source=sae_id, rows=sel[reading],
+            top_ids=top.indices if top else fr.new_zeros((fr.shape[0], 0), dtype=torch.long),
+            top_values=top.values if top else fr.new_zeros((fr.shape[0], 0)),
+            selected_ids=table.selected, selected_values=fr[:, table.selected],
+        ))
+    return x
+
+
+def apply_direction(x: Tensor, table: DirectionTable, rows: RowIndex) -> Tensor:
+    sel = _slot_rows(rows, table.valid.any(dim=1))
+    if sel.numel() == 0:
+        return x
+    slot, act = table.active(rows, sel)
+    coef = act * table.alpha[slot]  # (R, M)
+    delta = torch.einsum("rm,rmd->rd", coef, table.vector[slot])
+    on = act.any(dim=1)
+    return x.index_add(0, sel[on], delta[on].to(x.dtype))
+
+
+def steer_site(site: str, x: Tensor, artifacts: SiteArtifacts | None, tables: StepTables, rows: RowIndex
+               ) -> tuple[Tensor, list[Readout]]:
+    """Apply everything attached at `site` to the token rows `x (N, d)`; return x' and readouts."""
+    readouts: list[Readout] = []
+    if artifacts is not None:
+        for cb_id, cb in artifacts.codebooks.items():
+            x = apply_codebook(cb_id, cb, x, tables.codebooks.get(cb_id), rows, readouts)
+        for sae_id, sae in artifacts.saes.items():
+            if sae_id in tables.saes:
+                x = apply_sae(sae_id, sae, x, tables.saes[sae_id], rows, readouts)
+    if site in tables.directions:
+        x = apply_direction(x, tables.directions[site], rows)
+    return x, readouts

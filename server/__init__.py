@@ -1,0 +1,1 @@
+"""The Rudder gRPC server: service, engine backends, artifact loading."""

@@ -1,0 +1,114 @@
+"""The grpc.aio server: the Steering service, health, reflection, error mapping, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rudder.core.errors import RudderError
+from rudder.server.backends.base import Engine
+from rudder.server.requests import Limits
+from rudder.server.service import SteeringService
+from rudder.v1 import steering_pb2 as pb
+from rudder.v1 import steering_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Steering"].full_name
+_OUR_METHODS = f"/{SERVICE_NAME}/"
+
+
+def _status(err: RudderError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(_OUR_METHODS):
+            return handler
+
+        async def fail(context, e: Exception):
+            if isinstance(e, RudderError):
+                await context.abort(_status(e), str(e))
+            log.exception("unexpected error in %s", details.method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {details.method}; see the server log")
+
+        if handler.unary_unary:
+            inner_unary = handler.unary_unary
+
+            async def unary(request, context):
+                try:
+                    return await inner_unary(request, context)
+                except Exception as e:  # noqa: BLE001 - mapped to a status
+                    await fail(context, e)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except Exception as e:  # noqa: BLE001 - mapped to a status
+                    await fail(context, e)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+class RudderServer:
+    """A started server: `port` is the bound port (useful with port 0)."""
+
+    def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 50051,
+                 limits: Limits = Limits(), max_concurrent: int = 256):
+        self.engine = engine
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.service = SteeringService(engine, model_name, limits, max_concurrent)
+        pb_grpc.add_SteeringServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}; is another server on that port?")
+        self.address = f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (backend %s)", self.service.model_name, self.address, self.engine.name)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Drain: report NOT_SERVING, let in-flight streams finish within `grace`, then stop."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.engine.stop()
+
+    async def run_until_signal(self, grace: float = 30.0) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("draining (grace %.0fs)", grace)
+        await self.stop(grace)

@@ -1,0 +1,126 @@
+"""Load SAEs and codebooks and check them against the model they attach to.
+
+A mismatch (unknown site, wrong width, duplicate id) is a start-up error that
+names the artifact and the fix, never a wrong answer later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
+from rudder.core.codebook import Codebook, load_codebooks
+from rudder.core.errors import ArtifactError, RudderError
+from rudder.core.sae import SAE
+from rudder.core.sites import Site
+from rudder.core.steering import SiteArtifacts
+from rudder.server.backends.hf_sites import ModelShape
+
+log = logging.getLogger(__name__)
+
+FEATURE_METADATA = "feature_metadata.json"
+
+
+@dataclass
+class FeatureMeta:
+    id: int
+    label: str = ""
+    density: float = 0.0
+    top_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttachedSae:
+    id: str
+    site: Site
+    sae: SAE
+    path: Path
+    features: list[FeatureMeta] | None = None
+
+
+@dataclass
+class AttachedCodebook:
+    id: str
+    site: Site
+    codebook: Codebook
+    features: list[FeatureMeta] | None = None
+
+
+def _read_feature_metadata(folder: Path) -> list[FeatureMeta] | None:
+    path = folder / FEATURE_METADATA
+    if not path.exists():
+        return None
+    return [FeatureMeta(**f) for f in json.loads(path.read_text())["features"]]
+
+
+def split_named(spec: str) -> tuple[str | None, Path]:
+    """`name=path` or `path` (the id is then the folder's name)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        return name, Path(path)
+    return None, Path(spec)
+
+
+@dataclass
+class Artifacts:
+    saes: dict[str, AttachedSae] = field(default_factory=dict)
+    codebooks: dict[str, AttachedCodebook] = field(default_factory=dict)
+
+    def by_site(self) -> dict[str, SiteArtifacts]:
+        sites: dict[str, SiteArtifacts] = {}
+        for cb in self.codebooks.values():
+            sites.setdefault(cb.site.name, SiteArtifacts()).codebooks[cb.id] = cb.codebook
+        for a in self.saes.values():
+            sites.setdefault(a.site.name, SiteArtifacts()).saes[a.id] = a.sae
+        return sites
+
+    def sources(self) -> dict[str, AttachedSae | AttachedCodebook]:
+        return {**self.saes, **self.codebooks}
+
+    # -------------------------------------------------------------- loading
+
+    def add_sae(self, spec: str, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> AttachedSae:
+        name, path = split_named(spec)
+        sae_id = name or path.name
+        try:
+            sae = SAE.load(path, device=device)
+            site = Site.parse(sae.cfg.hook_name, shape.num_layers)
+        except RudderError as e:
+            raise ArtifactError(f"SAE {sae_id!r} ({path}): {e}") from e
+        if sae_id in self.sources():
+            raise ArtifactError(f"two artifacts are named {sae_id!r}; name one with --sae NAME=PATH")
+        want = shape.site_dim(site)
+        if sae.cfg.d_in != want:
+            raise ArtifactError(
+                f"SAE {sae_id!r} ({path}) has d_in={sae.cfg.d_in} but site {site.name} of this "
+                f"{shape.architecture} model is {want} wide: it was trained for another model or site"
+            )
+        attached = AttachedSae(sae_id, site, sae.to(dtype), path, _read_feature_metadata(path))
+        self.saes[sae_id] = attached
+        log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, sae.cfg.d_sae, sae.cfg.architecture)
+        return attached
+
+    def add_codebooks(self, folder: Path, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
+        for cb in load_codebooks(folder, device=device):
+            site = Site.parse(cb.cfg.site, shape.num_layers)
+            width = cb.cfg.num_heads * cb.cfg.d_code
+            if width != shape.site_dim(site):
+                raise ArtifactError(
+                    f"codebook {cb.cfg.id!r} covers {cb.cfg.num_heads}x{cb.cfg.d_code}={width} dims but site "
+                    f"{site.name} is {shape.site_dim(site)} wide"
+                )
+            if cb.cfg.id in self.sources():
+                raise ArtifactError(f"two artifacts are named {cb.cfg.id!r}")
+            meta = _read_feature_metadata(folder / cb.cfg.id) if (folder / cb.cfg.id).is_dir() else None
+            self.codebooks[cb.cfg.id] = AttachedCodebook(cb.cfg.id, site, cb.to(dtype), meta)
+            log.info("codebook %s at %s: %d codes, k=%d, %d heads", cb.cfg.id, site.name, cb.cfg.num_codes,
+                     cb.cfg.k, cb.cfg.num_heads)
+
+
+def has_codebooks(model_dir: Path) -> bool:
+    return (model_dir / CODEBOOK_CONFIG).exists()

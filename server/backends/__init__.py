@@ -1,0 +1,1 @@
+"""Engine backends. `reference` (transformers + torch hooks) runs anywhere and is the test oracle."""

@@ -1,0 +1,108 @@
+"""Where each hook site lives in a Hugging Face causal LM, and how to hook it.
+
+Supported families: Llama (and others laid out like it: Mistral, Qwen2, SmolLM),
+GPT-2 and GPT-NeoX. A site's hook sees the activation as (batch, seq, d) and
+returns its replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from rudder.core.errors import ArtifactError
+from rudder.core.sites import Site
+
+SiteFn = Callable[[str, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    layers: str  # attribute path from the CausalLM to the list of blocks
+    mlp: str  # attribute path inside a block
+    out_proj: str  # attention output projection inside a block (its input is hook_z)
+
+
+LAYOUTS = {
+    "llama": Layout("model.layers", "mlp", "self_attn.o_proj"),
+    "mistral": Layout("model.layers", "mlp", "self_attn.o_proj"),
+    "qwen2": Layout("model.layers", "mlp", "self_attn.o_proj"),
+    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj"),
+    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense"),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_head: int
+    vocab_size: int
+
+    def site_dim(self, site: Site) -> int:
+        return self.num_heads * self.d_head if site.per_head else self.d_model
+
+
+def _get(obj: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def layout_of(model: nn.Module) -> Layout:
+    kind = model.config.model_type
+    if kind not in LAYOUTS:
+        raise ArtifactError(f"model type {kind!r} has no site layout; supported: {', '.join(sorted(LAYOUTS))}")
+    return LAYOUTS[kind]
+
+
+def shape_of(model: nn.Module) -> ModelShape:
+    c = model.config
+    d_model = c.hidden_size
+    heads = c.num_attention_heads
+    return ModelShape(
+        architecture=c.model_type,
+        num_layers=c.num_hidden_layers,
+        d_model=d_model,
+        num_heads=heads,
+        d_head=getattr(c, "head_dim", None) or d_model // heads,
+        vocab_size=c.vocab_size,
+    )
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, new: Tensor):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def hook_site(model: nn.Module, site: Site, fn: SiteFn) -> RemovableHandle:
+    """Install `fn` at `site`; remove the returned handle to take it out."""
+    layout = layout_of(model)
+    block = _get(model, layout.layers)[site.layer]
+    name = site.name
+
+    if site.kind == "hook_resid_pre":
+        def pre(module, args, kwargs):
+            if args:
+                return (fn(name, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(name, kwargs["hidden_states"])}
+        return block.register_forward_pre_hook(pre, with_kwargs=True)
+
+    if site.kind == "attn.hook_z":
+        def pre_z(module, args):
+            return (fn(name, args[0]), *args[1:])
+        return _get(block, layout.out_proj).register_forward_pre_hook(pre_z)
+
+    target = block if site.kind == "hook_resid_post" else _get(block, layout.mlp)
+
+    def post(module, args, output):
+        return _replace_first(output, fn(name, _first(output)))
+    return target.register_forward_hook(post)

@@ -1,0 +1,300 @@
+"""The reference backend: a transformers model with torch hooks at the sites.
+
+It runs anywhere (CPU or CUDA) and is the oracle the other backends are tested
+against. Requests that arrive together are batched in waves: one worker thread
+takes up to `max_batch` waiting requests, prefills them left-padded, and decodes
+them step by step with a shared KV cache, dropping rows as they finish. New
+requests wait for the next wave (the vLLM backend batches continuously).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from rudder.core.sites import Site
+from rudder.core.steering import Readout, RowIndex, StepTables, build_tables, steer_site
+from rudder.server.artifacts import Artifacts, has_codebooks
+from rudder.server.backends.base import EngineRequest, ReadoutRouter, Sampling, TokenEvent
+from rudder.server.backends.hf_sites import hook_site, shape_of
+from rudder.server.detokenize import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end of a request's event stream
+
+
+@dataclass(eq=False)
+class _Handle:
+    request: EngineRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def push(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass
+class _StepContext:
+    tables: StepTables
+    rows: RowIndex
+    readouts: list[Readout] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request being decoded in the current wave."""
+
+    handle: _Handle
+    slot: int
+    prompt_len: int
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    generated: int = 0
+    last_token: int = 0
+
+
+def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tuple[int, float]:
+    """One token from `logits (V,)`; the logprob is under the unmodified distribution."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if s.temperature <= 0:
+        token = int(logits.argmax())
+        return token, float(logprobs[token])
+    scaled = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = scaled.topk(min(s.top_k, scaled.numel())).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = scaled.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest prefix reaching top_p
+        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
+    return token, float(logprobs[token])
+
+
+class ReferenceEngine:
+    name = "reference"
+
+    def __init__(self, model_dir: str | Path, saes: list[str] = (), device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_batch: int = 32, batch_wait_s: float = 0.01):
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        self.shape = shape_of(self.model)
+        self.artifacts = Artifacts()
+        if has_codebooks(self.model_dir):
+            self.artifacts.add_codebooks(self.model_dir, self.shape, self.device, dtype)
+        for spec in saes:
+            self.artifacts.add_sae(spec, self.shape, self.device, dtype)
+        self._site_artifacts = self.artifacts.by_site()
+        self._hooks: dict[str, object] = {}
+        for site in self._site_artifacts:
+            self._ensure_hook(site)
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self._ctx: _StepContext | None = None
+        self._pending: queue.Queue[_Handle | None] = queue.Queue()
+        self._active = 0
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ set-up
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return ids or [0]
+
+    def _ensure_hook(self, site: str) -> None:
+        if site not in self._hooks:
+            self._hooks[site] = hook_site(self.model, Site.parse(site, self.shape.num_layers), self._on_site)
+
+    def _on_site(self, site: str, x: Tensor) -> Tensor:
+        ctx = self._ctx
+        flat = x.reshape(-1, x.shape[-1])
+        out, readouts = steer_site(site, flat, self._site_artifacts.get(site), ctx.tables, ctx.rows)
+        ctx.readouts.extend(readouts)
+        return x if out is flat else out.view(x.shape)
+
+    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
+        if chat is not None:
+            return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        return list(self.tokenizer(text).input_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="rudder-reference-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is not None:
+            self._pending.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def running_requests(self) -> int:
+        return self._active + self._pending.qsize()
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+        handle = _Handle(request, asyncio.get_running_loop())
+        self._pending.put(handle)
+        try:
+            while True:
+                item = await handle.events.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            handle.cancelled = True  # the worker drops it at its next step
+
+    # ------------------------------------------------------------ worker
+
+    def _loop(self) -> None:
+        while True:
+            first = self._pending.get()
+            if first is None:
+                return
+            wave = [first]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(wave) < self.max_batch:
+                try:
+                    nxt = self._pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._pending.put(None)
+                    break
+                wave.append(nxt)
+            wave = [h for h in wave if not h.cancelled]
+            if not wave:
+                continue
+            self._active = len(wave)
+            try:
+                with torch.inference_mode():
+                    self._run_wave(wave)
+            except Exception as e:  # a bug or OOM fails this wave's requests, not the server
+                log.exception("wave of %d requests failed", len(wave))
+                for h in wave:
+                    h.push(e)
+            finally:
+                self._active = 0
+                self._ctx = None
+
+    def _forward(self, ctx: _StepContext, **inputs) -> Tensor:
+        self._ctx = ctx
+        return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+
+    def _run_wave(self, wave: list[_Handle]) -> None:
+        reqs = [h.request for h in wave]
+        prompt_lens = [len(r.prompt_ids) for r in reqs]
+        used = [r.steering.steers or not r.steering.readouts.empty for r in reqs]
+        tables = build_tables([r.steering if u else None for r, u in zip(reqs, used)], prompt_lens, self.device)
+        for site in tables.directions:
+            self._ensure_hook(site)
+
+        # Prefill, left-padded: row b*L + t is token t - (L - P_b) of request b.
+        b_size, length = len(reqs), max(prompt_lens)
+        ids = torch.full((b_size, length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b_size, length), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, length - prompt_lens[b]:] = torch.tensor(r.prompt_ids)
+            mask[b, length - prompt_lens[b]:] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        slot = torch.tensor([b if u else -1 for b, u in enumerate(used)])[:, None].expand(-1, length)
+        slot = torch.where(mask.bool(), slot, -1)
+        read = torch.zeros((b_size, length), dtype=torch.bool)
+        read[:, -1] = True
+        for b, r in enumerate(reqs):
+            if r.trace or r.steering.readouts.include_prompt:
+                read[b] = mask[b].bool()
+        rows = RowIndex(slot.reshape(-1).to(self.device), positions.reshape(-1).to(self.device),
+                        read.reshape(-1).to(self.device))
+        ctx = _StepContext(tables, rows)
+        cache = DynamicCache()
+        logits = self._forward(ctx, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               position_ids=positions.to(self.device), past_key_values=cache)
+        router = ReadoutRouter(ctx.readouts)
+
+        states: list[_Row | None] = []
+        for b, (h, r) in enumerate(zip(wave, reqs)):
+            if r.trace or r.steering.readouts.include_prompt:
+                for t, tok in enumerate(r.prompt_ids):
+                    row = b * length + (length - prompt_lens[b]) + t
+                    h.push(TokenEvent(tok, t, self.token_text(tok), is_prompt=True,
+                                      readouts=router.for_row(row, r.steering)))
+            if r.trace:
+                h.push(_END)
+                states.append(None)
+                continue
+            gen = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
+            states.append(_Row(h, b if used[b] else -1, prompt_lens[b],
+                               IncrementalDetokenizer(self.tokenizer, r.sampling.stop), gen))
+        alive = self._emit(states, logits, router, [b * length + length - 1 for b in range(b_size)])
+        self._decode(states, alive, cache, mask, tables)
+
+    def _decode(self, states: list[_Row | None], alive: list[bool], cache: DynamicCache, mask: Tensor,
+                tables: StepTables) -> None:
+        """Decode one token per live request per step; cache row i belongs to states[i]."""
+        while True:
+            keep = [i for i, ok in enumerate(alive) if ok]
+            if not keep:
+                return
+            if len(keep) < len(states):
+                cache.batch_select_indices(torch.tensor(keep, device=self.device))
+                mask, states = mask[keep], [states[i] for i in keep]
+            n = len(states)
+            ids = torch.tensor([[s.last_token] for s in states])
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
+            positions = torch.tensor([[s.prompt_len + s.generated - 1] for s in states])
+            rows = RowIndex(torch.tensor([s.slot for s in states], device=self.device),
+                            positions.reshape(-1).to(self.device))
+            ctx = _StepContext(tables, rows)
+            logits = self._forward(ctx, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                   position_ids=positions.to(self.device), past_key_values=cache)
+            alive = self._emit(states, logits, ReadoutRouter(ctx.readouts), list(range(n)))
+
+    def _emit(self, states: list[_Row | None], logits: Tensor, router: ReadoutRouter, rows: list[int]) -> list[bool]:
+        """Sample each live request's next token and stream it; return which requests go on."""
+        alive = []
+        for s, row_logits, row in zip(states, logits, rows):
+            if s is None or s.handle.cancelled:
+                alive.append(False)
+                continue
+            req = s.handle.request
+            token, logprob = sample(row_logits, req.sampling, s.generator)
+            s.generated += 1
+            s.last_token = token
+            is_eos = token in self.eos_ids and not req.sampling.ignore_eos
+            text = "" if is_eos else s.detok.add(token)
+            finish = ("eos" if is_eos else "stop" if s.detok.stopped
+                      else "length" if s.generated >= req.sampling.max_tokens else None)
+            s.handle.push(TokenEvent(token, s.prompt_len + s.generated - 1, text, logprob,
+                                     readouts=router.for_row(row, req.steering), finish=finish))
+            if finish:
+                s.handle.push(_END)
+            alive.append(finish is None)
+        return alive

@@ -1,0 +1,104 @@
+"""The `rudder` command.
+
+    rudder fetch-default                  # once: download + convert the default model
+    rudder serve [--model PATH] [--sae PATH ...] [--backend reference] [--host H] [--port 50051]
+    rudder generate "..." --clamp SAE:FEATURE=VALUE --readout SAE      # see rudder-client
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from rudder.client.cli import add_client_commands, run
+
+log = logging.getLogger("rudder")
+
+
+def default_sae_dirs() -> list[Path]:
+    """SAEs trained for the default model at set-up (`rudder train sae`), if any."""
+    from rudder.server.default_model import cache_dir
+
+    root = cache_dir() / "artifacts" / "default" / "saes"
+    return sorted(p for p in root.glob("*") if (p / "cfg.json").exists()) if root.exists() else []
+
+
+def cmd_serve(args) -> int:
+    import torch
+
+    from rudder.core.errors import RudderError
+    from rudder.server.app import RudderServer
+    from rudder.server.backends.reference import ReferenceEngine
+    from rudder.server.default_model import MODEL_NAME, ensure_default_model
+    from rudder.server.requests import Limits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    saes = list(args.sae)
+    if args.model is None:
+        model_dir = ensure_default_model(download=False)
+        name = MODEL_NAME
+        if not saes:
+            saes = [str(p) for p in default_sae_dirs()]
+    else:
+        model_dir, name = Path(args.model), Path(args.model).name
+        if not (model_dir / "config.json").exists():
+            raise SystemExit(f"error: {model_dir} is not a Hugging Face model folder (no config.json)")
+    if args.backend != "reference":
+        raise SystemExit(f"error: backend {args.backend!r} is not available; available: reference")
+    try:
+        engine = ReferenceEngine(model_dir, saes, device=args.device, dtype=getattr(torch, args.dtype),
+                                 max_batch=args.max_batch)
+    except RudderError as e:
+        raise SystemExit(f"error: {e}") from None
+    limits = Limits(max_tokens=args.max_tokens_limit)
+
+    async def serve() -> None:  # grpc.aio objects belong to the loop they are made in
+        server = RudderServer(engine, name, args.host, args.port, limits, args.max_concurrent)
+        await server.run_until_signal(args.grace)
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_fetch_default(args) -> int:
+    from rudder.server.default_model import ensure_default_model
+
+    print(ensure_default_model(download=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="rudder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC steering server")
+    s.add_argument("--model", default=None, help="Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH", help="SAELens-format SAE folder")
+    s.add_argument("--backend", default="reference", help="engine backend (reference)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--max-batch", type=int, default=32, help="requests per batch")
+    s.add_argument("--max-concurrent", type=int, default=256, help="streams at once; more get RESOURCE_EXHAUSTED")
+    s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")
+    s.set_defaults(func=cmd_serve)
+
+    f = sub.add_parser("fetch-default", help="download (from PyPI) and convert the default model; set-up only")
+    f.set_defaults(func=cmd_fetch_default)
+
+    add_client_commands(sub)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Turn API messages into engine requests, checking everything at the edge.
+
+Every check raises a domain error with a message a person can act on; the
+service maps it to a gRPC status. Nothing invalid reaches an engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rudder.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from rudder.core.sites import Site
+from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
+from rudder.server.artifacts import Artifacts
+from rudder.server.backends.base import Sampling
+from rudder.server.backends.hf_sites import ModelShape
+from rudder.v1 import steering_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; beyond them a request gets RESOURCE_EXHAUSTED."""
+
+    max_tokens: int = 2048
+    max_prompt_tokens: int = 4096
+    max_interventions: int = 64
+    max_readout_top_k: int = 256
+    max_feature_ids: int = 256
+
+
+DEFAULT_MAX_TOKENS = 64
+
+_SCOPES = {
+    pb.Scope.KIND_UNSPECIFIED: "all", pb.Scope.ALL: "all", pb.Scope.PROMPT: "prompt",
+    pb.Scope.GENERATED: "generated", pb.Scope.RANGE: "range",
+}
+_OPS = {"clamp": Op.CLAMP, "add": Op.ADD, "scale": Op.SCALE, "ablate": Op.ABLATE}
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def parse_scope(scope: pb.Scope, where: str) -> Scope:
+    if scope.kind not in _SCOPES:
+        raise InvalidArgument(f"{where}: unknown scope kind {scope.kind}; use ALL, PROMPT, GENERATED or RANGE")
+    kind = _SCOPES[scope.kind]
+    if kind != "range":
+        if scope.start or scope.end:
+            raise InvalidArgument(f"{where}: start/end are only for a RANGE scope")
+        return Scope(kind)
+    if scope.start < 0 or scope.end < 0 or (scope.end and scope.end <= scope.start):
+        raise InvalidArgument(
+            f"{where}: RANGE scope needs 0 <= start < end (end 0 = open), got start={scope.start} end={scope.end}"
+        )
+    return Scope("range", scope.start, scope.end or None)
+
+
+class RequestParser:
+    def __init__(self, shape: ModelShape, artifacts: Artifacts, limits: Limits = Limits()):
+        self.shape = shape
+        self.artifacts = artifacts
+        self.limits = limits
+
+    # ------------------------------------------------------------ pieces
+
+    def _sae(self, sae_id: str, where: str):
+        if not sae_id:
+            raise InvalidArgument(f"{where}: no SAE named; loaded SAEs: {self._names(self.artifacts.saes)}")
+        if sae_id not in self.artifacts.saes:
+            raise NotFound(f"{where}: unknown SAE {sae_id!r}; loaded SAEs: {self._names(self.artifacts.saes)}")
+        return self.artifacts.saes[sae_id]
+
+    @staticmethod
+    def _names(d: dict) -> str:
+        return ", ".join(sorted(d)) or "none (start the server with --sae PATH)"
+
+    def _feature(self, sae_id: str, feature: int, where: str) -> int:
+        d_sae = self._sae(sae_id, where).sae.cfg.d_sae
+        if not 0 <= feature < d_sae:
+            raise InvalidArgument(f"{where}: feature {feature} is out of range for SAE {sae_id!r} (0..{d_sae - 1})")
+        return feature
+
+    def _feature_edit(self, m: pb.FeatureIntervention, scope: Scope, where: str) -> FeatureEdit:
+        self._feature(m.sae, m.feature, where)
+        which = m.WhichOneof("op")
+        if which is None:
+            raise InvalidArgument(f"{where}: say what to do with the feature: clamp, add, scale or ablate")
+        value = 0.0 if which == "ablate" else _finite(getattr(m, which), f"{where}: {which}")
+        return FeatureEdit(m.sae, m.feature, _OPS[which], value, scope)
+
+    def _direction_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str) -> DirectionEdit:
+        which = m.WhichOneof("direction")
+        if which is None:
+            raise InvalidArgument(f"{where}: give a direction: sae_feature or vector")
+        if which == "sae_feature":
+            attached = self._sae(m.sae_feature.sae, where)
+            self._feature(m.sae_feature.sae, m.sae_feature.feature, where)
+            vector = attached.sae.W_dec[m.sae_feature.feature].detach().float().cpu()
+            site_name = m.site or attached.site.name
+        else:
+            if not m.site:
+                raise InvalidArgument(f"{where}: a vector direction needs a site, e.g. blocks.10.hook_resid_post")
+            vector = torch.tensor(list(m.vector.values), dtype=torch.float32)
+            site_name = m.site
+        site = Site.parse(site_name, self.shape.num_layers)
+        width = self.shape.site_dim(site)
+        if vector.numel() != width:
+            raise InvalidArgument(f"{where}: the direction has {vector.numel()} values but {site.name} is {width} wide")
+        if not torch.isfinite(vector).all():
+            raise InvalidArgument(f"{where}: the direction vector has non-finite values")
+        return DirectionEdit(site.name, vector, _finite(m.alpha, f"{where}: alpha"), scope)
+
+    def _code_edit(self, m: pb.CodeIntervention, scope: Scope, where: str) -> CodeEdit:
+        if m.codebook not in self.artifacts.codebooks:
+            raise NotFound(f"{where}: unknown codebook {m.codebook!r}; loaded: {self._names(self.artifacts.codebooks)}")
+        cfg = self.artifacts.codebooks[m.codebook].codebook.cfg
+        if not 0 <= m.head < cfg.num_heads:
+            raise InvalidArgument(f"{where}: head {m.head} is out of range for codebook {m.codebook!r} (0..{cfg.num_heads - 1})")
+        if not 0 <= m.code < cfg.num_codes:
+            raise InvalidArgument(f"{where}: code {m.code} is out of range for codebook {m.codebook!r} (0..{cfg.num_codes - 1})")
+        strength = _finite(m.strength, f"{where}: strength") if m.HasField("strength") else 1.0
+        return CodeEdit(m.codebook, m.head, m.code, strength, scope)
+
+    def steering(self, interventions, readouts: pb.ReadoutRequest) -> SteeringSpec:
+        if len(interventions) > self.limits.max_interventions:
+            raise ResourceExhausted(
+                f"{len(interventions)} interventions is more than this server's limit of {self.limits.max_interventions}"
+            )
+        features, directions, codes = [], [], []
+        for i, iv in enumerate(interventions):
+            where = f"interventions[{i}]"
+            scope = parse_scope(iv.scope, where)
+            which = iv.WhichOneof("kind")
+            if which == "feature":
+                features.append(self._feature_edit(iv.feature, scope, where))
+            elif which == "direction":
+                directions.append(self._direction_edit(iv.direction, scope, where))
+            elif which == "code":
+                codes.append(self._code_edit(iv.code, scope, where))
+            else:
+                raise InvalidArgument(f"{where}: empty intervention; set feature, direction or code")
+        per_head: dict[tuple[str, int], int] = {}
+        for c in codes:
+            per_head[(c.codebook, c.head)] = per_head.get((c.codebook, c.head), 0) + 1
+            if per_head[(c.codebook, c.head)] > self.artifacts.codebooks[c.codebook].codebook.cfg.k:
+                raise InvalidArgument(f"codebook {c.codebook!r} head {c.head}: more forced codes than its k")
+        return SteeringSpec(tuple(features), tuple(directions), tuple(codes), self.readouts(readouts))
+
+    def readouts(self, r: pb.ReadoutRequest) -> ReadoutSpec:
+        for sae_id in r.saes:
+            self._sae(sae_id, "readouts")
+        for cb in r.codebooks:
+            if cb not in self.artifacts.codebooks:
+                raise NotFound(f"readouts: unknown codebook {cb!r}; loaded: {self._names(self.artifacts.codebooks)}")
+        if r.top_k < 0:
+            raise InvalidArgument(f"readouts.top_k must be >= 0, got {r.top_k}")
+        if r.top_k > self.limits.max_readout_top_k:
+            raise ResourceExhausted(f"readouts.top_k={r.top_k} is over this server's limit of {self.limits.max_readout_top_k}")
+        if len(r.feature_ids) > self.limits.max_feature_ids:
+            raise ResourceExhausted(f"{len(r.feature_ids)} readout feature_ids is over the limit of {self.limits.max_feature_ids}")
+        if (r.top_k or r.feature_ids) and not r.saes:
+            raise InvalidArgument("readouts: top_k and feature_ids need at least one SAE in readouts.saes")
+        for f in r.feature_ids:
+            for sae_id in r.saes:
+                self._feature(sae_id, f, "readouts.feature_ids")
+        return ReadoutSpec(tuple(r.saes), tuple(r.codebooks), r.top_k, tuple(r.feature_ids), r.include_prompt)
+
+    def sampling(self, s: pb.SamplingParams) -> Sampling:
+        max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        if max_tokens < 1:
+            raise InvalidArgument(f"sampling.max_tokens must be at least 1, got {max_tokens}")
+        if max_tokens > self.limits.max_tokens:
+            raise ResourceExhausted(f"sampling.max_tokens={max_tokens} is over this server's limit of {self.limits.max_tokens}")
+        temperature = _finite(s.temperature, "sampling.temperature") if s.HasField("temperature") else 0.0
+        top_p = _finite(s.top_p, "sampling.top_p") if s.HasField("top_p") else 1.0
+        top_k = s.top_k if s.HasField("top_k") else 0
+        if temperature < 0:
+            raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise InvalidArgument(f"sampling.top_k must be >= 0 (0 = off), got {top_k}")
+        return Sampling(max_tokens, temperature, top_p, top_k, s.seed if s.HasField("seed") else None,
+                        tuple(s.stop), s.ignore_eos)
+
+    def prompt(self, request, tokenize) -> list[int]:
+        which = request.WhichOneof("input")
+        if which == "prompt":
+            if not request.prompt.strip():
+                raise InvalidArgument("the prompt is empty; send some text in `prompt` or messages in `chat`")
+            ids = tokenize(text=request.prompt)
+        elif which == "chat":
+            if not request.chat.messages:
+                raise InvalidArgument("chat has no messages")
+            for i, m in enumerate(request.chat.messages):
+                if m.role not in ("system", "user", "assistant"):
+                    raise InvalidArgument(f"chat.messages[{i}].role must be system, user or assistant, got {m.role!r}")
+            ids = tokenize(chat=[{"role": m.role, "content": m.content} for m in request.chat.messages])
+        else:
+            raise InvalidArgument("the request has no input: set `prompt` or `chat`")
+        if not ids:
+            raise InvalidArgument("the prompt tokenizes to nothing")
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise ResourceExhausted(f"the prompt is {len(ids)} tokens, over this server's limit of {self.limits.max_prompt_tokens}")
+        return ids

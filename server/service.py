@@ -1,0 +1,162 @@
+"""The `rudder.v1.Steering` servicer: thin methods over an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from rudder.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from rudder.core.sites import all_sites
+from rudder.core.steering import SteeringSpec
+from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
+from rudder.server.requests import Limits, RequestParser
+from rudder.v1 import steering_pb2 as pb
+from rudder.v1 import steering_pb2_grpc as pb_grpc
+
+_STOP = {"length": pb.LENGTH, "eos": pb.EOS, "stop": pb.STOP_STRING}
+_DONE = object()
+
+
+def readout_to_pb(r: TokenReadout) -> pb.Readout:
+    msg = pb.Readout(source=r.source)
+    if r.codes is not None:
+        msg.codes.extend(pb.CodeGroup(head=h, codes=c) for h, c in enumerate(r.codes))
+    else:
+        msg.top.ids.extend(r.top_ids)
+        msg.top.values.extend(r.top_values)
+        msg.selected.ids.extend(r.selected_ids)
+        msg.selected.values.extend(r.selected_values)
+    return msg
+
+
+def token_to_pb(ev: TokenEvent) -> pb.Token:
+    return pb.Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, position=ev.position, is_prompt=ev.is_prompt)
+
+
+async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncIterator[tuple[bool, TokenEvent]]:
+    """Interleave several event streams; closing the result closes them all."""
+    if len(streams) == 1:
+        flag, it = streams[0]
+        async for ev in it:
+            yield flag, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(flag: bool, it: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for ev in it:
+                await queue.put((flag, ev))
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put(e)
+        finally:
+            await queue.put(_DONE)
+
+    tasks = [asyncio.create_task(pump(f, it)) for f, it in streams]
+    try:
+        done = 0
+        while done < len(tasks):
+            item = await queue.get()
+            if item is _DONE:
+                done += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class SteeringService(pb_grpc.SteeringServicer):
+    def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256):
+        self.engine = engine
+        self.model_name = model_name
+        self.parser = RequestParser(engine.shape, engine.artifacts, limits)
+        self.max_concurrent = max_concurrent
+        self.in_flight = 0
+
+    def _admit(self) -> None:
+        if self.in_flight >= self.max_concurrent:
+            raise ResourceExhausted(
+                f"the server is at its limit of {self.max_concurrent} concurrent requests; retry with backoff"
+            )
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        steering = self.parser.steering(request.interventions, request.readouts)
+        sampling = self.parser.sampling(request.sampling)
+        ids = self.parser.prompt(request, self.engine.tokenize)
+        self._admit()
+        streams = [(False, self.engine.generate(EngineRequest(ids, sampling, steering)))]
+        if request.include_baseline:
+            baseline = SteeringSpec(readouts=steering.readouts)
+            streams.append((True, self.engine.generate(EngineRequest(ids, sampling, baseline))))
+        self.in_flight += 1
+        try:
+            generated = {False: 0, True: 0}
+            async for is_baseline, ev in merge(streams):
+                msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
+                                          readouts=[readout_to_pb(r) for r in ev.readouts])
+                if not ev.is_prompt:
+                    generated[is_baseline] += 1
+                if ev.finish:
+                    msg.stop_reason = _STOP[ev.finish]
+                    msg.usage.prompt_tokens = len(ids)
+                    msg.usage.completion_tokens = generated[is_baseline]
+                yield msg
+        finally:
+            self.in_flight -= 1
+
+    async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
+        steering = self.parser.steering(request.interventions, request.readouts)
+        ids = self.parser.prompt(request, self.engine.tokenize)
+        self._admit()
+        self.in_flight += 1
+        try:
+            out = pb.TraceResponse()
+            async for ev in self.engine.generate(EngineRequest(ids, steering=steering, trace=True)):
+                out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
+            return out
+        finally:
+            self.in_flight -= 1
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        s, arts = self.engine.shape, self.engine.artifacts
+        return pb.ModelInfo(
+            name=self.model_name, architecture=s.architecture, num_layers=s.num_layers, d_model=s.d_model,
+            num_heads=s.num_heads, vocab_size=s.vocab_size, backend=self.engine.name,
+            sites=all_sites(s.num_layers),
+            saes=[pb.SaeInfo(id=a.id, site=a.site.name, d_in=a.sae.cfg.d_in, d_sae=a.sae.cfg.d_sae,
+                             architecture=a.sae.cfg.architecture, has_feature_metadata=a.features is not None)
+                  for a in arts.saes.values()],
+            codebooks=[pb.CodebookInfo(id=c.id, site=c.site.name, num_codes=c.codebook.cfg.num_codes,
+                                       k=c.codebook.cfg.k, num_heads=c.codebook.cfg.num_heads,
+                                       d_code=c.codebook.cfg.d_code)
+                       for c in arts.codebooks.values()],
+        )
+
+    async def ListFeatures(self, request: pb.ListFeaturesRequest, context) -> pb.ListFeaturesResponse:
+        sources = self.engine.artifacts.sources()
+        if request.source not in sources:
+            raise NotFound(f"unknown SAE or codebook {request.source!r}; loaded: {', '.join(sorted(sources)) or 'none'}")
+        features = sources[request.source].features
+        if features is None:
+            raise FailedPrecondition(
+                f"{request.source!r} has no feature metadata; write feature_metadata.json beside the artifact"
+            )
+        if request.limit < 0 or request.offset < 0:
+            raise InvalidArgument("limit and offset must be >= 0")
+        try:
+            pattern = re.compile(request.regex) if request.regex else None
+        except re.error as e:
+            raise InvalidArgument(f"regex {request.regex!r} does not compile: {e}") from e
+        label = request.label.lower()
+        hits = [f for f in features
+                if (not label or label in f.label.lower())
+                and (pattern is None or any(pattern.search(x) for x in f.top_examples))]
+        page = hits[request.offset:request.offset + (request.limit or 20)]
+        return pb.ListFeaturesResponse(
+            total=len(hits),
+            features=[pb.FeatureSummary(id=f.id, label=f.label, density=f.density, top_examples=f.top_examples)
+                      for f in page],
+        )

@@ -1,0 +1,68 @@
+"""Tiny random models and artifacts, built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rudder.core.sae import SAE, SAEConfig
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Steering a language model means changing its activations on purpose.",
+    "Sparse autoencoders find features; codebooks snap activations to codes.",
+] * 8
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_llama(path: Path, layers: int = 3, seed: int = 0) -> Path:
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    # Larger logits than the default init give greedy decoding clear winners (fewer float ties).
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_sae(path: Path, hook_name: str, d_in: int = 64, d_sae: int = 256, architecture: str = "standard",
+             k: int | None = None, seed: int = 0) -> SAE:
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=hook_name, architecture=architecture, k=k,
+                        model_name="tiny-llama"))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1 / d_in**0.5)
+        sae.W_dec.copy_(sae.W_enc.T / sae.W_enc.T.norm(dim=1, keepdim=True))
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        if architecture == "jumprelu":
+            sae.threshold.uniform_(0, 0.2)
+    sae.save(path)
+    return sae

@@ -1,0 +1,1 @@
+"""Offline training of SAEs, end-to-end SAEs and codebook models."""
