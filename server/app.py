@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -112,3 +113,36 @@ class RudderServer:
         await stop.wait()
         log.info("draining (grace %.0fs)", grace)
         await self.stop(grace)
+
+
+class BackgroundServer:
+    """A server on its own event loop in a daemon thread (tests, notebooks, benchmarks).
+
+        with BackgroundServer(engine, "tiny") as srv:
+            Client(srv.address).generate(...)
+    """
+
+    def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 0, **kwargs):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="rudder-server", daemon=True)
+        self.thread.start()
+
+        async def start() -> RudderServer:
+            server = RudderServer(engine, model_name, host, port, **kwargs)
+            await server.start()
+            return server
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
+        self.address = self.server.address
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,14 @@
+# The two commands of the README.
+.PHONY: demo test bench proto
+
+demo:   ## set up, start the server on the default model, stream a steered generation with readouts
+	scripts/demo.sh
+
+test:   ## set up, run the test suite
+	scripts/test.sh
+
+bench:  ## reference backend throughput table (bench/results/)
+	scripts/setup.sh && .venv/bin/python bench/reference_backend.py
+
+proto:  ## regenerate the stubs in client/rudder/v1 from proto/
+	. .venv/bin/activate && scripts/gen_proto.sh

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtualenv in .venv with Rudder and its pinned dependencies,
+# and the embedded default model converted into ~/.cache/rudder (RUDDER_CACHE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.rudder-installed
+want="$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing Rudder into .venv (first time: a few minutes)"
+  python -m pip install -q --upgrade pip
+  # torch first and pinned: a plain requirement would pull the multi-GB CUDA build.
+  python -m pip install -q torch==2.13.0
+  python -m pip install -q -e ./client -e ".[test]"
+  # No CPU build of these exists here; if anything pulled them in, transformers breaks.
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$want" > "$stamp"
+fi
+echo "==> default model"
+rudder fetch-default

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up (idempotent), then run the whole test suite. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+set +e
+python -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: the suite is missing or failed to import" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,84 @@
+"""SAELens folder format and the encode/decode formulas."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rudder.core.errors import ArtifactError
+from rudder.core.sae import ACTIVATIONS, SAE, register_activation
+
+
+def write_saelens_folder(path, architecture="standard", d_in=8, d_sae=16, k=None, seed=0):
+    """A folder written by hand exactly as SAELens v6 writes one."""
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "W_enc": torch.randn(d_in, d_sae, generator=g),
+        "b_enc": torch.randn(d_sae, generator=g),
+        "W_dec": torch.randn(d_sae, d_in, generator=g),
+        "b_dec": torch.randn(d_in, generator=g),
+    }
+    if architecture == "jumprelu":
+        w["threshold"] = torch.rand(d_sae, generator=g)
+    path.mkdir(parents=True)
+    save_file(w, path / "sae_weights.safetensors")
+    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post", "prepend_bos": True}}
+    if k:
+        cfg["k"] = k
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return w
+
+
+@pytest.mark.parametrize("architecture,k", [("standard", None), ("topk", 3), ("jumprelu", None)])
+def test_saelens_folder_loads_and_encodes_per_formula(tmp_path, architecture, k):
+    w = write_saelens_folder(tmp_path / "sae", architecture, k=k)
+    sae = SAE.load(tmp_path / "sae")
+    assert sae.cfg.hook_name == "blocks.1.hook_resid_post" and sae.cfg.model_name == "tiny"
+    x = torch.randn(5, 8)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if architecture == "standard":
+        expected = pre.clamp(min=0)
+    elif architecture == "topk":
+        keep = pre.topk(k, dim=-1).indices
+        expected = torch.zeros_like(pre).scatter(-1, keep, pre.gather(-1, keep).clamp(min=0))
+        assert ((sae.encode(x) > 0).sum(-1) <= k).all()
+    else:
+        expected = torch.where(pre > w["threshold"], pre, torch.zeros_like(pre)).clamp(min=0)
+    torch.testing.assert_close(sae.encode(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sae.decode(expected), expected @ w["W_dec"] + w["b_dec"], rtol=1e-6, atol=1e-6)
+
+
+def test_save_then_load_round_trips_and_writes_saelens_keys(tmp_path):
+    write_saelens_folder(tmp_path / "a", "topk", k=4)
+    sae = SAE.load(tmp_path / "a")
+    sae.save(tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    again = SAE.load(tmp_path / "b")
+    for name, p in sae.named_parameters():
+        assert torch.equal(p, dict(again.named_parameters())[name])
+
+
+def test_mismatched_shapes_and_unknown_architecture_are_clear_errors(tmp_path):
+    write_saelens_folder(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "cfg.json").read_text())
+    cfg["d_sae"] = 17
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="do not match"):
+        SAE.load(tmp_path / "a")
+    cfg["architecture"] = "gated-ish"
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="not supported"):
+        SAE.load(tmp_path / "a")
+    with pytest.raises(ArtifactError, match="not an SAE folder"):
+        SAE.load(tmp_path / "nothing")
+
+
+def test_registering_an_architecture_twice_raises():
+    assert set(ACTIVATIONS) >= {"standard", "topk", "jumprelu"}
+    with pytest.raises(ValueError, match="twice"):
+        register_activation("standard")(lambda sae, pre: pre)
