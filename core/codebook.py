@@ -20,6 +20,7 @@ Artifact: a folder with `codebooks.json` (one entry per codebook) and
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rudder.core.errors import ArtifactError
-from rudder.core.fileio import replace_dir
 
 CONFIG_FILE = "codebooks.json"
 WEIGHTS_FILE = "codebooks.safetensors"
@@ -115,18 +115,23 @@ def _force(ids: Tensor, weight: Tensor, pinned: Tensor, f: ForcedCodes) -> None:
 # ---------------------------------------------------------------- artifact
 
 
-def save_codebooks(codebooks: list[Codebook], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tensors = {}
-    for cb in codebooks:
-        for name, p in cb.named_parameters():
-            tensors[f"{cb.cfg.id}.{name}"] = p.detach().contiguous().cpu()
-    save_file(tensors, staging / WEIGHTS_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps({"codebooks": [asdict(cb.cfg) for cb in codebooks]}, indent=2))
-    replace_dir(staging, path)
-    return path
+def save_codebooks(codebooks: list[Codebook], folder: str | Path) -> Path:
+    """Write the codebooks into `folder` (usually the codebook model's own folder).
+
+    Each file goes in through a rename; the config goes last, so a reader that finds
+    it also finds the weights it names.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{cb.cfg.id}.{name}": p.detach().contiguous().cpu()
+               for cb in codebooks for name, p in cb.named_parameters()}
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
+        save_file(tensors, tmp.name)
+    os.replace(tmp.name, folder / WEIGHTS_FILE)
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
+        json.dump({"codebooks": [asdict(cb.cfg) for cb in codebooks]}, tmp, indent=2)
+    os.replace(tmp.name, folder / CONFIG_FILE)
+    return folder
 
 
 def load_codebooks(path: str | Path, device: str | torch.device = "cpu") -> list[Codebook]:

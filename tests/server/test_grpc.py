@@ -1,0 +1,140 @@
+"""The real gRPC server on a loopback port, through the SDK and through a reflection-only client."""
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rudder import client as rc
+from rudder.server.app import BackgroundServer
+from rudder.server.artifacts import FEATURE_METADATA
+from rudder.server.backends.reference import ReferenceEngine
+from rudder.server.requests import Limits
+from rudder.v1 import steering_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tiny_sae_dir):
+    (tiny_sae_dir / FEATURE_METADATA).write_text(json.dumps({"features": [
+        {"id": 3, "label": "French capitals", "density": 0.01, "top_examples": ["the capital of France is Paris"]},
+        {"id": 4, "label": "animals", "density": 0.02, "top_examples": ["the quick brown fox"]},
+    ]}))
+    engine = ReferenceEngine(tiny_dir, saes=[f"s={tiny_sae_dir}"])
+    with BackgroundServer(engine, "tiny", limits=Limits(max_interventions=4, max_tokens=64)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    with rc.Client(server.address, timeout=60) as c:
+        yield c
+
+
+def test_streamed_generation_with_readouts_and_baseline(client):
+    toks = list(client.generate("The capital of France", max_tokens=6, ignore_eos=True,
+                                interventions=[rc.clamp("s", 3, 30.0)],
+                                readouts=rc.readouts(saes=["s"], top_k=3), include_baseline=True))
+    steered = [t for t in toks if not t.baseline]
+    base = [t for t in toks if t.baseline]
+    assert len(steered) == 6 and len(base) == 6
+    assert steered[-1].stop_reason == "length" and steered[-1].completion_tokens == 6
+    assert all(t.readout("s").top[0] == (3, 30.0) for t in steered)  # the clamp, read back at every token
+    assert all(t.readout("s").top[0][0] != 3 or t.readout("s").top[0][1] != 30.0 for t in base)
+    assert [t.id for t in steered] != [t.id for t in base]
+
+
+def test_async_client_and_trace(server):
+    async def go():
+        async with rc.AsyncClient(server.address, timeout=60) as c:
+            info = await c.model_info()
+            toks = await c.trace("Steering a model", readouts=rc.readouts(saes=["s"], top_k=2))
+            streamed = [t async for t in c.generate(chat=[{"role": "user", "content": "hi"}], max_tokens=3)]
+            return info, toks, streamed
+    info, toks, streamed = asyncio.run(go())
+    assert info.backend == "reference" and info.saes[0].id == "s" and info.saes[0].d_sae == 256
+    assert "blocks.1.attn.hook_z" in info.sites
+    assert toks and all(t.is_prompt and len(t.readout("s").top) == 2 for t in toks)
+    assert 1 <= len(streamed) <= 3
+
+
+def test_list_features_by_label_and_regex(client):
+    assert [f.id for f in client.list_features("s", label="capital").features] == [3]
+    assert [f.id for f in client.list_features("s", regex=r"brown\s+fox").features] == [4]
+    with pytest.raises(rc.InvalidArgument, match="does not compile"):
+        client.list_features("s", regex="(")
+
+
+BAD = [
+    (dict(interventions=[rc.clamp("nope", 1, 1.0)]), rc.NotFound, "unknown SAE 'nope'"),
+    (dict(interventions=[rc.clamp("s", 256, 1.0)]), rc.InvalidArgument, "out of range"),
+    (dict(max_tokens=-1), rc.InvalidArgument, "max_tokens must be at least 1"),
+    (dict(max_tokens=1000), rc.ResourceExhausted, "limit of 64"),
+    (dict(interventions=[rc.clamp("s", 1, 1.0)] * 5), rc.ResourceExhausted, "limit of 4"),
+    (dict(interventions=[rc.clamp("s", 1, 1.0, scope=pb.Scope(kind=pb.Scope.RANGE, start=5, end=2))]),
+     rc.InvalidArgument, "RANGE scope"),
+    (dict(interventions=[rc.direction(1.0, vector=[0.0] * 64, site="blocks.99.hook_resid_post")]),
+     rc.InvalidArgument, "layers 0..2"),
+    (dict(interventions=[rc.direction(1.0, vector=[0.0] * 64, site="blocks.1.hook_nowhere")]),
+     rc.InvalidArgument, "unknown site"),
+    (dict(interventions=[rc.direction(1.0, vector=[0.0] * 3, site="blocks.1.hook_resid_post")]),
+     rc.InvalidArgument, "64 wide"),
+    (dict(readouts=rc.readouts(saes=["s"], top_k=10_000)), rc.ResourceExhausted, "top_k"),
+    (dict(temperature=-1.0), rc.InvalidArgument, "temperature"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD)
+def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(client, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        list(client.generate("The capital of France", **kwargs))
+    assert len(list(client.generate("The capital of France", max_tokens=2, ignore_eos=True))) == 2
+
+
+def test_empty_prompt_and_missing_input(client, server):
+    with pytest.raises(rc.InvalidArgument, match="prompt is empty"):
+        list(client.generate("   "))
+    stub = client.stub
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(pb.GenerateRequest()))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no input" in e.value.details()
+
+
+def test_cancelled_stream_stops_and_others_continue(client, server):
+    stream = client.generate("The quick brown fox", max_tokens=60, ignore_eos=True)
+    next(stream)
+    stream.close()  # cancels the call
+    assert len(list(client.generate("Steering", max_tokens=3, ignore_eos=True))) == 3
+    engine = server.server.engine
+    for _ in range(100):
+        if engine.running_requests() == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert engine.running_requests() == 0
+
+
+def test_health_and_a_generic_client_built_from_reflection_alone(server):
+    with grpc.insecure_channel(server.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="rudder.v1.Steering"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        (listing,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        assert "rudder.v1.Steering" in [s.name for s in listing.list_services_response.service]
+        (files,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="rudder.v1.Steering")]))
+        pool = descriptor_pool.DescriptorPool()  # knows nothing but what the server said
+        for raw in files.file_descriptor_response.file_descriptor_proto:
+            pool.Add(descriptor_pb2.FileDescriptorProto.FromString(raw))
+        req_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("rudder.v1.GenerateRequest"))
+        resp_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("rudder.v1.GenerateResponse"))
+        call = ch.unary_stream("/rudder.v1.Steering/Generate", request_serializer=req_cls.SerializeToString,
+                               response_deserializer=resp_cls.FromString)
+        req = req_cls(prompt="The capital of France")
+        req.sampling.max_tokens = 3
+        req.sampling.ignore_eos = True
+        out = list(call(req, timeout=60))
+        assert len(out) == 3 and out[-1].stop_reason == 1  # LENGTH

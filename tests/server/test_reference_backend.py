@@ -1,0 +1,118 @@
+"""The reference backend on a tiny random Llama: batching, the no-op guarantee, codebooks, sites."""
+
+import asyncio
+
+import pytest
+import torch
+
+from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
+from rudder.core.sites import KINDS, Site
+from rudder.core.steering import (CodeEdit, FeatureEdit, Op, ReadoutSpec, RowIndex, StepTables, SteeringSpec,
+                                  steer_site)
+from rudder.server.backends.base import EngineRequest, Sampling
+from rudder.server.backends.hf_sites import hook_site
+from rudder.server.backends.reference import ReferenceEngine
+
+PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tiny_sae_dir):
+    return ReferenceEngine(tiny_dir, saes=[f"s={tiny_sae_dir}"])
+
+
+async def collect(engine, requests):
+    await engine.start()
+
+    async def one(r):
+        return [ev async for ev in engine.generate(r)]
+
+    return await asyncio.gather(*(one(r) for r in requests))
+
+
+def tokens(events):
+    return [e.token_id for e in events if not e.is_prompt]
+
+
+def test_unsteered_request_in_a_steered_batch_matches_it_alone(engine):
+    steer = SteeringSpec(features=(FeatureEdit("s", 3, Op.CLAMP, 30.0),))
+    reqs = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=12, ignore_eos=True)) for p in PROMPTS]
+    alone = [asyncio.run(collect(engine, [r]))[0] for r in reqs]
+    mixed = [EngineRequest(r.prompt_ids, r.sampling, steer if i % 2 else SteeringSpec()) for i, r in enumerate(reqs)]
+    together = asyncio.run(collect(engine, mixed))
+    for i in (0, 2):
+        assert tokens(together[i]) == tokens(alone[i])
+    assert any(tokens(together[i]) != tokens(alone[i]) for i in (1, 3)), "steering changed nothing"
+
+
+def test_hooks_through_the_core_with_no_ops_leave_logits_bit_identical(tiny_dir):
+    engine = ReferenceEngine(tiny_dir)
+    ids = torch.tensor([engine.tokenize(PROMPTS[0])])
+
+    def through_core(site, x):
+        flat = x.reshape(-1, x.shape[-1])
+        rows = RowIndex(torch.zeros(len(flat), dtype=torch.long), torch.arange(len(flat)))
+        out, _ = steer_site(site, flat, None, StepTables(), rows)
+        return out.view(x.shape)
+
+    with torch.no_grad():
+        before = engine.model(ids).logits
+        handles = [hook_site(engine.model, Site(layer, kind), through_core)
+                   for layer in range(engine.shape.num_layers) for kind in KINDS]
+        after = engine.model(ids).logits
+        for h in handles:
+            h.remove()
+    assert torch.equal(before, after)
+
+
+def test_trace_gives_readouts_at_every_prompt_token(engine):
+    ids = engine.tokenize(PROMPTS[1])
+    spec = SteeringSpec(readouts=ReadoutSpec(saes=("s",), top_k=4, feature_ids=(1, 2)))
+    (events,) = asyncio.run(collect(engine, [EngineRequest(ids, steering=spec, trace=True)]))
+    assert [e.token_id for e in events] == ids and all(e.is_prompt for e in events)
+    assert [e.position for e in events] == list(range(len(ids)))
+    for e in events:
+        (r,) = e.readouts
+        assert len(r.top_ids) == 4 and r.selected_ids == [1, 2]
+        assert r.top_values == sorted(r.top_values, reverse=True)
+
+
+def test_generated_tokens_carry_the_readout_of_the_row_that_chose_them(engine):
+    ids = engine.tokenize(PROMPTS[0])
+    spec = SteeringSpec(readouts=ReadoutSpec(saes=("s",), top_k=2, include_prompt=True))
+    (events,) = asyncio.run(collect(engine, [EngineRequest(ids, Sampling(max_tokens=3, ignore_eos=True), spec)]))
+    prompt = [e for e in events if e.is_prompt]
+    generated = [e for e in events if not e.is_prompt]
+    assert len(prompt) == len(ids) and len(generated) == 3
+    # the first generated token was chosen at the last prompt position: same activations
+    assert generated[0].readouts[0].top_ids == prompt[-1].readouts[0].top_ids
+    assert generated[-1].finish == "length"
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    ids = engine.tokenize(PROMPTS[2])
+    r = EngineRequest(ids, Sampling(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True))
+    a, b = asyncio.run(collect(engine, [r, r]))
+    assert tokens(a) == tokens(b)
+
+
+def test_codebook_model_serves_codes_and_forcing_reads_back(tmp_path, tiny_dir):
+    import shutil
+
+    model = tmp_path / "cb-model"
+    shutil.copytree(tiny_dir, model)
+    torch.manual_seed(0)
+    cb = Codebook(CodebookConfig("attn1", "blocks.1.attn.hook_z", num_codes=32, k=2, d_code=16, num_heads=4))
+    save_codebooks([cb], model)
+    engine = ReferenceEngine(model)
+    assert "attn1" in engine.artifacts.codebooks
+    ids = engine.tokenize(PROMPTS[0])
+    read = ReadoutSpec(codebooks=("attn1",))
+    forced = SteeringSpec(codes=(CodeEdit("attn1", head=2, code=31),), readouts=read)
+    plain, steered = asyncio.run(collect(engine, [
+        EngineRequest(ids, Sampling(max_tokens=4, ignore_eos=True), SteeringSpec(readouts=read)),
+        EngineRequest(ids, Sampling(max_tokens=4, ignore_eos=True), forced)]))
+    for e in steered:
+        (r,) = e.readouts
+        assert len(r.codes) == 4 and 31 in r.codes[2]
+    assert any(31 not in e.readouts[0].codes[2] for e in plain)
