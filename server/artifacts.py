@@ -19,7 +19,7 @@ from rudder.core.errors import ArtifactError, RudderError
 from rudder.core.sae import SAE
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
-from rudder.server.backends.hf_sites import ModelShape
+from rudder.core.hf_sites import ModelShape
 
 log = logging.getLogger(__name__)
 

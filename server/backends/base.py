@@ -8,7 +8,7 @@ from typing import Protocol
 
 from rudder.core.steering import CodeReadout, Readout, SaeReadout, SteeringSpec
 from rudder.server.artifacts import Artifacts
-from rudder.server.backends.hf_sites import ModelShape
+from rudder.core.hf_sites import ModelShape
 
 
 @dataclass(frozen=True)

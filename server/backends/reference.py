@@ -26,7 +26,7 @@ from rudder.core.sites import Site
 from rudder.core.steering import Readout, RowIndex, StepTables, build_tables, steer_site
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, ReadoutRouter, Sampling, TokenEvent
-from rudder.server.backends.hf_sites import hook_site, shape_of
+from rudder.core.hf_sites import hook_site, shape_of
 from rudder.server.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)

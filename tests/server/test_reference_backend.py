@@ -10,7 +10,7 @@ from rudder.core.sites import KINDS, Site
 from rudder.core.steering import (CodeEdit, FeatureEdit, Op, ReadoutSpec, RowIndex, StepTables, SteeringSpec,
                                   steer_site)
 from rudder.server.backends.base import EngineRequest, Sampling
-from rudder.server.backends.hf_sites import hook_site
+from rudder.core.hf_sites import hook_site
 from rudder.server.backends.reference import ReferenceEngine
 
 PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering"]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The main job: set up, train the default SAE once (cached), serve the default model,
+# and stream a steered generation with per-token readouts beside the unsteered one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+cache="${RUDDER_CACHE:-$HOME/.cache/rudder}"
+sae="$cache/artifacts/default/saes/resid15"
+if [ ! -f "$sae/cfg.json" ]; then
+  echo "==> training the default SAE (once, about 2 minutes on 2 cores)"
+  rudder train sae --site blocks.15.hook_resid_post --tokens 60000 --out "$sae"
+fi
+port="${RUDDER_PORT:-50051}"
+echo "==> starting the server on 127.0.0.1:$port"
+rudder serve --port "$port" > "$cache/demo-server.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+python examples/steer_demo.py --server "127.0.0.1:$port" "$@"
