@@ -50,7 +50,7 @@ async def run(engine: ReferenceEngine, streams: int, tokens: int, spec: Steering
                           Sampling(max_tokens=tokens, ignore_eos=True), spec) for i in range(streams)]
 
     async def one(r):
-        return sum(1 async for ev in engine.generate(r) if not ev.is_prompt)
+        return len([ev async for ev in engine.generate(r) if not ev.is_prompt])
 
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(r) for r in reqs))
