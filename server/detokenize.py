@@ -32,6 +32,16 @@ class IncrementalDetokenizer:
                 return new
         if text.endswith("\ufffd"):
             return ""
-        new = text[self.emitted:]
-        self.emitted = len(text)
+        # Hold back a tail that could still grow into a stop string.
+        safe = len(text) - max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        new = text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return new
+
+    def flush(self) -> str:
+        """The held-back tail, once the sequence ended for another reason than a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new, self.emitted = text[self.emitted:], len(text)
         return new

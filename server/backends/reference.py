@@ -292,6 +292,8 @@ class ReferenceEngine:
             text = "" if is_eos else s.detok.add(token)
             finish = ("eos" if is_eos else "stop" if s.detok.stopped
                       else "length" if s.generated >= req.sampling.max_tokens else None)
+            if finish in ("eos", "length"):
+                text += s.detok.flush()
             s.handle.push(TokenEvent(token, s.prompt_len + s.generated - 1, text, logprob,
                                      readouts=router.for_row(row, req.steering), finish=finish))
             if finish:
