@@ -319,8 +319,8 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     f = sae.encode(x[sel])  # (R, d_sae)
     f_new = f.clone()
     r = torch.arange(sel.numel(), device=x.device)
-    # Ops apply in the request's order, column by column.
-    for m in range(act.shape[1]):
+    # Ops apply in the request's order, column by column (rows that only read skip this).
+    for m in range(act.shape[1] if act.any() else 0):
         feat, op, val = table.feature[slot, m], table.op[slot, m], table.value[slot, m].to(f.dtype)
         cur = f_new[r, feat]
         new = torch.where(op == Op.CLAMP, val, torch.where(op == Op.ADD, cur + val,

@@ -94,6 +94,7 @@ class ReadoutRouter:
     def for_row(self, row: int, spec: SteeringSpec) -> list[TokenReadout]:
         out = []
         wanted = spec.readouts
+        ids = set(wanted.feature_ids)
         for n, i in self.by_row.get(row, ()):
             r, h = self._readouts[n], self._host[n]
             if isinstance(r, CodeReadout):
@@ -101,7 +102,6 @@ class ReadoutRouter:
                     out.append(TokenReadout(r.source, codes=h["ids"][i]))
             elif r.source in wanted.saes:
                 k = wanted.top_k
-                ids = set(wanted.feature_ids)
                 sel = [(f, v) for f, v in zip(h["selected_ids"], h["selected_values"][i]) if f in ids]
                 out.append(TokenReadout(
                     r.source, top_ids=h["top_ids"][i][:k], top_values=h["top_values"][i][:k],
