@@ -30,3 +30,9 @@ class ArtifactError(RudderError):
     """An artifact that cannot be attached to the model (a start-up error)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class TrainingError(RudderError):
+    """Training cannot go on (a NaN loss, say); the message says what to change."""
+
+    code = "ABORTED"

@@ -166,14 +166,19 @@ class SAE(nn.Module):
 
     # -------------------------------------------------------------- disk
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the SAELens folder atomically: a killed save leaves the old folder or none."""
+    def save(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+        """Write the SAELens folder atomically: a killed save leaves the old folder or none.
+
+        `extra_files` (name -> text, e.g. feature metadata) go into the same atomic swap.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
         save_file(tensors, staging / WEIGHTS_FILE)
         (staging / CFG_FILE).write_text(json.dumps(self.cfg.to_saelens(), indent=2))
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         replace_dir(staging, path)
         return path
 

@@ -32,6 +32,7 @@ class FeatureMeta:
     label: str = ""
     density: float = 0.0
     top_examples: list[str] = field(default_factory=list)
+    max_activation: float = 0.0
 
 
 @dataclass

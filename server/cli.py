@@ -72,13 +72,14 @@ def cmd_fetch_default(args) -> int:
 
 
 def cmd_train_sae(args) -> int:
-    from rudder.server.default_model import ensure_default_model
-    from rudder.training.sae import LocalSaeConfig, run as train_sae
+    from rudder.core.errors import RudderError
+    from rudder.training.config import config_from_args
+    from rudder.training.sae import run as train_sae
 
-    model = args.model or str(ensure_default_model(download=False))
-    cfg = LocalSaeConfig(model=model, site=args.site, d_sae=args.d_sae, tokens=args.tokens, epochs=args.epochs,
-                         l1_coefficient=args.l1)
-    train_sae(cfg, Path(args.out))
+    try:
+        train_sae(config_from_args(args))
+    except RudderError as e:
+        raise SystemExit(f"error: {e}") from None
     return 0
 
 
@@ -108,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train artifacts offline")
     tsub = t.add_subparsers(dest="what", required=True)
-    ts = tsub.add_parser("sae", help="a local SAE (ReLU + L1) on the offline corpus")
-    ts.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
-    ts.add_argument("--site", default="blocks.15.hook_resid_post")
-    ts.add_argument("--d-sae", type=int, default=4608)
-    ts.add_argument("--tokens", type=int, default=60_000)
-    ts.add_argument("--epochs", type=int, default=4)
-    ts.add_argument("--l1", type=float, default=1.0, help="L1 coefficient")
-    ts.add_argument("--out", required=True)
+    ts = tsub.add_parser("sae", help="an SAE: local, e2e or e2e_ds objective; ReLU+L1 or TopK",
+                         description="Train an SAE on the offline corpus (see rudder.training.sae).")
+    from rudder.training.config import add_arguments as add_sae_arguments
+
+    add_sae_arguments(ts)
     ts.set_defaults(func=cmd_train_sae)
 
     add_client_commands(sub)

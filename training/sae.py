@@ -1,166 +1,581 @@
-"""Train a local SAE (ReLU + L1, unit-norm decoder; Towards Monosemanticity) at one site.
+"""Train sparse autoencoders: local, end-to-end (e2e) and e2e + downstream (e2e_ds).
 
-    rudder train sae --site blocks.15.hook_resid_post --d-sae 4608 --tokens 60000 --out PATH
+    rudder train sae --config sae.yaml [--set objective=e2e] [--out PATH]
+    torchrun --nproc-per-node N -m rudder.training.sae --config sae.yaml     # data-parallel
 
-Activations are collected once from the model over the offline corpus
-(`training.corpus`), then the SAE trains on them shuffled. The artifact is a
-SAELens folder plus `feature_metadata.json` (density, top activating examples)
-for feature search. This is the small trainer the default demo uses; the
-end-to-end objectives build on the same SAE module.
+- local (Towards Monosemanticity): activations are streamed from the model through a
+  shuffle buffer; loss = MSE(x̂, x) + sparsity.
+- e2e (Braun et al. 2024): the SAE output replaces the activation in the model;
+  loss = KL(original ‖ spliced outputs) + sparsity.
+- e2e_ds: as e2e, plus the MSE between the spliced and original activations at later layers.
+
+ReLU SAEs keep unit-norm decoder rows (the gradient's component along each row is removed,
+then rows are renormalised) and have dead features resampled; TopK SAEs get the AuxK loss.
+Activations are scaled so E‖x‖² = d_in while training; the scale is folded into the
+weights at export, so the artifact takes raw activations. See `training.config` for every
+option and the loss conventions.
+
+Checkpoints (SAEs, optimizer, schedule, data position) go to `<out>.ckpt/` every
+`checkpoint_every_steps`; a run started again with the same config resumes from there.
+The artifact (SAELens folder, eval metrics in its metadata, `feature_metadata.json`)
+appears atomically at the end.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rudder.core.sae import SAE, SAEConfig
+from rudder.core.errors import InvalidArgument, RudderError, TrainingError
+from rudder.core.sae import ACTIVATIONS, SAE, SAEConfig
 from rudder.core.sites import Site
-from rudder.core.hf_sites import hook_site, shape_of
-from rudder.training.corpus import token_windows
+from rudder.training.config import SaeTrainConfig, add_arguments, config_from_args
+from rudder.training.corpus import train_eval_split
+from rudder.training.distributed import World
+from rudder.training.evaluate import evaluate_sae, feature_metadata
+from rudder.training.lm import HookedLM, check_model_folder
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class LocalSaeConfig:
-    model: str
-    """Hugging Face causal LM folder"""
-    site: str = "blocks.15.hook_resid_post"
-    d_sae: int = 4608
-    tokens: int = 60_000
-    """training tokens collected from the corpus"""
-    context: int = 128
-    epochs: int = 4
-    batch_size: int = 1024
-    lr: float = 1e-3
-    l1_coefficient: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.d_sae < 1:
-            raise ValueError(f"d_sae must be at least 1, got {self.d_sae}")
-        if self.tokens < self.context:
-            raise ValueError(f"tokens ({self.tokens}) must cover at least one context ({self.context})")
+LM_BATCH_WINDOWS = 16
+"""sequences per model forward when streaming activations (local objective)"""
 
 
-@torch.no_grad()
-def collect_activations(model, site: Site, windows: list[list[int]], batch: int = 8) -> Tensor:
-    """Run the corpus through the model and keep the site's activations, (n_tokens, d)."""
-    out: list[Tensor] = []
+# ---------------------------------------------------------------- the trainable SAE
 
-    class _Stop(Exception):
-        pass
 
-    def grab(name: str, x: Tensor) -> Tensor:
-        # The first position of a window is an attention sink with outsized norms: leave it out.
-        out.append(x[:, 1:].reshape(-1, x.shape[-1]).float().clone())
-        raise _Stop  # nothing after the site is needed
+class TrainingSae(nn.Module):
+    """A core SAE trained on activations multiplied by `scale`; `export()` folds the scale back."""
 
-    handle = hook_site(model, site, grab)
-    try:
-        for i in tqdm(range(0, len(windows), batch), desc=f"activations at {site.name}", unit="batch"):
+    def __init__(self, cfg: SAEConfig, scale: float = 1.0):
+        super().__init__()
+        self.sae = SAE(cfg)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (normalised) → reconstruction, features, pre-activations."""
+        pre = self.sae.pre_acts(x)
+        f = ACTIVATIONS[self.sae.cfg.architecture](self.sae, pre)
+        return self.sae.decode(f), f, pre
+
+    @torch.no_grad()
+    def initialise(self, x: Tensor, generator: torch.Generator) -> None:
+        """Random unit decoder rows, encoder = 0.1 · decoder transposed, b_dec at the data's median."""
+        w = torch.randn(self.sae.W_dec.shape, generator=generator).to(x.device)
+        self.sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.sae.W_enc.copy_(0.1 * self.sae.W_dec.T)
+        self.sae.b_enc.zero_()
+        self.sae.b_dec.copy_(x.median(dim=0).values)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.sae.W_dec /= self.sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        w, g = self.sae.W_dec, self.sae.W_dec.grad
+        if g is not None:
+            g -= (g * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def export(self, metadata: dict) -> SAE:
+        """The SAE on raw activations: x·s in, x̂·s out ⇒ W_enc·s, b_dec/s, W_dec/s."""
+        s = self.scale.item()
+        cfg = SAEConfig(**{**self.sae.cfg.__dict__, "metadata": {**self.sae.cfg.metadata, **metadata}})
+        out = SAE(cfg)
+        out.load_state_dict(self.sae.state_dict())
+        out.W_enc.mul_(s)
+        out.b_dec.div_(s)
+        out.W_dec.div_(s)
+        return out.cpu().requires_grad_(False)
+
+
+def aux_k_loss(model: TrainingSae, x: Tensor, recon: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+    """AuxK (Gao et al. 2024): the top-k_aux dead latents reconstruct the residual x − x̂."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    values, ids = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+    f_aux = torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values))
+    return F.mse_loss(f_aux @ model.sae.W_dec, (x - recon).detach())
+
+
+# ---------------------------------------------------------------- data
+
+
+def window_order(n: int, seed: int) -> Iterator[int]:
+    """Window indices, a fresh permutation per epoch."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        yield from torch.randperm(n, generator=g).tolist()
+        epoch += 1
+
+
+class WindowStream:
+    """This rank's share of the training sequences, resumable by count."""
+
+    def __init__(self, windows: list[list[int]], seed: int, world: World, consumed: int = 0):
+        self.windows, self.world = windows, world
+        self.order = window_order(len(windows), seed)
+        self.consumed = 0
+        for _ in range(consumed):
+            self.next()
+
+    def next(self) -> list[int]:
+        """Each rank draws `size` indices from the shared order and keeps the one at its rank."""
+        drawn = [next(self.order) for _ in range(self.world.size)]
+        self.consumed += 1
+        return self.windows[drawn[self.world.rank]]
+
+    def take(self, n: int) -> Tensor:
+        return torch.tensor([self.next() for _ in range(n)])
+
+
+class ActivationBuffer:
+    """Streams activations through a shuffle buffer (as SAELens' mixing buffer): fill it, shuffle,
+    hand out the first half in batches, keep the rest, refill."""
+
+    def __init__(self, lm: HookedLM, sites: list[str], stream: WindowStream, capacity: int, seed: int):
+        self.lm, self.sites, self.stream, self.capacity = lm, sites, stream, capacity
+        self.g = torch.Generator().manual_seed(seed)
+        self.rows: dict[str, Tensor] = {s: torch.empty(0) for s in sites}
+
+    def _fill(self) -> None:
+        parts: dict[str, list[Tensor]] = {s: [self.rows[s]] if len(self.rows[s]) else [] for s in self.sites}
+        have = len(self.rows[self.sites[0]])
+        while have < self.capacity:
+            acts = self.lm.activations(self.stream.take(LM_BATCH_WINDOWS), self.sites)
+            for s in self.sites:
+                parts[s].append(acts[s])
+            have += len(acts[self.sites[0]])
+        perm = torch.randperm(have, generator=self.g).to(self.lm.device)
+        self.rows = {s: torch.cat(parts[s])[perm] for s in self.sites}
+
+    def batches(self, size: int) -> Iterator[dict[str, Tensor]]:
+        while True:
+            self._fill()
+            keep = len(self.rows[self.sites[0]]) // 2
+            out, self.rows = ({s: r[keep:] for s, r in self.rows.items()}, {s: r[:keep] for s, r in self.rows.items()})
+            for i in range(0, len(out[self.sites[0]]) - size + 1, size):
+                yield {s: r[i:i + size] for s, r in out.items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Checkpoint:
+    def __init__(self, out: Path, cfg: SaeTrainConfig):
+        self.path = out.with_name(out.name + ".ckpt") / "checkpoint.pt"
+        self.digest = hashlib.sha256(cfg.model_dump_json(exclude={"checkpoint_every_steps", "threads"}).encode()
+                                     ).hexdigest()[:16]
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("config_digest") != self.digest:
+            raise InvalidArgument(f"the checkpoint {self.path} was made with another config; delete "
+                                  f"{self.path.parent} to start over, or train with the config it was made with")
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", dir=self.path.parent)
+        os.close(fd)
+        torch.save({**state, "config_digest": self.digest}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
             try:
-                model(torch.tensor(windows[i:i + batch]))
-            except _Stop:
+                self.path.parent.rmdir()
+            except OSError:
                 pass
-    finally:
-        handle.remove()
-    return torch.cat(out)
 
 
-def train(cfg: LocalSaeConfig, acts: Tensor, hook_name: str, model_name: str) -> SAE:
-    torch.manual_seed(cfg.seed)
-    d_in = acts.shape[1]
-    # Scale so the mean squared norm is d_in; folded back into the weights at the end.
-    scale = (d_in / acts.pow(2).sum(-1).mean()).sqrt()
-    x_all = acts * scale
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=cfg.d_sae, hook_name=hook_name, model_name=model_name,
-                        metadata={"objective": "local", "l1_coefficient": cfg.l1_coefficient,
-                                  "training_tokens": len(acts) * cfg.epochs}))
-    with torch.no_grad():
-        w = torch.randn(cfg.d_sae, d_in)
-        sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True) * 0.1)
-        sae.W_enc.copy_(sae.W_dec.T)
-        sae.b_dec.copy_(x_all.median(dim=0).values)
-    sae.requires_grad_(True)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    steps = cfg.epochs * (len(x_all) // cfg.batch_size)
-    bar = tqdm(total=steps, desc="training SAE", unit="step")
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(x_all)).split(cfg.batch_size):
-            if len(idx) < cfg.batch_size:
+# ---------------------------------------------------------------- the run
+
+
+def check_config(cfg: SaeTrainConfig) -> tuple[int, list[Site]]:
+    """Everything that can be checked before the model loads: model folder, sites, output."""
+    n_layers = check_model_folder(cfg.model)
+    sites = [Site.parse(s, n_layers) for s in cfg.sites]
+    for s in cfg.loss.downstream_sites or []:
+        Site.parse(s, n_layers)
+    if len(set(sites)) != len(sites):
+        raise InvalidArgument(f"sites repeat: {cfg.sites}")
+    parent = cfg.out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise InvalidArgument(f"cannot write the artifact under {parent}: {e.strerror}; choose another --out") from None
+    return n_layers, sites
+
+
+def downstream_sites(cfg: SaeTrainConfig, sites: list[Site], n_layers: int) -> list[str]:
+    if cfg.objective != "e2e_ds":
+        return []
+    if cfg.loss.downstream_sites:
+        return list(cfg.loss.downstream_sites)
+    last = max(sites)
+    first = last.layer + 1 if last.kind == "hook_resid_post" else last.layer  # resid_post of L sees the rest of L
+    found = [f"blocks.{layer}.hook_resid_post" for layer in range(first, n_layers)]
+    if not found:
+        raise InvalidArgument(f"e2e_ds needs a later layer than {last.name}; set loss.downstream_sites")
+    return found
+
+
+def lr_lambda(cfg: SaeTrainConfig, total_steps: int):
+    warmup = cfg.warmup_tokens // cfg.batch_tokens
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        t = (step - warmup) / max(1, total_steps - warmup)
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.lr_schedule == "cosine" else 1 - t
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * shape
+
+    return factor
+
+
+class SaeTrainer:
+    def __init__(self, cfg: SaeTrainConfig, world: World | None = None):
+        if cfg.model is None:
+            from rudder.server.default_model import ensure_default_model
+
+            cfg = cfg.model_copy(update={"model": str(ensure_default_model(download=False))})
+        self.cfg = cfg
+        self.n_layers, site_objs = check_config(cfg)
+        self.sites = [s.name for s in site_objs]
+        self.downstream = downstream_sites(cfg, site_objs, self.n_layers)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.world = world or World.from_env(cfg.device)
+        self.lm = HookedLM.load(cfg.model, self.world.device, cfg.autocast)
+        self.split = train_eval_split(self.lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens)
+        if not self.split.train:
+            raise InvalidArgument(f"the corpus has no window of {cfg.context} tokens; lower `context`")
+        self.per_window = cfg.context - 1  # tokens the SAE sees per sequence (the sink is left out)
+        self.total_steps = cfg.tokens // cfg.batch_tokens
+        self.rank_batch = max(1, cfg.batch_tokens // self.world.size)
+        self.micro = min(cfg.micro_batch_tokens or self.rank_batch, self.rank_batch)
+        self.accum = max(1, round(self.rank_batch / self.micro))
+        self.checkpoint = Checkpoint(cfg.out, cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------ set-up
+
+    def _sample(self, stream: WindowStream, n_windows: int) -> dict[str, Tensor]:
+        return self.lm.activations(stream.take(n_windows), self.sites + self.downstream)
+
+    def _build(self, sample: dict[str, Tensor]) -> None:
+        cfg, d = self.cfg, self.lm.shape
+        self.saes: dict[str, TrainingSae] = {}
+        self.scales: dict[str, float] = {}
+        for name in self.sites + self.downstream:
+            mean_sq = self.world.mean(sample[name].pow(2).sum(-1).mean().item())
+            self.scales[name] = math.sqrt(sample[name].shape[-1] / mean_sq)
+        for name in self.sites:
+            d_in = d.site_dim(Site.parse(name))
+            d_sae = cfg.d_sae or int(cfg.expansion_factor * d_in)
+            sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=name, architecture=cfg.architecture,
+                                k=cfg.k if cfg.architecture == "topk" else None,
+                                model_name=Path(cfg.model).name)
+            m = TrainingSae(sae_cfg, self.scales[name]).to(self.world.device)
+            m.initialise(sample[name] * self.scales[name], self.generator)
+            for p in m.parameters():
+                self.world.broadcast(p.data)
+            self.saes[name] = m
+        self.params = [p for m in self.saes.values() for p in m.parameters()]
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
+        self.since_fired = {s: torch.zeros(m.sae.cfg.d_sae, device=self.world.device)
+                            for s, m in self.saes.items()}
+
+    def _resample_steps(self) -> set[int]:
+        if self.cfg.architecture != "standard":
+            return set()
+        dead = self.cfg.dead
+        until = int(dead.resample_until * self.total_steps)
+        if dead.resample_every_tokens is None:
+            return {self.total_steps * i // 8 for i in range(1, 5)} - {0}
+        every = max(1, dead.resample_every_tokens // self.cfg.batch_tokens)
+        return set(range(every, until + 1, every))
+
+    # ------------------------------------------------------------ losses
+
+    def _local_loss(self, batch: dict[str, Tensor], stats: dict) -> Tensor:
+        loss = 0.0
+        for name, m in self.saes.items():
+            x = batch[name] * self.scales[name]
+            recon, f, pre = m(x)
+            loss = loss + self._site_terms(name, m, x, recon, f, pre, stats)
+        return loss
+
+    def _e2e_loss(self, ids: Tensor, stats: dict) -> Tensor:
+        with torch.no_grad():
+            clean_logits, clean = self.lm.run(ids, capture=self.downstream)
+        site_terms: list[Tensor] = []
+
+        def splice(name: str):
+            m, s = self.saes[name], self.scales[name]
+
+            def fn(x_raw: Tensor) -> Tensor:
+                x = x_raw.float().reshape(-1, x_raw.shape[-1]) * s
+                recon, f, pre = m(x)
+                site_terms.append(self._site_terms(name, m, x, recon, f, pre, stats))
+                return (recon / s).reshape(x_raw.shape)
+            return fn
+
+        logits, new = self.lm.run(ids, capture=self.downstream, replace={n: splice(n) for n in self.sites})
+        a = F.log_softmax(clean_logits[:, 1:], -1)
+        b = F.log_softmax(logits[:, 1:], -1)
+        kl = (a.exp() * (a - b)).sum(-1).mean()
+        stats["kl"] = stats.get("kl", 0.0) + kl.item()
+        loss = self.cfg.loss.kl * kl + sum(site_terms)
+        if self.downstream:
+            ds = sum(F.mse_loss(new[p] * self.scales[p], clean[p] * self.scales[p]) for p in self.downstream)
+            ds = ds / len(self.downstream)
+            stats["ds"] = stats.get("ds", 0.0) + ds.item()
+            loss = loss + self.cfg.loss.downstream * ds
+        return loss
+
+    def _site_terms(self, name: str, m: TrainingSae, x: Tensor, recon: Tensor, f: Tensor, pre: Tensor,
+                    stats: dict) -> Tensor:
+        cfg = self.cfg
+        mse = F.mse_loss(recon, x)
+        loss = cfg.mse_coeff * mse
+        if cfg.sparsity_coeff:
+            loss = loss + cfg.sparsity_coeff * f.norm(p=cfg.loss.p_norm, dim=-1).mean() / x.shape[-1]
+        if cfg.architecture == "topk" and cfg.loss.aux_k:
+            dead = self.since_fired[name] >= cfg.dead.window_tokens
+            k_aux = cfg.loss.aux_k_size or x.shape[-1] // 2
+            loss = loss + cfg.loss.aux_k * aux_k_loss(m, x, recon, pre, dead, k_aux)
+        with torch.no_grad():
+            active = f > 0
+            stats.setdefault("fired", {}).setdefault(name, torch.zeros_like(active[0]))
+            stats["fired"][name] |= active.any(0)
+            stats["l0"] = stats.get("l0", 0.0) + active.sum(-1).float().mean().item() / len(self.sites)
+            stats["mse"] = stats.get("mse", 0.0) + mse.item() / len(self.sites)
+            stats["last"] = stats.get("last", {})
+            stats["last"][name] = (x.detach(), (recon - x).detach().pow(2).sum(-1))
+        return loss
+
+    # ------------------------------------------------------------ maintenance
+
+    def _sync_grads(self) -> None:
+        if not self.world.distributed:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world.size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def _resample(self, stats: dict) -> int:
+        """Towards Monosemanticity: dead features restart at inputs the SAE reconstructs worst."""
+        total = 0
+        for name, m in self.saes.items():
+            dead = (self.since_fired[name] >= self.cfg.dead.window_tokens).nonzero().squeeze(-1)
+            n = len(dead)
+            if n == 0:
                 continue
-            x = x_all[idx]
-            f = sae.encode(x)
-            mse = (sae.decode(f) - x).pow(2).sum(-1).mean()
-            l1 = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
-            loss = mse + cfg.l1_coefficient * l1
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+            x, err = stats["last"][name]
+            picks = torch.multinomial(err / err.sum(), n, replacement=n > len(err), generator=None)
+            v = self.world.broadcast((x[picks] - m.sae.b_dec).contiguous())
+            v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            alive = self.since_fired[name] < self.cfg.dead.window_tokens
+            enc_norm = m.sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+            m.sae.W_dec[dead] = v
+            m.sae.W_enc[:, dead] = (v * enc_norm * 0.2).T
+            m.sae.b_enc[dead] = 0.0
+            for p, index in ((m.sae.W_dec, (dead,)), (m.sae.W_enc, (slice(None), dead)), (m.sae.b_enc, (dead,))):
+                state = self.opt.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][index] = 0.0
+            self.since_fired[name][dead] = 0
+            total += n
+        return total
+
+    def _state(self, step: int, stream: WindowStream) -> dict:
+        return {"step": step, "windows_consumed": stream.consumed, "saes": {n: m.state_dict() for n, m in self.saes.items()},
+                "scales": self.scales, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "since_fired": self.since_fired, "rng": torch.get_rng_state()}
+
+    # ------------------------------------------------------------ main loop
+
+    def train(self) -> dict[str, SAE]:
+        cfg, world = self.cfg, self.world
+        state = self.checkpoint.load()
+        stream = WindowStream(self.split.train, cfg.seed, world)
+        sample = self._sample(stream, max(1, min(64, 8192 // self.per_window)))
+        self._build(sample)
+        start = 0
+        if state is not None:
+            for name, m in self.saes.items():
+                m.load_state_dict(state["saes"][name])
+            self.scales = state["scales"]
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.since_fired = {k: v.to(world.device) for k, v in state["since_fired"].items()}
+            torch.set_rng_state(state["rng"])
+            start = state["step"]
+            stream = WindowStream(self.split.train, cfg.seed, world, state["windows_consumed"])
+            if world.main:
+                log.info("resuming from %s at step %d of %d", self.checkpoint.path, start, self.total_steps)
+        local = cfg.objective == "local"
+        micro_windows = max(1, self.micro // self.per_window)
+        batches = (ActivationBuffer(self.lm, self.sites, stream, max(cfg.buffer_tokens, 2 * self.micro),
+                                    cfg.seed + 7919 * world.rank + start).batches(self.micro) if local else None)
+        resample_at = self._resample_steps()
+        bar = tqdm(total=self.total_steps, initial=start, desc=f"SAE {cfg.objective}", unit="step",
+                   disable=not world.main, dynamic_ncols=True)
+        t0, tokens_done = time.perf_counter(), 0
+        for step in range(start, self.total_steps):
+            stats: dict = {}
+            self.opt.zero_grad(set_to_none=True)
+            step_tokens = 0
+            for _ in range(self.accum):
+                if local:
+                    batch = next(batches)
+                    loss = self._local_loss(batch, stats)
+                    step_tokens += self.micro
+                else:
+                    ids = stream.take(micro_windows)
+                    loss = self._e2e_loss(ids, stats)
+                    step_tokens += micro_windows * self.per_window
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {step} (lr {self.sched.get_last_lr()[0]:.2e}): "
+                        "lower `lr`, raise `warmup_tokens` or set `max_grad_norm`; nothing was written"
+                        + (f"; the last good checkpoint is {self.checkpoint.path}" if start or step else ""))
+                (loss / self.accum).backward()
+            self._sync_grads()
+            for m in self.saes.values():
+                if cfg.architecture == "standard":
+                    m.remove_parallel_grad()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.opt.step()
+            self.sched.step()
+            for name, m in self.saes.items():
+                if cfg.architecture == "standard":
+                    m.normalise_decoder()
+                fired = world.any(stats["fired"][name])
+                self.since_fired[name] += step_tokens * world.size
+                self.since_fired[name][fired] = 0
+            if step + 1 in resample_at:
+                n = self._resample(stats)
+                if n and world.main:
+                    tqdm.write(f"step {step + 1}: resampled {n} dead features")
+            tokens_done += step_tokens * world.size
+            post = {"loss": f"{loss.item():.4f}", "l0": f"{stats['l0'] / self.accum:.1f}",
+                    "mse": f"{stats['mse'] / self.accum:.4f}"}
+            if "kl" in stats:
+                post["kl"] = f"{stats['kl'] / self.accum:.4f}"
+            bar.set_postfix(post, refresh=False)
             bar.update()
-            bar.set_postfix(mse=f"{mse.item():.3f}", l0=f"{(f > 0).float().sum(-1).mean().item():.1f}")
-    bar.close()
-    with torch.no_grad():  # fold the input scaling into the weights: the artifact takes raw activations
-        sae.W_enc.mul_(scale)
-        sae.b_dec.div_(scale)
-        sae.W_dec.div_(scale)
-    return sae.requires_grad_(False)
+            if world.main and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < self.total_steps:
+                self.checkpoint.save(self._state(step + 1, stream))
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        self.tokens_per_second = tokens_done / elapsed if elapsed else float("nan")
+        meta = {"objective": cfg.objective, "loss": self._loss_meta(), "training_tokens": self.total_steps *
+                cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites},
+                "train_tokens_per_second": self.tokens_per_second, "config": json.loads(cfg.model_dump_json())}
+        return {name: m.export(meta) for name, m in self.saes.items()}
+
+    def _loss_meta(self) -> dict:
+        cfg = self.cfg
+        out = {"sparsity": cfg.sparsity_coeff, "p_norm": cfg.loss.p_norm, "mse": cfg.mse_coeff}
+        if cfg.objective != "local":
+            out["kl"] = cfg.loss.kl
+        if self.downstream:
+            out["downstream"] = cfg.loss.downstream
+            out["downstream_sites"] = self.downstream
+        if cfg.architecture == "topk":
+            out["aux_k"] = cfg.loss.aux_k
+        return out
+
+    # ------------------------------------------------------------ export
+
+    def artifact_path(self, site: str) -> Path:
+        return self.cfg.out if len(self.sites) == 1 else self.cfg.out / site
+
+    def finish(self, saes: dict[str, SAE]) -> dict[str, dict]:
+        """Evaluate, write each artifact atomically with its feature metadata, drop the checkpoint."""
+        results = {}
+        if self.world.main:
+            for name, sae in saes.items():
+                metrics = evaluate_sae(self.lm, sae, self.split.eval) if self.split.eval else {}
+                sae.cfg.metadata["eval"] = metrics
+                meta = feature_metadata(self.lm, sae, self.split.eval) if self.split.eval else []
+                path = sae.save(self.artifact_path(name),
+                                extra_files={"feature_metadata.json": json.dumps({"features": meta})})
+                results[name] = {"path": str(path), **metrics}
+                print(format_metrics(name, path, metrics))
+            self.checkpoint.remove()
+        self.world.barrier()
+        return results
 
 
-@torch.no_grad()
-def feature_metadata(sae: SAE, acts: Tensor, windows: list[list[int]], tokenizer, top: int = 5,
-                     span: int = 12) -> list[dict]:
-    """Density and top activating examples (text around the token) of every feature."""
-    context = len(windows[0]) - 1  # activations leave out each window's first position
-    best_v = torch.full((top, sae.cfg.d_sae), -1.0)
-    best_i = torch.zeros((top, sae.cfg.d_sae), dtype=torch.long)
-    fired = torch.zeros(sae.cfg.d_sae)
-    for start in range(0, len(acts), 4096):
-        f = sae.encode(acts[start:start + 4096])
-        fired += (f > 0).sum(0)
-        v, i = torch.cat([best_v, f]).topk(top, dim=0)
-        idx = torch.cat([best_i, torch.arange(start, start + len(f))[:, None].expand_as(f)])
-        best_v, best_i = v, idx.gather(0, i)
-    flat = [t for w in windows for t in w[1:]]
-    out = []
-    for j in range(sae.cfg.d_sae):
-        examples = []
-        for v, i in zip(best_v[:, j].tolist(), best_i[:, j].tolist()):
-            if v <= 0:
-                continue
-            lo = max(i - span, (i // context) * context)
-            examples.append(tokenizer.decode(flat[lo:i]) + "[[" + tokenizer.decode(flat[i:i + 1]) + "]]")
-        out.append({"id": j, "label": "", "density": fired[j].item() / len(acts), "top_examples": examples})
-    return out
+def format_metrics(site: str, path: Path, m: dict) -> str:
+    if not m:
+        return f"SAE at {path} (no eval tokens)"
+    return (f"SAE {site} → {path}\n  L0 {m['l0']:.1f} · alive {m['alive']} / dead {m['dead']} · "
+            f"explained variance {m['explained_variance']:.3f} · MSE {m['mse']:.4g}\n"
+            f"  CE {m['ce_clean']:.4f} → {m['ce_spliced']:.4f} (increase {m['ce_increase']:.4f}; zero-ablated "
+            f"{m['ce_zero_ablated']:.4f}) · KL {m['kl']:.4f} · CE loss recovered {m['ce_loss_score']:.3f}")
 
 
-def run(cfg: LocalSaeConfig, out: Path) -> SAE:
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
-    site = Site.parse(cfg.site, shape_of(model).num_layers)
-    windows = token_windows(tokenizer, cfg.context, cfg.tokens)
-    acts = collect_activations(model, site, windows)
-    sae = train(cfg, acts, site.name, Path(cfg.model).name)
-    with torch.no_grad():
-        f = sae.encode(acts)
-        recon = sae.decode(f)
-        l0 = (f > 0).float().sum(-1).mean().item()
-        ev = 1 - (recon - acts).pow(2).sum() / (acts - acts.mean(0)).pow(2).sum()
-    sae.cfg.metadata.update({"config": asdict(cfg), "l0": l0, "explained_variance": ev.item()})
-    sae.save(out)
-    meta = feature_metadata(sae, acts, windows, tokenizer)
-    (out / "feature_metadata.json").write_text(json.dumps({"features": meta}))
-    print(f"SAE at {out}: L0 {l0:.1f}, explained variance {ev.item():.3f}, "
-          f"dead {sum(m['density'] == 0 for m in meta)}/{len(meta)}")
-    return sae
+def run(cfg: SaeTrainConfig) -> dict[str, dict]:
+    trainer = SaeTrainer(cfg)
+    try:
+        return trainer.finish(trainer.train())
+    finally:
+        trainer.world.close()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m rudder.training.sae", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    try:
+        run(config_from_args(parser.parse_args(argv)))
+    except RudderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The SAE training configuration: one pydantic model, read from YAML and overridden by flags.
+
+    rudder train sae --config sae.yaml --set objective=e2e --set loss.sparsity=2.0
+
+Loss conventions follow ApolloResearch/e2e_sae (Braun et al. 2024), on activations
+normalised so that E‖x‖² = d_in (the scale is folded into the weights at export):
+
+    sparsity     coeff · mean_tokens ‖f‖_p / d_in
+    mse          coeff · mean over elements (x̂ − x)²                       local: "out_to_in"
+    kl           coeff · KL(p_original ‖ p_spliced), mean over tokens      e2e: "logits_kl"
+    downstream   (coeff / |P|) · Σ_p mean over elements (a′_p − a_p)²      e2e+ds: "in_to_orig"
+
+`local` uses mse + sparsity, `e2e` kl + sparsity, `e2e_ds` kl + downstream + sparsity.
+TopK SAEs have no sparsity term (k sets L0); their dead latents get the AuxK loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rudder.core.errors import InvalidArgument
+
+Objective = Literal["local", "e2e", "e2e_ds"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LossConfig(_Strict):
+    sparsity: float = Field(1.0, ge=0, description="coefficient of the Lp penalty on feature activations")
+    p_norm: float = Field(1.0, gt=0)
+    mse: float | None = Field(None, ge=0, description="local reconstruction MSE (default: 1 for local, 0 otherwise)")
+    kl: float = Field(1.0, ge=0, description="KL to the original model's outputs (e2e, e2e_ds)")
+    downstream: float = Field(1.0, ge=0, description="total downstream MSE coefficient, split evenly (e2e_ds)")
+    downstream_sites: list[str] | None = Field(
+        None, description="where e2e_ds compares activations (default: resid_post of every later layer)")
+    aux_k: float = Field(1 / 32, ge=0, description="AuxK coefficient for TopK SAEs (Gao et al. 2024)")
+    aux_k_size: int | None = Field(None, ge=1, description="latents in the AuxK reconstruction (default d_in/2)")
+
+
+class DeadFeatureConfig(_Strict):
+    window_tokens: int = Field(50_000, ge=1, description="a feature that has not fired in this many tokens is dead")
+    resample_every_tokens: int | None = Field(
+        None, ge=1, description="standard SAEs: resample dead features this often (Towards Monosemanticity); "
+                                "None: four times, at 1/8, 2/8, 3/8 and 4/8 of training")
+    resample_until: float = Field(0.5, ge=0, le=1, description="no resampling after this fraction of training")
+
+
+class SaeTrainConfig(_Strict):
+    model: str | None = Field(None, description="Hugging Face causal LM folder (default: the embedded default model)")
+    sites: list[str] = Field(["blocks.15.hook_resid_pre"], min_length=1)
+    d_sae: int | None = Field(None, description="dictionary size (default: expansion_factor · d_in)")
+    expansion_factor: float = Field(8.0, gt=0)
+    architecture: Literal["standard", "topk"] = "standard"
+    k: int = Field(32, ge=1, description="active latents per token (topk)")
+    objective: Objective = "local"
+    loss: LossConfig = LossConfig()
+
+    tokens: int = Field(200_000, ge=1, description="training tokens")
+    context: int = Field(128, ge=2, description="tokens per sequence")
+    batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step (all ranks together)")
+    micro_batch_tokens: int | None = Field(None, ge=1, description="tokens per forward; gradients accumulate")
+    corpus_tokens: int | None = Field(None, ge=1, description="read at most this much of the corpus (None: all)")
+    buffer_tokens: int = Field(65_536, ge=1, description="local: shuffle buffer of activations")
+
+    lr: float = Field(4e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_tokens: int = Field(10_000, ge=0)
+    min_lr_factor: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    dead: DeadFeatureConfig = DeadFeatureConfig()
+
+    eval_tokens: int = Field(16_384, ge=0, description="held-out tokens for evaluation and feature metadata")
+    checkpoint_every_steps: int = Field(50, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    autocast: bool = Field(False, description="run the language model under bfloat16 autocast")
+    threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+    out: Path = Field(..., description="artifact folder (one site) or parent of one folder per site")
+
+    @model_validator(mode="after")
+    def _check(self) -> SaeTrainConfig:
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ValueError(f"d_sae must be at least 1, got {self.d_sae}")
+        if self.objective == "e2e_ds" and self.loss.downstream == 0:
+            raise ValueError("objective e2e_ds needs loss.downstream > 0 (else use e2e)")
+        if self.micro_batch_tokens and self.micro_batch_tokens > self.batch_tokens:
+            raise ValueError("micro_batch_tokens cannot exceed batch_tokens")
+        if self.tokens < self.batch_tokens:
+            raise ValueError(f"tokens ({self.tokens}) must cover at least one batch ({self.batch_tokens})")
+        return self
+
+    @property
+    def mse_coeff(self) -> float:
+        if self.loss.mse is not None:
+            return self.loss.mse
+        return 1.0 if self.objective == "local" else 0.0
+
+    @property
+    def sparsity_coeff(self) -> float:
+        return 0.0 if self.architecture == "topk" else self.loss.sparsity
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise InvalidArgument(f"--set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SaeTrainConfig:
+    """Read a YAML file (optional), apply `overrides` (dotted keys), validate.
+
+    Values given as strings are parsed as YAML scalars, so `--set loss.kl=0.5` is a float.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise InvalidArgument(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise InvalidArgument(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise InvalidArgument(f"config file {path} must hold a mapping at the top level")
+    for key, value in (overrides or {}).items():
+        _set_path(raw, key, yaml.safe_load(value) if isinstance(value, str) else value)
+    try:
+        return SaeTrainConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc'])) or '(config)'}: {err['msg']}" for err in e.errors()]
+        raise InvalidArgument("invalid SAE training config:\n" + "\n".join(lines)) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with SaeTrainConfig fields (see rudder.training.config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, dotted for sections: --set loss.sparsity=2")
+    for flag, key in (("--model", "model"), ("--site", "sites"), ("--objective", "objective"),
+                      ("--architecture", "architecture"), ("--d-sae", "d_sae"), ("--tokens", "tokens"),
+                      ("--out", "out")):
+        p.add_argument(flag, dest=f"opt_{key}", default=None, help=f"sets `{key}`")
+
+
+def config_from_args(args: argparse.Namespace) -> SaeTrainConfig:
+    overrides: dict = {}
+    for item in args.set:
+        if "=" not in item:
+            raise InvalidArgument(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    for key in ("model", "objective", "architecture", "d_sae", "tokens", "out"):
+        value = getattr(args, f"opt_{key}")
+        if value is not None:
+            overrides[key] = value
+    if args.opt_sites:
+        overrides["sites"] = [s.strip() for s in args.opt_sites.split(",")]
+    return load_config(args.config, overrides)

@@ -1,0 +1,71 @@
+"""Data-parallel training with torchrun (DDP); a single process when not launched by it.
+
+    torchrun --nproc-per-node 4 -m rudder.training.sae_cli --config sae.yaml
+
+Every rank runs the frozen model on its own share of the sequences; gradients are
+averaged by DDP. Rank 0 alone prints progress and writes checkpoints and artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_env(cls, device: str) -> World:
+        """Join the process group torchrun describes in the environment, if any."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls(device=device)
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def any(self, mask: torch.Tensor) -> torch.Tensor:
+        """Elementwise OR of a bool tensor over ranks."""
+        if not self.distributed:
+            return mask
+        t = mask.to(torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.bool()
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.size
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.broadcast(t, src=0)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()

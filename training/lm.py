@@ -1,0 +1,119 @@
+"""A frozen Hugging Face causal LM with hook sites, for training and evaluating artifacts.
+
+    lm = HookedLM.load(folder)
+    acts = lm.activations(ids, ["blocks.15.hook_resid_pre"])          # stops after the last site
+    logits, acts = lm.run(ids, capture=[...], replace={site: fn})     # full forward, sites spliced
+
+The first position of every sequence is an attention sink whose residual norm is
+tens of times the others'. SAEs never see it: `activations` leaves it out and
+`run` passes it through every replacement unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from rudder.core.errors import InvalidArgument
+from rudder.core.hf_sites import ModelShape, hook_site, layout_of, shape_of
+from rudder.core.sites import Site
+
+Replacement = Callable[[Tensor], Tensor]
+"""Maps a site's activations (batch, seq-1, d) without the sink position to replacements."""
+
+
+class _Stop(Exception):
+    """Raised by the last capture hook: nothing after it is needed."""
+
+
+def check_model_folder(folder: str | Path) -> int:
+    """Fail early, before anything heavy loads: the folder must be a causal LM. Returns its layer count."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise InvalidArgument(f"model {folder} is not a Hugging Face model folder (no config.json there); "
+                              "pass --set model=PATH, or run `rudder fetch-default` for the default model")
+    return AutoConfig.from_pretrained(folder).num_hidden_layers
+
+
+@dataclass
+class HookedLM:
+    model: nn.Module
+    tokenizer: object
+    shape: ModelShape
+    autocast: bool = False
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu", autocast: bool = False) -> HookedLM:
+        check_model_folder(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        model.requires_grad_(False)
+        layout_of(model)  # an unsupported family fails here, by name
+        return cls(model, tokenizer, shape_of(model), autocast)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def site(self, name: str) -> Site:
+        return Site.parse(name, self.shape.num_layers)
+
+    def _autocast(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def activations(self, ids: Tensor, sites: Iterable[str]) -> dict[str, Tensor]:
+        """Activations at `sites`, (batch·(seq−1), d) in float32, without the sink position."""
+        sites = sorted({self.site(s) for s in sites})
+        out: dict[str, Tensor] = {}
+        last = sites[-1]
+
+        def grab(name: str, x: Tensor) -> Tensor:
+            out[name] = x[:, 1:].reshape(-1, x.shape[-1]).float()
+            if len(out) == len(sites) and name == last.name:
+                raise _Stop
+            return x
+
+        handles = [hook_site(self.model, s, grab) for s in sites]
+        try:
+            with self._autocast():
+                self.model(ids.to(self.device))
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+    def run(self, ids: Tensor, capture: Iterable[str] = (),
+            replace: dict[str, Replacement] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Full forward: logits (batch, seq, vocab) in float32 and the captured sites' activations
+        (batch, seq−1, d), after any replacement. Gradients flow if the replacements need them."""
+        replace = replace or {}
+        capture = set(capture)
+        captured: dict[str, Tensor] = {}
+        wanted = {self.site(s) for s in capture} | {self.site(s) for s in replace}
+
+        def hook(name: str, x: Tensor) -> Tensor:
+            if name in replace:
+                x = torch.cat([x[:, :1], replace[name](x[:, 1:]).to(x.dtype)], dim=1)
+            if name in capture:
+                captured[name] = x[:, 1:].float()
+            return x
+
+        handles = [hook_site(self.model, s, hook) for s in sorted(wanted)]
+        try:
+            with self._autocast():
+                logits = self.model(ids.to(self.device)).logits
+        finally:
+            for h in handles:
+                h.remove()
+        return logits.float(), captured
