@@ -120,6 +120,10 @@ class SAEConfig:
                 f"cfg.json has normalize_activations={norm!r}: fold the normalisation into the weights "
                 "before serving (SAELens: `sae.fold_activation_norm_scaling_factor`)"
             )
+        for option in ("rescale_acts_by_decoder_norm",):
+            if raw.get(option):
+                raise ArtifactError(f"cfg.json sets {option}=true, which Rudder does not implement; "
+                                    "fold it into the weights before serving")
         arch = raw.get("architecture", "standard")
         return cls(
             d_in=int(raw["d_in"]),

@@ -405,7 +405,7 @@ class SaeTrainer:
             if n == 0:
                 continue
             x, err = stats["last"][name]
-            picks = torch.multinomial(err / err.sum(), n, replacement=n > len(err), generator=None)
+            picks = torch.multinomial(err / err.sum(), n, replacement=True)
             v = self.world.broadcast((x[picks] - m.sae.b_dec).contiguous())
             v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
             alive = self.since_fired[name] < self.cfg.dead.window_tokens
@@ -507,7 +507,7 @@ class SaeTrainer:
         self.tokens_per_second = tokens_done / elapsed if elapsed else float("nan")
         meta = {"objective": cfg.objective, "loss": self._loss_meta(), "training_tokens": self.total_steps *
                 cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites},
-                "train_tokens_per_second": self.tokens_per_second, "config": json.loads(cfg.model_dump_json())}
+                "train_tokens_per_second": self.tokens_per_second, "world_size": world.size, "config": json.loads(cfg.model_dump_json())}
         return {name: m.export(meta) for name, m in self.saes.items()}
 
     def _loss_meta(self) -> dict:
@@ -537,7 +537,7 @@ class SaeTrainer:
                 meta = feature_metadata(self.lm, sae, self.split.eval) if self.split.eval else []
                 path = sae.save(self.artifact_path(name),
                                 extra_files={"feature_metadata.json": json.dumps({"features": meta})})
-                results[name] = {"path": str(path), **metrics}
+                results[name] = {"path": str(path), "train_tokens_per_second": self.tokens_per_second, **metrics}
                 print(format_metrics(name, path, metrics))
             self.checkpoint.remove()
         self.world.barrier()

@@ -1,10 +1,12 @@
 """SAELens folder format and the encode/decode formulas."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from rudder.core.errors import ArtifactError
 from rudder.core.sae import ACTIVATIONS, SAE, register_activation
@@ -82,3 +84,26 @@ def test_registering_an_architecture_twice_raises():
     assert set(ACTIVATIONS) >= {"standard", "topk", "jumprelu"}
     with pytest.raises(ValueError, match="twice"):
         register_activation("standard")(lambda sae, pre: pre)
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "saelens"
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_folders_written_by_saelens_give_saelens_outputs(architecture):
+    """Fixtures saved by SAELens 6.54.12 itself (scripts/make_saelens_fixtures.py), with its outputs."""
+    sae = SAE.load(FIXTURES / architecture)
+    expected = load_file(FIXTURES / architecture / "expected.safetensors")
+    assert sae.cfg.architecture == architecture and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    f = sae.encode(expected["x"])
+    torch.testing.assert_close(f, expected["features"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(f), expected["reconstruction"], rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_option_we_do_not_implement_is_refused(tmp_path):
+    folder = tmp_path / "sae"
+    shutil.copytree(FIXTURES / "topk", folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    with pytest.raises(ArtifactError, match="rescale_acts_by_decoder_norm"):
+        SAE.load(folder)

@@ -1,0 +1,49 @@
+"""Write tests/fixtures/saelens/: SAEs saved by SAELens itself, with its outputs on fixed inputs.
+
+    python -m venv .venv-saelens && .venv-saelens/bin/pip install torch==2.13.0 sae-lens==6.54.12
+    .venv-saelens/bin/python scripts/make_saelens_fixtures.py
+
+SAELens is never a dependency of Rudder; this script runs once, in its own environment,
+and the committed fixtures let CI check that our SAE module reads SAELens' files and
+computes what SAELens computes.
+"""
+
+from pathlib import Path
+
+import sae_lens
+import torch
+from safetensors.torch import save_file
+from sae_lens import SAE, JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
+
+OUT = Path(__file__).resolve().parents[1] / "tests/fixtures/saelens"
+D_IN, D_SAE = 16, 48
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(10, D_IN) * 2
+    meta = {"hook_name": "blocks.1.hook_resid_post", "model_name": "tiny-llama"}
+    configs = {
+        "standard": StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=True),
+        "topk": TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, apply_b_dec_to_input=False),
+        "jumprelu": JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE),
+    }
+    for name, cfg in configs.items():
+        for key, value in meta.items():
+            setattr(cfg.metadata, key, value)
+        sae = SAE.from_dict(cfg.to_dict())
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.normal_(0, 0.5)
+            if name == "jumprelu":
+                sae.threshold.uniform_(0, 0.5)
+        folder = OUT / name
+        sae.save_model(folder)
+        with torch.no_grad():
+            f = sae.encode(x)
+            save_file({"x": x, "features": f, "reconstruction": sae.decode(f)}, folder / "expected.safetensors")
+        print(f"{folder}: SAELens {sae_lens.__version__}, L0 {(f > 0).sum(-1).float().mean():.1f}")
+
+
+if __name__ == "__main__":
+    main()
