@@ -8,10 +8,7 @@ scripts/setup.sh
 . .venv/bin/activate
 cache="${RUDDER_CACHE:-$HOME/.cache/rudder}"
 sae="$cache/artifacts/default/saes/resid15"
-if [ ! -f "$sae/cfg.json" ]; then
-  echo "==> training the default SAE (once, about 2 minutes on 2 cores)"
-  rudder train sae --site blocks.15.hook_resid_post --tokens 60000 --out "$sae"
-fi
+scripts/default_sae.sh "$sae"
 port="${RUDDER_PORT:-50051}"
 echo "==> starting the server on 127.0.0.1:$port"
 rudder serve --port "$port" > "$cache/demo-server.log" 2>&1 &
