@@ -8,6 +8,7 @@ Without an SAE on the server it steers along a direction instead (an embedding r
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import grpc
@@ -42,8 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", default="127.0.0.1:50051")
     ap.add_argument("--prompt", default="Write one sentence about your favourite hobby.")
-    ap.add_argument("--regex", default=r"\[\[ file\]\]", help="regex over top examples ([[token]] marks the activating token)")
-    ap.add_argument("--value", type=float, default=4.0, help="clamp value of the feature")
+    ap.add_argument("--regex", default=r"\[\[ time\]\]", help="regex over top examples ([[token]] marks the activating token)")
+    ap.add_argument("--value", type=float, default=6.0, help="clamp value of the feature")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     wait_until_serving(args.server)
@@ -59,8 +60,11 @@ def main() -> None:
                 print(tok.text, end="", flush=True)
             return
         sae = info.saes[0].id
-        found = c.list_features(sae, regex=args.regex, limit=1)
-        feature = found.features[0] if found.features else c.list_features(sae, limit=1).features[0]
+        found = c.list_features(sae, regex=args.regex, limit=100)
+        if not found.features:
+            raise SystemExit(f"no feature of {sae} has a top example matching /{args.regex}/")
+        # the feature whose top examples match most often: its theme is the clearest
+        feature = max(found.features, key=lambda f: sum(bool(re.search(args.regex, e)) for e in f.top_examples))
         print(f"SAE {sae} at {info.saes[0].site}: {info.saes[0].d_sae} features; {found.total} match /{args.regex}/")
         print(f"clamping feature {feature.id} to {args.value}; its top example: {feature.top_examples[0]!r}\n")
         steered, baseline = [], []

@@ -206,7 +206,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_dir, tmp_path):
 
 def test_torchrun_trains_data_parallel_on_two_processes(tiny_dir, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            *_train_cmd(tiny_dir, out, "--set", "tokens=8192", "--set", "threads=1")[1:]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
