@@ -34,11 +34,12 @@ def _ce(logits: Tensor, ids: Tensor) -> Tensor:
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 2:].reshape(-1), reduction="sum")
 
 
-def _kl_sum(clean: Tensor, new: Tensor) -> Tensor:
-    """Σ over positions 1.. of KL(p_clean ‖ p_new)."""
+def kl_per_token(clean: Tensor, new: Tensor) -> Tensor:
+    """KL(p_clean ‖ p_new) at positions 1.. (those a site can change), (batch, seq−1).
+    The e2e objective's loss and the evaluation's KL both use this one definition."""
     a = F.log_softmax(clean[:, 1:], -1)
     b = F.log_softmax(new[:, 1:], -1)
-    return (a.exp() * (a - b)).sum()
+    return (a.exp() * (a - b)).sum(-1)
 
 
 @torch.no_grad()
@@ -65,7 +66,7 @@ def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 
         sums["ce_clean"] += _ce(clean, ids).item()
         sums["ce_spliced"] += _ce(spliced, ids).item()
         sums["ce_zero"] += _ce(zero, ids).item()
-        sums["kl"] += _kl_sum(clean, spliced).item()
+        sums["kl"] += kl_per_token(clean, spliced).sum().item()
         sums["err"] += (recon - x).pow(2).sum().item()
         sums["l0"] += (f > 0).sum().item()
         fired |= (f > 0).reshape(-1, f.shape[-1]).any(0)

@@ -47,7 +47,7 @@ from rudder.core.sites import Site
 from rudder.training.config import SaeTrainConfig, add_arguments, config_from_args
 from rudder.training.corpus import train_eval_split
 from rudder.training.distributed import World
-from rudder.training.evaluate import evaluate_sae, feature_metadata
+from rudder.training.evaluate import evaluate_sae, feature_metadata, kl_per_token
 from rudder.training.lm import HookedLM, check_model_folder
 
 log = logging.getLogger(__name__)
@@ -348,9 +348,7 @@ class SaeTrainer:
             return fn
 
         logits, new = self.lm.run(ids, capture=self.downstream, replace={n: splice(n) for n in self.sites})
-        a = F.log_softmax(clean_logits[:, 1:], -1)
-        b = F.log_softmax(logits[:, 1:], -1)
-        kl = (a.exp() * (a - b)).sum(-1).mean()
+        kl = kl_per_token(clean_logits, logits).mean()
         stats["kl"] = stats.get("kl", 0.0) + kl.item()
         loss = self.cfg.loss.kl * kl + sum(site_terms)
         if self.downstream:
