@@ -167,6 +167,12 @@ class ActivationBuffer:
         perm = torch.randperm(have, generator=self.g).to(self.lm.device)
         self.rows = {s: torch.cat(parts[s])[perm] for s in self.sites}
 
+    def first_fill(self) -> dict[str, Tensor]:
+        """The rows of the first fill, before any is handed out: a sample for the normalisation
+        scale and the decoder bias that costs no extra forward."""
+        self._fill()
+        return self.rows
+
     def batches(self, size: int) -> Iterator[dict[str, Tensor]]:
         while True:
             self._fill()
@@ -430,10 +436,19 @@ class SaeTrainer:
     def train(self) -> dict[str, SAE]:
         cfg, world = self.cfg, self.world
         state = self.checkpoint.load()
-        stream = WindowStream(self.split.train, cfg.seed, world)
-        sample = self._sample(stream, max(1, min(64, 8192 // self.per_window)))
+        start = state["step"] if state else 0
+        stream = WindowStream(self.split.train, cfg.seed, world, state["windows_consumed"] if state else 0)
+        local = cfg.objective == "local"
+        if local:
+            buffer = ActivationBuffer(self.lm, self.sites, stream, max(cfg.buffer_tokens, 2 * self.micro),
+                                      cfg.seed + 7919 * world.rank + start)
+            sample = buffer.first_fill()
+            batches = buffer.batches(self.micro)
+        else:
+            # e2e draws no buffer: a separate look at the first windows, so a resumed run sees the same data
+            sample = self._sample(WindowStream(self.split.train, cfg.seed, world),
+                                  max(1, min(64, 8192 // self.per_window)))
         self._build(sample)
-        start = 0
         if state is not None:
             for name, m in self.saes.items():
                 m.load_state_dict(state["saes"][name])
@@ -442,14 +457,9 @@ class SaeTrainer:
             self.sched.load_state_dict(state["scheduler"])
             self.since_fired = {k: v.to(world.device) for k, v in state["since_fired"].items()}
             torch.set_rng_state(state["rng"])
-            start = state["step"]
-            stream = WindowStream(self.split.train, cfg.seed, world, state["windows_consumed"])
             if world.main:
                 log.info("resuming from %s at step %d of %d", self.checkpoint.path, start, self.total_steps)
-        local = cfg.objective == "local"
         micro_windows = max(1, self.micro // self.per_window)
-        batches = (ActivationBuffer(self.lm, self.sites, stream, max(cfg.buffer_tokens, 2 * self.micro),
-                                    cfg.seed + 7919 * world.rank + start).batches(self.micro) if local else None)
         resample_at = self._resample_steps()
         bar = tqdm(total=self.total_steps, initial=start, desc=f"SAE {cfg.objective}", unit="step",
                    disable=not world.main, dynamic_ncols=True)
