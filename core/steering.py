@@ -111,6 +111,32 @@ class SteeringSpec:
         return bool(self.features or self.directions or self.codes)
 
 
+def spec_to_dict(spec: SteeringSpec) -> dict:
+    """A JSON-able form of `spec`, for sending it to another process (vLLM's workers)."""
+    def scope(s: Scope) -> list:
+        return [s.kind, s.start, s.end]
+
+    r = spec.readouts
+    return {
+        "features": [[e.sae, e.feature, int(e.op), e.value, scope(e.scope)] for e in spec.features],
+        "directions": [[e.site, e.vector.tolist(), e.alpha, scope(e.scope)] for e in spec.directions],
+        "codes": [[e.codebook, e.head, e.code, e.strength, scope(e.scope)] for e in spec.codes],
+        "readouts": [list(r.saes), list(r.codebooks), r.top_k, list(r.feature_ids), r.include_prompt],
+    }
+
+
+def spec_from_dict(d: dict) -> SteeringSpec:
+    """The inverse of `spec_to_dict`."""
+    saes, codebooks, top_k, feature_ids, include_prompt = d["readouts"]
+    return SteeringSpec(
+        features=tuple(FeatureEdit(a, f, Op(op), v, Scope(*sc)) for a, f, op, v, sc in d["features"]),
+        directions=tuple(DirectionEdit(site, torch.tensor(vec, dtype=torch.float32), alpha, Scope(*sc))
+                         for site, vec, alpha, sc in d["directions"]),
+        codes=tuple(CodeEdit(cb, h, c, st, Scope(*sc)) for cb, h, c, st, sc in d["codes"]),
+        readouts=ReadoutSpec(tuple(saes), tuple(codebooks), top_k, tuple(feature_ids), include_prompt),
+    )
+
+
 # ---------------------------------------------------------------- per-step tables
 
 

