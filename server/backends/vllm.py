@@ -86,7 +86,7 @@ class VllmEngine:
 
     def __init__(self, model_dir: str | Path, saes: list[str] = (), dtype: str = "float32",
                  max_num_seqs: int = 64, max_model_len: int = 2048, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.8):
+                 gpu_memory_utilization: float = 0.8, **engine_args):
         _check_vllm()
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -102,12 +102,13 @@ class VllmEngine:
         self.dtype = dtype
         self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   enable_prefix_caching=enable_prefix_caching,
-                                  gpu_memory_utilization=gpu_memory_utilization)
+                                  gpu_memory_utilization=gpu_memory_utilization, **engine_args)
         eos = AutoConfig.from_pretrained(self.model_dir).eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [self.tokenizer.eos_token_id]))
         self.llm = None
         self._readouts: dict[str, _Readouts] = {}
         self._running = 0
+        self.recomputed_rows = 0  # readout rows seen twice: requests preempted and recomputed
 
     # ------------------------------------------------------------ lifecycle
 
@@ -151,7 +152,10 @@ class VllmEngine:
                 external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
                 box = self._readouts.get(external)
                 if box is not None:
-                    box.by_position.setdefault(position, readouts)  # a recomputed row keeps its first readout
+                    if position in box.by_position:  # recomputed after preemption: keep the first
+                        self.recomputed_rows += 1
+                    else:
+                        box.by_position[position] = readouts
                     touched.add(external)
             for r in touched:
                 self._readouts[r].arrived.set()

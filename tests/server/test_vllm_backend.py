@@ -212,3 +212,23 @@ def test_cancelling_a_stream_aborts_it_in_the_engine(loop, vllm_coded):
 
     got, unfinished = loop.run(cancel_after_two())
     assert len(got) == 2 and not unfinished
+
+
+def test_preempted_requests_are_steered_once_and_keep_their_readouts(loop, models):
+    """A KV cache of 6 blocks of 32 tokens for 8 requests of ~60 tokens forces vLLM to preempt
+    and recompute; steering is keyed by position, so the result still matches the reference."""
+    engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], max_model_len=96, block_size=32,
+                                                 num_gpu_blocks_override=6, enable_prefix_caching=False))
+    try:
+        requests = [EngineRequest(r.prompt_ids, Sampling(max_tokens=56, ignore_eos=True),
+                                  SteeringSpec(r.steering.features, r.steering.directions, r.steering.codes,
+                                               ReadoutSpec(saes=("r1",), top_k=3, include_prompt=True)))
+                    for r in mixed_batch(engine)]
+        got = loop.run(collect(engine, requests))
+        assert engine.recomputed_rows > 0, "nothing was preempted; the test needs a smaller cache"
+    finally:
+        loop.run(engine.stop())
+    want = asyncio.run(collect(ReferenceEngine(models["coded"], models["saes"]), requests))
+    for g, w in zip(got, want):
+        assert tokens(g) == tokens(w)
+        assert_same_readouts(g, w)
