@@ -7,8 +7,9 @@ demo:   ## set up, start the server on the default model, stream a steered gener
 test:   ## set up, run the test suite
 	scripts/test.sh
 
-bench:  ## throughput tables (bench/results/): reference backend; SAE training vs SAELens
+bench:  ## throughput tables (bench/results/): reference backend; vLLM backend; SAE training vs SAELens
 	scripts/setup.sh && .venv/bin/python bench/reference_backend.py
+	.venv/bin/python bench/vllm_backend.py
 	scripts/saelens_env.sh && .venv/bin/python bench/sae_training.py
 
 proto:  ## regenerate the stubs in client/rudder/v1 from proto/

@@ -14,7 +14,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first and pinned: a plain requirement would pull the multi-GB CUDA build.
   python -m pip install -q torch==2.13.0
-  python -m pip install -q -e ./client -e ".[test]"
+  python -m pip install -q -e ./client -e ".[test,vllm]"
   # No CPU build of these exists here; if anything pulled them in, transformers breaks.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"

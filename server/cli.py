@@ -1,7 +1,7 @@
 """The `rudder` command.
 
     rudder fetch-default                  # once: download + convert the default model
-    rudder serve [--model PATH] [--sae PATH ...] [--backend reference] [--host H] [--port 50051]
+    rudder serve [--model PATH] [--sae PATH ...] [--backend reference|vllm] [--host H] [--port 50051]
     rudder generate "..." --clamp SAE:FEATURE=VALUE --readout SAE      # see rudder-client
 """
 
@@ -47,11 +47,15 @@ def cmd_serve(args) -> int:
         model_dir, name = Path(args.model), Path(args.model).name
         if not (model_dir / "config.json").exists():
             raise SystemExit(f"error: {model_dir} is not a Hugging Face model folder (no config.json)")
-    if args.backend != "reference":
-        raise SystemExit(f"error: backend {args.backend!r} is not available; available: reference")
     try:
-        engine = ReferenceEngine(model_dir, saes, device=args.device, dtype=getattr(torch, args.dtype),
-                                 max_batch=args.max_batch)
+        if args.backend == "vllm":
+            from rudder.server.backends.vllm import VllmEngine
+
+            engine = VllmEngine(model_dir, saes, dtype=args.dtype, max_num_seqs=args.max_batch,
+                                enable_prefix_caching=not args.no_prefix_caching)
+        else:
+            engine = ReferenceEngine(model_dir, saes, device=args.device, dtype=getattr(torch, args.dtype),
+                                     max_batch=args.max_batch)
     except RudderError as e:
         raise SystemExit(f"error: {e}") from None
     limits = Limits(max_tokens=args.max_tokens_limit)
@@ -92,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the gRPC steering server")
     s.add_argument("--model", default=None, help="Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
     s.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH", help="SAELens-format SAE folder")
-    s.add_argument("--backend", default="reference", help="engine backend (reference)")
+    s.add_argument("--backend", default="reference", choices=["reference", "vllm"],
+                   help="engine: reference (transformers + hooks, anywhere) or vllm (pip install -e '.[vllm]')")
+    s.add_argument("--no-prefix-caching", action="store_true",
+                   help="vllm: turn prefix caching off (on by default, salted per steering)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--device", default="cpu")

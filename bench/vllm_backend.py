@@ -1,0 +1,142 @@
+"""vLLM backend throughput beside the reference backend, on the same requests.
+
+    .venv/bin/python bench/vllm_backend.py [--tokens 64] [--repeats 2]
+
+Default model, greedy, ignore EOS, `--tokens` new tokens per stream, 16 and 32
+concurrent streams, chat prompts. Modes:
+  plain              no steering (vLLM: an engine with no artifacts at all)
+  steered            every request clamps one feature of the SAE at blocks.15.hook_resid_post
+  steered+readout    the same, plus a top-16 readout of that SAE on every generated token
+The SAE is the default trained one (576x4608) if present, else a random one of that shape.
+
+Cores: vLLM gets both (VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0);
+the reference backend runs after vLLM has stopped, with 2 torch threads. Each
+measurement is the best of `--repeats`, runs interleaved by mode (runs vary ~3%).
+Prints a table and writes bench/results/vllm_backend.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+import torch  # noqa: E402
+
+from rudder.core.sae import SAE, SAEConfig  # noqa: E402
+from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec  # noqa: E402
+from rudder.server.backends.base import EngineRequest, Sampling  # noqa: E402
+from rudder.server.cli import default_sae_dirs  # noqa: E402
+from rudder.server.default_model import ensure_default_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash table works.",
+           "What is the capital of France?", "List three uses of copper.", "Describe the water cycle.",
+           "Why is the sky blue?", "Give advice for a job interview.", "Summarise the plot of Hamlet."]
+SITE = "blocks.15.hook_resid_post"
+STREAMS = (16, 32)
+
+
+def sae_spec(tmp: Path) -> str:
+    for p in default_sae_dirs():
+        if json.loads((p / "cfg.json").read_text())["metadata"]["hook_name"] == SITE:
+            return f"sae={p}"
+    sae = SAE(SAEConfig(d_in=576, d_sae=4608, hook_name=SITE))
+    torch.nn.init.normal_(sae.W_enc, std=0.04)
+    torch.nn.init.normal_(sae.W_dec, std=0.04)
+    return f"sae={sae.save(tmp / 'random-sae')}"
+
+
+MODES = {
+    "plain": SteeringSpec(),
+    "steered": SteeringSpec(features=(FeatureEdit("sae", 221, Op.CLAMP, 6.0),)),
+    "steered+readout": SteeringSpec(features=(FeatureEdit("sae", 221, Op.CLAMP, 6.0),),
+                                    readouts=ReadoutSpec(saes=("sae",), top_k=16)),
+}
+
+
+async def tokens_per_second(engine, streams: int, tokens: int, spec: SteeringSpec) -> float:
+    reqs = [EngineRequest(engine.tokenize(chat=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
+                          Sampling(max_tokens=tokens, ignore_eos=True), spec) for i in range(streams)]
+
+    async def one(r):
+        return len([ev async for ev in engine.generate(r) if not ev.is_prompt])
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(r) for r in reqs))
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+async def measure(engine, modes: list[str], tokens: int, repeats: int) -> dict[str, dict[int, float]]:
+    await engine.start()
+    await tokens_per_second(engine, 4, 8, MODES[modes[-1]])  # warm-up
+    best: dict[str, dict[int, float]] = {m: {} for m in modes}
+    for streams in STREAMS:
+        for _ in range(repeats):
+            for m in modes:
+                tps = await tokens_per_second(engine, streams, tokens, MODES[m])
+                best[m][streams] = max(best[m].get(streams, 0.0), tps)
+                print(f"  {engine.name:<9} {m:<16} {streams:>2} streams: {tps:7.1f} tok/s", flush=True)
+    await engine.stop()
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/vllm_backend.json"))
+    args = ap.parse_args()
+    from rudder.server.backends.reference import ReferenceEngine
+    from rudder.server.backends.vllm import VllmEngine
+
+    model = ensure_default_model(download=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = sae_spec(Path(tmp))
+        results = {"vllm": {}, "reference": {}}
+        results["vllm"].update(asyncio.run(measure(VllmEngine(model, max_num_seqs=64), ["plain"],
+                                                   args.tokens, args.repeats)))
+        steered = asyncio.run(measure(VllmEngine(model, [spec], max_num_seqs=64),
+                                      ["steered", "steered+readout"], args.tokens, args.repeats))
+        results["vllm"].update(steered)
+        torch.set_num_threads(2)
+        results["reference"] = asyncio.run(measure(ReferenceEngine(model, [spec], max_batch=64), list(MODES),
+                                                   args.tokens, args.repeats))
+
+    v, r = results["vllm"], results["reference"]
+    print(f"\ntokens/s, {args.tokens} new tokens per stream, greedy; vLLM on cores 0-1, reference 2 torch threads "
+          f"({os.cpu_count()} cores)")
+    print(f"{'streams':>7} {'mode':<16} {'vLLM':>8} {'reference':>10} {'vLLM/plain vLLM':>16} {'vLLM/reference':>15}")
+    ratios = {}
+    for n in STREAMS:
+        for m in MODES:
+            to_plain = v[m][n] / v["plain"][n]
+            to_ref = v[m][n] / r[m][n]
+            ratios[f"{m}@{n}"] = {"over_plain_vllm": to_plain, "over_reference": to_ref,
+                                  "lead_kept": to_ref / (v["plain"][n] / r["plain"][n])}
+            print(f"{n:>7} {m:<16} {v[m][n]:8.1f} {r[m][n]:10.1f} {to_plain:16.3f} {to_ref:15.3f}")
+    print("targets: steered >= 0.97x plain vLLM; steered+readout >= 0.93x; steered vLLM keeps >= 0.93x of "
+          "plain vLLM's lead over the reference")
+    for n in STREAMS:
+        print(f"  {n} streams: steered {ratios[f'steered@{n}']['over_plain_vllm']:.3f}x, +readout "
+              f"{ratios[f'steered+readout@{n}']['over_plain_vllm']:.3f}x, lead kept "
+              f"{ratios[f'steered@{n}']['lead_kept']:.3f} / {ratios[f'steered+readout@{n}']['lead_kept']:.3f}")
+    Path(args.out).write_text(json.dumps({
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "vllm_cores": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "reference_threads": 2, "tokens": args.tokens,
+        "repeats": args.repeats, "sae": spec, "site": SITE, "tokens_per_second": results, "ratios": ratios,
+    }, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
