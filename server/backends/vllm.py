@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from rudder.core.errors import ArtifactError
+from rudder.core.errors import ArtifactError, NotFound
 from rudder.core.steering import SteeringSpec, spec_to_dict
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, TokenEvent, TokenReadout
@@ -159,6 +159,23 @@ class VllmEngine:
                     touched.add(external)
             for r in touched:
                 self._readouts[r].arrived.set()
+
+    async def load_sae(self, spec: str) -> str:
+        """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
+        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), getattr(torch, self.dtype))
+        try:
+            await self.llm.collective_rpc("rudder_load_sae", args=(spec,))
+        except Exception:
+            self.artifacts.saes.pop(attached.id, None)
+            raise
+        return attached.id
+
+    async def unload_sae(self, sae_id: str) -> None:
+        """Detach an SAE; requests already running simply stop being steered or read by it."""
+        if sae_id not in self.artifacts.saes:
+            raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
+        self.artifacts.saes.pop(sae_id)
+        await self.llm.collective_rpc("rudder_unload", args=(sae_id,))
 
     def running_requests(self) -> int:
         return self._running

@@ -7,6 +7,7 @@ tests share them. An engine lives on one event loop, kept in a thread here.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import threading
@@ -21,7 +22,9 @@ from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.tiny import make_llama, make_sae
 
-vllm_backend = pytest.importorskip("rudder.server.backends.vllm")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
+
+vllm_backend = pytest.importorskip("vllm") and pytest.importorskip("rudder.server.backends.vllm")
 
 PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering",
            "What is the capital", "codebooks snap activations", "The lazy dog", "language model"]
@@ -232,3 +235,33 @@ def test_preempted_requests_are_steered_once_and_keep_their_readouts(loop, model
     for g, w in zip(got, want):
         assert tokens(g) == tokens(w)
         assert_same_readouts(g, w)
+
+
+def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(models):
+    import rudder.client as rc
+    from rudder.server.app import BackgroundServer
+
+    engine = vllm_backend.VllmEngine(models["plain"], [models["saes"][0]], max_model_len=256)
+    server = BackgroundServer(engine, "tiny")
+    try:
+        with rc.Client(server.address, timeout=120) as client:
+            assert client.model_info().backend == "vllm"
+            steered = list(client.generate(PROMPTS[0], max_tokens=6, ignore_eos=True,
+                                           interventions=[rc.clamp("r1", 3, 25.0)],
+                                           readouts=rc.readouts(saes=["r1"], top_k=2)))
+            assert len(steered) == 6 and steered[-1].stop_reason == "length"
+            assert all(t.readout("r1").top[0][0] == 3 for t in steered)  # each token carries its readout
+            with pytest.raises(rc.NotFound, match="unknown SAE 'm0'"):
+                list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
+
+            asyncio.run_coroutine_threadsafe(engine.load_sae(models["saes"][1]), server.loop).result(60)
+            loaded = list(client.generate(PROMPTS[0], max_tokens=4, ignore_eos=True,
+                                          interventions=[rc.clamp("m0", 7, 40.0)],
+                                          readouts=rc.readouts(saes=["m0"], top_k=1)))
+            assert all([f for f, _ in t.readout("m0").top] == [7] for t in loaded)
+            asyncio.run_coroutine_threadsafe(engine.unload_sae("m0"), server.loop).result(60)
+            with pytest.raises(rc.NotFound):
+                list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
+            assert len(list(client.generate(PROMPTS[0], max_tokens=3))) >= 1  # still serving
+    finally:
+        server.stop()
