@@ -22,6 +22,10 @@ class ResourceExhausted(RudderError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(RudderError):
+    code = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(RudderError):
     code = "FAILED_PRECONDITION"
 

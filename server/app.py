@@ -75,10 +75,10 @@ class RudderServer:
     """A started server: `port` is the bound port (useful with port 0)."""
 
     def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 50051,
-                 limits: Limits = Limits(), max_concurrent: int = 256):
+                 limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False):
         self.engine = engine
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        self.service = SteeringService(engine, model_name, limits, max_concurrent)
+        self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin)
         pb_grpc.add_SteeringServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -6,7 +6,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
-from rudder.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from rudder.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
 from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
@@ -28,6 +28,11 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
         msg.selected.ids.extend(r.selected_ids)
         msg.selected.values.extend(r.selected_values)
     return msg
+
+
+def sae_info(a) -> pb.SaeInfo:
+    return pb.SaeInfo(id=a.id, site=a.site.name, d_in=a.sae.cfg.d_in, d_sae=a.sae.cfg.d_sae,
+                      architecture=a.sae.cfg.architecture, has_feature_metadata=a.features is not None)
 
 
 def token_to_pb(ev: TokenEvent) -> pb.Token:
@@ -69,8 +74,10 @@ async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncI
 
 
 class SteeringService(pb_grpc.SteeringServicer):
-    def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256):
+    def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256,
+                 allow_admin: bool = False):
         self.engine = engine
+        self.allow_admin = allow_admin
         self.model_name = model_name
         self.parser = RequestParser(engine.shape, engine.artifacts, limits)
         self.max_concurrent = max_concurrent
@@ -126,9 +133,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             name=self.model_name, architecture=s.architecture, num_layers=s.num_layers, d_model=s.d_model,
             num_heads=s.num_heads, vocab_size=s.vocab_size, backend=self.engine.name,
             sites=all_sites(s.num_layers),
-            saes=[pb.SaeInfo(id=a.id, site=a.site.name, d_in=a.sae.cfg.d_in, d_sae=a.sae.cfg.d_sae,
-                             architecture=a.sae.cfg.architecture, has_feature_metadata=a.features is not None)
-                  for a in arts.saes.values()],
+            saes=[sae_info(a) for a in arts.saes.values()],
             codebooks=[pb.CodebookInfo(id=c.id, site=c.site.name, num_codes=c.codebook.cfg.num_codes,
                                        k=c.codebook.cfg.k, num_heads=c.codebook.cfg.num_heads,
                                        d_code=c.codebook.cfg.d_code)
@@ -160,3 +165,22 @@ class SteeringService(pb_grpc.SteeringServicer):
             features=[pb.FeatureSummary(id=f.id, label=f.label, density=f.density, top_examples=f.top_examples)
                       for f in page],
         )
+
+    def _admin(self, what: str) -> None:
+        if not self.allow_admin:
+            raise PermissionDenied(f"{what} is an admin call; start the server with --allow-admin to allow it")
+
+    async def LoadSae(self, request: pb.LoadSaeRequest, context) -> pb.SaeInfo:
+        self._admin("LoadSae")
+        if not request.path:
+            raise InvalidArgument("LoadSae needs `path`, an SAELens-format folder on the server")
+        if request.id and ("=" in request.id or not request.id.strip()):
+            raise InvalidArgument(f"SAE id {request.id!r} must be a non-blank name without '='")
+        spec = f"{request.id}={request.path}" if request.id else request.path
+        sae_id = await self.engine.load_sae(spec)
+        return sae_info(self.engine.artifacts.saes[sae_id])
+
+    async def UnloadSae(self, request: pb.UnloadSaeRequest, context) -> pb.UnloadSaeResponse:
+        self._admin("UnloadSae")
+        await self.engine.unload_sae(request.id)
+        return pb.UnloadSaeResponse()

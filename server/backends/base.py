@@ -71,6 +71,12 @@ class Engine(Protocol):
 
     def running_requests(self) -> int: ...
 
+    async def load_sae(self, spec: str) -> str:
+        """Attach an SAE (`[NAME=]PATH`) at run time; return its id."""
+        ...
+
+    async def unload_sae(self, sae_id: str) -> None: ...
+
 
 class ReadoutRouter:
     """Turns one step's readout tensors (keyed by token row) into per-request `TokenReadout`s.

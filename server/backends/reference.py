@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from rudder.core.errors import NotFound
 from rudder.core.sites import Site
 from rudder.core.steering import Readout, RowIndex, StepTables, build_tables, steer_site
 from rudder.server.artifacts import Artifacts, has_codebooks
@@ -153,6 +154,18 @@ class ReferenceEngine:
             self._pending.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    async def load_sae(self, spec: str) -> str:
+        attached = self.artifacts.add_sae(spec, self.shape, self.device, self.model.dtype)
+        self._ensure_hook(attached.site.name)
+        self._site_artifacts = self.artifacts.by_site()  # one assignment: the worker sees old or new
+        return attached.id
+
+    async def unload_sae(self, sae_id: str) -> None:
+        if sae_id not in self.artifacts.saes:
+            raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
+        self.artifacts.saes.pop(sae_id)
+        self._site_artifacts = self.artifacts.by_site()
 
     def running_requests(self) -> int:
         return self._active + self._pending.qsize()

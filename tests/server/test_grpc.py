@@ -138,3 +138,28 @@ def test_health_and_a_generic_client_built_from_reflection_alone(server):
         req.sampling.ignore_eos = True
         out = list(call(req, timeout=60))
         assert len(out) == 3 and out[-1].stop_reason == 1  # LENGTH
+
+
+def test_admin_rpcs_load_and_unload_saes_only_when_allowed(client, tiny_dir, tmp_path):
+    from tests.tiny import make_sae
+
+    make_sae(tmp_path / "mlp0", "blocks.0.hook_mlp_out", seed=3)
+    with pytest.raises(rc.PermissionDenied, match="--allow-admin"):
+        client.load_sae(str(tmp_path / "mlp0"))
+    with BackgroundServer(ReferenceEngine(tiny_dir), "tiny", allow_admin=True) as srv, \
+            rc.Client(srv.address, timeout=60) as admin:
+        info = admin.load_sae(str(tmp_path / "mlp0"), "m0")
+        assert (info.id, info.site, info.d_sae) == ("m0", "blocks.0.hook_mlp_out", 256)
+        toks = list(admin.generate("The capital", max_tokens=3, interventions=[rc.clamp("m0", 7, 40.0)],
+                                   readouts=rc.readouts(saes=["m0"], top_k=1)))
+        assert all(t.readout("m0").top[0][0] == 7 for t in toks)
+        with pytest.raises(rc.FailedPrecondition, match="two artifacts are named 'm0'"):
+            admin.load_sae(str(tmp_path / "mlp0"), "m0")
+        with pytest.raises(rc.FailedPrecondition, match="missing|not|no "):
+            admin.load_sae(str(tmp_path / "nowhere"))
+        admin.unload_sae("m0")
+        with pytest.raises(rc.NotFound, match="unknown SAE 'm0'"):
+            list(admin.generate("The capital", interventions=[rc.clamp("m0", 7, 40.0)]))
+        with pytest.raises(rc.NotFound, match="no SAE 'm0' is loaded"):
+            admin.unload_sae("m0")
+        assert [s.id for s in admin.model_info().saes] == []

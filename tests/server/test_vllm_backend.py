@@ -242,7 +242,7 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
     from rudder.server.app import BackgroundServer
 
     engine = vllm_backend.VllmEngine(models["plain"], [models["saes"][0]], max_model_len=256)
-    server = BackgroundServer(engine, "tiny")
+    server = BackgroundServer(engine, "tiny", allow_admin=True)
     try:
         with rc.Client(server.address, timeout=120) as client:
             assert client.model_info().backend == "vllm"
@@ -254,12 +254,13 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
             with pytest.raises(rc.NotFound, match="unknown SAE 'm0'"):
                 list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
 
-            asyncio.run_coroutine_threadsafe(engine.load_sae(models["saes"][1]), server.loop).result(60)
+            name, path = models["saes"][1].split("=")
+            assert client.load_sae(path, name).site == "blocks.0.hook_mlp_out"
             loaded = list(client.generate(PROMPTS[0], max_tokens=4, ignore_eos=True,
                                           interventions=[rc.clamp("m0", 7, 40.0)],
                                           readouts=rc.readouts(saes=["m0"], top_k=1)))
             assert all([f for f, _ in t.readout("m0").top] == [7] for t in loaded)
-            asyncio.run_coroutine_threadsafe(engine.unload_sae("m0"), server.loop).result(60)
+            client.unload_sae("m0")
             with pytest.raises(rc.NotFound):
                 list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
             assert len(list(client.generate(PROMPTS[0], max_tokens=3))) >= 1  # still serving

@@ -114,6 +114,21 @@ class Client:
             raise from_rpc_error(e) from None
 
 
+    def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
+        """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""
+        try:
+            return self.stub.LoadSae(pb.LoadSaeRequest(path=path, id=id), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def unload_sae(self, id: str) -> None:
+        """Admin: detach an SAE; needs --allow-admin."""
+        try:
+            self.stub.UnloadSae(pb.UnloadSaeRequest(id=id), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+
 class AsyncClient:
     """asyncio client with the same methods as `Client`."""
 

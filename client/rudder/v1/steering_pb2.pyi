@@ -351,3 +351,21 @@ class ListFeaturesResponse(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[FeatureSummary]
     total: int
     def __init__(self, features: _Optional[_Iterable[_Union[FeatureSummary, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class LoadSaeRequest(_message.Message):
+    __slots__ = ("path", "id")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    id: str
+    def __init__(self, path: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class UnloadSaeRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class UnloadSaeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

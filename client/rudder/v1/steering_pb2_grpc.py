@@ -54,6 +54,16 @@ class SteeringStub:
                 request_serializer=rudder_dot_v1_dot_steering__pb2.ListFeaturesRequest.SerializeToString,
                 response_deserializer=rudder_dot_v1_dot_steering__pb2.ListFeaturesResponse.FromString,
                 _registered_method=True)
+        self.LoadSae = channel.unary_unary(
+                '/rudder.v1.Steering/LoadSae',
+                request_serializer=rudder_dot_v1_dot_steering__pb2.LoadSaeRequest.SerializeToString,
+                response_deserializer=rudder_dot_v1_dot_steering__pb2.SaeInfo.FromString,
+                _registered_method=True)
+        self.UnloadSae = channel.unary_unary(
+                '/rudder.v1.Steering/UnloadSae',
+                request_serializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeRequest.SerializeToString,
+                response_deserializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServicer:
@@ -91,6 +101,21 @@ class SteeringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadSae(self, request, context):
+        """Admin (servers started with --allow-admin; PERMISSION_DENIED otherwise):
+        attach an SAE folder on the server's disk at run time, or detach one, as
+        vLLM loads LoRA adapters. Requests already running are not disturbed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadSae(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SteeringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +138,16 @@ def add_SteeringServicer_to_server(servicer, server):
                     servicer.ListFeatures,
                     request_deserializer=rudder_dot_v1_dot_steering__pb2.ListFeaturesRequest.FromString,
                     response_serializer=rudder_dot_v1_dot_steering__pb2.ListFeaturesResponse.SerializeToString,
+            ),
+            'LoadSae': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadSae,
+                    request_deserializer=rudder_dot_v1_dot_steering__pb2.LoadSaeRequest.FromString,
+                    response_serializer=rudder_dot_v1_dot_steering__pb2.SaeInfo.SerializeToString,
+            ),
+            'UnloadSae': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadSae,
+                    request_deserializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeRequest.FromString,
+                    response_serializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +258,60 @@ class Steering:
             '/rudder.v1.Steering/ListFeatures',
             rudder_dot_v1_dot_steering__pb2.ListFeaturesRequest.SerializeToString,
             rudder_dot_v1_dot_steering__pb2.ListFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadSae(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rudder.v1.Steering/LoadSae',
+            rudder_dot_v1_dot_steering__pb2.LoadSaeRequest.SerializeToString,
+            rudder_dot_v1_dot_steering__pb2.SaeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadSae(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rudder.v1.Steering/UnloadSae',
+            rudder_dot_v1_dot_steering__pb2.UnloadSaeRequest.SerializeToString,
+            rudder_dot_v1_dot_steering__pb2.UnloadSaeResponse.FromString,
             options,
             channel_credentials,
             insecure,
