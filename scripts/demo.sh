@@ -10,8 +10,9 @@ cache="${RUDDER_CACHE:-$HOME/.cache/rudder}"
 sae="$cache/artifacts/default/saes/resid15"
 scripts/default_sae.sh "$sae"
 port="${RUDDER_PORT:-50051}"
-echo "==> starting the server on 127.0.0.1:$port"
-rudder serve --port "$port" > "$cache/demo-server.log" 2>&1 &
+backend="${RUDDER_BACKEND:-reference}"   # RUDDER_BACKEND=vllm make demo: the same demo in vLLM
+echo "==> starting the server ($backend backend) on 127.0.0.1:$port"
+rudder serve --backend "$backend" --port "$port" > "$cache/demo-server.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 python examples/steer_demo.py --server "127.0.0.1:$port" "$@"

@@ -73,7 +73,7 @@ class _Steerer:
         self.runner = runner
         self.model: nn.Module = runner.get_model()
         for path in ("input_batch.req_ids", "input_batch.num_reqs", "input_batch.num_prompt_tokens",
-                     "query_start_loc.np", "requests"):
+                     "input_batch.num_computed_tokens_cpu", "query_start_loc.np", "requests"):
             _need(runner, path)
         self.layers = _need(self.model, "model.layers")
         self.device = next(self.model.parameters()).device
@@ -211,8 +211,8 @@ class _Steerer:
                 continue
             if spec.readouts.include_prompt:
                 read[a:b] = True
-            elif int(positions[b - 1]) + 1 >= int(batch.num_prompt_tokens[i]):
-                read[b - 1] = True  # the row whose logits give the next token
+            elif int(batch.num_computed_tokens_cpu[i]) + (b - a) >= int(batch.num_prompt_tokens[i]):
+                read[b - 1] = True  # the row whose logits give the next token (host-side: no device sync)
         self.step = _Step(self._tables, RowIndex(slot.to(self.device), positions.long(), read.to(self.device)),
                           [r for _, r, _ in used], [s for _, _, s in used])
 
