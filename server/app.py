@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rudder.core.errors import RudderError
 from rudder.server.backends.base import Engine
+from rudder.server.metrics import Metrics
 from rudder.server.requests import Limits
 from rudder.server.service import SteeringService
 from rudder.v1 import steering_pb2 as pb
@@ -29,17 +30,25 @@ def _status(err: RudderError) -> grpc.StatusCode:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent."""
+    """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent.
+    Every finished call of ours is counted by method and status code."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(_OUR_METHODS):
             return handler
+        method = details.method.rsplit("/", 1)[-1]
+        count = self.metrics.requests
 
         async def fail(context, e: Exception):
             if isinstance(e, RudderError):
+                count.labels(method, _status(e).name).inc()
                 await context.abort(_status(e), str(e))
             log.exception("unexpected error in %s", details.method)
+            count.labels(method, "INTERNAL").inc()
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {details.method}; see the server log")
 
         if handler.unary_unary:
@@ -47,9 +56,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 try:
-                    return await inner_unary(request, context)
+                    result = await inner_unary(request, context)
+                except (asyncio.CancelledError, GeneratorExit):
+                    count.labels(method, "CANCELLED").inc()
+                    raise
                 except Exception as e:  # noqa: BLE001 - mapped to a status
                     await fail(context, e)
+                else:
+                    count.labels(method, "OK").inc()
+                    return result
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
@@ -62,8 +77,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for item in inner_stream(request, context):
                         yield item
+                except (asyncio.CancelledError, GeneratorExit):
+                    count.labels(method, "CANCELLED").inc()
+                    raise
                 except Exception as e:  # noqa: BLE001 - mapped to a status
                     await fail(context, e)
+                else:
+                    count.labels(method, "OK").inc()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer,
@@ -75,10 +95,18 @@ class RudderServer:
     """A started server: `port` is the bound port (useful with port 0)."""
 
     def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 50051,
-                 limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False):
+                 limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False,
+                 metrics_port: int | None = None, metrics_host: str = "0.0.0.0"):
         self.engine = engine
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin)
+        self.metrics = Metrics()
+        self.metrics.watch_engine(engine)
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)])
+        self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics)
+        self.metrics_http = None
+        self.metrics_port = None
+        if metrics_port is not None:
+            self.metrics_http, _ = self.metrics.serve(metrics_port, metrics_host)
+            self.metrics_port = self.metrics_http.server_port
         pb_grpc.add_SteeringServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -103,6 +131,9 @@ class RudderServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.engine.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
     async def run_until_signal(self, grace: float = 30.0) -> None:
         await self.start()

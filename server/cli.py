@@ -61,7 +61,9 @@ def cmd_serve(args) -> int:
     limits = Limits(max_tokens=args.max_tokens_limit)
 
     async def serve() -> None:  # grpc.aio objects belong to the loop they are made in
-        server = RudderServer(engine, name, args.host, args.port, limits, args.max_concurrent, args.allow_admin)
+        server = RudderServer(engine, name, args.host, args.port, limits, args.max_concurrent, args.allow_admin,
+                              metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                              metrics_host=args.metrics_host)
         await server.run_until_signal(args.grace)
 
     asyncio.run(serve())
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch", type=int, default=32, help="requests per batch")
     s.add_argument("--max-concurrent", type=int, default=256, help="streams at once; more get RESOURCE_EXHAUSTED")
     s.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    s.add_argument("--metrics-port", type=int, default=9400,
+                   help="Prometheus /metrics on this HTTP port (0: any free port, -1: off)")
+    s.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics port binds")
     s.add_argument("--allow-admin", action="store_true",
                    help="allow the LoadSae / UnloadSae RPCs (attach SAE folders from this machine at run time)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 
 from rudder.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
 from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
+from rudder.server.metrics import Metrics
 from rudder.server.requests import Limits, RequestParser
 from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
@@ -75,13 +77,30 @@ async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncI
 
 class SteeringService(pb_grpc.SteeringServicer):
     def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256,
-                 allow_admin: bool = False):
+                 allow_admin: bool = False, metrics: Metrics | None = None):
         self.engine = engine
         self.allow_admin = allow_admin
+        self.metrics = metrics or Metrics()
         self.model_name = model_name
         self.parser = RequestParser(engine.shape, engine.artifacts, limits)
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+
+    def _count_admitted(self, steering: SteeringSpec, prompt_tokens: int) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(prompt_tokens)
+        for kind, edits in (("feature", steering.features), ("direction", steering.directions),
+                            ("code", steering.codes)):
+            if edits:
+                m.interventions.labels(kind).inc(len(edits))
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.metrics.streams_in_flight.inc()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.streams_in_flight.dec()
 
     def _admit(self) -> None:
         if self.in_flight >= self.max_concurrent:
@@ -94,38 +113,56 @@ class SteeringService(pb_grpc.SteeringServicer):
         sampling = self.parser.sampling(request.sampling)
         ids = self.parser.prompt(request, self.engine.tokenize)
         self._admit()
+        received = time.monotonic()
+        self._count_admitted(steering, len(ids) * (2 if request.include_baseline else 1))
         streams = [(False, self.engine.generate(EngineRequest(ids, sampling, steering)))]
         if request.include_baseline:
             baseline = SteeringSpec(readouts=steering.readouts)
             streams.append((True, self.engine.generate(EngineRequest(ids, sampling, baseline))))
-        self.in_flight += 1
+        self._enter()
+        m = self.metrics
         try:
             generated = {False: 0, True: 0}
+            last: dict[bool, float] = {}
             async for is_baseline, ev in merge(streams):
                 msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
                                           readouts=[readout_to_pb(r) for r in ev.readouts])
+                if ev.queue_s is not None:
+                    m.request_queue_time.observe(ev.queue_s)
                 if not ev.is_prompt:
                     generated[is_baseline] += 1
+                    now = time.monotonic()
+                    if is_baseline in last:
+                        m.inter_token_latency.observe(now - last[is_baseline])
+                    elif not is_baseline:
+                        m.time_to_first_token.observe(now - received)
+                    last[is_baseline] = now
+                    m.generation_tokens.inc()
+                m.readout_rows.inc(len(ev.readouts))
                 if ev.finish:
                     msg.stop_reason = _STOP[ev.finish]
                     msg.usage.prompt_tokens = len(ids)
                     msg.usage.completion_tokens = generated[is_baseline]
+                    m.request_success.labels(ev.finish).inc()
                 yield msg
+            m.e2e_request_latency.observe(time.monotonic() - received)
         finally:
-            self.in_flight -= 1
+            self._leave()
 
     async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
         steering = self.parser.steering(request.interventions, request.readouts)
         ids = self.parser.prompt(request, self.engine.tokenize)
         self._admit()
-        self.in_flight += 1
+        self._count_admitted(steering, len(ids))
+        self._enter()
         try:
             out = pb.TraceResponse()
             async for ev in self.engine.generate(EngineRequest(ids, steering=steering, trace=True)):
                 out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
+                self.metrics.readout_rows.inc(len(ev.readouts))
             return out
         finally:
-            self.in_flight -= 1
+            self._leave()
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         s, arts = self.engine.shape, self.engine.artifacts

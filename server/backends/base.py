@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +52,7 @@ class TokenEvent:
     is_prompt: bool = False
     readouts: list[TokenReadout] = field(default_factory=list)
     finish: str | None = None  # "length" | "eos" | "stop" on the last event
+    queue_s: float | None = None  # on the first event, where the engine knows it: time queued before running
 
 
 class Engine(Protocol):
@@ -69,7 +70,16 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def running_requests(self) -> int: ...
+    on_hook_step: Callable[[float], None] | None
+    """called with the seconds spent in steering hooks, once per step that had steering work"""
+
+    def running_requests(self) -> int:
+        """Requests in the engine, waiting or running."""
+        ...
+
+    def waiting_requests(self) -> int:
+        """Requests not yet running."""
+        ...
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE (`[NAME=]PATH`) at run time; return its id."""

@@ -41,8 +41,12 @@ class _Handle:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
+    queue_s: float | None = None  # set when its wave starts; sent on its first event
 
     def push(self, item) -> None:
+        if isinstance(item, TokenEvent) and self.queue_s is not None:
+            item.queue_s, self.queue_s = self.queue_s, None
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
@@ -51,6 +55,7 @@ class _StepContext:
     tables: StepTables
     rows: RowIndex
     readouts: list[Readout] = field(default_factory=list)
+    hook_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -112,6 +117,7 @@ class ReferenceEngine:
         self._pending: queue.Queue[_Handle | None] = queue.Queue()
         self._active = 0
         self._thread: threading.Thread | None = None
+        self.on_hook_step = None
 
     # ------------------------------------------------------------ set-up
 
@@ -128,9 +134,11 @@ class ReferenceEngine:
 
     def _on_site(self, site: str, x: Tensor) -> Tensor:
         ctx = self._ctx
+        t0 = time.perf_counter()
         flat = x.reshape(-1, x.shape[-1])
         out, readouts = steer_site(site, flat, self._site_artifacts.get(site), ctx.tables, ctx.rows)
         ctx.readouts.extend(readouts)
+        ctx.hook_s += time.perf_counter() - t0
         return x if out is flat else out.view(x.shape)
 
     def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
@@ -170,6 +178,9 @@ class ReferenceEngine:
     def running_requests(self) -> int:
         return self._active + self._pending.qsize()
 
+    def waiting_requests(self) -> int:
+        return self._pending.qsize()
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
         handle = _Handle(request, asyncio.get_running_loop())
         self._pending.put(handle)
@@ -205,6 +216,9 @@ class ReferenceEngine:
             wave = [h for h in wave if not h.cancelled]
             if not wave:
                 continue
+            started = time.monotonic()
+            for h in wave:
+                h.queue_s = started - h.queued_at
             self._active = len(wave)
             try:
                 with torch.inference_mode():
@@ -219,7 +233,10 @@ class ReferenceEngine:
 
     def _forward(self, ctx: _StepContext, **inputs) -> Tensor:
         self._ctx = ctx
-        return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+        logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+        if self.on_hook_step is not None and not (ctx.tables.empty and not self._site_artifacts):
+            self.on_hook_step(ctx.hook_s)
+        return logits
 
     def _run_wave(self, wave: list[_Handle]) -> None:
         reqs = [h.request for h in wave]

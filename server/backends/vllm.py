@@ -63,9 +63,14 @@ class _Readouts:
         self.arrived = asyncio.Event()
 
     async def get(self, position: int) -> list[TokenReadout]:
-        while position not in self.by_position:
-            self.arrived.clear()
-            await asyncio.wait_for(self.arrived.wait(), READOUT_WAIT_S)
+        try:
+            while position not in self.by_position:
+                self.arrived.clear()
+                await asyncio.wait_for(self.arrived.wait(), READOUT_WAIT_S)
+        except TimeoutError:  # never seen in the tests; the token still goes out, without readouts
+            log.warning("no readout arrived for position %d within %.0fs; sending the token without it",
+                        position, READOUT_WAIT_S)
+            return []
         return self.by_position[position]
 
 
@@ -109,6 +114,8 @@ class VllmEngine:
         self._readouts: dict[str, _Readouts] = {}
         self._running = 0
         self.recomputed_rows = 0  # readout rows seen twice: requests preempted and recomputed
+        self._waiting = 0  # submitted, no output yet
+        self.on_hook_step = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -146,9 +153,11 @@ class VllmEngine:
 
     async def _receive(self) -> None:
         while True:
-            message = pickle.loads(await self._socket.recv())
+            hook_s, rows = pickle.loads(await self._socket.recv())
+            if self.on_hook_step is not None:
+                self.on_hook_step(hook_s)
             touched = set()
-            for req_id, position, readouts in message:
+            for req_id, position, readouts in rows:
                 external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
                 box = self._readouts.get(external)
                 if box is not None:
@@ -179,6 +188,10 @@ class VllmEngine:
 
     def running_requests(self) -> int:
         return self._running
+
+    def waiting_requests(self) -> int:
+        """Requests with no output yet (queued, or in their first prefill)."""
+        return self._waiting
 
     # ------------------------------------------------------------ requests
 
@@ -231,14 +244,23 @@ class VllmEngine:
         detok = IncrementalDetokenizer(self.tokenizer, s.stop)
         n_prompt, generated = len(request.prompt_ids), 0
         stream = self.llm.generate(prompt, params, request_id=req_id)
-        finished = False
+        finished, first = False, True
         self._running += 1
+        self._waiting += 1
         try:
             async for out in stream:
+                queue_s = None
+                if first:
+                    first = False
+                    self._waiting -= 1
+                    m = getattr(out, "metrics", None)
+                    if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
+                        queue_s = max(0.0, m.scheduled_ts - m.queued_ts)
                 if wants_prompt and generated == 0:
                     for t, tok in enumerate(request.prompt_ids):
                         yield TokenEvent(tok, t, self.token_text(tok), is_prompt=True,
-                                         readouts=await box.get(t) if box else [])
+                                         readouts=await box.get(t) if box else [], queue_s=queue_s)
+                    queue_s = None
                     if request.trace:
                         finished = True
                         return
@@ -254,12 +276,15 @@ class VllmEngine:
                     if finish in ("eos", "length"):
                         text += detok.flush()
                     readouts = await box.get(position - 1) if box else []
-                    yield TokenEvent(token, position, text, logprob, readouts=readouts, finish=finish)
+                    yield TokenEvent(token, position, text, logprob, readouts=readouts, finish=finish,
+                                     queue_s=queue_s)
+                    queue_s = None
                     if finish:
                         finished = finish != "stop"  # a stop string ends it here, not in vLLM
                         return
         finally:
             self._running -= 1
+            self._waiting -= first
             self._readouts.pop(req_id, None)
             await stream.aclose()  # vLLM aborts a request whose stream is closed early
             if not finished and self.llm is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,7 @@ class _Step:
     req_ids: list[str]  # per slot
     specs: list[SteeringSpec]  # per slot
     readouts: list[Readout] = field(default_factory=list)
+    hook_s: float = 0.0
 
 
 class _Steerer:
@@ -160,8 +162,10 @@ class _Steerer:
         step = self.step
         if step is None:
             return x
+        t0 = time.perf_counter()
         new, readouts = steer_site(site, x, self.by_site.get(site), step.tables, step.rows)
         step.readouts.extend(readouts)
+        step.hook_s += time.perf_counter() - t0
         return new
 
     # ------------------------------------------------------------ per step
@@ -218,14 +222,16 @@ class _Steerer:
 
     def _end(self, module, args, output) -> None:
         step, self.step = self.step, None
-        if step is None or not step.readouts:
+        if step is None:
             return
-        router = ReadoutRouter(step.readouts)
-        slots = step.rows.slot.tolist()
-        positions = step.rows.position.tolist()
-        message = [(step.req_ids[slots[row]], positions[row], router.for_row(row, step.specs[slots[row]]))
-                   for row in sorted(router.by_row)]
-        self.socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        rows = []
+        if step.readouts:
+            router = ReadoutRouter(step.readouts)
+            slots = step.rows.slot.tolist()
+            positions = step.rows.position.tolist()
+            rows = [(step.req_ids[slots[row]], positions[row], router.for_row(row, step.specs[slots[row]]))
+                    for row in sorted(router.by_row)]
+        self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class SteeringWorker:

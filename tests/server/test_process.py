@@ -22,9 +22,10 @@ def free_port() -> int:
 
 @pytest.fixture
 def served(tiny_dir, tiny_sae_dir):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "rudder.server.cli", "serve", "--model", str(tiny_dir),
-                             "--sae", f"s={tiny_sae_dir}", "--port", str(port), "--grace", "20"],
+                             "--sae", f"s={tiny_sae_dir}", "--port", str(port), "--grace", "20",
+                             "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -38,6 +39,7 @@ def served(tiny_dir, tiny_sae_dir):
                 proc.kill()
                 pytest.fail(f"server did not start:\n{proc.stdout.read()}")
             time.sleep(0.5)
+    proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield proc, address
     if proc.poll() is None:
         proc.kill()
@@ -73,3 +75,45 @@ def test_cli_generate_with_flags(served, capsys):
     assert rc_ == 0 and out.count("s: 3=25.00") == 3
     assert client_main(["generate", "x", "--server", address, "--clamp", "s:9999=1"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the Prometheus text at `url`, keyed by (name, sorted labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_prometheus_metrics_are_scraped_over_http(served):
+    proc, address = served
+    before = scrape(proc.metrics_url)
+    assert before[("rudder:artifacts_loaded", (("kind", "sae"),))] == 1
+    with rc.Client(address, timeout=60) as c:
+        toks = list(c.generate("The capital of France", max_tokens=5, ignore_eos=True,
+                               interventions=[rc.clamp("s", 3, 9.0), rc.add("s", 4, 1.0)],
+                               readouts=rc.readouts(saes=["s"], top_k=2)))
+        with pytest.raises(rc.NotFound):
+            list(c.generate("x", interventions=[rc.clamp("nope", 1, 1.0)]))
+    after = scrape(proc.metrics_url)
+
+    def grew(name, labels=()):
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert grew("rudder:requests_total", (("code", "OK"), ("method", "Generate"))) == 1
+    assert grew("rudder:requests_total", (("code", "NOT_FOUND"), ("method", "Generate"))) == 1
+    assert grew("rudder:request_success_total", (("finished_reason", "length"),)) == 1
+    assert grew("rudder:generation_tokens_total") == len(toks) == 5
+    assert grew("rudder:prompt_tokens_total") == toks[-1].prompt_tokens
+    assert grew("rudder:interventions_total", (("kind", "feature"),)) == 2
+    assert grew("rudder:readout_rows_total") == 5
+    assert grew("rudder:time_to_first_token_seconds_count") == 1
+    assert grew("rudder:inter_token_latency_seconds_count") == 4
+    assert grew("rudder:e2e_request_latency_seconds_count") == 1
+    assert grew("rudder:request_queue_time_seconds_count") == 1
+    assert grew("rudder:hook_time_per_step_seconds_count") >= 5  # prefill + 4 decode steps, at least
+    assert after[("rudder:num_requests_running", ())] == 0
+    assert after[("rudder:streams_in_flight", ())] == 0
