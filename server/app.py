@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,19 +32,62 @@ def _status(err: RudderError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
 
+def _deny(handler):
+    """A handler of the same shape that answers UNAUTHENTICATED."""
+    message = "missing or wrong bearer token: send metadata `authorization: Bearer <token>`"
+
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Server TLS: PEM files. With `client_ca`, clients must present a certificate it signed (mutual TLS)."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path):
+            return Path(path).read_bytes()
+        return grpc.ssl_server_credentials([(read(self.key), read(self.cert))],
+                                           root_certificates=read(self.client_ca) if self.client_ca else None,
+                                           require_client_auth=self.client_ca is not None)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent.
     Every finished call of ours is counted by method and status code."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, token: str | None = None):
         self.metrics = metrics
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    def _authorized(self, details) -> bool:
+        if self.expected is None:
+            return True
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        return hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.expected)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(_OUR_METHODS):
-            return handler
+            return handler  # health and reflection stay open for probes
         method = details.method.rsplit("/", 1)[-1]
         count = self.metrics.requests
+        if not self._authorized(details):
+            count.labels(method, "UNAUTHENTICATED").inc()
+            return _deny(handler)
 
         async def fail(context, e: Exception):
             if isinstance(e, RudderError):
@@ -96,11 +142,12 @@ class RudderServer:
 
     def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 50051,
                  limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False,
-                 metrics_port: int | None = None, metrics_host: str = "0.0.0.0"):
+                 metrics_port: int | None = None, metrics_host: str = "0.0.0.0", tls: Tls | None = None,
+                 token: str | None = None):
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics)])
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics, token)])
         self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics)
         self.metrics_http = None
         self.metrics_port = None
@@ -113,7 +160,8 @@ class RudderServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = (self.server.add_secure_port(f"{host}:{port}", tls.credentials()) if tls
+                     else self.server.add_insecure_port(f"{host}:{port}"))
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port}; is another server on that port?")
         self.address = f"{host}:{self.port}"

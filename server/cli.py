@@ -30,7 +30,7 @@ def cmd_serve(args) -> int:
     import torch
 
     from rudder.core.errors import RudderError
-    from rudder.server.app import RudderServer
+    from rudder.server.app import RudderServer, Tls
     from rudder.server.backends.reference import ReferenceEngine
     from rudder.server.default_model import MODEL_NAME, ensure_default_model
     from rudder.server.requests import Limits
@@ -59,11 +59,23 @@ def cmd_serve(args) -> int:
     except RudderError as e:
         raise SystemExit(f"error: {e}") from None
     limits = Limits(max_tokens=args.max_tokens_limit)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("error: TLS needs both --tls-cert and --tls-key")
+        tls = Tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise SystemExit("error: --tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    token = None
+    if args.auth_token_file:
+        token = Path(args.auth_token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"error: {args.auth_token_file} is empty")
 
     async def serve() -> None:  # grpc.aio objects belong to the loop they are made in
         server = RudderServer(engine, name, args.host, args.port, limits, args.max_concurrent, args.allow_admin,
                               metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                              metrics_host=args.metrics_host)
+                              metrics_host=args.metrics_host, tls=tls, token=token)
         await server.run_until_signal(args.grace)
 
     asyncio.run(serve())
@@ -113,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics-port", type=int, default=9400,
                    help="Prometheus /metrics on this HTTP port (0: any free port, -1: off)")
     s.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics port binds")
+    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM); needs --tls-key")
+    s.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    s.add_argument("--tls-client-ca", help="mutual TLS: accept only clients with a certificate this CA signed")
+    s.add_argument("--auth-token-file", help="require `authorization: Bearer <token>` (the file's content) on "
+                                             "every Steering call; health and reflection stay open")
     s.add_argument("--allow-admin", action="store_true",
                    help="allow the LoadSae / UnloadSae RPCs (attach SAE folders from this machine at run time)")
     s.add_argument("--grace", type=float, default=30.0, help="seconds in-flight streams get on SIGTERM")

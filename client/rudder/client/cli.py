@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import asdict
 
 from rudder.client import types as t
-from rudder.client.client import Client
+from rudder.client.client import Client, tls_credentials
 from rudder.client.errors import RudderError
 
 _FEATURE = re.compile(r"^(?P<sae>[^:]+):(?P<feature>\d+)(=(?P<value>[-+0-9.eE]+))?$")
@@ -129,6 +130,9 @@ def add_client_commands(sub) -> None:
     f.set_defaults(func=cmd_features)
     for p in (g, tr, i, f):
         p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the Rudder server")
+        p.add_argument("--token", default=os.environ.get("RUDDER_TOKEN"),
+                       help="bearer token, for servers started with one (default: $RUDDER_TOKEN)")
+        p.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this CA certificate (PEM)")
         p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
 
 
@@ -142,8 +146,13 @@ def _print_token(tok: t.Token, as_json: bool, show_readouts: bool) -> None:
         print(tok.text, end="", flush=True)
 
 
+def _client(args) -> Client:
+    creds = tls_credentials(args.tls_ca) if args.tls_ca else None
+    return Client(args.server, timeout=args.timeout, credentials=creds, token=args.token)
+
+
 def cmd_generate(args) -> int:
-    with Client(args.server, timeout=args.timeout) as c:
+    with _client(args) as c:
         prompt, chat = (None, [{"role": "user", "content": args.prompt}]) if args.chat else (args.prompt, None)
         show = bool(args.readout) or args.baseline
         steered, baseline = [], []
@@ -162,7 +171,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    with Client(args.server, timeout=args.timeout) as c:
+    with _client(args) as c:
         for tok in c.trace(args.prompt, interventions=interventions_from(args), readouts=readouts_from(args)):
             _print_token(tok, args.json, True)
     return 0
@@ -171,7 +180,7 @@ def cmd_trace(args) -> int:
 def cmd_info(args) -> int:
     from google.protobuf.json_format import MessageToJson
 
-    with Client(args.server, timeout=args.timeout) as c:
+    with _client(args) as c:
         info = c.model_info()
         info.ClearField("sites")
         print(MessageToJson(info))
@@ -179,7 +188,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_features(args) -> int:
-    with Client(args.server, timeout=args.timeout) as c:
+    with _client(args) as c:
         resp = c.list_features(args.source, args.label, args.regex, args.limit)
         print(f"{resp.total} features match")
         for f in resp.features:

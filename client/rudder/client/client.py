@@ -60,15 +60,30 @@ def _token(msg: pb.GenerateResponse) -> Token:
     return Token.from_pb(msg.token, msg.readouts, msg.baseline, msg.stop_reason, usage)
 
 
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def tls_credentials(ca: str | None = None, cert: str | None = None, key: str | None = None
+                    ) -> grpc.ChannelCredentials:
+    """TLS to the server: `ca` (PEM file) to trust its certificate (default: the system's roots);
+    `cert` + `key` (PEM files) to present a client certificate to a mutual-TLS server."""
+    def read(path):
+        return open(path, "rb").read() if path else None
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
 class Client:
     """Blocking client. `timeout` (seconds) is each call's deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        """`credentials`: TLS (see `tls_credentials`); `token`: a bearer token for servers started with one."""
         self.channel = (grpc.secure_channel(target, credentials) if credentials
                         else grpc.insecure_channel(target))
         self.stub = pb_grpc.SteeringStub(self.channel)
         self.timeout = timeout
+        self.metadata = _auth_metadata(token)
 
     def __enter__(self) -> Client:
         return self
@@ -82,7 +97,7 @@ class Client:
     def generate(self, prompt: str | None = None, chat: Chat | None = None, *, timeout: float | None = None,
                  **kwargs) -> Iterator[Token]:
         """Stream tokens. Keyword arguments: see `build_generate`. Breaking out of the loop cancels the call."""
-        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             for msg in call:
                 yield _token(msg)
@@ -94,14 +109,14 @@ class Client:
     def trace(self, prompt: str | None = None, chat: Chat | None = None, *, timeout: float | None = None,
               **kwargs) -> list[Token]:
         try:
-            resp = self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+            resp = self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
 
     def model_info(self) -> pb.ModelInfo:
         try:
-            return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+            return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -109,7 +124,7 @@ class Client:
                       offset: int = 0) -> pb.ListFeaturesResponse:
         req = pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset)
         try:
-            return self.stub.ListFeatures(req, timeout=self.timeout)
+            return self.stub.ListFeatures(req, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -117,14 +132,14 @@ class Client:
     def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
         """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""
         try:
-            return self.stub.LoadSae(pb.LoadSaeRequest(path=path, id=id), timeout=self.timeout)
+            return self.stub.LoadSae(pb.LoadSaeRequest(path=path, id=id), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
     def unload_sae(self, id: str) -> None:
         """Admin: detach an SAE; needs --allow-admin."""
         try:
-            self.stub.UnloadSae(pb.UnloadSaeRequest(id=id), timeout=self.timeout)
+            self.stub.UnloadSae(pb.UnloadSaeRequest(id=id), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -133,11 +148,12 @@ class AsyncClient:
     """asyncio client with the same methods as `Client`."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
         self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
                         else grpc.aio.insecure_channel(target))
         self.stub = pb_grpc.SteeringStub(self.channel)
         self.timeout = timeout
+        self.metadata = _auth_metadata(token)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -150,7 +166,7 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, chat: Chat | None = None, *,
                        timeout: float | None = None, **kwargs) -> AsyncIterator[Token]:
-        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
         try:
             async for msg in call:
                 yield _token(msg)
@@ -162,13 +178,13 @@ class AsyncClient:
     async def trace(self, prompt: str | None = None, chat: Chat | None = None, *,
                     timeout: float | None = None, **kwargs) -> list[Token]:
         try:
-            resp = await self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout)
+            resp = await self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
 
     async def model_info(self) -> pb.ModelInfo:
         try:
-            return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+            return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
