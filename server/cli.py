@@ -52,7 +52,8 @@ def cmd_serve(args) -> int:
             from rudder.server.backends.vllm import VllmEngine
 
             engine = VllmEngine(model_dir, saes, dtype=args.dtype, max_num_seqs=args.max_batch,
-                                enable_prefix_caching=not args.no_prefix_caching)
+                                enable_prefix_caching=not args.no_prefix_caching,
+                                tensor_parallel_size=args.tensor_parallel_size)
         else:
             engine = ReferenceEngine(model_dir, saes, device=args.device, dtype=getattr(torch, args.dtype),
                                      max_batch=args.max_batch)
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--sae", action="append", default=[], metavar="[NAME=]PATH", help="SAELens-format SAE folder")
     s.add_argument("--backend", default="reference", choices=["reference", "vllm"],
                    help="engine: reference (transformers + hooks, anywhere) or vllm (pip install -e '.[vllm]')")
+    s.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     s.add_argument("--no-prefix-caching", action="store_true",
                    help="vllm: turn prefix caching off (on by default, salted per steering)")
     s.add_argument("--host", default="127.0.0.1")
