@@ -55,6 +55,19 @@ class TokenEvent:
     queue_s: float | None = None  # on the first event, where the engine knows it: time queued before running
 
 
+class HfTokenizing:
+    """Prompt and token text with a Hugging Face tokenizer (`self.tokenizer`), shared by the backends."""
+
+    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
+        if chat is not None:
+            return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        return list(self.tokenizer(text).input_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
 class Engine(Protocol):
     name: str
     shape: ModelShape

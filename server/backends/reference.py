@@ -26,7 +26,7 @@ from rudder.core.errors import NotFound
 from rudder.core.sites import Site
 from rudder.core.steering import Readout, RowIndex, StepTables, build_tables, steer_site
 from rudder.server.artifacts import Artifacts, has_codebooks
-from rudder.server.backends.base import EngineRequest, ReadoutRouter, Sampling, TokenEvent
+from rudder.server.backends.base import EngineRequest, HfTokenizing, ReadoutRouter, Sampling, TokenEvent
 from rudder.core.hf_sites import hook_site, shape_of
 from rudder.server.detokenize import IncrementalDetokenizer
 
@@ -90,7 +90,7 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tu
     return token, float(logprobs[token])
 
 
-class ReferenceEngine:
+class ReferenceEngine(HfTokenizing):
     name = "reference"
 
     def __init__(self, model_dir: str | Path, saes: list[str] = (), device: str = "cpu",
@@ -140,15 +140,6 @@ class ReferenceEngine:
         ctx.readouts.extend(readouts)
         ctx.hook_s += time.perf_counter() - t0
         return x if out is flat else out.view(x.shape)
-
-    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
-        if chat is not None:
-            return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
-        return list(self.tokenizer(text).input_ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
     # ------------------------------------------------------------ lifecycle
 

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoTokenizer
 from rudder.core.errors import ArtifactError, NotFound
 from rudder.core.steering import SteeringSpec, spec_to_dict
 from rudder.server.artifacts import Artifacts, has_codebooks
-from rudder.server.backends.base import EngineRequest, TokenEvent, TokenReadout
+from rudder.server.backends.base import EngineRequest, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.vllm_worker import EXTRA_ARGS_KEY, VLLM_VERSION, shape_of_config
 from rudder.server.detokenize import IncrementalDetokenizer
 
@@ -86,7 +86,7 @@ def _model_view(model_dir: Path) -> Path:
     return view
 
 
-class VllmEngine:
+class VllmEngine(HfTokenizing):
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, saes: list[str] = (), dtype: str = "float32",
@@ -194,15 +194,6 @@ class VllmEngine:
         return self._waiting
 
     # ------------------------------------------------------------ requests
-
-    def tokenize(self, text: str | None = None, chat: list[dict[str, str]] | None = None) -> list[int]:
-        if chat is not None:
-            return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
-        return list(self.tokenizer(text).input_ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
 
     @staticmethod
     def _salt(spec: SteeringSpec, payload: dict | None) -> str | None:

@@ -22,7 +22,7 @@ from rudder.server.backends.reference import ReferenceEngine
 from rudder.server.requests import Limits
 from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
-from tests.server.test_process import free_port
+from tests.server.test_process import free_port, wait_until_serving
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -193,15 +193,7 @@ def test_sigterm_under_load_cuts_no_stream_without_a_status(tiny_dir, tiny_sae_d
                              "--metrics-port", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with rc.Client(address, timeout=2) as c:
-                    c.model_info()
-                break
-            except rc.RudderError:
-                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-                time.sleep(0.3)
+        assert wait_until_serving(proc, address), "server did not start"
         outcomes: list[str] = []
         started = threading.Semaphore(0)
 

@@ -20,6 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(proc: subprocess.Popen, address: str, timeout: float = 120) -> bool:
+    """True once `rudder serve` at `address` answers; False if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with rc.Client(address, timeout=2) as c:
+                c.model_info()
+            return True
+        except rc.RudderError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.3)
+
+
 @pytest.fixture
 def served(tiny_dir, tiny_sae_dir):
     port, metrics_port = free_port(), free_port()
@@ -28,17 +42,9 @@ def served(tiny_dir, tiny_sae_dir):
                              "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with rc.Client(address, timeout=2) as c:
-                c.model_info()
-            break
-        except rc.RudderError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start:\n{proc.stdout.read()}")
-            time.sleep(0.5)
+    if not wait_until_serving(proc, address):
+        proc.kill()
+        pytest.fail(f"server did not start:\n{proc.stdout.read()}")
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     yield proc, address
     if proc.poll() is None:
