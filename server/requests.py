@@ -32,6 +32,7 @@ class Limits:
 
 
 DEFAULT_MAX_TOKENS = 64
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
 
 _SCOPES = {
     pb.Scope.KIND_UNSPECIFIED: "all", pb.Scope.ALL: "all", pb.Scope.PROMPT: "prompt",
@@ -182,6 +183,8 @@ class RequestParser:
         top_k = s.top_k if s.HasField("top_k") else 0
         if temperature < 0:
             raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+        if temperature < GREEDY_BELOW:  # as vLLM does: dividing logits by ~0 would overflow to inf
+            temperature = 0.0
         if not 0 < top_p <= 1:
             raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
         if top_k < 0:

@@ -163,3 +163,10 @@ def test_admin_rpcs_load_and_unload_saes_only_when_allowed(client, tiny_dir, tmp
         with pytest.raises(rc.NotFound, match="no SAE 'm0' is loaded"):
             admin.unload_sae("m0")
         assert [s.id for s in admin.model_info().saes] == []
+
+
+def test_a_denormal_temperature_samples_greedily_instead_of_failing(client):
+    """Found by the fuzzer: logits / 1.4e-45 overflowed to inf and sampling failed INTERNAL."""
+    greedy = [t.id for t in client.generate("The capital", max_tokens=4, ignore_eos=True)]
+    tiny = [t.id for t in client.generate("The capital", max_tokens=4, ignore_eos=True, temperature=1.4013e-45)]
+    assert tiny == greedy

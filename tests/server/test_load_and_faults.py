@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rudder import client as rc
@@ -112,6 +112,7 @@ FUZZ_CODES: collections.Counter = collections.Counter()
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(req=generate_requests())
+@example(req=pb.GenerateRequest(prompt="0", sampling=pb.SamplingParams(max_tokens=1, temperature=1.4013e-45)))
 def test_fuzzed_requests_get_only_client_side_statuses(stub, req):
     try:
         for _ in stub.Generate(req, timeout=60):
