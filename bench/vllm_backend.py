@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -34,14 +33,11 @@ import torch  # noqa: E402
 
 from rudder.core.sae import SAE, SAEConfig  # noqa: E402
 from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec  # noqa: E402
-from rudder.server.backends.base import EngineRequest, Sampling  # noqa: E402
 from rudder.server.cli import default_sae_dirs  # noqa: E402
 from rudder.server.default_model import ensure_default_model  # noqa: E402
+from reference_backend import run as tokens_per_second  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash table works.",
-           "What is the capital of France?", "List three uses of copper.", "Describe the water cycle.",
-           "Why is the sky blue?", "Give advice for a job interview.", "Summarise the plot of Hamlet."]
 SITE = "blocks.15.hook_resid_post"
 STREAMS = (16, 32)
 
@@ -62,18 +58,6 @@ MODES = {
     "steered+readout": SteeringSpec(features=(FeatureEdit("sae", 221, Op.CLAMP, 6.0),),
                                     readouts=ReadoutSpec(saes=("sae",), top_k=16)),
 }
-
-
-async def tokens_per_second(engine, streams: int, tokens: int, spec: SteeringSpec) -> float:
-    reqs = [EngineRequest(engine.tokenize(chat=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
-                          Sampling(max_tokens=tokens, ignore_eos=True), spec) for i in range(streams)]
-
-    async def one(r):
-        return len([ev async for ev in engine.generate(r) if not ev.is_prompt])
-
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(r) for r in reqs))
-    return sum(counts) / (time.perf_counter() - t0)
 
 
 async def measure(engine, modes: list[str], tokens: int, repeats: int) -> dict[str, dict[int, float]]:

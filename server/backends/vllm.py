@@ -18,6 +18,7 @@ vLLM runs eagerly (`enforce_eager`): module hooks do not run inside compiled gra
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -95,20 +96,20 @@ class VllmEngine(HfTokenizing):
         _check_vllm()
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.shape = shape_of_config(AutoConfig.from_pretrained(self.model_dir))
-        self.saes = list(saes)
+        config = AutoConfig.from_pretrained(self.model_dir)
+        self.shape = shape_of_config(config)
         # Checked here (names, widths) so a bad artifact fails before vLLM starts; the workers load their own copy.
         self.artifacts = Artifacts()
         cpu, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, cpu, torch_dtype)
-        for spec in self.saes:
+        for spec in saes:
             self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype)
         self.dtype = dtype
         self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   enable_prefix_caching=enable_prefix_caching,
                                   gpu_memory_utilization=gpu_memory_utilization, **engine_args)
-        eos = AutoConfig.from_pretrained(self.model_dir).eos_token_id
+        eos = config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [self.tokenizer.eos_token_id]))
         self.llm = None
         self._readouts: dict[str, _Readouts] = {}
@@ -139,7 +140,8 @@ class VllmEngine(HfTokenizing):
                                **self.engine_kwargs)
         self.llm = AsyncLLM.from_engine_args(args)
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
-        info = await self.llm.collective_rpc("rudder_setup", args=(address, self.saes, codebooks))
+        attached = [f"{a.id}={a.path}" for a in self.artifacts.saes.values()]  # start-up and run-time loads
+        info = await self.llm.collective_rpc("rudder_setup", args=(address, attached, codebooks))
         log.info("vLLM workers ready: %s", info)
 
     async def stop(self) -> None:
@@ -216,8 +218,7 @@ class VllmEngine(HfTokenizing):
         reads = not spec.readouts.empty
         wants_prompt = request.trace or spec.readouts.include_prompt
         if request.trace and not spec.readouts.include_prompt:
-            spec = SteeringSpec(spec.features, spec.directions, spec.codes,
-                                type(spec.readouts)(**{**spec.readouts.__dict__, "include_prompt": True}))
+            spec = dataclasses.replace(spec, readouts=dataclasses.replace(spec.readouts, include_prompt=True))
             payload = spec_to_dict(spec)
         params = SamplingParams(
             max_tokens=1 if request.trace else s.max_tokens, temperature=s.temperature, top_p=s.top_p,

@@ -12,6 +12,7 @@ from rudder.core.steering import (CodeEdit, FeatureEdit, Op, ReadoutSpec, RowInd
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.core.hf_sites import hook_site
 from rudder.server.backends.reference import ReferenceEngine
+from tests.server.engines import collect, tokens
 
 PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering"]
 
@@ -19,19 +20,6 @@ PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown
 @pytest.fixture(scope="module")
 def engine(tiny_dir, tiny_sae_dir):
     return ReferenceEngine(tiny_dir, saes=[f"s={tiny_sae_dir}"])
-
-
-async def collect(engine, requests):
-    await engine.start()
-
-    async def one(r):
-        return [ev async for ev in engine.generate(r)]
-
-    return await asyncio.gather(*(one(r) for r in requests))
-
-
-def tokens(events):
-    return [e.token_id for e in events if not e.is_prompt]
 
 
 def test_unsteered_request_in_a_steered_batch_matches_it_alone(engine):

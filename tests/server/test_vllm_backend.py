@@ -21,6 +21,7 @@ from rudder.core.steering import (CodeEdit, DirectionEdit, FeatureEdit, Op, Read
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.tiny import make_llama, make_sae
+from tests.server.engines import collect, tokens
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
@@ -81,19 +82,6 @@ def vllm_coded(loop, models):
     engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], max_model_len=256))
     yield engine
     loop.run(engine.stop())
-
-
-async def collect(engine, requests):
-    await engine.start()
-
-    async def one(r):
-        return [ev async for ev in engine.generate(r)]
-
-    return await asyncio.gather(*(one(r) for r in requests))
-
-
-def tokens(events):
-    return [e.token_id for e in events if not e.is_prompt]
 
 
 def mixed_batch(engine) -> list[EngineRequest]:
