@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
 from rudder.core.errors import ArtifactError, RudderError
@@ -33,6 +34,7 @@ class FeatureMeta:
     density: float = 0.0
     top_examples: list[str] = field(default_factory=list)
     max_activation: float = 0.0
+    head: int = 0
 
 
 @dataclass
@@ -50,6 +52,9 @@ class AttachedCodebook:
     site: Site
     codebook: Codebook
     features: list[FeatureMeta] | None = None
+    index_tokens: torch.Tensor | None = None
+    """code search: held-out token ids (N, L) and this codebook's active codes there (N, L, G, k)"""
+    index_ids: torch.Tensor | None = None
 
 
 def _read_feature_metadata(folder: Path) -> list[FeatureMeta] | None:
@@ -107,6 +112,7 @@ class Artifacts:
         return attached
 
     def add_codebooks(self, folder: Path, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
+        index = CodeIndex.load(folder)
         for cb in load_codebooks(folder, device=device):
             site = Site.parse(cb.cfg.site, shape.num_layers)
             width = cb.cfg.num_heads * cb.cfg.d_code
@@ -118,7 +124,9 @@ class Artifacts:
             if cb.cfg.id in self.sources():
                 raise ArtifactError(f"two artifacts are named {cb.cfg.id!r}")
             meta = _read_feature_metadata(folder / cb.cfg.id) if (folder / cb.cfg.id).is_dir() else None
-            self.codebooks[cb.cfg.id] = AttachedCodebook(cb.cfg.id, site, cb.to(dtype), meta)
+            ids = index.ids.get(cb.cfg.id) if index is not None else None
+            self.codebooks[cb.cfg.id] = AttachedCodebook(cb.cfg.id, site, cb.to(dtype), meta,
+                                                         index.tokens if ids is not None else None, ids)
             log.info("codebook %s at %s: %d codes, k=%d, %d heads", cb.cfg.id, site.name, cb.cfg.num_codes,
                      cb.cfg.k, cb.cfg.num_heads)
 

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 
+from rudder.core import code_search
 from rudder.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
@@ -85,6 +86,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.parser = RequestParser(engine.shape, engine.artifacts, limits)
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+        self._index_texts: dict[str, list[list[str]]] = {}  # code search: token texts of each codebook index
 
     def _count_admitted(self, steering: SteeringSpec, prompt_tokens: int) -> None:
         m = self.metrics
@@ -181,17 +183,24 @@ class SteeringService(pb_grpc.SteeringServicer):
         sources = self.engine.artifacts.sources()
         if request.source not in sources:
             raise NotFound(f"unknown SAE or codebook {request.source!r}; loaded: {', '.join(sorted(sources)) or 'none'}")
-        features = sources[request.source].features
-        if features is None:
-            raise FailedPrecondition(
-                f"{request.source!r} has no feature metadata; write feature_metadata.json beside the artifact"
-            )
         if request.limit < 0 or request.offset < 0:
             raise InvalidArgument("limit and offset must be >= 0")
         try:
             pattern = re.compile(request.regex) if request.regex else None
         except re.error as e:
             raise InvalidArgument(f"regex {request.regex!r} does not compile: {e}") from e
+        source = sources[request.source]
+        if pattern is not None and getattr(source, "index_ids", None) is not None:
+            hits = await asyncio.to_thread(self._code_search, source, pattern, request.min_precision,
+                                           request.min_recall)
+            page = hits[request.offset:request.offset + (request.limit or 20)]
+            return pb.ListFeaturesResponse(total=len(hits), features=page)
+        features = source.features
+        if features is None:
+            raise FailedPrecondition(
+                f"{request.source!r} has no feature metadata; write feature_metadata.json beside the artifact"
+                + (" (or a code index, for code search)" if request.source in self.engine.artifacts.codebooks else "")
+            )
         label = request.label.lower()
         hits = [f for f in features
                 if (not label or label in f.label.lower())
@@ -199,9 +208,22 @@ class SteeringService(pb_grpc.SteeringServicer):
         page = hits[request.offset:request.offset + (request.limit or 20)]
         return pb.ListFeaturesResponse(
             total=len(hits),
-            features=[pb.FeatureSummary(id=f.id, label=f.label, density=f.density, top_examples=f.top_examples)
+            features=[pb.FeatureSummary(id=f.id, label=f.label, density=f.density, top_examples=f.top_examples,
+                                        head=f.head)
                       for f in page],
         )
+
+    def _code_search(self, cb, pattern: re.Pattern, min_precision: float, min_recall: float) -> list:
+        """Codebook Features' code search over the codebook's index of held-out tokens."""
+        if cb.id not in self._index_texts:
+            self._index_texts[cb.id] = [[self.engine.token_text(t) for t in row] for row in cb.index_tokens.tolist()]
+        texts = self._index_texts[cb.id]
+        labels = code_search.regex_labels(texts, pattern)
+        positions = cb.index_ids.shape[0] * cb.index_ids.shape[1]
+        return [pb.FeatureSummary(id=h.code, head=h.head, precision=h.precision, recall=h.recall,
+                                  density=h.count / positions)
+                for h in code_search.search(cb.index_ids, labels, cb.codebook.cfg.num_codes,
+                                            min_precision, min_recall)]
 
     def _admin(self, what: str) -> None:
         if not self.allow_admin:

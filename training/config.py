@@ -118,8 +118,9 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SaeTrainConfig:
-    """Read a YAML file (optional), apply `overrides` (dotted keys), validate.
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                schema: type[BaseModel] = SaeTrainConfig) -> Any:
+    """Read a YAML file (optional), apply `overrides` (dotted keys), validate against `schema`.
 
     Values given as strings are parsed as YAML scalars, so `--set loss.kl=0.5` is a float.
     """
@@ -136,10 +137,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     for key, value in (overrides or {}).items():
         _set_path(raw, key, yaml.safe_load(value) if isinstance(value, str) else value)
     try:
-        return SaeTrainConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         lines = [f"  {'.'.join(map(str, err['loc'])) or '(config)'}: {err['msg']}" for err in e.errors()]
-        raise InvalidArgument("invalid SAE training config:\n" + "\n".join(lines)) from None
+        raise InvalidArgument(f"invalid {schema.__name__}:\n" + "\n".join(lines)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,13 +153,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=f"opt_{key}", default=None, help=f"sets `{key}`")
 
 
-def config_from_args(args: argparse.Namespace) -> SaeTrainConfig:
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` flags as a dict of dotted keys."""
     overrides: dict = {}
-    for item in args.set:
+    for item in items:
         if "=" not in item:
             raise InvalidArgument(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> SaeTrainConfig:
+    overrides = parse_sets(args.set)
     for key in ("model", "objective", "architecture", "d_sae", "tokens", "out"):
         value = getattr(args, f"opt_{key}")
         if value is not None:

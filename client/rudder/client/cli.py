@@ -127,6 +127,8 @@ def add_client_commands(sub) -> None:
     f.add_argument("--label", default="")
     f.add_argument("--regex", default="")
     f.add_argument("--limit", type=int, default=20)
+    f.add_argument("--min-precision", type=float, default=0.0, help="code search: least precision kept")
+    f.add_argument("--min-recall", type=float, default=0.0, help="code search: least recall kept")
     f.set_defaults(func=cmd_features)
     for p in (g, tr, i, f):
         p.add_argument("--server", default="127.0.0.1:50051", help="host:port of the Rudder server")
@@ -189,10 +191,15 @@ def cmd_info(args) -> int:
 
 def cmd_features(args) -> int:
     with _client(args) as c:
-        resp = c.list_features(args.source, args.label, args.regex, args.limit)
+        resp = c.list_features(args.source, args.label, args.regex, args.limit,
+                               min_precision=args.min_precision, min_recall=args.min_recall)
         print(f"{resp.total} features match")
         for f in resp.features:
-            print(f"{f.id:6d}  density {f.density:.4f}  {f.label}  {f.top_examples[:1]}")
+            if f.precision or f.recall:
+                print(f"head {f.head} code {f.id:5d}  precision {f.precision:.3f}  recall {f.recall:.3f}  "
+                      f"density {f.density:.4f}")
+            else:
+                print(f"{f.id:6d}  density {f.density:.4f}  {f.label}  {f.top_examples[:1]}")
     return 0
 
 

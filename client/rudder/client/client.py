@@ -120,9 +120,12 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
-    def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20,
-                      offset: int = 0) -> pb.ListFeaturesResponse:
-        req = pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset)
+    def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
+                      min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesResponse:
+        """Features by label or regex; for a codebook with a code index, `regex` runs code search
+        (codes ranked by precision, then recall, on the tokens where a match ends)."""
+        req = pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset,
+                                     min_precision=min_precision, min_recall=min_recall)
         try:
             return self.stub.ListFeatures(req, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:

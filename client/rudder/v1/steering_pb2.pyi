@@ -319,30 +319,40 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., num_heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., codebooks: _Optional[_Iterable[_Union[CodebookInfo, _Mapping]]] = ...) -> None: ...
 
 class ListFeaturesRequest(_message.Message):
-    __slots__ = ("source", "label", "regex", "limit", "offset")
+    __slots__ = ("source", "label", "regex", "limit", "offset", "min_precision", "min_recall")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     REGEX_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MIN_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MIN_RECALL_FIELD_NUMBER: _ClassVar[int]
     source: str
     label: str
     regex: str
     limit: int
     offset: int
-    def __init__(self, source: _Optional[str] = ..., label: _Optional[str] = ..., regex: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    min_precision: float
+    min_recall: float
+    def __init__(self, source: _Optional[str] = ..., label: _Optional[str] = ..., regex: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., min_precision: _Optional[float] = ..., min_recall: _Optional[float] = ...) -> None: ...
 
 class FeatureSummary(_message.Message):
-    __slots__ = ("id", "label", "density", "top_examples")
+    __slots__ = ("id", "label", "density", "top_examples", "head", "precision", "recall")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     TOP_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
     id: int
     label: str
     density: float
     top_examples: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[str]] = ...) -> None: ...
+    head: int
+    precision: float
+    recall: float
+    def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[str]] = ..., head: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ...) -> None: ...
 
 class ListFeaturesResponse(_message.Message):
     __slots__ = ("features", "total")

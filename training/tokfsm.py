@@ -1,0 +1,263 @@
+"""TokFSM, the finite-state-machine dataset of Codebook Features (Tamkin et al. 2023, §4).
+
+A fixed random graph: `num_states` states, each with `num_edges` distinct successors,
+all equally likely. A state is written as its zero-padded decimal digits, one token
+per digit (100 states: "00".."99"); a sequence is BOS followed by 128 tokens (64
+states) of a random walk from a uniformly random start. The tokenizer has the ten
+digits (ids 0-9) and BOS (id 10), so vocab_size is 11 as in the paper's model.
+
+    fsm = TokFSM.build()                       # 100 states x 10 edges, seed 42
+    ids = fsm.sample(128, generator)           # (128, 129) token ids, BOS first
+    fsm.transition_accuracy(states)            # fraction of valid consecutive transitions
+
+The model is the paper's small GPT-NeoX (hidden 128, 4 layers, 4 heads, MLP 512),
+trained here from scratch: `python -m rudder.training.tokfsm --out DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from torch import Tensor, nn
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+BOS = 10
+DIGITS = 10
+FSM_FILE = "tokfsm.json"
+
+
+@dataclass(frozen=True)
+class TokFSM:
+    successors: np.ndarray  # (num_states, num_edges), each row distinct states
+    seed: int = 42
+
+    @classmethod
+    def build(cls, num_states: int = 100, num_edges: int = 10, seed: int = 42) -> TokFSM:
+        rng = np.random.default_rng(seed)
+        succ = np.stack([rng.choice(num_states, size=num_edges, replace=False) for _ in range(num_states)])
+        return cls(np.sort(succ, axis=1), seed)
+
+    @property
+    def num_states(self) -> int:
+        return self.successors.shape[0]
+
+    @property
+    def num_edges(self) -> int:
+        return self.successors.shape[1]
+
+    @property
+    def digits(self) -> int:
+        return len(str(self.num_states - 1))
+
+    @property
+    def transitions(self) -> np.ndarray:
+        """(num_states, num_states) boolean: transitions[s, t] when t is a successor of s."""
+        m = np.zeros((self.num_states, self.num_states), dtype=bool)
+        np.put_along_axis(m, self.successors, True, axis=1)
+        return m
+
+    def state_text(self, state: int) -> str:
+        return str(state).zfill(self.digits)
+
+    def walk(self, n: int, states: int, generator: torch.Generator, start: Tensor | None = None) -> Tensor:
+        """(n, states) random walks; `start` (n,) fixes the first state."""
+        succ = torch.from_numpy(self.successors)
+        out = torch.empty(n, states, dtype=torch.long)
+        out[:, 0] = torch.randint(self.num_states, (n,), generator=generator) if start is None else start
+        for i in range(1, states):
+            pick = torch.randint(self.num_edges, (n,), generator=generator)
+            out[:, i] = succ[out[:, i - 1], pick]
+        return out
+
+    def encode(self, states: Tensor) -> Tensor:
+        """(n, s) states -> (n, 1 + s·digits) token ids, BOS first."""
+        powers = 10 ** torch.arange(self.digits - 1, -1, -1)
+        digits = (states[..., None] // powers) % 10  # (n, s, digits)
+        bos = torch.full((states.shape[0], 1), BOS, dtype=torch.long)
+        return torch.cat([bos, digits.flatten(1)], dim=1)
+
+    def decode(self, ids: Tensor) -> Tensor:
+        """(n, 1 + s·digits) ids (BOS first) -> (n, s) states; a non-digit gives state -1."""
+        body = ids[:, 1:]
+        body = body[:, : body.shape[1] // self.digits * self.digits].reshape(ids.shape[0], -1, self.digits)
+        powers = 10 ** torch.arange(self.digits - 1, -1, -1)
+        states = (body * powers).sum(-1)
+        return torch.where((body < DIGITS).all(-1), states, torch.full_like(states, -1))
+
+    def sample(self, n: int, generator: torch.Generator, tokens: int = 128) -> Tensor:
+        return self.encode(self.walk(n, tokens // self.digits, generator))
+
+    def transition_accuracy(self, states: Tensor) -> float:
+        """Fraction of consecutive state pairs (a, b) where b is a successor of a."""
+        a, b = states[:, :-1].reshape(-1), states[:, 1:].reshape(-1)
+        ok = (a >= 0) & (b >= 0)
+        valid = torch.from_numpy(self.transitions)[a.clamp(min=0), b.clamp(min=0)] & ok
+        return valid.float().mean().item()
+
+    def save(self, folder: Path) -> None:
+        (folder / FSM_FILE).write_text(json.dumps({"seed": self.seed, "successors": self.successors.tolist()}))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TokFSM:
+        raw = json.loads((Path(folder) / FSM_FILE).read_text())
+        return cls(np.array(raw["successors"]), raw["seed"])
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per digit, BOS prepended; anything but a digit is an unknown token."""
+    vocab = {str(d): d for d in range(DIGITS)} | {"<bos>": BOS, "<unk>": BOS + 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>", pad_token="<bos>")
+
+
+def make_model(seed: int = 0, hidden: int = 128, layers: int = 4, heads: int = 4, mlp: int = 512) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(
+        vocab_size=BOS + 2, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=mlp, max_position_embeddings=256, rotary_pct=1.0, use_parallel_residual=False,
+        bos_token_id=BOS, eos_token_id=None, pad_token_id=BOS, tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(cfg)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def generate_states(model: nn.Module, fsm: TokFSM, start: Tensor, new_states: int, greedy: bool,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Continue BOS + each start state for `new_states` states; returns (n, 1 + new_states) states."""
+    ids = fsm.encode(start[:, None]).to(next(model.parameters()).device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_states * fsm.digits,
+                         min_new_tokens=new_states * fsm.digits, do_sample=not greedy, top_k=None, top_p=1.0,
+                         temperature=1.0, pad_token_id=BOS, bad_words_ids=[[BOS], [BOS + 1]])
+    return fsm.decode(out.cpu())
+
+
+@torch.no_grad()
+def next_state_probs(model: nn.Module, fsm: TokFSM, prefixes: Tensor) -> Tensor:
+    """P(next state | prefix) for each prefix (n, L) of ids ending on a state boundary: (n, num_states).
+
+    Two-digit states only: P(d1 d2) = P(d1 | prefix) · P(d2 | prefix, d1)."""
+    if fsm.digits != 2:
+        raise ValueError("next_state_probs handles two-digit states")
+    n = prefixes.shape[0]
+    device = next(model.parameters()).device
+    first = torch.arange(DIGITS).repeat(n)
+    extended = torch.cat([prefixes.repeat_interleave(DIGITS, 0), first[:, None]], dim=1).to(device)
+    probs = model(extended).logits[:, -2:, :DIGITS].float().softmax(-1).cpu()  # (n·10, 2, 10)
+    p1 = probs[:, 0].reshape(n, DIGITS, DIGITS)[:, 0]  # P(d1 | prefix), same for every extension
+    p2 = probs[:, 1].reshape(n, DIGITS, DIGITS)  # P(d2 | prefix, d1)
+    return (p1[:, :, None] * p2).reshape(n, fsm.num_states)
+
+
+def first_transition_accuracy(model: nn.Module, fsm: TokFSM) -> float:
+    """For every state, the share of its true successors among the model's top num_edges next states."""
+    states = torch.arange(fsm.num_states)
+    top = next_state_probs(model, fsm, fsm.encode(states[:, None])).topk(fsm.num_edges, dim=-1).indices
+    truth = torch.from_numpy(fsm.transitions)
+    return truth.gather(1, top).float().mean().item()
+
+
+def evaluate(model: nn.Module, fsm: TokFSM, n: int = 256, new_states: int = 63, seed: int = 1) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(fsm.num_states, (n,), generator=g)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    out = {
+        "transition_accuracy_sampled": fsm.transition_accuracy(generate_states(model, fsm, start, new_states, False)),
+        "transition_accuracy_greedy": fsm.transition_accuracy(generate_states(model, fsm, start, new_states, True)),
+        "first_transition_accuracy": first_transition_accuracy(model, fsm),
+    }
+    model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------- training the base model
+
+
+def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    logits = model(ids).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3, warmup: int = 100,
+               seed: int = 0, fsm: TokFSM | None = None, log_every: int = 50) -> dict[str, float]:
+    """Train the paper's TokFSM model from scratch and save it (with tokenizer and FSM) to `out`."""
+    from tqdm import tqdm
+
+    fsm = fsm or TokFSM.build()
+    model = make_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="tokfsm base", unit="step")
+    for step in bar:
+        loss = lm_loss(model, fsm.sample(batch, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    metrics = {"steps": steps, "batch": batch, "train_seconds": round(time.perf_counter() - start, 1),
+               "final_loss": loss.item(), "loss_floor": _loss_floor(fsm)}
+    metrics |= evaluate(model, fsm)
+    save_model(model, fsm, out, metrics)
+    return metrics
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `floor` of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(steps - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _loss_floor(fsm: TokFSM, tokens: int = 128) -> float:
+    """Mean per-token cross-entropy of a perfect model: the first state is uniform, then each
+    state carries ln(num_edges) spread over its digits."""
+    states = tokens // fsm.digits
+    return (math.log(fsm.num_states) + (states - 1) * math.log(fsm.num_edges)) / tokens
+
+
+def save_model(model: nn.Module, fsm: TokFSM, out: Path, metrics: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    make_tokenizer().save_pretrained(out)
+    fsm.save(out)
+    (out / "tokfsm_metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train the TokFSM base model (Codebook Features §4) from scratch.")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    metrics = train_base(a.out, a.steps, a.batch, a.lr, seed=a.seed)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

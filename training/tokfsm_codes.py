@@ -1,0 +1,175 @@
+"""The TokFSM codebook results of Codebook Features §4: codes for states, and steering with them.
+
+    python -m rudder.training.tokfsm_codes MODEL_DIR        # prints the table, writes tokfsm_codes.json
+
+- State codes. The model has read state S at the position of S's last digit. For
+  every codebook, head and code: precision = P(state is S | code fires there) and
+  recall = P(code fires | state is S), on held-out walks (the code index). The best
+  code of S is the most precise code with recall >= `min_recall`.
+- Steering. Prompts are walks that end in some state T; the best code of S is forced
+  at the prompt's last position (where the next state is predicted) and the model
+  continues greedily for one state. Success: the new state is a successor of S. The
+  same prompts without the code give the unsteered rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForCausalLM
+
+from rudder.core.code_search import CodeIndex
+from rudder.core.codebook import Codebook, ForcedCodes, load_codebooks
+from rudder.training.codebook import code_index, snapping
+from rudder.training.tokfsm import TokFSM
+
+RESULTS_FILE = "tokfsm_codes.json"
+
+
+@dataclass(frozen=True)
+class StateCode:
+    state: int
+    codebook: str
+    head: int
+    code: int
+    precision: float
+    recall: float
+
+
+def state_at(fsm: TokFSM, ids: Tensor) -> Tensor:
+    """(N, L) the state read so far at each position where a state's last digit sits, else -1."""
+    out = torch.full(ids.shape, -1, dtype=torch.long)
+    states = fsm.decode(ids)  # (N, S)
+    last = 1 + fsm.digits * torch.arange(1, states.shape[1] + 1) - 1  # position of each state's last digit
+    out[:, last] = states
+    return out
+
+
+def state_code_table(fsm: TokFSM, index: CodeIndex, codebooks: dict[str, Codebook]) -> dict[str, Tensor]:
+    """Per codebook: precision and recall (num_states, G, num_codes) of every code for every state."""
+    labels = state_at(fsm, index.tokens)
+    mask = labels >= 0
+    per_state = torch.bincount(labels[mask], minlength=fsm.num_states).clamp(min=1)  # (S,)
+    out = {}
+    for cb_id, ids in index.ids.items():
+        cb = codebooks[cb_id].cfg
+        groups, k = ids.shape[2], ids.shape[3]
+        flat = ids.reshape(-1, groups, k)  # (P, G, k)
+        count = torch.zeros(groups, cb.num_codes)
+        for g in range(groups):
+            count[g] = torch.bincount(flat[:, g].reshape(-1), minlength=cb.num_codes).float()
+        sel = flat[mask.reshape(-1)]  # (P', G, k) at labelled positions
+        st = labels[mask]  # (P',)
+        hits = torch.zeros(fsm.num_states, groups, cb.num_codes)
+        for g in range(groups):
+            idx = st[:, None].expand(-1, k) * cb.num_codes + sel[:, g]
+            hits[:, g] = torch.bincount(idx.reshape(-1), minlength=fsm.num_states * cb.num_codes
+                                        ).reshape(fsm.num_states, cb.num_codes).float()
+        out[cb_id + ".precision"] = hits / count.clamp(min=1)[None]
+        out[cb_id + ".recall"] = hits / per_state[:, None, None]
+    return out
+
+
+def best_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -> list[StateCode | None]:
+    best: list[StateCode | None] = [None] * fsm.num_states
+    for key in [k for k in table if k.endswith(".precision")]:
+        cb_id = key.removesuffix(".precision")
+        precision, recall = table[key], table[cb_id + ".recall"]
+        eligible = torch.where(recall >= min_recall, precision, torch.full_like(precision, -1.0))
+        for s in range(fsm.num_states):
+            flat = eligible[s].flatten()
+            i = int(flat.argmax())
+            p = float(flat[i])
+            if p < 0:
+                continue
+            g, c = divmod(i, precision.shape[2])
+            cand = StateCode(s, cb_id, g, c, p, float(recall[s, g, c]))
+            if best[s] is None or (cand.precision, cand.recall) > (best[s].precision, best[s].recall):
+                best[s] = cand
+    return best
+
+
+@torch.no_grad()
+def next_state(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
+               force: list[StateCode] | None) -> Tensor:
+    """Greedy next state after each prompt (N, L), forcing force[i]'s code at prompt i's last position."""
+    n, length = prompts.shape
+    ids = prompts
+    for step in range(fsm.digits):
+        forced: dict[str, list[ForcedCodes]] = {}
+        if force is not None:
+            width = ids.shape[1]
+            for cb_id in {f.codebook for f in force}:
+                rows = [i for i, f in enumerate(force) if f.codebook == cb_id]
+                forced[cb_id] = [ForcedCodes(torch.tensor([i * width + length - 1 for i in rows]),
+                                             torch.tensor([force[i].head for i in rows]),
+                                             torch.tensor([force[i].code for i in rows]),
+                                             torch.ones(len(rows)))]
+        with snapping(model, codebooks, forced=forced):
+            logits = model(ids).logits[:, -1, :10]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return fsm.decode(torch.cat([ids[:, :1], ids[:, length:]], dim=1))[:, 0]
+
+
+def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, best: list[StateCode | None],
+             trials: int = 20, seed: int = 3) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    targets = [b for b in best if b is not None]
+    succ = torch.from_numpy(fsm.transitions)
+    steered = unsteered = natural = total = 0
+    for length in (1, 3, 8, 24):  # prompt lengths in states
+        force = [t for t in targets for _ in range(max(trials // 4, 1))]
+        prompts = fsm.encode(fsm.walk(len(force), length, g))
+        last = fsm.decode(prompts)[:, -1]
+        wanted = torch.tensor([f.state for f in force])
+        with_code = next_state(model, codebooks, fsm, prompts, force)
+        without = next_state(model, codebooks, fsm, prompts, None)
+        ok = lambda a, b: ((b >= 0) & succ[a, b.clamp(min=0)]).sum().item()  # noqa: E731
+        steered += ok(wanted, with_code)
+        unsteered += ok(wanted, without)
+        natural += ok(last, without)
+        total += len(force)
+    return {"steering_success": steered / total, "unsteered_success": unsteered / total,
+            "unsteered_follows_prompt": natural / total, "steering_trials": total}
+
+
+def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20) -> dict:
+    folder = Path(folder)
+    fsm = TokFSM.load(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    codebooks = {cb.cfg.id: cb for cb in load_codebooks(folder)}
+    index = CodeIndex.load(folder)
+    if index is None:
+        index = code_index(model, codebooks, fsm.sample(256, torch.Generator().manual_seed(10_007)))
+    best = best_state_codes(fsm, state_code_table(fsm, index, codebooks), min_recall)
+    found = [b for b in best if b is not None]
+    result = {
+        "min_recall": min_recall,
+        "states_with_code": len(found),
+        "mean_best_precision": sum(b.precision for b in found) / max(len(found), 1),
+        "mean_best_recall": sum(b.recall for b in found) / max(len(found), 1),
+    }
+    result |= steering(model, codebooks, fsm, best, trials)
+    result["state_codes"] = [asdict(b) for b in found]
+    (folder / RESULTS_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="TokFSM state codes and steering with them (Codebook Features §4).")
+    p.add_argument("model", type=Path, help="a TokFSM codebook model folder")
+    p.add_argument("--min-recall", type=float, default=0.5)
+    p.add_argument("--trials", type=int, default=20, help="steering prompts per state")
+    a = p.parse_args(argv)
+    r = analyse(a.model, a.min_recall, a.trials)
+    print(json.dumps({k: v for k, v in r.items() if k != "state_codes"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
