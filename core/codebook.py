@@ -6,6 +6,9 @@ the mean of the k codes most similar to it:
     ids = topk( LN(x) · Cᵀ / ‖C‖ , k )          scoring: LayerNorm'd input, cosine
     y   = mean( C[ids] )                         output: the raw codes
 
+(`similarity` may also be `inner_product`, LN(x)·Cᵀ, or `euclidean`, −‖LN(x) − C‖, the
+reference code's two metrics, so that its checkpoints convert exactly.)
+
 The LayerNorm only serves the scoring: the codes live in the activation's own
 space, so the layer after the bottleneck sees activations of the usual scale.
 
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from rudder.core.errors import ArtifactError
 
 CONFIG_FILE = "codebooks.json"
+SIMILARITIES = ("cosine", "inner_product", "euclidean")
 WEIGHTS_FILE = "codebooks.safetensors"
 
 
@@ -47,8 +51,12 @@ class CodebookConfig:
     num_heads: int = 1
     """groups: the site's activation is split into this many equal parts, one codebook each"""
     ln_eps: float = 1e-5
+    similarity: str = "cosine"
+    """how LN(x) is compared with the codes: cosine | inner_product | euclidean"""
 
     def __post_init__(self) -> None:
+        if self.similarity not in SIMILARITIES:
+            raise ArtifactError(f"codebook {self.id!r}: similarity {self.similarity!r} is not one of {SIMILARITIES}")
         if not (0 < self.k <= self.num_codes):
             raise ArtifactError(f"codebook {self.id!r}: need 0 < k <= num_codes, got k={self.k}, num_codes={self.num_codes}")
         if self.d_code < 1 or self.num_heads < 1:
@@ -75,11 +83,13 @@ class Codebook(nn.Module):
         self.ln_bias = nn.Parameter(torch.zeros(g, d))
 
     def scores(self, x: Tensor) -> Tensor:
-        """Cosine similarity of each LayerNorm'd head activation with each code."""
+        """Similarity (by default cosine) of each LayerNorm'd head activation with each code: (T, G, N)."""
         xn = F.layer_norm(x, (self.cfg.d_code,), eps=self.cfg.ln_eps) * self.ln_weight + self.ln_bias  # (T, G, d)
-        unit_codes = F.normalize(self.codes, dim=-1)  # (G, N, d)
-        # Normalising xn changes no ranking, so only the codes are normalised.
-        return torch.einsum("tgd,gnd->tgn", xn, unit_codes)  # (T, G, N)
+        if self.cfg.similarity == "euclidean":
+            return -torch.cdist(xn.transpose(0, 1), self.codes).transpose(0, 1)
+        # For cosine, normalising xn changes no ranking, so only the codes are normalised.
+        codes = F.normalize(self.codes, dim=-1) if self.cfg.similarity == "cosine" else self.codes  # (G, N, d)
+        return torch.einsum("tgd,gnd->tgn", xn, codes)
 
     def snap(self, x: Tensor, forced: list[ForcedCodes] = ()) -> tuple[Tensor, Tensor]:
         """x (T, G, d) -> (y (T, G, d), ids (T, G, k)) with forced codes applied in order."""

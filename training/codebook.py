@@ -120,13 +120,13 @@ def train_snap(cb: Codebook, x: Tensor, cfg: CodebookTrainConfig, stats: SnapSta
     The forward value is exactly `cb.snap(x)`; only the gradients differ from serving."""
     y, ids = cb.snap(x)
     x_const = x.detach()
-    mse = (y - x_const).pow(2).sum(-1).mean()
+    mse = (y - x_const).pow(2).sum(-1).mean(0).sum()  # per token, summed over the groups' codebooks
     if cfg.loss == "aeloss":
         out = y + (x - x_const)  # value y; the task gradient reaches x (straight through) and the codes
         stats.loss = stats.loss + mse
     else:
         out = x + (y - x).detach()  # value y; the task gradient reaches x only
-        commit = (x - y.detach()).pow(2).sum(-1).mean()
+        commit = (x - y.detach()).pow(2).sum(-1).mean(0).sum()
         stats.loss = stats.loss + mse + cfg.commitment * commit
     if cfg.ln_align:
         xn = F.layer_norm(x_const, (cb.cfg.d_code,), eps=cb.cfg.ln_eps) * cb.ln_weight + cb.ln_bias
@@ -216,8 +216,13 @@ def site_activations(model: nn.Module, ids: Tensor, codebooks: dict[str, Codeboo
 
 
 def kmeans(x: Tensor, n: int, iters: int, generator: torch.Generator) -> Tensor:
-    """Lloyd's k-means on rows of x (T, d), starting from n random rows; empty clusters keep their centre."""
-    centres = x[torch.randperm(x.shape[0], generator=generator)[:n]].clone()
+    """Lloyd's k-means on rows of x (T, d) from a k-means++ start; empty clusters keep their centre."""
+    centres = x[torch.randint(x.shape[0], (1,), generator=generator)]
+    nearest = torch.cdist(x, centres).squeeze(1) ** 2
+    for _ in range(n - 1):  # k-means++: the next centre is drawn with probability ∝ squared distance
+        pick = torch.multinomial(nearest + 1e-12, 1, generator=generator)
+        centres = torch.cat([centres, x[pick]])
+        nearest = torch.minimum(nearest, torch.cdist(x, x[pick]).squeeze(1) ** 2)
     for _ in range(iters):
         assign = torch.cdist(x, centres).argmin(dim=1)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)

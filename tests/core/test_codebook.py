@@ -7,33 +7,42 @@ import torch.nn.functional as F
 from rudder.core.codebook import Codebook, CodebookConfig, ForcedCodes, load_codebooks, save_codebooks
 
 
-def paper_snap(x, codes, ln_w, ln_b, k):
-    """Per head: LayerNorm the input, cosine similarity to each code, mean of the top-k codes."""
+def paper_snap(x, codes, ln_w, ln_b, k, similarity="cosine"):
+    """Per head: LayerNorm the input, similarity to each code, mean of the top-k codes."""
     out, ids = [], []
     for h in range(codes.shape[0]):
         xn = F.layer_norm(x[:, h], (x.shape[-1],)) * ln_w[h] + ln_b[h]
-        sim = F.cosine_similarity(xn[:, None, :], codes[h][None, :, :], dim=-1)  # (T, N)
+        if similarity == "cosine":
+            sim = F.cosine_similarity(xn[:, None, :], codes[h][None, :, :], dim=-1)  # (T, N)
+        elif similarity == "inner_product":
+            sim = xn @ codes[h].T
+        else:
+            sim = -((xn[:, None, :] - codes[h][None]) ** 2).sum(-1).sqrt()
         top = sim.topk(k, dim=-1).indices
         ids.append(top)
         out.append(codes[h][top].mean(dim=1))
     return torch.stack(out, 1), torch.stack(ids, 1)
 
 
-def make(k=1, heads=1, n=32, d=8, seed=0):
+def make(k=1, heads=1, n=32, d=8, seed=0, similarity="cosine"):
     torch.manual_seed(seed)
-    cb = Codebook(CodebookConfig("cb", "blocks.0.attn.hook_z", num_codes=n, k=k, d_code=d, num_heads=heads))
+    cb = Codebook(CodebookConfig("cb", "blocks.0.attn.hook_z", num_codes=n, k=k, d_code=d, num_heads=heads,
+                                 similarity=similarity))
     with torch.no_grad():
         cb.ln_weight.uniform_(0.5, 1.5)
         cb.ln_bias.normal_(0, 0.1)
     return cb
 
 
+@pytest.mark.parametrize("similarity", ["cosine", "inner_product", "euclidean"])
 @pytest.mark.parametrize("k,heads", [(1, 1), (3, 1), (1, 4), (4, 3)])
-def test_snap_equals_paper_formula(k, heads):
-    cb = make(k, heads)
+def test_snap_equals_paper_formula(k, heads, similarity):
+    cb = make(k, heads, similarity=similarity)
+    with torch.no_grad():
+        cb.codes.mul_(torch.rand(heads, 32, 1) * 2 + 0.5)  # unequal norms: the metrics rank differently
     x = torch.randn(20, heads, 8) * 3
     y, ids = cb.snap(x)
-    y_ref, ids_ref = paper_snap(x, cb.codes.detach(), cb.ln_weight.detach(), cb.ln_bias.detach(), k)
+    y_ref, ids_ref = paper_snap(x, cb.codes.detach(), cb.ln_weight.detach(), cb.ln_bias.detach(), k, similarity)
     assert torch.equal(ids, ids_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
 

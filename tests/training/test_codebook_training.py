@@ -1,0 +1,181 @@
+"""Codebook training: straight-through gradients, the two objectives, initialisation, dead codes, TokFSM."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rudder.core.code_search import CodeIndex, precision_recall, regex_labels, search
+from rudder.core.codebook import Codebook, CodebookConfig, load_codebooks
+from rudder.training.codebook import (CodebookTrainConfig, SnapStats, code_index, kmeans, replace_dead, train,
+                                      train_snap)
+from rudder.training.tokfsm import TokFSM, make_model, make_tokenizer, save_model
+
+
+def codebook(k=1, heads=2, n=16, d=8, seed=0):
+    torch.manual_seed(seed)
+    return Codebook(CodebookConfig("cb", "blocks.0.attn.hook_z", num_codes=n, k=k, d_code=d, num_heads=heads))
+
+
+def cfg(**kw):
+    return CodebookTrainConfig(model="unused", out="unused", **kw)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_aeloss_is_straight_through_and_codes_get_task_and_reconstruction_gradients(k):
+    cb = codebook(k=k)
+    x = torch.randn(10, 2, 8, requires_grad=True)
+    upstream = torch.randn(10, 2, 8)
+    stats = SnapStats()
+    y = train_snap(cb, x, cfg(k=k, ln_align=0.0), stats)
+    y_serve, ids = cb.snap(x.detach())
+    assert torch.equal(y.detach(), y_serve)  # training changes gradients, never the forward value
+    ((y * upstream).sum() + stats.loss).backward()
+    torch.testing.assert_close(x.grad, upstream)  # straight through, no commitment term
+    # codes: the task gradient through the mean of the chosen codes, plus d/dC mean_t ‖y − x‖²
+    expected = torch.zeros_like(cb.codes)
+    resid = (y_serve - x.detach())
+    for t in range(10):
+        for g in range(2):
+            for c in ids[t, g]:
+                expected[g, c] += upstream[t, g] / k + 2 * resid[t, g] / k / 10
+    torch.testing.assert_close(cb.codes.grad, expected)
+
+
+def test_vqvae_codes_learn_only_from_reconstruction_and_inputs_get_the_commitment_term():
+    cb = codebook()
+    x = torch.randn(6, 2, 8, requires_grad=True)
+    upstream = torch.randn(6, 2, 8)
+    stats = SnapStats()
+    y = train_snap(cb, x, cfg(loss="vqvae", commitment=0.25, ln_align=0.0), stats)
+    ((y * upstream).sum() + stats.loss).backward()
+    y_serve, ids = cb.snap(x.detach())
+    torch.testing.assert_close(x.grad, upstream + 2 * 0.25 * (x.detach() - y_serve) / 6)
+    expected = torch.zeros_like(cb.codes)
+    for t in range(6):
+        for g in range(2):
+            expected[g, ids[t, g, 0]] += 2 * (y_serve[t, g] - x.detach()[t, g]) / 6
+    torch.testing.assert_close(cb.codes.grad, expected)
+
+
+def test_the_layernorm_learns_from_the_alignment_term():
+    cb = codebook()
+    stats = SnapStats()
+    train_snap(cb, torch.randn(12, 2, 8), cfg(ln_align=1.0), stats)
+    stats.loss.backward()
+    assert cb.ln_weight.grad.abs().sum() > 0 and cb.ln_bias.grad.abs().sum() > 0
+
+
+def test_dead_codes_are_replaced_by_current_inputs_and_live_ones_kept():
+    cb = codebook(n=6, heads=1)
+    before = cb.codes.detach().clone()
+    counts = {"cb": torch.tensor([[3, 0, 1, 0, 0, 2]])}
+    acts = {"cb": torch.randn(50, 1, 8)}
+    n = replace_dead({"cb": cb}, counts, acts, torch.Generator().manual_seed(0))
+    assert n == 3
+    live, dead = [0, 2, 5], [1, 3, 4]
+    assert torch.equal(cb.codes[0, live], before[0, live])
+    for c in dead:  # each new code sits next to one of the inputs
+        assert torch.cdist(cb.codes[0, c][None].detach(), acts["cb"][:, 0]).min() < 0.1
+
+
+def test_kmeans_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0], [0, 10.0], [-10.0, -10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(40, 2, generator=g) for c in centres])
+    found = kmeans(x, 3, iters=10, generator=g)
+    assert torch.cdist(found, centres).min(dim=0).values.max() < 0.2
+
+
+def test_regex_labels_mark_the_token_where_a_match_ends():
+    texts = [["<bos>", "1", "23", "4", "5"], ["9", "12", "3"]]
+    labels = regex_labels(texts, re.compile(r"23"))
+    assert labels.tolist() == [[False, False, True, False, False], [False, False, True, False, False]]  # padded
+    labels = regex_labels(texts, re.compile(r"1"))
+    assert labels.tolist() == [[False, True, False, False, False], [False, True, False, False, False]]
+
+
+def test_precision_and_recall_of_codes():
+    ids = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 2]])[:, :, None, None]  # (N=2, L=4, G=1, k=1)
+    labels = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    precision, recall, count = precision_recall(ids, labels, num_codes=3)
+    assert count[0].tolist() == [2, 3, 3]
+    torch.testing.assert_close(precision[0], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(recall[0], torch.tensor([0.0, 1.0, 0.0]))
+    best = search(ids, labels, 3, min_recall=0.5)
+    assert [(h.code, h.precision, h.count) for h in best] == [(1, 1.0, 3)]
+
+
+def test_tokfsm_encoding_round_trips_and_walks_follow_the_graph():
+    fsm = TokFSM.build(seed=42)
+    assert fsm.successors.shape == (100, 10)
+    assert all(len(set(row)) == 10 for row in fsm.successors.tolist())
+    ids = fsm.sample(8, torch.Generator().manual_seed(0))
+    assert ids.shape == (8, 129) and (ids[:, 0] == 10).all() and (ids[:, 1:] < 10).all()
+    states = fsm.decode(ids)
+    assert fsm.transition_accuracy(states) == 1.0
+    assert torch.equal(fsm.encode(states), ids)
+    tok = make_tokenizer()
+    text = "".join(fsm.state_text(s) for s in states[0].tolist())
+    assert tok(text).input_ids == ids[0].tolist()
+    assert tok.decode(ids[0, 1:].tolist()) == text
+    broken = states.clone()
+    broken[:, 1] = [s for s in range(100) if s not in fsm.successors[broken[0, 0]]][0]
+    assert fsm.transition_accuracy(broken[:1]) < 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_codebook_model(tmp_path_factory) -> Path:
+    """A tiny TokFSM model fine-tuned with attention and MLP codebooks for a few steps."""
+    root = tmp_path_factory.mktemp("cbm")
+    fsm = TokFSM.build()
+    save_model(make_model(hidden=64, layers=2, heads=2, mlp=128), fsm, root / "base", {})
+    c = CodebookTrainConfig(model=str(root / "base"), out=root / "cb", codebook_at=["attn_preproj", "mlp"],
+                            num_codes=40, k=2, steps=8, batch=16, replace_dead_every=3, eval_sequences=16,
+                            init="kmeans")
+    metrics = train(c)
+    return root / "cb", metrics
+
+
+def test_training_writes_a_codebook_model_with_metrics(tiny_codebook_model):
+    folder, metrics = tiny_codebook_model
+    cbs = {cb.cfg.id: cb for cb in load_codebooks(folder)}
+    assert set(cbs) == {"attn_preproj.0", "mlp.0", "attn_preproj.1", "mlp.1"}
+    assert cbs["attn_preproj.1"].cfg.site == "blocks.1.attn.hook_z" and cbs["attn_preproj.1"].cfg.num_heads == 2
+    assert cbs["mlp.0"].cfg.site == "blocks.0.hook_mlp_out" and cbs["mlp.0"].cfg.d_code == 64
+    assert not torch.equal(cbs["mlp.0"].ln_weight, torch.ones_like(cbs["mlp.0"].ln_weight))  # the LN trained
+    for key in ("perplexity", "next_token_accuracy", "reconstruction_mse", "dead_code_fraction",
+                "transition_accuracy_greedy", "first_transition_accuracy"):
+        assert key in metrics
+    assert metrics["codes_replaced"] > 0
+    assert 0 <= metrics["dead_code_fraction"] <= 1
+    index = CodeIndex.load(folder)
+    assert index.tokens.shape == (16, 129) and index.ids["attn_preproj.0"].shape == (16, 129, 2, 2)
+
+
+def test_the_code_index_matches_the_served_codebooks(tiny_codebook_model):
+    """The index is what the reference backend reads out at the same tokens."""
+    import asyncio
+
+    from rudder.core.steering import ReadoutSpec, SteeringSpec
+    from rudder.server.backends.base import EngineRequest
+    from rudder.server.backends.reference import ReferenceEngine
+    from tests.server.engines import collect
+
+    folder, _ = tiny_codebook_model
+    index = CodeIndex.load(folder)
+    engine = ReferenceEngine(folder)
+    spec = SteeringSpec(readouts=ReadoutSpec(codebooks=("attn_preproj.1", "mlp.0"), include_prompt=True))
+    rows = index.tokens[:3].tolist()
+    try:
+        results = asyncio.run(collect(engine, [EngineRequest(r, steering=spec, trace=True) for r in rows]))
+    finally:
+        asyncio.run(engine.stop())
+    for i, events in enumerate(results):
+        for pos, ev in enumerate(events):
+            got = {r.source: r for r in ev.readouts}
+            for cb_id in ("attn_preproj.1", "mlp.0"):
+                want = index.ids[cb_id][i, pos]  # (G, k)
+                assert got[cb_id].codes == want.tolist()
