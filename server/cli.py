@@ -102,6 +102,33 @@ def cmd_train_sae(args) -> int:
     return 0
 
 
+def cmd_train_codebook(args) -> int:
+    from rudder.core.errors import RudderError
+    from rudder.training.codebook import config_from_args, run as train_codebook
+
+    try:
+        train_codebook(config_from_args(args))
+    except RudderError as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+def cmd_train_tokfsm(args) -> int:
+    from rudder.training.tokfsm import run as train_tokfsm
+
+    return train_tokfsm(args)
+
+
+def cmd_convert_codebook(args) -> int:
+    from rudder.core.errors import RudderError
+    from rudder.training.convert_codebook import run as convert
+
+    try:
+        return convert(args)
+    except RudderError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="rudder", description=__doc__,
@@ -148,6 +175,23 @@ def main(argv: list[str] | None = None) -> int:
 
     add_sae_arguments(ts)
     ts.set_defaults(func=cmd_train_sae)
+    tc = tsub.add_parser("codebook", help="a codebook model: fine-tune a causal LM with codebook bottlenecks",
+                         description="Codebook Features (see rudder.training.codebook).")
+    from rudder.training.codebook import add_arguments as add_codebook_arguments
+
+    add_codebook_arguments(tc)
+    tc.set_defaults(func=cmd_train_codebook)
+    tf = tsub.add_parser("tokfsm", help="the TokFSM base model (Codebook Features §4), from scratch")
+    from rudder.training.tokfsm import add_arguments as add_tokfsm_arguments
+
+    add_tokfsm_arguments(tf)
+    tf.set_defaults(func=cmd_train_tokfsm)
+
+    cc = sub.add_parser("convert-codebook", help="convert a codebook-features (reference code) checkpoint")
+    from rudder.training.convert_codebook import add_arguments as add_convert_arguments
+
+    add_convert_arguments(cc)
+    cc.set_defaults(func=cmd_convert_codebook)
 
     add_client_commands(sub)
     args = parser.parse_args(argv)

@@ -246,17 +246,24 @@ def save_model(model: nn.Module, fsm: TokFSM, out: Path, metrics: dict) -> None:
     (out / "tokfsm_metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train the TokFSM base model (Codebook Features §4) from scratch.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     metrics = train_base(a.out, a.steps, a.batch, a.lr, seed=a.seed)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Train the TokFSM base model (Codebook Features §4) from scratch.")
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
