@@ -44,10 +44,13 @@ def sae_path(tmp: Path) -> Path:
     return sae.save(tmp / "random-sae")
 
 
-async def run(engine: ReferenceEngine, streams: int, tokens: int, spec: SteeringSpec) -> float:
+async def run(engine, streams: int, tokens: int, spec: SteeringSpec,
+              prompts: list[list[int]] | None = None) -> float:
+    """Generated tokens per second over `streams` concurrent requests (default: the chat PROMPTS)."""
     await engine.start()
-    reqs = [EngineRequest(engine.tokenize(chat=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
-                          Sampling(max_tokens=tokens, ignore_eos=True), spec) for i in range(streams)]
+    prompts = prompts or [engine.tokenize(chat=[{"role": "user", "content": p}]) for p in PROMPTS]
+    reqs = [EngineRequest(prompts[i % len(prompts)], Sampling(max_tokens=tokens, ignore_eos=True), spec)
+            for i in range(streams)]
 
     async def one(r):
         return len([ev async for ev in engine.generate(r) if not ev.is_prompt])

@@ -6,7 +6,7 @@ active code ids at every position, each code gets
     precision = P(label | code active)      hits / positions where the code fired
     recall    = P(code active | label)      hits / labelled positions
 
-A regex labels the token on which a match ends (the token holding the match's last
+A regex labels the tokens on which a match ends (the token holding the match's last
 character): that is where the model has seen the pattern and the code can say so.
 
 A code index (`code_index.safetensors` beside the codebooks) stores held-out token
@@ -36,21 +36,19 @@ class CodeHit:
 
 
 def regex_labels(token_texts: list[list[str]], pattern: re.Pattern) -> Tensor:
-    """(N, L) bool: position t is labelled when a match of `pattern` ends inside token t."""
+    """(N, L) bool: token t is labelled when some match of `pattern` ends inside it, i.e. when the
+    text read up to one of its characters ends with a match. Matches may overlap, and a
+    pattern anchored at the start (`<bos>(?:\\d\\d)*07`) labels every aligned occurrence."""
+    suffix = re.compile(f"(?:{pattern.pattern})\\Z", pattern.flags)
     n, length = len(token_texts), max((len(t) for t in token_texts), default=0)
     out = torch.zeros(n, length, dtype=torch.bool)
     for i, tokens in enumerate(token_texts):
-        ends, pos = [], 0
-        for tok in tokens:
-            pos += len(tok)
-            ends.append(pos)  # exclusive end offset of each token
         text = "".join(tokens)
-        for m in pattern.finditer(text):
-            if m.end() == m.start():
-                continue
-            last = m.end() - 1
-            t = next(j for j, e in enumerate(ends) if e > last)
-            out[i, t] = True
+        start = 0
+        for t, tok in enumerate(tokens):
+            end = start + len(tok)
+            out[i, t] = any(suffix.search(text, 0, e) for e in range(start + 1, end + 1))
+            start = end
     return out
 
 
@@ -82,8 +80,11 @@ class CodeIndex:
     ids: dict[str, Tensor]  # codebook id -> (N, L, G, k) active codes
 
     def save(self, folder: str | Path) -> None:
-        save_file({"tokens": self.tokens.to(torch.int32).contiguous()}
-                  | {f"{k}.ids": v.to(torch.int32).contiguous() for k, v in self.ids.items()}, Path(folder) / INDEX_FILE)
+        def small(t: Tensor) -> Tensor:  # int16 where it fits: the index ships beside the model
+            return t.to(torch.int16 if int(t.max()) < 2**15 else torch.int32).contiguous()
+
+        save_file({"tokens": small(self.tokens)} | {f"{k}.ids": small(v) for k, v in self.ids.items()},
+                  Path(folder) / INDEX_FILE)
 
     @classmethod
     def load(cls, folder: str | Path) -> CodeIndex | None:

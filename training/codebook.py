@@ -46,6 +46,7 @@ from rudder.core.codebook import Codebook, CodebookConfig, ForcedCodes, save_cod
 from rudder.core.errors import InvalidArgument
 from rudder.core.hf_sites import hook_site, layout_of, shape_of
 from rudder.core.sites import Site
+from rudder.training.config import warmup_decay
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class CodebookTrainConfig(BaseModel):
     model_lr_factor: float = Field(0.1, ge=0, description="model lr = lr · this (0: the model stays frozen)")
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_factor: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the codes")
     steps: int = Field(1000, ge=1)
     batch: int = Field(128, ge=1, description="sequences per step")
@@ -366,7 +369,7 @@ def train(cfg: CodebookTrainConfig) -> dict[str, float]:
         model.requires_grad_(False)
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+        opt, lambda s: warmup_decay(s, cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_factor))
 
     model.train()
     since_replace: dict[str, Tensor] = {}

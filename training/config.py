@@ -17,6 +17,7 @@ TopK SAEs have no sparsity term (k sets L0); their dead latents get the AuxK los
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -106,6 +107,17 @@ class SaeTrainConfig(_Strict):
     @property
     def sparsity_coeff(self) -> float:
         return 0.0 if self.architecture == "topk" else self.loss.sparsity
+
+
+def warmup_decay(step: int, total: int, warmup: int, kind: str = "cosine", floor: float = 0.1) -> float:
+    """Learning-rate factor: linear warm-up, then constant, cosine or linear decay to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    t = min((step - warmup) / max(1, total - warmup), 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1 - t
+    return floor + (1 - floor) * shape
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -252,16 +252,7 @@ def downstream_sites(cfg: SaeTrainConfig, sites: list[Site], n_layers: int) -> l
 def lr_lambda(cfg: SaeTrainConfig, total_steps: int):
     warmup = cfg.warmup_tokens // cfg.batch_tokens
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        t = (step - warmup) / max(1, total_steps - warmup)
-        shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.lr_schedule == "cosine" else 1 - t
-        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * shape
-
-    return factor
+    return lambda step: warmup_decay(step, total_steps, warmup, cfg.lr_schedule, cfg.min_lr_factor)
 
 
 class SaeTrainer:

@@ -30,6 +30,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from torch import Tensor, nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from rudder.training.config import warmup_decay
+
 BOS = 10
 DIGITS = 10
 FSM_FILE = "tokfsm.json"
@@ -202,7 +204,7 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     fsm = fsm or TokFSM.build()
     model = make_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, steps, warmup))
     g = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
@@ -221,14 +223,6 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     metrics |= evaluate(model, fsm)
     save_model(model, fsm, out, metrics)
     return metrics
-
-
-def warmup_cosine(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay to `floor` of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = (step - warmup) / max(steps - warmup, 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
 def _loss_floor(fsm: TokFSM, tokens: int = 128) -> float:

@@ -138,6 +138,24 @@ def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, best: list[Stat
             "unsteered_follows_prompt": natural / total, "steering_trials": total}
 
 
+def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], index: CodeIndex,
+                           min_recall: float) -> None:
+    """Label each codebook's best code for every state ("state 07"), for the server's feature search."""
+    from rudder.server.artifacts import FEATURE_METADATA
+
+    for cb_id, ids in index.ids.items():
+        best = best_state_codes(fsm, {k: v for k, v in table.items() if k.startswith(cb_id + ".")}, min_recall)
+        positions = ids.shape[0] * ids.shape[1]
+        feats = []
+        for b in (b for b in best if b is not None):
+            fired = int((ids[:, :, b.head] == b.code).any(-1).sum())
+            feats.append({"id": b.code, "head": b.head, "density": fired / positions,
+                          "label": f"state {fsm.state_text(b.state)} (precision {b.precision:.2f}, recall {b.recall:.2f})",
+                          "top_examples": [fsm.state_text(b.state)]})
+        (folder / cb_id).mkdir(exist_ok=True)
+        (folder / cb_id / FEATURE_METADATA).write_text(json.dumps({"features": feats}, indent=1))
+
+
 def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20) -> dict:
     folder = Path(folder)
     fsm = TokFSM.load(folder)
@@ -146,8 +164,10 @@ def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20) -> di
     index = CodeIndex.load(folder)
     if index is None:
         index = code_index(model, codebooks, fsm.sample(256, torch.Generator().manual_seed(10_007)))
-    best = best_state_codes(fsm, state_code_table(fsm, index, codebooks), min_recall)
+    table = state_code_table(fsm, index, codebooks)
+    best = best_state_codes(fsm, table, min_recall)
     found = [b for b in best if b is not None]
+    write_feature_metadata(folder, fsm, table, index, min_recall)
     result = {
         "min_recall": min_recall,
         "states_with_code": len(found),

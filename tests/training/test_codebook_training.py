@@ -95,6 +95,9 @@ def test_regex_labels_mark_the_token_where_a_match_ends():
     assert labels.tolist() == [[False, False, True, False, False], [False, False, True, False, False]]  # padded
     labels = regex_labels(texts, re.compile(r"1"))
     assert labels.tolist() == [[False, True, False, False, False], [False, True, False, False, False]]
+    walk = [["<bos>"] + list("07073071")]  # states 07 07 30 71: the third "07" straddles two states
+    labels = regex_labels(walk, re.compile(r"<bos>(?:\d\d)*07"))
+    assert labels[0].nonzero().flatten().tolist() == [2, 4]
 
 
 def test_precision_and_recall_of_codes():
