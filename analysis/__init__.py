@@ -1,0 +1,1 @@
+"""Analysis methods of the codebook / SAE research line: LIB, neuron embeddings."""

@@ -1,0 +1,102 @@
+"""The Local Interaction Basis (Bushnaq et al. 2024; reference code ApolloResearch/rib).
+
+For a chain of per-token functions between sites, f_{l+1} = F_l(f_l), ending in an
+output whose basis is its PCA rotation, LIB works backwards from the output. At site l:
+
+    G  = E[f fᵀ] = U D Uᵀ          Gram matrix; directions with D ≈ 0 are dropped
+    f' = D^{-1/2} Uᵀ f               whitened: E[f' f'ᵀ] = I
+    J  = ∂f̂_{l+1} / ∂f'             per data point, through F_l and the next basis C_{l+1}
+    M  = E[Jᵀ J] = V Λ Vᵀ           directions f̂_{l+1} does not depend on get Λ ≈ 0: dropped
+    f̂  = Λ^{1/2} Vᵀ f'               the LIB features:  C = Λ^{1/2} Vᵀ D^{-1/2} Uᵀ,  C⁺ = U D^{1/2} V Λ^{-1/2}
+
+so E[f̂ f̂ᵀ] = Λ. Edges between consecutive bases are gradient × input, squared and
+averaged over the data: E_ij = E[(∂f̂_{l+1,j}/∂f̂_{l,i} · f̂_{l,i})²]. The PCA baseline
+keeps C = Uᵀ (all directions with non-zero variance) at every site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+Fn = Callable[[Tensor], Tensor]
+"""A per-token function from one site's activations (d_l,) to the next site's (d_{l+1},)."""
+
+
+@dataclass
+class Basis:
+    C: Tensor  # (k, d): activations -> features
+    C_pinv: Tensor  # (d, k): features -> activations
+    Lambda: Tensor  # (k,): E[f̂²] of each feature, descending
+
+
+def eig_desc(m: Tensor) -> tuple[Tensor, Tensor]:
+    vals, vecs = torch.linalg.eigh(m)
+    return vals.flip(0), vecs.flip(1)
+
+
+def kept(vals: Tensor, rtol: float) -> Tensor:
+    return vals > rtol * vals.max().clamp(min=torch.finfo(vals.dtype).tiny)
+
+
+def pca_basis(acts: Tensor, rtol: float = 1e-6) -> Basis:
+    """Rotation onto the principal directions with non-zero variance (no whitening)."""
+    gram = acts.T @ acts / acts.shape[0]
+    vals, vecs = eig_desc(gram)
+    keep = kept(vals, rtol)
+    return Basis(vecs[:, keep].T, vecs[:, keep], vals[keep])
+
+
+def lib_basis(acts: Tensor, fn: Fn, next_basis: Basis, rtol: float = 1e-6, batch: int = 256) -> Basis:
+    """The LIB basis at a site, from its activations (N, d) and the function to the next site."""
+    gram = acts.T @ acts / acts.shape[0]
+    d_vals, u = eig_desc(gram)
+    keep = kept(d_vals, rtol)
+    u, d_vals = u[:, keep], d_vals[keep]
+    to_prime = u * d_vals.sqrt()  # f = U D^{1/2} f'
+    h = lambda f: next_basis.C @ fn(f)  # noqa: E731  the next site's features as a function of f
+    m = torch.zeros(len(d_vals), len(d_vals), dtype=acts.dtype)
+    for i in range(0, acts.shape[0], batch):
+        jac = vmap(jacrev(h))(acts[i:i + batch]) @ to_prime  # (B, k_next, r)
+        m += torch.einsum("bki,bkj->ij", jac, jac)
+    lam, v = eig_desc(m / acts.shape[0])
+    keep = kept(lam, rtol)
+    lam, v = lam[keep], v[:, keep]
+    c = (lam.sqrt()[:, None] * v.T) @ (u / d_vals.sqrt()).T
+    c_pinv = to_prime @ v / lam.sqrt()
+    return Basis(c, c_pinv, lam)
+
+
+def edges(acts: Tensor, fn: Fn, basis: Basis, next_basis: Basis, batch: int = 256) -> Tensor:
+    """E_ij = E[(∂f̂_{l+1,j}/∂f̂_{l,i} · f̂_{l,i})²]: (k_l, k_{l+1})."""
+    h = lambda f: next_basis.C @ fn(f)  # noqa: E731
+    total = torch.zeros(basis.C.shape[0], next_basis.C.shape[0], dtype=acts.dtype)
+    for i in range(0, acts.shape[0], batch):
+        f = acts[i:i + batch]
+        grad = vmap(jacrev(h))(f) @ basis.C_pinv  # (B, k_next, k): ∂f̂_{l+1}/∂f̂_l
+        feats = f @ basis.C.T  # (B, k)
+        total += ((grad * feats[:, None, :]) ** 2).sum(0).T
+    return total / acts.shape[0]
+
+
+@dataclass
+class Graph:
+    bases: list[Basis]  # one per site, the last is the output's PCA basis
+    edges: list[Tensor]  # between site l and l+1
+
+
+def interaction_graph(inputs: Tensor, fns: Sequence[Fn], method: str = "lib", rtol: float = 1e-6) -> Graph:
+    """LIB (or PCA) bases at every site of the chain inputs -> fns[0] -> ... -> output, and its edges."""
+    acts = [inputs]
+    with torch.no_grad():
+        for fn in fns:
+            acts.append(vmap(fn)(acts[-1]))
+    bases: list[Basis] = [pca_basis(acts[-1], rtol)]
+    for layer in reversed(range(len(fns))):
+        bases.insert(0, lib_basis(acts[layer], fns[layer], bases[0], rtol) if method == "lib"
+                     else pca_basis(acts[layer], rtol))
+    return Graph(bases, [edges(acts[l], fns[l], bases[l], bases[l + 1]) for l in range(len(fns))])

@@ -1,0 +1,48 @@
+"""LIB against known answers (Bushnaq et al. 2024)."""
+
+import torch
+
+from rudder.analysis.lib import interaction_graph, lib_basis, pca_basis
+
+D = torch.float64
+
+
+def test_a_relu_layer_feeding_a_rank_5_readout_has_5_lib_features_where_pca_has_64():
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(64, 80, generator=g, dtype=D)
+    readout = torch.randn(10, 5, generator=g, dtype=D) @ torch.randn(5, 64, generator=g, dtype=D)  # rank 5
+    x = torch.randn(2000, 80, generator=g, dtype=D)
+    hidden = torch.relu(x @ w1.T)
+    out_basis = pca_basis(hidden @ readout.T)
+    assert out_basis.C.shape[0] == 5
+    lib = lib_basis(hidden, lambda h: readout @ h, out_basis)
+    assert lib.C.shape[0] == 5
+    assert pca_basis(hidden).C.shape[0] == 64
+    torch.testing.assert_close(lib.C @ lib.C_pinv, torch.eye(5, dtype=D))
+
+
+def test_lib_features_are_uncorrelated_with_second_moments_lambda():
+    g = torch.Generator().manual_seed(1)
+    w1, w2 = torch.randn(12, 6, generator=g, dtype=D), torch.randn(4, 12, generator=g, dtype=D)
+    x = torch.randn(3000, 6, generator=g, dtype=D) @ torch.randn(6, 6, generator=g, dtype=D)
+    graph = interaction_graph(x, [lambda v: torch.tanh(w1 @ v), lambda h: w2 @ torch.relu(h)])
+    acts = x
+    for basis, fn in zip(graph.bases[:-1], [lambda v: torch.tanh(w1 @ v), None]):
+        feats = acts @ basis.C.T
+        torch.testing.assert_close(feats.T @ feats / len(feats), torch.diag(basis.Lambda), atol=1e-8, rtol=1e-6)
+        if fn is not None:
+            acts = torch.vmap(fn)(acts)
+
+
+def test_a_linear_networks_edges_are_diagonal():
+    g = torch.Generator().manual_seed(2)
+    a1, a2 = torch.randn(8, 8, generator=g, dtype=D), torch.randn(8, 8, generator=g, dtype=D)
+    x = torch.randn(4000, 8, generator=g, dtype=D) * torch.linspace(0.5, 3, 8, dtype=D)
+    graph = interaction_graph(x, [lambda v: a1 @ v, lambda v: a2 @ v])
+    for e in graph.edges:
+        assert e.shape == (8, 8)
+        off = e - torch.diag(torch.diagonal(e))
+        assert off.abs().max() < 1e-8 * e.abs().max(), e
+    pca = interaction_graph(x, [lambda v: a1 @ v, lambda v: a2 @ v], method="pca")
+    off = pca.edges[0] - torch.diag(torch.diagonal(pca.edges[0]))
+    assert off.abs().max() > 1e-3 * pca.edges[0].abs().max()  # PCA's graph is not diagonal
