@@ -187,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     add_tokfsm_arguments(tf)
     tf.set_defaults(func=cmd_train_tokfsm)
 
+    an = sub.add_parser("analyze", help="analysis methods: polysemanticity (neuron embeddings)")
+    asub = an.add_subparsers(dest="what", required=True)
+    ap = asub.add_parser("polysemanticity", help="neurons against SAE features at one site (Foote 2024)")
+    from rudder.analysis.polysemanticity import add_arguments as add_poly_arguments, run as run_poly
+
+    add_poly_arguments(ap)
+    ap.set_defaults(func=run_poly)
+
     cc = sub.add_parser("convert-codebook", help="convert a codebook-features (reference code) checkpoint")
     from rudder.training.convert_codebook import add_arguments as add_convert_arguments
 
