@@ -105,13 +105,3 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae", required=True, help="SAELens-format SAE folder")
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded default)")
-    p.add_argument("--units", type=int, default=200, help="neurons and features scored (random, among those alive)")
-    p.add_argument("--tokens", type=int, default=16384, help="held-out corpus tokens")
-    p.add_argument("--fraction", type=float, default=0.5, help="examples: activation >= fraction x the unit's max")
-    p.add_argument("--threshold", type=float, default=0.5, help="cosine similarity joining two examples")
-    p.add_argument("--out", help="write the scores as JSON here")

@@ -104,7 +104,8 @@ def cmd_train_sae(args) -> int:
 
 def cmd_train_codebook(args) -> int:
     from rudder.core.errors import RudderError
-    from rudder.training.codebook import config_from_args, run as train_codebook
+    from rudder.training.codebook import config_from_args
+    from rudder.training.codebook import run as train_codebook
 
     try:
         train_codebook(config_from_args(args))
@@ -117,6 +118,12 @@ def cmd_train_tokfsm(args) -> int:
     from rudder.training.tokfsm import run as train_tokfsm
 
     return train_tokfsm(args)
+
+
+def cmd_polysemanticity(args) -> int:
+    from rudder.analysis.polysemanticity import run as polysemanticity
+
+    return polysemanticity(args)
 
 
 def cmd_convert_codebook(args) -> int:
@@ -177,28 +184,35 @@ def main(argv: list[str] | None = None) -> int:
     ts.set_defaults(func=cmd_train_sae)
     tc = tsub.add_parser("codebook", help="a codebook model: fine-tune a causal LM with codebook bottlenecks",
                          description="Codebook Features (see rudder.training.codebook).")
-    from rudder.training.codebook import add_arguments as add_codebook_arguments
-
-    add_codebook_arguments(tc)
+    tc.add_argument("--config", help="YAML file with CodebookTrainConfig fields (see rudder.training.codebook)")
+    tc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    tc.add_argument("--model", dest="opt_model", help="sets `model`")
+    tc.add_argument("--out", dest="opt_out", help="sets `out`")
     tc.set_defaults(func=cmd_train_codebook)
     tf = tsub.add_parser("tokfsm", help="the TokFSM base model (Codebook Features §4), from scratch")
-    from rudder.training.tokfsm import add_arguments as add_tokfsm_arguments
-
-    add_tokfsm_arguments(tf)
+    tf.add_argument("--out", type=Path, required=True)
+    tf.add_argument("--steps", type=int, default=1500)
+    tf.add_argument("--batch", type=int, default=128)
+    tf.add_argument("--lr", type=float, default=1e-3)
+    tf.add_argument("--seed", type=int, default=0)
     tf.set_defaults(func=cmd_train_tokfsm)
 
     an = sub.add_parser("analyze", help="analysis methods: polysemanticity (neuron embeddings)")
     asub = an.add_subparsers(dest="what", required=True)
     ap = asub.add_parser("polysemanticity", help="neurons against SAE features at one site (Foote 2024)")
-    from rudder.analysis.polysemanticity import add_arguments as add_poly_arguments, run as run_poly
-
-    add_poly_arguments(ap)
-    ap.set_defaults(func=run_poly)
+    ap.add_argument("--sae", required=True, help="SAELens-format SAE folder")
+    ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded default)")
+    ap.add_argument("--units", type=int, default=200, help="neurons and features scored (random, among those alive)")
+    ap.add_argument("--tokens", type=int, default=16384, help="held-out corpus tokens")
+    ap.add_argument("--fraction", type=float, default=0.5, help="examples: activation >= fraction x the unit's max")
+    ap.add_argument("--threshold", type=float, default=0.5, help="cosine similarity joining two examples")
+    ap.add_argument("--out", help="write the scores as JSON here")
+    ap.set_defaults(func=cmd_polysemanticity)
 
     cc = sub.add_parser("convert-codebook", help="convert a codebook-features (reference code) checkpoint")
-    from rudder.training.convert_codebook import add_arguments as add_convert_arguments
-
-    add_convert_arguments(cc)
+    cc.add_argument("ref", type=Path, help="the reference checkpoint folder")
+    cc.add_argument("--base", type=Path, required=True, help="Hugging Face folder of the base model")
+    cc.add_argument("--out", type=Path, required=True)
     cc.set_defaults(func=cmd_convert_codebook)
 
     add_client_commands(sub)

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,13 +421,6 @@ def save(model: nn.Module, tokenizer, codebooks: dict[str, Codebook], cfg: Codeb
     save_codebooks(list(codebooks.values()), out)
     (out / METRICS_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "metrics": metrics}, indent=2))
     return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with CodebookTrainConfig fields (see rudder.training.codebook)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--model", dest="opt_model", help="sets `model`")
-    p.add_argument("--out", dest="opt_out", help="sets `out`")
 
 
 def config_from_args(args: argparse.Namespace) -> CodebookTrainConfig:

@@ -106,24 +106,10 @@ def convert(ref: str | Path, base: str | Path, out: str | Path) -> list[Codebook
     return [cb.cfg for cb in codebooks]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ref", type=Path, help="the reference checkpoint folder")
-    p.add_argument("--base", type=Path, required=True, help="Hugging Face folder of the base model")
-    p.add_argument("--out", type=Path, required=True)
-
-
 def run(a: argparse.Namespace) -> int:
+    """`rudder convert-codebook`."""
     for c in convert(a.ref, a.base, a.out):
         print(f"{c.id}: {c.site}, {c.num_heads} x {c.num_codes} codes of {c.d_code}, k={c.k}, {c.similarity}")
     print(f"codebook model written to {a.out}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

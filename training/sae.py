@@ -44,7 +44,7 @@ from tqdm import tqdm
 from rudder.core.errors import InvalidArgument, RudderError, TrainingError
 from rudder.core.sae import ACTIVATIONS, SAE, SAEConfig
 from rudder.core.sites import Site
-from rudder.training.config import SaeTrainConfig, add_arguments, config_from_args
+from rudder.training.config import SaeTrainConfig, add_arguments, config_from_args, warmup_decay
 from rudder.training.corpus import train_eval_split
 from rudder.training.distributed import World
 from rudder.training.evaluate import evaluate_sae, feature_metadata, kl_per_token

@@ -11,7 +11,7 @@ digits (ids 0-9) and BOS (id 10), so vocab_size is 11 as in the paper's model.
     fsm.transition_accuracy(states)            # fraction of valid consecutive transitions
 
 The model is the paper's small GPT-NeoX (hidden 128, 4 layers, 4 heads, MLP 512),
-trained here from scratch: `python -m rudder.training.tokfsm --out DIR`.
+trained here from scratch: `rudder train tokfsm --out DIR`.
 """
 
 from __future__ import annotations
@@ -240,25 +240,8 @@ def save_model(model: nn.Module, fsm: TokFSM, out: Path, metrics: dict) -> None:
     (out / "tokfsm_metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-
-
 def run(a: argparse.Namespace) -> int:
+    """`rudder train tokfsm`."""
     metrics = train_base(a.out, a.steps, a.batch, a.lr, seed=a.seed)
     print(json.dumps(metrics, indent=2))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Train the TokFSM base model (Codebook Features §4) from scratch.")
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

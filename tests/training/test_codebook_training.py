@@ -5,12 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rudder.core.code_search import CodeIndex, precision_recall, regex_labels, search
 from rudder.core.codebook import Codebook, CodebookConfig, load_codebooks
-from rudder.training.codebook import (CodebookTrainConfig, SnapStats, code_index, kmeans, replace_dead, train,
-                                      train_snap)
+from rudder.training.codebook import CodebookTrainConfig, SnapStats, kmeans, replace_dead, train, train_snap
 from rudder.training.tokfsm import TokFSM, make_model, make_tokenizer, save_model
 
 
