@@ -78,6 +78,7 @@ class CodebookTrainConfig(BaseModel):
     steps: int = Field(1000, ge=1)
     batch: int = Field(128, ge=1, description="sequences per step")
     context: int = Field(128, ge=2, description="tokens per sequence (corpus data)")
+    corpus_tokens: int | None = Field(500_000, ge=1, description="read at most this much of the corpus (None: all)")
     replace_dead_every: int = Field(100, ge=0, description="steps between dead-code replacements (0: never)")
     eval_sequences: int = Field(256, ge=1)
     seed: int = 0
@@ -283,7 +284,8 @@ class Batches:
         if self.fsm is None:
             from rudder.training.corpus import train_eval_split
 
-            split = train_eval_split(tokenizer, cfg.context, eval_tokens=cfg.eval_sequences * cfg.context)
+            split = train_eval_split(tokenizer, cfg.context, eval_tokens=cfg.eval_sequences * cfg.context,
+                                     max_tokens=cfg.corpus_tokens)
             self.train = torch.tensor(split.train)
             self.eval = torch.tensor(split.eval)
 

@@ -180,3 +180,26 @@ def test_the_code_index_matches_the_served_codebooks(tiny_codebook_model):
             for cb_id in ("attn_preproj.1", "mlp.0"):
                 want = index.ids[cb_id][i, pos]  # (G, k)
                 assert got[cb_id].codes == want.tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_codebook_training_runs_on_llama_and_gpt2_with_the_offline_corpus(tmp_path, family):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.tiny import make_llama, make_tokenizer as make_text_tokenizer
+
+    if family == "llama":
+        model_dir = make_llama(tmp_path / "m", layers=2)
+    else:
+        tok = make_text_tokenizer()
+        model_dir = tmp_path / "m"
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128)
+                        ).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    c = CodebookTrainConfig(model=str(model_dir), out=tmp_path / "cb", codebook_at=["attn_preproj", "mlp"],
+                            layers=[1], num_codes=32, steps=3, batch=4, context=32, corpus_tokens=20_000,
+                            eval_sequences=4)
+    metrics = train(c)
+    assert metrics["perplexity"] > 1 and 0 <= metrics["next_token_accuracy"] <= 1
+    sites = {cb.cfg.site for cb in load_codebooks(tmp_path / "cb")}
+    assert sites == {"blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"}
