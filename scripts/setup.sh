@@ -19,5 +19,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
+# Chromium renders the feature dashboards in tests (Debian's package); optional elsewhere.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "==> installing Chromium (Debian package) for the dashboard tests"
+  apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+    || echo "    Chromium could not be installed: the dashboard's browser test will be skipped"
+fi
 echo "==> default model"
 rudder fetch-default

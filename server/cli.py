@@ -126,6 +126,21 @@ def cmd_polysemanticity(args) -> int:
     return polysemanticity(args)
 
 
+def cmd_dashboard(args) -> int:
+    from rudder.analysis.dashboard import sae_dashboard
+    from rudder.core.sae import SAE
+    from rudder.server.default_model import ensure_default_model
+    from rudder.training.corpus import train_eval_split
+    from rudder.training.lm import HookedLM
+
+    lm = HookedLM.load(args.model or ensure_default_model())
+    windows = train_eval_split(lm.tokenizer, 128, eval_tokens=args.tokens).eval
+    ids = [int(x) for x in args.features.split(",") if x.strip()] or None
+    page = sae_dashboard(lm, SAE.load(args.sae), windows, Path(args.out), ids, args.max_features)
+    print(f"wrote {page}")
+    return 0
+
+
 def cmd_convert_codebook(args) -> int:
     from rudder.core.errors import RudderError
     from rudder.training.convert_codebook import run as convert
@@ -208,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5, help="cosine similarity joining two examples")
     ap.add_argument("--out", help="write the scores as JSON here")
     ap.set_defaults(func=cmd_polysemanticity)
+
+    db = sub.add_parser("dashboard", help="a static HTML feature dashboard for an SAE")
+    db.add_argument("--sae", required=True, help="SAELens-format SAE folder")
+    db.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded default)")
+    db.add_argument("--out", required=True, help="folder for index.html")
+    db.add_argument("--features", default="", help="comma-separated feature ids (default: the densest)")
+    db.add_argument("--max-features", type=int, default=200)
+    db.add_argument("--tokens", type=int, default=32768, help="held-out corpus tokens")
+    db.set_defaults(func=cmd_dashboard)
 
     cc = sub.add_parser("convert-codebook", help="convert a codebook-features (reference code) checkpoint")
     cc.add_argument("ref", type=Path, help="the reference checkpoint folder")
