@@ -100,3 +100,86 @@ def interaction_graph(inputs: Tensor, fns: Sequence[Fn], method: str = "lib", rt
         bases.insert(0, lib_basis(acts[layer], fns[layer], bases[0], rtol) if method == "lib"
                      else pca_basis(acts[layer], rtol))
     return Graph(bases, [edges(acts[l], fns[l], bases[l], bases[l + 1]) for l in range(len(fns))])
+
+
+# ---------------------------------------------------------------- on a Hugging Face model's MLP
+
+SITES = ("mlp_in", "mlp_hidden", "mlp_out")
+
+
+def mlp_chain(mlp: torch.nn.Module, out_proj: str) -> list[Fn]:
+    """An MLP split at its output projection: input (after the norm) -> hidden neurons -> output."""
+    proj = getattr(mlp, out_proj)
+
+    def to_hidden(x: Tensor) -> Tensor:
+        setattr(mlp, out_proj, torch.nn.Identity())
+        try:
+            return mlp(x[None])[0]
+        finally:
+            setattr(mlp, out_proj, proj)
+
+    return [to_hidden, lambda h: proj(h[None])[0]]
+
+
+def save_graph(graph_lib: Graph, graph_pca: Graph, out, meta: dict) -> None:
+    """`lib.safetensors` (C, C_pinv, Lambda per site and edges, for LIB and PCA) and `lib.json`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    summary = {"sites": list(SITES), **meta}
+    for name, g in (("lib", graph_lib), ("pca", graph_pca)):
+        for site, b in zip(SITES, g.bases):
+            tensors |= {f"{name}.{site}.C": b.C, f"{name}.{site}.C_pinv": b.C_pinv, f"{name}.{site}.Lambda": b.Lambda}
+        for (a, b), e in zip(zip(SITES, SITES[1:]), g.edges):
+            tensors[f"{name}.edges.{a}->{b}"] = e
+        summary[name] = {"features": {site: int(b.C.shape[0]) for site, b in zip(SITES, g.bases)},
+                         "edges_for_90pct": [int(edge_count(e, 0.9)) for e in g.edges]}
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, out / "lib.safetensors")
+    (out / "lib.json").write_text(json.dumps(summary, indent=2))
+
+
+def edge_count(e: Tensor, share: float) -> int:
+    """How many of the largest edges hold `share` of the total edge weight (a sparsity measure)."""
+    w = e.flatten().sort(descending=True).values
+    return int((w.cumsum(0) < share * w.sum()).sum()) + 1
+
+
+def analyze_mlp(lm, layer: int, windows: list[list[int]], tokens: int, out, rtol: float = 1e-6) -> dict:
+    """LIB and PCA bases and graphs of layer `layer`'s MLP on held-out tokens, written to `out`."""
+    from rudder.analysis.polysemanticity import OUT_PROJ
+    from rudder.core.hf_sites import layout_of
+
+    layout = layout_of(lm.model)
+    blocks = lm.model
+    for part in layout.layers.split("."):
+        blocks = getattr(blocks, part)
+    mlp = getattr(blocks[layer], layout.mlp)
+    inputs: list[Tensor] = []
+    handle = mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0][:, 1:].flatten(0, 1).detach().double()))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), 8):
+                lm.model(torch.tensor(windows[i:i + 8]))
+                if sum(len(x) for x in inputs) >= tokens:
+                    break
+    finally:
+        handle.remove()
+    x = torch.cat(inputs)[:tokens]
+    mlp.double()
+    try:
+        fns = mlp_chain(mlp, OUT_PROJ[lm.shape.architecture])
+        lib = interaction_graph(x, fns, "lib", rtol)
+        pca = interaction_graph(x, fns, "pca", rtol)
+    finally:
+        mlp.float()
+    meta = {"layer": layer, "tokens": int(x.shape[0]), "rtol": rtol}
+    save_graph(lib, pca, out, meta)
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(out) / "lib.json").read_text())

@@ -120,6 +120,22 @@ def cmd_train_tokfsm(args) -> int:
     return train_tokfsm(args)
 
 
+def cmd_lib(args) -> int:
+    import json
+
+    from rudder.analysis.lib import analyze_mlp
+    from rudder.server.default_model import ensure_default_model
+    from rudder.training.corpus import train_eval_split
+    from rudder.training.lm import HookedLM
+
+    lm = HookedLM.load(args.model or ensure_default_model())
+    windows = train_eval_split(lm.tokenizer, 128, eval_tokens=args.tokens + 128).eval
+    summary = analyze_mlp(lm, args.layer, windows, args.tokens, args.out)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/lib.safetensors")
+    return 0
+
+
 def cmd_polysemanticity(args) -> int:
     from rudder.analysis.polysemanticity import run as polysemanticity
 
@@ -212,8 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     tf.add_argument("--seed", type=int, default=0)
     tf.set_defaults(func=cmd_train_tokfsm)
 
-    an = sub.add_parser("analyze", help="analysis methods: polysemanticity (neuron embeddings)")
+    an = sub.add_parser("analyze", help="analysis methods: LIB, polysemanticity (neuron embeddings)")
     asub = an.add_subparsers(dest="what", required=True)
+    al = asub.add_parser("lib", help="Local Interaction Basis of one MLP (input, neurons, output) against PCA")
+    al.add_argument("--layer", type=int, required=True)
+    al.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded default)")
+    al.add_argument("--tokens", type=int, default=2048, help="held-out corpus tokens")
+    al.add_argument("--out", required=True, help="folder for lib.safetensors and lib.json")
+    al.set_defaults(func=cmd_lib)
     ap = asub.add_parser("polysemanticity", help="neurons against SAE features at one site (Foote 2024)")
     ap.add_argument("--sae", required=True, help="SAELens-format SAE folder")
     ap.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded default)")

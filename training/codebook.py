@@ -80,6 +80,7 @@ class CodebookTrainConfig(BaseModel):
     context: int = Field(128, ge=2, description="tokens per sequence (corpus data)")
     corpus_tokens: int | None = Field(500_000, ge=1, description="read at most this much of the corpus (None: all)")
     replace_dead_every: int = Field(100, ge=0, description="steps between dead-code replacements (0: never)")
+    replace_dead_until: float = Field(0.6, ge=0, le=1, description="no replacement after this fraction of training")
     eval_sequences: int = Field(256, ge=1)
     seed: int = 0
     threads: int = Field(0, ge=0)
@@ -390,7 +391,8 @@ def train(cfg: CodebookTrainConfig) -> dict[str, float]:
         sched.step()
         for k, c in stats.counts.items():
             since_replace[k] = since_replace.get(k, 0) + c
-        if cfg.replace_dead_every and (step + 1) % cfg.replace_dead_every == 0 and step + 1 < cfg.steps:
+        if (cfg.replace_dead_every and (step + 1) % cfg.replace_dead_every == 0
+                and step + 1 <= cfg.replace_dead_until * cfg.steps):
             replaced_total += replace_dead(codebooks, since_replace, site_activations(model, ids, codebooks), g)
             since_replace = {}
         if step % 10 == 0:

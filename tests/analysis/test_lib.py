@@ -46,3 +46,24 @@ def test_a_linear_networks_edges_are_diagonal():
     pca = interaction_graph(x, [lambda v: a1 @ v, lambda v: a2 @ v], method="pca")
     off = pca.edges[0] - torch.diag(torch.diagonal(pca.edges[0]))
     assert off.abs().max() > 1e-3 * pca.edges[0].abs().max()  # PCA's graph is not diagonal
+
+
+def test_lib_of_a_models_mlp_is_written_as_an_artifact(tmp_path):
+    from safetensors.torch import load_file
+
+    from rudder.analysis.lib import analyze_mlp
+    from rudder.training.corpus import train_eval_split
+    from rudder.training.lm import HookedLM
+    from tests.tiny import make_llama
+
+    lm = HookedLM.load(make_llama(tmp_path / "m", layers=2))
+    windows = train_eval_split(lm.tokenizer, 32, eval_tokens=32 * 40, max_tokens=32 * 200).eval
+    summary = analyze_mlp(lm, 1, windows, tokens=600, out=tmp_path / "lib")
+    assert summary["pca"]["features"]["mlp_hidden"] == 128  # every neuron direction has variance
+    assert summary["lib"]["features"]["mlp_out"] == summary["pca"]["features"]["mlp_out"] <= 64
+    assert summary["lib"]["features"]["mlp_hidden"] <= 64  # the output projection reads at most 64 directions
+    t = load_file(tmp_path / "lib" / "lib.safetensors")
+    c, c_pinv = t["lib.mlp_hidden.C"].double(), t["lib.mlp_hidden.C_pinv"].double()
+    torch.testing.assert_close(c @ c_pinv, torch.eye(c.shape[0], dtype=D), atol=1e-4, rtol=1e-4)
+    assert t["lib.edges.mlp_in->mlp_hidden"].shape == (summary["lib"]["features"]["mlp_in"],
+                                                        summary["lib"]["features"]["mlp_hidden"])
