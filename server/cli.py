@@ -90,36 +90,44 @@ def cmd_fetch_default(args) -> int:
     return 0
 
 
+def offline(cmd):
+    """An offline command: a RudderError (bad config, artifact, input) exits with its message."""
+
+    def wrapped(args) -> int:
+        from rudder.core.errors import RudderError
+
+        try:
+            return cmd(args) or 0
+        except RudderError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return wrapped
+
+
+@offline
 def cmd_train_sae(args) -> int:
-    from rudder.core.errors import RudderError
     from rudder.training.config import config_from_args
     from rudder.training.sae import run as train_sae
 
-    try:
-        train_sae(config_from_args(args))
-    except RudderError as e:
-        raise SystemExit(f"error: {e}") from None
-    return 0
+    train_sae(config_from_args(args))
 
 
+@offline
 def cmd_train_codebook(args) -> int:
-    from rudder.core.errors import RudderError
     from rudder.training.codebook import config_from_args
     from rudder.training.codebook import run as train_codebook
 
-    try:
-        train_codebook(config_from_args(args))
-    except RudderError as e:
-        raise SystemExit(f"error: {e}") from None
-    return 0
+    train_codebook(config_from_args(args))
 
 
+@offline
 def cmd_train_tokfsm(args) -> int:
     from rudder.training.tokfsm import run as train_tokfsm
 
     return train_tokfsm(args)
 
 
+@offline
 def cmd_lib(args) -> int:
     import json
 
@@ -136,12 +144,14 @@ def cmd_lib(args) -> int:
     return 0
 
 
+@offline
 def cmd_polysemanticity(args) -> int:
     from rudder.analysis.polysemanticity import run as polysemanticity
 
     return polysemanticity(args)
 
 
+@offline
 def cmd_dashboard(args) -> int:
     from rudder.analysis.dashboard import sae_dashboard
     from rudder.core.sae import SAE
@@ -157,14 +167,11 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
+@offline
 def cmd_convert_codebook(args) -> int:
-    from rudder.core.errors import RudderError
     from rudder.training.convert_codebook import run as convert
 
-    try:
-        return convert(args)
-    except RudderError as e:
-        raise SystemExit(f"error: {e}") from None
+    return convert(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,9 @@ def _weights(ref: Path) -> dict[str, torch.Tensor]:
 
 def convert(ref: str | Path, base: str | Path, out: str | Path) -> list[CodebookConfig]:
     ref, base, out = Path(ref), Path(base), Path(out)
+    for folder, what in ((ref, "the reference checkpoint"), (base, "the base model")):
+        if not (folder / "config.json").exists():
+            raise ArtifactError(f"{folder} has no config.json: pass {what}'s folder")
     cfg = json.loads((ref / "config.json").read_text())
     missing = [k for k in ("codebook_at", "num_codes", "k_codebook") if k not in cfg]
     if missing:
