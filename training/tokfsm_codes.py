@@ -6,10 +6,12 @@
   every codebook, head and code: precision = P(state is S | code fires there) and
   recall = P(code fires | state is S), on held-out walks (the code index). The best
   code of S is the most precise code with recall >= `min_recall`.
-- Steering. Prompts are walks that end in some state T; the best code of S is forced
-  at the prompt's last position (where the next state is predicted) and the model
-  continues greedily for one state. Success: the new state is a successor of S. The
-  same prompts without the code give the unsteered rate.
+- Steering. Prompts are walks that end in some state T; codes of S are forced at the
+  prompt's last position (where the next state is predicted) and the model continues
+  greedily (over the whole vocabulary, as the server does) for one state. Success: the new state is a successor of S. Two ways: S's best
+  code alone, and S's best code in every (codebook, head) with recall >= `set_recall`
+  (one forced code per head, as k=1 allows). The same prompts without codes give the
+  unsteered rate.
 """
 
 from __future__ import annotations
@@ -75,6 +77,22 @@ def state_code_table(fsm: TokFSM, index: CodeIndex, codebooks: dict[str, Codeboo
     return out
 
 
+def head_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -> list[list[StateCode]]:
+    """For every state, its most precise code in each (codebook, head) with recall >= min_recall."""
+    out: list[list[StateCode]] = [[] for _ in range(fsm.num_states)]
+    for key in sorted(k for k in table if k.endswith(".precision")):
+        cb_id = key.removesuffix(".precision")
+        precision, recall = table[key], table[cb_id + ".recall"]
+        eligible = torch.where(recall >= min_recall, precision, torch.full_like(precision, -1.0))
+        best = eligible.max(dim=-1)  # (S, G)
+        for s in range(fsm.num_states):
+            for g in range(precision.shape[1]):
+                if best.values[s, g] >= 0:
+                    c = int(best.indices[s, g])
+                    out[s].append(StateCode(s, cb_id, g, c, float(precision[s, g, c]), float(recall[s, g, c])))
+    return out
+
+
 def best_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -> list[StateCode | None]:
     best: list[StateCode | None] = [None] * fsm.num_states
     for key in [k for k in table if k.endswith(".precision")]:
@@ -96,37 +114,38 @@ def best_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -
 
 @torch.no_grad()
 def next_state(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
-               force: list[StateCode] | None) -> Tensor:
-    """Greedy next state after each prompt (N, L), forcing force[i]'s code at prompt i's last position."""
+               force: list[list[StateCode]] | None) -> Tensor:
+    """Greedy next state after each prompt (N, L), forcing the codes force[i] at prompt i's last position."""
     n, length = prompts.shape
     ids = prompts
     for step in range(fsm.digits):
         forced: dict[str, list[ForcedCodes]] = {}
         if force is not None:
             width = ids.shape[1]
-            for cb_id in {f.codebook for f in force}:
-                rows = [i for i, f in enumerate(force) if f.codebook == cb_id]
-                forced[cb_id] = [ForcedCodes(torch.tensor([i * width + length - 1 for i in rows]),
-                                             torch.tensor([force[i].head for i in rows]),
-                                             torch.tensor([force[i].code for i in rows]),
-                                             torch.ones(len(rows)))]
+            for cb_id in {f.codebook for fs in force for f in fs}:
+                pairs = [(i, f) for i, fs in enumerate(force) for f in fs if f.codebook == cb_id]
+                forced[cb_id] = [ForcedCodes(torch.tensor([i * width + length - 1 for i, _ in pairs]),
+                                             torch.tensor([f.head for _, f in pairs]),
+                                             torch.tensor([f.code for _, f in pairs]),
+                                             torch.ones(len(pairs)))]
         with snapping(model, codebooks, forced=forced):
-            logits = model(ids).logits[:, -1, :10]
+            logits = model(ids).logits[:, -1]  # the whole vocabulary: a non-digit ends the walk (state -1)
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return fsm.decode(torch.cat([ids[:, :1], ids[:, length:]], dim=1))[:, 0]
 
 
-def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, best: list[StateCode | None],
+def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, codes: list[list[StateCode]],
              trials: int = 20, seed: int = 3) -> dict[str, float]:
+    """codes[s]: the codes forced to steer towards state s (states with none are skipped)."""
     g = torch.Generator().manual_seed(seed)
-    targets = [b for b in best if b is not None]
+    targets = [c for c in codes if c]
     succ = torch.from_numpy(fsm.transitions)
     steered = unsteered = natural = total = 0
     for length in (1, 3, 8, 24):  # prompt lengths in states
         force = [t for t in targets for _ in range(max(trials // 4, 1))]
         prompts = fsm.encode(fsm.walk(len(force), length, g))
         last = fsm.decode(prompts)[:, -1]
-        wanted = torch.tensor([f.state for f in force])
+        wanted = torch.tensor([f[0].state for f in force])
         with_code = next_state(model, codebooks, fsm, prompts, force)
         without = next_state(model, codebooks, fsm, prompts, None)
         ok = lambda a, b: ((b >= 0) & succ[a, b.clamp(min=0)]).sum().item()  # noqa: E731
@@ -135,7 +154,8 @@ def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, best: list[Stat
         natural += ok(last, without)
         total += len(force)
     return {"steering_success": steered / total, "unsteered_success": unsteered / total,
-            "unsteered_follows_prompt": natural / total, "steering_trials": total}
+            "unsteered_follows_prompt": natural / total, "trials": total, "states": len(targets),
+            "codes_per_state": sum(len(c) for c in targets) / max(len(targets), 1)}
 
 
 def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], index: CodeIndex,
@@ -156,7 +176,7 @@ def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], 
         (folder / cb_id / FEATURE_METADATA).write_text(json.dumps({"features": feats}, indent=1))
 
 
-def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20) -> dict:
+def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20, set_recall: float = 0.1) -> dict:
     folder = Path(folder)
     fsm = TokFSM.load(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -174,8 +194,11 @@ def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20) -> di
         "mean_best_precision": sum(b.precision for b in found) / max(len(found), 1),
         "mean_best_recall": sum(b.recall for b in found) / max(len(found), 1),
     }
-    result |= steering(model, codebooks, fsm, best, trials)
+    per_head = head_state_codes(fsm, table, set_recall)
+    result["steering_best_code"] = steering(model, codebooks, fsm, [[b] if b else [] for b in best], trials)
+    result["steering_every_head"] = steering(model, codebooks, fsm, per_head, trials) | {"set_recall": set_recall}
     result["state_codes"] = [asdict(b) for b in found]
+    result["state_code_sets"] = [[asdict(c) for c in cs] for cs in per_head]
     (folder / RESULTS_FILE).write_text(json.dumps(result, indent=2))
     return result
 
@@ -187,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=20, help="steering prompts per state")
     a = p.parse_args(argv)
     r = analyse(a.model, a.min_recall, a.trials)
-    print(json.dumps({k: v for k, v in r.items() if k != "state_codes"}, indent=2))
+    print(json.dumps({k: v for k, v in r.items() if k not in ("state_codes", "state_code_sets")}, indent=2))
     return 0
 
 

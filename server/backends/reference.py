@@ -110,7 +110,7 @@ class ReferenceEngine(HfTokenizing):
         for site in self._site_artifacts:
             self._ensure_hook(site)
         self.eos_ids = self._eos_ids()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.pad_id = next((t for t in (self.tokenizer.pad_token_id, *self.eos_ids) if t is not None), 0)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
         self._ctx: _StepContext | None = None
@@ -125,8 +125,7 @@ class ReferenceEngine(HfTokenizing):
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        ids = [eos] if isinstance(eos, int) else list(eos or [])
-        return ids or [0]
+        return [eos] if isinstance(eos, int) else list(eos or [])  # none: the model only stops at max_tokens
 
     def _ensure_hook(self, site: str) -> None:
         if site not in self._hooks:

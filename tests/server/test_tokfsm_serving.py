@@ -26,30 +26,47 @@ def state_codes():
     return json.loads((MODEL / "tokfsm_codes.json").read_text())["state_codes"]
 
 
-def test_activating_a_state_code_makes_the_walk_continue_from_that_state(served):
+def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(served):
+    """For 20 states: S's best code in every (codebook, head) forced at the prompt's last
+    position; the server's continuation equals the offline forcing's (rudder.training.tokfsm_codes),
+    the readouts show the forced codes, and the walk lands on S's successors more often than
+    without the codes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rudder.core.codebook import load_codebooks
+    from rudder.training.tokfsm_codes import StateCode, next_state
+
     fsm = TokFSM.load(MODEL)
+    sets = [[StateCode(**c) for c in cs] for cs in json.loads((MODEL / "tokfsm_codes.json").read_text())["state_code_sets"]]
     rng = random.Random(0)
-    codes = rng.sample(state_codes(), 25)
+    states = rng.sample([s for s in range(fsm.num_states) if sets[s]], 20)
+    walks = torch.tensor([[rng.randrange(fsm.num_states)] for _ in states])
+    prompts = fsm.encode(fsm.walk(len(states), 4, torch.Generator().manual_seed(1), start=walks[:, 0]))
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    codebooks = {cb.cfg.id: cb for cb in load_codebooks(MODEL)}
+    offline = next_state(model, codebooks, fsm, prompts, [sets[s] for s in states]).tolist()
     steered_ok = baseline_ok = 0
-    for sc in codes:
-        walk = [rng.randrange(fsm.num_states)]
-        for _ in range(3):
-            walk.append(int(rng.choice(fsm.successors[walk[-1]])))
-        prompt = "".join(fsm.state_text(s) for s in walk)
+    for s, prompt_ids, want in zip(states, prompts.tolist(), offline):
+        prompt = "".join(str(t) for t in prompt_ids[1:])
         last = len(prompt)  # BOS is position 0, so the prompt's last digit sits at len(prompt)
+        codes = sets[s]
         steered, baseline = [], []
         for tok in served.generate(prompt, max_tokens=2, include_baseline=True,
-                                   interventions=[rc.activate_code(sc["codebook"], sc["code"], sc["head"],
-                                                                   scope=rc.scope("range", last, last + 1))],
-                                   readouts=rc.readouts(codebooks=[sc["codebook"]])):
+                                   interventions=[rc.activate_code(c.codebook, c.code, c.head,
+                                                                   scope=rc.scope("range", last, last + 1))
+                                                  for c in codes],
+                                   readouts=rc.readouts(codebooks=sorted({c.codebook for c in codes}))):
             (baseline if tok.baseline else steered).append(tok)
-        # the first generated token was chosen at the forced position: its readout shows the code
-        assert steered[0].readout(sc["codebook"]).codes[sc["head"]] == [sc["code"]]
-        succ = set(fsm.successors[sc["state"]].tolist())
-        steered_ok += int("".join(t.text for t in steered)) in succ
-        baseline_ok += int("".join(t.text for t in baseline)) in succ
-    assert steered_ok / len(codes) >= STEERED_AT_LEAST, (steered_ok, baseline_ok)
-    assert baseline_ok < steered_ok
+        for c in codes:  # the first generated token was chosen at the forced position
+            assert steered[0].readout(c.codebook).codes[c.head] == [c.code]
+        assert len(steered) == 2 and len(baseline) == 2, (steered, baseline)
+        got = fsm.decode(torch.tensor([[10] + [t.id for t in steered]]))[0, 0].item()
+        assert got == want  # -1 when the model answered with a non-digit
+        succ = set(fsm.successors[s].tolist())
+        steered_ok += got in succ
+        baseline_ok += fsm.decode(torch.tensor([[10] + [t.id for t in baseline]]))[0, 0].item() in succ
+    assert steered_ok > baseline_ok, (steered_ok, baseline_ok)
 
 
 def test_feature_search_finds_state_codes_by_label_and_by_regex(served):
