@@ -96,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
               "neuron_scores": neurons, "feature_scores": features}
     print(f"polysemanticity (Foote 2024) on {result['tokens']} held-out tokens; examples >= {args.fraction} x max, "
           f"cosine >= {args.threshold}")
-    print(f"{'units':<34} {'scored':>6} {'mean':>6} {'median':>6} {'score 1':>8} {'max':>4}")
+    print(f"{'units':<44} {'scored':>6} {'mean':>6} {'median':>6} {'score 1':>8} {'max':>4}")
     for name, s in ((f"MLP neurons, layer {result['mlp_layer']}", result["neurons"]),
                     (f"SAE features, {result['site']}", result["sae_features"])):
-        print(f"{name:<34} {s['units']:>6} {s['mean']:>6.2f} {s['median']:>6.1f} {s['monosemantic_share']:>7.0%} "
+        print(f"{name:<44} {s['units']:>6} {s['mean']:>6.2f} {s['median']:>6.1f} {s['monosemantic_share']:>7.0%} "
               f"{s['max']:>4}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
