@@ -10,6 +10,7 @@ test:   ## set up, run the test suite
 bench:  ## throughput tables (bench/results/): reference backend; vLLM backend; SAE training vs SAELens
 	scripts/setup.sh && .venv/bin/python bench/reference_backend.py
 	.venv/bin/python bench/vllm_backend.py
+	.venv/bin/python bench/codebook_models.py
 	scripts/saelens_env.sh && .venv/bin/python bench/sae_training.py
 
 proto:  ## regenerate the stubs in client/rudder/v1 from proto/
