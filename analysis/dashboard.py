@@ -1,12 +1,14 @@
-"""Feature dashboards: one static HTML page per SAE (no JavaScript, no network).
+"""Feature dashboards: one static HTML page per SAE or codebook (no JavaScript, no network).
 
     rudder dashboard --sae PATH --out DIR [--features 12,40] [--max-features 200]
+    rudder dashboard --model CODEBOOK_MODEL --codebook attn_preproj.1 --out DIR [--features 3:831]
 
 For each feature: its density, a histogram of its non-zero activations, its top
 activating examples and samples from activation quantiles (each a window of tokens,
 shaded by the feature's activation, the peak token boxed), and its top and bottom
 logit effects (its decoder row through the unembedding, the final norm's scale folded
-in). Text: held-out windows of the offline corpus. Open DIR/index.html in a browser;
+in). A code's activation is its similarity score where it is active, and its logit
+effects are its vector through its head's slice of the output projection. Text: held-out windows of the offline corpus. Open DIR/index.html in a browser;
 `index.html#feature-ID` shows that feature alone.
 """
 
@@ -27,6 +29,7 @@ SPAN = 10  # tokens either side of an example's peak
 @dataclass
 class FeatureView:
     id: int
+    title: str
     density: float
     max_activation: float
     histogram: list[int]
@@ -45,8 +48,10 @@ def _window(tokens: list[str], acts: Tensor, seq_len: int, flat: int) -> tuple[l
 
 
 def feature_views(tokens: list[str], seq_len: int, feats: Tensor, logit_effects: Tensor, vocab: list[str],
-                  ids: list[int], top: int = 8, per_quantile: int = 3, bins: int = 20) -> list[FeatureView]:
-    """tokens: text of every token (N·seq_len), feats (N·seq_len, d_sae), logit_effects (d_sae, vocab)."""
+                  ids: list[int], top: int = 8, per_quantile: int = 3, bins: int = 20,
+                  titles: dict[int, str] | None = None) -> list[FeatureView]:
+    """tokens: text of every token (N·seq_len), feats (N·seq_len, units) activations (0: inactive),
+    logit_effects (units, vocab)."""
     out = []
     g = torch.Generator().manual_seed(0)
     for i in ids:
@@ -67,9 +72,10 @@ def feature_views(tokens: list[str], seq_len: int, feats: Tensor, logit_effects:
                 quantiles.append((f"{q_lo:.0%}–{q_hi:.0%} of non-zero activations",
                                   [_window(tokens, a, seq_len, int(j)) for j in pick]))
         eff = logit_effects[i]
-        up, down = eff.topk(10), (-eff).topk(10)
+        k = min(10, eff.shape[0] // 2)  # small vocabularies: no token in both lists
+        up, down = eff.topk(k), (-eff).topk(k)
         out.append(FeatureView(
-            i, float(on.float().mean()), vmax, hist.long().tolist(), edges.tolist(), tops, quantiles,
+            i, (titles or {}).get(i, f"Feature {i}"), float(on.float().mean()), vmax, hist.long().tolist(), edges.tolist(), tops, quantiles,
             [(vocab[t], float(v)) for v, t in zip(up.values, up.indices)],
             [(vocab[t], -float(v)) for v, t in zip(down.values, down.indices)]))
     return out
@@ -128,7 +134,7 @@ def render(title: str, views: list[FeatureView]) -> str:
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<nav>" + "".join(f'<a href="#feature-{v.id}">{v.id}</a>' for v in views) + "</nav>"]
     for v in views:
-        parts.append(f'<section id="feature-{v.id}"><h2>Feature {v.id}</h2>'
+        parts.append(f'<section id="feature-{v.id}"><h2>{html.escape(v.title)}</h2>'
                      f'<div class="meta">density {v.density:.4%} · max activation {v.max_activation:.3f}</div>'
                      f'<div class="cols"><div><h3>Activations</h3>{_histogram(v)}</div>'
                      f'<div><h3>Logit effects</h3><table class="logits">{_logits(v.logits_up, "up")}'
@@ -161,13 +167,80 @@ def sae_dashboard(lm, sae: SAE, windows: list[list[int]], out: Path, ids: list[i
     if ids is None:
         alive = (feats > 0).float().mean(0)
         ids = sorted(alive.argsort(descending=True)[:max_features].tolist())
-    unembed = lm.model.get_output_embeddings().weight.float()  # (vocab, d)
-    norm = getattr(getattr(lm.model, "model", lm.model), "norm", None)
-    scale = norm.weight.float() if norm is not None and hasattr(norm, "weight") else 1.0
+    unembed, scale = _unembed(lm)
     effects = (sae.W_dec.float() * scale) @ unembed.T  # (d_sae, vocab)
     vocab = [lm.tokenizer.decode([t]) for t in range(unembed.shape[0])]
     views = feature_views(texts, seq_len, feats, effects, vocab, ids)
     out.mkdir(parents=True, exist_ok=True)
     page = out / "index.html"
     page.write_text(render(f"{site} · {sae.cfg.d_sae} features", views))
+    return page
+
+
+# ---------------------------------------------------------------- from a codebook model
+
+
+def _unembed(lm) -> tuple[Tensor, Tensor | float]:
+    unembed = lm.model.get_output_embeddings().weight.float()  # (vocab, d)
+    inner = getattr(lm.model, "model", None) or getattr(lm.model, "gpt_neox", None) or getattr(lm.model, "transformer")
+    norm = next((getattr(inner, n) for n in ("norm", "final_layer_norm", "ln_f") if hasattr(inner, n)), None)
+    return unembed, (norm.weight.float() if norm is not None and getattr(norm, "weight", None) is not None else 1.0)
+
+
+@torch.no_grad()
+def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]], out: Path,
+                       codes: list[tuple[int, int]] | None = None, max_codes: int = 200, batch: int = 16) -> Path:
+    """One page for codebook `cb_id` of a codebook model (all its codebooks on, as served). A code's
+    activation at a token is its similarity score there when it is active, else 0; `codes` are
+    (head, code) pairs (default: the most frequent). Anchors: `#feature-{head * num_codes + code}`."""
+    from rudder.core.hf_sites import layout_of
+    from rudder.core.sites import Site
+    from rudder.training.codebook import _hooked
+
+    cb = codebooks[cb_id]
+    n, heads = cb.cfg.num_codes, cb.cfg.num_heads
+    acts, texts = [], []
+
+    def fn(c, x: Tensor, b: int) -> Tensor:
+        y, ids = c.snap(x)
+        if c is cb:
+            scores = c.scores(x)  # (T, G, N)
+            a = torch.zeros_like(scores)
+            a.scatter_(-1, ids, scores.gather(-1, ids).clamp(min=1e-6))
+            acts.append(a.reshape(b, -1, heads * n)[:, 1:].flatten(0, 1))  # sink position left out
+        return y
+
+    with _hooked(lm.model, codebooks, fn):
+        for i in range(0, len(windows), batch):
+            chunk = torch.tensor(windows[i:i + batch])
+            lm.model(chunk)
+            texts += [lm.tokenizer.decode([t]) for row in chunk[:, 1:].tolist() for t in row]
+    feats = torch.cat(acts)
+    if codes is None:
+        top = (feats > 0).float().sum(0).argsort(descending=True)[:max_codes]
+        ids = sorted(top.tolist())
+    else:
+        ids = sorted(h * n + c for h, c in codes)
+    site = Site.parse(cb.cfg.site)
+    unembed, scale = _unembed(lm)
+    vectors = cb.codes.detach().float()  # (G, N, d_code)
+    if site.per_head:  # through the head's slice of the output projection into the residual stream
+        blocks = lm.model
+        for part in layout_of(lm.model).layers.split("."):
+            blocks = getattr(blocks, part)
+        proj = blocks[site.layer]
+        for part in layout_of(lm.model).out_proj.split("."):
+            proj = getattr(proj, part)
+        w = proj.weight.float()
+        w = w if w.shape[1] == heads * cb.cfg.d_code else w.T  # Linear (out, in) or GPT-2's Conv1D (in, out)
+        resid = torch.einsum("dgk,gnk->gnd", w.reshape(w.shape[0], heads, cb.cfg.d_code), vectors)
+    else:
+        resid = vectors
+    effects = (resid.reshape(heads * n, -1) * scale) @ unembed.T
+    vocab = [lm.tokenizer.decode([t]) for t in range(unembed.shape[0])]
+    titles = {i: f"{cb_id} · head {i // n} · code {i % n}" for i in ids}
+    views = feature_views(texts, len(windows[0]) - 1, feats, effects, vocab, ids, titles=titles)
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "index.html"
+    page.write_text(render(f"{cb_id} at {cb.cfg.site} · {heads} x {n} codes, k={cb.cfg.k}", views))
     return page

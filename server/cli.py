@@ -153,16 +153,40 @@ def cmd_polysemanticity(args) -> int:
 
 @offline
 def cmd_dashboard(args) -> int:
+    import torch
+
     from rudder.analysis.dashboard import sae_dashboard
     from rudder.core.sae import SAE
     from rudder.server.default_model import ensure_default_model
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 
-    lm = HookedLM.load(args.model or ensure_default_model())
-    windows = train_eval_split(lm.tokenizer, 128, eval_tokens=args.tokens).eval
-    ids = [int(x) for x in args.features.split(",") if x.strip()] or None
-    page = sae_dashboard(lm, SAE.load(args.sae), windows, Path(args.out), ids, args.max_features)
+    from rudder.core.codebook import load_codebooks
+    from rudder.core.errors import InvalidArgument
+
+    if bool(args.sae) == bool(args.codebook):
+        raise InvalidArgument("pass --sae PATH or --codebook ID (with --model, the codebook model)")
+    model = Path(args.model or ensure_default_model())
+    lm = HookedLM.load(model)
+    wanted = [x.strip() for x in args.features.split(",") if x.strip()]
+    if args.sae:
+        windows = train_eval_split(lm.tokenizer, 128, eval_tokens=args.tokens).eval
+        page = sae_dashboard(lm, SAE.load(args.sae), windows, Path(args.out), [int(x) for x in wanted] or None,
+                             args.max_features)
+    else:
+        from rudder.analysis.dashboard import codebook_dashboard
+
+        codebooks = {cb.cfg.id: cb for cb in load_codebooks(model)}
+        if args.codebook not in codebooks:
+            raise InvalidArgument(f"{model} has no codebook {args.codebook!r}; it has {', '.join(codebooks)}")
+        if (model / "tokfsm.json").exists():
+            from rudder.training.tokfsm import TokFSM
+
+            windows = TokFSM.load(model).sample(max(args.tokens // 128, 1), torch.Generator().manual_seed(7)).tolist()
+        else:
+            windows = train_eval_split(lm.tokenizer, 128, eval_tokens=args.tokens).eval
+        codes = [tuple(int(v) for v in x.split(":")) for x in wanted] or None
+        page = codebook_dashboard(lm, codebooks, args.codebook, windows, Path(args.out), codes, args.max_features)
     print(f"wrote {page}")
     return 0
 
@@ -253,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="write the scores as JSON here")
     ap.set_defaults(func=cmd_polysemanticity)
 
-    db = sub.add_parser("dashboard", help="a static HTML feature dashboard for an SAE")
-    db.add_argument("--sae", required=True, help="SAELens-format SAE folder")
+    db = sub.add_parser("dashboard", help="a static HTML feature dashboard for an SAE or a codebook")
+    db.add_argument("--sae", help="SAELens-format SAE folder")
+    db.add_argument("--codebook", help="a codebook of the codebook model --model, e.g. attn_preproj.1")
     db.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded default)")
     db.add_argument("--out", required=True, help="folder for index.html")
-    db.add_argument("--features", default="", help="comma-separated feature ids (default: the densest)")
+    db.add_argument("--features", default="", help="comma-separated feature ids, or HEAD:CODE for codebooks "
+                                                   "(default: the densest)")
     db.add_argument("--max-features", type=int, default=200)
     db.add_argument("--tokens", type=int, default=32768, help="held-out corpus tokens")
     db.set_defaults(func=cmd_dashboard)

@@ -58,3 +58,31 @@ def test_chromium_renders_the_dashboard_and_shows_the_named_features_top_example
                    capture_output=True, timeout=120)
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a page with content, not a blank one
+
+
+def test_a_codebook_dashboard_shows_a_tokfsm_state_code_on_that_state(tmp_path):
+    """Code 831 of head 3 in attn_preproj.1 is state 90's code (precision 1 on the code index):
+    its top examples peak on the 0 of a state 90."""
+    import json
+    from pathlib import Path
+
+    from rudder.analysis.dashboard import codebook_dashboard
+    from rudder.core.codebook import load_codebooks
+    from rudder.training.tokfsm import TokFSM
+
+    model = Path(__file__).resolve().parents[2] / "models" / "tokfsm-codebook"
+    sc = max(json.loads((model / "tokfsm_codes.json").read_text())["state_codes"],
+             key=lambda s: (s["precision"], s["recall"]))
+    lm = HookedLM.load(model)
+    codebooks = {cb.cfg.id: cb for cb in load_codebooks(model)}
+    windows = TokFSM.load(model).sample(64, torch.Generator().manual_seed(7)).tolist()
+    page = codebook_dashboard(lm, codebooks, sc["codebook"], windows, tmp_path, [(sc["head"], sc["code"])])
+    fid = sc["head"] * codebooks[sc["codebook"]].cfg.num_codes + sc["code"]
+    section = page.read_text().split(f'id="feature-{fid}"')[1]
+    assert f"head {sc['head']} · code {sc['code']}" in section
+    state = str(sc["state"]).zfill(2)
+    examples = section.split("Top activating examples")[1].split("<h4>")[0].split('<div class="ex">')[1:]
+    assert examples
+    for ex in examples:  # the boxed token is the state's last digit, right after its first
+        before, peak = ex.split('class="tok peak"')
+        assert peak.split(">")[1].startswith(state[1]) and before.rstrip().endswith(f">{state[0]}</span><span")
