@@ -67,8 +67,9 @@ class CodebookTrainConfig(BaseModel):
     loss: Literal["aeloss", "vqvae"] = "aeloss"
     commitment: float = Field(0.25, ge=0, description="vqvae: β of the commitment term")
     ln_align: float = Field(0.1, ge=0, description="weight of the LayerNorm alignment term")
-    init: Literal["sample", "kmeans", "random"] = Field(
-        "sample", description="codes start as random real activations, their k-means centres, or Gaussian noise")
+    init: Literal["sample", "kmeans", "random", "existing"] = Field(
+        "sample", description="codes start as random real activations, their k-means centres, Gaussian noise, "
+                              "or (existing) the codebooks already in the model folder: training continues")
     model_lr_factor: float = Field(0.1, ge=0, description="model lr = lr · this (0: the model stays frozen)")
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
@@ -251,6 +252,22 @@ def initialise(codebooks: dict[str, Codebook], acts: dict[str, Tensor], how: str
                            else rows[torch.randperm(rows.shape[0], generator=generator)[:cb.cfg.num_codes]])
 
 
+def existing_codebooks(folder: Path, wanted: dict[str, Codebook]) -> dict[str, Codebook]:
+    """The codebooks saved in `folder`, which must be the ones the config asks for."""
+    from rudder.core.codebook import CONFIG_FILE, load_codebooks
+
+    if not (folder / CONFIG_FILE).exists():
+        raise InvalidArgument(f"init=existing: {folder} holds no codebooks ({CONFIG_FILE} is missing)")
+    found = {cb.cfg.id: cb.requires_grad_(True) for cb in load_codebooks(folder)}
+    for cb_id, cb in wanted.items():
+        have = found.get(cb_id)
+        if have is None or (have.cfg.site, have.cfg.num_codes, have.cfg.k, have.cfg.num_heads) != (
+                cb.cfg.site, cb.cfg.num_codes, cb.cfg.k, cb.cfg.num_heads):
+            raise InvalidArgument(f"init=existing: codebook {cb_id!r} in {folder} does not match the config "
+                                  f"(codebook_at, layers, num_codes, k)")
+    return {k: found[k] for k in wanted}
+
+
 @torch.no_grad()
 def replace_dead(codebooks: dict[str, Codebook], counts: dict[str, Tensor], acts: dict[str, Tensor],
                  generator: torch.Generator) -> int:
@@ -357,7 +374,10 @@ def train(cfg: CodebookTrainConfig) -> dict[str, float]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
 
     first = data.next()
-    initialise(codebooks, site_activations(model, first, codebooks), cfg.init, g)
+    if cfg.init == "existing":
+        codebooks = existing_codebooks(folder, codebooks)
+    else:
+        initialise(codebooks, site_activations(model, first, codebooks), cfg.init, g)
     eval_ids = data.held_out(cfg.eval_sequences)
     base = evaluate(model, {}, cfg, eval_ids)
 

@@ -156,6 +156,20 @@ def test_training_writes_a_codebook_model_with_metrics(tiny_codebook_model):
     assert index.tokens.shape == (16, 129) and index.ids["attn_preproj.0"].shape == (16, 129, 2, 2)
 
 
+def test_training_continues_from_the_codebooks_in_the_model_folder(tiny_codebook_model, tmp_path):
+    folder, _ = tiny_codebook_model
+    before = {cb.cfg.id: cb.codes.detach().clone() for cb in load_codebooks(folder)}
+    c = CodebookTrainConfig(model=str(folder), out=tmp_path / "more", codebook_at=["attn_preproj", "mlp"],
+                            num_codes=40, k=2, steps=2, batch=16, replace_dead_every=0, eval_sequences=16,
+                            init="existing", lr=1e-6, model_lr_factor=0)
+    train(c)
+    after = {cb.cfg.id: cb.codes for cb in load_codebooks(tmp_path / "more")}
+    for k, v in before.items():  # two tiny steps: the codes moved, but from where they were
+        assert not torch.equal(after[k], v) and torch.allclose(after[k], v, atol=1e-4)
+    with pytest.raises(Exception, match="does not match"):
+        train(c.model_copy(update={"num_codes": 41}))
+
+
 def test_the_code_index_matches_the_served_codebooks(tiny_codebook_model):
     """The index is what the reference backend reads out at the same tokens."""
     import asyncio
