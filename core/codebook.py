@@ -87,9 +87,20 @@ class Codebook(nn.Module):
         xn = F.layer_norm(x, (self.cfg.d_code,), eps=self.cfg.ln_eps) * self.ln_weight + self.ln_bias  # (T, G, d)
         if self.cfg.similarity == "euclidean":
             return -torch.cdist(xn.transpose(0, 1), self.codes).transpose(0, 1)
-        # For cosine, normalising xn changes no ranking, so only the codes are normalised.
-        codes = F.normalize(self.codes, dim=-1) if self.cfg.similarity == "cosine" else self.codes  # (G, N, d)
-        return torch.einsum("tgd,gnd->tgn", xn, codes)
+        return torch.bmm(xn.transpose(0, 1), self._scoring_codes()).transpose(0, 1)
+
+    def _scoring_codes(self) -> Tensor:
+        """The codes as scoring reads them, (G, d, N): unit-norm for cosine (normalising xn changes no
+        ranking, so only the codes are). Served codebooks don't change, so this is cached until they do."""
+        codes = self.codes
+        if codes.requires_grad and torch.is_grad_enabled():
+            return (F.normalize(codes, dim=-1) if self.cfg.similarity == "cosine" else codes).transpose(1, 2)
+        key = (codes.data_ptr(), codes._version, codes.dtype, codes.device)
+        if getattr(self, "_cache_key", None) != key:
+            unit = F.normalize(codes.detach(), dim=-1) if self.cfg.similarity == "cosine" else codes.detach()
+            self._cache = unit.transpose(1, 2).contiguous()
+            self._cache_key = key
+        return self._cache
 
     def snap(self, x: Tensor, forced: list[ForcedCodes] = ()) -> tuple[Tensor, Tensor]:
         """x (T, G, d) -> (y (T, G, d), ids (T, G, k)) with forced codes applied in order."""

@@ -101,3 +101,18 @@ def test_codebook_artifact_round_trip(tmp_path):
     assert [c.cfg for c in loaded] == [c.cfg for c in cbs]
     x = torch.randn(5, 4, 8)
     assert torch.equal(loaded[0].snap(x)[0], cbs[0].snap(x)[0])
+
+
+def test_scoring_follows_codes_changed_in_place():
+    """Served codebooks cache their scoring codes; an in-place change (an optimizer step, a dead-code
+    replacement, a load) must be seen at once."""
+    cb = make(k=2, heads=2)
+    x = torch.randn(10, 2, 8)
+    with torch.no_grad():
+        cb.snap(x)
+        cb.codes.mul_(-1.0)
+        cb.codes[0, :5] = torch.randn(5, 8)
+        y, ids = cb.snap(x)
+    y_ref, ids_ref = paper_snap(x, cb.codes.detach(), cb.ln_weight.detach(), cb.ln_bias.detach(), 2)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(y, y_ref)
