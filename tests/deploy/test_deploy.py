@@ -112,3 +112,14 @@ def test_dockerfiles_copy_paths_that_exist():
         for src in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), flags=re.M):
             for path in src.split():
                 assert (ROOT / path).exists(), f"{dockerfile.name}: COPY {path} does not exist"
+
+
+def test_dockerfiles_copy_every_package_the_install_needs():
+    import tomllib
+
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for dockerfile in (ROOT / "deploy/docker").glob("Dockerfile.*"):
+        copied = {p.rstrip("/") for src in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), flags=re.M)
+                  for p in src.split()}
+        top = {d.split("/")[0] for d in package_dirs.values()}
+        assert top <= copied, f"{dockerfile.name} does not COPY {sorted(top - copied)}: pip install would fail"
