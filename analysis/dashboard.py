@@ -193,7 +193,7 @@ def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]]
     """One page for codebook `cb_id` of a codebook model (all its codebooks on, as served). A code's
     activation at a token is its similarity score there when it is active, else 0; `codes` are
     (head, code) pairs (default: the most frequent). Anchors: `#feature-{head * num_codes + code}`."""
-    from rudder.core.hf_sites import layout_of
+    from rudder.core.hf_sites import block_part
     from rudder.core.sites import Site
     from rudder.training.codebook import _hooked
 
@@ -225,13 +225,7 @@ def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]]
     unembed, scale = _unembed(lm)
     vectors = cb.codes.detach().float()  # (G, N, d_code)
     if site.per_head:  # through the head's slice of the output projection into the residual stream
-        blocks = lm.model
-        for part in layout_of(lm.model).layers.split("."):
-            blocks = getattr(blocks, part)
-        proj = blocks[site.layer]
-        for part in layout_of(lm.model).out_proj.split("."):
-            proj = getattr(proj, part)
-        w = proj.weight.float()
+        w = block_part(lm.model, site.layer, "out_proj").weight.float()
         w = w if w.shape[1] == heads * cb.cfg.d_code else w.T  # Linear (out, in) or GPT-2's Conv1D (in, out)
         resid = torch.einsum("dgk,gnk->gnd", w.reshape(w.shape[0], heads, cb.cfg.d_code), vectors)
     else:

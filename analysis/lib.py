@@ -152,13 +152,9 @@ def edge_count(e: Tensor, share: float) -> int:
 def analyze_mlp(lm, layer: int, windows: list[list[int]], tokens: int, out, rtol: float = 1e-6) -> dict:
     """LIB and PCA bases and graphs of layer `layer`'s MLP on held-out tokens, written to `out`."""
     from rudder.analysis.polysemanticity import OUT_PROJ
-    from rudder.core.hf_sites import layout_of
+    from rudder.core.hf_sites import block_part
 
-    layout = layout_of(lm.model)
-    blocks = lm.model
-    for part in layout.layers.split("."):
-        blocks = getattr(blocks, part)
-    mlp = getattr(blocks[layer], layout.mlp)
+    mlp = block_part(lm.model, layer, "mlp")
     inputs: list[Tensor] = []
     handle = mlp.register_forward_pre_hook(lambda m, a: inputs.append(a[0][:, 1:].flatten(0, 1).detach().double()))
     try:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rudder.analysis.neuron_embeddings import polysemanticity
-from rudder.core.hf_sites import layout_of
+from rudder.core.hf_sites import block_part
 from rudder.core.sae import SAE
 from rudder.core.sites import Site
 
@@ -38,10 +38,7 @@ def collect(lm, sae: SAE, windows: list[list[int]], batch: int = 8) -> dict[str,
     if mlp_layer >= lm.shape.num_layers:
         raise ValueError(f"no MLP reads {site.name}: it is the model's last residual")
     arch = lm.shape.architecture
-    blocks = lm.model
-    for part in layout_of(lm.model).layers.split("."):
-        blocks = getattr(blocks, part)
-    mlp = getattr(blocks[mlp_layer], layout_of(lm.model).mlp)
+    mlp = block_part(lm.model, mlp_layer, "mlp")
     got: dict[str, list[Tensor]] = {"mlp_in": [], "neurons": []}
     h1 = mlp.register_forward_pre_hook(lambda m, a: got["mlp_in"].append(a[0][:, 1:].flatten(0, 1).float()))
     h2 = getattr(mlp, OUT_PROJ[arch]).register_forward_pre_hook(

@@ -54,6 +54,12 @@ def _get(obj: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+def block_part(model: nn.Module, layer: int, part: str) -> nn.Module:
+    """A module of block `layer`, named by its Layout field: "mlp" or "out_proj"."""
+    layout = layout_of(model)
+    return _get(_get(model, layout.layers)[layer], getattr(layout, part))
+
+
 def layout_of(model: nn.Module) -> Layout:
     kind = model.config.model_type
     if kind not in LAYOUTS:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import Tensor, nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
@@ -191,15 +190,12 @@ def evaluate(model: nn.Module, fsm: TokFSM, n: int = 256, new_states: int = 63, 
 # ---------------------------------------------------------------- training the base model
 
 
-def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    logits = model(ids).logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
 def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3, warmup: int = 100,
                seed: int = 0, fsm: TokFSM | None = None, log_every: int = 50) -> dict[str, float]:
     """Train the paper's TokFSM model from scratch and save it (with tokenizer and FSM) to `out`."""
     from tqdm import tqdm
+
+    from rudder.training.codebook import lm_loss
 
     fsm = fsm or TokFSM.build()
     model = make_model(seed)
@@ -210,7 +206,8 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="tokfsm base", unit="step")
     for step in bar:
-        loss = lm_loss(model, fsm.sample(batch, g))
+        ids = fsm.sample(batch, g)
+        loss, _ = lm_loss(model(ids).logits, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
