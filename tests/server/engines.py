@@ -18,3 +18,14 @@ async def collect(engine, requests):
 def tokens(events):
     """The generated token ids of one request's events."""
     return [e.token_id for e in events if not e.is_prompt]
+
+
+def running_after_settling(engine, timeout: float = 30.0) -> int:
+    """The engine's running requests once finished work has been released (it is released
+    just after a stream's last message goes out), waiting up to `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine.running_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return engine.running_requests()

@@ -4,12 +4,10 @@ cancellation, SIGTERM under load. Each test prints the figures it measured (pyte
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
@@ -23,6 +21,7 @@ from rudder.server.requests import Limits
 from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
 from tests.server.test_process import free_port, wait_until_serving
+from tests.server.engines import running_after_settling
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -160,7 +159,7 @@ def test_many_concurrent_streams_mixing_steered_and_unsteered(server):
         t.join()
     print(f"\n{n} concurrent streams: {len(errors)} errors; up to {max(held)} in flight at once")
     assert not errors, errors[:3]
-    assert engine.running_requests() == 0
+    assert running_after_settling(engine) == 0
 
 
 def test_200_cancelled_streams_leave_nothing_running_and_memory_flat(server):
@@ -177,12 +176,10 @@ def test_200_cancelled_streams_leave_nothing_running_and_memory_flat(server):
     cancel_some(50)  # warm-up: allocator pools, gRPC buffers
     before = rss_mb()
     cancel_some(200)
-    deadline = time.monotonic() + 30
-    while engine.running_requests() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    left = running_after_settling(engine)
     after = rss_mb()
-    print(f"\n200 cancelled streams: {engine.running_requests()} left running; RSS {before:.0f} -> {after:.0f} MB")
-    assert engine.running_requests() == 0
+    print(f"\n200 cancelled streams: {left} left running; RSS {before:.0f} -> {after:.0f} MB")
+    assert left == 0
     assert server.server.service.in_flight == 0
     assert after - before < 25, f"RSS grew {after - before:.1f} MB over 200 cancellations"
 
