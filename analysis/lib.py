@@ -151,8 +151,7 @@ def edge_count(e: Tensor, share: float) -> int:
 
 def analyze_mlp(lm, layer: int, windows: list[list[int]], tokens: int, out, rtol: float = 1e-6) -> dict:
     """LIB and PCA bases and graphs of layer `layer`'s MLP on held-out tokens, written to `out`."""
-    from rudder.analysis.polysemanticity import OUT_PROJ
-    from rudder.core.hf_sites import block_part
+    from rudder.core.hf_sites import block_part, layout_of
 
     mlp = block_part(lm.model, layer, "mlp")
     inputs: list[Tensor] = []
@@ -168,7 +167,7 @@ def analyze_mlp(lm, layer: int, windows: list[list[int]], tokens: int, out, rtol
     x = torch.cat(inputs)[:tokens]
     mlp.double()
     try:
-        fns = mlp_chain(mlp, OUT_PROJ[lm.shape.architecture])
+        fns = mlp_chain(mlp, layout_of(lm.model).mlp_out)
         lib = interaction_graph(x, fns, "lib", rtol)
         pca = interaction_graph(x, fns, "pca", rtol)
     finally:

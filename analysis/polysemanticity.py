@@ -22,12 +22,10 @@ import torch
 from torch import Tensor
 
 from rudder.analysis.neuron_embeddings import polysemanticity
-from rudder.core.hf_sites import block_part
+from rudder.core.hf_sites import block_part, layout_of
 from rudder.core.sae import SAE
 from rudder.core.sites import Site
 
-IN_PROJ = {"llama": "gate_proj", "mistral": "gate_proj", "qwen2": "gate_proj", "gpt2": "c_fc", "gpt_neox": "dense_h_to_4h"}
-OUT_PROJ = {"llama": "down_proj", "mistral": "down_proj", "qwen2": "down_proj", "gpt2": "c_proj", "gpt_neox": "dense_4h_to_h"}
 
 
 @torch.no_grad()
@@ -39,9 +37,10 @@ def collect(lm, sae: SAE, windows: list[list[int]], batch: int = 8) -> dict[str,
         raise ValueError(f"no MLP reads {site.name}: it is the model's last residual")
     arch = lm.shape.architecture
     mlp = block_part(lm.model, mlp_layer, "mlp")
+    layout = layout_of(lm.model)
     got: dict[str, list[Tensor]] = {"mlp_in": [], "neurons": []}
     h1 = mlp.register_forward_pre_hook(lambda m, a: got["mlp_in"].append(a[0][:, 1:].flatten(0, 1).float()))
-    h2 = getattr(mlp, OUT_PROJ[arch]).register_forward_pre_hook(
+    h2 = getattr(mlp, layout.mlp_out).register_forward_pre_hook(
         lambda m, a: got["neurons"].append(a[0][:, 1:].flatten(0, 1).float()))
     sae_in, feats = [], []
     try:
@@ -54,7 +53,7 @@ def collect(lm, sae: SAE, windows: list[list[int]], batch: int = 8) -> dict[str,
     finally:
         h1.remove()
         h2.remove()
-    w_in = getattr(mlp, IN_PROJ[arch]).weight
+    w_in = getattr(mlp, layout.mlp_in).weight
     if arch == "gpt2":  # Conv1D stores (in, out)
         w_in = w_in.T
     return {"mlp_in": torch.cat(got["mlp_in"]), "neurons": torch.cat(got["neurons"]), "w_in": w_in.float(),

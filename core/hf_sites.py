@@ -24,14 +24,16 @@ class Layout:
     layers: str  # attribute path from the CausalLM to the list of blocks
     mlp: str  # attribute path inside a block
     out_proj: str  # attention output projection inside a block (its input is hook_z)
+    mlp_in: str  # inside the MLP: the projection whose output the nonlinearity reads (gate, for Llama)
+    mlp_out: str  # inside the MLP: the output projection (its input is the neurons' activations)
 
 
 LAYOUTS = {
-    "llama": Layout("model.layers", "mlp", "self_attn.o_proj"),
-    "mistral": Layout("model.layers", "mlp", "self_attn.o_proj"),
-    "qwen2": Layout("model.layers", "mlp", "self_attn.o_proj"),
-    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj"),
-    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense"),
+    "llama": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
+    "mistral": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
+    "qwen2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
+    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj"),
+    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
 
 

@@ -86,7 +86,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.parser = RequestParser(engine.shape, engine.artifacts, limits)
         self.max_concurrent = max_concurrent
         self.in_flight = 0
-        self._index_texts: dict[str, list[list[str]]] = {}  # code search: token texts of each codebook index
+        self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index
 
     def _count_admitted(self, steering: SteeringSpec, prompt_tokens: int) -> None:
         m = self.metrics
@@ -215,9 +215,10 @@ class SteeringService(pb_grpc.SteeringServicer):
 
     def _code_search(self, cb, pattern: re.Pattern, min_precision: float, min_recall: float) -> list:
         """Codebook Features' code search over the codebook's index of held-out tokens."""
-        if cb.id not in self._index_texts:
-            self._index_texts[cb.id] = [[self.engine.token_text(t) for t in row] for row in cb.index_tokens.tolist()]
-        texts = self._index_texts[cb.id]
+        key = cb.index_tokens.data_ptr()  # a model's codebooks share one index: decode its tokens once
+        if key not in self._index_texts:
+            self._index_texts[key] = [[self.engine.token_text(t) for t in row] for row in cb.index_tokens.tolist()]
+        texts = self._index_texts[key]
         labels = code_search.regex_labels(texts, pattern)
         positions = cb.index_ids.shape[0] * cb.index_ids.shape[1]
         return [pb.FeatureSummary(id=h.code, head=h.head, precision=h.precision, recall=h.recall,

@@ -94,22 +94,9 @@ def head_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -
 
 
 def best_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -> list[StateCode | None]:
-    best: list[StateCode | None] = [None] * fsm.num_states
-    for key in [k for k in table if k.endswith(".precision")]:
-        cb_id = key.removesuffix(".precision")
-        precision, recall = table[key], table[cb_id + ".recall"]
-        eligible = torch.where(recall >= min_recall, precision, torch.full_like(precision, -1.0))
-        for s in range(fsm.num_states):
-            flat = eligible[s].flatten()
-            i = int(flat.argmax())
-            p = float(flat[i])
-            if p < 0:
-                continue
-            g, c = divmod(i, precision.shape[2])
-            cand = StateCode(s, cb_id, g, c, p, float(recall[s, g, c]))
-            if best[s] is None or (cand.precision, cand.recall) > (best[s].precision, best[s].recall):
-                best[s] = cand
-    return best
+    """For every state, its most precise code over all codebooks and heads (recall >= min_recall)."""
+    return [max(codes, key=lambda c: (c.precision, c.recall), default=None)
+            for codes in head_state_codes(fsm, table, min_recall)]
 
 
 @torch.no_grad()
