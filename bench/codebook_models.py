@@ -4,8 +4,8 @@
 
 Two models, each served twice by the reference engine in one run: with its codebooks
 (always on) and as the plain base model (the same weights without codebooks.json).
-- TokFSM: the shipped codebook model (models/tokfsm-codebook: 4 layers x 4 heads of
-  attention codebooks, 1000 codes each, k=1), 128 new tokens per stream.
+- TokFSM: the shipped codebook model (models/tokfsm-codebook: at each of 4 layers, 4 heads
+  of attention codebooks and an MLP codebook, 1000 codes each, k=1), 128 new tokens per stream.
 - SmolLM2-135M (the default model) with attention codebooks at all 30 layers (9 heads
   x 1000 codes of 64 dims, k=1; untrained codes: the cost is the same).
 Prints a table and writes bench/results/codebook_models.json.
@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_backend import run  # noqa: E402
 
-from rudder.core.codebook import CONFIG_FILE, WEIGHTS_FILE, Codebook, CodebookConfig, save_codebooks  # noqa: E402
+from rudder.core.codebook import (  # noqa: E402
+    CONFIG_FILE, WEIGHTS_FILE, Codebook, CodebookConfig, load_codebooks, save_codebooks)
 from rudder.core.steering import ReadoutSpec, SteeringSpec  # noqa: E402
 from rudder.server.backends.reference import ReferenceEngine  # noqa: E402
 from rudder.server.default_model import ensure_default_model  # noqa: E402
@@ -79,8 +80,9 @@ def main() -> None:
         chat_prompts = lambda e: None  # noqa: E731
         cases = []
         if TOKFSM.exists():
-            cases.append(("TokFSM 4x4 heads, 1000 codes", TOKFSM, without_codebooks(TOKFSM, tmp), fsm_prompts,
-                          4 * args.tokens, [f"attn_preproj.{l}" for l in range(4)]))
+            books = [cb.cfg.id for cb in load_codebooks(TOKFSM)]
+            cases.append((f"TokFSM {len(books)} codebooks, 1000 codes", TOKFSM, without_codebooks(TOKFSM, tmp),
+                          fsm_prompts, 4 * args.tokens, books))
         cb_model, base = smollm_codebook_model(tmp)
         cases.append(("SmolLM2-135M 30x9 heads, 1000 codes", cb_model, base, chat_prompts, args.tokens,
                       [f"attn_preproj.{l}" for l in range(30)]))

@@ -69,7 +69,8 @@ class CodebookTrainConfig(BaseModel):
     ln_align: float = Field(0.1, ge=0, description="weight of the LayerNorm alignment term")
     init: Literal["sample", "kmeans", "random", "existing"] = Field(
         "sample", description="codes start as random real activations, their k-means centres, Gaussian noise, "
-                              "or (existing) the codebooks already in the model folder: training continues")
+                              "or (existing) the codebooks already in the model folder: training continues, "
+                              "and codebooks the folder lacks start as sampled activations")
     model_lr_factor: float = Field(0.1, ge=0, description="model lr = lr · this (0: the model stays frozen)")
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
@@ -252,8 +253,8 @@ def initialise(codebooks: dict[str, Codebook], acts: dict[str, Tensor], how: str
                            else rows[torch.randperm(rows.shape[0], generator=generator)[:cb.cfg.num_codes]])
 
 
-def existing_codebooks(folder: Path, wanted: dict[str, Codebook]) -> dict[str, Codebook]:
-    """The codebooks saved in `folder`, which must be the ones the config asks for."""
+def existing_codebooks(folder: Path, wanted: dict[str, Codebook]) -> tuple[dict[str, Codebook], list[str]]:
+    """The config's codebooks, taken from `folder` where it has them; also the ids it lacks (still to initialise)."""
     from rudder.core.codebook import CONFIG_FILE, load_codebooks
 
     if not (folder / CONFIG_FILE).exists():
@@ -261,11 +262,15 @@ def existing_codebooks(folder: Path, wanted: dict[str, Codebook]) -> dict[str, C
     found = {cb.cfg.id: cb.requires_grad_(True) for cb in load_codebooks(folder)}
     for cb_id, cb in wanted.items():
         have = found.get(cb_id)
-        if have is None or (have.cfg.site, have.cfg.num_codes, have.cfg.k, have.cfg.num_heads) != (
+        if have is not None and (have.cfg.site, have.cfg.num_codes, have.cfg.k, have.cfg.num_heads) != (
                 cb.cfg.site, cb.cfg.num_codes, cb.cfg.k, cb.cfg.num_heads):
             raise InvalidArgument(f"init=existing: codebook {cb_id!r} in {folder} does not match the config "
-                                  f"(codebook_at, layers, num_codes, k)")
-    return {k: found[k] for k in wanted}
+                                  f"(num_codes, k)")
+    missing = [k for k in wanted if k not in found]
+    if len(missing) == len(wanted):
+        raise InvalidArgument(f"init=existing: {folder} holds none of the codebooks the config asks for "
+                              f"({', '.join(wanted)})")
+    return {k: found.get(k, wanted[k]) for k in wanted}, missing
 
 
 @torch.no_grad()
@@ -375,7 +380,11 @@ def train(cfg: CodebookTrainConfig) -> dict[str, float]:
 
     first = data.next()
     if cfg.init == "existing":
-        codebooks = existing_codebooks(folder, codebooks)
+        codebooks, fresh = existing_codebooks(folder, codebooks)
+        if fresh:  # sampled from the activations the existing codebooks leave downstream
+            with snapping(model, {k: v for k, v in codebooks.items() if k not in fresh}):
+                acts = site_activations(model, first, {k: codebooks[k] for k in fresh})
+            initialise({k: codebooks[k] for k in fresh}, acts, "sample", g)
     else:
         initialise(codebooks, site_activations(model, first, codebooks), cfg.init, g)
     eval_ids = data.held_out(cfg.eval_sequences)
@@ -443,7 +452,12 @@ def save(model: nn.Module, tokenizer, codebooks: dict[str, Codebook], cfg: Codeb
     if fsm is not None:
         fsm.save(out)
     save_codebooks(list(codebooks.values()), out)
-    (out / METRICS_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json"), "metrics": metrics}, indent=2))
+    record = {"config": cfg.model_dump(mode="json"), "metrics": metrics}
+    previous = Path(cfg.model) / METRICS_FILE
+    if cfg.init == "existing" and previous.exists():  # a continued run keeps the record of the runs before it
+        before = json.loads(previous.read_text())
+        record["earlier"] = before.pop("earlier", []) + [before]
+    (out / METRICS_FILE).write_text(json.dumps(record, indent=2))
     return out
 
 

@@ -8,10 +8,16 @@
   code of S is the most precise code with recall >= `min_recall`.
 - Steering. Prompts are walks that end in some state T; codes of S are forced at the
   prompt's last position (where the next state is predicted) and the model continues
-  greedily (over the whole vocabulary, as the server does) for one state. Success: the new state is a successor of S. Two ways: S's best
-  code alone, and S's best code in every (codebook, head) with recall >= `set_recall`
-  (one forced code per head, as k=1 allows). The same prompts without codes give the
-  unsteered rate.
+  greedily (over the whole vocabulary, as the server does) for one state. Success: the
+  new state is a successor of S. Three ways, from one code to all of them:
+    best code    S's best code alone;
+    every head   S's best code in every (codebook, head) with recall >= `set_recall`;
+    own codes    the codes S itself activates (the prompt "<bos> S", its last digit) in
+                 every codebook and head: the paper's intervention, which patches in the
+                 codes of the target state's own forward pass (reference tutorial, tokfsm).
+  One forced code per head, as k=1 allows. The same prompts without codes give the
+  unsteered rate. Also reported: how often the first generated digit begins a successor
+  of S (the next token alone, where the reference measures its interventions).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from rudder.training.codebook import code_index, snapping
 from rudder.training.tokfsm import TokFSM
 
 RESULTS_FILE = "tokfsm_codes.json"
+LISTS = ("state_codes", "state_code_sets", "own_code_sets")  # per-state lists in RESULTS_FILE, not printed
 
 
 @dataclass(frozen=True)
@@ -100,9 +107,25 @@ def best_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -
 
 
 @torch.no_grad()
-def next_state(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
-               force: list[list[StateCode]] | None) -> Tensor:
-    """Greedy next state after each prompt (N, L), forcing the codes force[i] at prompt i's last position."""
+def own_codes(model, codebooks: dict[str, Codebook], fsm: TokFSM, table: dict[str, Tensor]) -> list[list[StateCode]]:
+    """For every state S, the top code S activates in every (codebook, head) at its last digit of "<bos> S"."""
+    record: dict[str, Tensor] = {}
+    with snapping(model, codebooks, record):
+        model(fsm.encode(torch.arange(fsm.num_states)[:, None]))
+    out: list[list[StateCode]] = [[] for _ in range(fsm.num_states)]
+    for cb_id in sorted(record):
+        top = record[cb_id][:, -1, :, 0]  # (S, G): the best code, as one forced code per head allows
+        precision, recall = table[cb_id + ".precision"], table[cb_id + ".recall"]
+        for s in range(fsm.num_states):
+            for g, c in enumerate(top[s].tolist()):
+                out[s].append(StateCode(s, cb_id, g, c, float(precision[s, g, c]), float(recall[s, g, c])))
+    return out
+
+
+@torch.no_grad()
+def continuation(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
+                 force: list[list[StateCode]] | None, strength: float = 1.0) -> Tensor:
+    """(N, digits) greedy tokens after each prompt (N, L), forcing the codes force[i] at prompt i's last position."""
     n, length = prompts.shape
     ids = prompts
     for step in range(fsm.digits):
@@ -114,35 +137,48 @@ def next_state(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tens
                 forced[cb_id] = [ForcedCodes(torch.tensor([i * width + length - 1 for i, _ in pairs]),
                                              torch.tensor([f.head for _, f in pairs]),
                                              torch.tensor([f.code for _, f in pairs]),
-                                             torch.ones(len(pairs)))]
+                                             torch.full((len(pairs),), strength))]
         with snapping(model, codebooks, forced=forced):
             logits = model(ids).logits[:, -1]  # the whole vocabulary: a non-digit ends the walk (state -1)
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    return fsm.decode(torch.cat([ids[:, :1], ids[:, length:]], dim=1))[:, 0]
+    return ids[:, length:]
+
+
+def next_state(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
+               force: list[list[StateCode]] | None, strength: float = 1.0) -> Tensor:
+    """Greedy next state after each prompt (N, L) (-1 if not digits), forcing force[i] at prompt i's last position."""
+    new = continuation(model, codebooks, fsm, prompts, force, strength)
+    return fsm.decode(torch.cat([prompts[:, :1], new], dim=1))[:, 0]
 
 
 def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, codes: list[list[StateCode]],
-             trials: int = 20, seed: int = 3) -> dict[str, float]:
+             trials: int = 20, seed: int = 3, strength: float = 1.0) -> dict[str, float]:
     """codes[s]: the codes forced to steer towards state s (states with none are skipped)."""
     g = torch.Generator().manual_seed(seed)
     targets = [c for c in codes if c]
     succ = torch.from_numpy(fsm.transitions)
-    steered = unsteered = natural = total = 0
+    firsts = torch.zeros(fsm.num_states, 11, dtype=torch.bool)  # firsts[s, d]: a successor of s starts with d
+    firsts[torch.arange(fsm.num_states)[:, None], torch.from_numpy(fsm.successors) // 10 ** (fsm.digits - 1)] = True
+    steered = unsteered = natural = first = first_unsteered = total = 0
     for length in (1, 3, 8, 24):  # prompt lengths in states
         force = [t for t in targets for _ in range(max(trials // 4, 1))]
         prompts = fsm.encode(fsm.walk(len(force), length, g))
         last = fsm.decode(prompts)[:, -1]
         wanted = torch.tensor([f[0].state for f in force])
-        with_code = next_state(model, codebooks, fsm, prompts, force)
-        without = next_state(model, codebooks, fsm, prompts, None)
+        steered_ids = continuation(model, codebooks, fsm, prompts, force, strength)
+        plain_ids = continuation(model, codebooks, fsm, prompts, None)
+        with_code, without = (fsm.decode(torch.cat([prompts[:, :1], x], dim=1))[:, 0] for x in (steered_ids, plain_ids))
         ok = lambda a, b: ((b >= 0) & succ[a, b.clamp(min=0)]).sum().item()  # noqa: E731
         steered += ok(wanted, with_code)
         unsteered += ok(wanted, without)
         natural += ok(last, without)
+        first += firsts[wanted, steered_ids[:, 0].clamp(max=10)].sum().item()  # 10: not a digit
+        first_unsteered += firsts[wanted, plain_ids[:, 0].clamp(max=10)].sum().item()
         total += len(force)
     return {"steering_success": steered / total, "unsteered_success": unsteered / total,
+            "first_digit_success": first / total, "unsteered_first_digit_success": first_unsteered / total,
             "unsteered_follows_prompt": natural / total, "trials": total, "states": len(targets),
-            "codes_per_state": sum(len(c) for c in targets) / max(len(targets), 1)}
+            "codes_per_state": sum(len(c) for c in targets) / max(len(targets), 1), "strength": strength}
 
 
 def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], index: CodeIndex,
@@ -163,6 +199,12 @@ def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], 
         (folder / cb_id / FEATURE_METADATA).write_text(json.dumps({"features": feats}, indent=1))
 
 
+def precision_summary(codes: list[StateCode]) -> dict:
+    return {"states_with_code": len(codes),
+            "mean_best_precision": sum(b.precision for b in codes) / max(len(codes), 1),
+            "mean_best_recall": sum(b.recall for b in codes) / max(len(codes), 1)}
+
+
 def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20, set_recall: float = 0.1) -> dict:
     folder = Path(folder)
     fsm = TokFSM.load(folder)
@@ -175,17 +217,18 @@ def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20, set_r
     best = best_state_codes(fsm, table, min_recall)
     found = [b for b in best if b is not None]
     write_feature_metadata(folder, fsm, table, index, min_recall)
-    result = {
-        "min_recall": min_recall,
-        "states_with_code": len(found),
-        "mean_best_precision": sum(b.precision for b in found) / max(len(found), 1),
-        "mean_best_recall": sum(b.recall for b in found) / max(len(found), 1),
-    }
+    result = {"min_recall": min_recall, **precision_summary(found)}
+    for kind in sorted({cb_id.split(".")[0] for cb_id in codebooks}):  # attn_preproj, mlp: each kind on its own
+        of_kind = {k: v for k, v in table.items() if k.split(".")[0] == kind}
+        result[f"best_code_{kind}"] = precision_summary([b for b in best_state_codes(fsm, of_kind, min_recall) if b])
     per_head = head_state_codes(fsm, table, set_recall)
+    own = own_codes(model, codebooks, fsm, table)
     result["steering_best_code"] = steering(model, codebooks, fsm, [[b] if b else [] for b in best], trials)
     result["steering_every_head"] = steering(model, codebooks, fsm, per_head, trials) | {"set_recall": set_recall}
+    result["steering_own_codes"] = steering(model, codebooks, fsm, own, trials)
     result["state_codes"] = [asdict(b) for b in found]
     result["state_code_sets"] = [[asdict(c) for c in cs] for cs in per_head]
+    result["own_code_sets"] = [[asdict(c) for c in cs] for cs in own]
     (folder / RESULTS_FILE).write_text(json.dumps(result, indent=2))
     return result
 
@@ -197,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=20, help="steering prompts per state")
     a = p.parse_args(argv)
     r = analyse(a.model, a.min_recall, a.trials)
-    print(json.dumps({k: v for k, v in r.items() if k not in ("state_codes", "state_code_sets")}, indent=2))
+    print(json.dumps({k: v for k, v in r.items() if k not in LISTS}, indent=2))
     return 0
 
 

@@ -61,8 +61,8 @@ def test_chromium_renders_the_dashboard_and_shows_the_named_features_top_example
 
 
 def test_a_codebook_dashboard_shows_a_tokfsm_state_code_on_that_state(tmp_path):
-    """Code 831 of head 3 in attn_preproj.1 is state 90's code (precision 1 on the code index):
-    its top examples peak on the 0 of a state 90."""
+    """The shipped model's most precise state code (tokfsm_codes.json; state 97's code in mlp.1,
+    precision and recall 1 on the code index): its top examples peak on the state's last digit."""
     import json
     from pathlib import Path
 

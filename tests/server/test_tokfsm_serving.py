@@ -27,10 +27,10 @@ def state_codes():
 
 
 def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(served):
-    """For 20 states: S's best code in every (codebook, head) forced at the prompt's last
-    position; the server's continuation equals the offline forcing's (rudder.training.tokfsm_codes),
-    the readouts show the forced codes, and the walk lands on S's successors more often than
-    without the codes."""
+    """For 20 states: the codes S itself activates (every codebook and head) forced at the
+    prompt's last position; the server's continuation equals the offline forcing's
+    (rudder.training.tokfsm_codes), the readouts show the forced codes, every first digit
+    begins a successor of S, and the walk lands on S's successors more often than without."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -38,7 +38,7 @@ def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(
     from rudder.training.tokfsm_codes import StateCode, next_state
 
     fsm = TokFSM.load(MODEL)
-    sets = [[StateCode(**c) for c in cs] for cs in json.loads((MODEL / "tokfsm_codes.json").read_text())["state_code_sets"]]
+    sets = [[StateCode(**c) for c in cs] for cs in json.loads((MODEL / "tokfsm_codes.json").read_text())["own_code_sets"]]
     rng = random.Random(0)
     states = rng.sample([s for s in range(fsm.num_states) if sets[s]], 20)
     walks = torch.tensor([[rng.randrange(fsm.num_states)] for _ in states])
@@ -64,6 +64,7 @@ def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(
         got = fsm.decode(torch.tensor([[10] + [t.id for t in steered]]))[0, 0].item()
         assert got == want  # -1 when the model answered with a non-digit
         succ = set(fsm.successors[s].tolist())
+        assert steered[0].id in {t // 10 for t in succ}, (s, steered[0].id)
         steered_ok += got in succ
         baseline_ok += fsm.decode(torch.tensor([[10] + [t.id for t in baseline]]))[0, 0].item() in succ
     assert steered_ok > baseline_ok, (steered_ok, baseline_ok)

@@ -1,5 +1,6 @@
 """Codebook training: straight-through gradients, the two objectives, initialisation, dead codes, TokFSM."""
 
+import json
 import re
 from pathlib import Path
 
@@ -168,6 +169,40 @@ def test_training_continues_from_the_codebooks_in_the_model_folder(tiny_codebook
         assert not torch.equal(after[k], v) and torch.allclose(after[k], v, atol=1e-4)
     with pytest.raises(Exception, match="does not match"):
         train(c.model_copy(update={"num_codes": 41}))
+
+
+def test_continuing_adds_the_codebooks_the_model_folder_lacks_from_sampled_activations(tiny_codebook_model, tmp_path):
+    """Attention codebooks first, then init=existing with MLP codebooks too: the attention codes
+    continue from where they were, and each new MLP code starts as a real MLP output of the first
+    batch, taken with the attention codebooks snapping."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rudder.training.codebook import Batches, site_activations, snapping
+
+    base = tiny_codebook_model[0].parent / "base"
+    attn = CodebookTrainConfig(model=str(base), out=tmp_path / "attn", codebook_at=["attn_preproj"], num_codes=40,
+                               steps=2, batch=16, replace_dead_every=0, eval_sequences=16)
+    train(attn)
+    more = attn.model_copy(update={"model": str(tmp_path / "attn"), "out": tmp_path / "both",
+                                   "codebook_at": ["attn_preproj", "mlp"], "init": "existing",
+                                   "lr": 1e-7, "model_lr_factor": 0.0})
+    train(more)
+    before = {cb.cfg.id: cb for cb in load_codebooks(tmp_path / "attn")}
+    after = {cb.cfg.id: cb for cb in load_codebooks(tmp_path / "both")}
+    assert set(after) == {"attn_preproj.0", "attn_preproj.1", "mlp.0", "mlp.1"}
+    for k, cb in before.items():
+        torch.testing.assert_close(after[k].codes, cb.codes, atol=1e-5, rtol=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "attn").eval()
+    first = Batches(tmp_path / "attn", AutoTokenizer.from_pretrained(tmp_path / "attn"), more).next()
+    with snapping(model, before):
+        acts = site_activations(model, first, {k: after[k] for k in ("mlp.0", "mlp.1")})
+    for k in ("mlp.0", "mlp.1"):
+        nearest = torch.cdist(after[k].codes.detach()[0], acts[k][:, 0]).min(dim=1).values
+        assert nearest.max() < 1e-3 * acts[k].norm(dim=-1).mean()
+    record = json.loads((tmp_path / "both" / "codebook_training.json").read_text())
+    assert [r["config"]["codebook_at"] for r in record["earlier"]] == [["attn_preproj"]]
+    with pytest.raises(Exception, match="none of the codebooks"):
+        train(more.model_copy(update={"codebook_at": ["mlp"]}))
 
 
 def test_the_code_index_matches_the_served_codebooks(tiny_codebook_model):
