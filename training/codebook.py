@@ -11,6 +11,10 @@ bottleneck straight through to the model; the codes learn by one of two objectiv
     vqvae    codes get only the reconstruction MSE; the input gets the commitment
              term β‖x − y‖² (van den Oord et al. 2017)
 
+A commitment term can hold the input near its codes under aeloss too (`commitment`):
+when the model trains, nothing else stops a site's activations from drifting in scale,
+which cosine scoring does not see (the TokFSM MLP outputs did, and the loss diverged).
+
 The codebook's LayerNorm only scores, so no gradient reaches it through the hard
 top-k; it learns from an alignment term, 1 − cos(LN(x), chosen code), so that its
 scale and shift do something (the reference's LayerNorm is in no optimizer group).
@@ -65,7 +69,8 @@ class CodebookTrainConfig(BaseModel):
     num_codes: int = Field(1000, ge=1, description="codes per codebook (per head for attn_preproj)")
     k: int = Field(1, ge=1, description="active codes per token")
     loss: Literal["aeloss", "vqvae"] = "aeloss"
-    commitment: float = Field(0.25, ge=0, description="vqvae: β of the commitment term")
+    commitment: float | None = Field(None, ge=0, description="β of the commitment term β‖x − sg(y)‖², which holds "
+                                                             "the input near its codes (None: 0.25 for vqvae, 0 for aeloss)")
     ln_align: float = Field(0.1, ge=0, description="weight of the LayerNorm alignment term")
     init: Literal["sample", "kmeans", "random", "existing"] = Field(
         "sample", description="codes start as random real activations, their k-means centres, Gaussian noise, "
@@ -129,11 +134,12 @@ def train_snap(cb: Codebook, x: Tensor, cfg: CodebookTrainConfig, stats: SnapSta
     mse = (y - x_const).pow(2).sum(-1).mean(0).sum()  # per token, summed over the groups' codebooks
     if cfg.loss == "aeloss":
         out = y + (x - x_const)  # value y; the task gradient reaches x (straight through) and the codes
-        stats.loss = stats.loss + mse
     else:
         out = x + (y - x).detach()  # value y; the task gradient reaches x only
-        commit = (x - y.detach()).pow(2).sum(-1).mean(0).sum()
-        stats.loss = stats.loss + mse + cfg.commitment * commit
+    beta = cfg.commitment if cfg.commitment is not None else (0.25 if cfg.loss == "vqvae" else 0.0)
+    stats.loss = stats.loss + mse
+    if beta:
+        stats.loss = stats.loss + beta * (x - y.detach()).pow(2).sum(-1).mean(0).sum()
     if cfg.ln_align:
         xn = F.layer_norm(x_const, (cb.cfg.d_code,), eps=cb.cfg.ln_eps) * cb.ln_weight + cb.ln_bias
         chosen = cb.codes.detach()[torch.arange(cb.cfg.num_heads, device=x.device)[None, :], ids[..., 0]]  # best code

@@ -59,6 +59,17 @@ def test_vqvae_codes_learn_only_from_reconstruction_and_inputs_get_the_commitmen
     torch.testing.assert_close(cb.codes.grad, expected)
 
 
+def test_aeloss_with_a_commitment_term_pulls_the_input_towards_its_codes():
+    cb = codebook()
+    x = torch.randn(6, 2, 8, requires_grad=True)
+    upstream = torch.randn(6, 2, 8)
+    stats = SnapStats()
+    y = train_snap(cb, x, cfg(commitment=0.5, ln_align=0.0), stats)
+    ((y * upstream).sum() + stats.loss).backward()
+    y_serve, _ = cb.snap(x.detach())
+    torch.testing.assert_close(x.grad, upstream + 2 * 0.5 * (x.detach() - y_serve) / 6)
+
+
 def test_the_layernorm_learns_from_the_alignment_term():
     cb = codebook()
     stats = SnapStats()
