@@ -14,7 +14,9 @@
     every head   S's best code in every (codebook, head) with recall >= `set_recall`;
     own codes    the codes S itself activates (the prompt "<bos> S", its last digit) in
                  every codebook and head: the paper's intervention, which patches in the
-                 codes of the target state's own forward pass (reference tutorial, tokfsm).
+                 codes of the target state's own forward pass (reference tutorial, tokfsm);
+                 and the same at every digit of the prompt's last state (codes of S's first
+                 digit forced on T's first digit).
   One forced code per head, as k=1 allows. The same prompts without codes give the
   unsteered rate. Also reported: how often the first generated digit begins a successor
   of S (the next token alone, where the reference measures its interventions).
@@ -48,6 +50,7 @@ class StateCode:
     code: int
     precision: float
     recall: float
+    offset: int = 0  # where it is forced: the prompt's last position + offset (-1: the digit before)
 
 
 def state_at(fsm: TokFSM, ids: Tensor) -> Tensor:
@@ -107,25 +110,30 @@ def best_state_codes(fsm: TokFSM, table: dict[str, Tensor], min_recall: float) -
 
 
 @torch.no_grad()
-def own_codes(model, codebooks: dict[str, Codebook], fsm: TokFSM, table: dict[str, Tensor]) -> list[list[StateCode]]:
-    """For every state S, the top code S activates in every (codebook, head) at its last digit of "<bos> S"."""
+def own_codes(model, codebooks: dict[str, Codebook], fsm: TokFSM, table: dict[str, Tensor],
+              digits: int = 1) -> list[list[StateCode]]:
+    """For every state S, the top code S activates in every (codebook, head) at the last `digits` digits of
+    "<bos> S", each to be forced at the same place in the prompt's last state. Precision and recall come
+    from the code index, which labels a state at its last digit (0 for codes of earlier digits)."""
     record: dict[str, Tensor] = {}
     with snapping(model, codebooks, record):
         model(fsm.encode(torch.arange(fsm.num_states)[:, None]))
     out: list[list[StateCode]] = [[] for _ in range(fsm.num_states)]
-    for cb_id in sorted(record):
-        top = record[cb_id][:, -1, :, 0]  # (S, G): the best code, as one forced code per head allows
-        precision, recall = table[cb_id + ".precision"], table[cb_id + ".recall"]
-        for s in range(fsm.num_states):
-            for g, c in enumerate(top[s].tolist()):
-                out[s].append(StateCode(s, cb_id, g, c, float(precision[s, g, c]), float(recall[s, g, c])))
+    for offset in range(1 - digits, 1):
+        for cb_id in sorted(record):
+            top = record[cb_id][:, offset - 1, :, 0]  # (S, G): the best code, as one forced code per head allows
+            precision, recall = table[cb_id + ".precision"], table[cb_id + ".recall"]
+            for s in range(fsm.num_states):
+                for g, c in enumerate(top[s].tolist()):
+                    p, r = (float(precision[s, g, c]), float(recall[s, g, c])) if offset == 0 else (0.0, 0.0)
+                    out[s].append(StateCode(s, cb_id, g, c, p, r, offset))
     return out
 
 
 @torch.no_grad()
 def continuation(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
                  force: list[list[StateCode]] | None, strength: float = 1.0) -> Tensor:
-    """(N, digits) greedy tokens after each prompt (N, L), forcing the codes force[i] at prompt i's last position."""
+    """(N, digits) greedy tokens after each prompt (N, L), forcing the codes force[i] at prompt i's last position (+ each code's offset)."""
     n, length = prompts.shape
     ids = prompts
     for step in range(fsm.digits):
@@ -134,7 +142,7 @@ def continuation(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Te
             width = ids.shape[1]
             for cb_id in {f.codebook for fs in force for f in fs}:
                 pairs = [(i, f) for i, fs in enumerate(force) for f in fs if f.codebook == cb_id]
-                forced[cb_id] = [ForcedCodes(torch.tensor([i * width + length - 1 for i, _ in pairs]),
+                forced[cb_id] = [ForcedCodes(torch.tensor([i * width + length - 1 + f.offset for i, f in pairs]),
                                              torch.tensor([f.head for _, f in pairs]),
                                              torch.tensor([f.code for _, f in pairs]),
                                              torch.full((len(pairs),), strength))]
@@ -226,6 +234,8 @@ def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20, set_r
     result["steering_best_code"] = steering(model, codebooks, fsm, [[b] if b else [] for b in best], trials)
     result["steering_every_head"] = steering(model, codebooks, fsm, per_head, trials) | {"set_recall": set_recall}
     result["steering_own_codes"] = steering(model, codebooks, fsm, own, trials)
+    both = own_codes(model, codebooks, fsm, table, digits=fsm.digits)
+    result["steering_own_codes_every_digit"] = steering(model, codebooks, fsm, both, trials)
     result["state_codes"] = [asdict(b) for b in found]
     result["state_code_sets"] = [[asdict(c) for c in cs] for cs in per_head]
     result["own_code_sets"] = [[asdict(c) for c in cs] for cs in own]
