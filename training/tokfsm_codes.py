@@ -155,7 +155,11 @@ def continuation(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Te
 def next_state(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
                force: list[list[StateCode]] | None, strength: float = 1.0) -> Tensor:
     """Greedy next state after each prompt (N, L) (-1 if not digits), forcing force[i] at prompt i's last position."""
-    new = continuation(model, codebooks, fsm, prompts, force, strength)
+    return state_after(fsm, prompts, continuation(model, codebooks, fsm, prompts, force, strength))
+
+
+def state_after(fsm: TokFSM, prompts: Tensor, new: Tensor) -> Tensor:
+    """The state the new tokens (N, digits) spell (-1 if they are not all digits)."""
     return fsm.decode(torch.cat([prompts[:, :1], new], dim=1))[:, 0]
 
 
@@ -175,7 +179,7 @@ def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, codes: list[lis
         wanted = torch.tensor([f[0].state for f in force])
         steered_ids = continuation(model, codebooks, fsm, prompts, force, strength)
         plain_ids = continuation(model, codebooks, fsm, prompts, None)
-        with_code, without = (fsm.decode(torch.cat([prompts[:, :1], x], dim=1))[:, 0] for x in (steered_ids, plain_ids))
+        with_code, without = state_after(fsm, prompts, steered_ids), state_after(fsm, prompts, plain_ids)
         ok = lambda a, b: ((b >= 0) & succ[a, b.clamp(min=0)]).sum().item()  # noqa: E731
         steered += ok(wanted, with_code)
         unsteered += ok(wanted, without)
@@ -230,12 +234,12 @@ def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20, set_r
         of_kind = {k: v for k, v in table.items() if k.split(".")[0] == kind}
         result[f"best_code_{kind}"] = precision_summary([b for b in best_state_codes(fsm, of_kind, min_recall) if b])
     per_head = head_state_codes(fsm, table, set_recall)
-    own = own_codes(model, codebooks, fsm, table)
+    every_digit = own_codes(model, codebooks, fsm, table, digits=fsm.digits)
+    own = [[c for c in cs if c.offset == 0] for cs in every_digit]
     result["steering_best_code"] = steering(model, codebooks, fsm, [[b] if b else [] for b in best], trials)
     result["steering_every_head"] = steering(model, codebooks, fsm, per_head, trials) | {"set_recall": set_recall}
     result["steering_own_codes"] = steering(model, codebooks, fsm, own, trials)
-    both = own_codes(model, codebooks, fsm, table, digits=fsm.digits)
-    result["steering_own_codes_every_digit"] = steering(model, codebooks, fsm, both, trials)
+    result["steering_own_codes_every_digit"] = steering(model, codebooks, fsm, every_digit, trials)
     result["state_codes"] = [asdict(b) for b in found]
     result["state_code_sets"] = [[asdict(c) for c in cs] for cs in per_head]
     result["own_code_sets"] = [[asdict(c) for c in cs] for cs in own]
