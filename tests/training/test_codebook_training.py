@@ -22,51 +22,47 @@ def cfg(**kw):
     return CodebookTrainConfig(model="unused", out="unused", **kw)
 
 
+def snap_backward(cb: Codebook, c: CodebookTrainConfig, tokens: int):
+    """train_snap on random inputs, then backward of <y, upstream> + the loss terms: (x, upstream, y, y_serve, ids)."""
+    x = torch.randn(tokens, cb.cfg.num_heads, cb.cfg.d_code, requires_grad=True)
+    upstream = torch.randn(tokens, cb.cfg.num_heads, cb.cfg.d_code)
+    stats = SnapStats()
+    y = train_snap(cb, x, c, stats)
+    ((y * upstream).sum() + stats.loss).backward()
+    y_serve, ids = cb.snap(x.detach())
+    return x, upstream, y, y_serve, ids
+
+
+def onto_codes(cb: Codebook, ids, per_token):
+    """The gradient each code gets when every token passes per_token[t, g] / k to each of its chosen codes."""
+    expected = torch.zeros_like(cb.codes)
+    for t in range(ids.shape[0]):
+        for g in range(ids.shape[1]):
+            for c in ids[t, g]:
+                expected[g, c] += per_token[t, g] / ids.shape[2]
+    return expected
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_aeloss_is_straight_through_and_codes_get_task_and_reconstruction_gradients(k):
     cb = codebook(k=k)
-    x = torch.randn(10, 2, 8, requires_grad=True)
-    upstream = torch.randn(10, 2, 8)
-    stats = SnapStats()
-    y = train_snap(cb, x, cfg(k=k, ln_align=0.0), stats)
-    y_serve, ids = cb.snap(x.detach())
+    x, upstream, y, y_serve, ids = snap_backward(cb, cfg(k=k, ln_align=0.0), 10)
     assert torch.equal(y.detach(), y_serve)  # training changes gradients, never the forward value
-    ((y * upstream).sum() + stats.loss).backward()
     torch.testing.assert_close(x.grad, upstream)  # straight through, no commitment term
     # codes: the task gradient through the mean of the chosen codes, plus d/dC mean_t ‖y − x‖²
-    expected = torch.zeros_like(cb.codes)
-    resid = (y_serve - x.detach())
-    for t in range(10):
-        for g in range(2):
-            for c in ids[t, g]:
-                expected[g, c] += upstream[t, g] / k + 2 * resid[t, g] / k / 10
-    torch.testing.assert_close(cb.codes.grad, expected)
+    torch.testing.assert_close(cb.codes.grad, onto_codes(cb, ids, upstream + 2 * (y_serve - x.detach()) / 10))
 
 
 def test_vqvae_codes_learn_only_from_reconstruction_and_inputs_get_the_commitment_term():
     cb = codebook()
-    x = torch.randn(6, 2, 8, requires_grad=True)
-    upstream = torch.randn(6, 2, 8)
-    stats = SnapStats()
-    y = train_snap(cb, x, cfg(loss="vqvae", commitment=0.25, ln_align=0.0), stats)
-    ((y * upstream).sum() + stats.loss).backward()
-    y_serve, ids = cb.snap(x.detach())
+    x, upstream, _, y_serve, ids = snap_backward(cb, cfg(loss="vqvae", commitment=0.25, ln_align=0.0), 6)
     torch.testing.assert_close(x.grad, upstream + 2 * 0.25 * (x.detach() - y_serve) / 6)
-    expected = torch.zeros_like(cb.codes)
-    for t in range(6):
-        for g in range(2):
-            expected[g, ids[t, g, 0]] += 2 * (y_serve[t, g] - x.detach()[t, g]) / 6
-    torch.testing.assert_close(cb.codes.grad, expected)
+    torch.testing.assert_close(cb.codes.grad, onto_codes(cb, ids, 2 * (y_serve - x.detach()) / 6))
 
 
 def test_aeloss_with_a_commitment_term_pulls_the_input_towards_its_codes():
     cb = codebook()
-    x = torch.randn(6, 2, 8, requires_grad=True)
-    upstream = torch.randn(6, 2, 8)
-    stats = SnapStats()
-    y = train_snap(cb, x, cfg(commitment=0.5, ln_align=0.0), stats)
-    ((y * upstream).sum() + stats.loss).backward()
-    y_serve, _ = cb.snap(x.detach())
+    x, upstream, _, y_serve, _ = snap_backward(cb, cfg(commitment=0.5, ln_align=0.0), 6)
     torch.testing.assert_close(x.grad, upstream + 2 * 0.5 * (x.detach() - y_serve) / 6)
 
 
