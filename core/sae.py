@@ -77,6 +77,9 @@ class SAEConfig:
     apply_b_dec_to_input: bool = True
     dtype: str = "float32"
     model_name: str = ""
+    rescale_acts_by_decoder_norm: bool = False
+    """SAELens TopK: latents are scaled by their decoder rows' norms; `SAE.load` folds the
+    norms into the weights (same outputs) and clears this"""
     metadata: dict[str, Any] = field(default_factory=dict)
     """training provenance: objective and coefficients, tokens, eval metrics"""
 
@@ -120,10 +123,6 @@ class SAEConfig:
                 f"cfg.json has normalize_activations={norm!r}: fold the normalisation into the weights "
                 "before serving (SAELens: `sae.fold_activation_norm_scaling_factor`)"
             )
-        for option in ("rescale_acts_by_decoder_norm",):
-            if raw.get(option):
-                raise ArtifactError(f"cfg.json sets {option}=true, which Rudder does not implement; "
-                                    "fold it into the weights before serving")
         arch = raw.get("architecture", "standard")
         return cls(
             d_in=int(raw["d_in"]),
@@ -134,6 +133,7 @@ class SAEConfig:
             apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
             dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
             model_name=meta.pop("model_name", None) or raw.get("model_name", ""),
+            rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
             metadata=meta,
         )
 
@@ -168,17 +168,31 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> None:
+        """Unit-norm decoder rows, the norms moved into the encoder: pre-activations scale by the
+        norms (as SAELens' `rescale_acts_by_decoder_norm` computes them), reconstructions do not change."""
+        norm = self.W_dec.norm(dim=1).clamp_min(1e-12)  # (d_sae,)
+        self.W_enc.mul_(norm)
+        self.b_enc.mul_(norm)
+        self.W_dec.div_(norm[:, None])
+        self.cfg.rescale_acts_by_decoder_norm = False
+
     # -------------------------------------------------------------- disk
 
-    def save(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    def save(self, path: str | os.PathLike, extra_files: dict[str, str] | None = None,
+             weights_dtype: torch.dtype | None = None) -> Path:
         """Write the SAELens folder atomically: a killed save leaves the old folder or none.
 
         `extra_files` (name -> text, e.g. feature metadata) go into the same atomic swap.
+        `weights_dtype` stores the tensors in another dtype (bfloat16 halves the file); the
+        config's `dtype`, the one the SAE runs in, is unchanged, so loaders upcast.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        tensors = {name: p.detach().to(weights_dtype or p.dtype).contiguous().cpu()
+                   for name, p in self.named_parameters()}
         save_file(tensors, staging / WEIGHTS_FILE)
         (staging / CFG_FILE).write_text(json.dumps(self.cfg.to_saelens(), indent=2))
         for name, text in (extra_files or {}).items():
@@ -199,4 +213,6 @@ class SAE(nn.Module):
         if got != expected:
             raise ArtifactError(f"{path / WEIGHTS_FILE}: tensors {got} do not match the config's shapes {expected}")
         sae.load_state_dict({name: weights[name] for name in expected})
+        if cfg.rescale_acts_by_decoder_norm:
+            sae.fold_decoder_norm()
         return sae.to(device=device, dtype=getattr(torch, cfg.dtype)).requires_grad_(False)

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# The main job: set up, train the default SAE once (cached), serve the default model,
-# and stream a steered generation with per-token readouts beside the unsteered one.
+# The main job: set up, serve the default model with the shipped default SAE
+# (models/default-saes/resid15), and stream a steered generation with per-token readouts
+# beside the unsteered one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 cache="${RUDDER_CACHE:-$HOME/.cache/rudder}"
-sae="$cache/artifacts/default/saes/resid15"
-scripts/default_sae.sh "$sae"
 port="${RUDDER_PORT:-50051}"
 backend="${RUDDER_BACKEND:-reference}"   # RUDDER_BACKEND=vllm make demo: the same demo in vLLM
 echo "==> starting the server ($backend backend) on 127.0.0.1:$port"

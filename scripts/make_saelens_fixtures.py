@@ -27,6 +27,8 @@ def main() -> None:
         "standard": StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=True),
         "topk": TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, apply_b_dec_to_input=False),
         "jumprelu": JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE),
+        # as SAELens' TopK trainer leaves it: latents scaled by the decoder rows' norms (not unit here)
+        "topk_rescaled": TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, rescale_acts_by_decoder_norm=True),
     }
     for name, cfg in configs.items():
         for key, value in meta.items():

@@ -3,7 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/default_sae.sh   # the default SAE (cached): the default-model tests steer with it
 # shellcheck disable=SC1091
 . .venv/bin/activate
 set +e

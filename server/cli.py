@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from rudder.client.cli import add_client_commands, run
 log = logging.getLogger("rudder")
 
 
-def default_sae_dirs() -> list[Path]:
-    """SAEs trained for the default model at set-up (`rudder train sae`), if any."""
-    from rudder.server.default_model import cache_dir
+DEFAULT_SAES = Path(__file__).resolve().parents[1] / "models" / "default-saes"
 
-    root = cache_dir() / "artifacts" / "default" / "saes"
+
+def default_sae_dirs() -> list[Path]:
+    """The SAEs shipped for the default model: models/default-saes/* in the source tree
+    (`RUDDER_DEFAULT_SAES` points elsewhere, e.g. in a container image)."""
+    root = Path(os.environ.get("RUDDER_DEFAULT_SAES") or DEFAULT_SAES)
     return sorted(p for p in root.glob("*") if (p / "cfg.json").exists()) if root.exists() else []
 
 

@@ -209,7 +209,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         return pb.ListFeaturesResponse(
             total=len(hits),
             features=[pb.FeatureSummary(id=f.id, label=f.label, density=f.density, top_examples=f.top_examples,
-                                        head=f.head)
+                                        head=f.head, max_activation=f.max_activation)
                       for f in page],
         )
 

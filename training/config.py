@@ -68,6 +68,8 @@ class SaeTrainConfig(_Strict):
     context: int = Field(128, ge=2, description="tokens per sequence")
     batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step (all ranks together)")
     micro_batch_tokens: int | None = Field(None, ge=1, description="tokens per forward; gradients accumulate")
+    corpus: list[str] = Field(["stdlib"], min_length=1,
+                              description="text sources (rudder.training.corpus): stdlib, wordnet, fortunes")
     corpus_tokens: int | None = Field(None, ge=1, description="read at most this much of the corpus (None: all)")
     buffer_tokens: int = Field(65_536, ge=1, description="local: shuffle buffer of activations")
 
@@ -84,6 +86,11 @@ class SaeTrainConfig(_Strict):
     device: str = "cpu"
     autocast: bool = Field(False, description="run the language model under bfloat16 autocast")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
+    save_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="weights on disk; the SAE is evaluated as saved (loaders upcast to float32)")
+    save_activations: Path | None = Field(
+        None, description="local: also write every activation batch trained on, in order (safetensors), "
+                          "so another trainer can be given the very same data (bench/default_sae_quality.py)")
     out: Path = Field(..., description="artifact folder (one site) or parent of one folder per site")
 
     @model_validator(mode="after")

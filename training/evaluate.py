@@ -13,9 +13,9 @@ On held-out sequences, for the SAE as it will be served (raw activations in and 
     kl                  KL(p_clean ‖ p_spliced), mean over tokens
     ce_loss_score       (ce_zero_ablated − ce_spliced) / (ce_zero_ablated − ce_clean)   (SAELens)
 
-Sequences' first (sink) position is left as it is and out of every average, and
-the cross-entropy counts the predictions made at positions 1.. (the ones the site
-can change).
+Sequences' first (sink) position, and any later sink (`lm.sink_rows`), is left as it
+is and out of every average, and the cross-entropy counts the predictions made at
+positions 1.. (the ones the site can change).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rudder.core.sae import SAE
-from rudder.training.lm import HookedLM
+from rudder.training.lm import HookedLM, sink_rows
 
 
 def _ce(logits: Tensor, ids: Tensor) -> Tensor:
@@ -54,7 +54,8 @@ def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 
     def splice(x: Tensor) -> Tensor:
         f = sae.encode(x.float())
         recon = sae.decode(f)
-        stats["f"], stats["x"], stats["recon"] = f, x.float(), recon
+        keep = ~sink_rows(x)  # run() passes sinks through; they stay out of the averages
+        stats["f"], stats["x"], stats["recon"] = f[keep], x.float()[keep], recon[keep]
         return recon
 
     for i in range(0, len(windows), batch):
@@ -69,7 +70,7 @@ def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 
         sums["kl"] += kl_per_token(clean, spliced).sum().item()
         sums["err"] += (recon - x).pow(2).sum().item()
         sums["l0"] += (f > 0).sum().item()
-        fired |= (f > 0).reshape(-1, f.shape[-1]).any(0)
+        fired |= (f > 0).any(0)
         xs_batch = x.reshape(-1, x.shape[-1]).double()
         xs = xs + xs_batch.sum(0)
         x2s += xs_batch.pow(2).sum().item()
@@ -106,8 +107,10 @@ def feature_metadata(lm: HookedLM, sae: SAE, windows: list[list[int]], top: int 
     fired = torch.zeros(d)
     n = 0
     for i in range(0, len(windows), batch):
-        x = lm.activations(torch.tensor(windows[i:i + batch]), [sae.cfg.hook_name])[sae.cfg.hook_name]
+        ids = torch.tensor(windows[i:i + batch])
+        x = lm.activations(ids, [sae.cfg.hook_name])[sae.cfg.hook_name]  # (B·(S−1), d)
         f = sae.encode(x.to(sae.W_enc.device)).cpu()
+        f[sink_rows(x.reshape(len(ids), -1, x.shape[-1])).reshape(-1).cpu()] = 0.0  # sinks are no examples
         fired += (f > 0).sum(0)
         v, j = torch.cat([best_v, f]).topk(top, dim=0)
         idx = torch.cat([best_i, torch.arange(n, n + len(f))[:, None].expand_as(f)])

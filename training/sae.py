@@ -45,7 +45,7 @@ from rudder.core.errors import InvalidArgument, RudderError, TrainingError
 from rudder.core.sae import ACTIVATIONS, SAE, SAEConfig
 from rudder.core.sites import Site
 from rudder.training.config import SaeTrainConfig, add_arguments, config_from_args, warmup_decay
-from rudder.training.corpus import train_eval_split
+from rudder.training.corpus import check_sources, describe, train_eval_split
 from rudder.training.distributed import World
 from rudder.training.evaluate import evaluate_sae, feature_metadata, kl_per_token
 from rudder.training.lm import HookedLM, check_model_folder
@@ -160,7 +160,7 @@ class ActivationBuffer:
         parts: dict[str, list[Tensor]] = {s: [self.rows[s]] if len(self.rows[s]) else [] for s in self.sites}
         have = len(self.rows[self.sites[0]])
         while have < self.capacity:
-            acts = self.lm.activations(self.stream.take(LM_BATCH_WINDOWS), self.sites)
+            acts = self.lm.activations(self.stream.take(LM_BATCH_WINDOWS), self.sites, drop_sinks=True)
             for s in self.sites:
                 parts[s].append(acts[s])
             have += len(acts[self.sites[0]])
@@ -221,6 +221,10 @@ class Checkpoint:
 
 def check_config(cfg: SaeTrainConfig) -> tuple[int, list[Site]]:
     """Everything that can be checked before the model loads: model folder, sites, output."""
+    check_sources(cfg.corpus)
+    if cfg.save_activations is not None and (cfg.objective != "local" or len(cfg.sites) != 1):
+        raise InvalidArgument("save_activations records the batches of a local run on one site; "
+                              f"this run has objective {cfg.objective} and sites {cfg.sites}")
     n_layers = check_model_folder(cfg.model)
     sites = [Site.parse(s, n_layers) for s in cfg.sites]
     for s in cfg.loss.downstream_sites or []:
@@ -269,7 +273,7 @@ class SaeTrainer:
             torch.set_num_threads(cfg.threads)
         self.world = world or World.from_env(cfg.device)
         self.lm = HookedLM.load(cfg.model, self.world.device, cfg.autocast)
-        self.split = train_eval_split(self.lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens)
+        self.split = train_eval_split(self.lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens, cfg.corpus)
         if not self.split.train:
             raise InvalidArgument(f"the corpus has no window of {cfg.context} tokens; lower `context`")
         self.per_window = cfg.context - 1  # tokens the SAE sees per sequence (the sink is left out)
@@ -283,7 +287,7 @@ class SaeTrainer:
     # ------------------------------------------------------------ set-up
 
     def _sample(self, stream: WindowStream, n_windows: int) -> dict[str, Tensor]:
-        return self.lm.activations(stream.take(n_windows), self.sites + self.downstream)
+        return self.lm.activations(stream.take(n_windows), self.sites + self.downstream, drop_sinks=True)
 
     def _build(self, sample: dict[str, Tensor]) -> None:
         cfg, d = self.cfg, self.lm.shape
@@ -448,6 +452,8 @@ class SaeTrainer:
             self.sched.load_state_dict(state["scheduler"])
             self.since_fired = {k: v.to(world.device) for k, v in state["since_fired"].items()}
             torch.set_rng_state(state["rng"])
+            if cfg.save_activations is not None:
+                raise InvalidArgument(f"save_activations needs a run from the start; delete {self.checkpoint.path.parent}")
             if world.main:
                 log.info("resuming from %s at step %d of %d", self.checkpoint.path, start, self.total_steps)
         micro_windows = max(1, self.micro // self.per_window)
@@ -455,6 +461,7 @@ class SaeTrainer:
         bar = tqdm(total=self.total_steps, initial=start, desc=f"SAE {cfg.objective}", unit="step",
                    disable=not world.main, dynamic_ncols=True)
         t0, tokens_done = time.perf_counter(), 0
+        recorded: list[Tensor] = []
         for step in range(start, self.total_steps):
             stats: dict = {}
             self.opt.zero_grad(set_to_none=True)
@@ -462,6 +469,8 @@ class SaeTrainer:
             for _ in range(self.accum):
                 if local:
                     batch = next(batches)
+                    if cfg.save_activations is not None:
+                        recorded.append(batch[self.sites[0]].cpu())
                     loss = self._local_loss(batch, stats)
                     step_tokens += self.micro
                 else:
@@ -503,10 +512,13 @@ class SaeTrainer:
                 self.checkpoint.save(self._state(step + 1, stream))
         bar.close()
         elapsed = time.perf_counter() - t0
+        if recorded:
+            save_activations(cfg.save_activations, torch.cat(recorded), self.scales[self.sites[0]], self.sites[0])
         self.tokens_per_second = tokens_done / elapsed if elapsed else float("nan")
         meta = {"objective": cfg.objective, "loss": self._loss_meta(), "training_tokens": self.total_steps *
                 cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites},
-                "train_tokens_per_second": self.tokens_per_second, "world_size": world.size, "config": json.loads(cfg.model_dump_json())}
+                "train_tokens_per_second": self.tokens_per_second, "world_size": world.size,
+                "corpus": describe(cfg.corpus), "config": json.loads(cfg.model_dump_json())}
         return {name: m.export(meta) for name, m in self.saes.items()}
 
     def _loss_meta(self) -> dict:
@@ -530,17 +542,32 @@ class SaeTrainer:
         """Evaluate, write each artifact atomically with its feature metadata, drop the checkpoint."""
         results = {}
         if self.world.main:
+            weights_dtype = getattr(torch, self.cfg.save_dtype)
             for name, sae in saes.items():
+                with torch.no_grad():  # evaluate the SAE as it will be read back from disk
+                    for p in sae.parameters():
+                        p.copy_(p.to(weights_dtype))
                 metrics = evaluate_sae(self.lm, sae, self.split.eval) if self.split.eval else {}
                 sae.cfg.metadata["eval"] = metrics
                 meta = feature_metadata(self.lm, sae, self.split.eval) if self.split.eval else []
                 path = sae.save(self.artifact_path(name),
-                                extra_files={"feature_metadata.json": json.dumps({"features": meta})})
+                                extra_files={"feature_metadata.json": json.dumps({"features": meta})},
+                                weights_dtype=weights_dtype)
                 results[name] = {"path": str(path), "train_tokens_per_second": self.tokens_per_second, **metrics}
                 print(format_metrics(name, path, metrics))
             self.checkpoint.remove()
         self.world.barrier()
         return results
+
+
+def save_activations(path: Path, acts: Tensor, scale: float, site: str) -> None:
+    """The activations a local run trained on, in the order it saw them (raw, float32), and the
+    normalisation scale it used: another trainer given this file sees exactly the same data."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"activations": acts.contiguous(), "scale": torch.tensor(scale)}, str(path), metadata={"site": site})
+    log.info("wrote %d activations of %s to %s", len(acts), site, path)
 
 
 def format_metrics(site: str, path: Path, m: dict) -> str:

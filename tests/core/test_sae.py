@@ -89,21 +89,23 @@ def test_registering_an_architecture_twice_raises():
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "saelens"
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
-def test_folders_written_by_saelens_give_saelens_outputs(architecture):
+@pytest.mark.parametrize("fixture", ["standard", "topk", "jumprelu", "topk_rescaled"])
+def test_folders_written_by_saelens_give_saelens_outputs(fixture):
     """Fixtures saved by SAELens 6.54.12 itself (scripts/make_saelens_fixtures.py), with its outputs."""
-    sae = SAE.load(FIXTURES / architecture)
-    expected = load_file(FIXTURES / architecture / "expected.safetensors")
-    assert sae.cfg.architecture == architecture and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    sae = SAE.load(FIXTURES / fixture)
+    expected = load_file(FIXTURES / fixture / "expected.safetensors")
+    assert sae.cfg.architecture == fixture.split("_")[0] and sae.cfg.hook_name == "blocks.1.hook_resid_post"
     f = sae.encode(expected["x"])
     torch.testing.assert_close(f, expected["features"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(f), expected["reconstruction"], rtol=1e-5, atol=1e-5)
 
 
-def test_saelens_option_we_do_not_implement_is_refused(tmp_path):
-    folder = tmp_path / "sae"
-    shutil.copytree(FIXTURES / "topk", folder)
-    cfg = json.loads((folder / "cfg.json").read_text())
-    (folder / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
-    with pytest.raises(ArtifactError, match="rescale_acts_by_decoder_norm"):
-        SAE.load(folder)
+def test_topk_rescaled_by_decoder_norm_is_folded_at_load():
+    """SAELens' TopK trainer keeps `rescale_acts_by_decoder_norm`: we fold the norms in at load."""
+    raw = load_file(FIXTURES / "topk_rescaled" / "sae_weights.safetensors")
+    norms = raw["W_dec"].norm(dim=1)
+    assert (norms - 1).abs().max() > 0.5  # the fixture's rows are far from unit norm: folding matters
+    sae = SAE.load(FIXTURES / "topk_rescaled")
+    assert not sae.cfg.rescale_acts_by_decoder_norm
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae))
+    torch.testing.assert_close(sae.W_enc, raw["W_enc"] * norms)

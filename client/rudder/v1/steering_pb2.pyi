@@ -337,7 +337,7 @@ class ListFeaturesRequest(_message.Message):
     def __init__(self, source: _Optional[str] = ..., label: _Optional[str] = ..., regex: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., min_precision: _Optional[float] = ..., min_recall: _Optional[float] = ...) -> None: ...
 
 class FeatureSummary(_message.Message):
-    __slots__ = ("id", "label", "density", "top_examples", "head", "precision", "recall")
+    __slots__ = ("id", "label", "density", "top_examples", "head", "precision", "recall", "max_activation")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
@@ -345,6 +345,7 @@ class FeatureSummary(_message.Message):
     HEAD_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     id: int
     label: str
     density: float
@@ -352,7 +353,8 @@ class FeatureSummary(_message.Message):
     head: int
     precision: float
     recall: float
-    def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[str]] = ..., head: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ...) -> None: ...
+    max_activation: float
+    def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[str]] = ..., head: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., max_activation: _Optional[float] = ...) -> None: ...
 
 class ListFeaturesResponse(_message.Message):
     __slots__ = ("features", "total")

@@ -1,0 +1,171 @@
+"""Topic steering with the default SAE, measured as Table 3 of the codebook paper measures it.
+
+    .venv/bin/python bench/topic_steering.py [--topics cats,food,weather,music,space]
+                                             [--samples 40] [--strength 6] [--sae DIR]
+
+For each topic: the feature is found by a search over the SAE's feature metadata (the
+feature with the most top examples whose activating token is one of the topic's words;
+ties go to the rarer feature), then clamped on generated tokens to `strength` times its
+max activation on held-out text. `samples` chat answers (temperature 1, seeds 0..n-1,
+neutral prompts) are generated with the clamp and, in the same request, without it. A
+word classifier marks an answer on-topic when it mentions one of the topic's words.
+Fluency: the mean log-probability per token of each answer under the unsteered model,
+and the share of repeated word trigrams. Everything runs through the real gRPC server
+(reference backend, in-process) and the client SDK.
+
+Prints a table and writes bench/results/topic_steering.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from rudder import client as rc
+from rudder.server.app import BackgroundServer
+from rudder.server.backends.reference import ReferenceEngine
+from rudder.server.default_model import MODEL_NAME, default_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models/default-saes/resid15"
+
+# topic -> (words the feature search accepts as the activating token, words the classifier counts)
+TOPICS: dict[str, tuple[str, str]] = {
+    "cats": ("cat|cats|kitten|kittens", r"cats?|kittens?|kitty|kitties|felines?|meows?|purr\w*"),
+    "food": ("food|foods", r"foods?|meals?|eat|eats|eating|ate|delicious|cook\w*|dish(?:es)?|recipes?|dinner|lunch"
+                           r"|breakfast|bread|fruits?|vegetables?|tast(?:e|y|es|ing)|restaurants?"),
+    "weather": ("weather", r"weather|rain\w*|sunny|snow\w*|storm\w*|cloud\w*|wind|windy|temperatures?|forecast|thunder\w*"),
+    "music": ("music|musical", r"music\w*|songs?|sing\w*|melod\w*|guitar\w*|piano\w*|bands?|concerts?|rhythm\w*|tunes?"),
+    "space": ("space|planet|planets", r"space|planets?|stars?|galax\w*|universe|astronauts?|orbit\w*|moons?|nasa"
+                                      r"|rockets?|cosmos|cosmic|solar"),
+}
+PROMPTS = [
+    "Write a short paragraph.",
+    "Tell me something.",
+    "Write a few sentences about anything.",
+    "Say something to me.",
+]
+
+
+def search_regex(topic: str) -> str:
+    """Over top examples: the activating token (marked [[ ]]) is one of the topic's words."""
+    return rf"(?i)\[\[ ?(?:{TOPICS[topic][0]})\]\]"
+
+
+def on_topic(topic: str, text: str) -> bool:
+    return re.search(rf"(?i)\b(?:{TOPICS[topic][1]})\b", text) is not None
+
+
+def repeated_trigrams(text: str) -> float:
+    words = text.lower().split()
+    grams = list(zip(words, words[1:], words[2:]))
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def pick_feature(client: rc.Client, sae: str, topic: str):
+    pattern = search_regex(topic)
+    found = client.list_features(sae, regex=pattern, limit=1000)
+    if not found.features:
+        raise SystemExit(f"error: no feature of {sae} has a top example whose activating token is one of "
+                         f"{TOPICS[topic][0]!r}; try another topic")
+    hits = lambda f: sum(bool(re.search(pattern, e)) for e in f.top_examples)  # noqa: E731
+    return max(found.features, key=lambda f: (hits(f), -f.density)), found.total
+
+
+def sample(client: rc.Client, sae: str, feature: int, value: float, seed: int, max_tokens: int) -> dict:
+    chat = [{"role": "user", "content": PROMPTS[seed % len(PROMPTS)]}]
+    steered, baseline = [], []
+    for tok in client.generate(chat=chat, max_tokens=max_tokens, temperature=1.0, seed=seed, include_baseline=True,
+                               interventions=[rc.clamp(sae, feature, value, scope=rc.scope("generated"))]):
+        (baseline if tok.baseline else steered).append(tok)
+    return {"chat": chat, "steered": steered, "baseline": baseline}
+
+
+@torch.no_grad()
+def mean_logprob(engine: ReferenceEngine, chat: list[dict], tokens: list[int]) -> float:
+    """Mean log-probability per token of `tokens` after `chat`, under the unsteered model."""
+    prompt = engine.tokenize(chat=chat)
+    ids = torch.tensor([prompt + tokens])
+    logits = engine.model(ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None]).mean().item()
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topics", default=",".join(TOPICS), help=f"comma-separated, of: {', '.join(TOPICS)}")
+    ap.add_argument("--samples", type=int, default=40, help="answers per topic (the paper: 40)")
+    ap.add_argument("--strength", type=float, default=6.0, help="clamp value, in multiples of the feature's max activation")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--sae", type=Path, default=SHIPPED, help="an SAE folder of the default model with feature_metadata.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/topic_steering.json")
+    args = ap.parse_args()
+    args.topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+    unknown = [t for t in args.topics if t not in TOPICS]
+    if unknown or not args.topics:
+        ap.error(f"unknown topic {', '.join(unknown) or '(none given)'}; choose from {', '.join(TOPICS)} "
+                 "(or add one to TOPICS in bench/topic_steering.py)")
+    if not math.isfinite(args.strength) or args.strength <= 0:
+        ap.error(f"--strength must be a finite positive multiple of the max activation, got {args.strength}")
+    if args.samples < 1:
+        ap.error(f"--samples must be at least 1, got {args.samples}")
+    if not (args.sae / "feature_metadata.json").exists():
+        ap.error(f"{args.sae} has no feature_metadata.json, which the feature search reads; "
+                 "pass --sae with an SAE trained by `rudder train sae` (it writes one)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    threads = torch.get_num_threads()
+    engine = ReferenceEngine(default_model_dir(), saes=[str(args.sae)])
+    sae = args.sae.name
+    results, t0 = {}, time.perf_counter()
+    with BackgroundServer(engine, MODEL_NAME) as srv, rc.Client(srv.address, timeout=1800) as c:
+        for topic in args.topics:
+            feature, matches = pick_feature(c, sae, topic)
+            value = args.strength * feature.max_activation
+            print(f"{topic}: feature {feature.id} ({matches} match; max activation {feature.max_activation:.2f}), "
+                  f"clamped to {value:.2f}; top example {feature.top_examples[0]!r}", flush=True)
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                runs = list(pool.map(lambda s: sample(c, sae, feature.id, value, s, args.max_tokens), range(args.samples)))
+            row = {"feature": feature.id, "matching_features": matches, "max_activation": feature.max_activation,
+                   "clamp": value, "top_examples": list(feature.top_examples)}
+            for kind in ("baseline", "steered"):
+                texts = ["".join(t.text for t in r[kind]) for r in runs]
+                lps = [mean_logprob(engine, r["chat"], [t.id for t in r[kind]]) for r in runs if r[kind]]
+                row[kind] = {"on_topic": sum(on_topic(topic, x) for x in texts) / len(texts),
+                             "mean_logprob_unsteered": sum(lps) / len(lps),
+                             "repeated_trigrams": sum(map(repeated_trigrams, texts)) / len(texts),
+                             "examples": texts[:3]}
+            results[topic] = row
+            print(f"  baseline {row['baseline']['on_topic']:.0%}  steered {row['steered']['on_topic']:.0%}  "
+                  f"e.g. {row['steered']['examples'][0]!r}", flush=True)
+    print(f"\n{args.samples} answers per topic, temperature 1, {args.max_tokens} tokens, clamp = "
+          f"{args.strength:g} x max activation on generated tokens; torch {threads} threads on {os.cpu_count()} cores")
+    print(f"{'topic':<8} {'feature':>7} {'baseline':>9} {'steered':>8} {'logprob base':>13} {'logprob steered':>16} "
+          f"{'rep. trigrams':>14}")
+    for topic, r in results.items():
+        b, s = r["baseline"], r["steered"]
+        print(f"{topic:<8} {r['feature']:7d} {b['on_topic']:9.0%} {s['on_topic']:8.0%} {b['mean_logprob_unsteered']:13.2f} "
+              f"{s['mean_logprob_unsteered']:16.2f} {b['repeated_trigrams']:6.1%} / {s['repeated_trigrams']:.1%}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "sae": str(args.sae.relative_to(ROOT) if args.sae.is_relative_to(ROOT) else args.sae),
+        "samples": args.samples, "temperature": 1.0, "max_tokens": args.max_tokens, "strength": args.strength,
+        "prompts": PROMPTS, "classifier": {t: w for t, (_, w) in TOPICS.items()},
+        "search": {t: search_regex(t) for t in TOPICS}, "threads": threads, "cpu_count": os.cpu_count(),
+        "seconds": time.perf_counter() - t0, "topics": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
