@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from rudder.core.sae import SAE
+from rudder.server.default_model import default_model_dir
 from rudder.training.config import load_config
 from rudder.training.corpus import train_eval_split
 from rudder.training.evaluate import evaluate_sae
@@ -44,7 +45,8 @@ def saelens_run(work: Path, cfg, peer_python: str) -> dict:
     (work / "job.json").write_text(json.dumps({
         "d_sae": cfg.d_sae, "k": cfg.k, "batch_tokens": cfg.batch_tokens, "lr": cfg.lr,
         "min_lr_factor": cfg.min_lr_factor, "warmup_steps": cfg.warmup_tokens // cfg.batch_tokens,
-        "dead_window_tokens": cfg.dead.window_tokens, "threads": cfg.threads or 2, "seed": cfg.seed}))
+        "dead_window_tokens": cfg.dead.window_tokens, "threads": cfg.threads or 2, "seed": cfg.seed,
+        "site": cfg.sites[0]}))
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     peer = subprocess.run([peer_python, str(ROOT / "bench/saelens_sae_peer.py"), str(work)], env=env,
                           capture_output=True, text=True)
@@ -67,11 +69,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rudder-sae", type=Path, help="a Rudder SAE trained with the default config (skip step 1)")
     ap.add_argument("--activations", type=Path, help="the activations that run recorded (save_activations)")
+    ap.add_argument("--work", type=Path, help="keep intermediate results here; a SAELens SAE already there is reused")
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-saelens/bin/python"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/default_sae_quality.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         acts_file, rudder_dir = args.activations, args.rudder_sae
         if rudder_dir is None:
             rudder_dir, acts_file = work / "rudder_sae", work / "activations.safetensors"
@@ -80,14 +84,18 @@ def main() -> None:
         (work / "activations.safetensors").symlink_to(acts_file.resolve())
         rudder_sae = SAE.load(rudder_dir)
         cfg = load_config(CONFIG, {"out": str(work / "unused")})
-        print("==> SAELens trains on the same activations")
-        peer = saelens_run(work, cfg, args.peer_python)
+        if (work / "saelens_sae/cfg.json").exists() and (work / "saelens_run.json").exists():
+            print(f"==> reusing SAELens' SAE in {work}")
+        else:
+            print("==> SAELens trains on the same activations (about 20 minutes)", flush=True)
+            (work / "saelens_run.json").write_text(json.dumps(saelens_run(work, cfg, args.peer_python)))
+        peer = json.loads((work / "saelens_run.json").read_text())
         scale = rudder_sae.cfg.metadata["normalisation_scale"][cfg.sites[0]]
         saelens_sae = saelens_sae_in_raw_units(work / "saelens_sae", scale, cfg.sites[0])
 
         print("==> evaluating on the held-out windows")
         torch.set_num_threads(cfg.threads or 2)
-        lm = HookedLM.load(rudder_sae.cfg.metadata["config"]["model"], autocast=cfg.autocast)
+        lm = HookedLM.load(cfg.model or default_model_dir(), autocast=cfg.autocast)
         split = train_eval_split(lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens, cfg.corpus)
         rows = {"Rudder": evaluate_sae(lm, rudder_sae, split.eval), "SAELens": evaluate_sae(lm, saelens_sae, split.eval)}
         if SHIPPED.exists() and SHIPPED.resolve() != rudder_dir.resolve():

@@ -53,6 +53,8 @@ def main() -> None:
     start = time.perf_counter()
     trained = trainer.fit()
     seconds = time.perf_counter() - start
+    trained.cfg.metadata.hook_name = job["site"]
+    trained.cfg.metadata.model_name = "SmolLM2-135M-Instruct"
     trained.save_inference_model(work / "saelens_sae")
     print(json.dumps({"sae_lens": sae_lens.__version__, "steps": steps, "seconds": seconds,
                       "tokens_per_second": steps * job["batch_tokens"] / seconds,

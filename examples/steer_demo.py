@@ -1,13 +1,19 @@
 """The README's demo client: find a feature by its top examples, clamp it, watch the readouts.
 
-    python examples/steer_demo.py --server 127.0.0.1:50051 [--regex "socket"] [--value 12]
+    python examples/steer_demo.py --server 127.0.0.1:50051 [--regex REGEX] [--strength 6] [--prompt TEXT]
 
+It searches the first SAE's feature metadata for features whose top examples match
+`--regex` (`[[ ]]` marks the activating token), takes the one with the most matching
+examples, clamps it on the generated tokens to `--strength` times its max activation,
+and streams a greedy chat answer: each steered token as it arrives, with the clamped
+feature's value and the top features there; then the unsteered answer for comparison.
 Without an SAE on the server it steers along a direction instead (an embedding row).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 
@@ -15,6 +21,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rudder import client as rc
+
+CATS = r"\[\[ ?(?:cat|cats|kitten|kittens)\]\]"
 
 
 def wait_until_serving(address: str, timeout: float = 300) -> None:
@@ -32,21 +40,37 @@ def wait_until_serving(address: str, timeout: float = 300) -> None:
             time.sleep(1)
 
 
-def show(tok: rc.Token, sae: str) -> None:
+def show(tok: rc.Token, sae: str, feature: int) -> None:
     r = tok.readout(sae)
-    feats = " ".join(f"{f}:{v:.1f}" for f, v in r.top) if r else ""
-    tag = "baseline" if tok.baseline else "steered "
-    print(f"  {tag} [{tok.position:3d}] {tok.text!r:<16} top features {feats}", flush=True)
+    top = " ".join(f"{f}:{v:.1f}" for f, v in r.top) if r else ""
+    print(f"  [{tok.position:3d}] {tok.text!r:<14} feature {feature} = {r.selected.get(feature, 0.0):5.1f}   "
+          f"top {top}", flush=True)
+
+
+def pick(client: rc.Client, sae: str, regex: str):
+    try:
+        found = client.list_features(sae, regex=regex, limit=1000)
+    except rc.FailedPrecondition as e:  # no feature_metadata.json beside the SAE
+        raise SystemExit(f"error: {e.details}") from None
+    except rc.InvalidArgument as e:
+        raise SystemExit(f"error: {e.details}") from None
+    if not found.features:
+        raise SystemExit(f"error: no feature of {sae} has a top example matching /{regex}/; "
+                         f"try a broader --regex (`rudder features {sae} --regex ...` lists matches)")
+    hits = lambda f: sum(bool(re.search(regex, e)) for e in f.top_examples)  # noqa: E731
+    return max(found.features, key=lambda f: (hits(f), -f.density)), found.total
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="127.0.0.1:50051")
     ap.add_argument("--prompt", default="Write one sentence about your favourite hobby.")
-    ap.add_argument("--regex", default=r"\[\[ time\]\]", help="regex over top examples ([[token]] marks the activating token)")
-    ap.add_argument("--value", type=float, default=6.0, help="clamp value of the feature")
+    ap.add_argument("--regex", default=CATS, help="regex over top examples ([[token]] marks the activating token)")
+    ap.add_argument("--strength", type=float, default=6.0, help="clamp value in multiples of the feature's max activation")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
+    if not math.isfinite(args.strength):
+        ap.error(f"--strength must be a finite number (a multiple of the feature's max activation), got {args.strength}")
     wait_until_serving(args.server)
     with rc.Client(args.server, timeout=600) as c:
         info = c.model_info()
@@ -60,20 +84,26 @@ def main() -> None:
                 print(tok.text, end="", flush=True)
             return
         sae = info.saes[0].id
-        found = c.list_features(sae, regex=args.regex, limit=100)
-        if not found.features:
-            raise SystemExit(f"no feature of {sae} has a top example matching /{args.regex}/")
-        # the feature whose top examples match most often: its theme is the clearest
-        feature = max(found.features, key=lambda f: sum(bool(re.search(args.regex, e)) for e in f.top_examples))
-        print(f"SAE {sae} at {info.saes[0].site}: {info.saes[0].d_sae} features; {found.total} match /{args.regex}/")
-        print(f"clamping feature {feature.id} to {args.value}; its top example: {feature.top_examples[0]!r}\n")
+        feature, total = pick(c, sae, args.regex)
+        value = args.strength * feature.max_activation
+        print(f"SAE {sae} at {info.saes[0].site}: {info.saes[0].d_sae} features; {total} match /{args.regex}/")
+        print(f"feature {feature.id}, top example {feature.top_examples[0]!r}, max activation "
+              f"{feature.max_activation:.1f}: clamped to {args.strength:g} x {feature.max_activation:.1f} = {value:.1f} "
+              "on the generated tokens\n")
         steered, baseline = [], []
         for tok in c.generate(chat=chat, max_tokens=args.max_tokens, include_baseline=True,
-                              interventions=[rc.clamp(sae, feature.id, args.value, scope=rc.scope("generated"))],
-                              readouts=rc.readouts(saes=[sae], top_k=4)):
-            show(tok, sae)
-            (baseline if tok.baseline else steered).append(tok.text)
-        print(f"\nprompt  : {args.prompt}\nbaseline: {''.join(baseline)}\nsteered : {''.join(steered)}")
+                              interventions=[rc.clamp(sae, feature.id, value, scope=rc.scope("generated"))],
+                              readouts=rc.readouts(saes=[sae], top_k=3, feature_ids=[feature.id])):
+            if tok.baseline:
+                baseline.append(tok)
+            else:  # streamed live, with the features active at the token
+                show(tok, sae, feature.id)
+                steered.append(tok)
+        print("\nunsteered, the same request without the clamp:")
+        for tok in baseline:
+            show(tok, sae, feature.id)
+        print(f"\nprompt  : {args.prompt}\nbaseline: {''.join(t.text for t in baseline)}\n"
+              f"steered : {''.join(t.text for t in steered)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The default SAE (trained at set-up by scripts/default_sae.sh) steers the default model over gRPC."""
+"""The shipped default SAE steers the default model over gRPC, as `make demo` shows."""
 
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,31 +12,34 @@ from rudder.server.backends.reference import ReferenceEngine
 from rudder.server.cli import default_sae_dirs
 from rudder.server.default_model import default_model_dir, is_converted
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from steer_demo import CATS, pick  # noqa: E402  the demo's own search
+
 pytestmark = [
     pytest.mark.default_model,
-    pytest.mark.skipif(not is_converted() or not default_sae_dirs(),
-                       reason="default model or SAE missing: run scripts/setup.sh and scripts/default_sae.sh"),
+    pytest.mark.skipif(not is_converted(), reason="default model missing: run scripts/setup.sh"),
 ]
-THEME = r"\[\[ time\]\]"
+STRENGTH = 6.0  # x the feature's max activation, as in the demo
 
 
-def test_clamping_a_feature_whose_top_examples_share_a_theme_moves_the_generation_toward_it():
+def test_clamping_the_cat_feature_puts_cats_into_the_answer_and_the_readout_shows_it():
     (sae_dir,) = [p for p in default_sae_dirs() if p.name == "resid15"]
     engine = ReferenceEngine(default_model_dir(), saes=[str(sae_dir)])
     with BackgroundServer(engine, "SmolLM2-135M-Instruct") as srv, rc.Client(srv.address, timeout=600) as c:
-        found = c.list_features("resid15", regex=THEME, limit=100)
-        assert found.features, "no feature of the default SAE fires on ' time'"
-        feature = max(found.features, key=lambda f: sum(bool(re.search(THEME, e)) for e in f.top_examples))
+        feature, _ = pick(c, "resid15", CATS)
+        assert sum(bool(re.search(CATS, e)) for e in feature.top_examples) >= 3, feature.top_examples
+        value = STRENGTH * feature.max_activation
         chat = [{"role": "user", "content": "Write one sentence about your favourite hobby."}]
         steered, baseline = [], []
-        for tok in c.generate(chat=chat, max_tokens=40, include_baseline=True,
-                              interventions=[rc.clamp("resid15", feature.id, 6.0, scope=rc.scope("generated"))],
+        for tok in c.generate(chat=chat, max_tokens=32, include_baseline=True,
+                              interventions=[rc.clamp("resid15", feature.id, value, scope=rc.scope("generated"))],
                               readouts=rc.readouts(saes=["resid15"], feature_ids=[feature.id])):
             (baseline if tok.baseline else steered).append(tok)
-    base_text = "".join(t.text for t in baseline).lower()
-    steered_text = "".join(t.text for t in steered).lower()
-    assert "time" not in base_text
-    assert steered_text.count("time") >= 2, steered_text
-    # the readout shows the clamp: the feature reads 6 at every steered token after the first
+    cats = re.compile(r"(?i)\b(?:cats?|kittens?|kitty|feline)\b")
+    base_text = "".join(t.text for t in baseline)
+    steered_text = "".join(t.text for t in steered)
+    assert not cats.search(base_text), base_text
+    assert len(cats.findall(steered_text)) >= 2, steered_text
+    # the readout shows the clamp: the feature reads the clamped value at every steered token after the first
     values = [t.readout("resid15").selected[feature.id] for t in steered[1:]]
-    assert all(v == pytest.approx(6.0, rel=1e-3) for v in values)
+    assert all(v == pytest.approx(value, rel=1e-3) for v in values)
