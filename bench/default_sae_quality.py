@@ -97,16 +97,19 @@ def main() -> None:
         torch.set_num_threads(cfg.threads or 2)
         lm = HookedLM.load(cfg.model or default_model_dir(), autocast=cfg.autocast)
         split = train_eval_split(lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens, cfg.corpus)
-        rows = {"Rudder": evaluate_sae(lm, rudder_sae, split.eval), "SAELens": evaluate_sae(lm, saelens_sae, split.eval)}
+        aux = lambda sae: sae.cfg.metadata["loss"]["aux_k"]  # noqa: E731
+        rows = {f"Rudder (AuxK {aux(rudder_sae):g})": evaluate_sae(lm, rudder_sae, split.eval),
+                "SAELens (AuxK 1)": evaluate_sae(lm, saelens_sae, split.eval)}
         if SHIPPED.exists() and SHIPPED.resolve() != rudder_dir.resolve():
-            rows["Rudder (shipped)"] = evaluate_sae(lm, SAE.load(SHIPPED), split.eval)
-    rudder_tps = rudder_sae.cfg.metadata.get("train_tokens_per_second")
+            shipped = SAE.load(SHIPPED)
+            rows[f"Rudder shipped (AuxK {aux(shipped):g})"] = evaluate_sae(lm, shipped, split.eval)
+    rudder_tps = rudder_sae.cfg.metadata.get("train_tokens_per_second")  # LM forward included
     print(f"\nblocks.15.hook_resid_post of SmolLM2-135M-Instruct, TopK k={cfg.k}, {cfg.d_sae} latents, "
-          f"{cfg.tokens:,} training tokens, {rows['Rudder']['eval_tokens']:,} held-out tokens; "
+          f"{cfg.tokens:,} training tokens, {next(iter(rows.values()))['eval_tokens']:,} held-out tokens; "
           f"{cfg.threads} threads on {os.cpu_count()} cores")
-    print(f"{'trainer':<18} {'L0':>6} {'dead':>7} {'expl.var':>9} {'CE incr.':>9} {'KL':>7} {'CE rec.':>8}")
+    print(f"{'trainer':<28} {'L0':>6} {'dead':>7} {'expl.var':>9} {'CE incr.':>9} {'KL':>7} {'CE rec.':>8}")
     for name, m in rows.items():
-        print(f"{name:<18} {m['l0']:6.1f} {m['dead'] / cfg.d_sae:7.2%} {m['explained_variance']:9.3f} "
+        print(f"{name:<28} {m['l0']:6.1f} {m['dead'] / cfg.d_sae:7.2%} {m['explained_variance']:9.3f} "
               f"{m['ce_increase']:9.4f} {m['kl']:7.4f} {m['ce_loss_score']:8.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
