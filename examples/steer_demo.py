@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rudder import client as rc
 
-CATS = r"\[\[ ?(?:cat|cats|kitten|kittens)\]\]"
+SPACE = r"\[\[ ?(?:moon|moons|planet|planets|comet|comets|celestial|star|stars|galaxy|sun)\]\]"
 
 
 def wait_until_serving(address: str, timeout: float = 300) -> None:
@@ -65,8 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default="127.0.0.1:50051")
     ap.add_argument("--prompt", default="Write one sentence about your favourite hobby.")
-    ap.add_argument("--regex", default=CATS, help="regex over top examples ([[token]] marks the activating token)")
-    ap.add_argument("--strength", type=float, default=6.0, help="clamp value in multiples of the feature's max activation")
+    ap.add_argument("--regex", default=SPACE, help="regex over top examples ([[token]] marks the activating token)")
+    ap.add_argument("--strength", type=float, default=3.0, help="clamp value in multiples of the feature's max activation")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     if not math.isfinite(args.strength):

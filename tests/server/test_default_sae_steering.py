@@ -13,21 +13,21 @@ from rudder.server.cli import default_sae_dirs
 from rudder.server.default_model import default_model_dir, is_converted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from steer_demo import CATS, pick  # noqa: E402  the demo's own search
+from steer_demo import SPACE, pick  # noqa: E402  the demo's own search
 
 pytestmark = [
     pytest.mark.default_model,
     pytest.mark.skipif(not is_converted(), reason="default model missing: run scripts/setup.sh"),
 ]
-STRENGTH = 6.0  # x the feature's max activation, as in the demo
+STRENGTH = 3.0  # x the feature's max activation, as in the demo
 
 
-def test_clamping_the_cat_feature_puts_cats_into_the_answer_and_the_readout_shows_it():
+def test_clamping_the_sky_feature_puts_stars_into_the_answer_and_the_readout_shows_it():
     (sae_dir,) = [p for p in default_sae_dirs() if p.name == "resid15"]
     engine = ReferenceEngine(default_model_dir(), saes=[str(sae_dir)])
     with BackgroundServer(engine, "SmolLM2-135M-Instruct") as srv, rc.Client(srv.address, timeout=600) as c:
-        feature, _ = pick(c, "resid15", CATS)
-        assert sum(bool(re.search(CATS, e)) for e in feature.top_examples) >= 3, feature.top_examples
+        feature, _ = pick(c, "resid15", SPACE)
+        assert sum(bool(re.search(SPACE, e)) for e in feature.top_examples) >= 3, feature.top_examples
         value = STRENGTH * feature.max_activation
         chat = [{"role": "user", "content": "Write one sentence about your favourite hobby."}]
         steered, baseline = [], []
@@ -35,11 +35,11 @@ def test_clamping_the_cat_feature_puts_cats_into_the_answer_and_the_readout_show
                               interventions=[rc.clamp("resid15", feature.id, value, scope=rc.scope("generated"))],
                               readouts=rc.readouts(saes=["resid15"], feature_ids=[feature.id])):
             (baseline if tok.baseline else steered).append(tok)
-    cats = re.compile(r"(?i)\b(?:cats?|kittens?|kitty|feline)\b")
+    sky = re.compile(r"(?i)\b(?:stars?|moons?|planets?|sky|orbit\w*|galax\w*|universe|space)\b")
     base_text = "".join(t.text for t in baseline)
     steered_text = "".join(t.text for t in steered)
-    assert not cats.search(base_text), base_text
-    assert len(cats.findall(steered_text)) >= 2, steered_text
+    assert not sky.search(base_text), base_text
+    assert len(sky.findall(steered_text)) >= 2, steered_text
     # the readout shows the clamp: the feature reads the clamped value at every steered token after the first
     values = [t.readout("resid15").selected[feature.id] for t in steered[1:]]
     assert all(v == pytest.approx(value, rel=1e-3) for v in values)
