@@ -90,6 +90,7 @@ def main() -> None:
             print("==> SAELens trains on the same activations (about 20 minutes)", flush=True)
             (work / "saelens_run.json").write_text(json.dumps(saelens_run(work, cfg, args.peer_python)))
         peer = json.loads((work / "saelens_run.json").read_text())
+        job = json.loads((work / "job.json").read_text())  # what SAELens was given
         scale = rudder_sae.cfg.metadata["normalisation_scale"][cfg.sites[0]]
         saelens_sae = saelens_sae_in_raw_units(work / "saelens_sae", scale, cfg.sites[0])
 
@@ -116,7 +117,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "threads": cfg.threads, "torch": torch.__version__,
         "config": json.loads(cfg.model_dump_json(exclude={"out", "save_activations"})),
-        "saelens": peer, "rudder_train_tokens_per_second": rudder_tps,
+        "saelens": peer, "saelens_job": job, "rudder_train_tokens_per_second": rudder_tps,
         "results": {name: {**m, "dead_fraction": m["dead"] / cfg.d_sae} for name, m in rows.items()},
     }, indent=2))
     print(f"wrote {args.out}")
