@@ -261,6 +261,7 @@ def lr_lambda(cfg: SaeTrainConfig, total_steps: int):
 
 class SaeTrainer:
     def __init__(self, cfg: SaeTrainConfig, world: World | None = None):
+        self.given = cfg  # recorded in the artifact: `model: null` stays "the default model", not this machine's path
         if cfg.model is None:
             from rudder.server.default_model import ensure_default_model
 
@@ -518,7 +519,7 @@ class SaeTrainer:
         meta = {"objective": cfg.objective, "loss": self._loss_meta(), "training_tokens": self.total_steps *
                 cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites},
                 "train_tokens_per_second": self.tokens_per_second, "world_size": world.size,
-                "corpus": describe(cfg.corpus), "config": json.loads(cfg.model_dump_json())}
+                "corpus": describe(cfg.corpus), "config": json.loads(self.given.model_dump_json())}
         return {name: m.export(meta) for name, m in self.saes.items()}
 
     def _loss_meta(self) -> dict:
