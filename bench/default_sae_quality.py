@@ -30,7 +30,7 @@ import torch
 
 from rudder.core.sae import SAE
 from rudder.server.default_model import default_model_dir
-from rudder.training.config import load_config
+from rudder.training.config import SaeTrainConfig, load_config
 from rudder.training.corpus import train_eval_split
 from rudder.training.evaluate import evaluate_sae
 from rudder.training.lm import HookedLM
@@ -83,7 +83,9 @@ def main() -> None:
         (work / "activations.safetensors").unlink(missing_ok=True)
         (work / "activations.safetensors").symlink_to(acts_file.resolve())
         rudder_sae = SAE.load(rudder_dir)
-        cfg = load_config(CONFIG, {"out": str(work / "unused")})
+        # the settings of the run SAELens is compared with (its recorded config, not today's file)
+        cfg = SaeTrainConfig.model_validate({**rudder_sae.cfg.metadata["config"], "out": str(work / "unused"),
+                                             "save_activations": None})
         if (work / "saelens_sae/cfg.json").exists() and (work / "saelens_run.json").exists():
             print(f"==> reusing SAELens' SAE in {work}")
         else:
@@ -116,7 +118,7 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "threads": cfg.threads, "torch": torch.__version__,
-        "config": json.loads(cfg.model_dump_json(exclude={"out", "save_activations"})),
+        "config": json.loads(cfg.model_dump_json(exclude={"out", "save_activations"})),  # the run SAELens got
         "saelens": peer, "saelens_job": job, "rudder_train_tokens_per_second": rudder_tps,
         "results": {name: {**m, "dead_fraction": m["dead"] / cfg.d_sae} for name, m in rows.items()},
     }, indent=2))

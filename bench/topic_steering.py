@@ -74,13 +74,11 @@ def repeated_trigrams(text: str) -> float:
 
 
 def pick_feature(client: rc.Client, sae: str, topic: str):
-    pattern = search_regex(topic)
-    found = client.list_features(sae, regex=pattern, limit=1000)
-    if not found.features:
+    feature, total = client.best_feature(sae, search_regex(topic))
+    if feature is None:
         raise SystemExit(f"error: no feature of {sae} has a top example whose activating token is one of "
                          f"{TOPICS[topic][0]!r}; try another topic")
-    hits = lambda f: sum(bool(re.search(pattern, e)) for e in f.top_examples)  # noqa: E731
-    return max(found.features, key=lambda f: (hits(f), -f.density)), found.total
+    return feature, total
 
 
 def sample(client: rc.Client, sae: str, feature: int, value: float | None, seed: int, max_tokens: int) -> dict:

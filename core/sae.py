@@ -214,5 +214,8 @@ class SAE(nn.Module):
             raise ArtifactError(f"{path / WEIGHTS_FILE}: tensors {got} do not match the config's shapes {expected}")
         sae.load_state_dict({name: weights[name] for name in expected})
         if cfg.rescale_acts_by_decoder_norm:
+            if cfg.architecture != "topk":
+                raise ArtifactError(f"{path}: rescale_acts_by_decoder_norm is defined for topk SAEs only, "
+                                    f"not {cfg.architecture}")
             sae.fold_decoder_norm()
         return sae.to(device=device, dtype=getattr(torch, cfg.dtype)).requires_grad_(False)

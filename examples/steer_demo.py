@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import time
 
 import grpc
@@ -49,16 +48,13 @@ def show(tok: rc.Token, sae: str, feature: int) -> None:
 
 def pick(client: rc.Client, sae: str, regex: str):
     try:
-        found = client.list_features(sae, regex=regex, limit=1000)
-    except rc.FailedPrecondition as e:  # no feature_metadata.json beside the SAE
+        feature, total = client.best_feature(sae, regex)
+    except (rc.FailedPrecondition, rc.InvalidArgument) as e:  # no feature_metadata.json; a bad regex
         raise SystemExit(f"error: {e.details}") from None
-    except rc.InvalidArgument as e:
-        raise SystemExit(f"error: {e.details}") from None
-    if not found.features:
+    if feature is None:
         raise SystemExit(f"error: no feature of {sae} has a top example matching /{regex}/; "
                          f"try a broader --regex (`rudder features {sae} --regex ...` lists matches)")
-    hits = lambda f: sum(bool(re.search(regex, e)) for e in f.top_examples)  # noqa: E731
-    return max(found.features, key=lambda f: (hits(f), -f.density)), found.total
+    return feature, total
 
 
 def main() -> None:

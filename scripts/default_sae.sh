@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped default SAE (models/default-saes/resid15) from configs/sae/default.yaml.
-# Set-up never runs this: every machine serves the committed artifact. About 25 minutes on 2 cores.
+# Set-up never runs this: every machine serves the committed artifact. About 20 minutes on 2 cores.
 #   scripts/default_sae.sh [OUT]      (default: models/default-saes/resid15)
 # The corpus (WordNet glosses, fortunes, the stdlib's docstrings) needs Debian's packages:
 #   apt-get install wordnet-base fortunes fortunes-min

@@ -46,6 +46,10 @@ def cmd_serve(args) -> int:
         name = MODEL_NAME
         if not saes:
             saes = [str(p) for p in default_sae_dirs()]
+            if not saes:
+                log.warning("no default SAE found in %s (a source checkout's models/default-saes; set "
+                            "RUDDER_DEFAULT_SAES or pass --sae): serving the model without one",
+                            os.environ.get("RUDDER_DEFAULT_SAES") or DEFAULT_SAES)
     else:
         model_dir, name = Path(args.model), Path(args.model).name
         if not (model_dir / "config.json").exists():

@@ -94,14 +94,15 @@ def fortunes() -> Iterator[str]:
 @dataclass(frozen=True)
 class Source:
     read: Callable[[], Iterable[str]]
-    needs: Path | None = None
+    needs: tuple[Path, ...] = ()
+    """a file of each package the source reads"""
     packages: tuple[str, ...] = ()
 
 
 SOURCES: dict[str, Source] = {
     "stdlib": Source(stdlib),
-    "wordnet": Source(wordnet, WORDNET_DIR / "data.noun", ("wordnet-base",)),
-    "fortunes": Source(fortunes, FORTUNES_DIR / "fortunes", ("fortunes", "fortunes-min")),
+    "wordnet": Source(wordnet, (WORDNET_DIR / "data.noun",), ("wordnet-base",)),
+    "fortunes": Source(fortunes, (FORTUNES_DIR / "fortunes", FORTUNES_DIR / "people"), ("fortunes", "fortunes-min")),
 }
 DEFAULT_SOURCES = ("stdlib",)
 
@@ -113,8 +114,9 @@ def check_sources(sources: Iterable[str]) -> list[str]:
         if name not in SOURCES:
             raise InvalidArgument(f"unknown corpus source {name!r}; known: {', '.join(SOURCES)}")
         src = SOURCES[name]
-        if src.needs is not None and not src.needs.exists():
-            raise InvalidArgument(f"corpus source {name!r} needs {src.needs}: "
+        missing = [str(p) for p in src.needs if not p.exists()]
+        if missing:
+            raise InvalidArgument(f"corpus source {name!r} needs {', '.join(missing)}: "
                                   f"apt-get install {' '.join(src.packages)}")
         out.append(name)
     return out

@@ -1,6 +1,7 @@
 """SAE evaluation as SAELens and e2e_sae report it, and feature metadata for search.
 
-On held-out sequences, for the SAE as it will be served (raw activations in and out):
+On held-out sequences, for the SAE on raw activations (as served, except that sink
+positions pass through splices and zero-ablation unchanged; see below):
 
     l0                  mean number of active features per token
     alive, dead         features that fired at least once over the eval tokens, and the rest
@@ -55,7 +56,7 @@ def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 
         f = sae.encode(x.float())
         recon = sae.decode(f)
         keep = ~sink_rows(x)  # run() passes sinks through; they stay out of the averages
-        stats["f"], stats["x"], stats["recon"] = f[keep], x.float()[keep], recon[keep]
+        stats["f"], stats["x"], stats["recon"], stats["keep"] = f[keep], x.float()[keep], recon[keep], keep
         return recon
 
     for i in range(0, len(windows), batch):
@@ -67,7 +68,7 @@ def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 
         sums["ce_clean"] += _ce(clean, ids).item()
         sums["ce_spliced"] += _ce(spliced, ids).item()
         sums["ce_zero"] += _ce(zero, ids).item()
-        sums["kl"] += kl_per_token(clean, spliced).sum().item()
+        sums["kl"] += kl_per_token(clean, spliced)[stats["keep"]].sum().item()
         sums["err"] += (recon - x).pow(2).sum().item()
         sums["l0"] += (f > 0).sum().item()
         fired |= (f > 0).any(0)

@@ -48,7 +48,7 @@ from rudder.training.config import SaeTrainConfig, add_arguments, config_from_ar
 from rudder.training.corpus import check_sources, describe, train_eval_split
 from rudder.training.distributed import World
 from rudder.training.evaluate import evaluate_sae, feature_metadata, kl_per_token
-from rudder.training.lm import HookedLM, check_model_folder
+from rudder.training.lm import HookedLM, check_model_folder, sink_rows
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,9 @@ class SaeTrainer:
         self.micro = min(cfg.micro_batch_tokens or self.rank_batch, self.rank_batch)
         self.accum = max(1, round(self.rank_batch / self.micro))
         self.checkpoint = Checkpoint(cfg.out, cfg)
+        if cfg.save_activations is not None and (self.world.size > 1 or self.checkpoint.path.exists()):
+            raise InvalidArgument("save_activations records one process's run from its start; run it without "
+                                  f"torchrun and delete {self.checkpoint.path.parent} if it exists")
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     # ------------------------------------------------------------ set-up
@@ -345,7 +348,8 @@ class SaeTrainer:
             def fn(x_raw: Tensor) -> Tensor:
                 x = x_raw.float().reshape(-1, x_raw.shape[-1]) * s
                 recon, f, pre = m(x)
-                site_terms.append(self._site_terms(name, m, x, recon, f, pre, stats))
+                keep = ~sink_rows(x_raw).reshape(-1)  # run() passes sinks through: no loss terms for them
+                site_terms.append(self._site_terms(name, m, x[keep], recon[keep], f[keep], pre[keep], stats))
                 return (recon / s).reshape(x_raw.shape)
             return fn
 
@@ -453,8 +457,6 @@ class SaeTrainer:
             self.sched.load_state_dict(state["scheduler"])
             self.since_fired = {k: v.to(world.device) for k, v in state["since_fired"].items()}
             torch.set_rng_state(state["rng"])
-            if cfg.save_activations is not None:
-                raise InvalidArgument(f"save_activations needs a run from the start; delete {self.checkpoint.path.parent}")
             if world.main:
                 log.info("resuming from %s at step %d of %d", self.checkpoint.path, start, self.total_steps)
         micro_windows = max(1, self.micro // self.per_window)

@@ -23,7 +23,7 @@ def test_a_wordnet_synset_reads_as_its_lemmas_and_gloss():
 def test_unknown_or_missing_sources_say_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(InvalidArgument, match="unknown corpus source 'novels'; known: stdlib, wordnet, fortunes"):
         corpus.check_sources(["novels"])
-    monkeypatch.setitem(corpus.SOURCES, "wordnet", corpus.Source(corpus.wordnet, tmp_path / "data.noun",
+    monkeypatch.setitem(corpus.SOURCES, "wordnet", corpus.Source(corpus.wordnet, (tmp_path / "data.noun",),
                                                                  ("wordnet-base",)))
     with pytest.raises(InvalidArgument, match="apt-get install wordnet-base"):
         corpus.check_sources(["stdlib", "wordnet"])

@@ -16,7 +16,8 @@ from rudder.server.default_model import default_model_dir, is_converted
 SHIPPED = Path(__file__).resolve().parents[2] / "models/default-saes/resid15"
 
 
-def test_the_shipped_sae_is_small_complete_and_served_by_default():
+def test_the_shipped_sae_is_small_complete_and_served_by_default(monkeypatch):
+    monkeypatch.delenv("RUDDER_DEFAULT_SAES", raising=False)
     assert SHIPPED in default_sae_dirs()
     for f in SHIPPED.iterdir():
         assert f.stat().st_size < 20 * 2**20, f"{f.name} is over 20 MB"

@@ -131,6 +131,16 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
+    def best_feature(self, source: str, regex: str, limit: int = 1000) -> tuple[pb.FeatureSummary | None, int]:
+        """The feature whose top examples match `regex` most often (ties: the rarer one), and how many
+        features match at all. `[[ ]]` marks the activating token in top examples."""
+        import re
+
+        found = self.list_features(source, regex=regex, limit=limit)
+        pattern = re.compile(regex)
+        best = max(found.features, default=None,
+                   key=lambda f: (sum(bool(pattern.search(e)) for e in f.top_examples), -f.density))
+        return best, found.total
 
     def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
         """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""
