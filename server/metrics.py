@@ -1,7 +1,7 @@
 """Prometheus metrics, served on their own HTTP port (`rudder serve --metrics-port`).
 
 Names follow vLLM's (`vllm:time_to_first_token_seconds` → `rudder:time_to_first_token_seconds`),
-plus steering's own. The README lists every metric with its meaning.
+plus steering's own. docs/serving.md lists every metric with its meaning.
 """
 
 from __future__ import annotations

