@@ -94,7 +94,8 @@ class HookedLM:
         last = sites[-1]
 
         def grab(name: str, x: Tensor) -> Tensor:
-            sinks.append(sink_rows(x[:, 1:]).reshape(-1))
+            if drop_sinks:
+                sinks.append(sink_rows(x[:, 1:]).reshape(-1))
             out[name] = x[:, 1:].reshape(-1, x.shape[-1]).float()
             if len(out) == len(sites) and name == last.name:
                 raise _Stop

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -134,8 +135,6 @@ class Client:
     def best_feature(self, source: str, regex: str, limit: int = 1000) -> tuple[pb.FeatureSummary | None, int]:
         """The feature whose top examples match `regex` most often (ties: the rarer one), and how many
         features match at all. `[[ ]]` marks the activating token in top examples."""
-        import re
-
         found = self.list_features(source, regex=regex, limit=limit)
         pattern = re.compile(regex)
         best = max(found.features, default=None,
