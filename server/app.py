@@ -7,6 +7,8 @@ import hmac
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,27 +30,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Steering"].full_name
 _OUR_METHODS = f"/{SERVICE_NAME}/"
 
 
-def _status(err: RudderError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
-
-
-def _deny(handler):
-    """A handler of the same shape that answers UNAUTHENTICATED."""
-    message = "missing or wrong bearer token: send metadata `authorization: Bearer <token>`"
-
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, **kw)
-    return grpc.unary_unary_rpc_method_handler(unary, **kw)
-
-
 @dataclass(frozen=True)
 class Tls:
     """Server TLS: PEM files. With `client_ca`, clients must present a certificate it signed (mutual TLS)."""
@@ -65,76 +46,123 @@ class Tls:
                                            require_client_auth=self.client_ca is not None)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent.
-    Every finished call of ours is counted by method and status code."""
+def _status(err: RudderError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
-    def __init__(self, metrics: Metrics, token: str | None = None):
-        self.metrics = metrics
-        self.expected = f"Bearer {token}".encode() if token else None
 
-    def _authorized(self, details) -> bool:
-        if self.expected is None:
-            return True
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        return hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.expected)
+Guard = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
+    """The same handler, each call run inside `async with guard(context)`; for a stream, the whole
+    iteration is inside it, so errors and cancellation while streaming reach the guard too."""
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        inner_unary = handler.unary_unary
+
+        async def unary(request, context):
+            async with guard(context):
+                return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream:
+        inner_stream = handler.unary_stream
+
+        async def stream(request, context):
+            async with guard(context), aclosing(inner_stream(request, context)) as items:
+                async for item in items:
+                    yield item
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    # Passing it through unwrapped would skip the token check.
+    raise TypeError("only unary-unary and unary-stream RPCs can be intercepted; the Steering service has no others")
+
+
+class _SteeringInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the Steering service's methods only: health and reflection stay open for probes."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(_OUR_METHODS):
-            return handler  # health and reflection stay open for probes
+            return handler
+        return self.intercept(handler, details)
+
+    def intercept(self, handler: grpc.RpcMethodHandler, details) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class MetricsInterceptor(_SteeringInterceptor):
+    """Counts every finished call in `rudder:requests` by method and status code. Put it first (outermost)
+    so that it sees the codes the other interceptors answer with."""
+
+    def __init__(self, metrics: Metrics):
+        self.requests = metrics.requests
+
+    def intercept(self, handler, details):
         method = details.method.rsplit("/", 1)[-1]
-        count = self.metrics.requests
-        if not self._authorized(details):
-            count.labels(method, "UNAUTHENTICATED").inc()
-            return _deny(handler)
 
-        async def fail(context, e: Exception):
-            if isinstance(e, RudderError):
-                count.labels(method, _status(e).name).inc()
+        @asynccontextmanager
+        async def counted(context):
+            try:
+                yield
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.INTERNAL  # set by context.abort
+                raise
+            else:
+                code = context.code() or grpc.StatusCode.OK
+            finally:
+                self.requests.labels(method, code.name).inc()
+
+        return _wrap(handler, counted)
+
+
+class AuthInterceptor(_SteeringInterceptor):
+    """Calls without `authorization: Bearer <token>` are answered UNAUTHENTICATED."""
+
+    MESSAGE = "missing or wrong bearer token: send metadata `authorization: Bearer <token>`"
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
+
+    def _authorized(self, details) -> bool:
+        got = dict(details.invocation_metadata or ()).get("authorization", "")
+        return hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.expected)
+
+    def intercept(self, handler, details):
+        return handler if self._authorized(details) else _wrap(handler, self._deny)
+
+    @asynccontextmanager
+    async def _deny(self, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
+        yield  # pragma: no cover - abort raises, so the handler never runs
+
+
+class StatusInterceptor(_SteeringInterceptor):
+    """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent."""
+
+    def intercept(self, handler, details):
+        @asynccontextmanager
+        async def mapped(context):
+            try:
+                yield
+            except grpc.aio.AbortError:
+                raise  # the handler chose its status itself
+            except RudderError as e:
                 await context.abort(_status(e), str(e))
-            log.exception("unexpected error in %s", details.method)
-            count.labels(method, "INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {details.method}; see the server log")
+            except Exception:  # noqa: BLE001 - mapped to a status
+                log.exception("unexpected error in %s", details.method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {details.method}; see the server log")
 
-        if handler.unary_unary:
-            inner_unary = handler.unary_unary
+        return _wrap(handler, mapped)
 
-            async def unary(request, context):
-                try:
-                    result = await inner_unary(request, context)
-                except (asyncio.CancelledError, GeneratorExit):
-                    count.labels(method, "CANCELLED").inc()
-                    raise
-                except Exception as e:  # noqa: BLE001 - mapped to a status
-                    await fail(context, e)
-                else:
-                    count.labels(method, "OK").inc()
-                    return result
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-        if handler.unary_stream:
-            inner_stream = handler.unary_stream
-
-            async def stream(request, context):
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except (asyncio.CancelledError, GeneratorExit):
-                    count.labels(method, "CANCELLED").inc()
-                    raise
-                except Exception as e:  # noqa: BLE001 - mapped to a status
-                    await fail(context, e)
-                else:
-                    count.labels(method, "OK").inc()
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return handler
+def interceptors(metrics: Metrics, token: str | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: metrics sees every answer, auth refuses before the service runs, status maps its errors."""
+    auth = [AuthInterceptor(token)] if token else []
+    return [MetricsInterceptor(metrics), *auth, StatusInterceptor()]
 
 
 class RudderServer:
@@ -147,7 +175,7 @@ class RudderServer:
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(self.metrics, token)])
+        self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token))
         self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics)
         self.metrics_http = None
         self.metrics_port = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
 
 import grpc
 
@@ -56,9 +57,36 @@ def _set_input(req, prompt: str | None, chat: Chat | None) -> None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
 
 
+def build_list_features(source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
+                        min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesRequest:
+    return pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset,
+                                  min_precision=min_precision, min_recall=min_recall)
+
+
 def _token(msg: pb.GenerateResponse) -> Token:
     usage = msg.usage if msg.HasField("usage") else None
     return Token.from_pb(msg.token, msg.readouts, msg.baseline, msg.stop_reason, usage)
+
+
+def _trace_tokens(resp: pb.TraceResponse) -> list[Token]:
+    return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
+
+
+def _best_feature(found: pb.ListFeaturesResponse, regex: str) -> tuple[pb.FeatureSummary | None, int]:
+    pattern = re.compile(regex)
+    best = max(found.features, default=None,
+               key=lambda f: (sum(bool(pattern.search(e)) for e in f.top_examples), -f.density))
+    return best, found.total
+
+
+@contextmanager
+def _typed_errors() -> Iterator[None]:
+    """Every call of both clients runs inside this: a failed RPC becomes the typed `RudderError` for its
+    status code (see errors.py). For a stream, the whole iteration runs inside it."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
 
 
 def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -95,72 +123,56 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
+    def _call(self, rpc: grpc.UnaryUnaryMultiCallable, request, timeout: float | None = None):
+        with _typed_errors():
+            return rpc(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
     def generate(self, prompt: str | None = None, chat: Chat | None = None, *, timeout: float | None = None,
                  **kwargs) -> Iterator[Token]:
         """Stream tokens. Keyword arguments: see `build_generate`. Breaking out of the loop cancels the call."""
-        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
+        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout,
+                                  metadata=self.metadata)
         try:
-            for msg in call:
-                yield _token(msg)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            with _typed_errors():
+                for msg in call:
+                    yield _token(msg)
         finally:
             call.cancel()
 
     def trace(self, prompt: str | None = None, chat: Chat | None = None, *, timeout: float | None = None,
               **kwargs) -> list[Token]:
-        try:
-            resp = self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
+        return _trace_tokens(self._call(self.stub.Trace, build_trace(prompt, chat, **kwargs), timeout))
 
     def model_info(self) -> pb.ModelInfo:
-        try:
-            return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
                       min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesResponse:
         """Features by label or regex; for a codebook with a code index, `regex` runs code search
         (codes ranked by precision, then recall, on the tokens where a match ends)."""
-        req = pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset,
-                                     min_precision=min_precision, min_recall=min_recall)
-        try:
-            return self.stub.ListFeatures(req, timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        return self._call(self.stub.ListFeatures, build_list_features(source, label, regex, limit, offset,
+                                                                      min_precision, min_recall))
 
     def best_feature(self, source: str, regex: str, limit: int = 1000) -> tuple[pb.FeatureSummary | None, int]:
         """The feature whose top examples match `regex` most often (ties: the rarer one), and how many
         features match at all. `[[ ]]` marks the activating token in top examples."""
-        found = self.list_features(source, regex=regex, limit=limit)
-        pattern = re.compile(regex)
-        best = max(found.features, default=None,
-                   key=lambda f: (sum(bool(pattern.search(e)) for e in f.top_examples), -f.density))
-        return best, found.total
+        return _best_feature(self.list_features(source, regex=regex, limit=limit), regex)
 
     def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
         """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""
-        try:
-            return self.stub.LoadSae(pb.LoadSaeRequest(path=path, id=id), timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        return self._call(self.stub.LoadSae, pb.LoadSaeRequest(path=path, id=id))
 
     def unload_sae(self, id: str) -> None:
         """Admin: detach an SAE; needs --allow-admin."""
-        try:
-            self.stub.UnloadSae(pb.UnloadSaeRequest(id=id), timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        self._call(self.stub.UnloadSae, pb.UnloadSaeRequest(id=id))
 
 
 class AsyncClient:
-    """asyncio client with the same methods as `Client`."""
+    """asyncio client with the same methods as `Client` (a test checks it)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        """`credentials`: TLS (see `tls_credentials`); `token`: a bearer token for servers started with one."""
         self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
                         else grpc.aio.insecure_channel(target))
         self.stub = pb_grpc.SteeringStub(self.channel)
@@ -176,27 +188,45 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
+    async def _call(self, rpc: grpc.aio.UnaryUnaryMultiCallable, request, timeout: float | None = None):
+        with _typed_errors():
+            return await rpc(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
     async def generate(self, prompt: str | None = None, chat: Chat | None = None, *,
                        timeout: float | None = None, **kwargs) -> AsyncIterator[Token]:
-        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
+        """Stream tokens. Keyword arguments: see `build_generate`. Leaving the loop early and closing
+        the generator (`aclose`) cancels the call."""
+        call = self.stub.Generate(build_generate(prompt, chat, **kwargs), timeout=timeout or self.timeout,
+                                  metadata=self.metadata)
         try:
-            async for msg in call:
-                yield _token(msg)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            with _typed_errors():
+                async for msg in call:
+                    yield _token(msg)
         finally:
             call.cancel()
 
     async def trace(self, prompt: str | None = None, chat: Chat | None = None, *,
                     timeout: float | None = None, **kwargs) -> list[Token]:
-        try:
-            resp = await self.stub.Trace(build_trace(prompt, chat, **kwargs), timeout=timeout or self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        return [Token.from_pb(t.token, t.readouts) for t in resp.tokens]
+        return _trace_tokens(await self._call(self.stub.Trace, build_trace(prompt, chat, **kwargs), timeout))
 
     async def model_info(self) -> pb.ModelInfo:
-        try:
-            return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        return await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    async def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
+                            min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesResponse:
+        """See `Client.list_features`."""
+        return await self._call(self.stub.ListFeatures, build_list_features(source, label, regex, limit, offset,
+                                                                            min_precision, min_recall))
+
+    async def best_feature(self, source: str, regex: str, limit: int = 1000
+                           ) -> tuple[pb.FeatureSummary | None, int]:
+        """See `Client.best_feature`."""
+        return _best_feature(await self.list_features(source, regex=regex, limit=limit), regex)
+
+    async def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
+        """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""
+        return await self._call(self.stub.LoadSae, pb.LoadSaeRequest(path=path, id=id))
+
+    async def unload_sae(self, id: str) -> None:
+        """Admin: detach an SAE; needs --allow-admin."""
+        await self._call(self.stub.UnloadSae, pb.UnloadSaeRequest(id=id))
