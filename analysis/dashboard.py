@@ -8,7 +8,8 @@ activating examples and samples from activation quantiles (each a window of toke
 shaded by the feature's activation, the peak token boxed), and its top and bottom
 logit effects (its decoder row through the unembedding, the final norm's scale folded
 in). A code's activation is its similarity score where it is active, and its logit
-effects are its vector through its head's slice of the output projection. Text: held-out windows of the offline corpus. Open DIR/index.html in a browser;
+effects are its vector through its head's slice of the output projection. Text:
+held-out windows of the offline corpus. Open DIR/index.html in a browser;
 `index.html#feature-ID` shows that feature alone.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rudder.analysis.config import DashboardConfig
 from rudder.core.sae import SAE
 
 SPAN = 10  # tokens either side of an example's peak
@@ -67,7 +69,8 @@ def feature_views(tokens: list[str], seq_len: int, feats: Tensor, logit_effects:
             nz = on.nonzero().flatten()
             sorted_nz = nz[a[nz].argsort()]
             for q_lo, q_hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 0.95)):
-                part = sorted_nz[int(q_lo * len(sorted_nz)):max(int(q_hi * len(sorted_nz)), int(q_lo * len(sorted_nz)) + 1)]
+                lo = int(q_lo * len(sorted_nz))
+                part = sorted_nz[lo:max(int(q_hi * len(sorted_nz)), lo + 1)]
                 pick = part[torch.randperm(len(part), generator=g)[:per_quantile]]
                 quantiles.append((f"{q_lo:.0%}–{q_hi:.0%} of non-zero activations",
                                   [_window(tokens, a, seq_len, int(j)) for j in pick]))
@@ -75,7 +78,8 @@ def feature_views(tokens: list[str], seq_len: int, feats: Tensor, logit_effects:
         k = min(10, eff.shape[0] // 2)  # small vocabularies: no token in both lists
         up, down = eff.topk(k), (-eff).topk(k)
         out.append(FeatureView(
-            i, (titles or {}).get(i, f"Feature {i}"), float(on.float().mean()), vmax, hist.long().tolist(), edges.tolist(), tops, quantiles,
+            i, (titles or {}).get(i, f"Feature {i}"), float(on.float().mean()), vmax, hist.long().tolist(),
+            edges.tolist(), tops, quantiles,
             [(vocab[t], float(v)) for v, t in zip(up.values, up.indices)],
             [(vocab[t], -float(v)) for v, t in zip(down.values, down.indices)]))
     return out
@@ -122,7 +126,8 @@ def _histogram(view: FeatureView, width: int = 320, height: int = 80) -> str:
                    f'height="{h / top * height:.1f}" fill="#e80"/>' for k, h in enumerate(view.histogram))
     return (f'<svg width="{width}" height="{height + 16}" role="img" aria-label="activation histogram">{bars}'
             f'<text x="0" y="{height + 14}" font-size="11">{view.bin_edges[0]:.2f}</text>'
-            f'<text x="{width}" y="{height + 14}" font-size="11" text-anchor="end">{view.bin_edges[-1]:.2f}</text></svg>')
+            f'<text x="{width}" y="{height + 14}" font-size="11" text-anchor="end">{view.bin_edges[-1]:.2f}</text>'
+            '</svg>')
 
 
 def _logits(rows: list[tuple[str, float]], cls: str) -> str:
@@ -182,7 +187,7 @@ def sae_dashboard(lm, sae: SAE, windows: list[list[int]], out: Path, ids: list[i
 
 def _unembed(lm) -> tuple[Tensor, Tensor | float]:
     unembed = lm.model.get_output_embeddings().weight.float()  # (vocab, d)
-    inner = getattr(lm.model, "model", None) or getattr(lm.model, "gpt_neox", None) or getattr(lm.model, "transformer")
+    inner = getattr(lm.model, "model", None) or getattr(lm.model, "gpt_neox", None) or lm.model.transformer
     norm = next((getattr(inner, n) for n in ("norm", "final_layer_norm", "ln_f") if hasattr(inner, n)), None)
     return unembed, (norm.weight.float() if norm is not None and getattr(norm, "weight", None) is not None else 1.0)
 
@@ -194,8 +199,9 @@ def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]]
     activation at a token is its similarity score there when it is active, else 0; `codes` are
     (head, code) pairs (default: the most frequent). Anchors: `#feature-{head * num_codes + code}`."""
     from rudder.core.hf_sites import block_part
+    from rudder.core.hooks import hooks
     from rudder.core.sites import Site
-    from rudder.training.codebook import _hooked
+    from rudder.training.codebook import codebook_fns
 
     cb = codebooks[cb_id]
     n, heads = cb.cfg.num_codes, cb.cfg.num_heads
@@ -210,7 +216,7 @@ def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]]
             acts.append(a.reshape(b, -1, heads * n)[:, 1:].flatten(0, 1))  # sink position left out
         return y
 
-    with _hooked(lm.model, codebooks, fn):
+    with hooks(lm.model, codebook_fns(codebooks, fn)):
         for i in range(0, len(windows), batch):
             chunk = torch.tensor(windows[i:i + batch])
             lm.model(chunk)
@@ -238,3 +244,33 @@ def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]]
     page = out / "index.html"
     page.write_text(render(f"{cb_id} at {cb.cfg.site} · {heads} x {n} codes, k={cb.cfg.k}", views))
     return page
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run(cfg: DashboardConfig) -> Path:
+    """`rudder dashboard`: the page for `cfg.sae` on its model, or for codebook `cfg.codebook` of `cfg.model`."""
+    from rudder.core.codebook import load_codebooks
+    from rudder.core.default_model import ensure_default_model
+    from rudder.core.errors import InvalidArgument
+    from rudder.training.corpus import train_eval_split
+    from rudder.training.lm import HookedLM
+
+    model = Path(cfg.model or ensure_default_model())
+    lm = HookedLM.load(model)
+    if cfg.sae is not None:
+        windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens).eval
+        return sae_dashboard(lm, SAE.load(cfg.sae), windows, cfg.out, [int(x) for x in cfg.wanted] or None,
+                             cfg.max_features)
+    codebooks = {cb.cfg.id: cb for cb in load_codebooks(model)}
+    if cfg.codebook not in codebooks:
+        raise InvalidArgument(f"{model} has no codebook {cfg.codebook!r}; it has {', '.join(codebooks)}")
+    if (model / "tokfsm.json").exists():
+        from rudder.training.tokfsm import TokFSM
+
+        windows = TokFSM.load(model).sample(max(cfg.tokens // 128, 1), torch.Generator().manual_seed(7)).tolist()
+    else:
+        windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens).eval
+    codes = [tuple(int(v) for v in x.split(":")) for x in cfg.wanted] or None
+    return codebook_dashboard(lm, codebooks, cfg.codebook, windows, cfg.out, codes, cfg.max_features)

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
+from rudder.analysis.config import LibConfig
+
 Fn = Callable[[Tensor], Tensor]
 """A per-token function from one site's activations (d_l,) to the next site's (d_{l+1},)."""
 
@@ -99,7 +101,7 @@ def interaction_graph(inputs: Tensor, fns: Sequence[Fn], method: str = "lib", rt
     for layer in reversed(range(len(fns))):
         bases.insert(0, lib_basis(acts[layer], fns[layer], bases[0], rtol) if method == "lib"
                      else pca_basis(acts[layer], rtol))
-    return Graph(bases, [edges(acts[l], fns[l], bases[l], bases[l + 1]) for l in range(len(fns))])
+    return Graph(bases, [edges(acts[i], fns[i], bases[i], bases[i + 1]) for i in range(len(fns))])
 
 
 # ---------------------------------------------------------------- on a Hugging Face model's MLP
@@ -178,3 +180,19 @@ def analyze_mlp(lm, layer: int, windows: list[list[int]], tokens: int, out, rtol
     from pathlib import Path
 
     return json.loads((Path(out) / "lib.json").read_text())
+
+
+def run(cfg: LibConfig) -> dict:
+    """`rudder analyze lib`: `analyze_mlp` on held-out corpus windows; prints the summary."""
+    import json
+
+    from rudder.core.default_model import ensure_default_model
+    from rudder.training.corpus import train_eval_split
+    from rudder.training.lm import HookedLM
+
+    lm = HookedLM.load(cfg.model or ensure_default_model())
+    windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens + 128).eval
+    summary = analyze_mlp(lm, cfg.layer, windows, cfg.tokens, cfg.out)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {cfg.out}/lib.safetensors")
+    return summary

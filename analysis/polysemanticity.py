@@ -13,7 +13,6 @@ the tokens are left out (their score is 0). Text: held-out windows of the offlin
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -21,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rudder.analysis.config import PolysemanticityConfig
 from rudder.analysis.neuron_embeddings import polysemanticity
 from rudder.core.hf_sites import block_part, layout_of
 from rudder.core.sae import SAE
 from rudder.core.sites import Site
-
 
 
 @torch.no_grad()
@@ -73,31 +72,32 @@ def summary(scores: list[int]) -> dict[str, float]:
             "max": max(scores)}
 
 
-def run(args: argparse.Namespace) -> int:
-    from rudder.server.default_model import ensure_default_model
+def run(cfg: PolysemanticityConfig) -> dict:
+    """`rudder analyze polysemanticity`: scores of neurons and of SAE features, printed as a table."""
+    from rudder.core.default_model import ensure_default_model
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 
     torch.manual_seed(0)
-    lm = HookedLM.load(args.model or ensure_default_model())
-    sae = SAE.load(args.sae)
-    windows = train_eval_split(lm.tokenizer, 128, eval_tokens=args.tokens).eval
+    lm = HookedLM.load(cfg.model or ensure_default_model())
+    sae = SAE.load(cfg.sae)
+    windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens).eval
     data = collect(lm, sae, windows)
-    kw = {"fraction": args.fraction, "threshold": args.threshold}
-    neurons = score(data["mlp_in"], data["w_in"], data["neurons"], args.units, 0, **kw)
-    features = score(data["sae_in"], data["w_enc"], data["features"], args.units, 1, **kw)
-    result = {"sae": str(args.sae), "site": sae.cfg.hook_name, "mlp_layer": int(data["mlp_layer"]),
+    kw = {"fraction": cfg.fraction, "threshold": cfg.threshold}
+    neurons = score(data["mlp_in"], data["w_in"], data["neurons"], cfg.units, 0, **kw)
+    features = score(data["sae_in"], data["w_enc"], data["features"], cfg.units, 1, **kw)
+    result = {"sae": str(cfg.sae), "site": sae.cfg.hook_name, "mlp_layer": int(data["mlp_layer"]),
               "tokens": int(data["features"].shape[0]), **kw,
               "neurons": summary(neurons), "sae_features": summary(features),
               "neuron_scores": neurons, "feature_scores": features}
-    print(f"polysemanticity (Foote 2024) on {result['tokens']} held-out tokens; examples >= {args.fraction} x max, "
-          f"cosine >= {args.threshold}")
+    print(f"polysemanticity (Foote 2024) on {result['tokens']} held-out tokens; examples >= {cfg.fraction} x max, "
+          f"cosine >= {cfg.threshold}")
     print(f"{'units':<44} {'scored':>6} {'mean':>6} {'median':>6} {'score 1':>8} {'max':>4}")
     for name, s in ((f"MLP neurons, layer {result['mlp_layer']}", result["neurons"]),
                     (f"SAE features, {result['site']}", result["sae_features"])):
         print(f"{name:<44} {s['units']:>6} {s['mean']:>6.2f} {s['median']:>6.1f} {s['monosemantic_share']:>7.0%} "
               f"{s['max']:>4}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
-    return 0
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {cfg.out}")
+    return result

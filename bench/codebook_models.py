@@ -29,10 +29,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference_backend import run  # noqa: E402
 
 from rudder.core.codebook import (  # noqa: E402
-    CONFIG_FILE, WEIGHTS_FILE, Codebook, CodebookConfig, load_codebooks, save_codebooks)
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Codebook,
+    CodebookConfig,
+    load_codebooks,
+    save_codebooks,
+)
+from rudder.core.default_model import ensure_default_model  # noqa: E402
 from rudder.core.steering import ReadoutSpec, SteeringSpec  # noqa: E402
 from rudder.server.backends.reference import ReferenceEngine  # noqa: E402
-from rudder.server.default_model import ensure_default_model  # noqa: E402
 
 TOKFSM = Path(__file__).parent.parent / "models" / "tokfsm-codebook"
 
@@ -51,8 +57,8 @@ def smollm_codebook_model(tmp: Path) -> tuple[Path, Path]:
     for f in src.iterdir():
         (folder / f.name).symlink_to(f)
     torch.manual_seed(0)
-    save_codebooks([Codebook(CodebookConfig(f"attn_preproj.{l}", f"blocks.{l}.attn.hook_z", num_codes=1000, k=1,
-                                            d_code=64, num_heads=9)) for l in range(30)], folder)
+    save_codebooks([Codebook(CodebookConfig(f"attn_preproj.{layer}", f"blocks.{layer}.attn.hook_z", num_codes=1000, k=1,
+                                            d_code=64, num_heads=9)) for layer in range(30)], folder)
     return folder, src
 
 
@@ -85,7 +91,7 @@ def main() -> None:
                           fsm_prompts, 4 * args.tokens, books))
         cb_model, base = smollm_codebook_model(tmp)
         cases.append(("SmolLM2-135M 30x9 heads, 1000 codes", cb_model, base, chat_prompts, args.tokens,
-                      [f"attn_preproj.{l}" for l in range(30)]))
+                      [f"attn_preproj.{layer}" for layer in range(30)]))
         for name, model, base, prompts, tokens, books in cases:
             plain = measure(base, prompts, args.streams, tokens, args.repeats, SteeringSpec())
             snapped = measure(model, prompts, args.streams, tokens, args.repeats, SteeringSpec())

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from rudder.core.default_model import default_model_dir
 from rudder.core.sae import SAE
-from rudder.server.default_model import default_model_dir
 from rudder.training.config import SaeTrainConfig, load_config
 from rudder.training.corpus import train_eval_split
 from rudder.training.evaluate import evaluate_sae
@@ -51,7 +51,8 @@ def saelens_run(work: Path, cfg, peer_python: str) -> dict:
     peer = subprocess.run([peer_python, str(ROOT / "bench/saelens_sae_peer.py"), str(work)], env=env,
                           capture_output=True, text=True)
     if peer.returncode != 0:
-        raise SystemExit(f"SAELens run failed (is {peer_python} set up? scripts/saelens_env.sh):\n" + peer.stderr[-3000:])
+        raise SystemExit(f"SAELens run failed (is {peer_python} set up? scripts/saelens_env.sh):\n"
+                         + peer.stderr[-3000:])
     return json.loads(peer.stdout.strip().splitlines()[-1])
 
 

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
+from rudder.core.default_model import default_sae_dirs, ensure_default_model
 from rudder.core.sae import SAE, SAEConfig
 from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
-from rudder.server.cli import default_sae_dirs
-from rudder.server.default_model import ensure_default_model
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a hash table works.",
            "What is the capital of France?", "List three uses of copper.", "Describe the water cycle.",

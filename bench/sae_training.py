@@ -4,8 +4,9 @@
     .venv/bin/python bench/sae_training.py [--threads 2] [--tokens 61440] [--autocast]
 
 Same model shape (SmolLM2-135M), site (blocks.15.hook_resid_pre), dictionary
-(576 x 4608), batch (4096 tokens), context (128), shuffle buffer (16,384 tokens; both keep half and serve the rest, so a run forwards about its own tokens plus half a buffer) and
-token windows for both. Tokens/s is the training call's wall time over its tokens,
+(576 x 4608), batch (4096 tokens), context (128), shuffle buffer (16,384 tokens;
+both keep half and serve the rest, so a run forwards about its own tokens plus half
+a buffer) and token windows for both. Tokens/s is the training call's wall time over its tokens,
 after a warm-up run on each side (first runs are several times slower). SAELens then
 loads the artifact Rudder wrote and we compare its outputs with ours. Prints a table
 and writes bench/results/sae_training.json.
@@ -73,7 +74,8 @@ def main() -> None:
         store = 16
         (tmp / "job.json").write_text(json.dumps({
             "d_in": 576, "d_sae": D_SAE, "site": SITE, "context": CONTEXT, "batch_tokens": BATCH,
-            "store_batch_prompts": store, "n_batches_in_buffer": BUFFER_TOKENS // CONTEXT,  # SAELens: mixing buffer = this x context tokens
+            "store_batch_prompts": store,
+            "n_batches_in_buffer": BUFFER_TOKENS // CONTEXT,  # SAELens: mixing buffer = this x context tokens
             "tokens": args.tokens, "warmup_tokens": 8192, "lr": 4e-4, "threads": args.threads,
             "autocast": args.autocast}))
         env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

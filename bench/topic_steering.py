@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from rudder import client as rc
+from rudder.core.default_model import MODEL_NAME, default_model_dir
 from rudder.server.app import BackgroundServer
 from rudder.server.backends.reference import ReferenceEngine
-from rudder.server.default_model import MODEL_NAME, default_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models/default-saes/resid15"
@@ -45,7 +45,8 @@ TOPICS: dict[str, tuple[str, str]] = {
     "birds": ("bird|birds", r"birds?|feathers?|wings?|nests?|sparrows?|eagles?|parrots?|owls?|robins?|chirp\w*"),
     "food": ("food|foods", r"foods?|meals?|eat|eats|eating|ate|delicious|cook\w*|dish(?:es)?|recipes?|dinner|lunch"
                            r"|breakfast|bread|fruits?|vegetables?|tast(?:e|y|es|ing)|restaurants?"),
-    "music": ("music|musical", r"music\w*|songs?|sing|sings|singing|singers?|sang|sung|melod\w*|guitar\w*|piano\w*|bands?|concerts?|rhythm\w*|tunes?"),
+    "music": ("music|musical", r"music\w*|songs?|sing|sings|singing|singers?|sang|sung|melod\w*|guitar\w*|piano\w*"
+                               r"|bands?|concerts?|rhythm\w*|tunes?"),
     "space": ("moon|moons|planet|planets|comet|comets|celestial|star|stars|galaxy|sun",
               r"space|planets?|stars?|galax\w*|universe|astronauts?|orbit\w*|moons?|nasa|rockets?|cosmos|cosmic"
               r"|solar|comets?|celestial|astronom\w*"),
@@ -125,7 +126,8 @@ def parse_args() -> argparse.Namespace:
                     help="clamp values to try, in multiples of the feature's max activation (comma-separated)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--sae", type=Path, default=SHIPPED, help="an SAE folder of the default model with feature_metadata.json")
+    ap.add_argument("--sae", type=Path, default=SHIPPED,
+                    help="an SAE folder of the default model with feature_metadata.json")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/topic_steering.json")
     args = ap.parse_args()
     args.topics = [t.strip() for t in args.topics.split(",") if t.strip()]
@@ -157,7 +159,9 @@ def run_topic(scorer: Scorer, c: rc.Client, sae: str, topic: str, args) -> dict:
     for strength in [None, *args.strengths]:
         value = None if strength is None else strength * feature.max_activation
         with ThreadPoolExecutor(args.concurrency) as pool:
-            runs = list(pool.map(lambda s: sample(c, sae, feature.id, value, s, args.max_tokens), range(args.samples)))
+            # list() drains the map inside this iteration, so binding value here changes nothing
+            runs = list(pool.map(lambda s, value=value: sample(c, sae, feature.id, value, s, args.max_tokens),
+                                 range(args.samples)))
         summary = summarise(scorer, topic, runs)
         if strength is None:
             row["baseline"] = summary
@@ -194,7 +198,8 @@ def main() -> None:
     print_table(results, args, threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "sae": str(args.sae.relative_to(ROOT) if args.sae.is_relative_to(ROOT) else args.sae),
+        "date": time.strftime("%Y-%m-%d"),
+        "sae": str(args.sae.relative_to(ROOT) if args.sae.is_relative_to(ROOT) else args.sae),
         "samples": args.samples, "temperature": 1.0, "max_tokens": args.max_tokens, "strengths": args.strengths,
         "prompts": PROMPTS, "classifier": {t: w for t, (_, w) in TOPICS.items()},
         "search": {t: search_regex(t) for t in args.topics}, "threads": threads, "cpu_count": os.cpu_count(),

@@ -30,12 +30,11 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 import torch  # noqa: E402
+from reference_backend import run as tokens_per_second  # noqa: E402  (bench/ is on sys.path)
 
+from rudder.core.default_model import default_sae_dirs, ensure_default_model  # noqa: E402
 from rudder.core.sae import SAE, SAEConfig  # noqa: E402
 from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec  # noqa: E402
-from rudder.server.cli import default_sae_dirs  # noqa: E402
-from rudder.server.default_model import ensure_default_model  # noqa: E402
-from reference_backend import run as tokens_per_second  # noqa: E402  (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "blocks.15.hook_resid_post"

@@ -23,8 +23,6 @@ Artifact: a folder with `codebooks.json` (one entry per codebook) and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rudder.core.errors import ArtifactError
+from rudder.core.fileio import replace_file
 
 CONFIG_FILE = "codebooks.json"
 SIMILARITIES = ("cosine", "inner_product", "euclidean")
@@ -58,7 +57,9 @@ class CodebookConfig:
         if self.similarity not in SIMILARITIES:
             raise ArtifactError(f"codebook {self.id!r}: similarity {self.similarity!r} is not one of {SIMILARITIES}")
         if not (0 < self.k <= self.num_codes):
-            raise ArtifactError(f"codebook {self.id!r}: need 0 < k <= num_codes, got k={self.k}, num_codes={self.num_codes}")
+            raise ArtifactError(
+                f"codebook {self.id!r}: need 0 < k <= num_codes, got k={self.k}, num_codes={self.num_codes}"
+            )
         if self.d_code < 1 or self.num_heads < 1:
             raise ArtifactError(f"codebook {self.id!r}: d_code and num_heads must be positive")
 
@@ -146,12 +147,9 @@ def save_codebooks(codebooks: list[Codebook], folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"{cb.cfg.id}.{name}": p.detach().contiguous().cpu()
                for cb in codebooks for name, p in cb.named_parameters()}
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
-        save_file(tensors, tmp.name)
-    os.replace(tmp.name, folder / WEIGHTS_FILE)
-    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as tmp:
-        json.dump({"codebooks": [asdict(cb.cfg) for cb in codebooks]}, tmp, indent=2)
-    os.replace(tmp.name, folder / CONFIG_FILE)
+    config = json.dumps({"codebooks": [asdict(cb.cfg) for cb in codebooks]}, indent=2)
+    replace_file(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    replace_file(folder / CONFIG_FILE, lambda tmp: tmp.write_text(config))
     return folder
 
 

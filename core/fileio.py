@@ -1,8 +1,11 @@
-"""Atomic folder writes: an artifact is either the old one, the new one, or absent."""
+"""Atomic writes: an artifact (a folder or one file) is either the old one, the new one, or absent."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -16,3 +19,16 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         staging.rename(target)
+
+
+def replace_file(target: Path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` a file next to `target`, then rename it over `target` (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

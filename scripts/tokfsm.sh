@@ -15,4 +15,4 @@ trap 'rm -rf "$work"' EXIT
 .venv/bin/rudder train codebook --config configs/codebook/tokfsm.yaml --model "$work/base" --out "$work/attn"
 .venv/bin/rudder train codebook --config configs/codebook/tokfsm-mlp.yaml --model "$work/attn" --out "$out"
 cp "$work/base/tokfsm_metrics.json" "$out/tokfsm_base_metrics.json"
-.venv/bin/python -m rudder.training.tokfsm_codes "$out"
+.venv/bin/rudder analyze tokfsm-codes "$out"

@@ -28,76 +28,33 @@ walks; any other model trains on the offline corpus (rudder.training.corpus).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import Codebook, CodebookConfig, ForcedCodes, save_codebooks
 from rudder.core.errors import InvalidArgument
-from rudder.core.hf_sites import hook_site, layout_of, shape_of
+from rudder.core.hf_sites import SiteFn, layout_of, shape_of
+from rudder.core.hooks import hooks
 from rudder.core.sites import Site
-from rudder.training.config import warmup_decay
+from rudder.training.config import CodebookTrainConfig, warmup_decay
 
 log = logging.getLogger(__name__)
 
-SITE_KINDS = {"attn_preproj": "attn.hook_z", "mlp": "hook_mlp_out"}
+CodebookFn = Callable[[Codebook, Tensor, int], Tensor]
+"""fn(codebook, x (B·S, G, d), B) -> what replaces x at the codebook's site"""
+
 METRICS_FILE = "codebook_training.json"
-
-
-class CodebookTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(..., description="Hugging Face causal LM folder to fine-tune")
-    out: Path = Field(..., description="codebook model folder to write")
-    codebook_at: list[Literal["attn_preproj", "mlp"]] = Field(
-        ["attn_preproj"], min_length=1, description="attn_preproj: one codebook per head before the output "
-                                                   "projection; mlp: one codebook on the MLP output")
-    layers: list[int] | None = Field(None, description="layers to snap (None: all)")
-    num_codes: int = Field(1000, ge=1, description="codes per codebook (per head for attn_preproj)")
-    k: int = Field(1, ge=1, description="active codes per token")
-    loss: Literal["aeloss", "vqvae"] = "aeloss"
-    commitment: float | None = Field(None, ge=0, description="β of the commitment term β‖x − sg(y)‖², which holds "
-                                                             "the input near its codes (None: 0.25 for vqvae, 0 for aeloss)")
-    ln_align: float = Field(0.1, ge=0, description="weight of the LayerNorm alignment term")
-    init: Literal["sample", "kmeans", "random", "existing"] = Field(
-        "sample", description="codes start as random real activations, their k-means centres, Gaussian noise, "
-                              "or (existing) the codebooks already in the model folder: training continues, "
-                              "and codebooks the folder lacks start as sampled activations")
-    model_lr_factor: float = Field(0.1, ge=0, description="model lr = lr · this (0: the model stays frozen)")
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    min_lr_factor: float = Field(0.1, ge=0, le=1)
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the codes")
-    steps: int = Field(1000, ge=1)
-    batch: int = Field(128, ge=1, description="sequences per step")
-    context: int = Field(128, ge=2, description="tokens per sequence (corpus data)")
-    corpus_tokens: int | None = Field(500_000, ge=1, description="read at most this much of the corpus (None: all)")
-    replace_dead_every: int = Field(100, ge=0, description="steps between dead-code replacements (0: never)")
-    replace_dead_until: float = Field(0.6, ge=0, le=1, description="no replacement after this fraction of training")
-    eval_sequences: int = Field(256, ge=1)
-    seed: int = 0
-    threads: int = Field(0, ge=0)
-
-    def sites(self, num_layers: int) -> list[tuple[str, Site]]:
-        layers = range(num_layers) if self.layers is None else self.layers
-        for layer in layers:
-            if not 0 <= layer < num_layers:
-                raise InvalidArgument(f"layers: {layer} is out of range, the model has layers 0..{num_layers - 1}")
-        return [(f"{at}.{layer}", Site(layer, SITE_KINDS[at])) for layer in layers for at in self.codebook_at]
 
 
 def codebooks_for(model: nn.Module, cfg: CodebookTrainConfig) -> dict[str, Codebook]:
@@ -154,28 +111,28 @@ def train_snap(cb: Codebook, x: Tensor, cfg: CodebookTrainConfig, stats: SnapSta
     return out
 
 
-@contextmanager
-def _hooked(model: nn.Module, codebooks: dict[str, Codebook], fn):
-    """Install `fn(cb, x (T, G, d)) -> y` at every codebook's site."""
+def codebook_fns(codebooks: dict[str, Codebook], fn: CodebookFn) -> dict[str, SiteFn]:
+    """Site hooks (for `rudder.core.hooks.hooks`) that run `fn(cb, x (B·S, G, d), B) -> y` for every
+    codebook at its site; codebooks sharing a site run in turn, each on the one before's output."""
+    at: dict[str, list[Codebook]] = {}
+    for cb in codebooks.values():
+        at.setdefault(Site.parse(cb.cfg.site).name, []).append(cb)
 
-    def make(cb: Codebook):
+    def make(cbs: list[Codebook]) -> SiteFn:
         def hook(name: str, x: Tensor) -> Tensor:
             b, s, width = x.shape
-            y = fn(cb, x.reshape(b * s, cb.cfg.num_heads, cb.cfg.d_code), b)
-            return y.reshape(b, s, width).to(x.dtype)
+            for cb in cbs:
+                y = fn(cb, x.reshape(b * s, cb.cfg.num_heads, cb.cfg.d_code), b)
+                x = y.reshape(b, s, width).to(x.dtype)
+            return x
         return hook
 
-    handles = [hook_site(model, Site.parse(cb.cfg.site), make(cb)) for cb in codebooks.values()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return {site: make(cbs) for site, cbs in at.items()}
 
 
 def bottlenecks(model: nn.Module, codebooks: dict[str, Codebook], cfg: CodebookTrainConfig, stats: SnapStats):
     """The codebooks as training bottlenecks: straight-through gradients, loss terms into `stats`."""
-    return _hooked(model, codebooks, lambda cb, x, b: train_snap(cb, x, cfg, stats))
+    return hooks(model, codebook_fns(codebooks, lambda cb, x, b: train_snap(cb, x, cfg, stats)))
 
 
 def snapping(model: nn.Module, codebooks: dict[str, Codebook], record: dict[str, Tensor] | None = None,
@@ -188,7 +145,7 @@ def snapping(model: nn.Module, codebooks: dict[str, Codebook], record: dict[str,
             record[cb.cfg.id] = ids.reshape(b, -1, *ids.shape[1:])
         return y
 
-    return _hooked(model, codebooks, fn)
+    return hooks(model, codebook_fns(codebooks, fn))
 
 
 @torch.no_grad()
@@ -212,18 +169,12 @@ def site_activations(model: nn.Module, ids: Tensor, codebooks: dict[str, Codeboo
     """(T, G, d) activations at each codebook's site, from the model without bottlenecks."""
     acts: dict[str, Tensor] = {}
 
-    def make(cb: Codebook):
-        def fn(name: str, x: Tensor) -> Tensor:
-            acts[cb.cfg.id] = x.reshape(-1, cb.cfg.num_heads, cb.cfg.d_code).float()
-            return x
-        return fn
+    def grab(cb: Codebook, x: Tensor, b: int) -> Tensor:
+        acts[cb.cfg.id] = x.float()
+        return x
 
-    handles = [hook_site(model, Site.parse(cb.cfg.site), make(cb)) for cb in codebooks.values()]
-    try:
+    with hooks(model, codebook_fns(codebooks, grab)):
         model(ids)
-    finally:
-        for h in handles:
-            h.remove()
     return acts
 
 
@@ -292,7 +243,8 @@ def replace_dead(codebooks: dict[str, Codebook], counts: dict[str, Tensor], acts
                 continue
             rows = acts[cb_id][:, g]
             pick = rows[torch.randint(rows.shape[0], (idx.numel(),), generator=generator)]
-            noise = torch.randn(pick.shape, generator=generator) * 0.01 * pick.norm(dim=-1, keepdim=True) / pick.shape[-1] ** 0.5
+            noise = (torch.randn(pick.shape, generator=generator) * 0.01
+                     * pick.norm(dim=-1, keepdim=True) / pick.shape[-1] ** 0.5)
             cb.codes[g, idx] = pick + noise
             replaced += idx.numel()
     return replaced
@@ -465,16 +417,6 @@ def save(model: nn.Module, tokenizer, codebooks: dict[str, Codebook], cfg: Codeb
         record["earlier"] = before.pop("earlier", []) + [before]
     (out / METRICS_FILE).write_text(json.dumps(record, indent=2))
     return out
-
-
-def config_from_args(args: argparse.Namespace) -> CodebookTrainConfig:
-    from rudder.training.config import load_config, parse_sets
-
-    overrides = parse_sets(args.set)
-    for key in ("model", "out"):
-        if getattr(args, f"opt_{key}") is not None:
-            overrides[key] = getattr(args, f"opt_{key}")
-    return load_config(args.config, overrides, schema=CodebookTrainConfig)
 
 
 def run(cfg: CodebookTrainConfig) -> dict[str, float]:

@@ -1,8 +1,12 @@
-"""The SAE training configuration: one pydantic model, read from YAML and overridden by flags.
+"""The training configurations, one pydantic model per trainer, read from YAML and overridden by flags.
 
-    rudder train sae --config sae.yaml --set objective=e2e --set loss.sparsity=2.0
+    rudder train sae --config sae.yaml --set objective=e2e --set loss.sparsity=2.0     # SaeTrainConfig
+    rudder train codebook --config cb.yaml --model DIR --out OUT                        # CodebookTrainConfig
+    rudder train tokfsm --out DIR --steps 1500                                          # TokFSMTrainConfig
 
-Loss conventions follow ApolloResearch/e2e_sae (Braun et al. 2024), on activations
+The `rudder train` flags are made from these models: every field's description is its `--help`.
+
+SAE loss conventions follow ApolloResearch/e2e_sae (Braun et al. 2024), on activations
 normalised so that E‖x‖² = d_in (the scale is folded into the weights at export):
 
     sparsity     coeff · mean_tokens ‖f‖_p / d_in
@@ -16,7 +20,6 @@ TopK SAEs have no sparsity term (k sets L0); their dead latents get the AuxK los
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from pathlib import Path
@@ -26,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rudder.core.errors import InvalidArgument
+from rudder.core.sites import Site
 
 Objective = Literal["local", "e2e", "e2e_ds"]
 
@@ -116,6 +120,63 @@ class SaeTrainConfig(_Strict):
         return 0.0 if self.architecture == "topk" else self.loss.sparsity
 
 
+CODEBOOK_SITE_KINDS = {"attn_preproj": "attn.hook_z", "mlp": "hook_mlp_out"}
+
+
+class CodebookTrainConfig(_Strict):
+    """Codebook Features (rudder.training.codebook): fine-tune a causal LM with codebook bottlenecks."""
+
+    model: str = Field(..., description="Hugging Face causal LM folder to fine-tune")
+    out: Path = Field(..., description="codebook model folder to write")
+    codebook_at: list[Literal["attn_preproj", "mlp"]] = Field(
+        ["attn_preproj"], min_length=1, description="attn_preproj: one codebook per head before the output "
+                                                   "projection; mlp: one codebook on the MLP output")
+    layers: list[int] | None = Field(None, description="layers to snap (None: all)")
+    num_codes: int = Field(1000, ge=1, description="codes per codebook (per head for attn_preproj)")
+    k: int = Field(1, ge=1, description="active codes per token")
+    loss: Literal["aeloss", "vqvae"] = "aeloss"
+    commitment: float | None = Field(None, ge=0,
+                                     description="β of the commitment term β‖x − sg(y)‖², which holds "
+                                                 "the input near its codes (None: 0.25 for vqvae, 0 for aeloss)")
+    ln_align: float = Field(0.1, ge=0, description="weight of the LayerNorm alignment term")
+    init: Literal["sample", "kmeans", "random", "existing"] = Field(
+        "sample", description="codes start as random real activations, their k-means centres, Gaussian noise, "
+                              "or (existing) the codebooks already in the model folder: training continues, "
+                              "and codebooks the folder lacks start as sampled activations")
+    model_lr_factor: float = Field(0.1, ge=0, description="model lr = lr · this (0: the model stays frozen)")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_factor: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the codes")
+    steps: int = Field(1000, ge=1)
+    batch: int = Field(128, ge=1, description="sequences per step")
+    context: int = Field(128, ge=2, description="tokens per sequence (corpus data)")
+    corpus_tokens: int | None = Field(500_000, ge=1, description="read at most this much of the corpus (None: all)")
+    replace_dead_every: int = Field(100, ge=0, description="steps between dead-code replacements (0: never)")
+    replace_dead_until: float = Field(0.6, ge=0, le=1, description="no replacement after this fraction of training")
+    eval_sequences: int = Field(256, ge=1)
+    seed: int = 0
+    threads: int = Field(0, ge=0)
+
+    def sites(self, num_layers: int) -> list[tuple[str, Site]]:
+        layers = range(num_layers) if self.layers is None else self.layers
+        for layer in layers:
+            if not 0 <= layer < num_layers:
+                raise InvalidArgument(f"layers: {layer} is out of range, the model has layers 0..{num_layers - 1}")
+        return [(f"{at}.{layer}", Site(layer, CODEBOOK_SITE_KINDS[at])) for layer in layers for at in self.codebook_at]
+
+
+class TokFSMTrainConfig(_Strict):
+    """The TokFSM base model of Codebook Features §4, trained from scratch (rudder.training.tokfsm)."""
+
+    out: Path = Field(..., description="model folder to write (with its tokenizer and tokfsm.json)")
+    steps: int = Field(1500, ge=1, description="optimizer steps")
+    batch: int = Field(128, ge=1, description="TokFSM walks per step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, warm-up then cosine decay)")
+    seed: int = Field(0, description="seeds the model's initialisation and the walks")
+
+
 def warmup_decay(step: int, total: int, warmup: int, kind: str = "cosine", floor: float = 0.1) -> float:
     """Learning-rate factor: linear warm-up, then constant, cosine or linear decay to `floor`."""
     if step < warmup:
@@ -155,40 +216,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise InvalidArgument(f"config file {path} must hold a mapping at the top level")
     for key, value in (overrides or {}).items():
         _set_path(raw, key, yaml.safe_load(value) if isinstance(value, str) else value)
+    return validate(schema, raw)
+
+
+def validate(schema: type[BaseModel], raw: dict[str, Any]) -> Any:
+    """`schema` from `raw`; a bad value is an InvalidArgument naming every bad field."""
     try:
         return schema.model_validate(raw)
     except ValidationError as e:
         lines = [f"  {'.'.join(map(str, err['loc'])) or '(config)'}: {err['msg']}" for err in e.errors()]
         raise InvalidArgument(f"invalid {schema.__name__}:\n" + "\n".join(lines)) from None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with SaeTrainConfig fields (see rudder.training.config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, dotted for sections: --set loss.sparsity=2")
-    for flag, key in (("--model", "model"), ("--site", "sites"), ("--objective", "objective"),
-                      ("--architecture", "architecture"), ("--d-sae", "d_sae"), ("--tokens", "tokens"),
-                      ("--out", "out")):
-        p.add_argument(flag, dest=f"opt_{key}", default=None, help=f"sets `{key}`")
-
-
-def parse_sets(items: list[str]) -> dict[str, str]:
-    """`--set KEY=VALUE` flags as a dict of dotted keys."""
-    overrides: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise InvalidArgument(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value
-    return overrides
-
-
-def config_from_args(args: argparse.Namespace) -> SaeTrainConfig:
-    overrides = parse_sets(args.set)
-    for key in ("model", "objective", "architecture", "d_sae", "tokens", "out"):
-        value = getattr(args, f"opt_{key}")
-        if value is not None:
-            overrides[key] = value
-    if args.opt_sites:
-        overrides["sites"] = [s.strip() for s in args.opt_sites.split(",")]
-    return load_config(args.config, overrides)

@@ -16,7 +16,6 @@ model computes exactly what the reference computed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -88,7 +87,8 @@ def convert(ref: str | Path, base: str | Path, out: str | Path) -> list[Codebook
         i = at.index(kind)
         codes = torch.stack([groups[g]["codebook.weight"] for g in sorted(groups)])  # (G, N, d)
         heads, n, d = codes.shape
-        c = CodebookConfig(f"{kind}.{layer}", f"blocks.{layer}.{'attn.hook_z' if kind == 'attn_preproj' else 'hook_mlp_out'}",
+        site = f"blocks.{layer}.{'attn.hook_z' if kind == 'attn_preproj' else 'hook_mlp_out'}"
+        c = CodebookConfig(f"{kind}.{layer}", site,
                            num_codes=n, k=int(_per_codebook(cfg["k_codebook"], i)), d_code=d, num_heads=heads,
                            similarity=SIMILARITY[cfg.get("similarity_metric", "euclidean")])
         cb = Codebook(c)
@@ -109,10 +109,11 @@ def convert(ref: str | Path, base: str | Path, out: str | Path) -> list[Codebook
     return [cb.cfg for cb in codebooks]
 
 
-def run(a: argparse.Namespace) -> int:
-    """`rudder convert-codebook`."""
-    for c in convert(a.ref, a.base, a.out):
+def run(ref: Path, base: Path, out: Path) -> list[CodebookConfig]:
+    """`rudder convert-codebook`: `convert`, then list the codebooks written."""
+    configs = convert(ref, base, out)
+    for c in configs:
         print(f"{c.id}: {c.site}, {c.num_heads} x {c.num_codes} codes of {c.d_code}, k={c.k}, {c.similarity}")
-    print(f"codebook model written to {a.out}")
-    return 0
+    print(f"codebook model written to {out}")
+    return configs
 

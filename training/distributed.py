@@ -1,6 +1,6 @@
 """Data-parallel training with torchrun (DDP); a single process when not launched by it.
 
-    torchrun --nproc-per-node 4 -m rudder.training.sae_cli --config sae.yaml
+    torchrun --nproc-per-node 4 --no-python rudder train sae --config sae.yaml
 
 Every rank runs the frozen model on its own share of the sequences; gradients are
 averaged by DDP. Rank 0 alone prints progress and writes checkpoints and artifacts.

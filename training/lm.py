@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rudder.core.errors import InvalidArgument
-from rudder.core.hf_sites import ModelShape, hook_site, layout_of, shape_of
+from rudder.core.hf_sites import ModelShape, layout_of, shape_of
+from rudder.core.hooks import hooks
 from rudder.core.sites import Site
 
 SINK_NORM_RATIO = 10.0
@@ -101,15 +102,11 @@ class HookedLM:
                 raise _Stop
             return x
 
-        handles = [hook_site(self.model, s, grab) for s in sites]
         try:
-            with self._autocast():
+            with hooks(self.model, {s.name: grab for s in sites}), self._autocast():
                 self.model(ids.to(self.device))
         except _Stop:
             pass
-        finally:
-            for h in handles:
-                h.remove()
         if drop_sinks:
             keep = ~torch.stack(sinks).any(0)
             out = {name: rows[keep] for name, rows in out.items()}
@@ -133,11 +130,6 @@ class HookedLM:
                 captured[name] = x[:, 1:].float()
             return x
 
-        handles = [hook_site(self.model, s, hook) for s in sorted(wanted)]
-        try:
-            with self._autocast():
-                logits = self.model(ids.to(self.device)).logits
-        finally:
-            for h in handles:
-                h.remove()
+        with hooks(self.model, {s.name: hook for s in sorted(wanted)}), self._autocast():
+            logits = self.model(ids.to(self.device)).logits
         return logits.float(), captured

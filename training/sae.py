@@ -1,7 +1,7 @@
 """Train sparse autoencoders: local, end-to-end (e2e) and e2e + downstream (e2e_ds).
 
     rudder train sae --config sae.yaml [--set objective=e2e] [--out PATH]
-    torchrun --nproc-per-node N -m rudder.training.sae --config sae.yaml     # data-parallel
+    torchrun --nproc-per-node N --no-python rudder train sae --config sae.yaml     # data-parallel
 
 - local (Towards Monosemanticity): activations are streamed from the model through a
   shuffle buffer; loss = MSE(x̂, x) + sparsity.
@@ -23,13 +23,11 @@ appears atomically at the end.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,10 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rudder.core.errors import InvalidArgument, RudderError, TrainingError
+from rudder.core.default_model import ensure_default_model
+from rudder.core.errors import InvalidArgument, TrainingError
+from rudder.core.feature_metadata import FEATURE_METADATA
 from rudder.core.sae import ACTIVATIONS, SAE, SAEConfig
 from rudder.core.sites import Site
-from rudder.training.config import SaeTrainConfig, add_arguments, config_from_args, warmup_decay
+from rudder.training.config import SaeTrainConfig, warmup_decay
 from rudder.training.corpus import check_sources, describe, train_eval_split
 from rudder.training.distributed import World
 from rudder.training.evaluate import evaluate_sae, feature_metadata, kl_per_token
@@ -263,8 +263,6 @@ class SaeTrainer:
     def __init__(self, cfg: SaeTrainConfig, world: World | None = None):
         self.given = cfg  # recorded in the artifact: `model: null` stays "the default model", not this machine's path
         if cfg.model is None:
-            from rudder.server.default_model import ensure_default_model
-
             cfg = cfg.model_copy(update={"model": str(ensure_default_model(download=False))})
         self.cfg = cfg
         self.n_layers, site_objs = check_config(cfg)
@@ -427,7 +425,8 @@ class SaeTrainer:
         return total
 
     def _state(self, step: int, stream: WindowStream) -> dict:
-        return {"step": step, "windows_consumed": stream.consumed, "saes": {n: m.state_dict() for n, m in self.saes.items()},
+        return {"step": step, "windows_consumed": stream.consumed,
+                "saes": {n: m.state_dict() for n, m in self.saes.items()},
                 "scales": self.scales, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "since_fired": self.since_fired, "rng": torch.get_rng_state()}
 
@@ -554,7 +553,7 @@ class SaeTrainer:
                 sae.cfg.metadata["eval"] = metrics
                 meta = feature_metadata(self.lm, sae, self.split.eval) if self.split.eval else []
                 path = sae.save(self.artifact_path(name),
-                                extra_files={"feature_metadata.json": json.dumps({"features": meta})},
+                                extra_files={FEATURE_METADATA: json.dumps({"features": meta})},
                                 weights_dtype=weights_dtype)
                 results[name] = {"path": str(path), "train_tokens_per_second": self.tokens_per_second, **metrics}
                 print(format_metrics(name, path, metrics))
@@ -588,23 +587,3 @@ def run(cfg: SaeTrainConfig) -> dict[str, dict]:
         return trainer.finish(trainer.train())
     finally:
         trainer.world.close()
-
-
-# ---------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m rudder.training.sae", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    try:
-        run(config_from_args(parser.parse_args(argv)))
-    except RudderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

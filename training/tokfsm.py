@@ -16,7 +16,6 @@ trained here from scratch: `rudder train tokfsm --out DIR`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -29,7 +28,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from torch import Tensor, nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from rudder.training.config import warmup_decay
+from rudder.training.config import TokFSMTrainConfig, warmup_decay
 
 BOS = 10
 DIGITS = 10
@@ -267,15 +266,15 @@ def save_model(model: nn.Module, fsm: TokFSM, out: Path, metrics: dict) -> None:
     (out / "tokfsm_metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-def run(a: argparse.Namespace) -> int:
+def run(cfg: TokFSMTrainConfig) -> dict[str, float]:
     """`rudder train tokfsm`."""
-    metrics = train_base(a.out, a.steps, a.batch, a.lr, seed=a.seed)
+    metrics = train_base(cfg.out, cfg.steps, cfg.batch, cfg.lr, seed=cfg.seed)
     print(json.dumps(metrics, indent=2))
-    return 0
+    return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m rudder.training.tokfsm MODEL_DIR`: the TokFSM metrics of a model folder, its codebooks on."""
+def model_metrics(folder: Path) -> dict[str, float]:
+    """`rudder analyze tokfsm MODEL`: the TokFSM metrics of a model folder, its codebooks on."""
     from contextlib import nullcontext
 
     from transformers import AutoModelForCausalLM
@@ -283,15 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     from rudder.core.codebook import CONFIG_FILE, load_codebooks
     from rudder.training.codebook import snapping
 
-    p = argparse.ArgumentParser(description="Transition accuracies and how walks go wrong, for a TokFSM model.")
-    p.add_argument("model", type=Path, help="a TokFSM model folder (a base model, or one with codebooks)")
-    a = p.parse_args(argv)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
-    codebooks = {cb.cfg.id: cb for cb in load_codebooks(a.model)} if (a.model / CONFIG_FILE).exists() else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    codebooks = {cb.cfg.id: cb for cb in load_codebooks(folder)} if (folder / CONFIG_FILE).exists() else {}
     with snapping(model, codebooks) if codebooks else nullcontext():
-        print(json.dumps(evaluate(model, TokFSM.load(a.model)), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        return evaluate(model, TokFSM.load(folder))

@@ -1,6 +1,6 @@
 """The TokFSM codebook results of Codebook Features §4: codes for states, and steering with them.
 
-    python -m rudder.training.tokfsm_codes MODEL_DIR        # prints the table, writes tokfsm_codes.json
+    rudder analyze tokfsm-codes MODEL_DIR        # prints the table, writes tokfsm_codes.json
 
 - State codes. The model has read state S at the position of S's last digit. For
   every codebook, head and code: precision = P(state is S | code fires there) and
@@ -28,7 +28,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from transformers import AutoModelForCausalLM
 
 from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import Codebook, ForcedCodes, load_codebooks
+from rudder.core.feature_metadata import FEATURE_METADATA
 from rudder.training.codebook import code_index, snapping
 from rudder.training.tokfsm import TokFSM
 
@@ -137,10 +137,11 @@ def own_codes(model, codebooks: dict[str, Codebook], fsm: TokFSM, table: dict[st
 @torch.no_grad()
 def continuation(model, codebooks: dict[str, Codebook], fsm: TokFSM, prompts: Tensor,
                  force: list[list[StateCode]] | None, strength: float = 1.0) -> Tensor:
-    """(N, digits) greedy tokens after each prompt (N, L), forcing the codes force[i] at prompt i's last position (+ each code's offset)."""
+    """(N, digits) greedy tokens after each prompt (N, L), forcing the codes force[i] at prompt i's last position
+    (+ each code's offset)."""
     n, length = prompts.shape
     ids = prompts
-    for step in range(fsm.digits):
+    for _step in range(fsm.digits):
         forced: dict[str, list[ForcedCodes]] = {}
         if force is not None:
             width = ids.shape[1]
@@ -207,8 +208,6 @@ def steering(model, codebooks: dict[str, Codebook], fsm: TokFSM, codes: list[lis
 def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], index: CodeIndex,
                            min_recall: float) -> None:
     """Label each codebook's best code for every state ("state 07"), for the server's feature search."""
-    from rudder.server.artifacts import FEATURE_METADATA
-
     for cb_id, ids in index.ids.items():
         best = best_state_codes(fsm, {k: v for k, v in table.items() if k.startswith(cb_id + ".")}, min_recall)
         positions = ids.shape[0] * ids.shape[1]
@@ -216,7 +215,8 @@ def write_feature_metadata(folder: Path, fsm: TokFSM, table: dict[str, Tensor], 
         for b in (b for b in best if b is not None):
             fired = int((ids[:, :, b.head] == b.code).any(-1).sum())
             feats.append({"id": b.code, "head": b.head, "density": fired / positions,
-                          "label": f"state {fsm.state_text(b.state)} (precision {b.precision:.2f}, recall {b.recall:.2f})",
+                          "label": f"state {fsm.state_text(b.state)} "
+                                   f"(precision {b.precision:.2f}, recall {b.recall:.2f})",
                           "top_examples": [fsm.state_text(b.state)]})
         (folder / cb_id).mkdir(exist_ok=True)
         (folder / cb_id / FEATURE_METADATA).write_text(json.dumps({"features": feats}, indent=1))
@@ -258,16 +258,8 @@ def analyse(folder: str | Path, min_recall: float = 0.5, trials: int = 20, set_r
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="TokFSM state codes and steering with them (Codebook Features §4).")
-    p.add_argument("model", type=Path, help="a TokFSM codebook model folder")
-    p.add_argument("--min-recall", type=float, default=0.5)
-    p.add_argument("--trials", type=int, default=20, help="steering prompts per state")
-    a = p.parse_args(argv)
-    r = analyse(a.model, a.min_recall, a.trials)
-    print(json.dumps({k: v for k, v in r.items() if k not in LISTS}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run(folder: str | Path, min_recall: float = 0.5, trials: int = 20) -> dict:
+    """`rudder analyze tokfsm-codes`: `analyse`, then print the figures (the per-state lists stay in the file)."""
+    result = analyse(folder, min_recall, trials)
+    print(json.dumps({k: v for k, v in result.items() if k not in LISTS}, indent=2))
+    return result

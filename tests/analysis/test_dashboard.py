@@ -45,7 +45,8 @@ def test_the_page_holds_each_feature_with_its_top_example(page):
     assert "Logit effects" in section and "<svg" in section
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium; scripts/setup.sh tries)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="Chromium is not installed (apt-get install chromium; scripts/setup.sh tries)")
 def test_chromium_renders_the_dashboard_and_shows_the_named_features_top_example(page, tmp_path):
     path, peak, vmax = page
     url = path.as_uri() + "#feature-7"

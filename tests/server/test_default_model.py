@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
+from rudder.core.default_model import default_model_dir, is_converted
 from rudder.core.steering import DirectionEdit, ReadoutSpec, SteeringSpec
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
-from rudder.server.default_model import default_model_dir, is_converted
 
 pytestmark = [
     pytest.mark.default_model,
@@ -48,7 +48,7 @@ def test_greedy_answer_is_paris_and_batching_changes_nothing(engine):
 
 
 def test_the_shipped_default_sae_reads_out():
-    from rudder.server.cli import default_sae_dirs
+    from rudder.core.default_model import default_sae_dirs
 
     saes = default_sae_dirs()
     assert saes, "models/default-saes is missing: the default SAE is committed with the repository"

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from rudder import client as rc
+from rudder.core.default_model import default_model_dir, default_sae_dirs, is_converted
 from rudder.server.app import BackgroundServer
 from rudder.server.backends.reference import ReferenceEngine
-from rudder.server.cli import default_sae_dirs
-from rudder.server.default_model import default_model_dir, is_converted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from steer_demo import SPACE, pick  # noqa: E402  the demo's own search

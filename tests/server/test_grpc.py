@@ -10,8 +10,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rudder import client as rc
+from rudder.core.feature_metadata import FEATURE_METADATA
 from rudder.server.app import BackgroundServer
-from rudder.server.artifacts import FEATURE_METADATA
 from rudder.server.backends.reference import ReferenceEngine
 from rudder.server.requests import Limits
 from rudder.v1 import steering_pb2 as pb

@@ -9,7 +9,8 @@ import torch
 
 from rudder.core.code_search import CodeIndex, precision_recall, regex_labels, search
 from rudder.core.codebook import Codebook, CodebookConfig, load_codebooks
-from rudder.training.codebook import CodebookTrainConfig, SnapStats, kmeans, replace_dead, train, train_snap
+from rudder.training.codebook import SnapStats, kmeans, replace_dead, train, train_snap
+from rudder.training.config import CodebookTrainConfig
 from rudder.training.tokfsm import TokFSM, make_model, make_tokenizer, save_model
 
 
@@ -243,7 +244,8 @@ def test_the_code_index_matches_the_served_codebooks(tiny_codebook_model):
 def test_codebook_training_runs_on_llama_and_gpt2_with_the_offline_corpus(tmp_path, family):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tests.tiny import make_llama, make_tokenizer as make_text_tokenizer
+    from tests.tiny import make_llama
+    from tests.tiny import make_tokenizer as make_text_tokenizer
 
     if family == "llama":
         model_dir = make_llama(tmp_path / "m", layers=2)

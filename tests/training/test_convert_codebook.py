@@ -30,7 +30,8 @@ def reference_layout(tmp_path, similarity):
         prefix = f"model.gpt_neox.layers.1.attention.codebook_layer.codebook.{h}"
         books[("attn", h)] = (torch.randn(N, 32, generator=g) * torch.rand(N, 1, generator=g) * 3,
                               1 + 0.2 * torch.randn(32, generator=g), 0.1 * torch.randn(32, generator=g))
-        state[f"{prefix}.codebook.weight"], state[f"{prefix}.ln.weight"], state[f"{prefix}.ln.bias"] = books[("attn", h)]
+        (state[f"{prefix}.codebook.weight"], state[f"{prefix}.ln.weight"],
+         state[f"{prefix}.ln.bias"]) = books[("attn", h)]
     prefix = "model.gpt_neox.layers.0.mlp.codebook_layer"
     books[("mlp", 0)] = (torch.randn(N, 64, generator=g), torch.ones(64), torch.zeros(64))
     state[f"{prefix}.codebook.weight"], state[f"{prefix}.ln.weight"], state[f"{prefix}.ln.bias"] = books[("mlp", 0)]

@@ -30,7 +30,8 @@ def test_unknown_or_missing_sources_say_what_to_do(monkeypatch, tmp_path):
 
 
 def test_sources_interleave_so_a_cap_takes_from_each(monkeypatch):
-    monkeypatch.setitem(corpus.SOURCES, "a", corpus.Source(lambda: ["The quick brown fox jumps over the lazy dog."] * 40))
+    monkeypatch.setitem(corpus.SOURCES, "a",
+                        corpus.Source(lambda: ["The quick brown fox jumps over the lazy dog."] * 40))
     monkeypatch.setitem(corpus.SOURCES, "b", corpus.Source(lambda: ["What is the capital of France?"] * 40))
     tok = make_tokenizer()
     only_a = corpus.token_windows(tok, 8, sources=["a"])

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from rudder.core.default_model import default_model_dir, default_sae_dirs, is_converted
 from rudder.core.sae import SAE
-from rudder.server.cli import default_sae_dirs
-from rudder.server.default_model import default_model_dir, is_converted
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models/default-saes/resid15"
 

@@ -43,8 +43,8 @@ def test_local_sae_learns_to_reconstruct_and_writes_a_servable_artifact(tiny_dir
     assert len(features) == 128 and any(f["top_examples"] for f in features)
     assert not (tmp_path / "sae.ckpt").exists()  # the checkpoint goes once the artifact is written
 
-    from rudder.server.artifacts import Artifacts
     from rudder.core.hf_sites import ModelShape
+    from rudder.server.artifacts import Artifacts
     shape = ModelShape("llama", 3, 64, 4, 16, 320)
     attached = Artifacts().add_sae(str(tmp_path / "sae"), shape, torch.device("cpu"), torch.float32)
     assert attached.features is not None and attached.features[0].id == 0
@@ -179,7 +179,7 @@ def test_cli_reports_a_bad_config_without_a_traceback(tiny_dir, tmp_path):
 
 
 def _train_cmd(tiny_dir, out, *extra):
-    return [sys.executable, "-m", "rudder.training.sae", "--model", str(tiny_dir), "--site",
+    return [sys.executable, "-m", "rudder.server.cli", "train", "sae", "--model", str(tiny_dir), "--site",
             "blocks.1.hook_resid_post", "--out", str(out), "--tokens", "61440", "--set", "batch_tokens=256",
             "--set", "context=32", "--set", "corpus_tokens=24000", "--set", "buffer_tokens=2048", "--set",
             "d_sae=128", "--set", "eval_tokens=512", "--set", "checkpoint_every_steps=20", *extra]

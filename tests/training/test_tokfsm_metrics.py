@@ -12,8 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import load_codebooks
-from rudder.training.tokfsm import (DIGITS, TokFSM, first_transition_accuracy, invalid_next_state_mass,
-                                    walk_errors)
+from rudder.training.tokfsm import DIGITS, TokFSM, first_transition_accuracy, invalid_next_state_mass, walk_errors
 from rudder.training.tokfsm_codes import own_codes, state_code_table, steering
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "tokfsm-codebook"

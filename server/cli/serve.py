@@ -1,0 +1,102 @@
+"""`rudder serve`: the gRPC steering server, made from a ServeConfig (rudder.server.config).
+
+    rudder serve [--model PATH] [--sae [NAME=]PATH ...] [--backend reference|vllm] [--host H] [--port 50051]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rudder.server.cli.common import add_config_arguments, config_from_args
+from rudder.server.config import ServeConfig
+
+if TYPE_CHECKING:
+    from rudder.server.backends.base import Engine
+
+log = logging.getLogger("rudder")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run the gRPC steering server", description=ServeConfig.__doc__)
+    add_config_arguments(s, ServeConfig)
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return serve(config_from_args(ServeConfig, args))
+
+
+def model_and_saes(cfg: ServeConfig) -> tuple[Path, str, list[str]]:
+    """The model folder, its served name and the SAE specs: the default model and its shipped SAEs
+    when `cfg.model` is None."""
+    from rudder.core.default_model import MODEL_NAME, default_sae_dirs, default_sae_root, ensure_default_model
+
+    saes = list(cfg.saes)
+    if cfg.model is None:
+        if not saes:
+            saes = [str(p) for p in default_sae_dirs()]
+            if not saes:
+                log.warning("no default SAE found in %s (a source checkout's models/default-saes; set "
+                            "RUDDER_DEFAULT_SAES or pass --sae): serving the model without one", default_sae_root())
+        return ensure_default_model(download=False), MODEL_NAME, saes
+    if not (cfg.model / "config.json").exists():
+        raise SystemExit(f"error: {cfg.model} is not a Hugging Face model folder (no config.json)")
+    return cfg.model, cfg.model.name, saes
+
+
+def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
+    """The engine `cfg` asks for, its model and artifacts loaded, and the model's served name."""
+    import torch
+
+    from rudder.core.errors import RudderError
+
+    model_dir, name, saes = model_and_saes(cfg)
+    try:
+        if cfg.backend == "vllm":
+            from rudder.server.backends.vllm import VllmEngine
+
+            return VllmEngine(model_dir, saes, dtype=cfg.dtype, max_num_seqs=cfg.max_batch,
+                              enable_prefix_caching=cfg.prefix_caching,
+                              tensor_parallel_size=cfg.tensor_parallel_size), name
+        from rudder.server.backends.reference import ReferenceEngine
+
+        return ReferenceEngine(model_dir, saes, device=cfg.device, dtype=getattr(torch, cfg.dtype),
+                               max_batch=cfg.max_batch), name
+    except RudderError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise SystemExit(f"error: {path} is empty")
+    return token
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then drain in-flight streams for `cfg.grace` seconds."""
+    import torch
+
+    from rudder.server.app import RudderServer, Tls
+    from rudder.server.requests import Limits
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    token = read_token(cfg.auth_token_file)
+    tls = Tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+    engine, name = load_engine(cfg)
+
+    async def run() -> None:  # grpc.aio objects belong to the loop they are made in
+        server = RudderServer(engine, name, cfg.host, cfg.port, Limits(max_tokens=cfg.max_tokens_limit),
+                              cfg.max_concurrent, cfg.allow_admin, metrics_port=cfg.metrics,
+                              metrics_host=cfg.metrics_host, tls=tls, token=token)
+        await server.run_until_signal(cfg.grace)
+
+    asyncio.run(run())
+    return 0

@@ -1,0 +1,78 @@
+"""The serving configuration: what `rudder serve` runs, and how.
+
+    rudder serve --model PATH --sae resid15=PATH --backend vllm --port 50051
+
+Every field is a flag of `rudder serve` (rudder.server.cli.serve); its docstring is the
+flag's `--help`. A bad combination raises ValueError when the config is made, before
+anything loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class ServeConfig:
+    """Run the gRPC steering server: a model, its SAEs and codebooks, an engine, the server around it."""
+
+    model: Path | None = None
+    """Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)"""
+    saes: list[str] = field(default_factory=list, metadata={"flag": "--sae", "metavar": "[NAME=]PATH"})
+    """SAELens-format SAE folder, once per SAE (default, without --model: the SAEs shipped for the default model)"""
+    backend: Literal["reference", "vllm"] = "reference"
+    """engine: reference (transformers + hooks, anywhere) or vllm (pip install -e '.[vllm]')"""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs per model replica"""
+    prefix_caching: bool = True
+    """vllm: turn prefix caching off (on by default, salted per steering)"""
+    host: str = "127.0.0.1"
+    """address the gRPC server binds"""
+    port: int = 50051
+    """gRPC port (0: any free port)"""
+    device: str = "cpu"
+    """reference: torch device of the model and its artifacts"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the model runs in"""
+    threads: int = 0
+    """torch threads (0: torch's default)"""
+    max_batch: int = 32
+    """requests per batch"""
+    max_concurrent: int = 256
+    """streams at once; more get RESOURCE_EXHAUSTED"""
+    max_tokens_limit: int = 2048
+    """largest max_tokens a request may ask"""
+    metrics_port: int = 9400
+    """Prometheus /metrics on this HTTP port (0: any free port, -1: off)"""
+    metrics_host: str = "0.0.0.0"
+    """address the metrics port binds"""
+    tls_cert: str | None = None
+    """serve TLS with this certificate (PEM); needs --tls-key"""
+    tls_key: str | None = None
+    """the certificate's private key (PEM)"""
+    tls_client_ca: str | None = None
+    """mutual TLS: accept only clients with a certificate this CA signed"""
+    auth_token_file: Path | None = None
+    """require `authorization: Bearer <token>` (the file's content) on every Steering call; health and
+    reflection stay open"""
+    allow_admin: bool = False
+    """allow the LoadSae / UnloadSae RPCs (attach SAE folders from this machine at run time)"""
+    grace: float = 30.0
+    """seconds in-flight streams get on SIGTERM"""
+
+    def __post_init__(self) -> None:
+        for name, low in (("tensor_parallel_size", 1), ("max_batch", 1), ("max_concurrent", 1),
+                          ("max_tokens_limit", 1), ("threads", 0), ("port", 0), ("metrics_port", -1), ("grace", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    @property
+    def metrics(self) -> int | None:
+        """The metrics port, or None when metrics are off."""
+        return None if self.metrics_port < 0 else self.metrics_port
