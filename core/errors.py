@@ -30,6 +30,12 @@ class FailedPrecondition(RudderError):
     code = "FAILED_PRECONDITION"
 
 
+class Unavailable(RudderError):
+    """The engine cannot serve the request now (it stopped or dropped it); retrying may work."""
+
+    code = "UNAVAILABLE"
+
+
 class ArtifactError(RudderError):
     """An artifact that cannot be attached to the model (a start-up error)."""
 

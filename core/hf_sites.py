@@ -49,6 +49,14 @@ class ModelShape:
     def site_dim(self, site: Site) -> int:
         return self.num_heads * self.d_head if site.per_head else self.d_model
 
+    @classmethod
+    def from_config(cls, c) -> ModelShape:
+        """From a Hugging Face model config (the model itself need not be loaded)."""
+        return cls(architecture=c.model_type, num_layers=c.num_hidden_layers, d_model=c.hidden_size,
+                   num_heads=c.num_attention_heads,
+                   d_head=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                   vocab_size=c.vocab_size)
+
 
 def _get(obj: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
@@ -70,17 +78,7 @@ def layout_of(model: nn.Module) -> Layout:
 
 
 def shape_of(model: nn.Module) -> ModelShape:
-    c = model.config
-    d_model = c.hidden_size
-    heads = c.num_attention_heads
-    return ModelShape(
-        architecture=c.model_type,
-        num_layers=c.num_hidden_layers,
-        d_model=d_model,
-        num_heads=heads,
-        d_head=getattr(c, "head_dim", None) or d_model // heads,
-        vocab_size=c.vocab_size,
-    )
+    return ModelShape.from_config(model.config)
 
 
 def _first(output):

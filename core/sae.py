@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -141,6 +142,28 @@ class SAEConfig:
 # ---------------------------------------------------------------- module
 
 
+def _param_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in SAE(cfg).named_parameters()}
+
+
+def load_sae_config(path: str | os.PathLike) -> SAEConfig:
+    """An SAE folder's config, checked against its weights' shapes without reading the weights."""
+    path = Path(path)
+    if not (path / CFG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise ArtifactError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
+    cfg = SAEConfig.from_saelens(json.loads((path / CFG_FILE).read_text()))
+    expected = _param_shapes(cfg)
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+        got = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys() if name in expected}
+    if got != expected:
+        raise ArtifactError(f"{path / WEIGHTS_FILE}: tensors {got} do not match the config's shapes {expected}")
+    if cfg.rescale_acts_by_decoder_norm and cfg.architecture != "topk":
+        raise ArtifactError(f"{path}: rescale_acts_by_decoder_norm is defined for topk SAEs only, "
+                            f"not {cfg.architecture}")
+    return cfg
+
+
 class SAE(nn.Module):
     """An inference-only SAE. Training code subclasses or wraps it; the math is here once."""
 
@@ -203,19 +226,10 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
         path = Path(path)
-        if not (path / CFG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
-            raise ArtifactError(f"{path} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE}")
-        cfg = SAEConfig.from_saelens(json.loads((path / CFG_FILE).read_text()))
+        cfg = load_sae_config(path)
         sae = cls(cfg)
         weights = load_file(path / WEIGHTS_FILE)
-        expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
-        got = {name: tuple(t.shape) for name, t in weights.items() if name in expected}
-        if got != expected:
-            raise ArtifactError(f"{path / WEIGHTS_FILE}: tensors {got} do not match the config's shapes {expected}")
-        sae.load_state_dict({name: weights[name] for name in expected})
+        sae.load_state_dict({name: weights[name] for name, _ in sae.named_parameters()})
         if cfg.rescale_acts_by_decoder_norm:
-            if cfg.architecture != "topk":
-                raise ArtifactError(f"{path}: rescale_acts_by_decoder_norm is defined for topk SAEs only, "
-                                    f"not {cfg.architecture}")
             sae.fold_decoder_norm()
         return sae.to(device=device, dtype=getattr(torch, cfg.dtype)).requires_grad_(False)

@@ -17,9 +17,11 @@ tensors keyed by row, for the backend to route to requests.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import msgspec
 import torch
 from torch import Tensor
 
@@ -67,12 +69,25 @@ class FeatureEdit:
     scope: Scope = Scope()
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class DirectionEdit:
+    """x' = x + alpha v at `site`; v is given as values or by an SAE feature (its decoder row).
+
+    A feature direction stays symbolic, (sae, feature), until `build_tables` resolves it
+    where the SAE lives, so it crosses processes as two fields, not d floats."""
+
     site: str
-    vector: Tensor  # (d,)
-    alpha: float
+    vector: tuple[float, ...] | None = None  # (d,); a tensor given here is stored as floats
+    alpha: float = 1.0
     scope: Scope = Scope()
+    sae: str | None = None
+    feature: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vector, Tensor):
+            object.__setattr__(self, "vector", tuple(self.vector.detach().float().cpu().tolist()))
+        if (self.vector is None) == (self.sae is None or self.feature is None):
+            raise ValueError(f"a direction needs values or (sae, feature), exactly one: {self}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,7 @@ class ReadoutSpec:
         return not self.saes and not self.codebooks
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class SteeringSpec:
     """Everything one request asks of the hooks."""
 
@@ -110,31 +125,20 @@ class SteeringSpec:
     def steers(self) -> bool:
         return bool(self.features or self.directions or self.codes)
 
-
-def spec_to_dict(spec: SteeringSpec) -> dict:
-    """A JSON-able form of `spec`, for sending it to another process (vLLM's workers)."""
-    def scope(s: Scope) -> list:
-        return [s.kind, s.start, s.end]
-
-    r = spec.readouts
-    return {
-        "features": [[e.sae, e.feature, int(e.op), e.value, scope(e.scope)] for e in spec.features],
-        "directions": [[e.site, e.vector.tolist(), e.alpha, scope(e.scope)] for e in spec.directions],
-        "codes": [[e.codebook, e.head, e.code, e.strength, scope(e.scope)] for e in spec.codes],
-        "readouts": [list(r.saes), list(r.codebooks), r.top_k, list(r.feature_ids), r.include_prompt],
-    }
+    @property
+    def active(self) -> bool:
+        """Whether the hooks have anything to do for this request: it steers or reads."""
+        return self.steers or not self.readouts.empty
 
 
-def spec_from_dict(d: dict) -> SteeringSpec:
-    """The inverse of `spec_to_dict`."""
-    saes, codebooks, top_k, feature_ids, include_prompt = d["readouts"]
-    return SteeringSpec(
-        features=tuple(FeatureEdit(a, f, Op(op), v, Scope(*sc)) for a, f, op, v, sc in d["features"]),
-        directions=tuple(DirectionEdit(site, torch.tensor(vec, dtype=torch.float32), alpha, Scope(*sc))
-                         for site, vec, alpha, sc in d["directions"]),
-        codes=tuple(CodeEdit(cb, h, c, st, Scope(*sc)) for cb, h, c, st, sc in d["codes"]),
-        readouts=ReadoutSpec(tuple(saes), tuple(codebooks), top_k, tuple(feature_ids), include_prompt),
-    )
+def spec_to_wire(spec: SteeringSpec) -> dict:
+    """`spec` as JSON-able builtins (msgspec), for another process (vLLM's workers) or a hash."""
+    return msgspec.to_builtins(spec)
+
+
+def spec_from_wire(raw: dict) -> SteeringSpec:
+    """The inverse of `spec_to_wire`, type-checked against the dataclasses above."""
+    return msgspec.convert(raw, SteeringSpec)
 
 
 # ---------------------------------------------------------------- per-step tables
@@ -213,10 +217,21 @@ def _scope_columns(per_slot: list[list], prompt_lens: list[int], device) -> tupl
     return start, end, valid, width
 
 
+def _direction_vector(e: DirectionEdit, saes: Mapping[str, SAE]) -> Tensor | None:
+    if e.vector is not None:
+        return torch.tensor(e.vector, dtype=torch.float32)
+    sae = saes.get(e.sae)
+    return None if sae is None else sae.W_dec[e.feature].detach().float()
+
+
 def build_tables(
-    specs: list[SteeringSpec | None], prompt_lens: list[int], device: torch.device | str = "cpu"
+    specs: list[SteeringSpec | None], prompt_lens: list[int], device: torch.device | str = "cpu",
+    saes: Mapping[str, SAE] | None = None,
 ) -> StepTables:
-    """Turn each slot's request spec into the per-slot tables the hooks gather from."""
+    """Turn each slot's request spec into the per-slot tables the hooks gather from.
+
+    `saes` resolves directions given by SAE feature; one whose SAE is gone (unloaded while
+    the request ran) is dropped, as its feature edits are."""
     specs = [s or SteeringSpec() for s in specs]
     tables = StepTables()
     float_kw = {"device": device, "dtype": torch.float32}
@@ -238,20 +253,24 @@ def build_tables(
             ),
         )
 
-    for site in sorted({e.site for s in specs for e in s.directions}):
-        per_slot = [[e for e in s.directions if e.site == site] for s in specs]
-        start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
-        d = next(e.vector.shape[0] for r in per_slot for e in r)
+    saes = saes or {}
+    vectors = [[(e, _direction_vector(e, saes)) for e in s.directions] for s in specs]
+    vectors = [[(e, v) for e, v in r if v is not None] for r in vectors]
+    for site in sorted({e.site for r in vectors for e, _ in r}):
+        per_slot = [[(e, v) for e, v in r if e.site == site] for r in vectors]
+        start, end, valid, w = _scope_columns([[e for e, _ in r] for r in per_slot], prompt_lens, device)
+        d = next(v.shape[0] for r in per_slot for _, v in r)
         vec = torch.zeros(len(specs), w, d, **float_kw)
         for i, r in enumerate(per_slot):
-            for m, e in enumerate(r):
-                vec[i, m] = e.vector
+            for m, (_, v) in enumerate(r):
+                vec[i, m] = v
         tables.directions[site] = DirectionTable(
             start=start, end=end, valid=valid, vector=vec,
-            alpha=torch.tensor(_pad([[e.alpha for e in r] for r in per_slot], w, 0.0), **float_kw),
+            alpha=torch.tensor(_pad([[e.alpha for e, _ in r] for r in per_slot], w, 0.0), **float_kw),
         )
 
-    for cb_id in sorted({e.codebook for s in specs for e in s.codes} | {i for s in specs for i in s.readouts.codebooks}):
+    codebook_ids = {e.codebook for s in specs for e in s.codes} | {i for s in specs for i in s.readouts.codebooks}
+    for cb_id in sorted(codebook_ids):
         per_slot = [[e for e in s.codes if e.codebook == cb_id] for s in specs]
         start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
         tables.codebooks[cb_id] = CodeTable(

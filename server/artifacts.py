@@ -6,7 +6,6 @@ names the artifact and the fix, never a wrong answer later.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,33 +16,24 @@ from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
 from rudder.core.errors import ArtifactError, RudderError
-from rudder.core.sae import SAE
+from rudder.core.feature_metadata import FeatureMeta, read_feature_metadata
+from rudder.core.hf_sites import ModelShape
+from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
-from rudder.core.hf_sites import ModelShape
 
 log = logging.getLogger(__name__)
-
-FEATURE_METADATA = "feature_metadata.json"
-
-
-@dataclass
-class FeatureMeta:
-    id: int
-    label: str = ""
-    density: float = 0.0
-    top_examples: list[str] = field(default_factory=list)
-    max_activation: float = 0.0
-    head: int = 0
 
 
 @dataclass
 class AttachedSae:
     id: str
     site: Site
-    sae: SAE
+    cfg: SAEConfig
     path: Path
     features: list[FeatureMeta] | None = None
+    sae: SAE | None = None
+    """the weights, where this process runs the SAE (not in the vLLM front end, which only validates)"""
 
 
 @dataclass
@@ -55,13 +45,6 @@ class AttachedCodebook:
     index_tokens: torch.Tensor | None = None
     """code search: held-out token ids (N, L) and this codebook's active codes there (N, L, G, k)"""
     index_ids: torch.Tensor | None = None
-
-
-def _read_feature_metadata(folder: Path) -> list[FeatureMeta] | None:
-    path = folder / FEATURE_METADATA
-    if not path.exists():
-        return None
-    return [FeatureMeta(**f) for f in json.loads(path.read_text())["features"]]
 
 
 def split_named(spec: str) -> tuple[str | None, Path]:
@@ -82,33 +65,42 @@ class Artifacts:
         for cb in self.codebooks.values():
             sites.setdefault(cb.site.name, SiteArtifacts()).codebooks[cb.id] = cb.codebook
         for a in self.saes.values():
-            sites.setdefault(a.site.name, SiteArtifacts()).saes[a.id] = a.sae
+            if a.sae is not None:
+                sites.setdefault(a.site.name, SiteArtifacts()).saes[a.id] = a.sae
         return sites
+
+    def sae_modules(self) -> dict[str, SAE]:
+        """SAEs by id, for resolving directions given by feature."""
+        return {i: a.sae for i, a in self.saes.items() if a.sae is not None}
 
     def sources(self) -> dict[str, AttachedSae | AttachedCodebook]:
         return {**self.saes, **self.codebooks}
 
     # -------------------------------------------------------------- loading
 
-    def add_sae(self, spec: str, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> AttachedSae:
+    def add_sae(self, spec: str, shape: ModelShape, device: torch.device, dtype: torch.dtype,
+                weights: bool = True) -> AttachedSae:
+        """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
+        its weights' shapes) is read, for a process that validates requests but runs no SAE."""
         name, path = split_named(spec)
         sae_id = name or path.name
         try:
-            sae = SAE.load(path, device=device)
-            site = Site.parse(sae.cfg.hook_name, shape.num_layers)
+            cfg = load_sae_config(path)
+            site = Site.parse(cfg.hook_name, shape.num_layers)
         except RudderError as e:
             raise ArtifactError(f"SAE {sae_id!r} ({path}): {e}") from e
         if sae_id in self.sources():
             raise ArtifactError(f"two artifacts are named {sae_id!r}; name one with --sae NAME=PATH")
         want = shape.site_dim(site)
-        if sae.cfg.d_in != want:
+        if cfg.d_in != want:
             raise ArtifactError(
-                f"SAE {sae_id!r} ({path}) has d_in={sae.cfg.d_in} but site {site.name} of this "
+                f"SAE {sae_id!r} ({path}) has d_in={cfg.d_in} but site {site.name} of this "
                 f"{shape.architecture} model is {want} wide: it was trained for another model or site"
             )
-        attached = AttachedSae(sae_id, site, sae.to(dtype), path, _read_feature_metadata(path))
+        sae = SAE.load(path, device=device).to(dtype) if weights else None
+        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae)
         self.saes[sae_id] = attached
-        log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, sae.cfg.d_sae, sae.cfg.architecture)
+        log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, cfg.d_sae, cfg.architecture)
         return attached
 
     def add_codebooks(self, folder: Path, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
@@ -123,7 +115,7 @@ class Artifacts:
                 )
             if cb.cfg.id in self.sources():
                 raise ArtifactError(f"two artifacts are named {cb.cfg.id!r}")
-            meta = _read_feature_metadata(folder / cb.cfg.id) if (folder / cb.cfg.id).is_dir() else None
+            meta = read_feature_metadata(folder / cb.cfg.id) if (folder / cb.cfg.id).is_dir() else None
             ids = index.ids.get(cb.cfg.id) if index is not None else None
             self.codebooks[cb.cfg.id] = AttachedCodebook(cb.cfg.id, site, cb.to(dtype), meta,
                                                          index.tokens if ids is not None else None, ids)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from rudder.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
 from rudder.server.artifacts import Artifacts
 from rudder.server.backends.base import Sampling
-from rudder.core.hf_sites import ModelShape
 from rudder.v1 import steering_pb2 as pb
 
 
@@ -82,7 +80,7 @@ class RequestParser:
         return ", ".join(sorted(d)) or "none (start the server with --sae PATH)"
 
     def _feature(self, sae_id: str, feature: int, where: str) -> int:
-        d_sae = self._sae(sae_id, where).sae.cfg.d_sae
+        d_sae = self._sae(sae_id, where).cfg.d_sae
         if not 0 <= feature < d_sae:
             raise InvalidArgument(f"{where}: feature {feature} is out of range for SAE {sae_id!r} (0..{d_sae - 1})")
         return feature
@@ -99,39 +97,48 @@ class RequestParser:
         which = m.WhichOneof("direction")
         if which is None:
             raise InvalidArgument(f"{where}: give a direction: sae_feature or vector")
+        alpha = _finite(m.alpha, f"{where}: alpha")
         if which == "sae_feature":
-            attached = self._sae(m.sae_feature.sae, where)
-            self._feature(m.sae_feature.sae, m.sae_feature.feature, where)
-            vector = attached.sae.W_dec[m.sae_feature.feature].detach().float().cpu()
-            site_name = m.site or attached.site.name
-        else:
-            if not m.site:
-                raise InvalidArgument(f"{where}: a vector direction needs a site, e.g. blocks.10.hook_resid_post")
-            vector = torch.tensor(list(m.vector.values), dtype=torch.float32)
-            site_name = m.site
-        site = Site.parse(site_name, self.shape.num_layers)
-        width = self.shape.site_dim(site)
-        if vector.numel() != width:
-            raise InvalidArgument(f"{where}: the direction has {vector.numel()} values but {site.name} is {width} wide")
-        if not torch.isfinite(vector).all():
+            sae_id, feature = m.sae_feature.sae, m.sae_feature.feature
+            attached = self._sae(sae_id, where)
+            self._feature(sae_id, feature, where)
+            site = Site.parse(m.site or attached.site.name, self.shape.num_layers)
+            self._check_width(site, attached.cfg.d_in, where)
+            return DirectionEdit(site.name, alpha=alpha, scope=scope, sae=sae_id, feature=feature)
+        if not m.site:
+            raise InvalidArgument(f"{where}: a vector direction needs a site, e.g. blocks.10.hook_resid_post")
+        site = Site.parse(m.site, self.shape.num_layers)
+        values = list(m.vector.values)
+        self._check_width(site, len(values), where)
+        if not all(math.isfinite(v) for v in values):
             raise InvalidArgument(f"{where}: the direction vector has non-finite values")
-        return DirectionEdit(site.name, vector, _finite(m.alpha, f"{where}: alpha"), scope)
+        return DirectionEdit(site.name, tuple(values), alpha, scope)
+
+    def _check_width(self, site: Site, got: int, where: str) -> None:
+        width = self.shape.site_dim(site)
+        if got != width:
+            raise InvalidArgument(f"{where}: the direction has {got} values but {site.name} is {width} wide")
 
     def _code_edit(self, m: pb.CodeIntervention, scope: Scope, where: str) -> CodeEdit:
         if m.codebook not in self.artifacts.codebooks:
             raise NotFound(f"{where}: unknown codebook {m.codebook!r}; loaded: {self._names(self.artifacts.codebooks)}")
         cfg = self.artifacts.codebooks[m.codebook].codebook.cfg
         if not 0 <= m.head < cfg.num_heads:
-            raise InvalidArgument(f"{where}: head {m.head} is out of range for codebook {m.codebook!r} (0..{cfg.num_heads - 1})")
+            raise InvalidArgument(
+                f"{where}: head {m.head} is out of range for codebook {m.codebook!r} (0..{cfg.num_heads - 1})"
+            )
         if not 0 <= m.code < cfg.num_codes:
-            raise InvalidArgument(f"{where}: code {m.code} is out of range for codebook {m.codebook!r} (0..{cfg.num_codes - 1})")
+            raise InvalidArgument(
+                f"{where}: code {m.code} is out of range for codebook {m.codebook!r} (0..{cfg.num_codes - 1})"
+            )
         strength = _finite(m.strength, f"{where}: strength") if m.HasField("strength") else 1.0
         return CodeEdit(m.codebook, m.head, m.code, strength, scope)
 
     def steering(self, interventions, readouts: pb.ReadoutRequest) -> SteeringSpec:
         if len(interventions) > self.limits.max_interventions:
             raise ResourceExhausted(
-                f"{len(interventions)} interventions is more than this server's limit of {self.limits.max_interventions}"
+                f"{len(interventions)} interventions is more than this server's limit of "
+                f"{self.limits.max_interventions}"
             )
         features, directions, codes = [], [], []
         for i, iv in enumerate(interventions):
@@ -162,9 +169,13 @@ class RequestParser:
         if r.top_k < 0:
             raise InvalidArgument(f"readouts.top_k must be >= 0, got {r.top_k}")
         if r.top_k > self.limits.max_readout_top_k:
-            raise ResourceExhausted(f"readouts.top_k={r.top_k} is over this server's limit of {self.limits.max_readout_top_k}")
+            raise ResourceExhausted(
+                f"readouts.top_k={r.top_k} is over this server's limit of {self.limits.max_readout_top_k}"
+            )
         if len(r.feature_ids) > self.limits.max_feature_ids:
-            raise ResourceExhausted(f"{len(r.feature_ids)} readout feature_ids is over the limit of {self.limits.max_feature_ids}")
+            raise ResourceExhausted(
+                f"{len(r.feature_ids)} readout feature_ids is over the limit of {self.limits.max_feature_ids}"
+            )
         if (r.top_k or r.feature_ids) and not r.saes:
             raise InvalidArgument("readouts: top_k and feature_ids need at least one SAE in readouts.saes")
         for f in r.feature_ids:
@@ -177,7 +188,9 @@ class RequestParser:
         if max_tokens < 1:
             raise InvalidArgument(f"sampling.max_tokens must be at least 1, got {max_tokens}")
         if max_tokens > self.limits.max_tokens:
-            raise ResourceExhausted(f"sampling.max_tokens={max_tokens} is over this server's limit of {self.limits.max_tokens}")
+            raise ResourceExhausted(
+                f"sampling.max_tokens={max_tokens} is over this server's limit of {self.limits.max_tokens}"
+            )
         temperature = _finite(s.temperature, "sampling.temperature") if s.HasField("temperature") else 0.0
         top_p = _finite(s.top_p, "sampling.top_p") if s.HasField("top_p") else 1.0
         top_k = s.top_k if s.HasField("top_k") else 0
@@ -210,5 +223,7 @@ class RequestParser:
         if not ids:
             raise InvalidArgument("the prompt tokenizes to nothing")
         if len(ids) > self.limits.max_prompt_tokens:
-            raise ResourceExhausted(f"the prompt is {len(ids)} tokens, over this server's limit of {self.limits.max_prompt_tokens}")
+            raise ResourceExhausted(
+                f"the prompt is {len(ids)} tokens, over this server's limit of {self.limits.max_prompt_tokens}"
+            )
         return ids

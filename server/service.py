@@ -8,7 +8,14 @@ import time
 from collections.abc import AsyncIterator
 
 from rudder.core import code_search
-from rudder.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from rudder.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
 from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
@@ -34,8 +41,8 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
 
 
 def sae_info(a) -> pb.SaeInfo:
-    return pb.SaeInfo(id=a.id, site=a.site.name, d_in=a.sae.cfg.d_in, d_sae=a.sae.cfg.d_sae,
-                      architecture=a.sae.cfg.architecture, has_feature_metadata=a.features is not None)
+    return pb.SaeInfo(id=a.id, site=a.site.name, d_in=a.cfg.d_in, d_sae=a.cfg.d_sae,
+                      architecture=a.cfg.architecture, has_feature_metadata=a.features is not None)
 
 
 def token_to_pb(ev: TokenEvent) -> pb.Token:
@@ -113,7 +120,7 @@ class SteeringService(pb_grpc.SteeringServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         steering = self.parser.steering(request.interventions, request.readouts)
         sampling = self.parser.sampling(request.sampling)
-        ids = self.parser.prompt(request, self.engine.tokenize)
+        ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)  # off the event loop
         self._admit()
         received = time.monotonic()
         self._count_admitted(steering, len(ids) * (2 if request.include_baseline else 1))
@@ -125,6 +132,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         m = self.metrics
         try:
             generated = {False: 0, True: 0}
+            finished: set[bool] = set()
             last: dict[bool, float] = {}
             async for is_baseline, ev in merge(streams):
                 msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
@@ -146,14 +154,17 @@ class SteeringService(pb_grpc.SteeringServicer):
                     msg.usage.prompt_tokens = len(ids)
                     msg.usage.completion_tokens = generated[is_baseline]
                     m.request_success.labels(ev.finish).inc()
+                    finished.add(is_baseline)
                 yield msg
+            if len(finished) != len(streams):  # a backend bug; the client must not take it for a whole answer
+                raise Unavailable("the engine ended the generation without a stop reason; retry the request")
             m.e2e_request_latency.observe(time.monotonic() - received)
         finally:
             self._leave()
 
     async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
         steering = self.parser.steering(request.interventions, request.readouts)
-        ids = self.parser.prompt(request, self.engine.tokenize)
+        ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)
         self._admit()
         self._count_admitted(steering, len(ids))
         self._enter()
@@ -182,7 +193,9 @@ class SteeringService(pb_grpc.SteeringServicer):
     async def ListFeatures(self, request: pb.ListFeaturesRequest, context) -> pb.ListFeaturesResponse:
         sources = self.engine.artifacts.sources()
         if request.source not in sources:
-            raise NotFound(f"unknown SAE or codebook {request.source!r}; loaded: {', '.join(sorted(sources)) or 'none'}")
+            raise NotFound(
+                f"unknown SAE or codebook {request.source!r}; loaded: {', '.join(sorted(sources)) or 'none'}"
+            )
         if request.limit < 0 or request.offset < 0:
             raise InvalidArgument("limit and offset must be >= 0")
         try:

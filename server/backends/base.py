@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from rudder.core.steering import CodeReadout, Readout, SaeReadout, SteeringSpec
-from rudder.server.artifacts import Artifacts
 from rudder.core.hf_sites import ModelShape
+from rudder.core.steering import SteeringSpec
+from rudder.server.artifacts import Artifacts
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """How a request's tokens are chosen and when it stops (validated in `requests.RequestParser`)."""
+
     max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # per-request generator; None: the engine's
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one, never streamed
     ignore_eos: bool = False
 
 
@@ -29,6 +32,11 @@ class EngineRequest:
     steering: SteeringSpec = SteeringSpec()
     trace: bool = False
     """prefill only: one event per prompt token with its readouts, nothing generated"""
+
+    def __post_init__(self) -> None:
+        if self.trace and not self.steering.readouts.include_prompt:  # a trace reads every prompt row
+            readouts = dataclasses.replace(self.steering.readouts, include_prompt=True)
+            self.steering = dataclasses.replace(self.steering, readouts=readouts)
 
 
 @dataclass
@@ -99,41 +107,3 @@ class Engine(Protocol):
         ...
 
     async def unload_sae(self, sae_id: str) -> None: ...
-
-
-class ReadoutRouter:
-    """Turns one step's readout tensors (keyed by token row) into per-request `TokenReadout`s.
-
-    Everything is copied to the host once per step (one `.tolist()` per tensor).
-    """
-
-    def __init__(self, readouts: list[Readout]):
-        self.by_row: dict[int, list[tuple[Readout, int]]] = {}
-        self._host: dict[int, dict[str, list]] = {}
-        for n, r in enumerate(readouts):
-            if isinstance(r, SaeReadout):
-                self._host[n] = {"top_ids": r.top_ids.tolist(), "top_values": r.top_values.tolist(),
-                                 "selected_values": r.selected_values.tolist(), "selected_ids": r.selected_ids.tolist()}
-            else:
-                self._host[n] = {"ids": r.ids.tolist()}
-            for i, row in enumerate(r.rows.tolist()):
-                self.by_row.setdefault(row, []).append((n, i))
-        self._readouts = readouts
-
-    def for_row(self, row: int, spec: SteeringSpec) -> list[TokenReadout]:
-        out = []
-        wanted = spec.readouts
-        ids = set(wanted.feature_ids)
-        for n, i in self.by_row.get(row, ()):
-            r, h = self._readouts[n], self._host[n]
-            if isinstance(r, CodeReadout):
-                if r.source in wanted.codebooks:
-                    out.append(TokenReadout(r.source, codes=h["ids"][i]))
-            elif r.source in wanted.saes:
-                k = wanted.top_k
-                sel = [(f, v) for f, v in zip(h["selected_ids"], h["selected_values"][i]) if f in ids]
-                out.append(TokenReadout(
-                    r.source, top_ids=h["top_ids"][i][:k], top_values=h["top_values"][i][:k],
-                    selected_ids=[f for f, _ in sel], selected_values=[v for _, v in sel],
-                ))
-        return out

@@ -23,12 +23,13 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rudder.core.errors import NotFound
-from rudder.core.sites import Site
-from rudder.core.steering import Readout, RowIndex, StepTables, build_tables, steer_site
-from rudder.server.artifacts import Artifacts, has_codebooks
-from rudder.server.backends.base import EngineRequest, HfTokenizing, ReadoutRouter, Sampling, TokenEvent
 from rudder.core.hf_sites import hook_site, shape_of
-from rudder.server.detokenize import IncrementalDetokenizer
+from rudder.core.sites import Site
+from rudder.core.steering import StepTables, build_tables
+from rudder.server.artifacts import Artifacts, has_codebooks
+from rudder.server.backends.base import EngineRequest, HfTokenizing, Sampling, TokenEvent
+from rudder.server.backends.sequence import Sequence, eos_ids
+from rudder.server.backends.step import Span, StepRecorder, row_index
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +51,14 @@ class _Handle:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-@dataclass
-class _StepContext:
-    tables: StepTables
-    rows: RowIndex
-    readouts: list[Readout] = field(default_factory=list)
-    hook_s: float = 0.0
-
-
 @dataclass(eq=False)
 class _Row:
     """A request being decoded in the current wave."""
 
     handle: _Handle
-    slot: int
-    prompt_len: int
-    detok: IncrementalDetokenizer
+    slot: int  # -1: the request neither steers nor reads
+    seq: Sequence
     generator: torch.Generator | None
-    generated: int = 0
     last_token: int = 0
 
 
@@ -109,11 +100,11 @@ class ReferenceEngine(HfTokenizing):
         self._hooks: dict[str, object] = {}
         for site in self._site_artifacts:
             self._ensure_hook(site)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, *self.eos_ids) if t is not None), 0)
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
-        self._ctx: _StepContext | None = None
+        self._step: StepRecorder | None = None
         self._pending: queue.Queue[_Handle | None] = queue.Queue()
         self._active = 0
         self._thread: threading.Thread | None = None
@@ -121,24 +112,12 @@ class ReferenceEngine(HfTokenizing):
 
     # ------------------------------------------------------------ set-up
 
-    def _eos_ids(self) -> list[int]:
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return [eos] if isinstance(eos, int) else list(eos or [])  # none: the model only stops at max_tokens
-
     def _ensure_hook(self, site: str) -> None:
         if site not in self._hooks:
             self._hooks[site] = hook_site(self.model, Site.parse(site, self.shape.num_layers), self._on_site)
 
     def _on_site(self, site: str, x: Tensor) -> Tensor:
-        ctx = self._ctx
-        t0 = time.perf_counter()
-        flat = x.reshape(-1, x.shape[-1])
-        out, readouts = steer_site(site, flat, self._site_artifacts.get(site), ctx.tables, ctx.rows)
-        ctx.readouts.extend(readouts)
-        ctx.hook_s += time.perf_counter() - t0
-        return x if out is flat else out.view(x.shape)
+        return self._step.steer(site, x, self._site_artifacts.get(site))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -219,20 +198,22 @@ class ReferenceEngine(HfTokenizing):
                     h.push(e)
             finally:
                 self._active = 0
-                self._ctx = None
+                self._step = None
 
-    def _forward(self, ctx: _StepContext, **inputs) -> Tensor:
-        self._ctx = ctx
-        logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
-        if self.on_hook_step is not None and not (ctx.tables.empty and not self._site_artifacts):
-            self.on_hook_step(ctx.hook_s)
-        return logits
+    def _forward(self, step: StepRecorder, **inputs) -> tuple[Tensor, dict]:
+        """Logits of each row's last position `(B, V)`, and the step's readouts by token row."""
+        self._step = step
+        logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if self.on_hook_step is not None and not (step.tables.empty and not self._site_artifacts):
+            self.on_hook_step(step.hook_s)
+        return logits, step.routed()
 
     def _run_wave(self, wave: list[_Handle]) -> None:
         reqs = [h.request for h in wave]
         prompt_lens = [len(r.prompt_ids) for r in reqs]
-        used = [r.steering.steers or not r.steering.readouts.empty for r in reqs]
-        tables = build_tables([r.steering if u else None for r, u in zip(reqs, used)], prompt_lens, self.device)
+        specs = [r.steering for r in reqs]
+        tables = build_tables([s if s.active else None for s in specs], prompt_lens, self.device,
+                              self.artifacts.sae_modules())
         for site in tables.directions:
             self._ensure_hook(site)
 
@@ -244,40 +225,31 @@ class ReferenceEngine(HfTokenizing):
             ids[b, length - prompt_lens[b]:] = torch.tensor(r.prompt_ids)
             mask[b, length - prompt_lens[b]:] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        slot = torch.tensor([b if u else -1 for b, u in enumerate(used)])[:, None].expand(-1, length)
-        slot = torch.where(mask.bool(), slot, -1)
-        read = torch.zeros((b_size, length), dtype=torch.bool)
-        read[:, -1] = True
-        for b, r in enumerate(reqs):
-            if r.trace or r.steering.readouts.include_prompt:
-                read[b] = mask[b].bool()
-        rows = RowIndex(slot.reshape(-1).to(self.device), positions.reshape(-1).to(self.device),
-                        read.reshape(-1).to(self.device))
-        ctx = _StepContext(tables, rows)
+        spans = [Span(b, b * length + length - p, (b + 1) * length, 0, p, s)
+                 for b, (p, s) in enumerate(zip(prompt_lens, specs)) if s.active]
+        step = StepRecorder(tables, row_index(positions.reshape(-1), spans, self.device), specs)
         cache = DynamicCache()
-        logits = self._forward(ctx, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                               position_ids=positions.to(self.device), past_key_values=cache)
-        router = ReadoutRouter(ctx.readouts)
+        logits, readouts = self._forward(step, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                         position_ids=positions.to(self.device), past_key_values=cache)
 
         states: list[_Row | None] = []
         for b, (h, r) in enumerate(zip(wave, reqs)):
-            if r.trace or r.steering.readouts.include_prompt:
-                for t, tok in enumerate(r.prompt_ids):
-                    row = b * length + (length - prompt_lens[b]) + t
-                    h.push(TokenEvent(tok, t, self.token_text(tok), is_prompt=True,
-                                      readouts=router.for_row(row, r.steering)))
+            seq = Sequence(r, self.tokenizer, self.eos_ids)
+            if seq.reads_prompt:
+                first = b * length + length - prompt_lens[b]
+                for t in range(prompt_lens[b]):
+                    h.push(seq.prompt_event(t, readouts.get(first + t, [])))
             if r.trace:
                 h.push(_END)
                 states.append(None)
                 continue
             gen = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
-            states.append(_Row(h, b if used[b] else -1, prompt_lens[b],
-                               IncrementalDetokenizer(self.tokenizer, r.sampling.stop), gen))
-        alive = self._emit(states, logits, router, [b * length + length - 1 for b in range(b_size)])
-        self._decode(states, alive, cache, mask, tables)
+            states.append(_Row(h, b if specs[b].active else -1, seq, gen))
+        alive = self._emit(states, logits, readouts, [b * length + length - 1 for b in range(b_size)])
+        self._decode(states, alive, cache, mask, tables, specs)
 
     def _decode(self, states: list[_Row | None], alive: list[bool], cache: DynamicCache, mask: Tensor,
-                tables: StepTables) -> None:
+                tables: StepTables, specs: list) -> None:
         """Decode one token per live request per step; cache row i belongs to states[i]."""
         while True:
             keep = [i for i, ok in enumerate(alive) if ok]
@@ -289,34 +261,27 @@ class ReferenceEngine(HfTokenizing):
             n = len(states)
             ids = torch.tensor([[s.last_token] for s in states])
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype)], dim=1)
-            positions = torch.tensor([[s.prompt_len + s.generated - 1] for s in states])
-            rows = RowIndex(torch.tensor([s.slot for s in states], device=self.device),
-                            positions.reshape(-1).to(self.device))
-            ctx = _StepContext(tables, rows)
-            logits = self._forward(ctx, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                   position_ids=positions.to(self.device), past_key_values=cache)
-            alive = self._emit(states, logits, ReadoutRouter(ctx.readouts), list(range(n)))
+            positions = torch.tensor([[s.seq.prompt_len + s.seq.generated - 1] for s in states])
+            spans = [Span(s.slot, i, i + 1, s.seq.prompt_len + s.seq.generated - 1, s.seq.prompt_len,
+                          specs[s.slot]) for i, s in enumerate(states) if s.slot >= 0]
+            step = StepRecorder(tables, row_index(positions.reshape(-1), spans, self.device), specs)
+            logits, readouts = self._forward(step, input_ids=ids.to(self.device),
+                                             attention_mask=mask.to(self.device),
+                                             position_ids=positions.to(self.device), past_key_values=cache)
+            alive = self._emit(states, logits, readouts, list(range(n)))
 
-    def _emit(self, states: list[_Row | None], logits: Tensor, router: ReadoutRouter, rows: list[int]) -> list[bool]:
+    def _emit(self, states: list[_Row | None], logits: Tensor, readouts: dict, rows: list[int]) -> list[bool]:
         """Sample each live request's next token and stream it; return which requests go on."""
         alive = []
         for s, row_logits, row in zip(states, logits, rows):
             if s is None or s.handle.cancelled:
                 alive.append(False)
                 continue
-            req = s.handle.request
-            token, logprob = sample(row_logits, req.sampling, s.generator)
-            s.generated += 1
+            token, logprob = sample(row_logits, s.seq.request.sampling, s.generator)
             s.last_token = token
-            is_eos = token in self.eos_ids and not req.sampling.ignore_eos
-            text = "" if is_eos else s.detok.add(token)
-            finish = ("eos" if is_eos else "stop" if s.detok.stopped
-                      else "length" if s.generated >= req.sampling.max_tokens else None)
-            if finish in ("eos", "length"):
-                text += s.detok.flush()
-            s.handle.push(TokenEvent(token, s.prompt_len + s.generated - 1, text, logprob,
-                                     readouts=router.for_row(row, req.steering), finish=finish))
-            if finish:
+            event = s.seq.token(token, logprob, readouts.get(row, []))
+            s.handle.push(event)
+            if event.finish:
                 s.handle.push(_END)
-            alive.append(finish is None)
+            alive.append(event.finish is None)
         return alive

@@ -18,7 +18,6 @@ vLLM runs eagerly (`enforce_eager`): module hooks do not run inside compiled gra
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,16 +31,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from rudder.core.errors import ArtifactError, NotFound
-from rudder.core.steering import SteeringSpec, spec_to_dict
+from rudder.core.errors import ArtifactError, NotFound, Unavailable
+from rudder.core.hf_sites import ModelShape
+from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, TokenEvent, TokenReadout
-from rudder.server.backends.vllm_worker import EXTRA_ARGS_KEY, VLLM_VERSION, shape_of_config
-from rudder.server.detokenize import IncrementalDetokenizer
+from rudder.server.backends.sequence import Sequence, eos_ids
+from rudder.server.backends.vllm_worker import EXTRA_ARGS_KEY, VLLM_VERSION
 
 log = logging.getLogger(__name__)
 
 READOUT_WAIT_S = 30.0
+# vLLM's finish reasons as Rudder's: "stop" is an EOS or stop token id (Rudder passes no stop strings).
+_FINISH = {"stop": "eos", "length": "length"}
 
 
 def _check_vllm():
@@ -96,21 +98,20 @@ class VllmEngine(HfTokenizing):
         _check_vllm()
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        config = AutoConfig.from_pretrained(self.model_dir)
-        self.shape = shape_of_config(config)
-        # Checked here (names, widths) so a bad artifact fails before vLLM starts; the workers load their own copy.
+        self.shape = ModelShape.from_config(AutoConfig.from_pretrained(self.model_dir))
+        # Configs checked here (names, widths) so a bad artifact fails before vLLM starts; the workers
+        # hold the SAEs' weights.
         self.artifacts = Artifacts()
         cpu, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, cpu, torch_dtype)
         for spec in saes:
-            self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype)
+            self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype, weights=False)
         self.dtype = dtype
         self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                   enable_prefix_caching=enable_prefix_caching,
                                   gpu_memory_utilization=gpu_memory_utilization, **engine_args)
-        eos = config.eos_token_id
-        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [self.tokenizer.eos_token_id]))
+        self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.llm = None
         self._readouts: dict[str, _Readouts] = {}
         self._running = 0
@@ -173,7 +174,8 @@ class VllmEngine(HfTokenizing):
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
-        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), getattr(torch, self.dtype))
+        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), getattr(torch, self.dtype),
+                                          weights=False)
         try:
             await self.llm.collective_rpc("rudder_load_sae", args=(spec,))
         except Exception:
@@ -213,13 +215,7 @@ class VllmEngine(HfTokenizing):
         from vllm.sampling_params import RequestOutputKind
 
         spec, s = request.steering, request.sampling
-        used = spec.steers or not spec.readouts.empty
-        payload = spec_to_dict(spec) if used else None
-        reads = not spec.readouts.empty
-        wants_prompt = request.trace or spec.readouts.include_prompt
-        if request.trace and not spec.readouts.include_prompt:
-            spec = dataclasses.replace(spec, readouts=dataclasses.replace(spec.readouts, include_prompt=True))
-            payload = spec_to_dict(spec)
+        payload = spec_to_wire(spec) if spec.active else None
         params = SamplingParams(
             max_tokens=1 if request.trace else s.max_tokens, temperature=s.temperature, top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, ignore_eos=s.ignore_eos, logprobs=0,
@@ -230,13 +226,12 @@ class VllmEngine(HfTokenizing):
         if salt:
             prompt["cache_salt"] = salt
         req_id = uuid.uuid4().hex
-        box = _Readouts() if reads else None
+        box = _Readouts() if not spec.readouts.empty else None
         if box is not None:
             self._readouts[req_id] = box
-        detok = IncrementalDetokenizer(self.tokenizer, s.stop)
-        n_prompt, generated = len(request.prompt_ids), 0
+        seq = Sequence(request, self.tokenizer, self.eos_ids)
         stream = self.llm.generate(prompt, params, request_id=req_id)
-        finished, first = False, True
+        first = True
         self._running += 1
         self._waiting += 1
         try:
@@ -245,39 +240,39 @@ class VllmEngine(HfTokenizing):
                 if first:
                     first = False
                     self._waiting -= 1
-                    m = getattr(out, "metrics", None)
-                    if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
-                        queue_s = max(0.0, m.scheduled_ts - m.queued_ts)
-                if wants_prompt and generated == 0:
-                    for t, tok in enumerate(request.prompt_ids):
-                        yield TokenEvent(tok, t, self.token_text(tok), is_prompt=True,
-                                         readouts=await box.get(t) if box else [], queue_s=queue_s)
-                    queue_s = None
+                    queue_s = _queue_seconds(out)
+                    if seq.reads_prompt:
+                        for t in range(seq.prompt_len):
+                            event = seq.prompt_event(t, await box.get(t) if box else [])
+                            event.queue_s, queue_s = queue_s, None
+                            yield event
                     if request.trace:
-                        finished = True
                         return
                 completion = out.outputs[0]
+                last = len(completion.token_ids) - 1
                 for j, token in enumerate(completion.token_ids):
-                    position = n_prompt + generated
-                    generated += 1
                     logprob = completion.logprobs[j][token].logprob if completion.logprobs else 0.0
-                    is_eos = token in self.eos_ids and not s.ignore_eos
-                    text = "" if is_eos else detok.add(token)
-                    finish = ("eos" if is_eos else "stop" if detok.stopped
-                              else "length" if generated >= s.max_tokens else None)
-                    if finish in ("eos", "length"):
-                        text += detok.flush()
-                    readouts = await box.get(position - 1) if box else []
-                    yield TokenEvent(token, position, text, logprob, readouts=readouts, finish=finish,
-                                     queue_s=queue_s)
-                    queue_s = None
-                    if finish:
-                        finished = finish != "stop"  # a stop string ends it here, not in vLLM
+                    readouts = await box.get(seq.prompt_len + seq.generated - 1) if box else []
+                    engine_finish = _FINISH.get(completion.finish_reason) if j == last else None
+                    event = seq.token(token, logprob, readouts, engine_finish)
+                    event.queue_s, queue_s = queue_s, None
+                    yield event
+                    if seq.finish:
                         return
+                if out.finished:  # vLLM ended it (aborted) without a token Rudder could end it on
+                    raise Unavailable(f"the engine ended the request ({completion.finish_reason}) after "
+                                      f"{seq.generated} tokens")
         finally:
             self._running -= 1
             self._waiting -= first
             self._readouts.pop(req_id, None)
             await stream.aclose()  # vLLM aborts a request whose stream is closed early
-            if not finished and self.llm is not None:
-                await self.llm.abort(req_id)
+            if self.llm is not None and seq.finish not in ("eos", "length"):
+                await self.llm.abort(req_id)  # cancelled, or ended by a stop string: vLLM would go on
+
+
+def _queue_seconds(out) -> float | None:
+    m = getattr(out, "metrics", None)
+    if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
+        return max(0.0, m.scheduled_ts - m.queued_ts)
+    return None

@@ -22,30 +22,21 @@ from __future__ import annotations
 
 import logging
 import pickle
-import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from rudder.core.errors import ArtifactError
-from rudder.core.sites import Site
-from rudder.core.steering import Readout, RowIndex, StepTables, SteeringSpec, build_tables, spec_from_dict, steer_site
-from rudder.server.artifacts import Artifacts
-from rudder.server.backends.base import ReadoutRouter
 from rudder.core.hf_sites import ModelShape
+from rudder.core.sites import Site
+from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
+from rudder.server.artifacts import Artifacts
+from rudder.server.backends.step import Span, StepRecorder, row_index
 
 log = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "rudder"
 VLLM_VERSION = "0.32.0"
-
-
-def shape_of_config(c) -> ModelShape:
-    return ModelShape(architecture=c.model_type, num_layers=c.num_hidden_layers, d_model=c.hidden_size,
-                      num_heads=c.num_attention_heads,
-                      d_head=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                      vocab_size=c.vocab_size)
 
 
 def _need(obj, path: str):
@@ -56,16 +47,6 @@ def _need(obj, path: str):
                 f"Rudder's vLLM backend needs vllm{'-cpu' if not torch.cuda.is_available() else ''}=={VLLM_VERSION}")
         obj = getattr(obj, part)
     return obj
-
-
-@dataclass
-class _Step:
-    tables: StepTables
-    rows: RowIndex
-    req_ids: list[str]  # per slot
-    specs: list[SteeringSpec]  # per slot
-    readouts: list[Readout] = field(default_factory=list)
-    hook_s: float = 0.0
 
 
 class _Steerer:
@@ -80,7 +61,7 @@ class _Steerer:
         self.layers = _need(self.model, "model.layers")
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        self.shape = shape_of_config(runner.model_config.hf_config)
+        self.shape = ModelShape.from_config(runner.model_config.hf_config)
         self.artifacts = Artifacts()
         self.by_site = {}
         self.always_on = False
@@ -88,7 +69,8 @@ class _Steerer:
         self._specs: dict[str, SteeringSpec | None] = {}
         self._table_key = None
         self._tables: StepTables | None = None
-        self.step: _Step | None = None
+        self.step: StepRecorder | None = None
+        self.step_req_ids: list[str] = []  # per slot of the current step
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.connect(readout_address)
         self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
@@ -129,7 +111,9 @@ class _Steerer:
                 new = self._steer(name, hidden)
                 if new is hidden:
                     return None
-                return ((args[0], new, *args[2:]), kwargs) if len(args) > 1 else (args, {**kwargs, "hidden_states": new})
+                if len(args) > 1:
+                    return (args[0], new, *args[2:]), kwargs
+                return args, {**kwargs, "hidden_states": new}
             handle = self.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
         elif site.kind in ("hook_resid_pre", "hook_resid_post"):
             # vLLM's layers return (mlp_out, residual); the stream after the layer is their sum.
@@ -160,13 +144,7 @@ class _Steerer:
 
     def _steer(self, site: str, x: Tensor) -> Tensor:
         step = self.step
-        if step is None:
-            return x
-        t0 = time.perf_counter()
-        new, readouts = steer_site(site, x, self.by_site.get(site), step.tables, step.rows)
-        step.readouts.extend(readouts)
-        step.hook_s += time.perf_counter() - t0
-        return new
+        return x if step is None else step.steer(site, x, self.by_site.get(site))
 
     # ------------------------------------------------------------ per step
 
@@ -175,7 +153,7 @@ class _Steerer:
             state = self.runner.requests.get(req_id)
             extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
             raw = extra.get(EXTRA_ARGS_KEY)
-            self._specs[req_id] = spec_from_dict(raw) if raw else None
+            self._specs[req_id] = spec_from_wire(raw) if raw else None
         return self._specs[req_id]
 
     def _begin(self, module, args, kwargs) -> None:
@@ -199,38 +177,25 @@ class _Steerer:
             self._tables, self._table_key = StepTables(), key
         elif key != self._table_key:
             prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
-            self._tables = build_tables([s for _, _, s in used], prompt_lens, self.device)
+            self._tables = build_tables([s for _, _, s in used], prompt_lens, self.device,
+                                        self.artifacts.sae_modules())
             for site in self._tables.directions:
                 self.ensure_hook(site)
             self._table_key = key
-        n = positions.shape[0]
-        slot = torch.full((n,), -1, dtype=torch.long)
-        read = torch.zeros(n, dtype=torch.bool)
-        for s, (i, _, spec) in enumerate(used):
-            a, b = qsl[i], qsl[i + 1]
-            if a == b:
-                continue
-            slot[a:b] = s
-            if spec.readouts.empty:
-                continue
-            if spec.readouts.include_prompt:
-                read[a:b] = True
-            elif int(batch.num_computed_tokens_cpu[i]) + (b - a) >= int(batch.num_prompt_tokens[i]):
-                read[b - 1] = True  # the row whose logits give the next token (host-side: no device sync)
-        self.step = _Step(self._tables, RowIndex(slot.to(self.device), positions.long(), read.to(self.device)),
-                          [r for _, r, _ in used], [s for _, _, s in used])
+        spans = [Span(slot, qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
+                      int(batch.num_prompt_tokens[i]), spec)
+                 for slot, (i, _, spec) in enumerate(used)]  # host-side bookkeeping: no device sync
+        self.step = StepRecorder(self._tables, row_index(positions, spans, self.device), [s for _, _, s in used])
+        self.step_req_ids = [r for _, r, _ in used]
 
     def _end(self, module, args, output) -> None:
         step, self.step = self.step, None
         if step is None:
             return
-        rows = []
-        if step.readouts:
-            router = ReadoutRouter(step.readouts)
-            slots = step.rows.slot.tolist()
-            positions = step.rows.position.tolist()
-            rows = [(step.req_ids[slots[row]], positions[row], router.for_row(row, step.specs[slots[row]]))
-                    for row in sorted(router.by_row)]
+        positions = step.rows.position.tolist() if step.readouts else []
+        slots = step.rows.slot.tolist() if step.readouts else []
+        rows = [(self.step_req_ids[slots[row]], positions[row], readouts)
+                for row, readouts in step.routed().items()]
         self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 

@@ -3,17 +3,12 @@
 from rudder.server.detokenize import IncrementalDetokenizer
 
 
-class CharTokenizer:
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
-
-
 def feed(detok, text):
     return [detok.add(ord(c)) for c in text]
 
 
 def test_a_stop_string_split_across_tokens_is_never_streamed():
-    d = IncrementalDetokenizer(CharTokenizer(), stop=("END",))
+    d = IncrementalDetokenizer(chr, stop=("END",))
     out = feed(d, "okEN")
     assert "".join(out) == "ok" and not d.stopped
     assert d.add(ord("D")) == "" and d.stopped
@@ -21,13 +16,13 @@ def test_a_stop_string_split_across_tokens_is_never_streamed():
 
 
 def test_a_held_back_prefix_is_released_when_it_stops_matching_or_at_the_end():
-    d = IncrementalDetokenizer(CharTokenizer(), stop=("END",))
+    d = IncrementalDetokenizer(chr, stop=("END",))
     assert "".join(feed(d, "aEx")) == "aEx"
-    d2 = IncrementalDetokenizer(CharTokenizer(), stop=("END",))
+    d2 = IncrementalDetokenizer(chr, stop=("END",))
     assert "".join(feed(d2, "bE")) == "b"
     assert d2.flush() == "E"
 
 
 def test_without_stop_strings_text_streams_as_decoded():
-    d = IncrementalDetokenizer(CharTokenizer())
+    d = IncrementalDetokenizer(chr)
     assert feed(d, "hi") == ["h", "i"] and d.flush() == ""

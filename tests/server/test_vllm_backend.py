@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
-from rudder.core.steering import (CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope,
-                                  SteeringSpec)
+from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
-from tests.tiny import make_llama, make_sae
 from tests.server.engines import collect, tokens
+from tests.tiny import make_llama, make_sae
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
@@ -254,3 +253,29 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
             assert len(list(client.generate(PROMPTS[0], max_tokens=3))) >= 1  # still serving
     finally:
         server.stop()
+
+
+def test_every_sequence_ends_with_a_stop_reason_eos_from_generation_config_and_context_length(loop, models,
+                                                                                             tmp_path):
+    """vLLM stops on generation_config's EOS ids and at the context length; Rudder's stream must end
+    there with a stop reason, not run dry."""
+    from tests.server.test_sequence import with_generation_eos
+
+    model = tmp_path / "eos"
+    shutil.copytree(models["plain"], model)
+    prompt = PROMPTS[0]
+    (plain,) = asyncio.run(collect(ReferenceEngine(model), [
+        EngineRequest(ReferenceEngine(model).tokenize(prompt), Sampling(max_tokens=4))]))
+    first = tokens(plain)[0]
+    with_generation_eos(model, first)  # config.json and the tokenizer do not know it
+    engine = start(loop, vllm_backend.VllmEngine(model, max_model_len=64))
+    try:
+        (ended,) = loop.run(collect(engine, [EngineRequest(engine.tokenize(prompt), Sampling(max_tokens=8))]))
+        assert tokens(ended) == [first] and ended[-1].finish == "eos"
+
+        long_prompt = engine.tokenize(" ".join(PROMPTS * 4))[:60]
+        (full,) = loop.run(collect(engine, [EngineRequest(long_prompt, Sampling(max_tokens=50, ignore_eos=True))]))
+        assert len(tokens(full)) == 64 - 60 and full[-1].finish == "length"
+        assert [e.finish for e in full[:-1]] == [None] * 3
+    finally:
+        loop.run(engine.stop())

@@ -1,0 +1,77 @@
+"""The per-sequence pipeline every backend shares: token events, text, and when a sequence ends.
+
+A backend samples (or lets its engine sample) and hands each token to its
+request's `Sequence`; the `Sequence` decodes the text, decides the finish
+(EOS, stop string, max_tokens, or the engine's own reason) and builds the event.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from rudder.server.backends.base import EngineRequest, TokenEvent, TokenReadout
+from rudder.server.detokenize import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+def eos_ids(tokenizer, model_dir: str | Path) -> frozenset[int]:
+    """The ids that end a sequence: generation_config.json's `eos_token_id` (an int or a list)
+    and the tokenizer's EOS, as vLLM stops on both."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class Sequence:
+    """One request's events, the same on every backend."""
+
+    def __init__(self, request: EngineRequest, tokenizer, eos: frozenset[int]):
+        self.request = request
+        self.prompt_len = len(request.prompt_ids)
+        self.generated = 0
+        self.finish: str | None = None
+        self._tokenizer = tokenizer
+        self._eos = frozenset() if request.sampling.ignore_eos else eos
+        self._detok = IncrementalDetokenizer.for_tokenizer(tokenizer, request.sampling.stop)
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether an event goes out for every prompt token (a trace, or prompt readouts asked for)."""
+        return self.request.trace or self.request.steering.readouts.include_prompt
+
+    def prompt_event(self, t: int, readouts: list[TokenReadout]) -> TokenEvent:
+        token = self.request.prompt_ids[t]
+        return TokenEvent(token, t, self._tokenizer.decode([token]), is_prompt=True, readouts=readouts)
+
+    def token(self, token_id: int, logprob: float, readouts: list[TokenReadout],
+              engine_finish: str | None = None) -> TokenEvent:
+        """The event for the next generated token, with `finish` set when the sequence ends at it.
+
+        `engine_finish` is the engine's own reason for stopping here (one of FINISH_REASONS),
+        honoured when Rudder's checks did not already end the sequence: an EOS the engine knows
+        of, or the context length."""
+        if self.finish is not None:
+            raise RuntimeError(f"a token after the sequence finished ({self.finish})")
+        if engine_finish is not None and engine_finish not in FINISH_REASONS:
+            raise ValueError(f"unknown finish reason {engine_finish!r}")
+        self.generated += 1
+        is_eos = token_id in self._eos
+        text = "" if is_eos else self._detok.add(token_id)
+        finish = ("eos" if is_eos else "stop" if self._detok.stopped
+                  else "length" if self.generated >= self.request.sampling.max_tokens else engine_finish)
+        if finish in ("eos", "length"):
+            text += self._detok.flush()
+        self.finish = finish
+        return TokenEvent(token_id, self.prompt_len + self.generated - 1, text, logprob, readouts=readouts,
+                          finish=finish)

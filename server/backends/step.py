@@ -1,0 +1,130 @@
+"""One forward step's steering, shared by the reference hooks and the vLLM worker.
+
+A backend describes where each request's token rows sit in the step (`Span`s),
+`row_index` turns that into the `RowIndex` the steering math reads, and a
+`StepRecorder` runs every site hook of the step through `steer_site`, keeping
+the readouts and the time spent. After the step, `StepRecorder.routed` cuts the
+readouts per token row, already trimmed to what each request asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rudder.core.steering import (
+    CodeReadout,
+    Readout,
+    RowIndex,
+    SaeReadout,
+    SiteArtifacts,
+    SteeringSpec,
+    StepTables,
+    steer_site,
+)
+from rudder.server.backends.base import TokenReadout
+
+
+@dataclass(frozen=True)
+class Span:
+    """One steering request's token rows [start, end) in a step."""
+
+    slot: int  # its row in the step's tables
+    start: int
+    end: int
+    computed: int  # its tokens already in the KV cache before this step
+    prompt_len: int
+    spec: SteeringSpec
+
+    def read_rows(self) -> range:
+        """Rows whose readouts it gets: every row when it asked for prompt readouts, else only
+        the row whose logits give its next token (the last, once the prompt is computed)."""
+        if self.spec.readouts.empty or self.start == self.end:
+            return range(0)
+        if self.spec.readouts.include_prompt:
+            return range(self.start, self.end)
+        if self.computed + (self.end - self.start) >= self.prompt_len:
+            return range(self.end - 1, self.end)
+        return range(0)  # a chunk of a long prompt: its next token is not sampled this step
+
+
+def row_index(positions: Tensor, spans: list[Span], device: torch.device | str) -> RowIndex:
+    """`positions (N,)`: every row's token position; rows outside every span are left alone."""
+    n = positions.shape[0]
+    slot = torch.full((n,), -1, dtype=torch.long)
+    read = torch.zeros(n, dtype=torch.bool)
+    for s in spans:
+        slot[s.start:s.end] = s.slot
+        rows = s.read_rows()
+        read[rows.start:rows.stop] = True
+    return RowIndex(slot.to(device), positions.to(device=device, dtype=torch.long), read.to(device))
+
+
+class ReadoutRouter:
+    """Turns one step's readout tensors (keyed by token row) into per-request `TokenReadout`s.
+
+    Everything is copied to the host once per step (one `.tolist()` per tensor).
+    """
+
+    def __init__(self, readouts: list[Readout]):
+        self.by_row: dict[int, list[tuple[int, int]]] = {}
+        self._host: list[dict[str, list]] = []
+        for n, r in enumerate(readouts):
+            if isinstance(r, SaeReadout):
+                self._host.append({"top_ids": r.top_ids.tolist(), "top_values": r.top_values.tolist(),
+                                   "selected_values": r.selected_values.tolist(),
+                                   "selected_ids": r.selected_ids.tolist()})
+            else:
+                self._host.append({"ids": r.ids.tolist()})
+            for i, row in enumerate(r.rows.tolist()):
+                self.by_row.setdefault(row, []).append((n, i))
+        self._readouts = readouts
+
+    def for_row(self, row: int, spec: SteeringSpec) -> list[TokenReadout]:
+        out = []
+        wanted = spec.readouts
+        ids = set(wanted.feature_ids)
+        for n, i in self.by_row.get(row, ()):
+            r, h = self._readouts[n], self._host[n]
+            if isinstance(r, CodeReadout):
+                if r.source in wanted.codebooks:
+                    out.append(TokenReadout(r.source, codes=h["ids"][i]))
+            elif r.source in wanted.saes:
+                k = wanted.top_k
+                sel = [(f, v) for f, v in zip(h["selected_ids"], h["selected_values"][i]) if f in ids]
+                out.append(TokenReadout(
+                    r.source, top_ids=h["top_ids"][i][:k], top_values=h["top_values"][i][:k],
+                    selected_ids=[f for f, _ in sel], selected_values=[v for _, v in sel],
+                ))
+        return out
+
+
+@dataclass
+class StepRecorder:
+    """The tables and rows a step's site hooks read, the readouts they produce, the time they take."""
+
+    tables: StepTables
+    rows: RowIndex
+    specs: list[SteeringSpec]  # per slot
+    readouts: list[Readout] = field(default_factory=list)
+    hook_s: float = 0.0
+
+    def steer(self, site: str, x: Tensor, artifacts: SiteArtifacts | None) -> Tensor:
+        """Steer the activation `x (..., d)` at `site`; a tensor of the same shape comes back."""
+        t0 = time.perf_counter()
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows)
+        self.readouts.extend(readouts)
+        self.hook_s += time.perf_counter() - t0
+        return x if out is flat else out.view(x.shape)
+
+    def routed(self) -> dict[int, list[TokenReadout]]:
+        """Readouts by token row, each cut to what its request asked for."""
+        if not self.readouts:
+            return {}
+        router = ReadoutRouter(self.readouts)
+        slots = self.rows.slot.tolist()
+        return {row: router.for_row(row, self.specs[slots[row]]) for row in sorted(router.by_row)}

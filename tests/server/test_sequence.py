@@ -1,0 +1,97 @@
+"""The per-sequence pipeline both backends share: EOS ids, finish decisions, linear detokenisation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from rudder.server.backends.base import EngineRequest, Sampling
+from rudder.server.backends.reference import ReferenceEngine
+from rudder.server.backends.sequence import Sequence, eos_ids
+from rudder.server.detokenize import IncrementalDetokenizer
+from tests.server.engines import collect, tokens
+from tests.tiny import make_llama
+
+TEXT = "Héllo wörld 😀 café, naïve résumé — 東京 and ünïcödé!\n\n  spaced  out\t"
+
+
+def with_generation_eos(model_dir, extra: int) -> None:
+    """Make `extra` an EOS in generation_config.json only (config.json and the tokenizer keep theirs)."""
+    path = model_dir / "generation_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    eos = cfg.get("eos_token_id")
+    cfg["eos_token_id"] = [*([eos] if isinstance(eos, int) else eos or []), extra]
+    path.write_text(json.dumps(cfg))
+
+
+def test_eos_ids_are_generation_config_and_tokenizer(tmp_path):
+    model = make_llama(tmp_path / "m", layers=1)
+    tok = AutoTokenizer.from_pretrained(model)
+    assert eos_ids(tok, model) == {tok.eos_token_id}
+    with_generation_eos(model, 17)
+    assert eos_ids(tok, model) == {tok.eos_token_id, 17}
+
+
+def test_detokenizer_matches_a_whole_decode_token_by_token(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok(TEXT * 20).input_ids
+    d = IncrementalDetokenizer.for_tokenizer(tok)
+    streamed = "".join(d.add(i) for i in ids) + d.flush()
+    assert streamed == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_detokenizer_stops_at_a_stop_string_across_real_tokens(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok(TEXT * 3).input_ids
+    d = IncrementalDetokenizer.for_tokenizer(tok, stop=("résumé —",))
+    out = ""
+    for i in ids:
+        out += d.add(i)
+        if d.stopped:
+            break
+    assert d.stopped and out == TEXT[:TEXT.index("résumé —")]
+
+
+def test_detokenizer_is_handed_one_token_per_step():
+    """The cost per token does not grow with the sequence: the decoder sees each id once and
+    the held-back text never exceeds the longest stop string."""
+    seen = []
+
+    def step(token_id):
+        seen.append(token_id)
+        return chr(token_id)
+
+    d = IncrementalDetokenizer(step, stop=("xyz", "ab"))
+    for i in range(2000):
+        d.add(ord("a") + i % 3 * 2)  # a, c, e: "ab" never completes, "a" is held then released
+        assert len(d._held) < 3
+    assert seen == [ord("a") + i % 3 * 2 for i in range(2000)]
+
+
+@pytest.mark.parametrize("engine_finish, want", [(None, None), ("length", "length"), ("eos", "eos")])
+def test_the_engines_own_finish_reason_ends_a_sequence(tiny_dir, engine_finish, want):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    seq = Sequence(EngineRequest([1, 2, 3], Sampling(max_tokens=10, ignore_eos=True)), tok, frozenset())
+    first = seq.token(40, -0.5, [])
+    assert (first.position, first.finish) == (3, None)
+    last = seq.token(41, -0.5, [], engine_finish=engine_finish)
+    assert (last.position, last.finish) == (4, want)
+    if want:
+        with pytest.raises(RuntimeError, match="after the sequence finished"):
+            seq.token(42, -0.5, [])
+
+
+def test_reference_backend_stops_at_an_eos_only_in_generation_config(tmp_path):
+    model = make_llama(tmp_path / "m")
+    engine = ReferenceEngine(model)
+    request = EngineRequest(engine.tokenize("The quick brown fox"), Sampling(max_tokens=8))
+    (plain,) = asyncio.run(collect(engine, [request]))
+    first = tokens(plain)[0]
+    assert first not in engine.eos_ids and len(plain) == 8 and plain[-1].finish == "length"
+
+    with_generation_eos(model, first)
+    (ended,) = asyncio.run(collect(ReferenceEngine(model), [request]))
+    assert tokens(ended) == [first] and ended[-1].finish == "eos" and ended[-1].text == ""
