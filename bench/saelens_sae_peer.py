@@ -19,11 +19,11 @@ from pathlib import Path
 
 import sae_lens
 import torch
-from safetensors.torch import load_file
 from sae_lens import LoggingConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file
 
 
 def batches(acts: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

@@ -30,7 +30,8 @@ def wait_until_serving(address: str, timeout: float = 300) -> None:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
@@ -62,11 +63,13 @@ def main() -> None:
     ap.add_argument("--server", default="127.0.0.1:50051")
     ap.add_argument("--prompt", default="Write one sentence about your favourite hobby.")
     ap.add_argument("--regex", default=SPACE, help="regex over top examples ([[token]] marks the activating token)")
-    ap.add_argument("--strength", type=float, default=3.0, help="clamp value in multiples of the feature's max activation")
+    ap.add_argument("--strength", type=float, default=3.0,
+                    help="clamp value in multiples of the feature's max activation")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     if not math.isfinite(args.strength):
-        ap.error(f"--strength must be a finite number (a multiple of the feature's max activation), got {args.strength}")
+        ap.error("--strength must be a finite number (a multiple of the feature's max activation), "
+                 f"got {args.strength}")
     wait_until_serving(args.server)
     with rc.Client(args.server, timeout=600) as c:
         info = c.model_info()
@@ -84,7 +87,8 @@ def main() -> None:
         value = args.strength * feature.max_activation
         print(f"SAE {sae} at {info.saes[0].site}: {info.saes[0].d_sae} features; {total} match /{args.regex}/")
         print(f"feature {feature.id}, top example {feature.top_examples[0]!r}, max activation "
-              f"{feature.max_activation:.1f}: clamped to {args.strength:g} x {feature.max_activation:.1f} = {value:.1f} "
+              f"{feature.max_activation:.1f}: clamped to {args.strength:g} x {feature.max_activation:.1f} "
+              f"= {value:.1f} "
               "on the generated tokens\n")
         steered, baseline = [], []
         for tok in c.generate(chat=chat, max_tokens=args.max_tokens, include_baseline=True,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import sae_lens
 import torch
-from safetensors.torch import save_file
 from sae_lens import SAE, JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
+from safetensors.torch import save_file
 
 OUT = Path(__file__).resolve().parents[1] / "tests/fixtures/saelens"
 D_IN, D_SAE = 16, 48

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+echo "==> ruff (lint + import order; config in pyproject.toml)"
+ruff check .
 set +e
 python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

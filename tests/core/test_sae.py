@@ -1,7 +1,6 @@
 """SAELens folder format and the encode/decode formulas."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -4,8 +4,18 @@ import pytest
 import torch
 
 from rudder.core.sae import SAE, SAEConfig
-from rudder.core.steering import (DirectionEdit, FeatureEdit, Op, ReadoutSpec, RowIndex, Scope, SiteArtifacts,
-                                  SteeringSpec, build_tables, steer_site)
+from rudder.core.steering import (
+    DirectionEdit,
+    FeatureEdit,
+    Op,
+    ReadoutSpec,
+    RowIndex,
+    Scope,
+    SiteArtifacts,
+    SteeringSpec,
+    build_tables,
+    steer_site,
+)
 
 SITE = "blocks.1.hook_resid_post"
 
@@ -32,15 +42,24 @@ def run(sae, specs, prompt_lens, slots, positions, x):
 
 
 def test_rows_without_ops_are_bit_identical(sae):
-    x = torch.randn(6, 16)
-    spec = SteeringSpec(features=(FeatureEdit("s", 3, Op.CLAMP, 5.0),))
-    # slot 0 steered (rows 0-2), slot 1 unsteered (rows 3-4), row 5 padding
-    out, _ = run(sae, [spec, None], [3, 3], [0, 0, 0, -1, -1, -1], [0, 1, 2, 0, 1, 0], x.clone())
+    with torch.no_grad():
+        sae.b_enc[0] = 10.0  # feature 0 on everywhere: a padding op (feature 0, Op.NONE) applied would zero it
+    x = torch.randn(7, 16)
+    assert (sae.encode(x)[:, 0] > 0).all()
+    steered = SteeringSpec(features=(FeatureEdit("s", 3, Op.CLAMP, 5.0),))
+    reader = SteeringSpec(readouts=ReadoutSpec(saes=("s",), top_k=4))
+    # slot 0 steered (rows 0-2), slot 1 a request with no edits (rows 3-4),
+    # slot 2 reads but does not steer (row 5), row 6 padding
+    tables = build_tables([steered, None, reader], [3, 3, 3])
+    assert tables.saes["s"].valid.tolist() == [[True], [False], [False]]  # slots 1 and 2 are there, with no ops
+    rows = rows_for([0, 0, 0, 1, 1, 2, -1], [0, 1, 2, 0, 1, 0, 0])
+    out, readouts = steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}), tables, rows)
     assert torch.equal(out[3:], x[3:])
     assert not torch.equal(out[:3], x[:3])
+    (r,) = readouts
+    assert r.rows.tolist() == [5]
     # a site with tables but no ops for anyone leaves everything identical
-    out2, _ = run(sae, [SteeringSpec(readouts=ReadoutSpec(saes=("s",), top_k=4))], [3], [0, 0, 0], [0, 1, 2],
-                  x[:3].clone())
+    out2, _ = run(sae, [reader], [3], [0, 0, 0], [0, 1, 2], x[:3].clone())
     assert torch.equal(out2, x[:3])
 
 
@@ -101,3 +120,52 @@ def test_readout_rows_follow_the_read_mask(sae):
     _, (r,) = steer_site(SITE, x, SiteArtifacts(saes={"s": sae}), tables, rows)
     assert r.rows.tolist() == [2]
     torch.testing.assert_close(r.top_values[0], sae.encode(x[2]).topk(2).values)
+
+
+def random_sae(seed: int) -> SAE:
+    torch.manual_seed(seed)
+    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE))
+    with torch.no_grad():
+        s.W_enc.normal_(0, 0.5)
+        s.W_dec.normal_(0, 0.5)
+        s.b_enc.normal_(0, 0.2)
+        s.b_dec.normal_(0, 0.2)
+    return s
+
+
+@torch.no_grad()
+def test_two_saes_at_one_site_apply_in_order_each_keeping_its_error(sae):
+    """SAE b edits the output of SAE a's edit: x1 = x + (fa' − fa) Wa, x2 = x1 + (fb' − fb(x1)) Wb."""
+    sae_b = random_sae(1)
+    x = torch.randn(4, 16)
+    fa = sae.encode(x)
+    feat_a = int(fa[0].argmax())
+    fa_new = fa.clone()
+    fa_new[:, feat_a] = 4.0
+    x1 = x + (fa_new - fa) @ sae.W_dec
+    fb = sae_b.encode(x1)
+    feat_b = int(fb[0].argmax())  # active after a's edit, so scaling it changes something
+    fb_new = fb.clone()
+    fb_new[:, feat_b] *= 3.0
+    expected = x1 + (fb_new - fb) @ sae_b.W_dec
+
+    spec = SteeringSpec(features=(FeatureEdit("a", feat_a, Op.CLAMP, 4.0), FeatureEdit("b", feat_b, Op.SCALE, 3.0)),
+                        readouts=ReadoutSpec(saes=("a", "b"), feature_ids=(feat_a, feat_b)))
+    tables = build_tables([spec], [4])
+    out, readouts = steer_site(SITE, x.clone(), SiteArtifacts(saes={"a": sae, "b": sae_b}), tables,
+                               rows_for([0] * 4, [0, 1, 2, 3]))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # each SAE's reconstruction error passes through its own edit unchanged
+    torch.testing.assert_close(x1 - sae.decode(fa_new), x - sae.decode(fa), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out - sae_b.decode(fb_new), x1 - sae_b.decode(fb), rtol=1e-5, atol=1e-5)
+    # the order is observable: b encoding the original x (or b before a) would give another x'
+    fb_of_x = sae_b.encode(x)
+    fb_of_x_new = fb_of_x.clone()
+    fb_of_x_new[:, feat_b] *= 3.0
+    unordered = x1 + (fb_of_x_new - fb_of_x) @ sae_b.W_dec
+    assert not torch.allclose(out, unordered, atol=1e-3)
+    # readouts come in site order and show each SAE's edited features
+    assert [r.source for r in readouts] == ["a", "b"]
+    for r, feat, f_new in [(readouts[0], feat_a, fa_new), (readouts[1], feat_b, fb_new)]:
+        col = r.selected_ids.tolist().index(feat)
+        torch.testing.assert_close(r.selected_values[:, col], f_new[:, feat], rtol=1e-5, atol=1e-5)

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
-from rudder.core.sites import KINDS, Site
-from rudder.core.steering import (CodeEdit, FeatureEdit, Op, ReadoutSpec, RowIndex, StepTables, SteeringSpec,
-                                  steer_site)
-from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.core.hf_sites import hook_site
+from rudder.core.sites import KINDS, Site
+from rudder.core.steering import CodeEdit, FeatureEdit, Op, ReadoutSpec, RowIndex, SteeringSpec, StepTables, steer_site
+from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.server.engines import collect, tokens
 

@@ -38,7 +38,8 @@ def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(
     from rudder.training.tokfsm_codes import StateCode, next_state
 
     fsm = TokFSM.load(MODEL)
-    sets = [[StateCode(**c) for c in cs] for cs in json.loads((MODEL / "tokfsm_codes.json").read_text())["own_code_sets"]]
+    own_code_sets = json.loads((MODEL / "tokfsm_codes.json").read_text())["own_code_sets"]
+    sets = [[StateCode(**c) for c in cs] for cs in own_code_sets]
     rng = random.Random(0)
     states = rng.sample([s for s in range(fsm.num_states) if sets[s]], 20)
     walks = torch.tensor([[rng.randrange(fsm.num_states)] for _ in states])

@@ -1,13 +1,20 @@
 """Rudder client SDK: stubs, typed results, intervention builders. No torch needed."""
 
 from rudder.client.client import AsyncClient, Client, tls_credentials
-from rudder.client.errors import (FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted,
-                                  RudderError, Unauthenticated, Unavailable)
-from rudder.client.types import (Readout, Token, ablate, activate_code, add, clamp, direction, readouts, scale,
-                                 scope)
+from rudder.client.errors import (
+                                  FailedPrecondition,
+                                  InvalidArgument,
+                                  NotFound,
+                                  PermissionDenied,
+                                  ResourceExhausted,
+                                  RudderError,
+                                  Unauthenticated,
+                                  Unavailable,
+)
+from rudder.client.types import Readout, Token, ablate, activate_code, add, clamp, direction, readouts, scale, scope
 
 __all__ = [
-    "AsyncClient", "Client", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Readout", "ResourceExhausted",
-    "RudderError", "Token", "Unauthenticated", "Unavailable", "ablate", "activate_code", "add", "clamp", "direction", "readouts",
-    "scale", "scope", "tls_credentials",
+    "AsyncClient", "Client", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Readout",
+    "ResourceExhausted", "RudderError", "Token", "Unauthenticated", "Unavailable", "ablate", "activate_code", "add",
+    "clamp", "direction", "readouts", "scale", "scope", "tls_credentials",
 ]
