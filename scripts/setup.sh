@@ -14,10 +14,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch first and pinned: a plain requirement would pull the multi-GB CUDA build.
   python -m pip install -q torch==2.13.0
-  python -m pip install -q -e ./client -e ".[test,vllm]"
+  # Strict editable installs: a tree of links under build/, so static tools (pyright, mypy, IDEs)
+  # follow rudder.* imports across the package-dir mapping (server/ is rudder.server, ...).
+  python -m pip install -q --config-settings editable_mode=strict -e ./client -e ".[test,vllm]"
   # No CPU build of these exists here; if anything pulled them in, transformers breaks.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
+fi
+# A strict editable install links the modules it saw: relink when one is added or removed.
+modules="$(find core server training analysis client/rudder -name '*.py' -not -path '*/__pycache__/*' | sort | sha256sum | cut -c1-16)"
+if [ "$(cat .venv/.rudder-modules 2>/dev/null)" != "$modules" ]; then
+  echo "==> linking Rudder's modules into .venv"
+  python -m pip install -q --no-deps --config-settings editable_mode=strict -e ./client -e .
+  echo "$modules" > .venv/.rudder-modules
 fi
 # Chromium renders the feature dashboards in tests (Debian's package); optional elsewhere.
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
