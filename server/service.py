@@ -132,7 +132,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         m = self.metrics
         try:
             generated = {False: 0, True: 0}
-            finished: set[bool] = set()
+            finished: dict[bool, str] = {}  # stop reason per stream
             last: dict[bool, float] = {}
             async for is_baseline, ev in merge(streams):
                 msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
@@ -153,11 +153,12 @@ class SteeringService(pb_grpc.SteeringServicer):
                     msg.stop_reason = _STOP[ev.finish]
                     msg.usage.prompt_tokens = len(ids)
                     msg.usage.completion_tokens = generated[is_baseline]
-                    m.request_success.labels(ev.finish).inc()
-                    finished.add(is_baseline)
+                    finished[is_baseline] = ev.finish
                 yield msg
             if len(finished) != len(streams):  # a backend bug; the client must not take it for a whole answer
                 raise Unavailable("the engine ended the generation without a stop reason; retry the request")
+            for reason in finished.values():
+                m.request_success.labels(reason).inc()
             m.e2e_request_latency.observe(time.monotonic() - received)
         finally:
             self._leave()

@@ -97,6 +97,7 @@ class ReferenceEngine(HfTokenizing):
         for spec in saes:
             self.artifacts.add_sae(spec, self.shape, self.device, dtype)
         self._site_artifacts = self.artifacts.by_site()
+        self._sae_modules = self.artifacts.sae_modules()
         self._hooks: dict[str, object] = {}
         for site in self._site_artifacts:
             self._ensure_hook(site)
@@ -135,7 +136,9 @@ class ReferenceEngine(HfTokenizing):
     async def load_sae(self, spec: str) -> str:
         attached = self.artifacts.add_sae(spec, self.shape, self.device, self.model.dtype)
         self._ensure_hook(attached.site.name)
-        self._site_artifacts = self.artifacts.by_site()  # one assignment: the worker sees old or new
+        # Snapshots made in one assignment each: the worker thread sees old or new, never a dict mid-change.
+        self._site_artifacts = self.artifacts.by_site()
+        self._sae_modules = self.artifacts.sae_modules()
         return attached.id
 
     async def unload_sae(self, sae_id: str) -> None:
@@ -143,6 +146,7 @@ class ReferenceEngine(HfTokenizing):
             raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
         self.artifacts.saes.pop(sae_id)
         self._site_artifacts = self.artifacts.by_site()
+        self._sae_modules = self.artifacts.sae_modules()
 
     def running_requests(self) -> int:
         return self._active + self._pending.qsize()
@@ -206,14 +210,14 @@ class ReferenceEngine(HfTokenizing):
         logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         if self.on_hook_step is not None and not (step.tables.empty and not self._site_artifacts):
             self.on_hook_step(step.hook_s)
-        return logits, step.routed()
+        return logits, {row: readouts for row, (_, _, readouts) in step.routed().items()}
 
     def _run_wave(self, wave: list[_Handle]) -> None:
         reqs = [h.request for h in wave]
         prompt_lens = [len(r.prompt_ids) for r in reqs]
         specs = [r.steering for r in reqs]
         tables = build_tables([s if s.active else None for s in specs], prompt_lens, self.device,
-                              self.artifacts.sae_modules())
+                              self._sae_modules)
         for site in tables.directions:
             self._ensure_hook(site)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 from rudder.server.backends.base import EngineRequest, TokenEvent, TokenReadout
 from rudder.server.detokenize import IncrementalDetokenizer
@@ -21,12 +21,13 @@ FINISH_REASONS = ("eos", "stop", "length")
 
 
 def eos_ids(tokenizer, model_dir: str | Path) -> frozenset[int]:
-    """The ids that end a sequence: generation_config.json's `eos_token_id` (an int or a list)
-    and the tokenizer's EOS, as vLLM stops on both."""
+    """The ids that end a sequence: the generation config's `eos_token_id` (an int or a list;
+    config.json's where there is no generation_config.json) and the tokenizer's EOS, as vLLM
+    stops on both."""
     try:
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
     except OSError:  # no generation_config.json
-        eos = None
+        eos = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir)).eos_token_id
     ids = {eos} if isinstance(eos, int) else set(eos or ())
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -121,10 +121,11 @@ class StepRecorder:
         self.hook_s += time.perf_counter() - t0
         return x if out is flat else out.view(x.shape)
 
-    def routed(self) -> dict[int, list[TokenReadout]]:
-        """Readouts by token row, each cut to what its request asked for."""
+    def routed(self) -> dict[int, tuple[int, int, list[TokenReadout]]]:
+        """By token row: its slot, its position and its readouts, cut to what its request asked for."""
         if not self.readouts:
             return {}
         router = ReadoutRouter(self.readouts)
-        slots = self.rows.slot.tolist()
-        return {row: router.for_row(row, self.specs[slots[row]]) for row in sorted(router.by_row)}
+        slots, positions = self.rows.slot.tolist(), self.rows.position.tolist()  # one copy to the host each
+        return {row: (slots[row], positions[row], router.for_row(row, self.specs[slots[row]]))
+                for row in sorted(router.by_row)}

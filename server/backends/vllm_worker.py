@@ -192,10 +192,7 @@ class _Steerer:
         step, self.step = self.step, None
         if step is None:
             return
-        positions = step.rows.position.tolist() if step.readouts else []
-        slots = step.rows.slot.tolist() if step.readouts else []
-        rows = [(self.step_req_ids[slots[row]], positions[row], readouts)
-                for row, readouts in step.routed().items()]
+        rows = [(self.step_req_ids[slot], position, readouts) for slot, position, readouts in step.routed().values()]
         self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 

@@ -95,3 +95,30 @@ def test_reference_backend_stops_at_an_eos_only_in_generation_config(tmp_path):
     with_generation_eos(model, first)
     (ended,) = asyncio.run(collect(ReferenceEngine(model), [request]))
     assert tokens(ended) == [first] and ended[-1].finish == "eos" and ended[-1].text == ""
+
+
+class _NoBackend:
+    """A tokenizer without a Rust backend (a "slow" tokenizer): only `decode`."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_detokenizer_without_decode_stream_decodes_by_window_to_the_same_text(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids = tok(TEXT * 5).input_ids
+    d = IncrementalDetokenizer.for_tokenizer(_NoBackend(tok))
+    assert "".join(d.add(i) for i in ids) + d.flush() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_without_generation_config_the_eos_ids_come_from_config_json(tmp_path):
+    model = make_llama(tmp_path / "m", layers=1)
+    (model / "generation_config.json").unlink(missing_ok=True)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["eos_token_id"] = [cfg["eos_token_id"], 17]
+    (model / "config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(model)
+    assert eos_ids(tok, model) == {tok.eos_token_id, 17}
