@@ -26,6 +26,12 @@ class ServeConfig:
     """engine: reference (transformers + hooks, anywhere) or vllm (pip install -e '.[vllm]')"""
     tensor_parallel_size: int = 1
     """vllm: GPUs per model replica"""
+    steer_sites: list[str] = field(default_factory=list, metadata={"metavar": "SITE"})
+    """vllm: a site to place the steering op at besides those of the SAEs and codebooks (for directions
+    and SAEs loaded later), e.g. blocks.10.hook_resid_post; repeat for more"""
+    vllm_args: list[str] = field(default_factory=list, metadata={"positional": True, "metavar": "-- VLLM_ARGS"})
+    """vllm: vLLM's own engine flags after `--`, as `vllm serve` takes them (e.g. -- --max-model-len 4096
+    --quantization fp8); they win over Rudder's defaults"""
     prefix_caching: bool = True
     """vllm: turn prefix caching off (on by default, salted per steering)"""
     host: str = "127.0.0.1"
@@ -69,6 +75,8 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.vllm_args and self.backend != "vllm":
+            raise ValueError(f"vLLM flags ({' '.join(self.vllm_args)}) need --backend vllm")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 

@@ -6,10 +6,12 @@ service maps it to a gRPC status. Nothing invalid reaches an engine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from rudder.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from rudder.core.errors import InvalidArgument, NotFound, ResourceExhausted, RudderError
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
@@ -27,6 +29,13 @@ class Limits:
     max_interventions: int = 64
     max_readout_top_k: int = 256
     max_feature_ids: int = 256
+
+    def within(self, context: int | None) -> Limits:
+        """These limits, cut to a model context of `context` tokens (prompt plus output)."""
+        if context is None:
+            return self
+        return dataclasses.replace(self, max_prompt_tokens=min(self.max_prompt_tokens, context - 1),
+                                   max_tokens=min(self.max_tokens, context - 1))
 
 
 DEFAULT_MAX_TOKENS = 64
@@ -61,10 +70,14 @@ def parse_scope(scope: pb.Scope, where: str) -> Scope:
 
 
 class RequestParser:
-    def __init__(self, shape: ModelShape, artifacts: Artifacts, limits: Limits = Limits()):
+    def __init__(self, shape: ModelShape, artifacts: Artifacts, limits: Limits = Limits(),
+                 check_site: Callable[[str], None] | None = None):
+        """`check_site(name)` raises for a site the engine cannot steer (the vLLM backend places
+        its op at the sites declared at start-up)."""
         self.shape = shape
         self.artifacts = artifacts
         self.limits = limits
+        self.check_site = check_site
 
     # ------------------------------------------------------------ pieces
 
@@ -118,6 +131,11 @@ class RequestParser:
         width = self.shape.site_dim(site)
         if got != width:
             raise InvalidArgument(f"{where}: the direction has {got} values but {site.name} is {width} wide")
+        if self.check_site is not None:
+            try:
+                self.check_site(site.name)
+            except RudderError as e:
+                raise type(e)(f"{where}: {e}") from None
 
     def _code_edit(self, m: pb.CodeIntervention, scope: Scope, where: str) -> CodeEdit:
         if m.codebook not in self.artifacts.codebooks:

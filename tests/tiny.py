@@ -35,12 +35,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_llama(path: Path, layers: int = 3, seed: int = 0, heads: int = 4, kv_heads: int = 2) -> Path:
-    """vLLM's CPU attention needs a head size of at least 32: use heads=2, kv_heads=1 there."""
+def make_llama(path: Path, layers: int = 3, seed: int = 0, heads: int = 4, kv_heads: int = 2,
+               hidden: int = 64) -> Path:
+    """vLLM's CPU attention needs a head size (hidden / heads) of at least 32: use heads=2, kv_heads=1
+    there, or hidden=128 with 4 heads (tensor parallelism splits the heads)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )

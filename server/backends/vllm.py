@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from rudder.core.errors import ArtifactError, NotFound, Unavailable
+from rudder.core.errors import ArtifactError, FailedPrecondition, NotFound, Unavailable
 from rudder.core.hf_sites import ModelShape
+from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
-from rudder.server.backends.vllm_worker import EXTRA_ARGS_KEY, VLLM_VERSION
+from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, VLLM_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,41 @@ class _Readouts:
 
 def _model_view(model_dir: Path) -> Path:
     """vLLM loads every *.safetensors in a folder; a codebook model's folder holds codebooks too.
-    Give vLLM a folder of links to everything but them."""
+    Give vLLM a folder of links to everything but them (at a path fixed per model, so that
+    vLLM's compile cache, keyed on the config, is reused)."""
     from rudder.core.codebook import CONFIG_FILE, WEIGHTS_FILE
 
-    view = Path(tempfile.mkdtemp(prefix="rudder-vllm-model-"))
+    digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
+    view = Path(tempfile.gettempdir()) / f"rudder-vllm-model-{digest}"
+    view.mkdir(exist_ok=True)
     for p in model_dir.iterdir():
-        if p.name not in (CONFIG_FILE, WEIGHTS_FILE):
-            (view / p.name).symlink_to(p.resolve())
+        link = view / p.name
+        if p.name not in (CONFIG_FILE, WEIGHTS_FILE) and not link.is_symlink():
+            link.symlink_to(p.resolve())
     return view
+
+
+def engine_args(model: Path, tokenizer: Path, defaults: dict, vllm_args: list[str], overrides: dict):
+    """vLLM's own `AsyncEngineArgs`, from its own argument parser: `vllm_args` (vLLM's flags, as
+    `vllm serve` takes them) win over Rudder's `defaults`; `overrides` are what Rudder needs."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="rudder serve --backend vllm -- "))
+    base = ["--model", str(model), "--tokenizer", str(tokenizer)]
+    try:
+        given = vars(parser.parse_args(base + list(vllm_args)))
+    except SystemExit as e:
+        raise ArtifactError(f"vLLM did not accept its arguments {' '.join(vllm_args)!r} (see above)") from e
+    plain = vars(parser.parse_args(base))
+    chosen = {k for k, v in given.items() if v != plain.get(k)}
+    for key in ("model", "worker_cls", "worker_extension_cls", "additional_config"):
+        if key in chosen:
+            raise ArtifactError(f"--{key.replace('_', '-')} is set by Rudder; leave it out of the vLLM arguments")
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(base + list(vllm_args)))
+    for key, value in {**{k: v for k, v in defaults.items() if k not in chosen}, **overrides}.items():
+        setattr(args, key, value)
+    return args
 
 
 class VllmEngine(HfTokenizing):
@@ -94,7 +122,11 @@ class VllmEngine(HfTokenizing):
 
     def __init__(self, model_dir: str | Path, saes: list[str] = (), dtype: str = "float32",
                  max_num_seqs: int = 64, max_model_len: int = 2048, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.8, **engine_args):
+                 gpu_memory_utilization: float = 0.8, steer_sites: list[str] = (), vllm_args: list[str] = (),
+                 **engine_kwargs):
+        """`steer_sites`: sites to place the steering op at besides those of the artifacts (for
+        directions, and SAEs loaded later); `vllm_args`: vLLM's own engine flags; `engine_kwargs`:
+        more `AsyncEngineArgs` fields (tests)."""
         _check_vllm()
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -107,10 +139,20 @@ class VllmEngine(HfTokenizing):
             self.artifacts.add_codebooks(self.model_dir, self.shape, cpu, torch_dtype)
         for spec in saes:
             self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype, weights=False)
-        self.dtype = dtype
-        self.engine_kwargs = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  enable_prefix_caching=enable_prefix_caching,
-                                  gpu_memory_utilization=gpu_memory_utilization, **engine_args)
+        model = _model_view(self.model_dir) if has_codebooks(self.model_dir) else self.model_dir
+        defaults = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                        enable_prefix_caching=enable_prefix_caching, gpu_memory_utilization=gpu_memory_utilization)
+        self.args = engine_args(model, self.model_dir, defaults, list(vllm_args), engine_kwargs)
+        sources = [*self.artifacts.saes.values(), *self.artifacts.codebooks.values()]
+        self.steer_sites = sorted({a.site.name for a in sources}
+                                  | {Site.parse(s, self.shape.num_layers).name for s in steer_sites})
+        self._check_sites(self.steer_sites)
+        self.args.worker_cls = f"{__package__}.vllm_worker.SteeringWorker"
+        self.args.additional_config = {CONFIG_KEY: {"sites": self.steer_sites}}
+        if torch.cuda.is_available():
+            self._keep_cuda_graphs()
+        self.dtype = str(self.args.dtype)
+        self.max_model_len: int | None = None  # known once started
         self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.llm = None
         self._readouts: dict[str, _Readouts] = {}
@@ -119,6 +161,31 @@ class VllmEngine(HfTokenizing):
         self._waiting = 0  # submitted, no output yet
         self.on_hook_step = None
 
+    def _check_sites(self, sites: list[str]) -> None:
+        if self.args.tensor_parallel_size > 1 and any(Site.parse(s).per_head for s in sites):
+            raise ArtifactError(
+                f"{', '.join(s for s in sites if Site.parse(s).per_head)}: attn.hook_z sites cannot be steered "
+                f"with tensor parallelism (each rank holds a slice of the heads); serve with "
+                f"tensor_parallel_size=1 or steer residual-stream or MLP sites")
+
+    def _keep_cuda_graphs(self) -> None:
+        """On CUDA the op runs between pieces captured in CUDA graphs: it is a splitting op (with
+        the attention ops vLLM splits at by default), and full-graph capture is off."""
+        from vllm.config import CompilationConfig
+
+        cc = self.args.compilation_config
+        cc = CompilationConfig(**cc) if isinstance(cc, dict) else (cc or CompilationConfig())
+        cc.splitting_ops = [*(cc.splitting_ops or CompilationConfig._attention_ops), "rudder::steer"]
+        cc.cudagraph_mode = "PIECEWISE"
+        self.args.compilation_config = cc
+
+    def check_site(self, site: str) -> None:
+        """Refuse a site the op was not placed at (it is placed before vLLM compiles the model)."""
+        if site not in self.steer_sites:
+            raise FailedPrecondition(
+                f"site {site} was not declared at start-up; declared: {', '.join(self.steer_sites) or 'none'}. "
+                f"Restart with --steer-sites {site} (rudder serve) to steer there")
+
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -126,24 +193,21 @@ class VllmEngine(HfTokenizing):
             return
         import zmq
         import zmq.asyncio
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # Rudder reads the V1 runner's batch state
         address = f"ipc://{tempfile.gettempdir()}/rudder-readouts-{uuid.uuid4().hex[:12]}"
         self._zmq = zmq.asyncio.Context()
         self._socket = self._zmq.socket(zmq.PULL)
         self._socket.bind(address)
         self._receiver = asyncio.create_task(self._receive())
-        model = _model_view(self.model_dir) if has_codebooks(self.model_dir) else self.model_dir
-        args = AsyncEngineArgs(model=str(model), tokenizer=str(self.model_dir), dtype=self.dtype,
-                               enforce_eager=True, worker_extension_cls=f"{__package__}.vllm_worker.SteeringWorker",
-                               **self.engine_kwargs)
-        self.llm = AsyncLLM.from_engine_args(args)
+        self.llm = AsyncLLM.from_engine_args(self.args)
+        self.max_model_len = self.llm.model_config.max_model_len
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
         attached = [f"{a.id}={a.path}" for a in self.artifacts.saes.values()]  # start-up and run-time loads
         info = await self.llm.collective_rpc("rudder_setup", args=(address, attached, codebooks))
-        log.info("vLLM workers ready: %s", info)
+        log.info("vLLM workers ready: %s", info[0])
 
     async def stop(self) -> None:
         if self.llm is None:
@@ -174,9 +238,11 @@ class VllmEngine(HfTokenizing):
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
-        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), getattr(torch, self.dtype),
+        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), torch.float32,
                                           weights=False)
         try:
+            self.check_site(attached.site.name)
+            self._check_sites([attached.site.name])
             await self.llm.collective_rpc("rudder_load_sae", args=(spec,))
         except Exception:
             self.artifacts.saes.pop(attached.id, None)

@@ -1,21 +1,25 @@
-"""Rudder inside vLLM's worker: steering hooks on the model, readouts sent out per step.
+"""Rudder inside vLLM's workers: a steering op at each declared site, compiled with the model.
 
-vLLM mixes `SteeringWorker` into its worker class (`worker_extension_cls`); the
-engine process calls its `rudder_*` methods through `collective_rpc`. Nothing in
-vLLM is patched: the hooks are ordinary torch module hooks on the model the
-runner built, and per-request steering travels in `SamplingParams.extra_args`.
+vLLM starts its workers with `worker_cls` = `SteeringWorker` (made at import from the
+platform's own worker class). After vLLM loads the model, and before the first forward
+pass (where torch.compile traces it), `load_model` puts a call to the custom op
+`rudder::steer` at every declared site: after a decoder layer (`hook_resid_post` of it,
+`hook_resid_pre` of the next), around the MLP (`hook_mlp_out`), before `o_proj`
+(`attn.hook_z`), before layer 0 (`blocks.0.hook_resid_pre`). To the compiler the op is one
+opaque node, so vLLM keeps its compilation (on CUDA the op is a splitting op and the
+pieces between are captured in CUDA graphs). Nothing in vLLM is patched.
 
 Each forward step:
-1. a pre-hook on the whole model maps token rows to requests from the runner's
-   batch state (`input_batch.req_ids`, `query_start_loc`) and the `positions`
-   argument, and builds the shared steering tables for the requests that steer or
-   read (cached while the batch's requests stay the same);
-2. a hook at each site calls the shared `steer_site` on the rows;
-3. a post-hook cuts the step's readouts per request (`ReadoutRouter`) and pushes
-   one message to the engine's process over a local zmq socket.
+1. a pre-hook on the top-level model (which vLLM does not compile) maps token rows to
+   requests from the runner's batch state (`input_batch.req_ids`, `query_start_loc`) and
+   `positions`, and builds the shared steering tables for the requests that steer or read
+   (cached while the batch's requests stay the same) into a `StepRecorder`;
+2. the op at each site calls `StepRecorder.steer`, i.e. the shared `steer_site`;
+3. a post-hook sends the step's readouts, cut per request, over a local zmq socket (from
+   the first rank only: with tensor parallelism every rank steers the same full stream).
 
-Positions come from vLLM itself, so a request recomputed after preemption is
-steered exactly as the first time, and readouts are keyed by (request, position).
+Positions come from vLLM itself, so a request recomputed after preemption is steered
+exactly as the first time, and readouts are keyed by (request, position).
 """
 
 from __future__ import annotations
@@ -35,8 +39,26 @@ from rudder.server.backends.step import Span, StepRecorder, row_index
 
 log = logging.getLogger(__name__)
 
-EXTRA_ARGS_KEY = "rudder"
+EXTRA_ARGS_KEY = "rudder"  # in SamplingParams.extra_args: the request's steering (spec_to_wire)
+CONFIG_KEY = "rudder"  # in vLLM's additional_config: {"sites": [...]}, part of vLLM's compile-cache key
 VLLM_VERSION = "0.32.0"
+RUNNER_HINT = "set VLLM_USE_V2_MODEL_RUNNER=0 (Rudder needs vLLM's V1 model runner; `rudder serve` sets it)"
+
+_STEERER: _Steerer | None = None  # this process's steerer: what the op calls
+
+
+@torch.library.custom_op("rudder::steer", mutates_args=())
+def steer_op(x: Tensor, residual: Tensor | None, site: int) -> Tensor:
+    """The activation at declared site number `site`, steered: `x` (+ `residual`, after a decoder
+    layer, whose output is the pair) `(N, d)` in, a new `(N, d)` tensor out."""
+    stream = x if residual is None else x + residual
+    out = stream if _STEERER is None else _STEERER.site(site, stream)
+    return out.clone() if out is x else out  # a custom op's output may not alias its input
+
+
+@steer_op.register_fake
+def _(x: Tensor, residual: Tensor | None, site: int) -> Tensor:
+    return torch.empty_like(x)
 
 
 def _need(obj, path: str):
@@ -49,37 +71,121 @@ def _need(obj, path: str):
     return obj
 
 
-class _Steerer:
-    def __init__(self, runner, readout_address: str):
-        import zmq
+# ---------------------------------------------------------------- placing the op
 
+
+class _Before(nn.Module):
+    """`module` with the op on its input: layer 0 (the embeddings) or o_proj (attn.hook_z)."""
+
+    def __init__(self, module: nn.Module, site: int, hidden_arg: int):
+        super().__init__()
+        self.inner, self.site, self.hidden_arg = module, site, hidden_arg
+
+    def forward(self, *args, **kwargs):
+        args = list(args)
+        if len(args) > self.hidden_arg:
+            args[self.hidden_arg] = torch.ops.rudder.steer(args[self.hidden_arg], None, self.site)
+        else:
+            kwargs["hidden_states"] = torch.ops.rudder.steer(kwargs["hidden_states"], None, self.site)
+        return self.inner(*args, **kwargs)
+
+
+class _AfterLayer(nn.Module):
+    """A decoder layer with the op on the residual stream after it: vLLM's layers return
+    (mlp_out, residual), the stream is their sum; it goes on as (steered stream, zeros), which the
+    next layer's fused add-norm turns back into the stream."""
+
+    def __init__(self, layer: nn.Module, sites: list[int]):
+        super().__init__()
+        self.inner, self.sites = layer, sites
+
+    def forward(self, *args, **kwargs):
+        hidden, residual = self.inner(*args, **kwargs)
+        stream = torch.ops.rudder.steer(hidden, residual, self.sites[0])
+        for site in self.sites[1:]:  # e.g. resid_post of this layer and resid_pre of the next
+            stream = torch.ops.rudder.steer(stream, None, site)
+        return stream, torch.zeros_like(residual)
+
+
+class _AfterMlp(nn.Module):
+    def __init__(self, mlp: nn.Module, site: int):
+        super().__init__()
+        self.inner, self.site = mlp, site
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (torch.ops.rudder.steer(out[0], None, self.site), *out[1:])
+        return torch.ops.rudder.steer(out, None, self.site)
+
+
+def place_ops(model: nn.Module, sites: list[str], num_layers: int) -> None:
+    """Wrap the modules at `sites` (their index in the list is the op's `site` argument)."""
+    layers = _need(model, "model.layers")
+    after: dict[int, list[int]] = {}
+    for i, name in enumerate(sites):
+        site = Site.parse(name, num_layers)
+        if site.kind == "hook_resid_pre" and site.layer == 0:
+            layers[0] = _Before(layers[0], i, hidden_arg=1)  # (positions, hidden_states, residual)
+        elif site.kind in ("hook_resid_pre", "hook_resid_post"):
+            after.setdefault(site.layer - 1 if site.kind == "hook_resid_pre" else site.layer, []).append(i)
+        elif site.kind == "hook_mlp_out":
+            layer = layers[site.layer]
+            layer.mlp = _AfterMlp(_need(layer, "mlp"), i)
+        elif site.kind == "attn.hook_z":
+            attn = _need(layers[site.layer], "self_attn")
+            attn.o_proj = _Before(_need(attn, "o_proj"), i, hidden_arg=0)
+        else:
+            raise ArtifactError(f"site {name} is not supported by the vLLM backend")
+    for layer, ids in after.items():
+        layers[layer] = _AfterLayer(layers[layer], ids)
+
+
+# ---------------------------------------------------------------- the steerer
+
+
+class _Steerer:
+    """Artifacts, per-step tables and readouts of one worker process."""
+
+    def __init__(self, runner, sites: list[str], sends_readouts: bool):
         self.runner = runner
         self.model: nn.Module = runner.get_model()
         for path in ("input_batch.req_ids", "input_batch.num_reqs", "input_batch.num_prompt_tokens",
                      "input_batch.num_computed_tokens_cpu", "query_start_loc.np", "requests"):
-            _need(runner, path)
-        self.layers = _need(self.model, "model.layers")
+            try:
+                _need(runner, path)
+            except ArtifactError as e:
+                raise ArtifactError(f"{e}; {RUNNER_HINT}") from None
+        self.shape = ModelShape.from_config(runner.model_config.hf_config)
+        self.sites = sites
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
-        self.shape = ModelShape.from_config(runner.model_config.hf_config)
         self.artifacts = Artifacts()
         self.by_site = {}
         self.always_on = False
-        self._site_hooks: dict[str, list] = {}
+        self.sends_readouts = sends_readouts
+        self.socket = None
         self._specs: dict[str, SteeringSpec | None] = {}
         self._table_key = None
         self._tables: StepTables | None = None
         self.step: StepRecorder | None = None
         self.step_req_ids: list[str] = []  # per slot of the current step
-        self.socket = zmq.Context.instance().socket(zmq.PUSH)
-        self.socket.connect(readout_address)
+        place_ops(self.model, sites, self.shape.num_layers)
         self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
         self.model.register_forward_hook(self._end)
 
-    # ------------------------------------------------------------ artifacts and hooks
+    def connect(self, readout_address: str) -> None:
+        import zmq
+
+        if self.sends_readouts:
+            self.socket = zmq.Context.instance().socket(zmq.PUSH)
+            self.socket.connect(readout_address)
+
+    # ------------------------------------------------------------ artifacts
 
     def load_sae(self, spec: str) -> str:
         attached = self.artifacts.add_sae(spec, self.shape, self.device, self.dtype)
+        self._check_declared(attached.site.name)
         self._refresh()
         return attached.id
 
@@ -87,7 +193,13 @@ class _Steerer:
         from pathlib import Path
 
         self.artifacts.add_codebooks(Path(folder), self.shape, self.device, self.dtype)
+        for cb in self.artifacts.codebooks.values():
+            self._check_declared(cb.site.name)
         self._refresh()
+
+    def _check_declared(self, site: str) -> None:
+        if site not in self.sites:
+            raise ArtifactError(f"site {site} was not declared when vLLM started; declared: {', '.join(self.sites)}")
 
     def unload(self, source: str) -> None:
         self.artifacts.saes.pop(source, None)
@@ -96,55 +208,15 @@ class _Steerer:
     def _refresh(self) -> None:
         self.by_site = self.artifacts.by_site()
         self.always_on = bool(self.artifacts.codebooks)  # a codebook model snaps every row
-        for site in self.by_site:
-            self.ensure_hook(site)
         self._table_key = None
 
-    def ensure_hook(self, site_name: str) -> None:
-        if site_name in self._site_hooks:
-            return
-        site = Site.parse(site_name, self.shape.num_layers)
-        name = site.name
-        if site.kind == "hook_resid_pre" and site.layer == 0:
-            def pre(module, args, kwargs):  # (positions, hidden_states, residual=None): the embeddings
-                hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
-                new = self._steer(name, hidden)
-                if new is hidden:
-                    return None
-                if len(args) > 1:
-                    return (args[0], new, *args[2:]), kwargs
-                return args, {**kwargs, "hidden_states": new}
-            handle = self.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
-        elif site.kind in ("hook_resid_pre", "hook_resid_post"):
-            # vLLM's layers return (mlp_out, residual); the stream after the layer is their sum.
-            layer = site.layer - 1 if site.kind == "hook_resid_pre" else site.layer
-
-            def post(module, args, output):
-                hidden, residual = output
-                stream = hidden + residual
-                new = self._steer(name, stream)
-                return None if new is stream else (new, torch.zeros_like(residual))
-            handle = self.layers[layer].register_forward_hook(post)
-        elif site.kind == "hook_mlp_out":
-            def mlp(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                new = self._steer(name, out)
-                if new is out:
-                    return None
-                return (new, *output[1:]) if isinstance(output, tuple) else new
-            handle = _need(self.layers[site.layer], "mlp").register_forward_hook(mlp)
-        elif site.kind == "attn.hook_z":
-            def z(module, args):
-                new = self._steer(name, args[0])
-                return None if new is args[0] else (new, *args[1:])
-            handle = _need(self.layers[site.layer], "self_attn.o_proj").register_forward_pre_hook(z)
-        else:
-            raise ArtifactError(f"site {site_name} is not supported by the vLLM backend")
-        self._site_hooks[site_name] = [handle]
-
-    def _steer(self, site: str, x: Tensor) -> Tensor:
+    def site(self, index: int, x: Tensor) -> Tensor:
+        """The op's body at declared site number `index`."""
         step = self.step
-        return x if step is None else step.steer(site, x, self.by_site.get(site))
+        if step is None:
+            return x
+        name = self.sites[index]
+        return step.steer(name, x, self.by_site.get(name))
 
     # ------------------------------------------------------------ per step
 
@@ -179,8 +251,6 @@ class _Steerer:
             prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
             self._tables = build_tables([s for _, _, s in used], prompt_lens, self.device,
                                         self.artifacts.sae_modules())
-            for site in self._tables.directions:
-                self.ensure_hook(site)
             self._table_key = key
         spans = [Span(slot, qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
                       int(batch.num_prompt_tokens[i]), spec)
@@ -192,22 +262,61 @@ class _Steerer:
         step, self.step = self.step, None
         if step is None:
             return
+        if self.socket is None:
+            return
         rows = [(self.step_req_ids[slot], position, readouts) for slot, position, readouts in step.routed().values()]
         self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 
-class SteeringWorker:
-    """vLLM's `worker_extension_cls`: methods reached with `collective_rpc("rudder_...")`."""
+# ---------------------------------------------------------------- the worker class
+
+
+class _SteeringMixin:
+    """Put first in the bases of vLLM's worker class: places the ops after the model loads and
+    answers `collective_rpc("rudder_...")`."""
+
+    def load_model(self, *args, **kwargs) -> None:
+        global _STEERER
+        super().load_model(*args, **kwargs)
+        sites = (self.vllm_config.additional_config or {}).get(CONFIG_KEY, {}).get("sites", [])
+        pp = self.vllm_config.parallel_config.pipeline_parallel_size
+        if pp > 1:
+            raise ArtifactError(f"Rudder's vLLM backend does not support pipeline parallelism "
+                                f"(pipeline_parallel_size={pp}); use tensor parallelism")
+        _STEERER = _Steerer(self.model_runner, sites, sends_readouts=self.rank == 0)
 
     def rudder_setup(self, readout_address: str, saes: list[str], codebooks: str | None) -> dict:
-        self._rudder = _Steerer(self.model_runner, readout_address)
+        _STEERER.connect(readout_address)
         if codebooks:
-            self._rudder.load_codebooks(codebooks)
-        loaded = [self._rudder.load_sae(spec) for spec in saes]
-        return {"saes": loaded, "dtype": str(self._rudder.dtype), "device": str(self._rudder.device)}
+            _STEERER.load_codebooks(codebooks)
+        loaded = [_STEERER.load_sae(spec) for spec in saes]
+        return {"saes": loaded, "dtype": str(_STEERER.dtype), "device": str(_STEERER.device),
+                "sites": _STEERER.sites}
 
     def rudder_load_sae(self, spec: str) -> str:
-        return self._rudder.load_sae(spec)
+        return _STEERER.load_sae(spec)
 
     def rudder_unload(self, source: str) -> None:
-        self._rudder.unload(source)
+        _STEERER.unload(source)
+
+
+def _platform_worker() -> type:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+def __getattr__(name: str):
+    """`SteeringWorker` (vLLM's `worker_cls`) is made on first use, on the platform's worker class,
+    so that importing this module needs no vLLM."""
+    if name == "SteeringWorker":
+        cls = type("SteeringWorker", (_SteeringMixin, _platform_worker()), {"__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

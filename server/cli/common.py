@@ -81,7 +81,10 @@ def _add(parser: argparse.ArgumentParser, f: ConfigField) -> None:
         kw["metavar"] = f.metavar
     t = _without_none(f.type)
     if f.positional:
-        parser.add_argument(f.name, type=t, **kw)
+        if get_origin(t) is list:  # everything left, e.g. after `--`
+            parser.add_argument(f.name, type=get_args(t)[0], nargs="*", default=[], **kw)
+        else:
+            parser.add_argument(f.name, type=t, **kw)
         return
     flag = f.flag or "--" + f.name.replace("_", "-")
     if t is bool:

@@ -60,8 +60,10 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
             from rudder.server.backends.vllm import VllmEngine
 
             return VllmEngine(model_dir, saes, dtype=cfg.dtype, max_num_seqs=cfg.max_batch,
-                              enable_prefix_caching=cfg.prefix_caching,
-                              tensor_parallel_size=cfg.tensor_parallel_size), name
+                              enable_prefix_caching=cfg.prefix_caching, steer_sites=cfg.steer_sites,
+                              vllm_args=cfg.vllm_args,
+                              **({"tensor_parallel_size": cfg.tensor_parallel_size}
+                                 if cfg.tensor_parallel_size > 1 else {})), name
         from rudder.server.backends.reference import ReferenceEngine
 
         return ReferenceEngine(model_dir, saes, device=cfg.device, dtype=getattr(torch, cfg.dtype),

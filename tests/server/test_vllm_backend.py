@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
+from rudder.core.errors import ArtifactError
 from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
@@ -29,6 +30,7 @@ vllm_backend = pytest.importorskip("vllm") and pytest.importorskip("rudder.serve
 PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering",
            "What is the capital", "codebooks snap activations", "The lazy dog", "language model"]
 NEW = 16
+DIRECTION_SITE = "blocks.2.hook_resid_post"  # declared at start-up: no artifact sits there
 
 
 class Loop:
@@ -78,7 +80,8 @@ def start(loop, engine):
 
 @pytest.fixture(scope="module")
 def vllm_coded(loop, models):
-    engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], max_model_len=256))
+    engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], steer_sites=[DIRECTION_SITE],
+                                                 max_model_len=256))
     yield engine
     loop.run(engine.stop())
 
@@ -93,7 +96,7 @@ def mixed_batch(engine) -> list[EngineRequest]:
         SteeringSpec(readouts=ReadoutSpec(saes=("p0",), top_k=3, include_prompt=True)),
         SteeringSpec(features=(FeatureEdit("m0", 5, Op.ADD, 8.0, Scope("generated")),
                                FeatureEdit("p0", 2, Op.ABLATE)),
-                     directions=(DirectionEdit("blocks.2.hook_resid_post", d, 4.0),)),
+                     directions=(DirectionEdit(DIRECTION_SITE, d, 4.0),)),
         SteeringSpec(),
         SteeringSpec(codes=(CodeEdit("z1", head=0, code=5),), features=(FeatureEdit("r1", 9, Op.SCALE, 0.0),),
                      readouts=read),
@@ -207,7 +210,8 @@ def test_cancelling_a_stream_aborts_it_in_the_engine(loop, vllm_coded):
 def test_preempted_requests_are_steered_once_and_keep_their_readouts(loop, models):
     """A KV cache of 6 blocks of 32 tokens for 8 requests of ~60 tokens forces vLLM to preempt
     and recompute; steering is keyed by position, so the result still matches the reference."""
-    engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], max_model_len=96, block_size=32,
+    engine = start(loop, vllm_backend.VllmEngine(models["coded"], models["saes"], steer_sites=[DIRECTION_SITE],
+                                                 max_model_len=96, block_size=32,
                                                  num_gpu_blocks_override=6, enable_prefix_caching=False))
     try:
         requests = [EngineRequest(r.prompt_ids, Sampling(max_tokens=56, ignore_eos=True),
@@ -228,7 +232,8 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
     import rudder.client as rc
     from rudder.server.app import BackgroundServer
 
-    engine = vllm_backend.VllmEngine(models["plain"], [models["saes"][0]], max_model_len=256)
+    engine = vllm_backend.VllmEngine(models["plain"], [models["saes"][0]], max_model_len=256,
+                                     steer_sites=["blocks.0.hook_mlp_out"])  # for an SAE loaded later
     server = BackgroundServer(engine, "tiny", allow_admin=True)
     try:
         with rc.Client(server.address, timeout=120) as client:
@@ -247,6 +252,14 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
                                           interventions=[rc.clamp("m0", 7, 40.0)],
                                           readouts=rc.readouts(saes=["m0"], top_k=1)))
             assert all([f for f, _ in t.readout("m0").top] == [7] for t in loaded)
+            # The op sits only at declared sites: elsewhere, loads and directions are refused up front.
+            name, path = models["saes"][2].split("=")
+            with pytest.raises(rc.FailedPrecondition, match="--steer-sites blocks.0.hook_resid_pre"):
+                client.load_sae(path, name)
+            with pytest.raises(rc.FailedPrecondition, match="not declared at start-up"):
+                list(client.generate(PROMPTS[0], interventions=[
+                    rc.direction(4.0, vector=[1.0] * 64, site="blocks.2.hook_resid_post")]))
+            assert [s.id for s in client.model_info().saes] == ["r1", "m0"]
             client.unload_sae("m0")
             with pytest.raises(rc.NotFound):
                 list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
@@ -279,3 +292,41 @@ def test_every_sequence_ends_with_a_stop_reason_eos_from_generation_config_and_c
         assert [e.finish for e in full[:-1]] == [None] * 3
     finally:
         loop.run(engine.stop())
+
+
+def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
+    """A 4-head model split over 2 ranks: the residual stream is whole on each rank, every rank
+    steers it the same way, and the readouts leave from the first rank only."""
+    import rudder.client as rc
+    from rudder.server.app import BackgroundServer
+
+    model = make_llama(tmp_path / "tp", heads=4, kv_heads=2, hidden=128)
+    make_sae(tmp_path / "r1", "blocks.1.hook_resid_post", d_in=128)
+    make_sae(tmp_path / "z1", "blocks.1.attn.hook_z", d_in=128)
+    with pytest.raises(ArtifactError, match="attn.hook_z sites cannot be steered with tensor parallelism"):
+        vllm_backend.VllmEngine(model, [f"z1={tmp_path / 'z1'}"], tensor_parallel_size=2)
+
+    def run(tp: int):
+        extra = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"} if tp > 1 else {}
+        engine = vllm_backend.VllmEngine(model, [f"r1={tmp_path / 'r1'}"], max_model_len=128, **extra)
+        server = BackgroundServer(engine, "tp")
+        try:
+            with rc.Client(server.address, timeout=300) as client:
+                return [list(client.generate(p, max_tokens=8, ignore_eos=True,
+                                             interventions=[rc.clamp("r1", 3, 25.0)] if i % 2 else [],
+                                             readouts=rc.readouts(saes=["r1"], top_k=3)))
+                        for i, p in enumerate(PROMPTS[:4])]
+        finally:
+            server.stop()
+
+    one = run(1)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # a core per rank
+    two = run(2)
+    for a, b in zip(one, two):
+        assert [t.id for t in a] == [t.id for t in b]
+        assert a[-1].stop_reason == b[-1].stop_reason == "length"
+        for x, y in zip(a, b):
+            assert [f for f, _ in x.readout("r1").top] == [f for f, _ in y.readout("r1").top]
+            assert [v for _, v in x.readout("r1").top] == pytest.approx([v for _, v in y.readout("r1").top],
+                                                                       rel=1e-3, abs=1e-3)
+    assert any(t.readout("r1").top[0][0] == 3 for t in two[1])  # the clamp showed, on TP 2 too

@@ -1,0 +1,208 @@
+"""`rudder serve --backend vllm` (gRPC streaming) against `vllm serve` with its defaults (OpenAI
+streaming over HTTP), in one run, on the same chat requests.
+
+    .venv/bin/python bench/vllm_vs_vllm_serve.py [--streams 32] [--tokens 64] [--repeats 3]
+
+Both servers run at once on the default model (fp32) and are measured in turn, interleaved
+round by round; each gets both cores when it runs (VLLM_CPU_OMP_THREADS_BIND=0-1,
+VLLM_CPU_NUM_OF_RESERVED_CPU=0) and the other sits idle. `--streams` concurrent chat
+streams of `--tokens` new tokens each, greedy, EOS ignored; tokens/s = tokens streamed / wall
+time. Rows:
+  vllm serve         no steering
+  rudder plain       no steering
+  rudder steered     one clamp of the default SAE on every request
+  rudder steered+readout   the same plus a top-16 readout on every token
+  rudder N configs   every request clamps, with N distinct (feature, value, scope) configs in the batch
+Prints a table with the best of `--repeats` and the spread, and writes
+bench/results/vllm_vs_vllm_serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import rudder.client as rc
+from rudder.core.default_model import MODEL_NAME, default_sae_dirs, ensure_default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+TOPICS = ["cats", "the sea", "volcanoes", "jazz", "chess", "bread", "rivers", "the moon", "trains", "bees",
+          "glass", "maps", "owls", "tea", "clocks", "snow", "bridges", "salt", "kites", "coral", "deserts",
+          "violins", "paper", "comets", "wolves", "gardens", "islands", "ink", "storms", "honey", "caves", "ships"]
+SAE = "resid15"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV},
+                            start_new_session=True)
+
+
+def stop(p: subprocess.Popen) -> None:
+    os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+
+
+async def wait_http(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as h:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("vllm serve exited; see its log")
+            try:
+                if (await h.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1)
+    raise TimeoutError("vllm serve did not come up")
+
+
+async def run_vllm_serve(port: int, model: str, streams: int, tokens: int) -> float:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+
+    async def one(i: int) -> int:
+        n = 0
+        stream = await client.chat.completions.create(
+            model=model, messages=messages(i), max_tokens=tokens, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                n += 1  # one content delta per token (the first chunk carries only the role)
+        return n
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(streams)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return sum(counts) / wall
+
+
+async def wait_grpc(address: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("rudder serve exited; see its log")
+        try:
+            async with rc.AsyncClient(address, timeout=5) as client:
+                await client.model_info()
+                return
+        except rc.RudderError:
+            await asyncio.sleep(1)
+    raise TimeoutError("rudder serve did not come up")
+
+
+def steering(mode: str, i: int, features: list[int], max_act: dict[int, float]) -> dict:
+    if mode == "plain":
+        return {}
+    distinct = {"steered": 1, "steered+readout": 1}.get(mode) or int(mode.split()[0])
+    k = i % distinct
+    feature = features[k % len(features)]
+    scope = rc.scope("generated") if k % 2 else None
+    kw = {"interventions": [rc.clamp(SAE, feature, (2 + k % 3) * max_act[feature], scope=scope)]}
+    if mode == "steered+readout":
+        kw["readouts"] = rc.readouts(saes=[SAE], top_k=16)
+    return kw
+
+
+async def run_rudder(address: str, streams: int, tokens: int, mode: str, features, max_act) -> float:
+    async with rc.AsyncClient(address, timeout=600) as client:
+        async def one(i: int) -> int:
+            n = 0
+            async for tok in client.generate(chat=messages(i), max_tokens=tokens, ignore_eos=True,
+                                             **steering(mode, i, features, max_act)):
+                n += not tok.is_prompt
+            return n
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(i) for i in range(streams)))
+        return sum(counts) / (time.perf_counter() - t0)
+
+
+async def features_to_steer(address: str, n: int = 32) -> tuple[list[int], dict[int, float]]:
+    async with rc.AsyncClient(address, timeout=60) as client:
+        listed = await client.list_features(SAE, limit=400)
+    live = [f for f in listed if f.max_activation > 0][:n]
+    return [f.id for f in live], {f.id: f.max_activation for f in live}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/vllm_vs_vllm_serve.json"))
+    args = ap.parse_args()
+    model = str(ensure_default_model(download=False))
+    saes = [str(p) for p in default_sae_dirs()]
+    http, grpc_port = free_port(), free_port()
+    vllm = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
+                  "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"))
+    rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
+                    "--metrics-port", "-1", "--max-batch", "256"], Path("/tmp/bench-rudder-serve.log"))
+    address = f"127.0.0.1:{grpc_port}"
+    modes = ["plain", "steered", "steered+readout", "1 configs", "8 configs", "32 configs"]
+    runs: dict[str, list[float]] = {"vllm serve": [], **{f"rudder {m}": [] for m in modes}}
+    try:
+        asyncio.run(wait_http(http, vllm))
+        asyncio.run(wait_grpc(address, rudder))
+        features, max_act = asyncio.run(features_to_steer(address))
+        asyncio.run(run_vllm_serve(http, MODEL_NAME, 4, 8))  # warm-up both
+        asyncio.run(run_rudder(address, 4, 8, "steered+readout", features, max_act))
+        for r in range(args.repeats):
+            tps = asyncio.run(run_vllm_serve(http, MODEL_NAME, args.streams, args.tokens))
+            runs["vllm serve"].append(tps)
+            print(f"round {r}: vllm serve {tps:7.1f} tok/s", flush=True)
+            for m in modes:
+                tps = asyncio.run(run_rudder(address, args.streams, args.tokens, m, features, max_act))
+                runs[f"rudder {m}"].append(tps)
+                print(f"round {r}: rudder {m:<16} {tps:7.1f} tok/s", flush=True)
+    finally:
+        stop(vllm)
+        stop(rudder)
+    base = max(runs["vllm serve"])
+    rows = [{"server": name, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
+             "vs_vllm_serve": round(max(v) / base, 3)} for name, v in runs.items()]
+    print(f"\n{args.streams} chat streams x {args.tokens} tokens, greedy, EOS ignored; both servers on cores 0-1 "
+          f"({os.cpu_count()} cores), best of {args.repeats} interleaved rounds")
+    print(f"{'server':<26} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13}")
+    for row in rows:
+        print(f"{row['server']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_vllm_serve']:13.3f}")
+    Path(args.out).write_text(json.dumps({
+        "bench": "vllm_vs_vllm_serve", "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "env": ENV, "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats, "model": MODEL_NAME,
+        "sae": saes, "rows": rows, "runs": runs,
+        "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97},
+    }, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
