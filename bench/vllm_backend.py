@@ -4,7 +4,8 @@
 
 Default model, greedy, ignore EOS, `--tokens` new tokens per stream, 16 and 32
 concurrent streams, chat prompts. Modes:
-  plain              no steering (vLLM: an engine with no artifacts at all)
+  plain              no steering (vLLM: plain vLLM, `AsyncLLM` with its default compilation
+                     and no Rudder in it, on the same engine settings)
   steered            every request clamps one feature of the SAE at blocks.15.hook_resid_post
   steered+readout    the same, plus a top-16 readout of that SAE on every generated token
 The SAE is the default trained one (576x4608) if present, else a random one of that shape.
@@ -39,6 +40,54 @@ from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec  # n
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "blocks.15.hook_resid_post"
 STREAMS = (16, 32)
+
+
+class PlainVllm:
+    """vLLM itself: an `AsyncLLM` built from the same engine arguments as Rudder's, without Rudder's
+    worker (so no op at any site), driven with the same requests."""
+
+    name = "vllm"
+
+    def __init__(self, model: Path, **kwargs):
+        from transformers import AutoTokenizer
+
+        from rudder.server.backends.vllm import VllmEngine
+
+        rudder = VllmEngine(model, **kwargs)  # only for its engine arguments
+        self.args, self.tokenizer = rudder.args, AutoTokenizer.from_pretrained(model)
+        self.args.worker_cls, self.args.additional_config = "auto", {}
+        self.llm = None
+
+    def tokenize(self, text=None, chat=None):
+        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    async def start(self):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if self.llm is None:
+            self.llm = AsyncLLM.from_engine_args(self.args)
+
+    async def stop(self):
+        self.llm.shutdown()
+        self.llm = None
+
+    async def generate(self, request):
+        import uuid
+
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=request.sampling.max_tokens, temperature=0, ignore_eos=True,
+                                detokenize=False, output_kind=RequestOutputKind.DELTA)
+        async for out in self.llm.generate({"prompt_token_ids": request.prompt_ids}, params,
+                                           request_id=uuid.uuid4().hex):
+            for _ in out.outputs[0].token_ids:
+                yield _Token()
+
+
+class _Token:
+    is_prompt = False
 
 
 def sae_spec(tmp: Path) -> str:
@@ -86,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = sae_spec(Path(tmp))
         results = {"vllm": {}, "reference": {}}
-        results["vllm"].update(asyncio.run(measure(VllmEngine(model, max_num_seqs=64), ["plain"],
+        results["vllm"].update(asyncio.run(measure(PlainVllm(model, max_num_seqs=64), ["plain"],
                                                    args.tokens, args.repeats)))
         steered = asyncio.run(measure(VllmEngine(model, [spec], max_num_seqs=64),
                                       ["steered", "steered+readout"], args.tokens, args.repeats))

@@ -148,7 +148,7 @@ async def run_rudder(address: str, streams: int, tokens: int, mode: str, feature
 async def features_to_steer(address: str, n: int = 32) -> tuple[list[int], dict[int, float]]:
     async with rc.AsyncClient(address, timeout=60) as client:
         listed = await client.list_features(SAE, limit=400)
-    live = [f for f in listed if f.max_activation > 0][:n]
+    live = [f for f in listed.features if f.max_activation > 0][:n]
     return [f.id for f in live], {f.id: f.max_activation for f in live}
 
 

@@ -32,22 +32,27 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 # ---------------------------------------------------------------- activations
 # One registry: an architecture name maps to its activation. Registering twice raises.
-Activation = Callable[["SAE", Tensor], Tensor]
+# `fn(sae, pre)` maps all pre-activations (..., d_sae); an *elementwise* activation also maps
+# the pre-activations of some features only, `fn(sae, pre, ids)` with `ids` their feature ids.
+Activation = Callable[..., Tensor]
 ACTIVATIONS: dict[str, Activation] = {}
+ELEMENTWISE: set[str] = set()
 
 
-def register_activation(name: str) -> Callable[[Activation], Activation]:
+def register_activation(name: str, elementwise: bool = False) -> Callable[[Activation], Activation]:
     def wrap(fn: Activation) -> Activation:
         if name in ACTIVATIONS:
             raise ValueError(f"SAE architecture {name!r} is registered twice")
         ACTIVATIONS[name] = fn
+        if elementwise:
+            ELEMENTWISE.add(name)
         return fn
 
     return wrap
 
 
-@register_activation("standard")
-def _relu(sae: SAE, pre: Tensor) -> Tensor:
+@register_activation("standard", elementwise=True)
+def _relu(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
     return torch.relu(pre)
 
 
@@ -58,9 +63,10 @@ def _topk(sae: SAE, pre: Tensor) -> Tensor:
     return torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values))
 
 
-@register_activation("jumprelu")
-def _jumprelu(sae: SAE, pre: Tensor) -> Tensor:
-    return torch.relu(pre) * (pre > sae.threshold)
+@register_activation("jumprelu", elementwise=True)
+def _jumprelu(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
+    threshold = sae.threshold if ids is None else sae.threshold[ids]
+    return torch.relu(pre) * (pre > threshold)
 
 
 # ---------------------------------------------------------------- config
@@ -184,6 +190,21 @@ class SAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         return ACTIVATIONS[self.cfg.architecture](self, self.pre_acts(x))
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether a feature's activation depends on its own pre-activation only (not TopK)."""
+        return self.cfg.architecture in ELEMENTWISE
+
+    def encode_at(self, x: Tensor, ids: Tensor) -> Tensor:
+        """The activations of features `ids (N, M)` at the rows `x (N, d_in)`, `(N, M)`, without
+        encoding the whole dictionary: M encoder columns per row. Elementwise SAEs only."""
+        if not self.elementwise:
+            raise ValueError(f"a {self.cfg.architecture} SAE's features depend on each other: use encode")
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        pre = torch.einsum("nd,nmd->nm", x, self.W_enc.T[ids]) + self.b_enc[ids]  # (N, M)
+        return ACTIVATIONS[self.cfg.architecture](self, pre, ids)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec  # (..., d_in)

@@ -168,6 +168,13 @@ class _OpTable:
         act = self.valid[slot] & (self.start[slot] <= pos) & (pos < self.end[slot])  # (R, M)
         return slot, act
 
+    def active_all(self, rows: RowIndex) -> tuple[Tensor, Tensor]:
+        """`active` for every row, with fixed shapes and no host synchronisation (the in-graph
+        form): a row of no slot (-1) reads slot 0's ops, all masked off."""
+        slot, pos = rows.slot.clamp(min=0), rows.position[:, None]
+        act = self.valid[slot] & (self.start[slot] <= pos) & (pos < self.end[slot]) & (rows.slot >= 0)[:, None]
+        return slot, act  # (N,), (N, M)
+
 
 @dataclass
 class SaeTable(_OpTable):
@@ -177,6 +184,7 @@ class SaeTable(_OpTable):
     reads: Tensor  # (S,) bool: slot reads this SAE out
     top_k: int
     selected: Tensor  # (K,) feature ids read for every reading slot
+    edits: bool = True  # some slot has an op (known on the host: no device sync to find out)
 
 
 @dataclass
@@ -251,6 +259,7 @@ def build_tables(
                 sorted({i for s, r in zip(specs, reading) if r for i in s.readouts.feature_ids}),
                 dtype=torch.long, device=device,
             ),
+            edits=any(per_slot),
         )
 
     saes = saes or {}
@@ -355,49 +364,88 @@ def apply_codebook(cb_id: str, cb: Codebook, x: Tensor, table: CodeTable | None,
     return y.reshape(x.shape)
 
 
+def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tensor,
+                   f: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Feature edits on rows `x (R, d)` with slots `slot (R,)` and active ops `act (R, M)`.
+
+    Per op column m: `f0[:, m]`, its feature's activation before any edit (from `f (R, d_sae)`
+    if given, else only the M encoder columns an elementwise SAE needs); `f1[:, m]`, the
+    feature's value after ops 0..m (ops apply in the request's order; two on one feature
+    chain); `last[:, m]`, whether column m holds its feature's final value. Fixed shapes, no
+    host synchronisation: the in-graph form of an edit."""
+    feat = table.feature[slot]  # (R, M)
+    if f is not None:
+        f0 = f.gather(1, feat)
+    else:
+        f0 = sae.encode_at(x, feat) if sae.elementwise else sae.encode(x).gather(1, feat)  # (R, M)
+    op, val = table.op[slot], table.value[slot].to(f0.dtype)
+    cols: list[Tensor] = []
+    for m in range(feat.shape[1]):
+        cur = f0[:, m]
+        for j in range(m):  # the newest earlier active op on the same feature set its value
+            cur = torch.where(act[:, j] & (feat[:, j] == feat[:, m]), cols[j], cur)
+        new = torch.where(op[:, m] == int(Op.CLAMP), val[:, m], torch.where(
+            op[:, m] == int(Op.ADD), cur + val[:, m], torch.where(op[:, m] == int(Op.SCALE), cur * val[:, m],
+                                                                  torch.zeros_like(cur))))
+        cols.append(torch.where(act[:, m], new, cur))
+    f1 = torch.stack(cols, dim=1)
+    later = torch.zeros_like(act)
+    for m in range(feat.shape[1]):
+        for j in range(m + 1, feat.shape[1]):
+            later[:, m] |= act[:, j] & (feat[:, j] == feat[:, m])
+    return f0, f1, act & ~later
+
+
+def _edit_delta(sae: SAE, feat: Tensor, f0: Tensor, f1: Tensor, last: Tensor) -> Tensor:
+    """sum over edited features i of (f'_i - f_i) W_dec[i]: `(R, d)`, zero for rows without edits."""
+    coef = torch.where(last, f1 - f0, torch.zeros_like(f0))  # (R, M)
+    return torch.einsum("rm,rmd->rd", coef, sae.W_dec[feat])
+
+
+def sae_edit_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
+    """x' = x + (f' - f) W_dec on every row of `x (N, d)` (rows without active ops unchanged),
+    with fixed shapes and no host synchronisation, so it compiles whole (torch.compile
+    fullgraph, CUDA graphs). For an elementwise SAE it reads only the edited features'
+    encoder columns; a TopK SAE's features depend on each other, so it encodes every row."""
+    slot, act = table.active_all(rows)
+    f0, f1, last = _feature_edits(sae, x, table, slot, act)
+    return x + _edit_delta(sae, table.feature[slot], f0, f1, last).to(x.dtype)
+
+
 def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, readouts: list[Readout]) -> Tensor:
-    read_mask = _reading(rows, table.reads)
-    sel = (_row_mask(rows, table.valid.any(dim=1)) | read_mask).nonzero().squeeze(-1)
-    if sel.numel() == 0:
-        return x
-    slot, act = table.active(rows, sel)
-    f = sae.encode(x[sel])  # (R, d_sae)
-    f_new = f.clone()
-    r = torch.arange(sel.numel(), device=x.device)
-    # Ops apply in the request's order, column by column (rows that only read skip this).
-    for m in range(act.shape[1] if act.any() else 0):
-        feat, op, val = table.feature[slot, m], table.op[slot, m], table.value[slot, m].to(f.dtype)
-        cur = f_new[r, feat]
-        new = torch.where(op == Op.CLAMP, val, torch.where(op == Op.ADD, cur + val,
-                          torch.where(op == Op.SCALE, cur * val, torch.zeros_like(cur))))
-        f_new[r, feat] = torch.where(act[:, m], new, cur)
-    edited = act.any(dim=1)
-    if edited.any():
-        delta = (f_new[edited] - f[edited]) @ sae.W_dec  # (E, d_in)
-        x = x.index_add(0, sel[edited], delta.to(x.dtype))
-    reading = read_mask[sel]
-    if reading.any():
-        fr = f_new[reading]
-        k = min(table.top_k, fr.shape[-1])
-        top = fr.topk(k, dim=-1) if k else None
+    reading = _reading(rows, table.reads).nonzero().squeeze(-1)
+    x_read = x[reading]  # readouts are of f' = f(x) with the edits, not of f(x')
+    if table.edits and sae.elementwise:
+        x = sae_edit_all_rows(sae, x, table, rows)
+    elif table.edits:  # TopK: encode only the rows of slots with ops
+        sel = _slot_rows(rows, table.valid.any(dim=1))
+        if sel.numel():
+            slot, act = table.active(rows, sel)
+            f0, f1, last = _feature_edits(sae, x[sel], table, slot, act)
+            x = x.index_add(0, sel, _edit_delta(sae, table.feature[slot], f0, f1, last).to(x.dtype))
+    if reading.numel():
+        f = sae.encode(x_read)  # (R, d_sae)
+        slot, act = table.active(rows, reading)
+        f0, f1, last = _feature_edits(sae, x_read, table, slot, act, f)
+        feat, r = table.feature[slot], torch.arange(reading.numel(), device=x.device)
+        for m in range(feat.shape[1]):  # column by column: a feature edited twice is written once, last
+            f[r, feat[:, m]] = torch.where(last[:, m], f1[:, m], f[r, feat[:, m]])
+        k = min(table.top_k, f.shape[-1])
+        top = f.topk(k, dim=-1) if k else None
         readouts.append(SaeReadout(
-            source=sae_id, rows=sel[reading],
-            top_ids=top.indices if top else fr.new_zeros((fr.shape[0], 0), dtype=torch.long),
-            top_values=top.values if top else fr.new_zeros((fr.shape[0], 0)),
-            selected_ids=table.selected, selected_values=fr[:, table.selected],
+            source=sae_id, rows=reading,
+            top_ids=top.indices if top else f.new_zeros((f.shape[0], 0), dtype=torch.long),
+            top_values=top.values if top else f.new_zeros((f.shape[0], 0)),
+            selected_ids=table.selected, selected_values=f[:, table.selected],
         ))
     return x
 
 
 def apply_direction(x: Tensor, table: DirectionTable, rows: RowIndex) -> Tensor:
-    sel = _slot_rows(rows, table.valid.any(dim=1))
-    if sel.numel() == 0:
-        return x
-    slot, act = table.active(rows, sel)
-    coef = act * table.alpha[slot]  # (R, M)
-    delta = torch.einsum("rm,rmd->rd", coef, table.vector[slot])
-    on = act.any(dim=1)
-    return x.index_add(0, sel[on], delta[on].to(x.dtype))
+    """x' = x + sum of the active ops' alpha v, on every row at once (the in-graph form)."""
+    slot, act = table.active_all(rows)
+    coef = act * table.alpha[slot]  # (N, M)
+    return x + torch.einsum("nm,nmd->nd", coef, table.vector[slot]).to(x.dtype)
 
 
 def steer_site(site: str, x: Tensor, artifacts: SiteArtifacts | None, tables: StepTables, rows: RowIndex
