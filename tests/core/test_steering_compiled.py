@@ -10,8 +10,17 @@ import torch
 
 from rudder.core.sae import SAE, SAEConfig
 from rudder.core.steering import (
-    DirectionEdit, FeatureEdit, Op, RowIndex, Scope, SiteArtifacts, SteeringSpec, apply_direction, build_tables,
-    sae_edit_all_rows, steer_site,
+    DirectionEdit,
+    FeatureEdit,
+    Op,
+    RowIndex,
+    Scope,
+    SiteArtifacts,
+    SteeringSpec,
+    apply_direction,
+    build_tables,
+    sae_edit_all_rows,
+    steer_site,
 )
 
 SITE = "blocks.0.hook_resid_post"
