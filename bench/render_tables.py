@@ -99,6 +99,14 @@ def _vllm_backend(d: dict) -> Rows:
     return out
 
 
+@table("vllm_vs_vllm_serve", "vllm_vs_vllm_serve.json", "lr")
+def _vllm_vs_vllm_serve(d: dict) -> Rows:
+    out = [["server", "tok/s (best)", "spread", "x vllm serve"]]
+    for r in d["rows"]:
+        out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_vllm_serve']:.3f}"])
+    return out
+
+
 @table("codebook_models", "codebook_models.json", "lr")
 def _codebook_models(d: dict) -> Rows:
     out = [["model", "tokens/stream", "base tok/s", "with codebooks", "ratio", "+ code readout", "ratio"]]

@@ -3,9 +3,11 @@ streaming over HTTP), in one run, on the same chat requests.
 
     .venv/bin/python bench/vllm_vs_vllm_serve.py [--streams 32] [--tokens 64] [--repeats 3]
 
-Both servers run at once on the default model (fp32) and are measured in turn, interleaved
-round by round; each gets both cores when it runs (VLLM_CPU_OMP_THREADS_BIND=0-1,
-VLLM_CPU_NUM_OF_RESERVED_CPU=0) and the other sits idle. `--streams` concurrent chat
+Both servers run at once on the default model (a float32 checkpoint; both run it as their
+defaults choose: vLLM's `auto`, bfloat16 on a CPU with it) and are measured in turn,
+interleaved round by round (each round starts at another row, after a pause of PAUSE_S so
+the server measured before has gone idle); each gets both cores when it runs
+(VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0) and the other sits idle. `--streams` concurrent chat
 streams of `--tokens` new tokens each, greedy, EOS ignored; tokens/s = tokens streamed / wall
 time. Rows:
   vllm serve         no steering
@@ -40,6 +42,7 @@ TOPICS = ["cats", "the sea", "volcanoes", "jazz", "chess", "bread", "rivers", "t
           "glass", "maps", "owls", "tea", "clocks", "snow", "bridges", "salt", "kites", "coral", "deserts",
           "violins", "paper", "comets", "wolves", "gardens", "islands", "ink", "storms", "honey", "caves", "ships"]
 SAE = "resid15"
+PAUSE_S = 5.0
 
 
 def free_port() -> int:
@@ -58,9 +61,11 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def stop(p: subprocess.Popen) -> None:
-    os.killpg(p.pid, signal.SIGTERM)
     try:
+        os.killpg(p.pid, signal.SIGTERM)
         p.wait(60)
+    except ProcessLookupError:  # it had exited
+        pass
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
 
@@ -165,7 +170,7 @@ def main() -> None:
     vllm = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
                   "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"))
     rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
-                    "--metrics-port", "-1", "--max-batch", "256"], Path("/tmp/bench-rudder-serve.log"))
+                    "--metrics-port", "-1"], Path("/tmp/bench-rudder-serve.log"))
     address = f"127.0.0.1:{grpc_port}"
     modes = ["plain", "steered", "steered+readout", "1 configs", "8 configs", "32 configs"]
     runs: dict[str, list[float]] = {"vllm serve": [], **{f"rudder {m}": [] for m in modes}}
@@ -175,14 +180,17 @@ def main() -> None:
         features, max_act = asyncio.run(features_to_steer(address))
         asyncio.run(run_vllm_serve(http, MODEL_NAME, 4, 8))  # warm-up both
         asyncio.run(run_rudder(address, 4, 8, "steered+readout", features, max_act))
+        names = ["vllm serve", *(f"rudder {m}" for m in modes)]
         for r in range(args.repeats):
-            tps = asyncio.run(run_vllm_serve(http, MODEL_NAME, args.streams, args.tokens))
-            runs["vllm serve"].append(tps)
-            print(f"round {r}: vllm serve {tps:7.1f} tok/s", flush=True)
-            for m in modes:
-                tps = asyncio.run(run_rudder(address, args.streams, args.tokens, m, features, max_act))
-                runs[f"rudder {m}"].append(tps)
-                print(f"round {r}: rudder {m:<16} {tps:7.1f} tok/s", flush=True)
+            for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts elsewhere
+                time.sleep(PAUSE_S)  # the server measured before goes idle first
+                if name == "vllm serve":
+                    tps = asyncio.run(run_vllm_serve(http, MODEL_NAME, args.streams, args.tokens))
+                else:
+                    mode = name.removeprefix("rudder ")
+                    tps = asyncio.run(run_rudder(address, args.streams, args.tokens, mode, features, max_act))
+                runs[name].append(tps)
+                print(f"round {r}: {name:<24} {tps:7.1f} tok/s", flush=True)
     finally:
         stop(vllm)
         stop(rudder)

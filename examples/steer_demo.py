@@ -24,8 +24,11 @@ from rudder import client as rc
 SPACE = r"\[\[ ?(?:moon|moons|planet|planets|comet|comets|celestial|star|stars|galaxy|sun)\]\]"
 
 
-def wait_until_serving(address: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
+def wait_until_serving(address: str, timeout: float = 900) -> None:
+    start = time.monotonic()
+    deadline, said = start + timeout, start
+    print(f"waiting for the server at {address} (vLLM compiles the model on its first start: a few minutes "
+          "on 2 cores; later starts reuse vLLM's compile cache)", flush=True)
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
@@ -35,8 +38,13 @@ def wait_until_serving(address: str, timeout: float = 300) -> None:
                     return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"no server became ready at {address} within {timeout:.0f}s")
+            now = time.monotonic()
+            if now > deadline:
+                raise SystemExit(f"no server became ready at {address} within {timeout:.0f}s; "
+                                 "see the server's log (demo-server.log in RUDDER_CACHE)")
+            if now - said >= 30:
+                print(f"  still starting ({now - start:.0f}s)", flush=True)
+                said = now
             time.sleep(1)
 
 

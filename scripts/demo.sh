@@ -9,7 +9,7 @@ scripts/setup.sh
 . .venv/bin/activate
 cache="${RUDDER_CACHE:-$HOME/.cache/rudder}"
 port="${RUDDER_PORT:-50051}"
-backend="${RUDDER_BACKEND:-reference}"   # RUDDER_BACKEND=vllm make demo: the same demo in vLLM
+backend="${RUDDER_BACKEND:-auto}"   # auto: vLLM (installed by set-up); RUDDER_BACKEND=reference make demo: the oracle
 echo "==> starting the server ($backend backend) on 127.0.0.1:$port"
 rudder serve --backend "$backend" --port "$port" > "$cache/demo-server.log" 2>&1 &
 server=$!

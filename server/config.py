@@ -22,8 +22,9 @@ class ServeConfig:
     """Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)"""
     saes: list[str] = field(default_factory=list, metadata={"flag": "--sae", "metavar": "[NAME=]PATH"})
     """SAELens-format SAE folder, once per SAE (default, without --model: the SAEs shipped for the default model)"""
-    backend: Literal["reference", "vllm"] = "reference"
-    """engine: reference (transformers + hooks, anywhere) or vllm (pip install -e '.[vllm]')"""
+    backend: Literal["auto", "reference", "vllm"] = "auto"
+    """engine: vllm (vLLM, compiled; pip install -e '.[vllm]'), reference (transformers + hooks, anywhere;
+    the oracle), or auto: vllm when vLLM is installed, else reference"""
     tensor_parallel_size: int = 1
     """vllm: GPUs per model replica"""
     steer_sites: list[str] = field(default_factory=list, metadata={"metavar": "SITE"})
@@ -40,12 +41,13 @@ class ServeConfig:
     """gRPC port (0: any free port)"""
     device: str = "cpu"
     """reference: torch device of the model and its artifacts"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the model runs in"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the model runs in; auto: vLLM's choice for the vllm backend (it runs float32 checkpoints in
+    bfloat16 where the hardware has it, as `vllm serve` does), float32 for the reference backend"""
     threads: int = 0
     """torch threads (0: torch's default)"""
-    max_batch: int = 32
-    """requests per batch"""
+    max_batch: int | None = None
+    """requests per batch (default: vLLM's own for the vllm backend, 32 for the reference backend)"""
     max_concurrent: int = 256
     """streams at once; more get RESOURCE_EXHAUSTED"""
     max_tokens_limit: int = 2048
@@ -69,14 +71,16 @@ class ServeConfig:
     """seconds in-flight streams get on SIGTERM"""
 
     def __post_init__(self) -> None:
-        for name, low in (("tensor_parallel_size", 1), ("max_batch", 1), ("max_concurrent", 1),
+        for name, low in (("tensor_parallel_size", 1), ("max_concurrent", 1),
                           ("max_tokens_limit", 1), ("threads", 0), ("port", 0), ("metrics_port", -1), ("grace", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
-        if self.vllm_args and self.backend != "vllm":
-            raise ValueError(f"vLLM flags ({' '.join(self.vllm_args)}) need --backend vllm")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.vllm_args and self.backend == "reference":
+            raise ValueError(f"vLLM flags ({' '.join(self.vllm_args)}) are for the vLLM backend, not the reference")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 

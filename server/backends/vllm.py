@@ -47,7 +47,7 @@ READOUT_WAIT_S = 30.0
 _FINISH = {"stop": "eos", "length": "length"}
 
 
-def _check_vllm():
+def check_vllm():
     try:
         import vllm
     except ImportError as e:
@@ -120,28 +120,29 @@ def engine_args(model: Path, tokenizer: Path, defaults: dict, vllm_args: list[st
 class VllmEngine(HfTokenizing):
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, saes: list[str] = (), dtype: str = "float32",
-                 max_num_seqs: int = 64, max_model_len: int = 2048, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.8, steer_sites: list[str] = (), vllm_args: list[str] = (),
+    def __init__(self, model_dir: str | Path, saes: list[str] = (), dtype: str | None = "float32",
+                 max_num_seqs: int | None = 64, max_model_len: int | None = 2048, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float | None = 0.8, steer_sites: list[str] = (), vllm_args: list[str] = (),
                  **engine_kwargs):
         """`steer_sites`: sites to place the steering op at besides those of the artifacts (for
         directions, and SAEs loaded later); `vllm_args`: vLLM's own engine flags; `engine_kwargs`:
         more `AsyncEngineArgs` fields (tests)."""
-        _check_vllm()
+        check_vllm()
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.shape = ModelShape.from_config(AutoConfig.from_pretrained(self.model_dir))
         # Configs checked here (names, widths) so a bad artifact fails before vLLM starts; the workers
         # hold the SAEs' weights.
         self.artifacts = Artifacts()
-        cpu, torch_dtype = torch.device("cpu"), getattr(torch, dtype)
+        cpu, torch_dtype = torch.device("cpu"), torch.float32  # front-end copies: validation and metadata only
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, cpu, torch_dtype)
         for spec in saes:
             self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype, weights=False)
         model = _model_view(self.model_dir) if has_codebooks(self.model_dir) else self.model_dir
-        defaults = dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                        enable_prefix_caching=enable_prefix_caching, gpu_memory_utilization=gpu_memory_utilization)
+        defaults = {k: v for k, v in dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                          enable_prefix_caching=enable_prefix_caching,
+                                          gpu_memory_utilization=gpu_memory_utilization).items() if v is not None}
         self.args = engine_args(model, self.model_dir, defaults, list(vllm_args), engine_kwargs)
         sources = [*self.artifacts.saes.values(), *self.artifacts.codebooks.values()]
         self.steer_sites = sorted({a.site.name for a in sources}

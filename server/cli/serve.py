@@ -48,6 +48,20 @@ def model_and_saes(cfg: ServeConfig) -> tuple[Path, str, list[str]]:
     return cfg.model, cfg.model.name, saes
 
 
+def choose_backend() -> str:
+    """`--backend auto`: vLLM where it is installed (the production path), else the reference backend."""
+    from rudder.core.errors import ArtifactError
+    from rudder.server.backends.vllm import check_vllm
+
+    try:
+        check_vllm()
+    except ArtifactError as e:
+        log.info("backend: reference (%s)", e)
+        return "reference"
+    log.info("backend: vllm (vLLM is installed; --backend reference serves with the reference backend)")
+    return "vllm"
+
+
 def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     """The engine `cfg` asks for, its model and artifacts loaded, and the model's served name."""
     import torch
@@ -55,19 +69,22 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     from rudder.core.errors import RudderError
 
     model_dir, name, saes = model_and_saes(cfg)
+    backend = cfg.backend if cfg.backend != "auto" else choose_backend()
     try:
-        if cfg.backend == "vllm":
+        if backend == "vllm":
             from rudder.server.backends.vllm import VllmEngine
 
-            return VllmEngine(model_dir, saes, dtype=cfg.dtype, max_num_seqs=cfg.max_batch,
+            # vLLM's own defaults unless asked otherwise: the engine `vllm serve` would run
+            return VllmEngine(model_dir, saes, dtype=cfg.dtype, max_num_seqs=cfg.max_batch, max_model_len=None,
+                              gpu_memory_utilization=None,
                               enable_prefix_caching=cfg.prefix_caching, steer_sites=cfg.steer_sites,
                               vllm_args=cfg.vllm_args,
                               **({"tensor_parallel_size": cfg.tensor_parallel_size}
                                  if cfg.tensor_parallel_size > 1 else {})), name
         from rudder.server.backends.reference import ReferenceEngine
 
-        return ReferenceEngine(model_dir, saes, device=cfg.device, dtype=getattr(torch, cfg.dtype),
-                               max_batch=cfg.max_batch), name
+        dtype = getattr(torch, "float32" if cfg.dtype == "auto" else cfg.dtype)
+        return ReferenceEngine(model_dir, saes, device=cfg.device, dtype=dtype, max_batch=cfg.max_batch or 32), name
     except RudderError as e:
         raise SystemExit(f"error: {e}") from None
 

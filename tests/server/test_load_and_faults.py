@@ -237,7 +237,8 @@ def test_200_cancelled_streams_leave_nothing_running_and_memory_flat(server):
 
 def test_sigterm_under_load_cuts_no_stream_without_a_status(tiny_dir, tiny_sae_dir):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rudder.server.cli", "serve", "--model", str(tiny_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "reference",
+                             "--model", str(tiny_dir),
                              "--sae", f"s={tiny_sae_dir}", "--port", str(port), "--grace", "30",
                              "--metrics-port", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
