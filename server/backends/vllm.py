@@ -1,18 +1,18 @@
-"""The vLLM backend: vLLM's V1 `AsyncLLM` with Rudder's steering hooks in its workers.
+"""The vLLM backend: vLLM's V1 `AsyncLLM`, compiled as vLLM compiles it, with Rudder's
+steering op at the declared sites of its model.
 
-    rudder serve --backend vllm [--sae PATH ...]
+    rudder serve --backend vllm [--sae PATH ...] [--steer-sites SITE ...] [-- VLLM_ENGINE_FLAGS]
 
 Requests are batched continuously by vLLM. Each request's steering is checked in
 this process (`RequestParser`) and sent with it in `SamplingParams.extra_args`;
-the worker extension (`vllm_worker.SteeringWorker`) applies it with the same
-`steer_site` the reference backend uses, and pushes each step's readouts back
-over a local zmq socket, keyed by (request, position). A token is streamed with
-the readout of the row that produced it, as in the reference backend.
+the worker (`vllm_worker.SteeringWorker`, vLLM's `worker_cls`) applies it through the
+op with the same `steer_site` the reference backend uses, and pushes each step's
+readouts back over a local zmq socket, keyed by (request, position). A token is
+streamed with the readout of the row that produced it, as in the reference backend.
 
 Prefix caching stays on, salted: requests with the same steering share cached
 KV blocks, requests whose steering differs never do, and a request that wants
-prompt readouts gets a salt of its own, so every prompt row passes the hooks.
-vLLM runs eagerly (`enforce_eager`): module hooks do not run inside compiled graphs.
+prompt readouts gets a salt of its own, so every prompt row passes the op.
 """
 
 from __future__ import annotations
@@ -163,6 +163,10 @@ class VllmEngine(HfTokenizing):
         self.on_hook_step = None
 
     def _check_sites(self, sites: list[str]) -> None:
+        if self.args.pipeline_parallel_size > 1:
+            raise ArtifactError(f"Rudder's vLLM backend does not support pipeline parallelism "
+                                f"(pipeline_parallel_size={self.args.pipeline_parallel_size}): a site's rows and "
+                                f"readouts would live on another stage; use tensor parallelism")
         if self.args.tensor_parallel_size > 1 and any(Site.parse(s).per_head for s in sites):
             raise ArtifactError(
                 f"{', '.join(s for s in sites if Site.parse(s).per_head)}: attn.hook_z sites cannot be steered "

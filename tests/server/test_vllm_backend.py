@@ -305,6 +305,12 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
     make_sae(tmp_path / "z1", "blocks.1.attn.hook_z", d_in=128)
     with pytest.raises(ArtifactError, match="attn.hook_z sites cannot be steered with tensor parallelism"):
         vllm_backend.VllmEngine(model, [f"z1={tmp_path / 'z1'}"], tensor_parallel_size=2)
+    with pytest.raises(ArtifactError, match="does not support pipeline parallelism"):  # vLLM's own flag
+        vllm_backend.VllmEngine(model, vllm_args=["--pipeline-parallel-size", "2"])
+    with pytest.raises(ArtifactError, match="set by Rudder"):
+        vllm_backend.VllmEngine(model, vllm_args=["--worker-cls", "mine.Worker"])
+    given = vllm_backend.VllmEngine(model, vllm_args=["--max-model-len", "100", "--block-size", "32"])
+    assert (given.args.max_model_len, given.args.block_size, given.args.max_num_seqs) == (100, 32, 64)
 
     def run(tp: int):
         extra = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"} if tp > 1 else {}
