@@ -83,10 +83,11 @@ def _model_view(model_dir: Path) -> Path:
     Give vLLM a folder of links to everything but them (at a path fixed per model, so that
     vLLM's compile cache, keyed on the config, is reused)."""
     from rudder.core.codebook import CONFIG_FILE, WEIGHTS_FILE
+    from rudder.core.default_model import cache_dir
 
     digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
-    view = Path(tempfile.gettempdir()) / f"rudder-vllm-model-{digest}"
-    view.mkdir(exist_ok=True)
+    view = cache_dir() / "vllm-model-views" / digest  # the user's own cache, not a shared /tmp
+    view.mkdir(parents=True, exist_ok=True)
     for p in model_dir.iterdir():
         link = view / p.name
         if p.name not in (CONFIG_FILE, WEIGHTS_FILE) and not link.is_symlink():
@@ -176,12 +177,14 @@ class VllmEngine(HfTokenizing):
     def _keep_cuda_graphs(self) -> None:
         """On CUDA the op runs between pieces captured in CUDA graphs: it is a splitting op (with
         the attention ops vLLM splits at by default), and full-graph capture is off."""
-        from vllm.config import CompilationConfig
+        from vllm.config import CompilationConfig, CUDAGraphMode
 
         cc = self.args.compilation_config
         cc = CompilationConfig(**cc) if isinstance(cc, dict) else (cc or CompilationConfig())
-        cc.splitting_ops = [*(cc.splitting_ops or CompilationConfig._attention_ops), "rudder::steer"]
-        cc.cudagraph_mode = "PIECEWISE"
+        defaults = [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
+                    "vllm::unified_mla_kv_cache_update"]  # what vLLM splits at when none are given
+        cc.splitting_ops = [*(cc.splitting_ops if cc.splitting_ops is not None else defaults), "rudder::steer"]
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
         self.args.compilation_config = cc
 
     def check_site(self, site: str) -> None:

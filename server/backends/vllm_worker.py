@@ -47,18 +47,26 @@ RUNNER_HINT = "set VLLM_USE_V2_MODEL_RUNNER=0 (Rudder needs vLLM's V1 model runn
 _STEERER: _Steerer | None = None  # this process's steerer: what the op calls
 
 
-@torch.library.custom_op("rudder::steer", mutates_args=())
-def steer_op(x: Tensor, residual: Tensor | None, site: int) -> Tensor:
-    """The activation at declared site number `site`, steered: `x` (+ `residual`, after a decoder
-    layer, whose output is the pair) `(N, d)` in, a new `(N, d)` tensor out."""
+@torch.library.custom_op("rudder::steer", mutates_args=("out",))
+def steer_op(x: Tensor, residual: Tensor | None, site: int, out: Tensor) -> None:
+    """Write the activation at declared site number `site`, steered, into `out`: `x` (+ `residual`
+    after a decoder layer, whose output is the pair), all `(N, d)`. `out` is allocated by the caller,
+    inside the compiled graph, as vLLM's attention op does: so with CUDA graphs the pieces after the
+    op read the address they were captured with."""
     stream = x if residual is None else x + residual
-    out = stream if _STEERER is None else _STEERER.site(site, stream)
-    return out.clone() if out is x else out  # a custom op's output may not alias its input
+    out.copy_(stream if _STEERER is None else _STEERER.site(site, stream))
 
 
 @steer_op.register_fake
-def _(x: Tensor, residual: Tensor | None, site: int) -> Tensor:
-    return torch.empty_like(x)
+def _(x: Tensor, residual: Tensor | None, site: int, out: Tensor) -> None:
+    return None
+
+
+def steer(x: Tensor, residual: Tensor | None, site: int) -> Tensor:
+    """The op as the wrappers call it: a new `(N, d)` tensor."""
+    out = torch.empty_like(x)
+    torch.ops.rudder.steer(x, residual, site, out)
+    return out
 
 
 def _need(obj, path: str):
@@ -84,9 +92,9 @@ class _Before(nn.Module):
     def forward(self, *args, **kwargs):
         args = list(args)
         if len(args) > self.hidden_arg:
-            args[self.hidden_arg] = torch.ops.rudder.steer(args[self.hidden_arg], None, self.site)
+            args[self.hidden_arg] = steer(args[self.hidden_arg], None, self.site)
         else:
-            kwargs["hidden_states"] = torch.ops.rudder.steer(kwargs["hidden_states"], None, self.site)
+            kwargs["hidden_states"] = steer(kwargs["hidden_states"], None, self.site)
         return self.inner(*args, **kwargs)
 
 
@@ -101,9 +109,9 @@ class _AfterLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         hidden, residual = self.inner(*args, **kwargs)
-        stream = torch.ops.rudder.steer(hidden, residual, self.sites[0])
+        stream = steer(hidden, residual, self.sites[0])
         for site in self.sites[1:]:  # e.g. resid_post of this layer and resid_pre of the next
-            stream = torch.ops.rudder.steer(stream, None, site)
+            stream = steer(stream, None, site)
         return stream, torch.zeros_like(residual)
 
 
@@ -115,30 +123,36 @@ class _AfterMlp(nn.Module):
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
         if isinstance(out, tuple):
-            return (torch.ops.rudder.steer(out[0], None, self.site), *out[1:])
-        return torch.ops.rudder.steer(out, None, self.site)
+            return (steer(out[0], None, self.site), *out[1:])
+        return steer(out, None, self.site)
 
 
 def place_ops(model: nn.Module, sites: list[str], num_layers: int) -> None:
-    """Wrap the modules at `sites` (their index in the list is the op's `site` argument)."""
+    """Wrap the modules at `sites` (their index in the list is the op's `site` argument): the
+    modules inside a layer first, then the layers; after a layer, its own resid_post runs before
+    the next layer's resid_pre, as in the reference backend."""
     layers = _need(model, "model.layers")
-    after: dict[int, list[int]] = {}
-    for i, name in enumerate(sites):
-        site = Site.parse(name, num_layers)
-        if site.kind == "hook_resid_pre" and site.layer == 0:
-            layers[0] = _Before(layers[0], i, hidden_arg=1)  # (positions, hidden_states, residual)
-        elif site.kind in ("hook_resid_pre", "hook_resid_post"):
-            after.setdefault(site.layer - 1 if site.kind == "hook_resid_pre" else site.layer, []).append(i)
-        elif site.kind == "hook_mlp_out":
+    parsed = [(i, Site.parse(name, num_layers)) for i, name in enumerate(sites)]
+    for i, site in parsed:
+        if site.kind == "hook_mlp_out":
             layer = layers[site.layer]
             layer.mlp = _AfterMlp(_need(layer, "mlp"), i)
         elif site.kind == "attn.hook_z":
             attn = _need(layers[site.layer], "self_attn")
             attn.o_proj = _Before(_need(attn, "o_proj"), i, hidden_arg=0)
-        else:
-            raise ArtifactError(f"site {name} is not supported by the vLLM backend")
+        elif site.kind not in ("hook_resid_pre", "hook_resid_post"):
+            raise ArtifactError(f"site {sites[i]} is not supported by the vLLM backend")
+    for i, site in parsed:
+        if site.kind == "hook_resid_pre" and site.layer == 0:
+            layers[0] = _Before(layers[0], i, hidden_arg=1)  # (positions, hidden_states, residual)
+    after: dict[int, list[tuple[int, int]]] = {}
+    for i, site in parsed:
+        if site.kind == "hook_resid_post":
+            after.setdefault(site.layer, []).append((0, i))
+        elif site.kind == "hook_resid_pre" and site.layer > 0:
+            after.setdefault(site.layer - 1, []).append((1, i))
     for layer, ids in after.items():
-        layers[layer] = _AfterLayer(layers[layer], ids)
+        layers[layer] = _AfterLayer(layers[layer], [i for _, i in sorted(ids)])
 
 
 # ---------------------------------------------------------------- the steerer

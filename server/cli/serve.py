@@ -1,6 +1,7 @@
 """`rudder serve`: the gRPC steering server, made from a ServeConfig (rudder.server.config).
 
-    rudder serve [--model PATH] [--sae [NAME=]PATH ...] [--backend reference|vllm] [--host H] [--port 50051]
+    rudder serve [--model PATH] [--sae [NAME=]PATH ...] [--backend auto|vllm|reference] [--host H] [--port 50051]
+                 [--steer-sites SITE ...] [-- VLLM_ENGINE_FLAGS]
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
 
     model_dir, name, saes = model_and_saes(cfg)
     backend = cfg.backend if cfg.backend != "auto" else choose_backend()
+    vllm_only = [flag for flag, given in (("vLLM flags after --", cfg.vllm_args), ("--steer-sites", cfg.steer_sites),
+                                          ("--tensor-parallel-size", cfg.tensor_parallel_size > 1)) if given]
+    if backend == "reference" and vllm_only:
+        raise SystemExit(f"error: {', '.join(vllm_only)} are for the vLLM backend, but this server runs the "
+                         f"reference backend (see the log line above, or pass --backend vllm)")
     try:
         if backend == "vllm":
             from rudder.server.backends.vllm import VllmEngine
