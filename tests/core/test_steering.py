@@ -22,14 +22,7 @@ SITE = "blocks.1.hook_resid_post"
 
 @pytest.fixture
 def sae():
-    torch.manual_seed(0)
-    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE))
-    with torch.no_grad():
-        s.W_enc.normal_(0, 0.5)
-        s.W_dec.normal_(0, 0.5)
-        s.b_enc.normal_(0, 0.2)
-        s.b_dec.normal_(0, 0.2)
-    return s
+    return random_sae(0)
 
 
 def rows_for(slots, positions):
