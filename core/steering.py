@@ -413,32 +413,49 @@ def sae_edit_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> T
 
 
 def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, readouts: list[Readout]) -> Tensor:
-    reading = _reading(rows, table.reads).nonzero().squeeze(-1)
-    x_read = x[reading]  # readouts are of f' = f(x) with the edits, not of f(x')
-    if table.edits and sae.elementwise:
+    read_mask = _reading(rows, table.reads)
+    if table.edits and sae.elementwise:  # edits from the edited features' columns, on every row
+        reading = read_mask.nonzero().squeeze(-1)
+        x_read = x[reading]  # readouts are of f' = f(x) with the edits, not of f(x')
         x = sae_edit_all_rows(sae, x, table, rows)
-    elif table.edits:  # TopK: encode only the rows of slots with ops
-        sel = _slot_rows(rows, table.valid.any(dim=1))
-        if sel.numel():
-            slot, act = table.active(rows, sel)
-            f0, f1, last = _feature_edits(sae, x[sel], table, slot, act)
-            x = x.index_add(0, sel, _edit_delta(sae, table.feature[slot], f0, f1, last).to(x.dtype))
-    if reading.numel():
-        f = sae.encode(x_read)  # (R, d_sae)
-        slot, act = table.active(rows, reading)
-        f0, f1, last = _feature_edits(sae, x_read, table, slot, act, f)
-        feat, r = table.feature[slot], torch.arange(reading.numel(), device=x.device)
-        for m in range(feat.shape[1]):  # column by column: a feature edited twice is written once, last
-            f[r, feat[:, m]] = torch.where(last[:, m], f1[:, m], f[r, feat[:, m]])
-        k = min(table.top_k, f.shape[-1])
-        top = f.topk(k, dim=-1) if k else None
-        readouts.append(SaeReadout(
-            source=sae_id, rows=reading,
-            top_ids=top.indices if top else f.new_zeros((f.shape[0], 0), dtype=torch.long),
-            top_values=top.values if top else f.new_zeros((f.shape[0], 0)),
-            selected_ids=table.selected, selected_values=f[:, table.selected],
-        ))
+        if reading.numel():
+            slot, act = table.active(rows, reading)
+            f = sae.encode(x_read)  # (R, d_sae)
+            _, f1, last = _feature_edits(sae, x_read, table, slot, act, f)
+            _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts)
+        return x
+    # TopK (a feature's value depends on all of them), or reading only: encode the rows that edit or
+    # read, once, for both.
+    editing = _row_mask(rows, table.valid.any(dim=1)) if table.edits else torch.zeros_like(read_mask)
+    sel = (editing | read_mask).nonzero().squeeze(-1)
+    if sel.numel() == 0:
+        return x
+    slot, act = table.active(rows, sel)
+    f = sae.encode(x[sel])  # (R, d_sae)
+    f0, f1, last = _feature_edits(sae, x[sel], table, slot, act, f)
+    feat = table.feature[slot]
+    if table.edits:
+        x = x.index_add(0, sel, _edit_delta(sae, feat, f0, f1, last).to(x.dtype))
+    reading = read_mask[sel]
+    if reading.any():
+        _read(sae_id, table, sel[reading], f[reading], feat[reading], f1[reading], last[reading], readouts)
     return x
+
+
+def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor, feat: Tensor, f1: Tensor, last: Tensor,
+          readouts: list[Readout]) -> None:
+    """The readout of token `rows`: their activations `f (R, d_sae)` with the edits written in."""
+    r = torch.arange(rows.numel(), device=f.device)
+    for m in range(feat.shape[1]):  # column by column: a feature edited twice is written once, last
+        f[r, feat[:, m]] = torch.where(last[:, m], f1[:, m], f[r, feat[:, m]])
+    k = min(table.top_k, f.shape[-1])
+    top = f.topk(k, dim=-1) if k else None
+    readouts.append(SaeReadout(
+        source=sae_id, rows=rows,
+        top_ids=top.indices if top else f.new_zeros((f.shape[0], 0), dtype=torch.long),
+        top_values=top.values if top else f.new_zeros((f.shape[0], 0)),
+        selected_ids=table.selected, selected_values=f[:, table.selected],
+    ))
 
 
 def apply_direction(x: Tensor, table: DirectionTable, rows: RowIndex) -> Tensor:
