@@ -257,7 +257,7 @@ def run(cfg: DashboardConfig) -> Path:
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 
-    model = Path(cfg.model or ensure_default_model())
+    model = cfg.model or ensure_default_model()
     lm = HookedLM.load(model)
     if cfg.sae is not None:
         windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens).eval

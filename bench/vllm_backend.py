@@ -36,31 +36,26 @@ from reference_backend import run as tokens_per_second  # noqa: E402  (bench/ is
 from rudder.core.default_model import default_sae_dirs, ensure_default_model  # noqa: E402
 from rudder.core.sae import SAE, SAEConfig  # noqa: E402
 from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec  # noqa: E402
+from rudder.server.backends.base import HfTokenizing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "blocks.15.hook_resid_post"
 STREAMS = (16, 32)
 
 
-class PlainVllm:
+class PlainVllm(HfTokenizing):
     """vLLM itself: an `AsyncLLM` built from the same engine arguments as Rudder's, without Rudder's
     worker (so no op at any site), driven with the same requests."""
 
     name = "vllm"
 
     def __init__(self, model: Path, **kwargs):
-        from transformers import AutoTokenizer
-
         from rudder.server.backends.vllm import VllmEngine
 
-        rudder = VllmEngine(model, **kwargs)  # only for its engine arguments
-        self.args, self.tokenizer = rudder.args, AutoTokenizer.from_pretrained(model)
+        rudder = VllmEngine(model, **kwargs)  # only for its engine arguments and tokenizer
+        self.args, self.tokenizer = rudder.args, rudder.tokenizer
         self.args.worker_cls, self.args.additional_config = "auto", {}
         self.llm = None
-
-    def tokenize(self, text=None, chat=None):
-        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
 
     async def start(self):
         from vllm.v1.engine.async_llm import AsyncLLM

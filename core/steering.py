@@ -431,8 +431,9 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     if sel.numel() == 0:
         return x
     slot, act = table.active(rows, sel)
-    f = sae.encode(x[sel])  # (R, d_sae)
-    f0, f1, last = _feature_edits(sae, x[sel], table, slot, act, f)
+    xs = x[sel]
+    f = sae.encode(xs)  # (R, d_sae)
+    f0, f1, last = _feature_edits(sae, xs, table, slot, act, f)
     feat = table.feature[slot]
     if table.edits:
         x = x.index_add(0, sel, _edit_delta(sae, feat, f0, f1, last).to(x.dtype))

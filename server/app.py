@@ -197,7 +197,7 @@ class RudderServer:
     async def start(self) -> None:
         await self.engine.start()
         parser = self.service.parser  # prompt and output limits follow the engine's context, where it has one
-        parser.limits = parser.limits.within(getattr(self.engine, "max_model_len", None))
+        parser.limits = parser.limits.within(self.engine.max_model_len)
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

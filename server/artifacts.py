@@ -85,7 +85,8 @@ class Artifacts:
         name, path = split_named(spec)
         sae_id = name or path.name
         try:
-            cfg = load_sae_config(path)
+            sae = SAE.load(path, device=device).to(dtype) if weights else None
+            cfg = sae.cfg if sae is not None else load_sae_config(path)
             site = Site.parse(cfg.hook_name, shape.num_layers)
         except RudderError as e:
             raise ArtifactError(f"SAE {sae_id!r} ({path}): {e}") from e
@@ -97,7 +98,6 @@ class Artifacts:
                 f"SAE {sae_id!r} ({path}) has d_in={cfg.d_in} but site {site.name} of this "
                 f"{shape.architecture} model is {want} wide: it was trained for another model or site"
             )
-        sae = SAE.load(path, device=device).to(dtype) if weights else None
         attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae)
         self.saes[sae_id] = attached
         log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, cfg.d_sae, cfg.architecture)

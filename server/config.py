@@ -79,8 +79,6 @@ class ServeConfig:
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if self.vllm_args and self.backend == "reference":
-            raise ValueError(f"vLLM flags ({' '.join(self.vllm_args)}) are for the vLLM backend, not the reference")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 

@@ -116,18 +116,19 @@ class RequestParser:
             attached = self._sae(sae_id, where)
             self._feature(sae_id, feature, where)
             site = Site.parse(m.site or attached.site.name, self.shape.num_layers)
-            self._check_width(site, attached.cfg.d_in, where)
+            self._check_direction_site(site, attached.cfg.d_in, where)
             return DirectionEdit(site.name, alpha=alpha, scope=scope, sae=sae_id, feature=feature)
         if not m.site:
             raise InvalidArgument(f"{where}: a vector direction needs a site, e.g. blocks.10.hook_resid_post")
         site = Site.parse(m.site, self.shape.num_layers)
         values = list(m.vector.values)
-        self._check_width(site, len(values), where)
+        self._check_direction_site(site, len(values), where)
         if not all(math.isfinite(v) for v in values):
             raise InvalidArgument(f"{where}: the direction vector has non-finite values")
         return DirectionEdit(site.name, tuple(values), alpha, scope)
 
-    def _check_width(self, site: Site, got: int, where: str) -> None:
+    def _check_direction_site(self, site: Site, got: int, where: str) -> None:
+        """A direction of `got` values fits `site`, and the engine can steer there."""
         width = self.shape.site_dim(site)
         if got != width:
             raise InvalidArgument(f"{where}: the direction has {got} values but {site.name} is {width} wide")

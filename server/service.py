@@ -90,7 +90,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.allow_admin = allow_admin
         self.metrics = metrics or Metrics()
         self.model_name = model_name
-        self.parser = RequestParser(engine.shape, engine.artifacts, limits, getattr(engine, "check_site", None))
+        self.parser = RequestParser(engine.shape, engine.artifacts, limits, engine.check_site)
         self.max_concurrent = max_concurrent
         self.in_flight = 0
         self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index

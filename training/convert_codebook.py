@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
 from rudder.core.errors import ArtifactError
 from rudder.core.hf_sites import shape_of
+from rudder.training.config import CODEBOOK_SITE_KINDS
 
 KEY = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.(\w+)\.codebook_layer\.(?:codebook\.(\d+)\.)?"
                  r"(codebook\.weight|ln\.weight|ln\.bias)$")
@@ -87,7 +88,7 @@ def convert(ref: str | Path, base: str | Path, out: str | Path) -> list[Codebook
         i = at.index(kind)
         codes = torch.stack([groups[g]["codebook.weight"] for g in sorted(groups)])  # (G, N, d)
         heads, n, d = codes.shape
-        site = f"blocks.{layer}.{'attn.hook_z' if kind == 'attn_preproj' else 'hook_mlp_out'}"
+        site = f"blocks.{layer}.{CODEBOOK_SITE_KINDS[kind]}"
         c = CodebookConfig(f"{kind}.{layer}", site,
                            num_codes=n, k=int(_per_codebook(cfg["k_codebook"], i)), d_code=d, num_heads=heads,
                            similarity=SIMILARITY[cfg.get("similarity_metric", "euclidean")])

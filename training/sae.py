@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from tqdm import tqdm
 from rudder.core.default_model import ensure_default_model
 from rudder.core.errors import InvalidArgument, TrainingError
 from rudder.core.feature_metadata import FEATURE_METADATA
+from rudder.core.fileio import replace_file
 from rudder.core.sae import ACTIVATIONS, SAE, SAEConfig
 from rudder.core.sites import Site
 from rudder.training.config import SaeTrainConfig, warmup_decay
@@ -202,10 +202,7 @@ class Checkpoint:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", dir=self.path.parent)
-        os.close(fd)
-        torch.save({**state, "config_digest": self.digest}, tmp)
-        os.replace(tmp, self.path)
+        replace_file(self.path, lambda tmp: torch.save({**state, "config_digest": self.digest}, tmp))
 
     def remove(self) -> None:
         if self.path.exists():

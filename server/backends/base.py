@@ -78,6 +78,8 @@ class HfTokenizing:
 
 class Engine(Protocol):
     name: str
+    max_model_len: int | None
+    """tokens of context (prompt plus output), once started; None: no limit of the engine's own"""
     shape: ModelShape
     artifacts: Artifacts
 
@@ -107,3 +109,7 @@ class Engine(Protocol):
         ...
 
     async def unload_sae(self, sae_id: str) -> None: ...
+
+    def check_site(self, site: str) -> None:
+        """Raise a domain error for a site this engine cannot steer."""
+        ...

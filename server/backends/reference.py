@@ -83,6 +83,10 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tu
 
 class ReferenceEngine(HfTokenizing):
     name = "reference"
+    max_model_len = None
+
+    def check_site(self, site: str) -> None:
+        """Every site: a hook is installed when a request first steers there."""
 
     def __init__(self, model_dir: str | Path, saes: list[str] = (), device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_batch: int = 32, batch_wait_s: float = 0.01):

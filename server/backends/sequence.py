@@ -49,7 +49,7 @@ class Sequence:
     @property
     def reads_prompt(self) -> bool:
         """Whether an event goes out for every prompt token (a trace, or prompt readouts asked for)."""
-        return self.request.trace or self.request.steering.readouts.include_prompt
+        return self.request.steering.readouts.include_prompt  # a trace sets it (EngineRequest)
 
     def prompt_event(self, t: int, readouts: list[TokenReadout]) -> TokenEvent:
         token = self.request.prompt_ids[t]

@@ -104,15 +104,15 @@ def engine_args(model: Path, tokenizer: Path, defaults: dict, vllm_args: list[st
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="rudder serve --backend vllm -- "))
     base = ["--model", str(model), "--tokenizer", str(tokenizer)]
     try:
-        given = vars(parser.parse_args(base + list(vllm_args)))
+        parsed = parser.parse_args(base + list(vllm_args))
     except SystemExit as e:
         raise ArtifactError(f"vLLM did not accept its arguments {' '.join(vllm_args)!r} (see above)") from e
     plain = vars(parser.parse_args(base))
-    chosen = {k for k, v in given.items() if v != plain.get(k)}
+    chosen = {k for k, v in vars(parsed).items() if v != plain.get(k)}
     for key in ("model", "worker_cls", "worker_extension_cls", "additional_config"):
         if key in chosen:
             raise ArtifactError(f"--{key.replace('_', '-')} is set by Rudder; leave it out of the vLLM arguments")
-    args = AsyncEngineArgs.from_cli_args(parser.parse_args(base + list(vllm_args)))
+    args = AsyncEngineArgs.from_cli_args(parsed)
     for key, value in {**{k: v for k, v in defaults.items() if k not in chosen}, **overrides}.items():
         setattr(args, key, value)
     return args
@@ -153,7 +153,6 @@ class VllmEngine(HfTokenizing):
         self.args.additional_config = {CONFIG_KEY: {"sites": self.steer_sites}}
         if torch.cuda.is_available():
             self._keep_cuda_graphs()
-        self.dtype = str(self.args.dtype)
         self.max_model_len: int | None = None  # known once started
         self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.llm = None
