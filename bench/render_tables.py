@@ -84,18 +84,13 @@ def _reference_backend(d: dict) -> Rows:
     return out
 
 
-_VLLM_MODES = {"plain": "plain", "steered": "steered", "steered+readout": "steered + readout"}
-
-
-@table("vllm_backend", "vllm_backend.json", "rlr")
+@table("vllm_backend", "vllm_backend.json", "lr")
 def _vllm_backend(d: dict) -> Rows:
-    tps = d["tokens_per_second"]
-    out = [["streams", "mode", "vLLM tok/s", "reference tok/s", "vLLM / plain vLLM", "vLLM / reference"]]
-    for streams in sorted(tps["vllm"]["plain"], key=int):
-        for mode, label in _VLLM_MODES.items():
-            ratios = d["ratios"][f"{mode}@{streams}"]
-            out.append([streams, label, f"{tps['vllm'][mode][streams]:.1f}", f"{tps['reference'][mode][streams]:.1f}",
-                        f"{ratios['over_plain_vllm']:.3f}", f"{ratios['over_reference']:.2f}"])
+    ref = d.get("reference") is not None
+    out = [["mode", "tok/s (best)", "spread", "x plain vLLM", *(["reference tok/s"] if ref else [])]]
+    for r in d["rows"]:
+        out.append([r["mode"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_plain_vllm']:.3f}",
+                    *([f"{r['reference_tok_s']:.1f}"] if ref else [])])
     return out
 
 

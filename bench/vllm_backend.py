@@ -1,19 +1,25 @@
-"""vLLM backend throughput beside the reference backend, on the same requests.
+"""Rudder's vLLM engine against plain vLLM, inside one process, on the same requests.
 
-    .venv/bin/python bench/vllm_backend.py [--tokens 64] [--repeats 2]
+    .venv/bin/python bench/vllm_backend.py [--streams 32] [--tokens 64] [--rounds 3] [--reference]
 
-Default model, greedy, ignore EOS, `--tokens` new tokens per stream, 16 and 32
-concurrent streams, chat prompts. Modes:
-  plain              no steering (vLLM: plain vLLM, `AsyncLLM` with its default compilation
-                     and no Rudder in it, on the same engine settings)
-  steered            every request clamps one feature of the SAE at blocks.15.hook_resid_post
-  steered+readout    the same, plus a top-16 readout of that SAE on every generated token
-The SAE is the default trained one (576x4608) if present, else a random one of that shape.
-
-Cores: vLLM gets both (VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0);
-the reference backend runs after vLLM has stopped, with 2 torch threads. Each
-measurement is the best of `--repeats`, runs interleaved by mode (runs vary ~3%).
-Prints a table and writes bench/results/vllm_backend.json.
+The engine-level view (`bench/vllm_vs_vllm_serve.py` is the view through the servers):
+plain vLLM is vLLM's own `AsyncLLM` built from the same engine arguments as Rudder's engine,
+without Rudder's worker (no op at any site), with its default compilation. Both engines run at
+once and are measured in turn, round by round (each round starts at another row, after a pause
+of PAUSE_S so the engine measured before has gone idle); each gets both cores when it runs
+(VLLM_CPU_OMP_THREADS_BIND=0-1, VLLM_CPU_NUM_OF_RESERVED_CPU=0). Default model, float32,
+`--streams` chat streams of `--tokens` new tokens, greedy, EOS ignored. Rows:
+  plain vLLM                 no steering, no Rudder
+  steered (ReLU)             every request clamps one feature of a standard (ReLU) SAE of the
+                             default SAE's shape (576 x 4,608, random weights): the cheap edit,
+                             one encoder column and one decoder row per edited feature
+  steered + readout (ReLU)   the same plus a top-16 readout of that SAE on every generated token
+  steered (TopK)             the same clamp on the default TopK SAE, whose feature values depend
+                             on each other, so every steered row encodes the whole dictionary
+  steered + readout (TopK)   the same plus a top-16 readout
+Both SAEs sit at blocks.15.hook_resid_post. `--reference` adds the reference backend (after
+vLLM has stopped, 2 torch threads) for the same rows. Prints the best of `--rounds` per row,
+its spread (best minus worst) and the ratio to plain vLLM; writes bench/results/vllm_backend.json.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import json
 import os
 import platform
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -40,14 +48,15 @@ from rudder.server.backends.base import HfTokenizing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "blocks.15.hook_resid_post"
-STREAMS = (16, 32)
+PAUSE_S = 3.0
+FEATURE, VALUE = 221, 6.0
 
 
 class PlainVllm(HfTokenizing):
     """vLLM itself: an `AsyncLLM` built from the same engine arguments as Rudder's, without Rudder's
     worker (so no op at any site), driven with the same requests."""
 
-    name = "vllm"
+    name = "plain vLLM"
 
     def __init__(self, model: Path, **kwargs):
         from rudder.server.backends.vllm import VllmEngine
@@ -68,8 +77,6 @@ class PlainVllm(HfTokenizing):
         self.llm = None
 
     async def generate(self, request):
-        import uuid
-
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -85,82 +92,105 @@ class _Token:
     is_prompt = False
 
 
-def sae_spec(tmp: Path) -> str:
-    for p in default_sae_dirs():
-        if json.loads((p / "cfg.json").read_text())["metadata"]["hook_name"] == SITE:
-            return f"sae={p}"
-    sae = SAE(SAEConfig(d_in=576, d_sae=4608, hook_name=SITE))
-    torch.nn.init.normal_(sae.W_enc, std=0.04)
-    torch.nn.init.normal_(sae.W_dec, std=0.04)
-    return f"sae={sae.save(tmp / 'random-sae')}"
+def sae_specs(tmp: Path) -> list[str]:
+    """`topk=` the default SAE at SITE (a random TopK one of its shape if it is not built) and
+    `relu=` a random standard SAE of the same shape."""
+    specs = []
+    for arch, name in (("topk", "topk"), ("standard", "relu")):
+        found = [p for p in default_sae_dirs() if arch == "topk"
+                 and json.loads((p / "cfg.json").read_text())["metadata"]["hook_name"] == SITE]
+        if found:
+            specs.append(f"{name}={found[0]}")
+            continue
+        sae = SAE(SAEConfig(d_in=576, d_sae=4608, hook_name=SITE, architecture=arch,
+                            **({"k": 32} if arch == "topk" else {})))
+        torch.nn.init.normal_(sae.W_enc, std=0.04)
+        torch.nn.init.normal_(sae.W_dec, std=0.04)
+        specs.append(f"{name}={sae.save(tmp / f'random-{name}')}")
+    return specs
+
+
+def _mode(sae: str, readout: bool) -> SteeringSpec:
+    return SteeringSpec(features=(FeatureEdit(sae, FEATURE, Op.CLAMP, VALUE),),
+                        readouts=ReadoutSpec(saes=(sae,), top_k=16) if readout else ReadoutSpec())
 
 
 MODES = {
     "plain": SteeringSpec(),
-    "steered": SteeringSpec(features=(FeatureEdit("sae", 221, Op.CLAMP, 6.0),)),
-    "steered+readout": SteeringSpec(features=(FeatureEdit("sae", 221, Op.CLAMP, 6.0),),
-                                    readouts=ReadoutSpec(saes=("sae",), top_k=16)),
+    "steered (ReLU)": _mode("relu", False),
+    "steered + readout (ReLU)": _mode("relu", True),
+    "steered (TopK)": _mode("topk", False),
+    "steered + readout (TopK)": _mode("topk", True),
 }
 
 
-async def measure(engine, modes: list[str], tokens: int, repeats: int) -> dict[str, dict[int, float]]:
+async def measure(plain, rudder, streams: int, tokens: int, rounds: int) -> dict[str, list[float]]:
+    rows = [(plain, "plain"), *((rudder, m) for m in MODES if m != "plain")]
+    for engine in (plain, rudder):
+        await engine.start()
+        await tokens_per_second(engine, 4, 8, MODES["steered + readout (TopK)" if engine is rudder else "plain"])
+    runs: dict[str, list[float]] = {m: [] for _, m in rows}
+    for r in range(rounds):
+        for engine, mode in rows[r % len(rows):] + rows[:r % len(rows)]:  # each round starts elsewhere
+            await asyncio.sleep(PAUSE_S)  # the engine measured before goes idle first
+            tps = await tokens_per_second(engine, streams, tokens, MODES[mode])
+            runs[mode].append(tps)
+            print(f"round {r}: {mode:<26} {tps:7.1f} tok/s", flush=True)
+    for engine in (plain, rudder):
+        await engine.stop()
+    return runs
+
+
+async def measure_reference(engine, streams: int, tokens: int, rounds: int) -> dict[str, list[float]]:
+    runs: dict[str, list[float]] = {m: [] for m in MODES}
     await engine.start()
-    await tokens_per_second(engine, 4, 8, MODES[modes[-1]])  # warm-up
-    best: dict[str, dict[int, float]] = {m: {} for m in modes}
-    for streams in STREAMS:
-        for _ in range(repeats):
-            for m in modes:
-                tps = await tokens_per_second(engine, streams, tokens, MODES[m])
-                best[m][streams] = max(best[m].get(streams, 0.0), tps)
-                print(f"  {engine.name:<9} {m:<16} {streams:>2} streams: {tps:7.1f} tok/s", flush=True)
-    await engine.stop()
-    return best
+    for _ in range(rounds):
+        for mode in MODES:
+            runs[mode].append(await tokens_per_second(engine, streams, tokens, MODES[mode]))
+            print(f"reference: {mode:<26} {runs[mode][-1]:7.1f} tok/s", flush=True)
+    return runs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reference", action="store_true", help="also measure the reference backend")
     ap.add_argument("--out", default=str(ROOT / "bench/results/vllm_backend.json"))
     args = ap.parse_args()
     from rudder.server.backends.reference import ReferenceEngine
     from rudder.server.backends.vllm import VllmEngine
 
     model = ensure_default_model(download=False)
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        spec = sae_spec(Path(tmp))
-        results = {"vllm": {}, "reference": {}}
-        results["vllm"].update(asyncio.run(measure(PlainVllm(model, max_num_seqs=64), ["plain"],
-                                                   args.tokens, args.repeats)))
-        steered = asyncio.run(measure(VllmEngine(model, [spec], max_num_seqs=64),
-                                      ["steered", "steered+readout"], args.tokens, args.repeats))
-        results["vllm"].update(steered)
-        torch.set_num_threads(2)
-        results["reference"] = asyncio.run(measure(ReferenceEngine(model, [spec], max_batch=64), list(MODES),
-                                                   args.tokens, args.repeats))
+        specs = sae_specs(Path(tmp))
+        runs = asyncio.run(measure(PlainVllm(model, max_num_seqs=64), VllmEngine(model, specs, max_num_seqs=64),
+                                   args.streams, args.tokens, args.rounds))
+        reference = None
+        if args.reference:
+            torch.set_num_threads(2)
+            reference = asyncio.run(measure_reference(ReferenceEngine(model, specs, max_batch=64),
+                                                      args.streams, args.tokens, args.rounds))
 
-    v, r = results["vllm"], results["reference"]
-    print(f"\ntokens/s, {args.tokens} new tokens per stream, greedy; vLLM on cores 0-1, reference 2 torch threads "
-          f"({os.cpu_count()} cores)")
-    print(f"{'streams':>7} {'mode':<16} {'vLLM':>8} {'reference':>10} {'vLLM/plain vLLM':>16} {'vLLM/reference':>15}")
-    ratios = {}
-    for n in STREAMS:
-        for m in MODES:
-            to_plain = v[m][n] / v["plain"][n]
-            to_ref = v[m][n] / r[m][n]
-            ratios[f"{m}@{n}"] = {"over_plain_vllm": to_plain, "over_reference": to_ref,
-                                  "lead_kept": to_ref / (v["plain"][n] / r["plain"][n])}
-            print(f"{n:>7} {m:<16} {v[m][n]:8.1f} {r[m][n]:10.1f} {to_plain:16.3f} {to_ref:15.3f}")
-    print("targets: steered >= 0.98x plain vLLM; steered+readout >= 0.95x; steered vLLM keeps >= 0.93x of "
-          "plain vLLM's lead over the reference")
-    for n in STREAMS:
-        print(f"  {n} streams: steered {ratios[f'steered@{n}']['over_plain_vllm']:.3f}x, +readout "
-              f"{ratios[f'steered+readout@{n}']['over_plain_vllm']:.3f}x, lead kept "
-              f"{ratios[f'steered@{n}']['lead_kept']:.3f} / {ratios[f'steered+readout@{n}']['lead_kept']:.3f}")
+    base = max(runs["plain"])
+    rows = [{"mode": m, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
+             "vs_plain_vllm": round(max(v) / base, 3),
+             **({"reference_tok_s": round(max(reference[m]), 1)} if reference else {})} for m, v in runs.items()]
+    print(f"\n{args.streams} chat streams x {args.tokens} tokens, float32, greedy, EOS ignored; vLLM on cores 0-1 "
+          f"({os.cpu_count()} cores), best of {args.rounds} interleaved rounds")
+    header = f"{'mode':<26} {'tok/s':>8} {'spread':>7} {'x plain vLLM':>13}"
+    print(header + (f" {'reference':>10}" if reference else ""))
+    for row in rows:
+        print(f"{row['mode']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_plain_vllm']:13.3f}"
+              + (f" {row['reference_tok_s']:10.1f}" if reference else ""))
+    print("targets: steered >= 0.98x plain vLLM, steered + readout >= 0.95x")
     Path(args.out).write_text(json.dumps({
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "vllm_cores": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "reference_threads": 2, "tokens": args.tokens,
-        "repeats": args.repeats, "sae": spec, "site": SITE, "tokens_per_second": results, "ratios": ratios,
+        "vllm_cores": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "dtype": "float32", "streams": args.streams,
+        "tokens": args.tokens, "rounds": args.rounds, "saes": specs, "site": SITE, "runs": runs, "rows": rows,
+        "reference": reference, "wall_s": round(time.time() - t0),
     }, indent=2))
     print(f"wrote {args.out}")
 

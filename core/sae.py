@@ -58,9 +58,10 @@ def _relu(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
 
 @register_activation("topk")
 def _topk(sae: SAE, pre: Tensor) -> Tensor:
-    # SAELens' TopK: keep the k largest pre-activations, ReLU'd, zero elsewhere.
-    values, ids = pre.topk(sae.cfg.k, dim=-1)
-    return torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values))
+    # SAELens' TopK: keep the k largest pre-activations, ReLU'd, zero elsewhere. The choice is made in
+    # float32 (exact for bfloat16 values, and ~3x faster than torch's bfloat16 topk on CPU).
+    values, ids = pre.float().topk(sae.cfg.k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values).to(pre.dtype))
 
 
 @register_activation("jumprelu", elementwise=True)
