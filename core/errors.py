@@ -22,6 +22,10 @@ class ResourceExhausted(RudderError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class OutOfRange(RudderError):
+    code = "OUT_OF_RANGE"
+
+
 class PermissionDenied(RudderError):
     code = "PERMISSION_DENIED"
 
@@ -34,6 +38,10 @@ class Unavailable(RudderError):
     """The engine cannot serve the request now (it stopped or dropped it); retrying may work."""
 
     code = "UNAVAILABLE"
+
+
+class ReadoutMissing(Unavailable):
+    """A step's readouts never reached the front end (a worker or transport fault)."""
 
 
 class ArtifactError(RudderError):

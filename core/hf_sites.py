@@ -58,6 +58,15 @@ class ModelShape:
                    vocab_size=c.vocab_size)
 
 
+def context_of(config) -> int | None:
+    """The positions a Hugging Face model config allows (prompt plus output), where it says."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _get(obj: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         obj = getattr(obj, part)

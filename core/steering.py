@@ -18,7 +18,7 @@ tensors keyed by row, for the backend to route to requests.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import msgspec
@@ -120,6 +120,28 @@ class SteeringSpec:
     directions: tuple[DirectionEdit, ...] = ()
     codes: tuple[CodeEdit, ...] = ()
     readouts: ReadoutSpec = ReadoutSpec()
+    generations: tuple[tuple[str, int], ...] = ()
+    """(SAE id, generation) of each SAE the spec names, as validated: an SAE unloaded and loaded
+    again under the same id is another generation, and the spec's edits of the old one are dropped"""
+
+    def sae_ids(self) -> set[str]:
+        """Every SAE the spec edits, reads or takes a direction from."""
+        return ({e.sae for e in self.features} | {e.sae for e in self.directions if e.sae is not None}
+                | set(self.readouts.saes))
+
+    def current(self, generations: Mapping[str, int]) -> SteeringSpec:
+        """This spec without what names an SAE that is gone or of another generation than validated."""
+        mine = dict(self.generations)
+        stale = {i for i in self.sae_ids() if i in mine and generations.get(i) != mine[i]}
+        if not stale:
+            return self
+        return SteeringSpec(
+            features=tuple(e for e in self.features if e.sae not in stale),
+            directions=tuple(e for e in self.directions if e.sae not in stale),
+            codes=self.codes,
+            readouts=replace(self.readouts, saes=tuple(i for i in self.readouts.saes if i not in stale)),
+            generations=tuple((i, g) for i, g in self.generations if i not in stale),
+        )
 
     @property
     def steers(self) -> bool:
@@ -234,13 +256,16 @@ def _direction_vector(e: DirectionEdit, saes: Mapping[str, SAE]) -> Tensor | Non
 
 def build_tables(
     specs: list[SteeringSpec | None], prompt_lens: list[int], device: torch.device | str = "cpu",
-    saes: Mapping[str, SAE] | None = None,
+    saes: Mapping[str, SAE] | None = None, generations: Mapping[str, int] | None = None,
 ) -> StepTables:
     """Turn each slot's request spec into the per-slot tables the hooks gather from.
 
     `saes` resolves directions given by SAE feature; one whose SAE is gone (unloaded while
-    the request ran) is dropped, as its feature edits are."""
+    the request ran) is dropped, as its feature edits are. With `generations` (the loaded
+    SAEs'), what a spec names of an SAE gone or reloaded since it was validated is dropped."""
     specs = [s or SteeringSpec() for s in specs]
+    if generations is not None:
+        specs = [s.current(generations) for s in specs]
     tables = StepTables()
     float_kw = {"device": device, "dtype": torch.float32}
 

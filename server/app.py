@@ -26,6 +26,9 @@ from rudder.v1 import steering_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+WATCHDOG_S = 1.0  # how often the engine's health is checked
+ENGINE_DIED_EXIT = 3  # `rudder serve`'s exit code when its engine died
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Steering"].full_name
 _OUR_METHODS = f"/{SERVICE_NAME}/"
 
@@ -201,10 +204,28 @@ class RudderServer:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.engine_healthy.set(1)
+        self.engine_died = asyncio.Event()
+        self._watchdog = asyncio.create_task(self._watch_engine())
         log.info("serving %s on %s (backend %s)", self.service.model_name, self.address, self.engine.name)
+
+    async def _watch_engine(self) -> None:
+        """Once the engine dies (it will not serve again): health NOT_SERVING, new calls UNAVAILABLE (the
+        engine's own error fails the calls in flight), and `engine_died` set for `run_until_signal`
+        to stop the process with a non-zero exit, so that Kubernetes restarts it."""
+        while self.engine.healthy():
+            await asyncio.sleep(WATCHDOG_S)
+        log.error("the %s engine died; reporting NOT_SERVING and stopping (exit code %d)", self.engine.name,
+                  ENGINE_DIED_EXIT)
+        self.metrics.engine_healthy.set(0)
+        self.service.dead = "the engine died; this server is stopping to be restarted: retry on another replica"
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.engine_died.set()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drain: report NOT_SERVING, let in-flight streams finish within `grace`, then stop."""
+        self._watchdog.cancel()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
@@ -213,15 +234,23 @@ class RudderServer:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
 
-    async def run_until_signal(self, grace: float = 30.0) -> None:
+    async def run_until_signal(self, grace: float = 30.0) -> int:
+        """Serve until SIGTERM or SIGINT (then drain for `grace` seconds: exit code 0) or until the
+        engine dies (then stop at once: ENGINE_DIED_EXIT)."""
         await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        signalled, died = asyncio.create_task(stop.wait()), asyncio.create_task(self.engine_died.wait())
+        await asyncio.wait([signalled, died], return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        if self.engine_died.is_set():
+            await self.stop(grace=1.0)
+            return ENGINE_DIED_EXIT
         log.info("draining (grace %.0fs)", grace)
         await self.stop(grace)
+        return 0
 
 
 class BackgroundServer:

@@ -34,6 +34,8 @@ class AttachedSae:
     features: list[FeatureMeta] | None = None
     sae: SAE | None = None
     """the weights, where this process runs the SAE (not in the vLLM front end, which only validates)"""
+    generation: int = 0
+    """which load of this id it is: requests are validated against one generation"""
 
 
 @dataclass
@@ -59,6 +61,7 @@ def split_named(spec: str) -> tuple[str | None, Path]:
 class Artifacts:
     saes: dict[str, AttachedSae] = field(default_factory=dict)
     codebooks: dict[str, AttachedCodebook] = field(default_factory=dict)
+    loads: int = 0  # SAEs attached so far: the last generation given
 
     def by_site(self) -> dict[str, SiteArtifacts]:
         sites: dict[str, SiteArtifacts] = {}
@@ -73,15 +76,20 @@ class Artifacts:
         """SAEs by id, for resolving directions given by feature."""
         return {i: a.sae for i, a in self.saes.items() if a.sae is not None}
 
+    def generations(self) -> dict[str, int]:
+        """Each attached SAE's generation, by id (see `SteeringSpec.current`)."""
+        return {i: a.generation for i, a in self.saes.items()}
+
     def sources(self) -> dict[str, AttachedSae | AttachedCodebook]:
         return {**self.saes, **self.codebooks}
 
     # -------------------------------------------------------------- loading
 
     def add_sae(self, spec: str, shape: ModelShape, device: torch.device, dtype: torch.dtype,
-                weights: bool = True) -> AttachedSae:
+                weights: bool = True, generation: int | None = None) -> AttachedSae:
         """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
-        its weights' shapes) is read, for a process that validates requests but runs no SAE."""
+        its weights' shapes) is read, for a process that validates requests but runs no SAE.
+        `generation`: as the front end numbered this load (default: the next number here)."""
         name, path = split_named(spec)
         sae_id = name or path.name
         try:
@@ -98,7 +106,10 @@ class Artifacts:
                 f"SAE {sae_id!r} ({path}) has d_in={cfg.d_in} but site {site.name} of this "
                 f"{shape.architecture} model is {want} wide: it was trained for another model or site"
             )
-        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae)
+        if generation is None:
+            self.loads += 1
+            generation = self.loads
+        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation)
         self.saes[sae_id] = attached
         log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, cfg.d_sae, cfg.architecture)
         return attached

@@ -43,6 +43,10 @@ class Metrics:
                                    "forward step that had steering or readout work", buckets=_STEP, registry=r)
         self.artifacts_loaded = Gauge("rudder:artifacts_loaded", "SAEs and codebooks attached to the model",
                                       ["kind"], registry=r)
+        self.readouts_missing = Counter("rudder:readouts_missing", "Streams ended UNAVAILABLE because a step's "
+                                        "readouts never reached the front end", registry=r)
+        self.engine_healthy = Gauge("rudder:engine_healthy", "1 while the engine serves, 0 once it has died",
+                                    registry=r)
         self.streams_in_flight = Gauge("rudder:streams_in_flight", "Generate and Trace calls being served",
                                        registry=r)
 

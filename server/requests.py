@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rudder.core.errors import InvalidArgument, NotFound, ResourceExhausted, RudderError
+from rudder.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, RudderError
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
@@ -29,16 +29,26 @@ class Limits:
     max_interventions: int = 64
     max_readout_top_k: int = 256
     max_feature_ids: int = 256
+    context: int | None = None
+    """the engine's context in tokens (prompt plus output), where it has one"""
 
     def within(self, context: int | None) -> Limits:
-        """These limits, cut to a model context of `context` tokens (prompt plus output)."""
-        if context is None:
-            return self
-        return dataclasses.replace(self, max_prompt_tokens=min(self.max_prompt_tokens, context - 1),
-                                   max_tokens=min(self.max_tokens, context - 1))
+        """These limits under a model context of `context` tokens (prompt plus output): a longer
+        prompt is OUT_OF_RANGE, and a request's output stops at the context (stop reason LENGTH)."""
+        return self if context is None else dataclasses.replace(self, context=context)
+
+    def output_tokens(self, max_tokens: int, prompt_len: int) -> int:
+        """`max_tokens`, cut so that prompt and output fit the context."""
+        return max_tokens if self.context is None else max(1, min(max_tokens, self.context - prompt_len))
+
+
+# Edits past this magnitude are refused: SAE activations and residual norms are in the tens or
+# hundreds, and a value near float16's range (65,504) overflows the stream.
+MAX_MAGNITUDE = 1e4
 
 
 DEFAULT_MAX_TOKENS = 64
+MAX_TEMPERATURE = 2.0  # as vLLM and OpenAI's API allow
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
 
 _SCOPES = {
@@ -51,6 +61,14 @@ _OPS = {"clamp": Op.CLAMP, "add": Op.ADD, "scale": Op.SCALE, "ablate": Op.ABLATE
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise InvalidArgument(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def _bounded(value: float, what: str) -> float:
+    """A finite value of magnitude at most MAX_MAGNITUDE (an edit's value, strength or alpha)."""
+    if abs(_finite(value, what)) > MAX_MAGNITUDE:
+        raise InvalidArgument(f"{what}={value:g} is past this server's bound of {MAX_MAGNITUDE:g} in magnitude "
+                              f"(larger edits overflow half-precision activations)")
     return value
 
 
@@ -103,14 +121,14 @@ class RequestParser:
         which = m.WhichOneof("op")
         if which is None:
             raise InvalidArgument(f"{where}: say what to do with the feature: clamp, add, scale or ablate")
-        value = 0.0 if which == "ablate" else _finite(getattr(m, which), f"{where}: {which}")
+        value = 0.0 if which == "ablate" else _bounded(getattr(m, which), f"{where}: {which}")
         return FeatureEdit(m.sae, m.feature, _OPS[which], value, scope)
 
     def _direction_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str) -> DirectionEdit:
         which = m.WhichOneof("direction")
         if which is None:
             raise InvalidArgument(f"{where}: give a direction: sae_feature or vector")
-        alpha = _finite(m.alpha, f"{where}: alpha")
+        alpha = _bounded(m.alpha, f"{where}: alpha")
         if which == "sae_feature":
             sae_id, feature = m.sae_feature.sae, m.sae_feature.feature
             attached = self._sae(sae_id, where)
@@ -125,6 +143,10 @@ class RequestParser:
         self._check_direction_site(site, len(values), where)
         if not all(math.isfinite(v) for v in values):
             raise InvalidArgument(f"{where}: the direction vector has non-finite values")
+        norm = math.sqrt(math.fsum(v * v for v in values))
+        if norm * max(abs(alpha), 1.0) > MAX_MAGNITUDE:
+            raise InvalidArgument(f"{where}: the direction's norm ({norm:g}) times |alpha| is past this server's "
+                                  f"bound of {MAX_MAGNITUDE:g} (larger edits overflow half-precision activations)")
         return DirectionEdit(site.name, tuple(values), alpha, scope)
 
     def _check_direction_site(self, site: Site, got: int, where: str) -> None:
@@ -150,7 +172,7 @@ class RequestParser:
             raise InvalidArgument(
                 f"{where}: code {m.code} is out of range for codebook {m.codebook!r} (0..{cfg.num_codes - 1})"
             )
-        strength = _finite(m.strength, f"{where}: strength") if m.HasField("strength") else 1.0
+        strength = _bounded(m.strength, f"{where}: strength") if m.HasField("strength") else 1.0
         return CodeEdit(m.codebook, m.head, m.code, strength, scope)
 
     def steering(self, interventions, readouts: pb.ReadoutRequest) -> SteeringSpec:
@@ -177,7 +199,9 @@ class RequestParser:
             per_head[(c.codebook, c.head)] = per_head.get((c.codebook, c.head), 0) + 1
             if per_head[(c.codebook, c.head)] > self.artifacts.codebooks[c.codebook].codebook.cfg.k:
                 raise InvalidArgument(f"codebook {c.codebook!r} head {c.head}: more forced codes than its k")
-        return SteeringSpec(tuple(features), tuple(directions), tuple(codes), self.readouts(readouts))
+        spec = SteeringSpec(tuple(features), tuple(directions), tuple(codes), self.readouts(readouts))
+        saes = self.artifacts.saes
+        return dataclasses.replace(spec, generations=tuple(sorted((i, saes[i].generation) for i in spec.sae_ids())))
 
     def readouts(self, r: pb.ReadoutRequest) -> ReadoutSpec:
         for sae_id in r.saes:
@@ -213,8 +237,9 @@ class RequestParser:
         temperature = _finite(s.temperature, "sampling.temperature") if s.HasField("temperature") else 0.0
         top_p = _finite(s.top_p, "sampling.top_p") if s.HasField("top_p") else 1.0
         top_k = s.top_k if s.HasField("top_k") else 0
-        if temperature < 0:
-            raise InvalidArgument(f"sampling.temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument(f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
+                                  f"got {temperature}")
         if temperature < GREEDY_BELOW:  # as vLLM does: dividing logits by ~0 would overflow to inf
             temperature = 0.0
         if not 0 < top_p <= 1:
@@ -241,6 +266,10 @@ class RequestParser:
             raise InvalidArgument("the request has no input: set `prompt` or `chat`")
         if not ids:
             raise InvalidArgument("the prompt tokenizes to nothing")
+        context = self.limits.context
+        if context is not None and len(ids) >= context:
+            raise OutOfRange(f"the prompt is {len(ids)} tokens; this model's context is {context} tokens "
+                             f"(prompt plus output): shorten the prompt")
         if len(ids) > self.limits.max_prompt_tokens:
             raise ResourceExhausted(
                 f"the prompt is {len(ids)} tokens, over this server's limit of {self.limits.max_prompt_tokens}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from rudder.core import code_search
 from rudder.core.errors import (
@@ -13,6 +15,7 @@ from rudder.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ReadoutMissing,
     ResourceExhausted,
     Unavailable,
 )
@@ -53,8 +56,9 @@ async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncI
     """Interleave several event streams; closing the result closes them all."""
     if len(streams) == 1:
         flag, it = streams[0]
-        async for ev in it:
-            yield flag, ev
+        async with aclosing(it):
+            async for ev in it:
+                yield flag, ev
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -83,6 +87,18 @@ async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncI
             t.cancel()
 
 
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """A Generate or Trace being served: what it steers and reads, and why it must end, if it must."""
+
+    spec: SteeringSpec
+    failed: str | None = None
+
+    def check(self) -> None:
+        if self.failed:
+            raise FailedPrecondition(self.failed)
+
+
 class SteeringService(pb_grpc.SteeringServicer):
     def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256,
                  allow_admin: bool = False, metrics: Metrics | None = None):
@@ -93,6 +109,8 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.parser = RequestParser(engine.shape, engine.artifacts, limits, engine.check_site)
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+        self._calls: set[_Call] = set()
+        self.dead: str | None = None  # why the server no longer serves (its engine died)
         self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index
 
     def _count_admitted(self, steering: SteeringSpec, prompt_tokens: int) -> None:
@@ -103,15 +121,21 @@ class SteeringService(pb_grpc.SteeringServicer):
             if edits:
                 m.interventions.labels(kind).inc(len(edits))
 
-    def _enter(self) -> None:
+    def _enter(self, spec: SteeringSpec) -> _Call:
         self.in_flight += 1
         self.metrics.streams_in_flight.inc()
+        call = _Call(spec)
+        self._calls.add(call)
+        return call
 
-    def _leave(self) -> None:
+    def _leave(self, call: _Call) -> None:
         self.in_flight -= 1
         self.metrics.streams_in_flight.dec()
+        self._calls.discard(call)
 
     def _admit(self) -> None:
+        if self.dead:
+            raise Unavailable(self.dead)
         if self.in_flight >= self.max_concurrent:
             raise ResourceExhausted(
                 f"the server is at its limit of {self.max_concurrent} concurrent requests; retry with backoff"
@@ -122,61 +146,75 @@ class SteeringService(pb_grpc.SteeringServicer):
         sampling = self.parser.sampling(request.sampling)
         ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)  # off the event loop
         self._admit()
+        # prompt and output fit the context: past it, the stream ends with stop reason LENGTH
+        sampling = dataclasses.replace(sampling, max_tokens=self.parser.limits.output_tokens(sampling.max_tokens,
+                                                                                              len(ids)))
         received = time.monotonic()
         self._count_admitted(steering, len(ids) * (2 if request.include_baseline else 1))
         streams = [(False, self.engine.generate(EngineRequest(ids, sampling, steering)))]
         if request.include_baseline:
             baseline = SteeringSpec(readouts=steering.readouts)
             streams.append((True, self.engine.generate(EngineRequest(ids, sampling, baseline))))
-        self._enter()
+        call = self._enter(steering)
         m = self.metrics
         try:
             generated = {False: 0, True: 0}
             finished: dict[bool, str] = {}  # stop reason per stream
             last: dict[bool, float] = {}
-            async for is_baseline, ev in merge(streams):
-                msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
-                                          readouts=[readout_to_pb(r) for r in ev.readouts])
-                if ev.queue_s is not None:
-                    m.request_queue_time.observe(ev.queue_s)
-                if not ev.is_prompt:
-                    generated[is_baseline] += 1
-                    now = time.monotonic()
-                    if is_baseline in last:
-                        m.inter_token_latency.observe(now - last[is_baseline])
-                    elif not is_baseline:
-                        m.time_to_first_token.observe(now - received)
-                    last[is_baseline] = now
-                    m.generation_tokens.inc()
-                m.readout_rows.inc(len(ev.readouts))
-                if ev.finish:
-                    msg.stop_reason = _STOP[ev.finish]
-                    msg.usage.prompt_tokens = len(ids)
-                    msg.usage.completion_tokens = generated[is_baseline]
-                    finished[is_baseline] = ev.finish
-                yield msg
+            # aclosing: a call ended here (call.check) closes the engine's streams now, not at garbage collection
+            async with aclosing(merge(streams)) as events:
+                async for is_baseline, ev in events:
+                    call.check()
+                    msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
+                                              readouts=[readout_to_pb(r) for r in ev.readouts])
+                    if ev.queue_s is not None:
+                        m.request_queue_time.observe(ev.queue_s)
+                    if not ev.is_prompt:
+                        generated[is_baseline] += 1
+                        now = time.monotonic()
+                        if is_baseline in last:
+                            m.inter_token_latency.observe(now - last[is_baseline])
+                        elif not is_baseline:
+                            m.time_to_first_token.observe(now - received)
+                        last[is_baseline] = now
+                        m.generation_tokens.inc()
+                    m.readout_rows.inc(len(ev.readouts))
+                    if ev.finish:
+                        msg.stop_reason = _STOP[ev.finish]
+                        msg.usage.prompt_tokens = len(ids)
+                        msg.usage.completion_tokens = generated[is_baseline]
+                        finished[is_baseline] = ev.finish
+                    yield msg
             if len(finished) != len(streams):  # a backend bug; the client must not take it for a whole answer
                 raise Unavailable("the engine ended the generation without a stop reason; retry the request")
             for reason in finished.values():
                 m.request_success.labels(reason).inc()
             m.e2e_request_latency.observe(time.monotonic() - received)
+        except ReadoutMissing:
+            m.readouts_missing.inc()
+            raise
         finally:
-            self._leave()
+            self._leave(call)
 
     async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
         steering = self.parser.steering(request.interventions, request.readouts)
         ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)
         self._admit()
         self._count_admitted(steering, len(ids))
-        self._enter()
+        call = self._enter(steering)
         try:
             out = pb.TraceResponse()
-            async for ev in self.engine.generate(EngineRequest(ids, steering=steering, trace=True)):
-                out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
-                self.metrics.readout_rows.inc(len(ev.readouts))
+            async with aclosing(self.engine.generate(EngineRequest(ids, steering=steering, trace=True))) as events:
+                async for ev in events:
+                    call.check()
+                    out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
+                    self.metrics.readout_rows.inc(len(ev.readouts))
             return out
+        except ReadoutMissing:
+            self.metrics.readouts_missing.inc()
+            raise
         finally:
-            self._leave()
+            self._leave(call)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         s, arts = self.engine.shape, self.engine.artifacts
@@ -257,4 +295,8 @@ class SteeringService(pb_grpc.SteeringServicer):
     async def UnloadSae(self, request: pb.UnloadSaeRequest, context) -> pb.UnloadSaeResponse:
         self._admin("UnloadSae")
         await self.engine.unload_sae(request.id)
+        for call in self._calls:  # requests that steer or read with it end at their next token
+            if request.id in call.spec.sae_ids():
+                call.failed = (f"SAE {request.id!r} was unloaded while this request ran; load it again (LoadSae) "
+                               f"and resend the request, or leave it out")
         return pb.UnloadSaeResponse()

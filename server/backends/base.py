@@ -93,6 +93,10 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
+    def healthy(self) -> bool:
+        """False once the engine has died and will not serve again (the server then stops)."""
+        ...
+
     on_hook_step: Callable[[float], None] | None
     """called with the seconds spent in steering hooks, once per step that had steering work"""
 

@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from rudder.core.errors import NotFound
-from rudder.core.hf_sites import hook_site, shape_of
+from rudder.core.errors import InvalidArgument, NotFound
+from rudder.core.hf_sites import context_of, hook_site, shape_of
 from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, Sampling, TokenEvent
 from rudder.server.backends.sequence import Sequence, eos_ids
-from rudder.server.backends.step import Span, StepRecorder, row_index
+from rudder.server.backends.step import Span, StepRecorder, broken_steering, row_index
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tu
 
 class ReferenceEngine(HfTokenizing):
     name = "reference"
-    max_model_len = None
 
     def check_site(self, site: str) -> None:
         """Every site: a hook is installed when a request first steers there."""
@@ -95,15 +94,16 @@ class ReferenceEngine(HfTokenizing):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         self.shape = shape_of(self.model)
+        self.max_model_len = context_of(self.model.config)
         self.artifacts = Artifacts()
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, self.device, dtype)
         for spec in saes:
             self.artifacts.add_sae(spec, self.shape, self.device, dtype)
-        self._site_artifacts = self.artifacts.by_site()
-        self._sae_modules = self.artifacts.sae_modules()
+        self._refresh()
+        self._step_artifacts, self._tables_for = self._attached[0], None  # what the current wave's tables are of
         self._hooks: dict[str, object] = {}
-        for site in self._site_artifacts:
+        for site in self._step_artifacts:
             self._ensure_hook(site)
         self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, *self.eos_ids) if t is not None), 0)
@@ -122,7 +122,7 @@ class ReferenceEngine(HfTokenizing):
             self._hooks[site] = hook_site(self.model, Site.parse(site, self.shape.num_layers), self._on_site)
 
     def _on_site(self, site: str, x: Tensor) -> Tensor:
-        return self._step.steer(site, x, self._site_artifacts.get(site))
+        return self._step.steer(site, x, self._step_artifacts.get(site))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -130,6 +130,10 @@ class ReferenceEngine(HfTokenizing):
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="rudder-reference-engine", daemon=True)
             self._thread.start()
+
+    def healthy(self) -> bool:
+        """The engine's thread is alive (a wave's failure fails its requests, not the thread)."""
+        return self._thread is None or self._thread.is_alive()
 
     async def stop(self) -> None:
         if self._thread is not None:
@@ -140,17 +144,19 @@ class ReferenceEngine(HfTokenizing):
     async def load_sae(self, spec: str) -> str:
         attached = self.artifacts.add_sae(spec, self.shape, self.device, self.model.dtype)
         self._ensure_hook(attached.site.name)
-        # Snapshots made in one assignment each: the worker thread sees old or new, never a dict mid-change.
-        self._site_artifacts = self.artifacts.by_site()
-        self._sae_modules = self.artifacts.sae_modules()
+        self._refresh()
         return attached.id
+
+    def _refresh(self) -> None:
+        """Snapshots of the artifacts for the worker thread, in one assignment: it sees the old or the
+        new, never a dict mid-change; a wave rebuilds its tables when they change."""
+        self._attached = (self.artifacts.by_site(), self.artifacts.sae_modules(), self.artifacts.generations())
 
     async def unload_sae(self, sae_id: str) -> None:
         if sae_id not in self.artifacts.saes:
             raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
         self.artifacts.saes.pop(sae_id)
-        self._site_artifacts = self.artifacts.by_site()
-        self._sae_modules = self.artifacts.sae_modules()
+        self._refresh()
 
     def running_requests(self) -> int:
         return self._active + self._pending.qsize()
@@ -208,22 +214,29 @@ class ReferenceEngine(HfTokenizing):
                 self._active = 0
                 self._step = None
 
-    def _forward(self, step: StepRecorder, **inputs) -> tuple[Tensor, dict]:
-        """Logits of each row's last position `(B, V)`, and the step's readouts by token row."""
+    def _forward(self, step: StepRecorder, **inputs) -> tuple[Tensor, dict, set[int]]:
+        """Logits of each row's last position `(B, V)`, the step's readouts by token row, and the slots
+        whose steering overflowed."""
         self._step = step
         logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
-        if self.on_hook_step is not None and not (step.tables.empty and not self._site_artifacts):
+        if self.on_hook_step is not None and not (step.tables.empty and not self._step_artifacts):
             self.on_hook_step(step.hook_s)
-        return logits, {row: readouts for row, (_, _, readouts) in step.routed().items()}
+        return logits, {row: readouts for row, (_, _, readouts) in step.routed().items()}, step.broken_slots()
+
+    def _tables(self, specs: list, prompt_lens: list[int]) -> StepTables:
+        """The wave's tables from the artifacts attached now (kept for the hooks of its steps)."""
+        self._step_artifacts, saes, generations = attached = self._attached
+        self._tables_for = attached
+        tables = build_tables([s if s.active else None for s in specs], prompt_lens, self.device, saes, generations)
+        for site in tables.directions:
+            self._ensure_hook(site)
+        return tables
 
     def _run_wave(self, wave: list[_Handle]) -> None:
         reqs = [h.request for h in wave]
         prompt_lens = [len(r.prompt_ids) for r in reqs]
         specs = [r.steering for r in reqs]
-        tables = build_tables([s if s.active else None for s in specs], prompt_lens, self.device,
-                              self._sae_modules)
-        for site in tables.directions:
-            self._ensure_hook(site)
+        tables = self._tables(specs, prompt_lens)
 
         # Prefill, left-padded: row b*L + t is token t - (L - P_b) of request b.
         b_size, length = len(reqs), max(prompt_lens)
@@ -237,8 +250,9 @@ class ReferenceEngine(HfTokenizing):
                  for b, (p, s) in enumerate(zip(prompt_lens, specs)) if s.active]
         step = StepRecorder(tables, row_index(positions.reshape(-1), spans, self.device), specs)
         cache = DynamicCache()
-        logits, readouts = self._forward(step, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                         position_ids=positions.to(self.device), past_key_values=cache)
+        logits, readouts, broken = self._forward(step, input_ids=ids.to(self.device),
+                                                 attention_mask=mask.to(self.device),
+                                                 position_ids=positions.to(self.device), past_key_values=cache)
 
         states: list[_Row | None] = []
         for b, (h, r) in enumerate(zip(wave, reqs)):
@@ -253,16 +267,18 @@ class ReferenceEngine(HfTokenizing):
                 continue
             gen = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
             states.append(_Row(h, b if specs[b].active else -1, seq, gen))
-        alive = self._emit(states, logits, readouts, [b * length + length - 1 for b in range(b_size)])
-        self._decode(states, alive, cache, mask, tables, specs)
+        alive = self._emit(states, logits, readouts, [b * length + length - 1 for b in range(b_size)], broken)
+        self._decode(states, alive, cache, mask, tables, specs, prompt_lens)
 
     def _decode(self, states: list[_Row | None], alive: list[bool], cache: DynamicCache, mask: Tensor,
-                tables: StepTables, specs: list) -> None:
+                tables: StepTables, specs: list, prompt_lens: list[int]) -> None:
         """Decode one token per live request per step; cache row i belongs to states[i]."""
         while True:
             keep = [i for i, ok in enumerate(alive) if ok]
             if not keep:
                 return
+            if self._attached is not self._tables_for:  # an SAE was loaded or unloaded mid-wave
+                tables = self._tables(specs, prompt_lens)
             if len(keep) < len(states):
                 cache.batch_select_indices(torch.tensor(keep, device=self.device))
                 mask, states = mask[keep], [states[i] for i in keep]
@@ -273,19 +289,30 @@ class ReferenceEngine(HfTokenizing):
             spans = [Span(s.slot, i, i + 1, s.seq.prompt_len + s.seq.generated - 1, s.seq.prompt_len,
                           specs[s.slot]) for i, s in enumerate(states) if s.slot >= 0]
             step = StepRecorder(tables, row_index(positions.reshape(-1), spans, self.device), specs)
-            logits, readouts = self._forward(step, input_ids=ids.to(self.device),
-                                             attention_mask=mask.to(self.device),
-                                             position_ids=positions.to(self.device), past_key_values=cache)
-            alive = self._emit(states, logits, readouts, list(range(n)))
+            logits, readouts, broken = self._forward(step, input_ids=ids.to(self.device),
+                                                     attention_mask=mask.to(self.device),
+                                                     position_ids=positions.to(self.device), past_key_values=cache)
+            alive = self._emit(states, logits, readouts, list(range(n)), broken)
 
-    def _emit(self, states: list[_Row | None], logits: Tensor, readouts: dict, rows: list[int]) -> list[bool]:
-        """Sample each live request's next token and stream it; return which requests go on."""
+    def _emit(self, states: list[_Row | None], logits: Tensor, readouts: dict, rows: list[int],
+              broken: set[int]) -> list[bool]:
+        """Sample each live request's next token and stream it; return which requests go on. A request
+        whose steering overflowed, or whose logits cannot be sampled, ends alone with its error."""
         alive = []
         for s, row_logits, row in zip(states, logits, rows):
             if s is None or s.handle.cancelled:
                 alive.append(False)
                 continue
-            token, logprob = sample(row_logits, s.seq.request.sampling, s.generator)
+            try:
+                if s.slot in broken:
+                    raise broken_steering(s.seq.prompt_len + s.seq.generated - 1)
+                token, logprob = sample(row_logits, s.seq.request.sampling, s.generator)
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the wave's
+                if not isinstance(e, InvalidArgument):
+                    log.exception("sampling failed for one request")
+                s.handle.push(e)
+                alive.append(False)
+                continue
             s.last_token = token
             event = s.seq.token(token, logprob, readouts.get(row, []))
             s.handle.push(event)

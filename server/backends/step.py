@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rudder.core.errors import InvalidArgument
 from rudder.core.steering import (
     CodeReadout,
     Readout,
@@ -28,6 +29,12 @@ from rudder.core.steering import (
 from rudder.server.backends.base import TokenReadout
 
 
+def broken_steering(position: int) -> InvalidArgument:
+    """The error a request gets when its steering overflowed the stream (the row went on unsteered)."""
+    return InvalidArgument(f"the steering made the activations non-finite at token position {position} (an "
+                           f"overflow in the model's dtype); use smaller values, scales or alphas")
+
+
 @dataclass(frozen=True)
 class Span:
     """One steering request's token rows [start, end) in a step."""
@@ -39,16 +46,22 @@ class Span:
     prompt_len: int
     spec: SteeringSpec
 
+    def sampled_row(self) -> int | None:
+        """The row whose logits give its next token: the last, once the prompt is computed (None
+        for a chunk of a long prompt: its next token is not sampled this step)."""
+        if self.start < self.end and self.computed + (self.end - self.start) >= self.prompt_len:
+            return self.end - 1
+        return None
+
     def read_rows(self) -> range:
         """Rows whose readouts it gets: every row when it asked for prompt readouts, else only
-        the row whose logits give its next token (the last, once the prompt is computed)."""
+        the sampled row."""
         if self.spec.readouts.empty or self.start == self.end:
             return range(0)
         if self.spec.readouts.include_prompt:
             return range(self.start, self.end)
-        if self.computed + (self.end - self.start) >= self.prompt_len:
-            return range(self.end - 1, self.end)
-        return range(0)  # a chunk of a long prompt: its next token is not sampled this step
+        row = self.sampled_row()
+        return range(0) if row is None else range(row, row + 1)
 
 
 def row_index(positions: Tensor, spans: list[Span], device: torch.device | str) -> RowIndex:
@@ -111,15 +124,33 @@ class StepRecorder:
     specs: list[SteeringSpec]  # per slot
     readouts: list[Readout] = field(default_factory=list)
     hook_s: float = 0.0
+    broken: Tensor | None = None
+    """(N,) bool: rows the steering made non-finite at some site (they went on unsteered there)"""
 
     def steer(self, site: str, x: Tensor, artifacts: SiteArtifacts | None) -> Tensor:
-        """Steer the activation `x (..., d)` at `site`; a tensor of the same shape comes back."""
+        """Steer the activation `x (..., d)` at `site`; a tensor of the same shape comes back.
+
+        A row the steering made non-finite (an overflow: bounded edits can still overflow a
+        bfloat16 or float16 stream) goes on as it came in, so nothing non-finite reaches the
+        layers after, the KV cache or other requests; it is marked in `broken` for the backend
+        to end its request. Fixed shapes, no host synchronisation."""
         t0 = time.perf_counter()
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows)
+        if out is not flat:
+            bad = ~torch.isfinite(out).all(dim=-1) & torch.isfinite(flat).all(dim=-1)
+            out = torch.where(bad[:, None], flat, out)
+            self.broken = bad if self.broken is None else self.broken | bad
         self.readouts.extend(readouts)
         self.hook_s += time.perf_counter() - t0
         return x if out is flat else out.view(x.shape)
+
+    def broken_slots(self) -> set[int]:
+        """Slots with a row the steering made non-finite this step (one copy to the host)."""
+        if self.broken is None:
+            return set()
+        slots = self.rows.slot[self.broken].tolist()
+        return {s for s in slots if s >= 0}
 
     def routed(self) -> dict[int, tuple[int, int, list[TokenReadout]]]:
         """By token row: its slot, its position and its readouts, cut to what its request asked for."""

@@ -31,18 +31,26 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from rudder.core.errors import ArtifactError, FailedPrecondition, NotFound, Unavailable
+from rudder.core.errors import (
+    ArtifactError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ReadoutMissing,
+    Unavailable,
+)
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
+from rudder.server.backends.step import broken_steering
 from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, VLLM_VERSION
 
 log = logging.getLogger(__name__)
 
-READOUT_WAIT_S = 30.0
+READOUT_WAIT_S = 10.0  # the worker sends a step's rows before the step's tokens: a wait this long is a fault
 # vLLM's finish reasons as Rudder's: "stop" is an EOS or stop token id (Rudder passes no stop strings).
 _FINISH = {"stop": "eos", "length": "length"}
 
@@ -59,23 +67,34 @@ def check_vllm():
     return vllm
 
 
-class _Readouts:
-    """Per request: readouts by position, filled by the worker's messages."""
+class _Rows:
+    """Per steering or reading request: what the worker sent of each of its sampled rows (readouts,
+    and whether the steering overflowed there), by position."""
 
     def __init__(self):
-        self.by_position: dict[int, list[TokenReadout]] = {}
+        self.by_position: dict[int, tuple[list[TokenReadout], bool]] = {}
         self.arrived = asyncio.Event()
+        self.error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.arrived.set()
 
     async def get(self, position: int) -> list[TokenReadout]:
+        """The readouts of the row at `position`; raises if its steering overflowed or it never came."""
         try:
-            while position not in self.by_position:
+            while position not in self.by_position and self.error is None:
                 self.arrived.clear()
                 await asyncio.wait_for(self.arrived.wait(), READOUT_WAIT_S)
-        except TimeoutError:  # never seen in the tests; the token still goes out, without readouts
-            log.warning("no readout arrived for position %d within %.0fs; sending the token without it",
-                        position, READOUT_WAIT_S)
-            return []
-        return self.by_position[position]
+        except TimeoutError:
+            raise ReadoutMissing(f"the steering worker's record of token position {position} did not arrive "
+                                 f"within {READOUT_WAIT_S:.0f}s; retry the request") from None
+        if self.error is not None:
+            raise self.error
+        readouts, broken = self.by_position[position]
+        if broken:
+            raise broken_steering(position)
+        return readouts
 
 
 def _model_view(model_dir: Path) -> Path:
@@ -156,7 +175,8 @@ class VllmEngine(HfTokenizing):
         self.max_model_len: int | None = None  # known once started
         self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.llm = None
-        self._readouts: dict[str, _Readouts] = {}
+        self._rows: dict[str, _Rows] = {}
+        self.bad_messages = 0  # worker messages the receiver could not read
         self._running = 0
         self.recomputed_rows = 0  # readout rows seen twice: requests preempted and recomputed
         self._waiting = 0  # submitted, no output yet
@@ -212,7 +232,7 @@ class VllmEngine(HfTokenizing):
         self.llm = AsyncLLM.from_engine_args(self.args)
         self.max_model_len = self.llm.model_config.max_model_len
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
-        attached = [f"{a.id}={a.path}" for a in self.artifacts.saes.values()]  # start-up and run-time loads
+        attached = [(f"{a.id}={a.path}", a.generation) for a in self.artifacts.saes.values()]
         info = await self.llm.collective_rpc("rudder_setup", args=(address, attached, codebooks))
         log.info("vLLM workers ready: %s", info[0])
 
@@ -225,23 +245,45 @@ class VllmEngine(HfTokenizing):
         self._socket.close(0)
         self._zmq.term()
 
+    def healthy(self) -> bool:
+        """False once vLLM's engine has died (its core process gone or failed): it will not serve again."""
+        return self.llm is not None and not self.llm.errored
+
     async def _receive(self) -> None:
-        while True:
-            hook_s, rows = pickle.loads(await self._socket.recv())
-            if self.on_hook_step is not None:
-                self.on_hook_step(hook_s)
-            touched = set()
-            for req_id, position, readouts in rows:
-                external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
-                box = self._readouts.get(external)
-                if box is not None:
-                    if position in box.by_position:  # recomputed after preemption: keep the first
-                        self.recomputed_rows += 1
-                    else:
-                        box.by_position[position] = readouts
-                    touched.add(external)
-            for r in touched:
-                self._readouts[r].arrived.set()
+        """The workers' per-step messages, routed to the requests' `_Rows`. A message that cannot be read
+        is logged and skipped (its requests then fail with ReadoutMissing, not a stall); if the socket
+        itself fails, every waiting request fails at once."""
+        try:
+            while True:
+                message = await self._socket.recv()
+                try:
+                    self._route(*pickle.loads(message))
+                except Exception:  # noqa: BLE001 - one bad message must not stop the receiver
+                    self.bad_messages += 1
+                    log.exception("could not read a steering worker message (%d bytes); skipped", len(message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("the readout receiver failed")
+            for rows in self._rows.values():
+                rows.fail(Unavailable(f"the readout channel from vLLM's workers failed ({e}); retry the request"))
+            raise
+
+    def _route(self, hook_s: float, rows: list) -> None:
+        if self.on_hook_step is not None:
+            self.on_hook_step(hook_s)
+        touched = set()
+        for req_id, position, readouts, broken in rows:
+            external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
+            box = self._rows.get(external)
+            if box is not None:
+                if position in box.by_position:  # recomputed after preemption: keep the first
+                    self.recomputed_rows += 1
+                else:
+                    box.by_position[position] = (readouts, broken)
+                touched.add(external)
+        for r in touched:
+            self._rows[r].arrived.set()
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
@@ -250,18 +292,21 @@ class VllmEngine(HfTokenizing):
         try:
             self.check_site(attached.site.name)
             self._check_sites([attached.site.name])
-            await self.llm.collective_rpc("rudder_load_sae", args=(spec,))
+            await self.llm.collective_rpc("rudder_load_sae", args=(spec, attached.generation))
         except Exception:
             self.artifacts.saes.pop(attached.id, None)
             raise
         return attached.id
 
     async def unload_sae(self, sae_id: str) -> None:
-        """Detach an SAE; requests already running simply stop being steered or read by it."""
+        """Detach an SAE; the workers stop applying it at their next step (the service ends the requests
+        that use it), and the prefix cache is emptied of blocks steered with it."""
         if sae_id not in self.artifacts.saes:
             raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
         self.artifacts.saes.pop(sae_id)
         await self.llm.collective_rpc("rudder_unload", args=(sae_id,))
+        if not await self.llm.reset_prefix_cache():  # hygiene: a reload's new generation changes the salt anyway
+            log.info("prefix cache not reset after unloading %s (blocks in use); its blocks age out", sae_id)
 
     def running_requests(self) -> int:
         return self._running
@@ -273,14 +318,19 @@ class VllmEngine(HfTokenizing):
     # ------------------------------------------------------------ requests
 
     @staticmethod
-    def _salt(spec: SteeringSpec, payload: dict | None) -> str | None:
-        """Requests share cached KV blocks only when their steering is the same; prompt readouts need
-        every prompt row computed, so such a request shares with nobody."""
+    def _salt(spec: SteeringSpec, payload: dict | None, prompt_len: int) -> str | None:
+        """Requests share cached KV blocks only when every row's steering is the same: the same edits
+        of the same artifact generations, at the same absolute positions (a PROMPT or GENERATED scope
+        ends or starts at the prompt's length, so then the length is part of the salt). Prompt
+        readouts need every prompt row computed, so such a request shares with nobody."""
         if spec.readouts.include_prompt:
             return uuid.uuid4().hex
         if not spec.steers:
             return None
         edits = {k: v for k, v in payload.items() if k != "readouts"}
+        scopes = [e.scope.kind for e in (*spec.features, *spec.directions, *spec.codes)]
+        if "prompt" in scopes or "generated" in scopes:
+            edits["prompt_len"] = prompt_len
         return hashlib.sha256(json.dumps(edits, sort_keys=True).encode()).hexdigest()[:32]
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
@@ -295,20 +345,20 @@ class VllmEngine(HfTokenizing):
             detokenize=False, output_kind=RequestOutputKind.DELTA,
             extra_args={EXTRA_ARGS_KEY: payload} if payload else None)
         prompt = {"prompt_token_ids": list(request.prompt_ids)}
-        salt = self._salt(spec, payload)
+        salt = self._salt(spec, payload, len(request.prompt_ids))
         if salt:
             prompt["cache_salt"] = salt
         req_id = uuid.uuid4().hex
-        box = _Readouts() if not spec.readouts.empty else None
+        box = _Rows() if spec.active else None
         if box is not None:
-            self._readouts[req_id] = box
+            self._rows[req_id] = box
         seq = Sequence(request, self.tokenizer, self.eos_ids)
         stream = self.llm.generate(prompt, params, request_id=req_id)
         first = True
         self._running += 1
         self._waiting += 1
         try:
-            async for out in stream:
+            async for out in _engine_alive(stream):
                 queue_s = None
                 if first:
                     first = False
@@ -338,10 +388,26 @@ class VllmEngine(HfTokenizing):
         finally:
             self._running -= 1
             self._waiting -= first
-            self._readouts.pop(req_id, None)
+            self._rows.pop(req_id, None)
             await stream.aclose()  # vLLM aborts a request whose stream is closed early
-            if self.llm is not None and seq.finish not in ("eos", "length"):
+            if self.llm is not None and not self.llm.errored and seq.finish not in ("eos", "length"):
                 await self.llm.abort(req_id)  # cancelled, or ended by a stop string: vLLM would go on
+
+
+async def _engine_alive(stream):
+    """vLLM's outputs, with its dead-engine error as UNAVAILABLE (the server is going down to restart),
+    and a request vLLM refuses (a check Rudder's parser lacks) as INVALID_ARGUMENT with vLLM's words."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        async for out in stream:
+            yield out
+    except VLLMValidationError as e:
+        raise InvalidArgument(f"vLLM refused the request: {e}") from e
+    except EngineDeadError as e:
+        raise Unavailable("vLLM's engine died (see the server log); the server stops so that it can be "
+                          "restarted: retry the request") from e
 
 
 def _queue_seconds(out) -> float | None:

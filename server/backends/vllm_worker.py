@@ -180,6 +180,8 @@ class _Steerer:
         self.sends_readouts = sends_readouts
         self.socket = None
         self._specs: dict[str, SteeringSpec | None] = {}
+        self._broken: set[str] = set()  # requests whose steering overflowed (sticky: reported on every row)
+        self.step_spans: list[Span] = []
         self._table_key = None
         self._tables: StepTables | None = None
         self.step: StepRecorder | None = None
@@ -197,8 +199,8 @@ class _Steerer:
 
     # ------------------------------------------------------------ artifacts
 
-    def load_sae(self, spec: str) -> str:
-        attached = self.artifacts.add_sae(spec, self.shape, self.device, self.dtype)
+    def load_sae(self, spec: str, generation: int) -> str:
+        attached = self.artifacts.add_sae(spec, self.shape, self.device, self.dtype, generation=generation)
         self._check_declared(attached.site.name)
         self._refresh()
         return attached.id
@@ -255,6 +257,7 @@ class _Steerer:
             return  # not a plain token batch (a dummy run); nothing of ours to do
         for stale in set(self._specs) - set(req_ids):
             del self._specs[stale]
+        self._broken &= set(req_ids)
         used = [(i, r, s) for i, r in enumerate(req_ids) if (s := self._spec(r)) is not None]
         if not used and not self.always_on:
             return
@@ -264,21 +267,39 @@ class _Steerer:
         elif key != self._table_key:
             prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
             self._tables = build_tables([s for _, _, s in used], prompt_lens, self.device,
-                                        self.artifacts.sae_modules())
+                                        self.artifacts.sae_modules(), self.artifacts.generations())
             self._table_key = key
         spans = [Span(slot, qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
                       int(batch.num_prompt_tokens[i]), spec)
                  for slot, (i, _, spec) in enumerate(used)]  # host-side bookkeeping: no device sync
         self.step = StepRecorder(self._tables, row_index(positions, spans, self.device), [s for _, _, s in used])
         self.step_req_ids = [r for _, r, _ in used]
+        self.step_spans = spans
 
     def _end(self, module, args, output) -> None:
+        """Send the step's record of every steering or reading request's rows that get a token (or a
+        prompt readout): `(request, position, readouts, broken)`, readouts possibly empty (an SAE
+        unloaded), so the front end never waits for a row that will not come."""
         step, self.step = self.step, None
         if step is None:
             return
+        ids = self.step_req_ids
+        self._broken |= {ids[slot] for slot in step.broken_slots()}
         if self.socket is None:
             return
-        rows = [(self.step_req_ids[slot], position, readouts) for slot, position, readouts in step.routed().values()]
+        routed = step.routed()
+        positions = None
+        rows = []
+        for span in self.step_spans:
+            sampled = span.sampled_row()
+            wanted = set(span.read_rows()) | ({sampled} if sampled is not None else set())
+            for row in sorted(wanted):
+                if row in routed:
+                    _, position, readouts = routed[row]
+                else:
+                    positions = step.rows.position.tolist() if positions is None else positions
+                    position, readouts = positions[row], []
+                rows.append((ids[span.slot], position, readouts, ids[span.slot] in self._broken))
         self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 
@@ -299,16 +320,16 @@ class _SteeringMixin:
                                 f"(pipeline_parallel_size={pp}); use tensor parallelism")
         _STEERER = _Steerer(self.model_runner, sites, sends_readouts=self.rank == 0)
 
-    def rudder_setup(self, readout_address: str, saes: list[str], codebooks: str | None) -> dict:
+    def rudder_setup(self, readout_address: str, saes: list[tuple[str, int]], codebooks: str | None) -> dict:
         _STEERER.connect(readout_address)
         if codebooks:
             _STEERER.load_codebooks(codebooks)
-        loaded = [_STEERER.load_sae(spec) for spec in saes]
+        loaded = [_STEERER.load_sae(spec, generation) for spec, generation in saes]
         return {"saes": loaded, "dtype": str(_STEERER.dtype), "device": str(_STEERER.device),
                 "sites": _STEERER.sites}
 
-    def rudder_load_sae(self, spec: str) -> str:
-        return _STEERER.load_sae(spec)
+    def rudder_load_sae(self, spec: str, generation: int) -> str:
+        return _STEERER.load_sae(spec, generation)
 
     def rudder_unload(self, source: str) -> None:
         _STEERER.unload(source)

@@ -117,11 +117,10 @@ def serve(cfg: ServeConfig) -> int:
     tls = Tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
     engine, name = load_engine(cfg)
 
-    async def run() -> None:  # grpc.aio objects belong to the loop they are made in
+    async def run() -> int:  # grpc.aio objects belong to the loop they are made in
         server = RudderServer(engine, name, cfg.host, cfg.port, Limits(max_tokens=cfg.max_tokens_limit),
                               cfg.max_concurrent, cfg.allow_admin, metrics_port=cfg.metrics,
                               metrics_host=cfg.metrics_host, tls=tls, token=token)
-        await server.run_until_signal(cfg.grace)
+        return await server.run_until_signal(cfg.grace)
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rudder.core.codebook import Codebook, CodebookConfig
-from rudder.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from rudder.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import CodeEdit, FeatureEdit, Op, ReadoutSpec, Scope
@@ -124,6 +124,8 @@ def test_feature_edits_parse(parser, op, expected):
     (feature(add=math.inf), InvalidArgument, ("interventions[0]: add must be a finite number",)),
     (feature(scale=-math.inf), InvalidArgument, ("interventions[0]: scale must be a finite number",)),
     (pb.Intervention(), InvalidArgument, ("interventions[0]", "empty intervention")),
+    (feature(clamp=3e38), InvalidArgument, ("interventions[0]: clamp=3e+38", "bound of 10000")),
+    (feature(scale=-2e4), InvalidArgument, ("interventions[0]: scale=-20000", "bound of 10000")),
 ])
 def test_bad_feature_edits(parser, iv, cls, fragments):
     with fails(cls, *fragments):
@@ -183,6 +185,10 @@ V64 = pb.Vector(values=[0.0] * 64)
     (direction(site="blocks.9.hook_resid_post", sae_feature=pb.SaeFeature(sae="s", feature=1)), InvalidArgument,
      ("layers 0..2",)),
     (direction(alpha=math.nan, sae_feature=pb.SaeFeature(sae="s", feature=1)), InvalidArgument, ("alpha",)),
+    (direction(alpha=1e30, sae_feature=pb.SaeFeature(sae="s", feature=1)), InvalidArgument,
+     ("alpha=1e+30", "bound of 10000")),
+    (direction(site=SAE_SITE, alpha=2.0, vector=pb.Vector(values=[1e3] * 64)), InvalidArgument,
+     ("norm (8000) times |alpha|", "bound of 10000")),
 ])
 def test_bad_directions(parser, iv, cls, fragments):
     with fails(cls, *fragments):
@@ -259,7 +265,8 @@ def test_sampling_defaults_and_values(parser):
     (pb.SamplingParams(max_tokens=0), InvalidArgument, ("sampling.max_tokens must be at least 1",)),
     (pb.SamplingParams(max_tokens=-5), InvalidArgument, ("sampling.max_tokens", "-5")),
     (pb.SamplingParams(max_tokens=101), ResourceExhausted, ("sampling.max_tokens=101", "limit of 100")),
-    (pb.SamplingParams(temperature=-0.5), InvalidArgument, ("sampling.temperature must be >= 0",)),
+    (pb.SamplingParams(temperature=-0.5), InvalidArgument, ("sampling.temperature must be in [0, 2]",)),
+    (pb.SamplingParams(temperature=2.5), InvalidArgument, ("sampling.temperature must be in [0, 2]",)),
     (pb.SamplingParams(temperature=math.nan), InvalidArgument, ("sampling.temperature", "finite")),
     (pb.SamplingParams(top_p=0.0), InvalidArgument, ("sampling.top_p must be in (0, 1]",)),
     (pb.SamplingParams(top_p=1.5), InvalidArgument, ("sampling.top_p",)),
@@ -309,6 +316,27 @@ def test_prompt_and_chat_tokenize(parser, kind):
 def test_bad_prompts(parser, request_, cls, fragments):
     with fails(cls, *fragments):
         parser.prompt(request_, Tokenizer())
+
+
+def test_the_context_bounds_the_prompt_and_cuts_the_output(parser):
+    """A prompt that leaves no room for a token is OUT_OF_RANGE naming both numbers; max_tokens past
+    the context is cut to fit (the stream then ends with LENGTH)."""
+    ctx = Limits(max_tokens=100, max_prompt_tokens=50).within(6)
+    bounded = RequestParser(SHAPE, parser.artifacts, ctx)
+    with fails(OutOfRange, "the prompt is 6 tokens", "context is 6 tokens"):
+        bounded.prompt(pb.GenerateRequest(prompt="one two three four five six"), Tokenizer())
+    assert len(bounded.prompt(pb.GenerateRequest(prompt="one two three four five"), Tokenizer())) == 5
+    assert ctx.output_tokens(100, 5) == 1 and ctx.output_tokens(100, 2) == 4 and ctx.output_tokens(3, 2) == 3
+    assert Limits().output_tokens(100, 5000) == 100  # no context of the engine's own
+
+
+def test_specs_carry_the_generation_of_each_sae_they_name(parser):
+    spec = steer(parser, feature(clamp=1.0))
+    assert spec.generations == (("s", parser.artifacts.saes["s"].generation),)
+    assert spec.current({"s": spec.generations[0][1]}) is spec
+    stale = spec.current({"s": spec.generations[0][1] + 1})  # unloaded and loaded again
+    assert stale.features == () and stale.generations == ()
+    assert spec.current({}).features == ()  # unloaded
 
 
 def test_a_prompt_that_tokenizes_to_nothing_is_invalid(parser):

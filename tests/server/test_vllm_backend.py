@@ -191,6 +191,23 @@ def test_prefix_cache_is_not_shared_across_different_steering(loop, vllm_coded):
     assert tokens(again) == tokens(first)
 
 
+def test_a_multi_turn_follow_up_under_a_generated_scope_matches_the_reference(loop, models, vllm_coded):
+    """Turn 1 generates under a GENERATED-scope clamp; turn 2's prompt is turn 1 and its output, with
+    the same clamp, so the rows turn 1 steered as generated are prompt rows of turn 2, unsteered. Its
+    KV blocks must not come from turn 1's cache: turn 2 equals the reference backend (no cache)."""
+    ids = vllm_coded.tokenize(" ".join(PROMPTS * 8))[:100]  # turn 1 fills a KV block (128 on CPU) and more
+    read = ReadoutSpec(saes=("r1",), top_k=4)
+    clamp = SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 40.0, Scope("generated")),), readouts=read)
+    (turn1,) = loop.run(collect(vllm_coded, [EngineRequest(ids, Sampling(max_tokens=48, ignore_eos=True), clamp)]))
+    follow = EngineRequest(ids + tokens(turn1) + vllm_coded.tokenize(" and then"),
+                           Sampling(max_tokens=8, ignore_eos=True), clamp)
+    (got,) = loop.run(collect(vllm_coded, [follow]))
+    (want,) = asyncio.run(collect(ReferenceEngine(models["coded"], models["saes"]), [follow]))
+    assert tokens(got) == tokens(want)
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-3)
+    assert_same_readouts(got, want)
+
+
 def test_cancelling_a_stream_aborts_it_in_the_engine(loop, vllm_coded):
     async def cancel_after_two():
         r = EngineRequest(vllm_coded.tokenize(PROMPTS[0]), Sampling(max_tokens=200, ignore_eos=True))
