@@ -245,6 +245,7 @@ class RudderServer:
         signalled, died = asyncio.create_task(stop.wait()), asyncio.create_task(self.engine_died.wait())
         await asyncio.wait([signalled, died], return_when=asyncio.FIRST_COMPLETED)
         signalled.cancel()
+        died.cancel()
         if self.engine_died.is_set():
             await self.stop(grace=1.0)
             return ENGINE_DIED_EXIT

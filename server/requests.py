@@ -144,7 +144,7 @@ class RequestParser:
         if not all(math.isfinite(v) for v in values):
             raise InvalidArgument(f"{where}: the direction vector has non-finite values")
         norm = math.sqrt(math.fsum(v * v for v in values))
-        if norm * max(abs(alpha), 1.0) > MAX_MAGNITUDE:
+        if norm * abs(alpha) > MAX_MAGNITUDE:
             raise InvalidArgument(f"{where}: the direction's norm ({norm:g}) times |alpha| is past this server's "
                                   f"bound of {MAX_MAGNITUDE:g} (larger edits overflow half-precision activations)")
         return DirectionEdit(site.name, tuple(values), alpha, scope)

@@ -89,14 +89,16 @@ async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncI
 
 @dataclasses.dataclass(eq=False)
 class _Call:
-    """A Generate or Trace being served: what it steers and reads, and why it must end, if it must."""
+    """A Generate or Trace being served, and what it steers and reads."""
 
     spec: SteeringSpec
-    failed: str | None = None
 
-    def check(self) -> None:
-        if self.failed:
-            raise FailedPrecondition(self.failed)
+    def check(self, generations: dict[str, int]) -> None:
+        """FAILED_PRECONDITION once an SAE the call uses is unloaded (or reloaded: another generation)."""
+        if self.spec.current(generations) is not self.spec:
+            gone = sorted(i for i, g in self.spec.generations if generations.get(i) != g)
+            raise FailedPrecondition(f"SAE {', '.join(map(repr, gone))} was unloaded while this request ran; load "
+                                     f"it again (LoadSae) and resend the request, or leave it out")
 
 
 class SteeringService(pb_grpc.SteeringServicer):
@@ -109,7 +111,6 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.parser = RequestParser(engine.shape, engine.artifacts, limits, engine.check_site)
         self.max_concurrent = max_concurrent
         self.in_flight = 0
-        self._calls: set[_Call] = set()
         self.dead: str | None = None  # why the server no longer serves (its engine died)
         self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index
 
@@ -124,14 +125,11 @@ class SteeringService(pb_grpc.SteeringServicer):
     def _enter(self, spec: SteeringSpec) -> _Call:
         self.in_flight += 1
         self.metrics.streams_in_flight.inc()
-        call = _Call(spec)
-        self._calls.add(call)
-        return call
+        return _Call(spec)
 
-    def _leave(self, call: _Call) -> None:
+    def _leave(self) -> None:
         self.in_flight -= 1
         self.metrics.streams_in_flight.dec()
-        self._calls.discard(call)
 
     def _admit(self) -> None:
         if self.dead:
@@ -153,7 +151,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         self._count_admitted(steering, len(ids) * (2 if request.include_baseline else 1))
         streams = [(False, self.engine.generate(EngineRequest(ids, sampling, steering)))]
         if request.include_baseline:
-            baseline = SteeringSpec(readouts=steering.readouts)
+            baseline = SteeringSpec(readouts=steering.readouts, generations=steering.generations)
             streams.append((True, self.engine.generate(EngineRequest(ids, sampling, baseline))))
         call = self._enter(steering)
         m = self.metrics
@@ -164,7 +162,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             # aclosing: a call ended here (call.check) closes the engine's streams now, not at garbage collection
             async with aclosing(merge(streams)) as events:
                 async for is_baseline, ev in events:
-                    call.check()
+                    call.check(self.engine.artifacts.generations())
                     msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
                                               readouts=[readout_to_pb(r) for r in ev.readouts])
                     if ev.queue_s is not None:
@@ -194,7 +192,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             m.readouts_missing.inc()
             raise
         finally:
-            self._leave(call)
+            self._leave()
 
     async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
         steering = self.parser.steering(request.interventions, request.readouts)
@@ -206,7 +204,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             out = pb.TraceResponse()
             async with aclosing(self.engine.generate(EngineRequest(ids, steering=steering, trace=True))) as events:
                 async for ev in events:
-                    call.check()
+                    call.check(self.engine.artifacts.generations())
                     out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
                     self.metrics.readout_rows.inc(len(ev.readouts))
             return out
@@ -214,7 +212,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             self.metrics.readouts_missing.inc()
             raise
         finally:
-            self._leave(call)
+            self._leave()
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         s, arts = self.engine.shape, self.engine.artifacts
@@ -294,9 +292,5 @@ class SteeringService(pb_grpc.SteeringServicer):
 
     async def UnloadSae(self, request: pb.UnloadSaeRequest, context) -> pb.UnloadSaeResponse:
         self._admin("UnloadSae")
-        await self.engine.unload_sae(request.id)
-        for call in self._calls:  # requests that steer or read with it end at their next token
-            if request.id in call.spec.sae_ids():
-                call.failed = (f"SAE {request.id!r} was unloaded while this request ran; load it again (LoadSae) "
-                               f"and resend the request, or leave it out")
+        await self.engine.unload_sae(request.id)  # calls that use it end at their next token (_Call.check)
         return pb.UnloadSaeResponse()

@@ -257,6 +257,10 @@ class ReferenceEngine(HfTokenizing):
         states: list[_Row | None] = []
         for b, (h, r) in enumerate(zip(wave, reqs)):
             seq = Sequence(r, self.tokenizer, self.eos_ids)
+            if seq.reads_prompt and b in broken:  # as vLLM: no prompt event of an overflowed prompt
+                h.push(broken_steering(prompt_lens[b] - 1))
+                states.append(None)
+                continue
             if seq.reads_prompt:
                 first = b * length + length - prompt_lens[b]
                 for t in range(prompt_lens[b]):

@@ -31,7 +31,7 @@ from rudder.server.backends.base import TokenReadout
 
 def broken_steering(position: int) -> InvalidArgument:
     """The error a request gets when its steering overflowed the stream (the row went on unsteered)."""
-    return InvalidArgument(f"the steering made the activations non-finite at token position {position} (an "
+    return InvalidArgument(f"the steering made the activations non-finite by token position {position} (an "
                            f"overflow in the model's dtype); use smaller values, scales or alphas")
 
 
@@ -54,12 +54,14 @@ class Span:
         return None
 
     def read_rows(self) -> range:
-        """Rows whose readouts it gets: every row when it asked for prompt readouts, else only
-        the sampled row."""
-        if self.spec.readouts.empty or self.start == self.end:
+        """Rows whose readouts it gets: every row when it asked for prompt readouts (or is a
+        trace), else only the sampled row, if it asked for readouts at all."""
+        if self.start == self.end:
             return range(0)
-        if self.spec.readouts.include_prompt:
+        if self.spec.readouts.include_prompt:  # a trace sets it, readouts asked for or not: a row per prompt token
             return range(self.start, self.end)
+        if self.spec.readouts.empty:
+            return range(0)
         row = self.sampled_row()
         return range(0) if row is None else range(row, row + 1)
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -224,7 +225,8 @@ class VllmEngine(HfTokenizing):
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # Rudder reads the V1 runner's batch state
-        address = f"ipc://{tempfile.gettempdir()}/rudder-readouts-{uuid.uuid4().hex[:12]}"
+        self._socket_dir = tempfile.mkdtemp(prefix="rudder-readouts-")  # mode 0700: only this user connects
+        address = f"ipc://{self._socket_dir}/readouts"
         self._zmq = zmq.asyncio.Context()
         self._socket = self._zmq.socket(zmq.PULL)
         self._socket.bind(address)
@@ -244,10 +246,12 @@ class VllmEngine(HfTokenizing):
         self._receiver.cancel()
         self._socket.close(0)
         self._zmq.term()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def healthy(self) -> bool:
-        """False once vLLM's engine has died (its core process gone or failed): it will not serve again."""
-        return self.llm is not None and not self.llm.errored
+        """False once vLLM's engine has died (its core process gone or failed), or the readout receiver
+        has: it will not serve again."""
+        return self.llm is not None and not self.llm.errored and not self._receiver.done()
 
     async def _receive(self) -> None:
         """The workers' per-step messages, routed to the requests' `_Rows`. A message that cannot be read
@@ -273,17 +277,19 @@ class VllmEngine(HfTokenizing):
         if self.on_hook_step is not None:
             self.on_hook_step(hook_s)
         touched = set()
-        for req_id, position, readouts, broken in rows:
-            external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
-            box = self._rows.get(external)
-            if box is not None:
-                if position in box.by_position:  # recomputed after preemption: keep the first
-                    self.recomputed_rows += 1
-                else:
-                    box.by_position[position] = (readouts, broken)
-                touched.add(external)
-        for r in touched:
-            self._rows[r].arrived.set()
+        try:
+            for req_id, position, readouts, broken in rows:
+                external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
+                box = self._rows.get(external)
+                if box is not None:
+                    if position in box.by_position:  # recomputed after preemption: keep the first
+                        self.recomputed_rows += 1
+                    else:
+                        box.by_position[position] = (readouts, broken)
+                    touched.add(box)
+        finally:  # rows stored before a bad one still reach their requests
+            for box in touched:
+                box.arrived.set()
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
@@ -327,7 +333,9 @@ class VllmEngine(HfTokenizing):
             return uuid.uuid4().hex
         if not spec.steers:
             return None
-        edits = {k: v for k, v in payload.items() if k != "readouts"}
+        edits = {k: v for k, v in payload.items() if k not in ("readouts", "generations")}
+        edited = {e.sae for e in spec.features} | {e.sae for e in spec.directions if e.sae is not None}
+        edits["generations"] = [[i, g] for i, g in spec.generations if i in edited]  # not those only read
         scopes = [e.scope.kind for e in (*spec.features, *spec.directions, *spec.codes)]
         if "prompt" in scopes or "generated" in scopes:
             edits["prompt_len"] = prompt_len

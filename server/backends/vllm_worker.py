@@ -255,9 +255,10 @@ class _Steerer:
         qsl = self.runner.query_start_loc.np[:n_reqs + 1].tolist()
         if positions is None or positions.dim() != 1 or qsl[-1] > positions.shape[0]:
             return  # not a plain token batch (a dummy run); nothing of ours to do
-        for stale in set(self._specs) - set(req_ids):
+        known = self.runner.requests  # requests vLLM holds, scheduled this step or not
+        for stale in [r for r in self._specs if r not in known]:
             del self._specs[stale]
-        self._broken &= set(req_ids)
+        self._broken &= set(known)
         used = [(i, r, s) for i, r in enumerate(req_ids) if (s := self._spec(r)) is not None]
         if not used and not self.always_on:
             return

@@ -369,9 +369,9 @@ def test_unloading_an_sae_under_load_ends_its_requests_and_spares_the_rest(backe
     make_sae(root / "u-narrow", "blocks.1.hook_resid_post", d_sae=64, seed=4)
     outcomes: dict[int, str] = {}
     ended: dict[int, float] = {}
-    first = threading.Barrier(17)
+    first, go = threading.Barrier(17), threading.Barrier(16)
     parser = server.server.service.parser
-    limits, parser.limits = parser.limits, dataclasses.replace(parser.limits, max_tokens=200)  # long streams
+    limits, parser.limits = parser.limits, dataclasses.replace(parser.limits, max_tokens=240)  # long streams
     with rc.Client(server.address, timeout=120) as admin:
         admin.load_sae(str(root / "u-wide"), id="u")
 
@@ -381,7 +381,8 @@ def test_unloading_an_sae_under_load_ends_its_requests_and_spares_the_rest(backe
                 if uses else {}
             try:
                 with rc.Client(server.address, timeout=120) as c:
-                    stream = c.generate("The quick brown fox", max_tokens=200, ignore_eos=True, **kw)
+                    go.wait(timeout=60)  # all at once: one wave of the reference engine, none done before the rest
+                    stream = c.generate("The quick brown fox", max_tokens=240, ignore_eos=True, **kw)
                     next(stream)
                     first.wait(timeout=60)
                     time.sleep(0.2)

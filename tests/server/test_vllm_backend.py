@@ -260,6 +260,8 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
                                            readouts=rc.readouts(saes=["r1"], top_k=2)))
             assert len(steered) == 6 and steered[-1].stop_reason == "length"
             assert all(t.readout("r1").top[0][0] == 3 for t in steered)  # each token carries its readout
+            traced = client.trace(PROMPTS[0], interventions=[rc.clamp("r1", 3, 25.0)])  # steered, nothing read
+            assert len(traced) == len(engine.tokenize(PROMPTS[0])) and not any(t.readouts for t in traced)
             with pytest.raises(rc.NotFound, match="unknown SAE 'm0'"):
                 list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
 
