@@ -212,6 +212,31 @@ def test_fuzzed_requests_get_only_client_side_statuses_and_the_server_lives(back
 # ---------------------------------------------------------------- load
 
 
+def test_the_context_bounds_prompts_and_cuts_outputs_with_length(backend, server):
+    """Context 256 (the tiny model's positions; vLLM's max_model_len): a prompt that leaves no room gets
+    OUT_OF_RANGE naming both numbers; one that leaves 3 tokens ends with LENGTH after 3, with usage."""
+    engine = server.server.engine
+    words = "The quick brown fox jumps over the lazy dog."
+
+    def prompt_of(n: int) -> str:
+        text = words
+        while len(engine.tokenize(text)) < n:
+            text += " " + words
+        ids = engine.tokenize(text)
+        while len(ids) > n:
+            text = text[:-1]
+            ids = engine.tokenize(text)
+        assert len(ids) == n, "could not make a prompt of that length"
+        return text
+
+    with rc.Client(server.address, timeout=120) as c:
+        with pytest.raises(rc.InvalidArgument, match="the prompt is 300 tokens; this model's context is 256"):
+            list(c.generate(prompt_of(300), max_tokens=6))
+        toks = list(c.generate(prompt_of(253), max_tokens=6, ignore_eos=True))
+    assert len(toks) == 3 and toks[-1].stop_reason == "length"
+    assert (toks[-1].prompt_tokens, toks[-1].completion_tokens) == (253, 3)
+
+
 def in_flight_after_settling(service, timeout: float = 30.0) -> int:
     """The service's open streams once finished ones have been released (just after their last message)."""
     deadline = time.monotonic() + timeout
