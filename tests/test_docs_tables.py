@@ -1,25 +1,19 @@
 """The benchmark tables in docs/ are the ones bench/render_tables.py renders from bench/results/*.json."""
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.bench_scripts import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def render():
-    spec = importlib.util.spec_from_file_location("render_tables", ROOT / "bench" / "render_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    try:
-        spec.loader.exec_module(module)
+    with bench_script("render_tables") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_docs_tables_match_the_bench_results(render):

@@ -2,29 +2,20 @@
 Without CUDA the capture cannot run, so this checks on CPU what the capture relies on: tables
 copied into the first tables' tensors steer exactly as freshly built ones, on the same tensors."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rudder.core.sae import SAE, SAEConfig
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cuda_steering_op", ROOT / "bench" / "cuda_steering_op.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_script("cuda_steering_op") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_copied_tables_steer_as_fresh_ones_on_the_same_buffers(bench):
