@@ -98,8 +98,15 @@ class SAEConfig:
             )
         if self.d_in < 1 or self.d_sae < 1:
             raise ArtifactError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ArtifactError(f"SAE dtype {self.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         if self.architecture == "topk" and not (self.k and 0 < self.k <= self.d_sae):
             raise ArtifactError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype the SAE runs in (SAELens' `dtype`), whatever the model's."""
+        return getattr(torch, self.dtype)
 
     def to_saelens(self) -> dict[str, Any]:
         """The SAELens v6 cfg.json dictionary (hook and model names under `metadata`)."""
@@ -112,7 +119,9 @@ class SAEConfig:
             "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "reshape_activations": "hook_z" if self.hook_name.endswith("hook_z") else "none",
-            "metadata": {**self.metadata, "hook_name": self.hook_name, "model_name": self.model_name},
+            # sae_lens_version: SAELens reads a folder without it as pre-6 and loses hook and model names
+            "metadata": {**self.metadata, "hook_name": self.hook_name, "model_name": self.model_name,
+                         "sae_lens_version": SAELENS_FORMAT_VERSION},
         }
         if self.architecture == "topk":
             cfg["k"] = self.k
@@ -131,7 +140,17 @@ class SAEConfig:
                 f"cfg.json has normalize_activations={norm!r}: fold the normalisation into the weights "
                 "before serving (SAELens: `sae.fold_activation_norm_scaling_factor`)"
             )
+        if raw.get("hook_head_index", raw.get("hook_point_head_index")) is not None:
+            raise ArtifactError("cfg.json sets hook_head_index (an SAE of one attention head): Rudder serves "
+                                "SAEs of a whole site; train or convert one on the site's full width")
+        _check_model_processing({**raw, **(raw.get("metadata") or {})})
         arch = raw.get("architecture", "standard")
+        activation = raw.get("activation_fn", raw.get("activation_fn_str"))
+        if arch == "standard" and activation == "topk":  # legacy SAELens TopK: a standard SAE with a topk activation
+            arch = "topk"
+        elif activation not in (None, "relu", "topk" if arch == "topk" else "relu"):
+            raise ArtifactError(f"cfg.json: activation_fn {activation!r} with architecture {arch!r} is not "
+                                f"supported; known architectures: {', '.join(sorted(ACTIVATIONS))}")
         return cls(
             d_in=int(raw["d_in"]),
             d_sae=int(raw["d_sae"]),
@@ -144,6 +163,29 @@ class SAEConfig:
             rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
             metadata=meta,
         )
+
+
+SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens whose folder format Rudder writes (checked in tests)
+
+# TransformerLens weight processing that changes the activations an SAE was trained on, against the
+# raw Hugging Face model Rudder runs (fold_ln and center_unembed leave the hook sites' values alone).
+_PROCESSING = {
+    "center_writing_weights": "the residual stream is mean-centred",
+    "fold_value_biases": "the value biases are moved into the attention output bias",
+    "refactor_factored_attn_matrices": "the attention matrices are refactored",
+}
+
+
+def _check_model_processing(raw: dict[str, Any]) -> None:
+    """Refuse an SAE trained on TransformerLens-processed weights whose activations differ from the raw
+    model's (SAELens' `model_from_pretrained_kwargs`)."""
+    kwargs = raw.get("model_from_pretrained_kwargs") or {}
+    for key, what in _PROCESSING.items():
+        if kwargs.get(key):
+            raise ArtifactError(
+                f"cfg.json: model_from_pretrained_kwargs.{key}=true ({what} in TransformerLens), so this SAE's "
+                f"inputs differ from the raw model's activations Rudder serves; use an SAE trained with "
+                f"{key}=false (SAELens' default for most releases) or on the Hugging Face model")
 
 
 # ---------------------------------------------------------------- module
@@ -185,6 +227,7 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
 
     def pre_acts(self, x: Tensor) -> Tensor:
+        x = x.to(self.W_enc.dtype)  # as SAELens: the SAE runs in its own dtype, whatever the model's
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc  # (..., d_sae)
@@ -202,6 +245,7 @@ class SAE(nn.Module):
         encoding the whole dictionary: M encoder columns per row. Elementwise SAEs only."""
         if not self.elementwise:
             raise ValueError(f"a {self.cfg.architecture} SAE's features depend on each other: use encode")
+        x = x.to(self.W_enc.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
         pre = torch.einsum("nd,nmd->nm", x, self.W_enc.T[ids]) + self.b_enc[ids]  # (N, M)
@@ -254,4 +298,4 @@ class SAE(nn.Module):
         sae.load_state_dict({name: weights[name] for name, _ in sae.named_parameters()})
         if cfg.rescale_acts_by_decoder_norm:
             sae.fold_decoder_norm()
-        return sae.to(device=device, dtype=getattr(torch, cfg.dtype)).requires_grad_(False)
+        return sae.to(device=device, dtype=cfg.torch_dtype).requires_grad_(False)

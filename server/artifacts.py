@@ -85,15 +85,15 @@ class Artifacts:
 
     # -------------------------------------------------------------- loading
 
-    def add_sae(self, spec: str, shape: ModelShape, device: torch.device, dtype: torch.dtype,
-                weights: bool = True, generation: int | None = None) -> AttachedSae:
+    def add_sae(self, spec: str, shape: ModelShape, device: torch.device, weights: bool = True,
+                generation: int | None = None) -> AttachedSae:
         """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
         its weights' shapes) is read, for a process that validates requests but runs no SAE.
         `generation`: as the front end numbered this load (default: the next number here)."""
         name, path = split_named(spec)
         sae_id = name or path.name
         try:
-            sae = SAE.load(path, device=device).to(dtype) if weights else None
+            sae = SAE.load(path, device=device) if weights else None  # in its own dtype, as SAELens runs it
             cfg = sae.cfg if sae is not None else load_sae_config(path)
             site = Site.parse(cfg.hook_name, shape.num_layers)
         except RudderError as e:

@@ -99,7 +99,7 @@ class ReferenceEngine(HfTokenizing):
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, self.device, dtype)
         for spec in saes:
-            self.artifacts.add_sae(spec, self.shape, self.device, dtype)
+            self.artifacts.add_sae(spec, self.shape, self.device)
         self._refresh()
         self._step_artifacts, self._tables_for = self._attached[0], None  # what the current wave's tables are of
         self._hooks: dict[str, object] = {}
@@ -142,7 +142,7 @@ class ReferenceEngine(HfTokenizing):
             self._thread = None
 
     async def load_sae(self, spec: str) -> str:
-        attached = self.artifacts.add_sae(spec, self.shape, self.device, self.model.dtype)
+        attached = self.artifacts.add_sae(spec, self.shape, self.device)
         self._ensure_hook(attached.site.name)
         self._refresh()
         return attached.id

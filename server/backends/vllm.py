@@ -159,7 +159,7 @@ class VllmEngine(HfTokenizing):
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, cpu, torch_dtype)
         for spec in saes:
-            self.artifacts.add_sae(spec, self.shape, cpu, torch_dtype, weights=False)
+            self.artifacts.add_sae(spec, self.shape, cpu, weights=False)
         model = _model_view(self.model_dir) if has_codebooks(self.model_dir) else self.model_dir
         defaults = {k: v for k, v in dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                           enable_prefix_caching=enable_prefix_caching,
@@ -293,8 +293,7 @@ class VllmEngine(HfTokenizing):
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
-        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), torch.float32,
-                                          weights=False)
+        attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), weights=False)
         try:
             self.check_site(attached.site.name)
             self._check_sites([attached.site.name])

@@ -200,7 +200,7 @@ class _Steerer:
     # ------------------------------------------------------------ artifacts
 
     def load_sae(self, spec: str, generation: int) -> str:
-        attached = self.artifacts.add_sae(spec, self.shape, self.device, self.dtype, generation=generation)
+        attached = self.artifacts.add_sae(spec, self.shape, self.device, generation=generation)
         self._check_declared(attached.site.name)
         self._refresh()
         return attached.id

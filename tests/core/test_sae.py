@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rudder.core.errors import ArtifactError
-from rudder.core.sae import ACTIVATIONS, SAE, register_activation
+from rudder.core.sae import ACTIVATIONS, SAE, SAELENS_FORMAT_VERSION, register_activation
 
 
 def write_saelens_folder(path, architecture="standard", d_in=8, d_sae=16, k=None, seed=0):
@@ -59,6 +59,7 @@ def test_save_then_load_round_trips_and_writes_saelens_keys(tmp_path):
     cfg = json.loads((tmp_path / "b" / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["k"] == 4
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["metadata"]["sae_lens_version"] == SAELENS_FORMAT_VERSION  # else SAELens reads it as pre-6
     again = SAE.load(tmp_path / "b")
     for name, p in sae.named_parameters():
         assert torch.equal(p, dict(again.named_parameters())[name])
@@ -108,3 +109,56 @@ def test_topk_rescaled_by_decoder_norm_is_folded_at_load():
     assert not sae.cfg.rescale_acts_by_decoder_norm
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae))
     torch.testing.assert_close(sae.W_enc, raw["W_enc"] * norms)
+
+
+def edit_cfg(path, **changes):
+    cfg = json.loads((path / "cfg.json").read_text())
+    for key, value in changes.items():
+        if key == "metadata":
+            cfg["metadata"].update(value)
+        else:
+            cfg[key] = value
+    (path / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_a_legacy_topk_config_loads_as_topk(tmp_path):
+    """SAELens before 6 wrote TopK SAEs as `standard` with `activation_fn_str: topk`."""
+    w = write_saelens_folder(tmp_path / "a", "standard")
+    edit_cfg(tmp_path / "a", activation_fn_str="topk", activation_fn_kwargs={"k": 3})
+    sae = SAE.load(tmp_path / "a")
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == 3
+    x = torch.randn(5, 8)
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    top = pre.topk(3, dim=-1)
+    want = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    torch.testing.assert_close(sae.encode(x), want)
+
+
+@pytest.mark.parametrize("changes,fragments", [
+    (dict(hook_head_index=2), ("hook_head_index", "one attention head")),
+    (dict(metadata={"model_from_pretrained_kwargs": {"center_writing_weights": True}}),
+     ("model_from_pretrained_kwargs.center_writing_weights=true", "mean-centred", "center_writing_weights=false")),
+    (dict(model_from_pretrained_kwargs={"fold_value_biases": True}), ("fold_value_biases",)),
+    (dict(activation_fn="tanh-relu"), ("activation_fn 'tanh-relu'",)),
+    (dict(dtype="float64x"), ("dtype 'float64x'",)),
+])
+def test_configs_rudder_cannot_serve_faithfully_are_refused_with_the_key(tmp_path, changes, fragments):
+    write_saelens_folder(tmp_path / "a")
+    edit_cfg(tmp_path / "a", **changes)
+    with pytest.raises(ArtifactError) as e:
+        SAE.load(tmp_path / "a")
+    for f in fragments:
+        assert f in str(e.value)
+
+
+def test_processing_that_leaves_the_sites_alone_is_accepted(tmp_path):
+    write_saelens_folder(tmp_path / "a")
+    edit_cfg(tmp_path / "a", metadata={"model_from_pretrained_kwargs": {"fold_ln": True, "center_unembed": True,
+                                                                         "center_writing_weights": False}})
+    assert SAE.load(tmp_path / "a").cfg.d_sae == 16
+
+
+def test_an_sae_runs_in_its_own_dtype(tmp_path):
+    write_saelens_folder(tmp_path / "a")
+    edit_cfg(tmp_path / "a", dtype="bfloat16")
+    assert SAE.load(tmp_path / "a").W_enc.dtype == torch.bfloat16

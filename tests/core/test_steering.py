@@ -162,3 +162,24 @@ def test_two_saes_at_one_site_apply_in_order_each_keeping_its_error(sae):
     for r, feat, f_new in [(readouts[0], feat_a, fa_new), (readouts[1], feat_b, fb_new)]:
         col = r.selected_ids.tolist().index(feat)
         torch.testing.assert_close(r.selected_values[:, col], f_new[:, feat], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+@torch.no_grad()
+def test_an_fp32_sae_on_a_bf16_stream_runs_in_fp32_as_saelens_does(arch):
+    """The SAE casts the (bfloat16) activations to its own dtype: readouts equal the fp32 SAE's on the
+    same bf16 activations, and an edit is computed in fp32, then written back in bf16."""
+    torch.manual_seed(3)
+    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture=arch, k=8 if arch == "topk" else None))
+    s.W_enc.normal_(0, 0.5)
+    s.W_dec.normal_(0, 0.5)
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    spec = SteeringSpec(features=(FeatureEdit("s", 5, Op.CLAMP, 6.3),), readouts=ReadoutSpec(saes=("s",), top_k=4))
+    out, (r,) = steer_site(SITE, x, SiteArtifacts(saes={"s": s}), build_tables([spec], [4]),
+                           RowIndex(torch.zeros(4, dtype=torch.long), torch.arange(4)))
+    f = s.encode(x.float())
+    assert out.dtype == torch.bfloat16 and r.top_values.dtype == torch.float32
+    f[:, 5] = 6.3  # the readout is of f', the edited features, exactly 6.3 (not bf16's 6.3125)
+    torch.testing.assert_close(r.top_values, f.topk(4).values, rtol=0, atol=0)
+    want = x + ((6.3 - s.encode(x.float())[:, 5:6]) * s.W_dec[5]).to(torch.bfloat16)  # the change, in fp32
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -105,7 +105,17 @@ def test_prometheus_metrics_are_scraped_over_http(served):
                                readouts=rc.readouts(saes=["s"], top_k=2)))
         with pytest.raises(rc.NotFound):
             list(c.generate("x", interventions=[rc.clamp("nope", 1, 1.0)]))
-    after = scrape(proc.metrics_url)
+    # The server counts an RPC as it closes, and the engine its wave as it ends, just after the client
+    # has its last message: wait for both.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(proc.metrics_url)
+        done = after.get(("rudder:requests_total", (("code", "OK"), ("method", "Generate"))), 0.0)
+        if done > before.get(("rudder:requests_total", (("code", "OK"), ("method", "Generate"))), 0.0) \
+                and after[("rudder:streams_in_flight", ())] == 0 and after[("rudder:num_requests_running", ())] == 0 \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def grew(name, labels=()):
         return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)

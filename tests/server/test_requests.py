@@ -28,7 +28,7 @@ def parser(tmp_path_factory):
     artifacts = Artifacts()
     path = tmp_path_factory.mktemp("saes") / "resid1"
     make_sae(path, SAE_SITE)  # d_in 64, d_sae 256
-    artifacts.add_sae(f"s={path}", SHAPE, torch.device("cpu"), torch.float32)
+    artifacts.add_sae(f"s={path}", SHAPE, torch.device("cpu"))
     cb = Codebook(CodebookConfig("cb", CB_SITE, num_codes=16, k=2, d_code=8, num_heads=4)).requires_grad_(False)
     artifacts.codebooks["cb"] = AttachedCodebook("cb", Site.parse(CB_SITE), cb)
     return RequestParser(SHAPE, artifacts, LIMITS)

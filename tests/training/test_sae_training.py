@@ -46,7 +46,7 @@ def test_local_sae_learns_to_reconstruct_and_writes_a_servable_artifact(tiny_dir
     from rudder.core.hf_sites import ModelShape
     from rudder.server.artifacts import Artifacts
     shape = ModelShape("llama", 3, 64, 4, 16, 320)
-    attached = Artifacts().add_sae(str(tmp_path / "sae"), shape, torch.device("cpu"), torch.float32)
+    attached = Artifacts().add_sae(str(tmp_path / "sae"), shape, torch.device("cpu"))
     assert attached.features is not None and attached.features[0].id == 0
 
 
