@@ -1,6 +1,6 @@
 """Where each hook site lives in a Hugging Face causal LM, and how to hook it.
 
-Supported families: Llama (and others laid out like it: Mistral, Qwen2, SmolLM),
+Supported families: Llama (and others laid out like it: Mistral, Qwen2, Qwen3, SmolLM),
 GPT-2 and GPT-NeoX. A site's hook sees the activation as (batch, seq, d) and
 returns its replacement.
 """
@@ -32,6 +32,7 @@ LAYOUTS = {
     "llama": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
     "mistral": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
     "qwen2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
+    "qwen3": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),  # q/k norms inside
     "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj"),
     "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
 }

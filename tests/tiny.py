@@ -6,7 +6,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from rudder.core.sae import SAE, SAEConfig
 
@@ -35,18 +45,29 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+FAMILIES = {  # model_type: (config class, model class), laid out as Llama
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
 def make_llama(path: Path, layers: int = 3, seed: int = 0, heads: int = 4, kv_heads: int = 2,
-               hidden: int = 64) -> Path:
-    """vLLM's CPU attention needs a head size (hidden / heads) of at least 32: use heads=2, kv_heads=1
-    there, or hidden=128 with 4 heads (tensor parallelism splits the heads)."""
+               hidden: int = 64, family: str = "llama") -> Path:
+    """A tiny random model of a Llama-like `family`. vLLM's CPU attention needs a head size
+    (hidden / heads) of at least 32: use heads=2, kv_heads=1 there, or hidden=128 with 4 heads
+    (tensor parallelism splits the heads)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    config_cls, model_cls = FAMILIES[family]
+    cfg = config_cls(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        head_dim=hidden // heads, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg)
+    model = model_cls(cfg)
     # Larger weights than the default init make the output depend on the input and give
     # greedy decoding clear winners (fewer float near-ties between batched and lone runs).
     with torch.no_grad():

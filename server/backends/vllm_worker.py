@@ -44,6 +44,10 @@ CONFIG_KEY = "rudder"  # in vLLM's additional_config: {"sites": [...]}, part of 
 VLLM_VERSION = "0.32.0"
 RUNNER_HINT = "set VLLM_USE_V2_MODEL_RUNNER=0 (Rudder needs vLLM's V1 model runner; `rudder serve` sets it)"
 
+# Model types whose vLLM decoder layers are laid out as Llama's (model.layers; each returns (mlp_out,
+# residual); mlp; self_attn.o_proj), where `place_ops` puts the op.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
 _STEERER: _Steerer | None = None  # this process's steerer: what the op calls
 
 

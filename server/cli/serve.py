@@ -49,15 +49,23 @@ def model_and_saes(cfg: ServeConfig) -> tuple[Path, str, list[str]]:
     return cfg.model, cfg.model.name, saes
 
 
-def choose_backend() -> str:
-    """`--backend auto`: vLLM where it is installed (the production path), else the reference backend."""
+def choose_backend(model_dir: Path) -> str:
+    """`--backend auto`: vLLM where it is installed and serves the model's family (the production
+    path), else the reference backend."""
+    import json
+
     from rudder.core.errors import ArtifactError
     from rudder.server.backends.vllm import check_vllm
+    from rudder.server.backends.vllm_worker import FAMILIES
 
     try:
         check_vllm()
     except ArtifactError as e:
         log.info("backend: reference (%s)", e)
+        return "reference"
+    family = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if family not in FAMILIES:
+        log.info("backend: reference (the vLLM backend serves %s, not %s)", ", ".join(FAMILIES), family)
         return "reference"
     log.info("backend: vllm (vLLM is installed; --backend reference serves with the reference backend)")
     return "vllm"
@@ -70,7 +78,7 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     from rudder.core.errors import RudderError
 
     model_dir, name, saes = model_and_saes(cfg)
-    backend = cfg.backend if cfg.backend != "auto" else choose_backend()
+    backend = cfg.backend if cfg.backend != "auto" else choose_backend(model_dir)
     vllm_only = [flag for flag, given in (("vLLM flags after --", cfg.vllm_args), ("--steer-sites", cfg.steer_sites),
                                           ("--tensor-parallel-size", cfg.tensor_parallel_size > 1)) if given]
     if backend == "reference" and vllm_only:

@@ -21,7 +21,7 @@ from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, Reado
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.server.engines import collect, tokens
-from tests.tiny import make_llama, make_sae
+from tests.tiny import make_llama, make_sae, make_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
@@ -355,3 +355,36 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
             assert [v for _, v in x.readout("r1").top] == pytest.approx([v for _, v in y.readout("r1").top],
                                                                        rel=1e-3, abs=1e-3)
     assert any(t.readout("r1").top[0][0] == 3 for t in two[1])  # the clamp showed, on TP 2 too
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_llama_like_families_serve_as_on_the_reference_backend(loop, tmp_path, family):
+    """A tiny random model of each family (Llama is the rest of this module): an SAE at
+    blocks.1.hook_resid_post reads out the same top features on both backends, greedy tokens agree,
+    and a clamp changes the continuation."""
+    model = make_llama(tmp_path / family, family=family, heads=2, kv_heads=1)
+    make_sae(tmp_path / "s", "blocks.1.hook_resid_post")
+    saes = [f"s={tmp_path / 's'}"]
+    read = ReadoutSpec(saes=("s",), top_k=4)
+    clamp = SteeringSpec(features=(FeatureEdit("s", 7, Op.CLAMP, 30.0),), readouts=read)
+    engine = start(loop, vllm_backend.VllmEngine(model, saes, max_model_len=256))
+    try:
+        requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
+                    for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), clamp)]
+        got = loop.run(collect(engine, requests))
+    finally:
+        loop.run(engine.stop())
+    want = asyncio.run(collect(ReferenceEngine(model, saes), requests))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert tokens(g) == tokens(w), f"{family} request {i}"
+        assert_same_readouts(g, w)
+    assert any(tokens(got[i]) != tokens(got[i + 1]) for i in range(0, len(got), 2))  # the clamp steers
+
+
+def test_a_family_the_vllm_backend_does_not_serve_is_refused_naming_both_lists(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=320)).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ArtifactError, match="'gpt2' is not served by the vLLM backend .*--backend reference"):
+        vllm_backend.VllmEngine(tmp_path)
