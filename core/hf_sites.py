@@ -1,7 +1,7 @@
 """Where each hook site lives in a Hugging Face causal LM, and how to hook it.
 
 Supported families: Llama (and others laid out like it: Mistral, Qwen2, Qwen3, SmolLM),
-GPT-2 and GPT-NeoX. A site's hook sees the activation as (batch, seq, d) and
+Gemma-2 and Gemma-3 text, GPT-2 and GPT-NeoX. A site's hook sees the activation as (batch, seq, d) and
 returns its replacement.
 """
 
@@ -26,6 +26,9 @@ class Layout:
     out_proj: str  # attention output projection inside a block (its input is hook_z)
     mlp_in: str  # inside the MLP: the projection whose output the nonlinearity reads (gate, for Llama)
     mlp_out: str  # inside the MLP: the output projection (its input is the neurons' activations)
+    mlp_contribution: str | None = None
+    """inside a block: the module whose output is the MLP's contribution to the stream (TransformerLens'
+    hook_mlp_out), where that is not the MLP itself (Gemma: its post-feedforward norm)"""
 
 
 LAYOUTS = {
@@ -33,6 +36,10 @@ LAYOUTS = {
     "mistral": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
     "qwen2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
     "qwen3": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),  # q/k norms inside
+    # Gemma-2 and Gemma-3 normalise each sublayer's output before adding it to the stream
+    "gemma2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj", "post_feedforward_layernorm"),
+    "gemma3_text": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj",
+                          "post_feedforward_layernorm"),
     "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj"),
     "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
@@ -117,7 +124,7 @@ def hook_site(model: nn.Module, site: Site, fn: SiteFn) -> RemovableHandle:
             return (fn(name, args[0]), *args[1:])
         return _get(block, layout.out_proj).register_forward_pre_hook(pre_z)
 
-    target = block if site.kind == "hook_resid_post" else _get(block, layout.mlp)
+    target = block if site.kind == "hook_resid_post" else _get(block, layout.mlp_contribution or layout.mlp)
 
     def post(module, args, output):
         return _replace_first(output, fn(name, _first(output)))

@@ -103,3 +103,48 @@ def test_codebook_model_serves_codes_and_forcing_reads_back(tmp_path, tiny_dir):
         (r,) = e.readouts
         assert len(r.codes) == 4 and 31 in r.codes[2]
     assert any(31 not in e.readouts[0].codes[2] for e in plain)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_sites_mean_what_transformerlens_means(tmp_path, family):
+    """Gemma normalises each sublayer's output before adding it: hook_mlp_out is the MLP's contribution
+    after the post-feedforward norm, so resid_post = resid_pre + (attention's normed output) + mlp_out;
+    and the engine serves the family with an SAE there, a clamp changing the continuation."""
+    import transformers
+
+    from tests.tiny import make_sae, make_tokenizer
+
+    tok = make_tokenizer()
+    kinds = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, n) for n in kinds[family])
+    torch.manual_seed(0)
+    model = model_cls(config_cls(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    seen = {}
+
+    def keep(name, x):
+        seen[name] = x.detach().clone()
+        return x
+
+    handles = [hook_site(model, Site(1, k), keep) for k in ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")]
+    handles.append(model.model.layers[1].post_attention_layernorm.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("attn_out", out.detach().clone())))
+    with torch.no_grad():
+        model(torch.tensor([tok("The quick brown fox").input_ids]))
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(seen["blocks.1.hook_resid_post"],
+                               seen["blocks.1.hook_resid_pre"] + seen["attn_out"] + seen["blocks.1.hook_mlp_out"])
+
+    make_sae(tmp_path / "s", "blocks.1.hook_mlp_out")
+    engine = ReferenceEngine(tmp_path / "m", saes=[f"s={tmp_path / 's'}"])
+    ids = engine.tokenize("The quick brown fox")
+    plain, steered = asyncio.run(collect(engine, [
+        EngineRequest(ids, Sampling(max_tokens=8, ignore_eos=True)),
+        EngineRequest(ids, Sampling(max_tokens=8, ignore_eos=True),
+                      SteeringSpec(features=(FeatureEdit("s", 7, Op.CLAMP, 200.0),)))]))
+    assert tokens(plain) != tokens(steered)
