@@ -226,11 +226,12 @@ class SAE(nn.Module):
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
 
-    def pre_acts(self, x: Tensor) -> Tensor:
+    def _input(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype)  # as SAELens: the SAE runs in its own dtype, whatever the model's
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc  # (..., d_sae)
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return self._input(x) @ self.W_enc + self.b_enc  # (..., d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
         return ACTIVATIONS[self.cfg.architecture](self, self.pre_acts(x))
@@ -245,10 +246,7 @@ class SAE(nn.Module):
         encoding the whole dictionary: M encoder columns per row. Elementwise SAEs only."""
         if not self.elementwise:
             raise ValueError(f"a {self.cfg.architecture} SAE's features depend on each other: use encode")
-        x = x.to(self.W_enc.dtype)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        pre = torch.einsum("nd,nmd->nm", x, self.W_enc.T[ids]) + self.b_enc[ids]  # (N, M)
+        pre = torch.einsum("nd,nmd->nm", self._input(x), self.W_enc.T[ids]) + self.b_enc[ids]  # (N, M)
         return ACTIVATIONS[self.cfg.architecture](self, pre, ids)
 
     def decode(self, f: Tensor) -> Tensor:

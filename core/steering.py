@@ -124,10 +124,13 @@ class SteeringSpec:
     """(SAE id, generation) of each SAE the spec names, as validated: an SAE unloaded and loaded
     again under the same id is another generation, and the spec's edits of the old one are dropped"""
 
+    def edited_saes(self) -> set[str]:
+        """Every SAE the spec edits a feature of or takes a direction from."""
+        return {e.sae for e in self.features} | {e.sae for e in self.directions if e.sae is not None}
+
     def sae_ids(self) -> set[str]:
         """Every SAE the spec edits, reads or takes a direction from."""
-        return ({e.sae for e in self.features} | {e.sae for e in self.directions if e.sae is not None}
-                | set(self.readouts.saes))
+        return self.edited_saes() | set(self.readouts.saes)
 
     def current(self, generations: Mapping[str, int]) -> SteeringSpec:
         """This spec without what names an SAE that is gone or of another generation than validated."""

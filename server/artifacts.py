@@ -15,7 +15,7 @@ import torch
 from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
-from rudder.core.errors import ArtifactError, RudderError
+from rudder.core.errors import ArtifactError, NotFound, RudderError
 from rudder.core.feature_metadata import FeatureMeta, read_feature_metadata
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
@@ -61,7 +61,7 @@ def split_named(spec: str) -> tuple[str | None, Path]:
 class Artifacts:
     saes: dict[str, AttachedSae] = field(default_factory=dict)
     codebooks: dict[str, AttachedCodebook] = field(default_factory=dict)
-    loads: int = 0  # SAEs attached so far: the last generation given
+    changes: int = 0  # SAEs attached or removed so far: a cheap "has anything changed?", and generations
 
     def by_site(self) -> dict[str, SiteArtifacts]:
         sites: dict[str, SiteArtifacts] = {}
@@ -75,6 +75,12 @@ class Artifacts:
     def sae_modules(self) -> dict[str, SAE]:
         """SAEs by id, for resolving directions given by feature."""
         return {i: a.sae for i, a in self.saes.items() if a.sae is not None}
+
+    def remove_sae(self, sae_id: str) -> None:
+        if sae_id not in self.saes:
+            raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.saes)) or 'none'}")
+        del self.saes[sae_id]
+        self.changes += 1
 
     def generations(self) -> dict[str, int]:
         """Each attached SAE's generation, by id (see `SteeringSpec.current`)."""
@@ -106,9 +112,9 @@ class Artifacts:
                 f"SAE {sae_id!r} ({path}) has d_in={cfg.d_in} but site {site.name} of this "
                 f"{shape.architecture} model is {want} wide: it was trained for another model or site"
             )
+        self.changes += 1
         if generation is None:
-            self.loads += 1
-            generation = self.loads
+            generation = self.changes
         attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation)
         self.saes[sae_id] = attached
         log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, cfg.d_sae, cfg.architecture)

@@ -92,11 +92,18 @@ class _Call:
     """A Generate or Trace being served, and what it steers and reads."""
 
     spec: SteeringSpec
+    seen: int = -1  # `Artifacts.changes` when last found current
 
-    def check(self, generations: dict[str, int]) -> None:
-        """FAILED_PRECONDITION once an SAE the call uses is unloaded (or reloaded: another generation)."""
-        if self.spec.current(generations) is not self.spec:
-            gone = sorted(i for i, g in self.spec.generations if generations.get(i) != g)
+    def check(self, artifacts) -> None:
+        """FAILED_PRECONDITION once an SAE the call uses is unloaded (or reloaded: another generation).
+        Per token, so only an attach or removal since the last check costs more than a comparison."""
+        if artifacts.changes == self.seen:
+            return
+        generations = artifacts.generations()
+        gone = sorted(i for i, g in self.spec.generations if generations.get(i) != g)
+        if not gone:
+            self.seen = artifacts.changes
+        else:
             raise FailedPrecondition(f"SAE {', '.join(map(repr, gone))} was unloaded while this request ran; load "
                                      f"it again (LoadSae) and resend the request, or leave it out")
 
@@ -162,7 +169,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             # aclosing: a call ended here (call.check) closes the engine's streams now, not at garbage collection
             async with aclosing(merge(streams)) as events:
                 async for is_baseline, ev in events:
-                    call.check(self.engine.artifacts.generations())
+                    call.check(self.engine.artifacts)
                     msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
                                               readouts=[readout_to_pb(r) for r in ev.readouts])
                     if ev.queue_s is not None:
@@ -204,7 +211,7 @@ class SteeringService(pb_grpc.SteeringServicer):
             out = pb.TraceResponse()
             async with aclosing(self.engine.generate(EngineRequest(ids, steering=steering, trace=True))) as events:
                 async for ev in events:
-                    call.check(self.engine.artifacts.generations())
+                    call.check(self.engine.artifacts)
                     out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
                     self.metrics.readout_rows.inc(len(ev.readouts))
             return out

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from rudder.core.errors import InvalidArgument, NotFound
+from rudder.core.errors import InvalidArgument
 from rudder.core.hf_sites import context_of, hook_site, shape_of
 from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
@@ -153,9 +153,7 @@ class ReferenceEngine(HfTokenizing):
         self._attached = (self.artifacts.by_site(), self.artifacts.sae_modules(), self.artifacts.generations())
 
     async def unload_sae(self, sae_id: str) -> None:
-        if sae_id not in self.artifacts.saes:
-            raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
-        self.artifacts.saes.pop(sae_id)
+        self.artifacts.remove_sae(sae_id)
         self._refresh()
 
     def running_requests(self) -> int:

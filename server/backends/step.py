@@ -53,6 +53,14 @@ class Span:
             return self.end - 1
         return None
 
+    def reported_rows(self) -> range:
+        """Rows the backend reports on after the step (readouts, possibly none, and overflow): the read
+        rows, or else the sampled row, so a request hears of every token it gets."""
+        rows = self.read_rows()
+        if not rows and (row := self.sampled_row()) is not None:
+            return range(row, row + 1)
+        return rows
+
     def read_rows(self) -> range:
         """Rows whose readouts it gets: every row when it asked for prompt readouts (or is a
         trace), else only the sampled row, if it asked for readouts at all."""

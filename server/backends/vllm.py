@@ -36,11 +36,10 @@ from rudder.core.errors import (
     ArtifactError,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     ReadoutMissing,
     Unavailable,
 )
-from rudder.core.hf_sites import ModelShape
+from rudder.core.hf_sites import LAYOUTS, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
@@ -153,8 +152,6 @@ class VllmEngine(HfTokenizing):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.shape = ModelShape.from_config(AutoConfig.from_pretrained(self.model_dir))
         if self.shape.architecture not in FAMILIES:
-            from rudder.core.hf_sites import LAYOUTS
-
             raise ArtifactError(
                 f"model type {self.shape.architecture!r} is not served by the vLLM backend (it serves "
                 f"{', '.join(FAMILIES)}); the reference backend serves {', '.join(sorted(LAYOUTS))}: "
@@ -306,16 +303,14 @@ class VllmEngine(HfTokenizing):
             self._check_sites([attached.site.name])
             await self.llm.collective_rpc("rudder_load_sae", args=(spec, attached.generation))
         except Exception:
-            self.artifacts.saes.pop(attached.id, None)
+            self.artifacts.remove_sae(attached.id)
             raise
         return attached.id
 
     async def unload_sae(self, sae_id: str) -> None:
         """Detach an SAE; the workers stop applying it at their next step (the service ends the requests
         that use it), and the prefix cache is emptied of blocks steered with it."""
-        if sae_id not in self.artifacts.saes:
-            raise NotFound(f"no SAE {sae_id!r} is loaded; loaded: {', '.join(sorted(self.artifacts.saes)) or 'none'}")
-        self.artifacts.saes.pop(sae_id)
+        self.artifacts.remove_sae(sae_id)
         await self.llm.collective_rpc("rudder_unload", args=(sae_id,))
         if not await self.llm.reset_prefix_cache():  # hygiene: a reload's new generation changes the salt anyway
             log.info("prefix cache not reset after unloading %s (blocks in use); its blocks age out", sae_id)
@@ -340,7 +335,7 @@ class VllmEngine(HfTokenizing):
         if not spec.steers:
             return None
         edits = {k: v for k, v in payload.items() if k not in ("readouts", "generations")}
-        edited = {e.sae for e in spec.features} | {e.sae for e in spec.directions if e.sae is not None}
+        edited = spec.edited_saes()
         edits["generations"] = [[i, g] for i, g in spec.generations if i in edited]  # not those only read
         scopes = [e.scope.kind for e in (*spec.features, *spec.directions, *spec.codes)]
         if "prompt" in scopes or "generated" in scopes:

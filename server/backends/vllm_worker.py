@@ -222,7 +222,8 @@ class _Steerer:
             raise ArtifactError(f"site {site} was not declared when vLLM started; declared: {', '.join(self.sites)}")
 
     def unload(self, source: str) -> None:
-        self.artifacts.saes.pop(source, None)
+        if source in self.artifacts.saes:
+            self.artifacts.remove_sae(source)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -260,9 +261,10 @@ class _Steerer:
         if positions is None or positions.dim() != 1 or qsl[-1] > positions.shape[0]:
             return  # not a plain token batch (a dummy run); nothing of ours to do
         known = self.runner.requests  # requests vLLM holds, scheduled this step or not
-        for stale in [r for r in self._specs if r not in known]:
-            del self._specs[stale]
-        self._broken &= set(known)
+        if len(self._specs) > len(known):  # some have finished: forget them (every cached one is known)
+            for stale in [r for r in self._specs if r not in known]:
+                del self._specs[stale]
+            self._broken &= set(self._specs)
         used = [(i, r, s) for i, r in enumerate(req_ids) if (s := self._spec(r)) is not None]
         if not used and not self.always_on:
             return
@@ -288,23 +290,14 @@ class _Steerer:
         step, self.step = self.step, None
         if step is None:
             return
+        if self.socket is None:  # another tensor-parallel rank: the first reports
+            return
         ids = self.step_req_ids
         self._broken |= {ids[slot] for slot in step.broken_slots()}
-        if self.socket is None:
-            return
         routed = step.routed()
-        positions = None
-        rows = []
-        for span in self.step_spans:
-            sampled = span.sampled_row()
-            wanted = set(span.read_rows()) | ({sampled} if sampled is not None else set())
-            for row in sorted(wanted):
-                if row in routed:
-                    _, position, readouts = routed[row]
-                else:
-                    positions = step.rows.position.tolist() if positions is None else positions
-                    position, readouts = positions[row], []
-                rows.append((ids[span.slot], position, readouts, ids[span.slot] in self._broken))
+        positions = step.rows.position.tolist()  # one copy to the host per step
+        rows = [(ids[span.slot], positions[row], routed[row][2] if row in routed else [],
+                 ids[span.slot] in self._broken) for span in self.step_spans for row in span.reported_rows()]
         self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 
