@@ -1,8 +1,10 @@
-"""Where each hook site lives in a Hugging Face causal LM, and how to hook it.
+"""Where each hook site lives in a causal LM of each family, and how to hook it.
 
-Supported families: Llama (and others laid out like it: Mistral, Qwen2, Qwen3, SmolLM),
-Gemma-2 and Gemma-3 text, GPT-2 and GPT-NeoX. A site's hook sees the activation as (batch, seq, d) and
-returns its replacement.
+`LAYOUTS` is the one table of families: the module paths of the Hugging Face model (the reference
+backend and training hook them) and, where vLLM serves the family, how vLLM's implementation of it
+differs (the vLLM backend places its op by the same paths). Supported families: Llama (and others laid
+out like it: Mistral, Qwen2, Qwen3, Phi-3, SmolLM), Gemma-2 and Gemma-3 text, GPT-2 and GPT-NeoX. A
+site's hook sees the activation as (batch, seq, d) and returns its replacement.
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ SiteFn = Callable[[str, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
+class VllmLayout:
+    """How vLLM's own implementation of a family's blocks differs from Hugging Face's."""
+
+    fused_residual: bool = True
+    """blocks take and return (hidden, residual), the stream being their sum (vLLM fuses the residual
+    add into the next norm); otherwise a block returns the stream itself"""
+    hidden_arg: int = 1
+    """position of hidden_states in a block's forward arguments ((positions, hidden_states, residual))"""
+
+
+LLAMA_IN_VLLM = VllmLayout()
+
+
+@dataclass(frozen=True)
 class Layout:
     layers: str  # attribute path from the CausalLM to the list of blocks
     mlp: str  # attribute path inside a block
@@ -29,20 +45,28 @@ class Layout:
     mlp_contribution: str | None = None
     """inside a block: the module whose output is the MLP's contribution to the stream (TransformerLens'
     hook_mlp_out), where that is not the MLP itself (Gemma: its post-feedforward norm)"""
+    vllm: VllmLayout | None = LLAMA_IN_VLLM
+    """vLLM's blocks of this family, or None where the vLLM backend does not serve it"""
 
+
+_LLAMA = Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj")
 
 LAYOUTS = {
-    "llama": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
-    "mistral": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
-    "qwen2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),
-    "qwen3": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj"),  # q/k norms inside
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,  # q/k norms inside the attention
+    "phi3": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_up_proj", "down_proj"),  # fused qkv, gate-up
     # Gemma-2 and Gemma-3 normalise each sublayer's output before adding it to the stream
     "gemma2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj", "post_feedforward_layernorm"),
     "gemma3_text": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj",
                           "post_feedforward_layernorm"),
-    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj"),
-    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj",
+                   vllm=VllmLayout(fused_residual=False, hidden_arg=0)),
+    # vLLM 0.32 runs GPT-NeoX through its Transformers backend, whose module tree is not this one
+    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h", vllm=None),
 }
+VLLM_FAMILIES = tuple(family for family, layout in LAYOUTS.items() if layout.vllm is not None)
 
 
 @dataclass(frozen=True)

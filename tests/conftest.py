@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import make_llama, make_sae
+from tests.tiny import make_model, make_sae
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    return make_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return make_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

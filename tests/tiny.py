@@ -6,17 +6,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from rudder.core.sae import SAE, SAEConfig
 
@@ -45,35 +35,41 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-FAMILIES = {  # model_type: (config class, model class), laid out as Llama
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-}
+# Gemma and GPT-2 tie the unembedding to the embedding (vLLM's implementations always do)
+TIED = {"gemma2", "gemma3_text", "gpt2"}
 
 
-def make_llama(path: Path, layers: int = 3, seed: int = 0, heads: int = 4, kv_heads: int = 2,
+def _config(family: str, tokenizer, layers: int, heads: int, kv_heads: int, hidden: int):
+    """A tiny config of `family` (a transformers model_type)."""
+    common = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  tie_word_embeddings=family in TIED)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                                    bos_token_id=tokenizer.eos_token_id, **common)
+    sizes = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 max_position_embeddings=256)
+    if family == "gpt_neox":  # Pythia: parallel residual, rotary on a quarter of each head
+        return AutoConfig.for_model("gpt_neox", use_parallel_residual=True, rotary_pct=0.25,
+                                    bos_token_id=tokenizer.eos_token_id, **sizes, **common)
+    return AutoConfig.for_model(family, num_key_value_heads=kv_heads, head_dim=hidden // heads, **sizes, **common)
+
+
+def make_model(path: Path, layers: int = 3, seed: int = 0, heads: int = 4, kv_heads: int = 2,
                hidden: int = 64, family: str = "llama") -> Path:
-    """A tiny random model of a Llama-like `family`. vLLM's CPU attention needs a head size
-    (hidden / heads) of at least 32: use heads=2, kv_heads=1 there, or hidden=128 with 4 heads
-    (tensor parallelism splits the heads)."""
+    """A tiny random model of `family` (any in `rudder.core.hf_sites.LAYOUTS`). vLLM's CPU attention
+    needs a head size (hidden / heads) of at least 32: use heads=2, kv_heads=1 there, or hidden=128
+    with 4 heads (tensor parallelism splits the heads)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    config_cls, model_cls = FAMILIES[family]
-    cfg = config_cls(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        head_dim=hidden // heads, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = model_cls(cfg)
+    model = AutoModelForCausalLM.from_config(_config(family, tokenizer, layers, heads, kv_heads, hidden))
     # Larger weights than the default init make the output depend on the input and give
     # greedy decoding clear winners (fewer float near-ties between batched and lone runs).
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 1.5 / p.shape[1] ** 0.5)
+        if family.startswith("gemma"):  # Gemma scales its embeddings by sqrt(hidden): undo it, or the tied
+            model.get_input_embeddings().weight.div_(hidden**0.5)  # model just repeats its last token
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -39,14 +39,14 @@ from rudder.core.errors import (
     ReadoutMissing,
     Unavailable,
 )
-from rudder.core.hf_sites import LAYOUTS, ModelShape
+from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.backends.step import broken_steering
-from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, FAMILIES, VLLM_VERSION
+from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, VLLM_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +151,10 @@ class VllmEngine(HfTokenizing):
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.shape = ModelShape.from_config(AutoConfig.from_pretrained(self.model_dir))
-        if self.shape.architecture not in FAMILIES:
+        if self.shape.architecture not in VLLM_FAMILIES:
             raise ArtifactError(
                 f"model type {self.shape.architecture!r} is not served by the vLLM backend (it serves "
-                f"{', '.join(FAMILIES)}); the reference backend serves {', '.join(sorted(LAYOUTS))}: "
+                f"{', '.join(VLLM_FAMILIES)}); the reference backend serves {', '.join(sorted(LAYOUTS))}: "
                 f"use --backend reference")
         # Configs checked here (names, widths) so a bad artifact fails before vLLM starts; the workers
         # hold the SAEs' weights.

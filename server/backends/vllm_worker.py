@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from rudder.core.errors import ArtifactError
-from rudder.core.hf_sites import ModelShape
+from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
 from rudder.server.artifacts import Artifacts
@@ -43,10 +43,6 @@ EXTRA_ARGS_KEY = "rudder"  # in SamplingParams.extra_args: the request's steerin
 CONFIG_KEY = "rudder"  # in vLLM's additional_config: {"sites": [...]}, part of vLLM's compile-cache key
 VLLM_VERSION = "0.32.0"
 RUNNER_HINT = "set VLLM_USE_V2_MODEL_RUNNER=0 (Rudder needs vLLM's V1 model runner; `rudder serve` sets it)"
-
-# Model types whose vLLM decoder layers are laid out as Llama's (model.layers; each returns (mlp_out,
-# residual); mlp; self_attn.o_proj), where `place_ops` puts the op.
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 _STEERER: _Steerer | None = None  # this process's steerer: what the op calls
 
@@ -103,26 +99,29 @@ class _Before(nn.Module):
 
 
 class _AfterLayer(nn.Module):
-    """A decoder layer with the op on the residual stream after it: vLLM's layers return
-    (mlp_out, residual), the stream is their sum; it goes on as (steered stream, zeros), which the
-    next layer's fused add-norm turns back into the stream."""
+    """A decoder layer with the op on the residual stream after it. Where vLLM fuses the residual add
+    (`fused_residual`), layers return (mlp_out, residual) and the stream is their sum: it goes on as
+    (steered stream, zeros), which the next layer's fused add-norm turns back into the stream."""
 
-    def __init__(self, layer: nn.Module, sites: list[int]):
+    def __init__(self, layer: nn.Module, sites: list[int], fused_residual: bool):
         super().__init__()
-        self.inner, self.sites = layer, sites
+        self.inner, self.sites, self.fused_residual = layer, sites, fused_residual
 
     def forward(self, *args, **kwargs):
-        hidden, residual = self.inner(*args, **kwargs)
+        out = self.inner(*args, **kwargs)
+        hidden, residual = out if self.fused_residual else (out, None)
         stream = steer(hidden, residual, self.sites[0])
         for site in self.sites[1:]:  # e.g. resid_post of this layer and resid_pre of the next
             stream = steer(stream, None, site)
-        return stream, torch.zeros_like(residual)
+        return (stream, torch.zeros_like(residual)) if self.fused_residual else stream
 
 
-class _AfterMlp(nn.Module):
-    def __init__(self, mlp: nn.Module, site: int):
+class _After(nn.Module):
+    """A module with the op on its output (the MLP's contribution to the stream: hook_mlp_out)."""
+
+    def __init__(self, module: nn.Module, site: int):
         super().__init__()
-        self.inner, self.site = mlp, site
+        self.inner, self.site = module, site
 
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
@@ -131,24 +130,32 @@ class _AfterMlp(nn.Module):
         return steer(out, None, self.site)
 
 
-def place_ops(model: nn.Module, sites: list[str], num_layers: int) -> None:
-    """Wrap the modules at `sites` (their index in the list is the op's `site` argument): the
-    modules inside a layer first, then the layers; after a layer, its own resid_post runs before
-    the next layer's resid_pre, as in the reference backend."""
-    layers = _need(model, "model.layers")
+def _wrap(block: nn.Module, path: str, wrapper) -> None:
+    """Replace the module at `path` inside `block` by `wrapper(module)`."""
+    parent, _, name = path.rpartition(".")
+    owner = _need(block, parent) if parent else block
+    setattr(owner, name, wrapper(_need(owner, name)))
+
+
+def place_ops(model: nn.Module, sites: list[str], num_layers: int, layout: Layout = LAYOUTS["llama"]) -> None:
+    """Wrap the modules at `sites` (their index in the list is the op's `site` argument), found by the
+    family's `layout` (the same paths as the Hugging Face model's): the modules inside a layer first,
+    then the layers; after a layer, its own resid_post runs before the next layer's resid_pre, as in
+    the reference backend."""
+    if layout.vllm is None:
+        raise ArtifactError(f"the vLLM backend does not serve this family; it serves {', '.join(VLLM_FAMILIES)}")
+    layers = _need(model, layout.layers)
     parsed = [(i, Site.parse(name, num_layers)) for i, name in enumerate(sites)]
     for i, site in parsed:
         if site.kind == "hook_mlp_out":
-            layer = layers[site.layer]
-            layer.mlp = _AfterMlp(_need(layer, "mlp"), i)
+            _wrap(layers[site.layer], layout.mlp_contribution or layout.mlp, lambda m, i=i: _After(m, i))
         elif site.kind == "attn.hook_z":
-            attn = _need(layers[site.layer], "self_attn")
-            attn.o_proj = _Before(_need(attn, "o_proj"), i, hidden_arg=0)
+            _wrap(layers[site.layer], layout.out_proj, lambda m, i=i: _Before(m, i, hidden_arg=0))
         elif site.kind not in ("hook_resid_pre", "hook_resid_post"):
             raise ArtifactError(f"site {sites[i]} is not supported by the vLLM backend")
     for i, site in parsed:
         if site.kind == "hook_resid_pre" and site.layer == 0:
-            layers[0] = _Before(layers[0], i, hidden_arg=1)  # (positions, hidden_states, residual)
+            layers[0] = _Before(layers[0], i, hidden_arg=layout.vllm.hidden_arg)
     after: dict[int, list[tuple[int, int]]] = {}
     for i, site in parsed:
         if site.kind == "hook_resid_post":
@@ -156,7 +163,7 @@ def place_ops(model: nn.Module, sites: list[str], num_layers: int) -> None:
         elif site.kind == "hook_resid_pre" and site.layer > 0:
             after.setdefault(site.layer - 1, []).append((1, i))
     for layer, ids in after.items():
-        layers[layer] = _AfterLayer(layers[layer], [i for _, i in sorted(ids)])
+        layers[layer] = _AfterLayer(layers[layer], [i for _, i in sorted(ids)], layout.vllm.fused_residual)
 
 
 # ---------------------------------------------------------------- the steerer
@@ -190,7 +197,7 @@ class _Steerer:
         self._tables: StepTables | None = None
         self.step: StepRecorder | None = None
         self.step_req_ids: list[str] = []  # per slot of the current step
-        place_ops(self.model, sites, self.shape.num_layers)
+        place_ops(self.model, sites, self.shape.num_layers, LAYOUTS[self.shape.architecture])
         self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
         self.model.register_forward_hook(self._end)
 

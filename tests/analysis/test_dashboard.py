@@ -10,7 +10,7 @@ from rudder.analysis.dashboard import sae_dashboard
 from rudder.core.sae import SAE, SAEConfig
 from rudder.training.corpus import train_eval_split
 from rudder.training.lm import HookedLM
-from tests.tiny import make_llama
+from tests.tiny import make_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -18,7 +18,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     root = tmp_path_factory.mktemp("dash")
-    lm = HookedLM.load(make_llama(root / "m", layers=2))
+    lm = HookedLM.load(make_model(root / "m", layers=2))
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=64, d_sae=32, hook_name="blocks.1.hook_resid_post"))
     with torch.no_grad():

@@ -54,9 +54,9 @@ def test_lib_of_a_models_mlp_is_written_as_an_artifact(tmp_path):
     from rudder.analysis.lib import analyze_mlp
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
-    from tests.tiny import make_llama
+    from tests.tiny import make_model
 
-    lm = HookedLM.load(make_llama(tmp_path / "m", layers=2))
+    lm = HookedLM.load(make_model(tmp_path / "m", layers=2))
     windows = train_eval_split(lm.tokenizer, 32, eval_tokens=32 * 40, max_tokens=32 * 200).eval
     summary = analyze_mlp(lm, 1, windows, tokens=600, out=tmp_path / "lib")
     assert summary["pca"]["features"]["mlp_hidden"] == 128  # every neuron direction has variance

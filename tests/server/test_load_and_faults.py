@@ -28,7 +28,7 @@ from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
 from tests.server.engines import running_after_settling
 from tests.server.test_process import free_port, wait_until_serving
-from tests.tiny import make_llama, make_sae
+from tests.tiny import make_model, make_sae
 
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION}
@@ -49,7 +49,7 @@ def model(backend, tiny_dir, tmp_path_factory):
     if backend == "reference":
         model_dir = tiny_dir
     else:
-        model_dir = make_llama(tmp_path_factory.mktemp("faults-llama"), heads=2, kv_heads=1)
+        model_dir = make_model(tmp_path_factory.mktemp("faults-llama"), heads=2, kv_heads=1)
     sae = tmp_path_factory.mktemp("faults-sae") / "s"
     make_sae(sae, "blocks.1.hook_resid_post")
     return model_dir, sae

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
 from rudder.core.hf_sites import hook_site
@@ -110,20 +111,11 @@ def test_gemma_sites_mean_what_transformerlens_means(tmp_path, family):
     """Gemma normalises each sublayer's output before adding it: hook_mlp_out is the MLP's contribution
     after the post-feedforward norm, so resid_post = resid_pre + (attention's normed output) + mlp_out;
     and the engine serves the family with an SAE there, a clamp changing the continuation."""
-    import transformers
+    from tests.tiny import make_model, make_sae, make_tokenizer
 
-    from tests.tiny import make_sae, make_tokenizer
-
+    make_model(tmp_path / "m", family=family, heads=2, kv_heads=1, layers=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     tok = make_tokenizer()
-    kinds = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
-    config_cls, model_cls = (getattr(transformers, n) for n in kinds[family])
-    torch.manual_seed(0)
-    model = model_cls(config_cls(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id)).eval()
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
     seen = {}
 
     def keep(name, x):
@@ -148,3 +140,23 @@ def test_gemma_sites_mean_what_transformerlens_means(tmp_path, family):
         EngineRequest(ids, Sampling(max_tokens=8, ignore_eos=True),
                       SteeringSpec(features=(FeatureEdit("s", 7, Op.CLAMP, 200.0),)))]))
     assert tokens(plain) != tokens(steered)
+
+
+@pytest.mark.parametrize("site", ["blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"])
+def test_gpt_neox_serves_on_the_reference_backend(tmp_path, site):
+    """Pythia's family (parallel residual; vLLM 0.32 runs it through its Transformers backend, which
+    Rudder's op does not place in): an SAE at each site reads out, and a clamp steers."""
+    from tests.tiny import make_model, make_sae
+
+    model = make_model(tmp_path / "m", family="gpt_neox", heads=2, layers=2)
+    make_sae(tmp_path / "s", site)
+    engine = ReferenceEngine(model, saes=[f"s={tmp_path / 's'}"])
+    read = ReadoutSpec(saes=("s",), top_k=3)
+    requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
+                for p in ("The quick brown fox", "What is the capital", "Sparse autoencoders")
+                for spec in (SteeringSpec(readouts=read),
+                             SteeringSpec(features=(FeatureEdit("s", 7, Op.CLAMP, 30.0),), readouts=read))]
+    out = asyncio.run(collect(engine, requests))
+    assert all(len(e.readouts[0].top_ids) == 3 for events in out for e in events)
+    assert all(e.readouts[0].top_ids[0] == 7 for events in out[1::2] for e in events)  # the clamp reads back
+    assert any(tokens(out[i]) != tokens(out[i + 1]) for i in range(0, len(out), 2))

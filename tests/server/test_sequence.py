@@ -13,7 +13,7 @@ from rudder.server.backends.reference import ReferenceEngine
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.detokenize import IncrementalDetokenizer
 from tests.server.engines import collect, tokens
-from tests.tiny import make_llama
+from tests.tiny import make_model
 
 TEXT = "Héllo wörld 😀 café, naïve résumé — 東京 and ünïcödé!\n\n  spaced  out\t"
 
@@ -28,7 +28,7 @@ def with_generation_eos(model_dir, extra: int) -> None:
 
 
 def test_eos_ids_are_generation_config_and_tokenizer(tmp_path):
-    model = make_llama(tmp_path / "m", layers=1)
+    model = make_model(tmp_path / "m", layers=1)
     tok = AutoTokenizer.from_pretrained(model)
     assert eos_ids(tok, model) == {tok.eos_token_id}
     with_generation_eos(model, 17)
@@ -85,7 +85,7 @@ def test_the_engines_own_finish_reason_ends_a_sequence(tiny_dir, engine_finish, 
 
 
 def test_reference_backend_stops_at_an_eos_only_in_generation_config(tmp_path):
-    model = make_llama(tmp_path / "m")
+    model = make_model(tmp_path / "m")
     engine = ReferenceEngine(model)
     request = EngineRequest(engine.tokenize("The quick brown fox"), Sampling(max_tokens=8))
     (plain,) = asyncio.run(collect(engine, [request]))
@@ -115,7 +115,7 @@ def test_detokenizer_without_decode_stream_decodes_by_window_to_the_same_text(ti
 
 
 def test_without_generation_config_the_eos_ids_come_from_config_json(tmp_path):
-    model = make_llama(tmp_path / "m", layers=1)
+    model = make_model(tmp_path / "m", layers=1)
     (model / "generation_config.json").unlink(missing_ok=True)
     cfg = json.loads((model / "config.json").read_text())
     cfg["eos_token_id"] = [cfg["eos_token_id"], 17]

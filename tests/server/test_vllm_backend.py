@@ -17,11 +17,12 @@ import torch
 
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
 from rudder.core.errors import ArtifactError
+from rudder.core.hf_sites import VLLM_FAMILIES
 from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.server.engines import collect, tokens
-from tests.tiny import make_llama, make_sae, make_tokenizer
+from tests.tiny import make_model, make_sae
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
@@ -61,7 +62,7 @@ def models(tmp_path_factory):
     """A plain tiny Llama (head size 32, as vLLM's CPU attention needs), SAEs at three kinds of
     site, and a copy of the model with an attention codebook."""
     root = tmp_path_factory.mktemp("vllm")
-    plain = make_llama(root / "plain", heads=2, kv_heads=1)
+    plain = make_model(root / "plain", heads=2, kv_heads=1)
     saes = {"r1": "blocks.1.hook_resid_post", "m0": "blocks.0.hook_mlp_out", "p0": "blocks.0.hook_resid_pre"}
     for i, (name, site) in enumerate(saes.items()):
         make_sae(root / name, site, seed=i)
@@ -106,7 +107,7 @@ def mixed_batch(engine) -> list[EngineRequest]:
             for p, s in zip(PROMPTS, specs)]
 
 
-def assert_same_readouts(got, want):
+def assert_same_readouts(got, want, rel=1e-3):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert (g.token_id, g.position, g.is_prompt) == (w.token_id, w.position, w.is_prompt)
@@ -115,9 +116,9 @@ def assert_same_readouts(got, want):
             if b.codes is not None:
                 assert a.codes == b.codes
                 continue
-            assert a.top_values == pytest.approx(b.top_values, rel=1e-3, abs=1e-3)
+            assert a.top_values == pytest.approx(b.top_values, rel=rel, abs=1e-3)
             assert a.selected_ids == b.selected_ids
-            assert a.selected_values == pytest.approx(b.selected_values, rel=1e-3, abs=1e-3)
+            assert a.selected_values == pytest.approx(b.selected_values, rel=rel, abs=1e-3)
             assert set(a.top_ids) == set(b.top_ids) or a.top_values[-1] == pytest.approx(b.top_values[-1], abs=1e-3)
 
 
@@ -319,7 +320,7 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
     import rudder.client as rc
     from rudder.server.app import BackgroundServer
 
-    model = make_llama(tmp_path / "tp", heads=4, kv_heads=2, hidden=128)
+    model = make_model(tmp_path / "tp", heads=4, kv_heads=2, hidden=128)
     make_sae(tmp_path / "r1", "blocks.1.hook_resid_post", d_in=128)
     make_sae(tmp_path / "z1", "blocks.1.attn.hook_z", d_in=128)
     with pytest.raises(ArtifactError, match="attn.hook_z sites cannot be steered with tensor parallelism"):
@@ -357,34 +358,44 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
     assert any(t.readout("r1").top[0][0] == 3 for t in two[1])  # the clamp showed, on TP 2 too
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
-def test_llama_like_families_serve_as_on_the_reference_backend(loop, tmp_path, family):
-    """A tiny random model of each family (Llama is the rest of this module): an SAE at
-    blocks.1.hook_resid_post reads out the same top features on both backends, greedy tokens agree,
-    and a clamp changes the continuation."""
-    model = make_llama(tmp_path / family, family=family, heads=2, kv_heads=1)
-    make_sae(tmp_path / "s", "blocks.1.hook_resid_post")
-    saes = [f"s={tmp_path / 's'}"]
-    read = ReadoutSpec(saes=("s",), top_k=4)
-    clamp = SteeringSpec(features=(FeatureEdit("s", 7, Op.CLAMP, 30.0),), readouts=read)
+# Llama is the rest of this module; Gemma-2 and GPT-2 also with SAEs at attn.hook_z and hook_mlp_out
+FAMILY_SITES = {family: ("blocks.1.hook_resid_post",) for family in VLLM_FAMILIES if family != "llama"}
+FAMILY_SITES["gemma2"] = FAMILY_SITES["gpt2"] = ("blocks.1.hook_resid_post", "blocks.0.attn.hook_z",
+                                                  "blocks.1.hook_mlp_out")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SITES))
+def test_each_family_serves_as_on_the_reference_backend(loop, tmp_path, family):
+    """A tiny random model of each family: an SAE at each site reads out the same top features on both
+    backends, greedy tokens agree, and a clamp changes the continuation."""
+    model = make_model(tmp_path / family, family=family, heads=2, kv_heads=1, layers=2)
+    saes = []
+    for i, site in enumerate(FAMILY_SITES[family]):
+        make_sae(tmp_path / f"s{i}", site, seed=i)
+        saes.append(f"s{i}={tmp_path / f's{i}'}")
+    names = tuple(s.split("=")[0] for s in saes)
+    read = ReadoutSpec(saes=names, top_k=4)
+    clamps = [SteeringSpec(features=(FeatureEdit(name, 7, Op.CLAMP, 30.0),), readouts=read) for name in names]
     engine = start(loop, vllm_backend.VllmEngine(model, saes, max_model_len=256))
     try:
         requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
-                    for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), clamp)]
+                    for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), *clamps)]
         got = loop.run(collect(engine, requests))
     finally:
         loop.run(engine.stop())
     want = asyncio.run(collect(ReferenceEngine(model, saes), requests))
+    # Gemma-2 soft-caps its attention logits: vLLM's CPU attention kernel does it with its own tanh, and
+    # values read after it differ from eager PyTorch's by up to ~0.15% (1e-3 holds with the cap off)
+    rel = 2e-3 if family == "gemma2" else 1e-3
     for i, (g, w) in enumerate(zip(got, want)):
         assert tokens(g) == tokens(w), f"{family} request {i}"
-        assert_same_readouts(g, w)
-    assert any(tokens(got[i]) != tokens(got[i + 1]) for i in range(0, len(got), 2))  # the clamp steers
+        assert_same_readouts(g, w, rel)
+    per_prompt = 1 + len(clamps)
+    for c in range(1, per_prompt):  # each clamp steers some prompt
+        assert any(tokens(got[i]) != tokens(got[i + c]) for i in range(0, len(got), per_prompt)), names[c - 1]
 
 
 def test_a_family_the_vllm_backend_does_not_serve_is_refused_naming_both_lists(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=320)).save_pretrained(tmp_path)
-    make_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ArtifactError, match="'gpt2' is not served by the vLLM backend .*--backend reference"):
+    make_model(tmp_path, family="gpt_neox", heads=2, layers=2)
+    with pytest.raises(ArtifactError, match="'gpt_neox' is not served by the vLLM backend .*--backend reference"):
         vllm_backend.VllmEngine(tmp_path)

@@ -244,11 +244,11 @@ def test_the_code_index_matches_the_served_codebooks(tiny_codebook_model):
 def test_codebook_training_runs_on_llama_and_gpt2_with_the_offline_corpus(tmp_path, family):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tests.tiny import make_llama
+    from tests.tiny import make_model
     from tests.tiny import make_tokenizer as make_text_tokenizer
 
     if family == "llama":
-        model_dir = make_llama(tmp_path / "m", layers=2)
+        model_dir = make_model(tmp_path / "m", layers=2)
     else:
         tok = make_text_tokenizer()
         model_dir = tmp_path / "m"
