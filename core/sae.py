@@ -1,12 +1,15 @@
 """Sparse autoencoders for inference, in the SAELens folder format.
 
 A folder holds `cfg.json` and `sae_weights.safetensors` with
-`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`
-and, for jumprelu, `threshold [d_sae]`. SAEs saved by SAELens load here and
-SAEs saved here load in SAELens.
+`W_enc [d_in, d_sae]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`;
+jumprelu adds `threshold [d_sae]`; gated has `b_gate`, `r_mag`, `b_mag [d_sae]` in place
+of `b_enc`. SAEs saved by SAELens load here and SAEs saved here load in SAELens.
 
     f = act(W_encᵀ (x − b_dec·apply_b_dec_to_input) + b_enc)        encode
     x̂ = f W_dec + b_dec                                              decode
+
+A gated SAE (Rajamanoharan et al. 2024) shares W_enc between its gate and its magnitude:
+with p = W_encᵀ (x − b_dec), f = [p + b_gate > 0] · relu(exp(r_mag) p + b_mag).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,14 @@ def _jumprelu(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
     return torch.relu(pre) * (pre > threshold)
 
 
+@register_activation("gated", elementwise=True)
+def _gated(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
+    # `pre` is the gate's pre-activation (the encoder bias of a gated SAE is b_gate); the magnitude path
+    # rescales the same projection: exp(r_mag) (pre − b_gate) + b_mag
+    b_gate, r_mag, b_mag = (t if ids is None else t[ids] for t in (sae.b_gate, sae.r_mag, sae.b_mag))
+    return (pre > 0) * torch.relu(r_mag.exp() * (pre - b_gate) + b_mag)
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -79,12 +90,15 @@ class SAEConfig:
     d_sae: int
     hook_name: str
     architecture: str = "standard"
-    """standard (ReLU) | topk | jumprelu"""
+    """standard (ReLU) | topk | jumprelu | gated"""
     k: int | None = None
     """active features per token (topk only)"""
     apply_b_dec_to_input: bool = True
     dtype: str = "float32"
     model_name: str = ""
+    hook_head_index: int | None = None
+    """an SAE of one attention head at attn.hook_z (d_in = d_head); `SAE.widen_to_heads` makes it an SAE
+    of the whole site that reads and writes that head only"""
     rescale_acts_by_decoder_norm: bool = False
     """SAELens TopK: latents are scaled by their decoder rows' norms; `SAE.load` folds the
     norms into the weights (same outputs) and clears this"""
@@ -125,7 +139,13 @@ class SAEConfig:
         }
         if self.architecture == "topk":
             cfg["k"] = self.k
+        if self.hook_head_index is not None:
+            cfg["hook_head_index"] = self.hook_head_index
         return cfg
+
+    def widened(self, num_heads: int) -> SAEConfig:
+        """The config of this one-head SAE widened to all `num_heads` heads of its attn.hook_z site."""
+        return replace(self, d_in=self.d_in * num_heads, hook_head_index=None)
 
     @classmethod
     def from_saelens(cls, raw: dict[str, Any]) -> SAEConfig:
@@ -140,9 +160,11 @@ class SAEConfig:
                 f"cfg.json has normalize_activations={norm!r}: fold the normalisation into the weights "
                 "before serving (SAELens: `sae.fold_activation_norm_scaling_factor`)"
             )
-        if raw.get("hook_head_index", raw.get("hook_point_head_index")) is not None:
-            raise ArtifactError("cfg.json sets hook_head_index (an SAE of one attention head): Rudder serves "
-                                "SAEs of a whole site; train or convert one on the site's full width")
+        head = next((h for h in (meta.pop("hook_head_index", None), raw.get("hook_head_index"),
+                                 raw.get("hook_point_head_index")) if h is not None), None)
+        if head is not None and not hook_name.endswith("attn.hook_z"):
+            raise ArtifactError(f"cfg.json sets hook_head_index={head} at {hook_name}: a head index means "
+                                "an SAE of one attention head, at a blocks.L.attn.hook_z site")
         _check_model_processing({**raw, **(raw.get("metadata") or {})})
         arch = raw.get("architecture", "standard")
         activation = raw.get("activation_fn", raw.get("activation_fn_str"))
@@ -160,6 +182,7 @@ class SAEConfig:
             apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
             dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
             model_name=meta.pop("model_name", None) or raw.get("model_name", ""),
+            hook_head_index=None if head is None else int(head),
             rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
             metadata=meta,
         )
@@ -225,13 +248,20 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
+        if cfg.architecture == "gated":  # SAELens' names; b_gate is the encoder bias
+            del self.b_enc
+            self.b_gate, self.r_mag, self.b_mag = (nn.Parameter(torch.zeros(cfg.d_sae)) for _ in range(3))
+
+    @property
+    def encoder_bias(self) -> Tensor:
+        return self.b_gate if self.cfg.architecture == "gated" else self.b_enc
 
     def _input(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype)  # as SAELens: the SAE runs in its own dtype, whatever the model's
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return self._input(x) @ self.W_enc + self.b_enc  # (..., d_sae)
+        return self._input(x) @ self.W_enc + self.encoder_bias  # (..., d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
         return ACTIVATIONS[self.cfg.architecture](self, self.pre_acts(x))
@@ -246,7 +276,7 @@ class SAE(nn.Module):
         encoding the whole dictionary: M encoder columns per row. Elementwise SAEs only."""
         if not self.elementwise:
             raise ValueError(f"a {self.cfg.architecture} SAE's features depend on each other: use encode")
-        pre = torch.einsum("nd,nmd->nm", self._input(x), self.W_enc.T[ids]) + self.b_enc[ids]  # (N, M)
+        pre = torch.einsum("nd,nmd->nm", self._input(x), self.W_enc.T[ids]) + self.encoder_bias[ids]  # (N, M)
         return ACTIVATIONS[self.cfg.architecture](self, pre, ids)
 
     def decode(self, f: Tensor) -> Tensor:
@@ -254,6 +284,23 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def widen_to_heads(self, num_heads: int) -> None:
+        """Make this SAE of head `hook_head_index` an SAE of its whole attn.hook_z site (`num_heads` x
+        d_head, heads in order as the output projection reads them): the other heads' encoder rows and
+        decoder columns are zero, so it reads that head alone and its edits write that head alone."""
+        head, d_head = self.cfg.hook_head_index, self.cfg.d_in
+
+        def widen(t: Tensor, dim: int) -> nn.Parameter:
+            shape = list(t.shape)
+            shape[dim] = d_head * num_heads
+            wide = t.new_zeros(shape)
+            wide.narrow(dim, head * d_head, d_head).copy_(t)
+            return nn.Parameter(wide, requires_grad=t.requires_grad)
+
+        self.W_enc, self.W_dec, self.b_dec = widen(self.W_enc, 0), widen(self.W_dec, 1), widen(self.b_dec, 0)
+        self.cfg = self.cfg.widened(num_heads)
 
     @torch.no_grad()
     def fold_decoder_norm(self) -> None:
@@ -294,6 +341,10 @@ class SAE(nn.Module):
         sae = cls(cfg)
         weights = load_file(path / WEIGHTS_FILE)
         sae.load_state_dict({name: weights[name] for name, _ in sae.named_parameters()})
+        scale = weights.get("scaling_factor", weights.get("finetuning_scaling_factor"))
+        if scale is not None:  # older SAELens: f is scaled before decoding; the same as scaling W_dec's rows
+            with torch.no_grad():
+                sae.W_dec.mul_(scale.to(sae.W_dec.dtype)[:, None])
         if cfg.rescale_acts_by_decoder_norm:
             sae.fold_decoder_norm()
         return sae.to(device=device, dtype=cfg.torch_dtype).requires_grad_(False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sae_lens
 import torch
-from sae_lens import SAE, JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
+from sae_lens import SAE, GatedSAEConfig, JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
 from safetensors.torch import save_file
 
 OUT = Path(__file__).resolve().parents[1] / "tests/fixtures/saelens"
@@ -29,10 +29,15 @@ def main() -> None:
         "jumprelu": JumpReLUSAEConfig(d_in=D_IN, d_sae=D_SAE),
         # as SAELens' TopK trainer leaves it: latents scaled by the decoder rows' norms (not unit here)
         "topk_rescaled": TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5, rescale_acts_by_decoder_norm=True),
+        "gated": GatedSAEConfig(d_in=D_IN, d_sae=D_SAE),
+        # an SAE of one attention head (head 1 of blocks.0.attn.hook_z; d_in = d_head)
+        "standard_head": StandardSAEConfig(d_in=D_IN, d_sae=D_SAE),
     }
     for name, cfg in configs.items():
         for key, value in meta.items():
             setattr(cfg.metadata, key, value)
+        if name == "standard_head":
+            cfg.metadata.hook_name, cfg.metadata.hook_head_index = "blocks.0.attn.hook_z", 1
         sae = SAE.from_dict(cfg.to_dict())
         with torch.no_grad():
             for p in sae.parameters():

@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q torch==2.13.0
   # Strict editable installs: a tree of links under build/, so static tools (pyright, mypy, IDEs)
   # follow rudder.* imports across the package-dir mapping (server/ is rudder.server, ...).
-  python -m pip install -q --config-settings editable_mode=strict -e ./client -e ".[test,vllm]"
+  python -m pip install -q --config-settings editable_mode=strict -e ./client -e ".[test,vllm,saelens]"
   # No CPU build of these exists here; if anything pulled them in, transformers breaks.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"

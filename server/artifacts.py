@@ -21,6 +21,7 @@ from rudder.core.hf_sites import ModelShape
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
+from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ class AttachedCodebook:
     index_ids: torch.Tensor | None = None
 
 
-def split_named(spec: str) -> tuple[str | None, Path]:
-    """`name=path` or `path` (the id is then the folder's name)."""
-    if "=" in spec:
-        name, path = spec.split("=", 1)
-        return name, Path(path)
-    return None, Path(spec)
+def split_named(spec: str) -> tuple[str, Path]:
+    """`[NAME=]SOURCE` as (id, local folder): SOURCE is a folder (the id defaults to its name) or a SAELens
+    release `saelens:RELEASE/SAE_ID` (the id defaults to SAE_ID), fetched and kept on first use."""
+    name, sep, source = spec.partition("=")
+    if not sep:
+        name, source = "", spec
+    path = resolve(source)
+    return name or (default_id(source) if is_release(source) else path.name), path
 
 
 @dataclass
@@ -96,8 +99,7 @@ class Artifacts:
         """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
         its weights' shapes) is read, for a process that validates requests but runs no SAE.
         `generation`: as the front end numbered this load (default: the next number here)."""
-        name, path = split_named(spec)
-        sae_id = name or path.name
+        sae_id, path = split_named(spec)
         try:
             sae = SAE.load(path, device=device) if weights else None  # in its own dtype, as SAELens runs it
             cfg = sae.cfg if sae is not None else load_sae_config(path)
@@ -106,6 +108,14 @@ class Artifacts:
             raise ArtifactError(f"SAE {sae_id!r} ({path}): {e}") from e
         if sae_id in self.sources():
             raise ArtifactError(f"two artifacts are named {sae_id!r}; name one with --sae NAME=PATH")
+        if cfg.hook_head_index is not None:  # an SAE of one head: served as one of the whole site
+            if not 0 <= cfg.hook_head_index < shape.num_heads or cfg.d_in != shape.d_head:
+                raise ArtifactError(
+                    f"SAE {sae_id!r} ({path}) reads head {cfg.hook_head_index} with d_in={cfg.d_in}, but this "
+                    f"{shape.architecture} model has {shape.num_heads} heads of {shape.d_head}")
+            if sae is not None:
+                sae.widen_to_heads(shape.num_heads)
+            cfg = sae.cfg if sae is not None else cfg.widened(shape.num_heads)
         want = shape.site_dim(site)
         if cfg.d_in != want:
             raise ArtifactError(

@@ -21,6 +21,7 @@ from rudder.core.errors import (
 )
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
+from rudder.server import sae_sources
 from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
 from rudder.server.metrics import Metrics
 from rudder.server.requests import Limits, RequestParser
@@ -290,10 +291,13 @@ class SteeringService(pb_grpc.SteeringServicer):
     async def LoadSae(self, request: pb.LoadSaeRequest, context) -> pb.SaeInfo:
         self._admin("LoadSae")
         if not request.path:
-            raise InvalidArgument("LoadSae needs `path`, an SAELens-format folder on the server")
+            raise InvalidArgument("LoadSae needs `path`: an SAELens-format folder on the server, or "
+                                  "saelens:RELEASE/SAE_ID")
         if request.id and ("=" in request.id or not request.id.strip()):
             raise InvalidArgument(f"SAE id {request.id!r} must be a non-blank name without '='")
-        spec = f"{request.id}={request.path}" if request.id else request.path
+        sae_id = request.id or (sae_sources.default_id(request.path) if sae_sources.is_release(request.path) else "")
+        path = await asyncio.to_thread(sae_sources.resolve, request.path)  # a release may download: off the loop
+        spec = f"{sae_id}={path}" if sae_id else str(path)
         sae_id = await self.engine.load_sae(spec)
         return sae_info(self.engine.artifacts.saes[sae_id])
 

@@ -89,7 +89,7 @@ def test_registering_an_architecture_twice_raises():
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "saelens"
 
 
-@pytest.mark.parametrize("fixture", ["standard", "topk", "jumprelu", "topk_rescaled"])
+@pytest.mark.parametrize("fixture", ["standard", "topk", "jumprelu", "topk_rescaled", "gated"])
 def test_folders_written_by_saelens_give_saelens_outputs(fixture):
     """Fixtures saved by SAELens 6.54.12 itself (scripts/make_saelens_fixtures.py), with its outputs."""
     sae = SAE.load(FIXTURES / fixture)
@@ -98,6 +98,42 @@ def test_folders_written_by_saelens_give_saelens_outputs(fixture):
     f = sae.encode(expected["x"])
     torch.testing.assert_close(f, expected["features"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(f), expected["reconstruction"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_saelens_sae_of_one_head_serves_as_an_sae_of_its_whole_site():
+    """`metadata.hook_head_index`: widened to every head at load, it reads head 1 as SAELens does and
+    its reconstruction writes head 1 alone (the other heads' columns are zero, so edits leave them)."""
+    from rudder.core.hf_sites import ModelShape
+    from rudder.server.artifacts import Artifacts
+
+    shape = ModelShape("llama", num_layers=2, d_model=64, num_heads=4, d_head=16, vocab_size=320)
+    for weights in (False, True):  # the front end reads the config only; the workers load the weights
+        attached = Artifacts().add_sae(f"h={FIXTURES / 'standard_head'}", shape, torch.device("cpu"), weights=weights)
+        assert attached.cfg.d_in == 64 and attached.site.name == "blocks.0.attn.hook_z"
+    sae = attached.sae
+    expected = load_file(FIXTURES / "standard_head" / "expected.safetensors")
+    x = torch.randn(len(expected["x"]), 4, 16)
+    x[:, 1] = expected["x"]
+    f = sae.encode(x.flatten(1))
+    torch.testing.assert_close(f, expected["features"], rtol=1e-5, atol=1e-5)
+    out = sae.decode(f).unflatten(1, (4, 16))
+    torch.testing.assert_close(out[:, 1], expected["reconstruction"], rtol=1e-5, atol=1e-5)
+    assert out[:, [0, 2, 3]].abs().max() == 0
+    bad = ModelShape("llama", num_layers=2, d_model=64, num_heads=2, d_head=32, vocab_size=320)
+    with pytest.raises(ArtifactError, match="reads head 1 with d_in=16, but this llama model has 2 heads of 32"):
+        Artifacts().add_sae(f"h={FIXTURES / 'standard_head'}", bad, torch.device("cpu"))
+
+
+def test_an_older_scaling_factor_is_folded_into_the_decoder(tmp_path):
+    """SAELens before 6 could scale features before decoding (`scaling_factor`): the same as scaling
+    the decoder's rows, which is what loading does; the features read out are unchanged."""
+    w = write_saelens_folder(tmp_path / "a", "standard")
+    scale = torch.rand(w["W_dec"].shape[0]) + 0.5
+    save_file({**w, "scaling_factor": scale}, tmp_path / "a" / "sae_weights.safetensors")
+    sae = SAE.load(tmp_path / "a")
+    x = torch.randn(5, w["W_enc"].shape[0])
+    f = sae.encode(x)
+    torch.testing.assert_close(sae.decode(f), (f * scale) @ w["W_dec"] + w["b_dec"])
 
 
 def test_topk_rescaled_by_decoder_norm_is_folded_at_load():
@@ -162,3 +198,26 @@ def test_an_sae_runs_in_its_own_dtype(tmp_path):
     write_saelens_folder(tmp_path / "a")
     edit_cfg(tmp_path / "a", dtype="bfloat16")
     assert SAE.load(tmp_path / "a").W_enc.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu", "gated"])
+def test_folders_rudder_writes_load_in_saelens_with_their_hook_and_outputs(tmp_path, architecture):
+    """SAELens' own loader (the sae-lens extra) reads what `SAE.save` writes: hook and model names,
+    and the same features and reconstructions."""
+    sae_lens = pytest.importorskip("sae_lens", reason="the sae-lens extra (rudder[saelens]) is not installed")
+    from rudder.core.sae import SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=8, d_sae=24, hook_name="blocks.1.hook_mlp_out", architecture=architecture,
+                        k=4 if architecture == "topk" else None, model_name="tiny"))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.5)
+    sae.save(tmp_path / "s")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "s"), device="cpu")
+    assert theirs.cfg.metadata.hook_name == "blocks.1.hook_mlp_out" and theirs.cfg.metadata.model_name == "tiny"
+    x = torch.randn(6, 8) * 2
+    with torch.no_grad():
+        f = theirs.encode(x)
+        torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.decode(f), theirs.decode(f), rtol=1e-5, atol=1e-5)
