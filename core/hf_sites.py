@@ -143,10 +143,11 @@ def hook_site(model: nn.Module, site: Site, fn: SiteFn) -> RemovableHandle:
             return args, {**kwargs, "hidden_states": fn(name, kwargs["hidden_states"])}
         return block.register_forward_pre_hook(pre, with_kwargs=True)
 
-    if site.kind == "attn.hook_z":
-        def pre_z(module, args):
+    if site.kind in ("attn.hook_z", "mlp.hook_in"):  # the input of the output projection, of the MLP
+        def pre_input(module, args):
             return (fn(name, args[0]), *args[1:])
-        return _get(block, layout.out_proj).register_forward_pre_hook(pre_z)
+        return _get(block, layout.out_proj if site.kind == "attn.hook_z" else layout.mlp).register_forward_pre_hook(
+            pre_input)
 
     target = block if site.kind == "hook_resid_post" else _get(block, layout.mlp_contribution or layout.mlp)
 

@@ -10,6 +10,11 @@ of `b_enc`. SAEs saved by SAELens load here and SAEs saved here load in SAELens.
 
 A gated SAE (Rajamanoharan et al. 2024) shares W_enc between its gate and its magnitude:
 with p = W_encᵀ (x − b_dec), f = [p + b_gate > 0] · relu(exp(r_mag) p + b_mag).
+
+A transcoder reads one site (`hook_name`, the MLP's input) and predicts another (`hook_name_out`,
+the MLP's output): `W_dec [d_sae, d_out]`, `b_dec [d_out]`, no b_dec on the input; a skip
+transcoder adds `W_skip [d_out, d_in]`: ŷ = f W_dec + b_dec + W_skip x. Its features are read
+where it reads; an edit adds (f' − f) W_dec where it writes (the skip term and the error cancel).
 """
 
 from __future__ import annotations
@@ -81,6 +86,10 @@ def _gated(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
     return (pre > 0) * torch.relu(r_mag.exp() * (pre - b_gate) + b_mag)
 
 
+# Transcoders, by SAELens architecture: the activation each uses
+TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu",
+               "jumprelu_skip_transcoder": "jumprelu"}
+
 # ---------------------------------------------------------------- config
 
 
@@ -90,12 +99,16 @@ class SAEConfig:
     d_sae: int
     hook_name: str
     architecture: str = "standard"
-    """standard (ReLU) | topk | jumprelu | gated"""
+    """standard (ReLU) | topk | jumprelu | gated, or a transcoder (`TRANSCODERS`)"""
     k: int | None = None
     """active features per token (topk only)"""
     apply_b_dec_to_input: bool = True
     dtype: str = "float32"
     model_name: str = ""
+    d_out: int | None = None
+    """transcoders: the width of the site they write"""
+    hook_name_out: str | None = None
+    """transcoders: the site they write (the MLP's output)"""
     hook_head_index: int | None = None
     """an SAE of one attention head at attn.hook_z (d_in = d_head); `SAE.widen_to_heads` makes it an SAE
     of the whole site that reads and writes that head only"""
@@ -106,16 +119,32 @@ class SAEConfig:
     """training provenance: objective and coefficients, tokens, eval metrics"""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ACTIVATIONS:
-            raise ArtifactError(
-                f"SAE architecture {self.architecture!r} is not supported; known: {', '.join(sorted(ACTIVATIONS))}"
-            )
+        if self.architecture not in ACTIVATIONS and self.architecture not in TRANSCODERS:
+            raise ArtifactError(f"SAE architecture {self.architecture!r} is not supported; known: "
+                                f"{', '.join(sorted([*ACTIVATIONS, *TRANSCODERS]))}")
+        if self.is_transcoder and not (self.hook_name_out and self.d_out and not self.apply_b_dec_to_input):
+            raise ArtifactError(f"a {self.architecture} needs hook_name_out and d_out, and apply_b_dec_to_input "
+                                f"false (got {self.hook_name_out!r}, {self.d_out}, {self.apply_b_dec_to_input})")
         if self.d_in < 1 or self.d_sae < 1:
             raise ArtifactError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ArtifactError(f"SAE dtype {self.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         if self.architecture == "topk" and not (self.k and 0 < self.k <= self.d_sae):
             raise ArtifactError(f"a topk SAE needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.architecture in TRANSCODERS
+
+    @property
+    def activation(self) -> str:
+        """The name of the activation in `ACTIVATIONS` (a transcoder's is its encoder's)."""
+        return TRANSCODERS.get(self.architecture, self.architecture)
+
+    @property
+    def width_out(self) -> int:
+        """The width of the site the decoder writes."""
+        return self.d_out if self.is_transcoder else self.d_in
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -140,7 +169,10 @@ class SAEConfig:
         if self.architecture == "topk":
             cfg["k"] = self.k
         if self.hook_head_index is not None:
-            cfg["hook_head_index"] = self.hook_head_index
+            cfg["metadata"]["hook_head_index"] = self.hook_head_index
+        if self.is_transcoder:
+            cfg["d_out"] = self.d_out
+            cfg["metadata"]["hook_name_out"] = self.hook_name_out
         return cfg
 
     def widened(self, num_heads: int) -> SAEConfig:
@@ -167,10 +199,11 @@ class SAEConfig:
                                 "an SAE of one attention head, at a blocks.L.attn.hook_z site")
         _check_model_processing({**raw, **(raw.get("metadata") or {})})
         arch = raw.get("architecture", "standard")
+        hook_name_out = meta.pop("hook_name_out", None) or raw.get("hook_name_out")
         activation = raw.get("activation_fn", raw.get("activation_fn_str"))
         if arch == "standard" and activation == "topk":  # legacy SAELens TopK: a standard SAE with a topk activation
             arch = "topk"
-        elif activation not in (None, "relu", "topk" if arch == "topk" else "relu"):
+        elif activation not in (None, "relu", "topk" if arch == "topk" else "relu"):  # (a JumpReLU's is relu too)
             raise ArtifactError(f"cfg.json: activation_fn {activation!r} with architecture {arch!r} is not "
                                 f"supported; known architectures: {', '.join(sorted(ACTIVATIONS))}")
         return cls(
@@ -179,9 +212,11 @@ class SAEConfig:
             hook_name=hook_name,
             architecture=arch,
             k=raw.get("k") or (raw.get("activation_fn_kwargs") or {}).get("k"),
-            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+            apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", arch not in TRANSCODERS)),
             dtype=str(raw.get("dtype", "float32")).removeprefix("torch."),
             model_name=meta.pop("model_name", None) or raw.get("model_name", ""),
+            d_out=raw.get("d_out") if arch in TRANSCODERS else None,
+            hook_name_out=hook_name_out if arch in TRANSCODERS else None,
             hook_head_index=None if head is None else int(head),
             rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
             metadata=meta,
@@ -244,10 +279,12 @@ class SAE(nn.Module):
         self.cfg = cfg
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-        if cfg.architecture == "jumprelu":
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.width_out))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.width_out))
+        if cfg.activation == "jumprelu":
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
+        if "skip" in cfg.architecture:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.width_out, cfg.d_in))
         if cfg.architecture == "gated":  # SAELens' names; b_gate is the encoder bias
             del self.b_enc
             self.b_gate, self.r_mag, self.b_mag = (nn.Parameter(torch.zeros(cfg.d_sae)) for _ in range(3))
@@ -264,12 +301,12 @@ class SAE(nn.Module):
         return self._input(x) @ self.W_enc + self.encoder_bias  # (..., d_sae)
 
     def encode(self, x: Tensor) -> Tensor:
-        return ACTIVATIONS[self.cfg.architecture](self, self.pre_acts(x))
+        return ACTIVATIONS[self.cfg.activation](self, self.pre_acts(x))
 
     @property
     def elementwise(self) -> bool:
         """Whether a feature's activation depends on its own pre-activation only (not TopK)."""
-        return self.cfg.architecture in ELEMENTWISE
+        return self.cfg.activation in ELEMENTWISE
 
     def encode_at(self, x: Tensor, ids: Tensor) -> Tensor:
         """The activations of features `ids (N, M)` at the rows `x (N, d_in)`, `(N, M)`, without
@@ -277,13 +314,15 @@ class SAE(nn.Module):
         if not self.elementwise:
             raise ValueError(f"a {self.cfg.architecture} SAE's features depend on each other: use encode")
         pre = torch.einsum("nd,nmd->nm", self._input(x), self.W_enc.T[ids]) + self.encoder_bias[ids]  # (N, M)
-        return ACTIVATIONS[self.cfg.architecture](self, pre, ids)
+        return ACTIVATIONS[self.cfg.activation](self, pre, ids)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec  # (..., d_in)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction (a transcoder's prediction of its output site, skip term included)."""
+        out = self.decode(self.encode(x))
+        return out + self._input(x) @ self.W_skip.T if hasattr(self, "W_skip") else out
 
     @torch.no_grad()
     def widen_to_heads(self, num_heads: int) -> None:

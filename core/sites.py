@@ -4,6 +4,9 @@
     blocks.L.hook_resid_post   residual stream leaving layer L
     blocks.L.hook_mlp_out      output of layer L's MLP
     blocks.L.attn.hook_z       per-head attention output before the output projection
+    blocks.L.mlp.hook_in       the MLP's input, after the norm before it (TransformerLens'
+                               blocks.L.ln2.hook_normalized, accepted as the same site): where
+                               transcoders read
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from dataclasses import dataclass
 
 from rudder.core.errors import InvalidArgument
 
-KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "attn.hook_z")
-_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|attn\.hook_z)$")
+KINDS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "attn.hook_z", "mlp.hook_in")
+ALIASES = {"ln2.hook_normalized": "mlp.hook_in"}
+RUN_ORDER = ("hook_resid_pre", "attn.hook_z", "mlp.hook_in", "hook_mlp_out", "hook_resid_post")  # within a layer
+_PATTERN = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in (*KINDS, *ALIASES)) + ")$")
 
 
 @dataclass(frozen=True, order=True)
@@ -25,6 +30,11 @@ class Site:
     @property
     def name(self) -> str:
         return f"blocks.{self.layer}.{self.kind}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where it runs in a forward pass: sites with smaller orders run first."""
+        return self.layer, RUN_ORDER.index(self.kind)
 
     @property
     def per_head(self) -> bool:
@@ -40,7 +50,7 @@ class Site:
         layer = int(m.group(1))
         if num_layers is not None and layer >= num_layers:
             raise InvalidArgument(f"site {name!r} names layer {layer}, but the model has layers 0..{num_layers - 1}")
-        return cls(layer, m.group(2))
+        return cls(layer, ALIASES.get(m.group(2), m.group(2)))
 
 
 def all_sites(num_layers: int) -> list[str]:

@@ -17,6 +17,7 @@ tensors keyed by row, for the backend to route to requests.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from rudder.core.codebook import Codebook, ForcedCodes
 from rudder.core.sae import SAE
+from rudder.core.sites import Site
 
 OPEN_END = 2**31 - 1
 
@@ -430,45 +432,54 @@ def _edit_delta(sae: SAE, feat: Tensor, f0: Tensor, f1: Tensor, last: Tensor) ->
     return torch.einsum("rm,rmd->rd", coef, sae.W_dec[feat])
 
 
-def sae_edit_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
-    """x' = x + (f' - f) W_dec on every row of `x (N, d)` (rows without active ops unchanged),
-    with fixed shapes and no host synchronisation, so it compiles whole (torch.compile
-    fullgraph, CUDA graphs). For an elementwise SAE it reads only the edited features'
-    encoder columns; a TopK SAE's features depend on each other, so it encodes every row."""
+def sae_delta_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
+    """(f' - f) W_dec on every row of `x (N, d_in)`, `(N, d_out)` (zero for rows without active ops),
+    with fixed shapes and no host synchronisation, so it compiles whole (torch.compile fullgraph,
+    CUDA graphs). For an elementwise SAE it reads only the edited features' encoder columns; a TopK
+    SAE's features depend on each other, so it encodes every row."""
     slot, act = table.active_all(rows)
     f0, f1, last = _feature_edits(sae, x, table, slot, act)
-    return x + _edit_delta(sae, table.feature[slot], f0, f1, last).to(x.dtype)
+    return _edit_delta(sae, table.feature[slot], f0, f1, last)
 
 
-def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, readouts: list[Readout]) -> Tensor:
+def sae_edit_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
+    """x' = x + (f' - f) W_dec on every row of `x (N, d)`: the in-graph form of an SAE's edits."""
+    return x + sae_delta_all_rows(sae, x, table, rows).to(x.dtype)
+
+
+def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, readouts: list[Readout],
+              out: Tensor | None = None) -> Tensor:
+    """Read `sae` on the rows `x (N, d_in)` and add its edits, (f' - f) W_dec, to `out (N, d_out)`:
+    x itself by default (an SAE: x' comes back), or what a transcoder adds where it writes."""
+    out = x if out is None else out
     read_mask = _reading(rows, table.reads)
     if table.edits and sae.elementwise:  # edits from the edited features' columns, on every row
         reading = read_mask.nonzero().squeeze(-1)
         x_read = x[reading]  # readouts are of f' = f(x) with the edits, not of f(x')
-        x = sae_edit_all_rows(sae, x, table, rows)
+        out = out + sae_delta_all_rows(sae, x, table, rows).to(out.dtype)
         if reading.numel():
             slot, act = table.active(rows, reading)
             f = sae.encode(x_read)  # (R, d_sae)
             _, f1, last = _feature_edits(sae, x_read, table, slot, act, f)
             _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts)
-        return x
+        return out
     # TopK (a feature's value depends on all of them), or reading only: encode the rows that edit or
     # read, once, for both.
     editing = _row_mask(rows, table.valid.any(dim=1)) if table.edits else torch.zeros_like(read_mask)
     sel = (editing | read_mask).nonzero().squeeze(-1)
     if sel.numel() == 0:
-        return x
+        return out
     slot, act = table.active(rows, sel)
     xs = x[sel]
     f = sae.encode(xs)  # (R, d_sae)
     f0, f1, last = _feature_edits(sae, xs, table, slot, act, f)
     feat = table.feature[slot]
     if table.edits:
-        x = x.index_add(0, sel, _edit_delta(sae, feat, f0, f1, last).to(x.dtype))
+        out = out.index_add(0, sel, _edit_delta(sae, feat, f0, f1, last).to(out.dtype))
     reading = read_mask[sel]
     if reading.any():
         _read(sae_id, table, sel[reading], f[reading], feat[reading], f1[reading], last[reading], readouts)
-    return x
+    return out
 
 
 def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor, feat: Tensor, f1: Tensor, last: Tensor,
@@ -494,16 +505,40 @@ def apply_direction(x: Tensor, table: DirectionTable, rows: RowIndex) -> Tensor:
     return x + torch.einsum("nm,nmd->nd", coef, table.vector[slot]).to(x.dtype)
 
 
-def steer_site(site: str, x: Tensor, artifacts: SiteArtifacts | None, tables: StepTables, rows: RowIndex
-               ) -> tuple[Tensor, list[Readout]]:
-    """Apply everything attached at `site` to the token rows `x (N, d)`; return x' and readouts."""
+@functools.cache
+def _site_name(hook_name: str) -> str:
+    return Site.parse(hook_name).name  # e.g. blocks.3.ln2.hook_normalized is blocks.3.mlp.hook_in
+
+
+def steer_site(site: str, x: Tensor, artifacts: SiteArtifacts | None, tables: StepTables, rows: RowIndex,
+               pending: dict[str, Tensor] | None = None) -> tuple[Tensor, list[Readout]]:
+    """Apply everything attached at `site` to the token rows `x (N, d)`; return x' and readouts.
+
+    `pending` carries edits across the sites of one forward pass: a transcoder read at an earlier
+    site leaves its edits, by the site it writes, and they are added here first (so whatever reads
+    this site sees them)."""
     readouts: list[Readout] = []
+    if pending and site in pending:
+        x = x + pending.pop(site).to(x.dtype)
     if artifacts is not None:
         for cb_id, cb in artifacts.codebooks.items():
             x = apply_codebook(cb_id, cb, x, tables.codebooks.get(cb_id), rows, readouts)
         for sae_id, sae in artifacts.saes.items():
-            if sae_id in tables.saes:
-                x = apply_sae(sae_id, sae, x, tables.saes[sae_id], rows, readouts)
+            if sae_id not in tables.saes:
+                continue
+            table = tables.saes[sae_id]
+            if not sae.cfg.is_transcoder:
+                x = apply_sae(sae_id, sae, x, table, rows, readouts)
+                continue
+            if pending is None:
+                raise ValueError(f"transcoder {sae_id} at {site}: steer_site needs `pending` to carry its edits")
+            target = _site_name(sae.cfg.hook_name_out)
+            base = pending.get(target)
+            if table.edits and base is None:
+                base = x.new_zeros(x.shape[0], sae.cfg.d_out)
+            written = apply_sae(sae_id, sae, x, table, rows, readouts, out=base)
+            if table.edits:
+                pending[target] = written
     if site in tables.directions:
         x = apply_direction(x, tables.directions[site], rows)
     return x, readouts

@@ -37,6 +37,13 @@ class AttachedSae:
     """the weights, where this process runs the SAE (not in the vLLM front end, which only validates)"""
     generation: int = 0
     """which load of this id it is: requests are validated against one generation"""
+    site_out: Site | None = None
+    """a transcoder's output site: its edits are added there"""
+
+    @property
+    def sites(self) -> list[Site]:
+        """The sites it reads or writes (the steering op or hook must sit at each)."""
+        return [self.site] if self.site_out is None else [self.site, self.site_out]
 
 
 @dataclass
@@ -73,6 +80,8 @@ class Artifacts:
         for a in self.saes.values():
             if a.sae is not None:
                 sites.setdefault(a.site.name, SiteArtifacts()).saes[a.id] = a.sae
+                if a.site_out is not None:
+                    sites.setdefault(a.site_out.name, SiteArtifacts())
         return sites
 
     def sae_modules(self) -> dict[str, SAE]:
@@ -104,6 +113,7 @@ class Artifacts:
             sae = SAE.load(path, device=device) if weights else None  # in its own dtype, as SAELens runs it
             cfg = sae.cfg if sae is not None else load_sae_config(path)
             site = Site.parse(cfg.hook_name, shape.num_layers)
+            site_out = Site.parse(cfg.hook_name_out, shape.num_layers) if cfg.is_transcoder else None
         except RudderError as e:
             raise ArtifactError(f"SAE {sae_id!r} ({path}): {e}") from e
         if sae_id in self.sources():
@@ -116,16 +126,19 @@ class Artifacts:
             if sae is not None:
                 sae.widen_to_heads(shape.num_heads)
             cfg = sae.cfg if sae is not None else cfg.widened(shape.num_heads)
-        want = shape.site_dim(site)
-        if cfg.d_in != want:
-            raise ArtifactError(
-                f"SAE {sae_id!r} ({path}) has d_in={cfg.d_in} but site {site.name} of this "
-                f"{shape.architecture} model is {want} wide: it was trained for another model or site"
-            )
+        for field_name, width, at in (("d_in", cfg.d_in, site), ("d_out", cfg.width_out, site_out or site)):
+            want = shape.site_dim(at)
+            if width != want:
+                raise ArtifactError(
+                    f"SAE {sae_id!r} ({path}) has {field_name}={width} but site {at.name} of this "
+                    f"{shape.architecture} model is {want} wide: it was trained for another model or site")
+        if site_out is not None and site_out.order <= site.order:
+            raise ArtifactError(f"transcoder {sae_id!r} ({path}) writes {site_out.name}, which runs before "
+                                f"{site.name}, where it reads: it must write a later site")
         self.changes += 1
         if generation is None:
             generation = self.changes
-        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation)
+        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation, site_out)
         self.saes[sae_id] = attached
         log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, cfg.d_sae, cfg.architecture)
         return attached

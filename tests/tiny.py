@@ -89,3 +89,23 @@ def make_sae(path: Path, hook_name: str, d_in: int = 64, d_sae: int = 256, archi
             sae.threshold.uniform_(0, 0.2)
     sae.save(path)
     return sae
+
+
+def make_transcoder(path: Path, layer: int, d: int = 64, d_sae: int = 256, architecture: str = "transcoder",
+                    seed: int = 0) -> SAE:
+    """A random transcoder from layer `layer`'s MLP input to its output, saved as SAELens saves one."""
+    torch.manual_seed(seed)
+    tc = SAE(SAEConfig(d_in=d, d_sae=d_sae, d_out=d, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+                       hook_name_out=f"blocks.{layer}.hook_mlp_out", architecture=architecture,
+                       apply_b_dec_to_input=False, model_name="tiny-llama"))
+    with torch.no_grad():
+        tc.W_enc.normal_(0, 1 / d**0.5)
+        tc.W_dec.copy_(tc.W_enc.T / tc.W_enc.T.norm(dim=1, keepdim=True))
+        tc.b_enc.normal_(0, 0.1)
+        tc.b_dec.normal_(0, 0.1)
+        if hasattr(tc, "W_skip"):
+            tc.W_skip.normal_(0, 0.1 / d**0.5)
+        if hasattr(tc, "threshold"):
+            tc.threshold.uniform_(0, 0.2)
+    tc.save(path)
+    return tc

@@ -143,7 +143,8 @@ class ReferenceEngine(HfTokenizing):
 
     async def load_sae(self, spec: str) -> str:
         attached = self.artifacts.add_sae(spec, self.shape, self.device)
-        self._ensure_hook(attached.site.name)
+        for site in attached.sites:
+            self._ensure_hook(site.name)
         self._refresh()
         return attached.id
 

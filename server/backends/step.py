@@ -136,6 +136,8 @@ class StepRecorder:
     hook_s: float = 0.0
     broken: Tensor | None = None
     """(N,) bool: rows the steering made non-finite at some site (they went on unsteered there)"""
+    pending: dict[str, Tensor] = field(default_factory=dict)
+    """transcoders' edits on their way from the site they read to the site they write (this pass)"""
 
     def steer(self, site: str, x: Tensor, artifacts: SiteArtifacts | None) -> Tensor:
         """Steer the activation `x (..., d)` at `site`; a tensor of the same shape comes back.
@@ -146,7 +148,7 @@ class StepRecorder:
         to end its request. Fixed shapes, no host synchronisation."""
         t0 = time.perf_counter()
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
-        out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows)
+        out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows, self.pending)
         if out is not flat:
             bad = ~torch.isfinite(out).all(dim=-1) & torch.isfinite(flat).all(dim=-1)
             out = torch.where(bad[:, None], flat, out)

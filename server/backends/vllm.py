@@ -169,8 +169,8 @@ class VllmEngine(HfTokenizing):
                                           enable_prefix_caching=enable_prefix_caching,
                                           gpu_memory_utilization=gpu_memory_utilization).items() if v is not None}
         self.args = engine_args(model, self.model_dir, defaults, list(vllm_args), engine_kwargs)
-        sources = [*self.artifacts.saes.values(), *self.artifacts.codebooks.values()]
-        self.steer_sites = sorted({a.site.name for a in sources}
+        self.steer_sites = sorted({s.name for a in self.artifacts.saes.values() for s in a.sites}
+                                  | {cb.site.name for cb in self.artifacts.codebooks.values()}
                                   | {Site.parse(s, self.shape.num_layers).name for s in steer_sites})
         self._check_sites(self.steer_sites)
         self.args.worker_cls = f"{__package__}.vllm_worker.SteeringWorker"
@@ -299,8 +299,9 @@ class VllmEngine(HfTokenizing):
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
         attached = self.artifacts.add_sae(spec, self.shape, torch.device("cpu"), weights=False)
         try:
-            self.check_site(attached.site.name)
-            self._check_sites([attached.site.name])
+            for site in attached.sites:
+                self.check_site(site.name)
+            self._check_sites([site.name for site in attached.sites])
             await self.llm.collective_rpc("rudder_load_sae", args=(spec, attached.generation))
         except Exception:
             self.artifacts.remove_sae(attached.id)

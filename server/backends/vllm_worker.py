@@ -4,7 +4,7 @@ vLLM starts its workers with `worker_cls` = `SteeringWorker` (made at import fro
 platform's own worker class). After vLLM loads the model, and before the first forward
 pass (where torch.compile traces it), `load_model` puts a call to the custom op
 `rudder::steer` at every declared site: after a decoder layer (`hook_resid_post` of it,
-`hook_resid_pre` of the next), around the MLP (`hook_mlp_out`), before `o_proj`
+`hook_resid_pre` of the next), around the MLP (`mlp.hook_in`, `hook_mlp_out`), before `o_proj`
 (`attn.hook_z`), before layer 0 (`blocks.0.hook_resid_pre`). To the compiler the op is one
 opaque node, so vLLM keeps its compilation (on CUDA the op is a splitting op and the
 pieces between are captured in CUDA graphs). Nothing in vLLM is patched.
@@ -151,6 +151,8 @@ def place_ops(model: nn.Module, sites: list[str], num_layers: int, layout: Layou
             _wrap(layers[site.layer], layout.mlp_contribution or layout.mlp, lambda m, i=i: _After(m, i))
         elif site.kind == "attn.hook_z":
             _wrap(layers[site.layer], layout.out_proj, lambda m, i=i: _Before(m, i, hidden_arg=0))
+        elif site.kind == "mlp.hook_in":
+            _wrap(layers[site.layer], layout.mlp, lambda m, i=i: _Before(m, i, hidden_arg=0))
         elif site.kind not in ("hook_resid_pre", "hook_resid_post"):
             raise ArtifactError(f"site {sites[i]} is not supported by the vLLM backend")
     for i, site in parsed:
@@ -212,7 +214,8 @@ class _Steerer:
 
     def load_sae(self, spec: str, generation: int) -> str:
         attached = self.artifacts.add_sae(spec, self.shape, self.device, generation=generation)
-        self._check_declared(attached.site.name)
+        for site in attached.sites:
+            self._check_declared(site.name)
         self._refresh()
         return attached.id
 

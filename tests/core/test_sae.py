@@ -89,15 +89,23 @@ def test_registering_an_architecture_twice_raises():
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "saelens"
 
 
-@pytest.mark.parametrize("fixture", ["standard", "topk", "jumprelu", "topk_rescaled", "gated"])
+TRANSCODER_FIXTURES = ["transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"]
+
+
+@pytest.mark.parametrize("fixture", ["standard", "topk", "jumprelu", "topk_rescaled", "gated", *TRANSCODER_FIXTURES])
 def test_folders_written_by_saelens_give_saelens_outputs(fixture):
-    """Fixtures saved by SAELens 6.54.12 itself (scripts/make_saelens_fixtures.py), with its outputs."""
+    """Fixtures saved by SAELens 6.54.12 itself (scripts/make_saelens_fixtures.py), with its outputs:
+    features, and the reconstruction (a transcoder's prediction of the MLP's output, skip term in)."""
     sae = SAE.load(FIXTURES / fixture)
     expected = load_file(FIXTURES / fixture / "expected.safetensors")
-    assert sae.cfg.architecture == fixture.split("_")[0] and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+    if fixture in TRANSCODER_FIXTURES:
+        assert sae.cfg.architecture == fixture and sae.cfg.is_transcoder
+        assert (sae.cfg.hook_name, sae.cfg.hook_name_out) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    else:
+        assert sae.cfg.architecture == fixture.split("_")[0] and sae.cfg.hook_name == "blocks.1.hook_resid_post"
     f = sae.encode(expected["x"])
     torch.testing.assert_close(f, expected["features"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f), expected["reconstruction"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(expected["x"]), expected["reconstruction"], rtol=1e-5, atol=1e-5)
 
 
 def test_an_saelens_sae_of_one_head_serves_as_an_sae_of_its_whole_site():

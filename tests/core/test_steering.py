@@ -183,3 +183,29 @@ def test_an_fp32_sae_on_a_bf16_stream_runs_in_fp32_as_saelens_does(arch):
     torch.testing.assert_close(r.top_values, f.topk(4).values, rtol=0, atol=0)
     want = x + ((6.3 - s.encode(x.float())[:, 5:6]) * s.W_dec[5]).to(torch.bfloat16)  # the change, in fp32
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["transcoder", "jumprelu_skip_transcoder"])
+def test_a_transcoder_reads_where_it_reads_and_edits_where_it_writes(architecture):
+    """Features from the MLP's input; a clamp adds exactly (v - f) W_dec to the MLP's output, later in
+    the same pass (the skip term and the error cancel), and nothing to the input site."""
+    from rudder.core.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    tc = SAE(SAEConfig(d_in=16, d_sae=32, d_out=16, hook_name="blocks.1.ln2.hook_normalized",
+                       hook_name_out="blocks.1.hook_mlp_out", architecture=architecture, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.normal_(0, 0.5)
+    x_in, x_out = torch.randn(3, 16), torch.randn(3, 16)
+    spec = SteeringSpec(features=(FeatureEdit("t", 5, Op.CLAMP, 7.0),), readouts=ReadoutSpec(saes=("t",), top_k=3))
+    tables, rows, pending = build_tables([spec], [3]), rows_for([0, 0, 0], [0, 1, 2]), {}
+    arts = SiteArtifacts(saes={"t": tc})
+    same_in, readouts = steer_site("blocks.1.mlp.hook_in", x_in, arts, tables, rows, pending)
+    assert torch.equal(same_in, x_in) and set(pending) == {"blocks.1.hook_mlp_out"}
+    f = tc.encode(x_in)
+    (r,) = readouts
+    assert r.top_ids[:, 0].tolist() == [5, 5, 5] and torch.allclose(r.top_values[:, 0], torch.full((3,), 7.0))
+    out, _ = steer_site("blocks.1.hook_mlp_out", x_out, None, tables, rows, pending)
+    torch.testing.assert_close(out, x_out + (7.0 - f[:, 5:6]) * tc.W_dec[5])
+    assert pending == {}  # consumed in the pass

@@ -160,3 +160,36 @@ def test_gpt_neox_serves_on_the_reference_backend(tmp_path, site):
     assert all(len(e.readouts[0].top_ids) == 3 for events in out for e in events)
     assert all(e.readouts[0].top_ids[0] == 7 for events in out[1::2] for e in events)  # the clamp reads back
     assert any(tokens(out[i]) != tokens(out[i + 1]) for i in range(0, len(out), 2))
+
+
+def test_a_transcoder_reads_the_mlp_input_and_steers_its_output(tmp_path):
+    """Its features are SAE.encode of the MLP's input (which the fixtures check against SAELens); a
+    clamp reads back and changes the continuation, and a second SAE at the MLP's output sees the edit."""
+    from tests.tiny import make_model, make_transcoder
+
+    model_dir = make_model(tmp_path / "m", layers=2)
+    tc = make_transcoder(tmp_path / "t", layer=1, architecture="jumprelu_skip_transcoder")
+    engine = ReferenceEngine(model_dir, saes=[f"t={tmp_path / 't'}"])
+    assert {s.name for s in engine.artifacts.saes["t"].sites} == {"blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = engine.tokenize("The quick brown fox")
+    seen = []
+    handle = hook_site(model, Site(1, "mlp.hook_in"), lambda name, x: seen.append(x.detach().clone()) or x)
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    handle.remove()
+    want = tc.encode(seen[0][0])  # (prompt, d_sae)
+    read = ReadoutSpec(saes=("t",), top_k=3)
+    plain, steered = asyncio.run(collect(engine, [
+        EngineRequest(ids, Sampling(max_tokens=8, ignore_eos=True),
+                      SteeringSpec(readouts=ReadoutSpec(saes=("t",), top_k=3, include_prompt=True))),
+        EngineRequest(ids, Sampling(max_tokens=8, ignore_eos=True),
+                      SteeringSpec(features=(FeatureEdit("t", 7, Op.CLAMP, 40.0),), readouts=read))]))
+    prompt = [e for e in plain if e.is_prompt]
+    assert len(prompt) == len(ids)
+    for e in prompt:
+        values, top = want[e.position].topk(3)
+        assert e.readouts[0].top_ids == top.tolist()
+        assert e.readouts[0].top_values == pytest.approx(values.tolist(), rel=1e-5, abs=1e-5)
+    assert all(e.readouts[0].top_ids[0] == 7 and e.readouts[0].top_values[0] == pytest.approx(40.0) for e in steered)
+    assert tokens(plain) != tokens(steered)

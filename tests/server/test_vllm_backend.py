@@ -395,6 +395,32 @@ def test_each_family_serves_as_on_the_reference_backend(loop, tmp_path, family):
         assert any(tokens(got[i]) != tokens(got[i + c]) for i in range(0, len(got), per_prompt)), names[c - 1]
 
 
+@pytest.mark.parametrize("architecture", ["transcoder", "jumprelu_skip_transcoder"])
+def test_a_transcoder_steers_as_on_the_reference_backend(loop, tmp_path, architecture):
+    """Read at blocks.1.mlp.hook_in (as ln2.hook_normalized), written at blocks.1.hook_mlp_out: the op
+    sits at both, readouts and tokens agree with the reference backend, and a clamp steers."""
+    from tests.tiny import make_transcoder
+
+    model = make_model(tmp_path / "m", heads=2, kv_heads=1, layers=2)
+    make_transcoder(tmp_path / "t", layer=1, architecture=architecture)
+    saes = [f"t={tmp_path / 't'}"]
+    read = ReadoutSpec(saes=("t",), top_k=4)
+    clamp = SteeringSpec(features=(FeatureEdit("t", 7, Op.CLAMP, 30.0),), readouts=read)
+    engine = start(loop, vllm_backend.VllmEngine(model, saes, max_model_len=256))
+    try:
+        assert {"blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"} <= set(engine.steer_sites)
+        requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
+                    for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), clamp)]
+        got = loop.run(collect(engine, requests))
+    finally:
+        loop.run(engine.stop())
+    want = asyncio.run(collect(ReferenceEngine(model, saes), requests))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert tokens(g) == tokens(w), f"request {i}"
+        assert_same_readouts(g, w)
+    assert any(tokens(got[i]) != tokens(got[i + 1]) for i in range(0, len(got), 2))
+
+
 def test_a_family_the_vllm_backend_does_not_serve_is_refused_naming_both_lists(tmp_path):
     make_model(tmp_path, family="gpt_neox", heads=2, layers=2)
     with pytest.raises(ArtifactError, match="'gpt_neox' is not served by the vLLM backend .*--backend reference"):
