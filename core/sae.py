@@ -112,6 +112,9 @@ class SAEConfig:
     hook_head_index: int | None = None
     """an SAE of one attention head at attn.hook_z (d_in = d_head); `SAE.widen_to_heads` makes it an SAE
     of the whole site that reads and writes that head only"""
+    center_input: bool = False
+    """the SAE was trained on TransformerLens' centred residual stream (center_writing_weights): its
+    input is the activation minus its mean over the site's width (set from the config's metadata)"""
     rescale_acts_by_decoder_norm: bool = False
     """SAELens TopK: latents are scaled by their decoder rows' norms; `SAE.load` folds the
     norms into the weights (same outputs) and clears this"""
@@ -197,7 +200,7 @@ class SAEConfig:
         if head is not None and not hook_name.endswith("attn.hook_z"):
             raise ArtifactError(f"cfg.json sets hook_head_index={head} at {hook_name}: a head index means "
                                 "an SAE of one attention head, at a blocks.L.attn.hook_z site")
-        _check_model_processing({**raw, **(raw.get("metadata") or {})})
+        center = _model_processing({**raw, **(raw.get("metadata") or {})}, hook_name)
         arch = raw.get("architecture", "standard")
         hook_name_out = meta.pop("hook_name_out", None) or raw.get("hook_name_out")
         activation = raw.get("activation_fn", raw.get("activation_fn_str"))
@@ -218,6 +221,7 @@ class SAEConfig:
             d_out=raw.get("d_out") if arch in TRANSCODERS else None,
             hook_name_out=hook_name_out if arch in TRANSCODERS else None,
             hook_head_index=None if head is None else int(head),
+            center_input=center,
             rescale_acts_by_decoder_norm=bool(raw.get("rescale_acts_by_decoder_norm", False)),
             metadata=meta,
         )
@@ -225,18 +229,22 @@ class SAEConfig:
 
 SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens whose folder format Rudder writes (checked in tests)
 
-# TransformerLens weight processing that changes the activations an SAE was trained on, against the
-# raw Hugging Face model Rudder runs (fold_ln and center_unembed leave the hook sites' values alone).
+# TransformerLens weight processing (SAELens' `model_from_pretrained_kwargs`) against the raw Hugging
+# Face model Rudder runs. fold_ln and center_unembed leave the sites' values alone (fold_ln does change
+# ln*.hook_normalized, which Rudder reads as the MLP's input with the norm's weights, i.e. fold_ln=false).
+# center_writing_weights mean-centres everything written to the residual stream, so there the SAE's input
+# is the raw activation minus its mean over d_model: a change of basis Rudder applies (`SAEConfig.
+# center_input`); edits need none, the next norm removes the mean either way. The others are refused.
+_CENTRED_SITES = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
 _PROCESSING = {
-    "center_writing_weights": "the residual stream is mean-centred",
     "fold_value_biases": "the value biases are moved into the attention output bias",
     "refactor_factored_attn_matrices": "the attention matrices are refactored",
 }
 
 
-def _check_model_processing(raw: dict[str, Any]) -> None:
-    """Refuse an SAE trained on TransformerLens-processed weights whose activations differ from the raw
-    model's (SAELens' `model_from_pretrained_kwargs`)."""
+def _model_processing(raw: dict[str, Any], hook_name: str) -> bool:
+    """Whether the SAE's input is the centred activation (center_writing_weights at a residual-stream
+    site); refuse processing Rudder does not undo."""
     kwargs = raw.get("model_from_pretrained_kwargs") or {}
     for key, what in _PROCESSING.items():
         if kwargs.get(key):
@@ -244,6 +252,11 @@ def _check_model_processing(raw: dict[str, Any]) -> None:
                 f"cfg.json: model_from_pretrained_kwargs.{key}=true ({what} in TransformerLens), so this SAE's "
                 f"inputs differ from the raw model's activations Rudder serves; use an SAE trained with "
                 f"{key}=false (SAELens' default for most releases) or on the Hugging Face model")
+    if kwargs.get("fold_ln") and "hook_normalized" in hook_name:
+        raise ArtifactError(
+            f"cfg.json: model_from_pretrained_kwargs.fold_ln=true at {hook_name}: TransformerLens then reads the "
+            f"norm's output without its weights, Rudder the MLP's input with them; use one trained with fold_ln=false")
+    return bool(kwargs.get("center_writing_weights")) and hook_name.rsplit(".", 1)[-1] in _CENTRED_SITES
 
 
 # ---------------------------------------------------------------- module
@@ -295,6 +308,8 @@ class SAE(nn.Module):
 
     def _input(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype)  # as SAELens: the SAE runs in its own dtype, whatever the model's
+        if self.cfg.center_input:
+            x = x - x.mean(dim=-1, keepdim=True)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:

@@ -180,8 +180,8 @@ def test_a_legacy_topk_config_loads_as_topk(tmp_path):
 
 @pytest.mark.parametrize("changes,fragments", [
     (dict(hook_head_index=2), ("hook_head_index", "one attention head")),
-    (dict(metadata={"model_from_pretrained_kwargs": {"center_writing_weights": True}}),
-     ("model_from_pretrained_kwargs.center_writing_weights=true", "mean-centred", "center_writing_weights=false")),
+    (dict(metadata={"hook_name": "blocks.1.ln2.hook_normalized", "model_from_pretrained_kwargs": {"fold_ln": True}}),
+     ("model_from_pretrained_kwargs.fold_ln=true at blocks.1.ln2.hook_normalized", "fold_ln=false")),
     (dict(model_from_pretrained_kwargs={"fold_value_biases": True}), ("fold_value_biases",)),
     (dict(activation_fn="tanh-relu"), ("activation_fn 'tanh-relu'",)),
     (dict(dtype="float64x"), ("dtype 'float64x'",)),
@@ -200,6 +200,57 @@ def test_processing_that_leaves_the_sites_alone_is_accepted(tmp_path):
     edit_cfg(tmp_path / "a", metadata={"model_from_pretrained_kwargs": {"fold_ln": True, "center_unembed": True,
                                                                          "center_writing_weights": False}})
     assert SAE.load(tmp_path / "a").cfg.d_sae == 16
+
+
+def test_center_writing_weights_is_applied_as_the_change_of_basis_it_is(tmp_path):
+    """TransformerLens' center_writing_weights (gpt2-small-res-jb) centres every weight that writes to the
+    residual stream: its stream is then the raw stream minus its mean, at every residual site. Checked on
+    a tiny GPT-2 centred by hand; the SAE reads its input so, and only at residual-stream sites."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rudder.core.hf_sites import hook_site
+    from rudder.core.sites import Site
+
+    torch.manual_seed(0)
+    raw = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).eval()
+    centred = GPT2LMHeadModel(raw.config).eval()
+    centred.load_state_dict(raw.state_dict())
+    with torch.no_grad():
+        for emb in (centred.transformer.wte.weight, centred.transformer.wpe.weight):
+            emb.sub_(emb.mean(-1, keepdim=True))
+        for block in centred.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):  # Conv1D: weight (in, out)
+                proj.weight.sub_(proj.weight.mean(-1, keepdim=True))
+                proj.bias.sub_(proj.bias.mean())
+    sites = [Site(1, "hook_resid_pre"), Site(1, "hook_mlp_out"), Site(1, "hook_resid_post")]
+
+    def acts(model):
+        seen = {}
+
+        def keep(name, x):
+            seen[name] = x.clone()
+            return x
+
+        handles = [hook_site(model, s, keep) for s in sites]
+        with torch.no_grad():
+            model(torch.tensor([[1, 5, 9, 3]]))
+        for h in handles:
+            h.remove()
+        return seen
+
+    a, b = acts(raw), acts(centred)
+    for s in sites:
+        torch.testing.assert_close(b[s.name], a[s.name] - a[s.name].mean(-1, keepdim=True), rtol=1e-4, atol=1e-5)
+
+    w = write_saelens_folder(tmp_path / "a", d_in=32)
+    edit_cfg(tmp_path / "a", metadata={"model_from_pretrained_kwargs": {"center_writing_weights": True}})
+    sae = SAE.load(tmp_path / "a")
+    assert sae.cfg.center_input
+    x = a["blocks.1.hook_resid_post"][0]
+    torch.testing.assert_close(sae.encode(x), torch.relu((b["blocks.1.hook_resid_post"][0] - w["b_dec"]) @ w["W_enc"]
+                                                         + w["b_enc"]), rtol=1e-4, atol=1e-4)
+    edit_cfg(tmp_path / "a", metadata={"hook_name": "blocks.1.attn.hook_z"})  # z is not written to the stream
+    assert not SAE.load(tmp_path / "a").cfg.center_input
 
 
 def test_an_sae_runs_in_its_own_dtype(tmp_path):
