@@ -30,6 +30,8 @@ class VllmLayout:
     add into the next norm); otherwise a block returns the stream itself"""
     hidden_arg: int = 1
     """position of hidden_states in a block's forward arguments ((positions, hidden_states, residual))"""
+    layers: str | None = None
+    """path from vLLM's model to the blocks, where not the Hugging Face one"""
 
 
 LLAMA_IN_VLLM = VllmLayout()
@@ -63,10 +65,21 @@ LAYOUTS = {
                           "post_feedforward_layernorm"),
     "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj",
                    vllm=VllmLayout(fused_residual=False, hidden_arg=0)),
-    # vLLM 0.32 runs GPT-NeoX through its Transformers backend, whose module tree is not this one
-    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h", vllm=None),
+    # vLLM 0.32 runs GPT-NeoX through its Transformers backend: Hugging Face's own blocks under `model`
+    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h",
+                       vllm=VllmLayout(fused_residual=False, hidden_arg=0, layers="model.layers")),
 }
 VLLM_FAMILIES = tuple(family for family, layout in LAYOUTS.items() if layout.vllm is not None)
+
+
+def family_error(model_type: str, vllm: bool) -> str | None:
+    """Why a model of `model_type` cannot be served (on the vLLM backend, if `vllm`), or None."""
+    if model_type not in LAYOUTS:
+        return f"model type {model_type!r} is not supported; Rudder serves {', '.join(LAYOUTS)}"
+    if vllm and model_type not in VLLM_FAMILIES:
+        return (f"model type {model_type!r} is not served by the vLLM backend (it serves {', '.join(VLLM_FAMILIES)}); "
+                f"use --backend reference")
+    return None
 
 
 @dataclass(frozen=True)
@@ -112,10 +125,10 @@ def block_part(model: nn.Module, layer: int, part: str) -> nn.Module:
 
 
 def layout_of(model: nn.Module) -> Layout:
-    kind = model.config.model_type
-    if kind not in LAYOUTS:
-        raise ArtifactError(f"model type {kind!r} has no site layout; supported: {', '.join(sorted(LAYOUTS))}")
-    return LAYOUTS[kind]
+    error = family_error(model.config.model_type, vllm=False)
+    if error:
+        raise ArtifactError(error)
+    return LAYOUTS[model.config.model_type]
 
 
 def shape_of(model: nn.Module) -> ModelShape:

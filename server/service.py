@@ -46,7 +46,8 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
 
 def sae_info(a) -> pb.SaeInfo:
     return pb.SaeInfo(id=a.id, site=a.site.name, d_in=a.cfg.d_in, d_sae=a.cfg.d_sae,
-                      architecture=a.cfg.architecture, has_feature_metadata=a.features is not None)
+                      architecture=a.cfg.architecture, has_feature_metadata=a.features is not None,
+                      site_out=a.site_out.name if a.site_out else "")
 
 
 def token_to_pb(ev: TokenEvent) -> pb.Token:

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rudder.core.errors import InvalidArgument
-from rudder.core.hf_sites import context_of, hook_site, shape_of
+from rudder.core.hf_sites import context_of, hook_site, layout_of, shape_of
 from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
 from rudder.server.artifacts import Artifacts, has_codebooks
@@ -94,6 +94,7 @@ class ReferenceEngine(HfTokenizing):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         self.shape = shape_of(self.model)
+        layout_of(self.model)  # a family without a site layout is refused here, naming those with one
         self.max_model_len = context_of(self.model.config)
         self.artifacts = Artifacts()
         if has_codebooks(self.model_dir):

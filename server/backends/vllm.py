@@ -39,7 +39,7 @@ from rudder.core.errors import (
     ReadoutMissing,
     Unavailable,
 )
-from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, ModelShape
+from rudder.core.hf_sites import ModelShape, family_error
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
@@ -151,11 +151,9 @@ class VllmEngine(HfTokenizing):
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.shape = ModelShape.from_config(AutoConfig.from_pretrained(self.model_dir))
-        if self.shape.architecture not in VLLM_FAMILIES:
-            raise ArtifactError(
-                f"model type {self.shape.architecture!r} is not served by the vLLM backend (it serves "
-                f"{', '.join(VLLM_FAMILIES)}); the reference backend serves {', '.join(sorted(LAYOUTS))}: "
-                f"use --backend reference")
+        error = family_error(self.shape.architecture, vllm=True)
+        if error:
+            raise ArtifactError(error)
         # Configs checked here (names, widths) so a bad artifact fails before vLLM starts; the workers
         # hold the SAEs' weights.
         self.artifacts = Artifacts()

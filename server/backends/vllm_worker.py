@@ -144,7 +144,7 @@ def place_ops(model: nn.Module, sites: list[str], num_layers: int, layout: Layou
     the reference backend."""
     if layout.vllm is None:
         raise ArtifactError(f"the vLLM backend does not serve this family; it serves {', '.join(VLLM_FAMILIES)}")
-    layers = _need(model, layout.layers)
+    layers = _need(model, layout.vllm.layers or layout.layers)
     parsed = [(i, Site.parse(name, num_layers)) for i, name in enumerate(sites)]
     for i, site in parsed:
         if site.kind == "hook_mlp_out":

@@ -55,7 +55,7 @@ def choose_backend(model_dir: Path) -> str:
     import json
 
     from rudder.core.errors import ArtifactError
-    from rudder.core.hf_sites import VLLM_FAMILIES
+    from rudder.core.hf_sites import family_error
     from rudder.server.backends.vllm import check_vllm
 
     try:
@@ -64,8 +64,9 @@ def choose_backend(model_dir: Path) -> str:
         log.info("backend: reference (%s)", e)
         return "reference"
     family = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    if family not in VLLM_FAMILIES:
-        log.info("backend: reference (the vLLM backend serves %s, not %s)", ", ".join(VLLM_FAMILIES), family)
+    error = family_error(family, vllm=True)
+    if error and not family_error(family, vllm=False):
+        log.info("backend: reference (%s)", error)
         return "reference"
     log.info("backend: vllm (vLLM is installed; --backend reference serves with the reference backend)")
     return "vllm"

@@ -91,6 +91,10 @@ def served(request, folders):
 
 def test_each_architecture_reads_out_what_saelens_encodes(served):
     _, client, ids, expected = served
+    info = {s.id: s for s in client.model_info().saes}
+    assert (info["tc"].site, info["tc"].site_out) == ("blocks.0.mlp.hook_in", "blocks.0.hook_mlp_out")
+    assert info["gated"].architecture == "gated" and info["standard"].site_out == ""
+    assert info["head"].d_in == D  # one head, served as an SAE of the whole attn.hook_z site
     toks = client.trace(PROMPT, readouts=rc.readouts(saes=list(SAES), top_k=5))
     assert [t.id for t in toks] == ids
     tol = dict(rel=1e-5, abs=1e-5)  # float32 throughout (vLLM's kernels too, on this tiny model)

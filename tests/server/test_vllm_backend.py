@@ -22,7 +22,7 @@ from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, Reado
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.server.engines import collect, tokens
-from tests.tiny import make_model, make_sae
+from tests.tiny import make_model, make_sae, make_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
@@ -358,10 +358,10 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
     assert any(t.readout("r1").top[0][0] == 3 for t in two[1])  # the clamp showed, on TP 2 too
 
 
-# Llama is the rest of this module; Gemma-2 and GPT-2 also with SAEs at attn.hook_z and hook_mlp_out
+# Llama is the rest of this module; Gemma-2, GPT-2 and GPT-NeoX also with SAEs at attn.hook_z and hook_mlp_out
 FAMILY_SITES = {family: ("blocks.1.hook_resid_post",) for family in VLLM_FAMILIES if family != "llama"}
-FAMILY_SITES["gemma2"] = FAMILY_SITES["gpt2"] = ("blocks.1.hook_resid_post", "blocks.0.attn.hook_z",
-                                                  "blocks.1.hook_mlp_out")
+FAMILY_SITES["gemma2"] = FAMILY_SITES["gpt2"] = FAMILY_SITES["gpt_neox"] = (
+    "blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out")
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_SITES))
@@ -421,7 +421,13 @@ def test_a_transcoder_steers_as_on_the_reference_backend(loop, tmp_path, archite
     assert any(tokens(got[i]) != tokens(got[i + 1]) for i in range(0, len(got), 2))
 
 
-def test_a_family_the_vllm_backend_does_not_serve_is_refused_naming_both_lists(tmp_path):
-    make_model(tmp_path, family="gpt_neox", heads=2, layers=2)
-    with pytest.raises(ArtifactError, match="'gpt_neox' is not served by the vLLM backend .*--backend reference"):
-        vllm_backend.VllmEngine(tmp_path)
+@pytest.mark.parametrize("backend", ["vllm", "reference"])
+def test_a_family_without_a_layout_is_refused_naming_those_served(tmp_path, backend):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=2,
+                             word_embed_proj_dim=64, vocab_size=320)).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    engine = vllm_backend.VllmEngine if backend == "vllm" else ReferenceEngine
+    with pytest.raises(ArtifactError, match="model type 'opt' is not supported; Rudder serves llama, .*gpt_neox"):
+        engine(tmp_path)

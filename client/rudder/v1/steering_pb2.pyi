@@ -263,20 +263,22 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SaeInfo(_message.Message):
-    __slots__ = ("id", "site", "d_in", "d_sae", "architecture", "has_feature_metadata")
+    __slots__ = ("id", "site", "d_in", "d_sae", "architecture", "has_feature_metadata", "site_out")
     ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     D_IN_FIELD_NUMBER: _ClassVar[int]
     D_SAE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HAS_FEATURE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    SITE_OUT_FIELD_NUMBER: _ClassVar[int]
     id: str
     site: str
     d_in: int
     d_sae: int
     architecture: str
     has_feature_metadata: bool
-    def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., has_feature_metadata: _Optional[bool] = ...) -> None: ...
+    site_out: str
+    def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., has_feature_metadata: _Optional[bool] = ..., site_out: _Optional[str] = ...) -> None: ...
 
 class CodebookInfo(_message.Message):
     __slots__ = ("id", "site", "num_codes", "k", "num_heads", "d_code")
