@@ -39,10 +39,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 TIED = {"gemma2", "gemma3_text", "gpt2"}
 
 
-def _config(family: str, tokenizer, layers: int, heads: int, kv_heads: int, hidden: int):
-    """A tiny config of `family` (a transformers model_type)."""
+def _config(family: str, tokenizer, layers: int, heads: int, kv_heads: int, hidden: int, **extra):
+    """A tiny config of `family` (a transformers model_type); `extra`: more config fields."""
     common = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  tie_word_embeddings=family in TIED)
+                  tie_word_embeddings=family in TIED, **extra)
     if family == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
                                     bos_token_id=tokenizer.eos_token_id, **common)
@@ -55,13 +55,14 @@ def _config(family: str, tokenizer, layers: int, heads: int, kv_heads: int, hidd
 
 
 def make_model(path: Path, layers: int = 3, seed: int = 0, heads: int = 4, kv_heads: int = 2,
-               hidden: int = 64, family: str = "llama") -> Path:
-    """A tiny random model of `family` (any in `rudder.core.hf_sites.LAYOUTS`). vLLM's CPU attention
+               hidden: int = 64, family: str = "llama", **config) -> Path:
+    """A tiny random model of `family` (any in `rudder.core.hf_sites.LAYOUTS`; `config`: more config
+    fields, e.g. rope_scaling). vLLM's CPU attention
     needs a head size (hidden / heads) of at least 32: use heads=2, kv_heads=1 there, or hidden=128
     with 4 heads (tensor parallelism splits the heads)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(family, tokenizer, layers, heads, kv_heads, hidden))
+    model = AutoModelForCausalLM.from_config(_config(family, tokenizer, layers, heads, kv_heads, hidden, **config))
     # Larger weights than the default init make the output depend on the input and give
     # greedy decoding clear winners (fewer float near-ties between batched and lone runs).
     with torch.no_grad():

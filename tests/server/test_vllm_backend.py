@@ -360,6 +360,9 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
 
 # Llama is the rest of this module; Gemma-2, GPT-2 and GPT-NeoX also with SAEs at attn.hook_z and hook_mlp_out
 FAMILY_SITES = {family: ("blocks.1.hook_resid_post",) for family in VLLM_FAMILIES if family != "llama"}
+FAMILY_SITES["llama-3-rope"] = ("blocks.1.hook_resid_post",)  # Llama-3's rope scaling (factor 8 past 64 positions)
+LLAMA3_ROPE = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 64})
 FAMILY_SITES["gemma2"] = FAMILY_SITES["gpt2"] = FAMILY_SITES["gpt_neox"] = (
     "blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out")
 
@@ -368,7 +371,8 @@ FAMILY_SITES["gemma2"] = FAMILY_SITES["gpt2"] = FAMILY_SITES["gpt_neox"] = (
 def test_each_family_serves_as_on_the_reference_backend(loop, tmp_path, family):
     """A tiny random model of each family: an SAE at each site reads out the same top features on both
     backends, greedy tokens agree, and a clamp changes the continuation."""
-    model = make_model(tmp_path / family, family=family, heads=2, kv_heads=1, layers=2)
+    extra = LLAMA3_ROPE if family == "llama-3-rope" else {}
+    model = make_model(tmp_path / family, family=family.partition("-")[0], heads=2, kv_heads=1, layers=2, **extra)
     saes = []
     for i, site in enumerate(FAMILY_SITES[family]):
         make_sae(tmp_path / f"s{i}", site, seed=i)
