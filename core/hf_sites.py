@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -47,6 +48,12 @@ class Layout:
     mlp_contribution: str | None = None
     """inside a block: the module whose output is the MLP's contribution to the stream (TransformerLens'
     hook_mlp_out), where that is not the MLP itself (Gemma: its post-feedforward norm)"""
+    mlp_norm: str = "post_attention_layernorm"
+    """inside a block: the norm whose output the MLP reads"""
+    rms: bool = True
+    """RMSNorm (no mean, no bias); else LayerNorm"""
+    norm_offset: float = 0.0
+    """a norm multiplies by (offset + weight): Gemma's 1"""
     vllm: VllmLayout | None = LLAMA_IN_VLLM
     """vLLM's blocks of this family, or None where the vLLM backend does not serve it"""
 
@@ -60,13 +67,14 @@ LAYOUTS = {
     "qwen3": _LLAMA,  # q/k norms inside the attention
     "phi3": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_up_proj", "down_proj"),  # fused qkv, gate-up
     # Gemma-2 and Gemma-3 normalise each sublayer's output before adding it to the stream
-    "gemma2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj", "post_feedforward_layernorm"),
+    "gemma2": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj", "post_feedforward_layernorm",
+                     mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
     "gemma3_text": Layout("model.layers", "mlp", "self_attn.o_proj", "gate_proj", "down_proj",
-                          "post_feedforward_layernorm"),
-    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj",
+                          "post_feedforward_layernorm", mlp_norm="pre_feedforward_layernorm", norm_offset=1.0),
+    "gpt2": Layout("transformer.h", "mlp", "attn.c_proj", "c_fc", "c_proj", mlp_norm="ln_2", rms=False,
                    vllm=VllmLayout(fused_residual=False, hidden_arg=0)),
     # vLLM 0.32 runs GPT-NeoX through its Transformers backend: Hugging Face's own blocks under `model`
-    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h",
+    "gpt_neox": Layout("gpt_neox.layers", "mlp", "attention.dense", "dense_h_to_4h", "dense_4h_to_h", rms=False,
                        vllm=VllmLayout(fused_residual=False, hidden_arg=0, layers="model.layers")),
 }
 VLLM_FAMILIES = tuple(family for family, layout in LAYOUTS.items() if layout.vllm is not None)
@@ -133,6 +141,20 @@ def layout_of(model: nn.Module) -> Layout:
 
 def shape_of(model: nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config)
+
+
+def mlp_norm_affine(model: nn.Module, family: str, layer: int, vllm: bool = False) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of the norm before block `layer`'s MLP: its output is normalized · scale + shift, so
+    TransformerLens' `ln2.hook_normalized` (the normalized value, before the norm's weights) is
+    (MLP input − shift) / scale. `vllm`: `model` is vLLM's (the same module names; blocks may be wrapped)."""
+    layout = LAYOUTS[family]
+    block = _get(model, (layout.vllm.layers if vllm else None) or layout.layers)[layer]
+    while hasattr(block, "inner"):  # the vLLM backend's op wrappers
+        block = block.inner
+    norm = _get(block, layout.mlp_norm)
+    scale = norm.weight.detach().float() + layout.norm_offset
+    bias = getattr(norm, "bias", None)
+    return scale, (bias.detach().float() if bias is not None else torch.zeros_like(scale))
 
 
 def _first(output):

@@ -145,6 +145,12 @@ class SAEConfig:
         return TRANSCODERS.get(self.architecture, self.architecture)
 
     @property
+    def reads_normalized(self) -> bool:
+        """At TransformerLens' ln2.hook_normalized: the MLP's input before the norm's weights (the server
+        gives the SAE that map, `SAE.read_normalized`)."""
+        return self.hook_name.endswith("hook_normalized")
+
+    @property
     def width_out(self) -> int:
         """The width of the site the decoder writes."""
         return self.d_out if self.is_transcoder else self.d_in
@@ -230,11 +236,12 @@ class SAEConfig:
 SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens whose folder format Rudder writes (checked in tests)
 
 # TransformerLens weight processing (SAELens' `model_from_pretrained_kwargs`) against the raw Hugging
-# Face model Rudder runs. fold_ln and center_unembed leave the sites' values alone (fold_ln does change
-# ln*.hook_normalized, which Rudder reads as the MLP's input with the norm's weights, i.e. fold_ln=false).
-# center_writing_weights mean-centres everything written to the residual stream, so there the SAE's input
-# is the raw activation minus its mean over d_model: a change of basis Rudder applies (`SAEConfig.
-# center_input`); edits need none, the next norm removes the mean either way. The others are refused.
+# Face model Rudder runs. fold_ln and center_unembed leave the sites' values alone (ln*.hook_normalized is
+# the normalized value before the norm's weights either way). center_writing_weights mean-centres
+# everything written to the residual stream of a LayerNorm model, so there the SAE's input is the raw
+# activation minus its mean over d_model: a change of basis Rudder applies (`SAEConfig.center_input`;
+# the server clears it for RMSNorm families, which TransformerLens does not centre); edits need none,
+# the next norm removes the mean either way. The others are refused.
 _CENTRED_SITES = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out")
 _PROCESSING = {
     "fold_value_biases": "the value biases are moved into the attention output bias",
@@ -252,10 +259,6 @@ def _model_processing(raw: dict[str, Any], hook_name: str) -> bool:
                 f"cfg.json: model_from_pretrained_kwargs.{key}=true ({what} in TransformerLens), so this SAE's "
                 f"inputs differ from the raw model's activations Rudder serves; use an SAE trained with "
                 f"{key}=false (SAELens' default for most releases) or on the Hugging Face model")
-    if kwargs.get("fold_ln") and "hook_normalized" in hook_name:
-        raise ArtifactError(
-            f"cfg.json: model_from_pretrained_kwargs.fold_ln=true at {hook_name}: TransformerLens then reads the "
-            f"norm's output without its weights, Rudder the MLP's input with them; use one trained with fold_ln=false")
     return bool(kwargs.get("center_writing_weights")) and hook_name.rsplit(".", 1)[-1] in _CENTRED_SITES
 
 
@@ -301,6 +304,15 @@ class SAE(nn.Module):
         if cfg.architecture == "gated":  # SAELens' names; b_gate is the encoder bias
             del self.b_enc
             self.b_gate, self.r_mag, self.b_mag = (nn.Parameter(torch.zeros(cfg.d_sae)) for _ in range(3))
+        self.in_scale: Tensor | None = None  # `read_normalized`
+        self.in_shift: Tensor | None = None
+
+    def read_normalized(self, scale: Tensor, shift: Tensor) -> None:
+        """The site's activation is the norm's output, normalized · scale + shift, and this SAE reads the
+        normalized value (TransformerLens' hook_normalized): it reads (x − shift) / scale, and an edit it
+        makes there is scaled back by `scale`."""
+        dtype, device = self.W_enc.dtype, self.W_enc.device
+        self.in_scale, self.in_shift = scale.to(device, dtype), shift.to(device, dtype)
 
     @property
     def encoder_bias(self) -> Tensor:
@@ -308,6 +320,8 @@ class SAE(nn.Module):
 
     def _input(self, x: Tensor) -> Tensor:
         x = x.to(self.W_enc.dtype)  # as SAELens: the SAE runs in its own dtype, whatever the model's
+        if self.in_scale is not None:
+            x = (x - self.in_shift) / self.in_scale
         if self.cfg.center_input:
             x = x - x.mean(dim=-1, keepdim=True)
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x

@@ -429,7 +429,10 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
 def _edit_delta(sae: SAE, feat: Tensor, f0: Tensor, f1: Tensor, last: Tensor) -> Tensor:
     """sum over edited features i of (f'_i - f_i) W_dec[i]: `(R, d)`, zero for rows without edits."""
     coef = torch.where(last, f1 - f0, torch.zeros_like(f0))  # (R, M)
-    return torch.einsum("rm,rmd->rd", coef, sae.W_dec[feat])
+    delta = torch.einsum("rm,rmd->rd", coef, sae.W_dec[feat])
+    if sae.in_scale is not None and not sae.cfg.is_transcoder:  # it reads the normalized value: scale back
+        delta = delta * sae.in_scale
+    return delta
 
 
 def sae_delta_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:

@@ -7,6 +7,7 @@ names the artifact and the fix, never a wrong answer later.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,13 +18,15 @@ from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
 from rudder.core.errors import ArtifactError, NotFound, RudderError
 from rudder.core.feature_metadata import FeatureMeta, read_feature_metadata
-from rudder.core.hf_sites import ModelShape
+from rudder.core.hf_sites import LAYOUTS, ModelShape
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
 from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
+
+MlpNorm = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -104,10 +107,12 @@ class Artifacts:
     # -------------------------------------------------------------- loading
 
     def add_sae(self, spec: str, shape: ModelShape, device: torch.device, weights: bool = True,
-                generation: int | None = None) -> AttachedSae:
+                generation: int | None = None, mlp_norm: MlpNorm | None = None) -> AttachedSae:
         """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
         its weights' shapes) is read, for a process that validates requests but runs no SAE.
-        `generation`: as the front end numbered this load (default: the next number here)."""
+        `generation`: as the front end numbered this load (default: the next number here).
+        `mlp_norm(layer)`: the (scale, shift) of the norm before that layer's MLP, for an SAE that reads
+        TransformerLens' ln2.hook_normalized (`hf_sites.mlp_norm_affine`)."""
         sae_id, path = split_named(spec)
         try:
             sae = SAE.load(path, device=device) if weights else None  # in its own dtype, as SAELens runs it
@@ -132,6 +137,12 @@ class Artifacts:
                 raise ArtifactError(
                     f"SAE {sae_id!r} ({path}) has {field_name}={width} but site {at.name} of this "
                     f"{shape.architecture} model is {want} wide: it was trained for another model or site")
+        if cfg.center_input and LAYOUTS[shape.architecture].rms:
+            cfg.center_input = False  # TransformerLens centres only LayerNorm models: the flag changed nothing
+        if sae is not None and cfg.reads_normalized:
+            if mlp_norm is None:
+                raise ArtifactError(f"SAE {sae_id!r} ({path}) reads {cfg.hook_name}: this backend cannot undo the norm")
+            sae.read_normalized(*mlp_norm(site.layer))
         if site_out is not None and site_out.order <= site.order:
             raise ArtifactError(f"transcoder {sae_id!r} ({path}) writes {site_out.name}, which runs before "
                                 f"{site.name}, where it reads: it must write a later site")

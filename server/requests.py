@@ -133,8 +133,9 @@ class RequestParser:
             sae_id, feature = m.sae_feature.sae, m.sae_feature.feature
             attached = self._sae(sae_id, where)
             self._feature(sae_id, feature, where)
-            site = Site.parse(m.site or attached.site.name, self.shape.num_layers)
-            self._check_direction_site(site, attached.cfg.d_in, where)
+            # a decoder row lives where the SAE writes: a transcoder's output site, else its own site
+            site = Site.parse(m.site or (attached.site_out or attached.site).name, self.shape.num_layers)
+            self._check_direction_site(site, attached.cfg.width_out, where)
             return DirectionEdit(site.name, alpha=alpha, scope=scope, sae=sae_id, feature=feature)
         if not m.site:
             raise InvalidArgument(f"{where}: a vector direction needs a site, e.g. blocks.10.hook_resid_post")

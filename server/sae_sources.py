@@ -57,6 +57,8 @@ def resolve(source: str) -> Path:
                             f"with network access, after which it is kept at {folder}") from None
     except ValueError as e:  # SAELens names the unknown release or id, with valid ones
         raise ArtifactError(f"{source!r}: {e}") from None
+    except Exception as e:  # a converter's own failure (KeyError, RuntimeError, an HTTP error, ...)
+        raise ArtifactError(f"{source!r}: SAELens could not load it ({type(e).__name__}: {e})") from None
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     sae.save_model(staging)  # SAELens' own folder format, which Rudder reads

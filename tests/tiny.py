@@ -94,9 +94,10 @@ def make_sae(path: Path, hook_name: str, d_in: int = 64, d_sae: int = 256, archi
 
 def make_transcoder(path: Path, layer: int, d: int = 64, d_sae: int = 256, architecture: str = "transcoder",
                     seed: int = 0) -> SAE:
-    """A random transcoder from layer `layer`'s MLP input to its output, saved as SAELens saves one."""
+    """A random transcoder from layer `layer`'s MLP input (blocks.L.mlp.hook_in: after the norm's
+    weights) to its output, saved as SAELens saves one."""
     torch.manual_seed(seed)
-    tc = SAE(SAEConfig(d_in=d, d_sae=d_sae, d_out=d, hook_name=f"blocks.{layer}.ln2.hook_normalized",
+    tc = SAE(SAEConfig(d_in=d, d_sae=d_sae, d_out=d, hook_name=f"blocks.{layer}.mlp.hook_in",
                        hook_name_out=f"blocks.{layer}.hook_mlp_out", architecture=architecture,
                        apply_b_dec_to_input=False, model_name="tiny-llama"))
     with torch.no_grad():

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from rudder.core.errors import InvalidArgument
-from rudder.core.hf_sites import context_of, hook_site, layout_of, shape_of
+from rudder.core.errors import ArtifactError, InvalidArgument
+from rudder.core.hf_sites import context_of, family_error, hook_site, mlp_norm_affine, shape_of
 from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
 from rudder.server.artifacts import Artifacts, has_codebooks
@@ -92,15 +92,17 @@ class ReferenceEngine(HfTokenizing):
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        error = family_error(AutoConfig.from_pretrained(self.model_dir).model_type, vllm=False)
+        if error:  # before the weights load: a family without a site layout, naming those with one
+            raise ArtifactError(error)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
         self.shape = shape_of(self.model)
-        layout_of(self.model)  # a family without a site layout is refused here, naming those with one
         self.max_model_len = context_of(self.model.config)
         self.artifacts = Artifacts()
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, self.device, dtype)
         for spec in saes:
-            self.artifacts.add_sae(spec, self.shape, self.device)
+            self.artifacts.add_sae(spec, self.shape, self.device, mlp_norm=self._mlp_norm)
         self._refresh()
         self._step_artifacts, self._tables_for = self._attached[0], None  # what the current wave's tables are of
         self._hooks: dict[str, object] = {}
@@ -117,6 +119,9 @@ class ReferenceEngine(HfTokenizing):
         self.on_hook_step = None
 
     # ------------------------------------------------------------ set-up
+
+    def _mlp_norm(self, layer: int):
+        return mlp_norm_affine(self.model, self.shape.architecture, layer)
 
     def _ensure_hook(self, site: str) -> None:
         if site not in self._hooks:
@@ -143,7 +148,7 @@ class ReferenceEngine(HfTokenizing):
             self._thread = None
 
     async def load_sae(self, spec: str) -> str:
-        attached = self.artifacts.add_sae(spec, self.shape, self.device)
+        attached = self.artifacts.add_sae(spec, self.shape, self.device, mlp_norm=self._mlp_norm)
         for site in attached.sites:
             self._ensure_hook(site.name)
         self._refresh()

@@ -300,7 +300,8 @@ class VllmEngine(HfTokenizing):
             for site in attached.sites:
                 self.check_site(site.name)
             self._check_sites([site.name for site in attached.sites])
-            await self.llm.collective_rpc("rudder_load_sae", args=(spec, attached.generation))
+            resolved = f"{attached.id}={attached.path}"  # a release is fetched once, here
+            await self.llm.collective_rpc("rudder_load_sae", args=(resolved, attached.generation))
         except Exception:
             self.artifacts.remove_sae(attached.id)
             raise

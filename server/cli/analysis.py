@@ -3,7 +3,7 @@
     rudder analyze lib --layer 15 --out lib-l15
     rudder analyze polysemanticity --sae PATH --out poly.json
     rudder analyze tokfsm MODEL_DIR
-    rudder analyze tokfsm-codes MODEL_DIR
+    rudder analyze tokfsm-codes MODEL_DIR [--jsd]
     rudder dashboard --sae PATH --out DIR [--features 12,40]
 
 The flags come from the configs in rudder.analysis.config; the work is done in
@@ -51,10 +51,13 @@ def cmd_tokfsm(args: argparse.Namespace) -> int:
 
 @offline
 def cmd_tokfsm_codes(args: argparse.Namespace) -> int:
-    from rudder.training.tokfsm_codes import run
+    from rudder.training import tokfsm_codes, tokfsm_patching
 
     cfg = config_from_args(TokFSMCodesConfig, args)
-    run(cfg.model, cfg.min_recall, cfg.trials)
+    if cfg.jsd:
+        tokfsm_patching.run(cfg.model, cfg.jsd_json, cfg.jsd_png)
+    else:
+        tokfsm_codes.run(cfg.model, cfg.min_recall, cfg.trials)
     return 0
 
 

@@ -180,8 +180,6 @@ def test_a_legacy_topk_config_loads_as_topk(tmp_path):
 
 @pytest.mark.parametrize("changes,fragments", [
     (dict(hook_head_index=2), ("hook_head_index", "one attention head")),
-    (dict(metadata={"hook_name": "blocks.1.ln2.hook_normalized", "model_from_pretrained_kwargs": {"fold_ln": True}}),
-     ("model_from_pretrained_kwargs.fold_ln=true at blocks.1.ln2.hook_normalized", "fold_ln=false")),
     (dict(model_from_pretrained_kwargs={"fold_value_biases": True}), ("fold_value_biases",)),
     (dict(activation_fn="tanh-relu"), ("activation_fn 'tanh-relu'",)),
     (dict(dtype="float64x"), ("dtype 'float64x'",)),
@@ -251,6 +249,14 @@ def test_center_writing_weights_is_applied_as_the_change_of_basis_it_is(tmp_path
                                                          + w["b_enc"]), rtol=1e-4, atol=1e-4)
     edit_cfg(tmp_path / "a", metadata={"hook_name": "blocks.1.attn.hook_z"})  # z is not written to the stream
     assert not SAE.load(tmp_path / "a").cfg.center_input
+    # TransformerLens centres LayerNorm models only: served on an RMSNorm family, the flag changes nothing
+    from rudder.core.hf_sites import ModelShape
+    from rudder.server.artifacts import Artifacts
+
+    edit_cfg(tmp_path / "a", metadata={"hook_name": "blocks.1.hook_resid_post"})
+    for family, centred in (("gpt2", True), ("gpt_neox", True), ("llama", False), ("gemma2", False)):
+        shape = ModelShape(family, num_layers=2, d_model=32, num_heads=2, d_head=16, vocab_size=50)
+        assert Artifacts().add_sae(str(tmp_path / "a"), shape, torch.device("cpu")).cfg.center_input == centred
 
 
 def test_an_sae_runs_in_its_own_dtype(tmp_path):

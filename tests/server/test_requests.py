@@ -163,6 +163,18 @@ def test_sae_feature_direction_is_accepted_at_the_saes_site_or_one_as_wide(parse
     assert d.site == "blocks.0.hook_mlp_out"
 
 
+def test_a_transcoder_feature_direction_goes_where_the_transcoder_writes(parser, tmp_path):
+    """Its decoder row is a direction at the MLP's output, not at the input the transcoder reads."""
+    from tests.tiny import make_transcoder
+
+    make_transcoder(tmp_path / "t", layer=1)
+    artifacts = Artifacts()
+    artifacts.add_sae(f"t={tmp_path / 't'}", SHAPE, torch.device("cpu"))
+    (d,) = steer(RequestParser(SHAPE, artifacts, LIMITS),
+                 direction(alpha=2.0, sae_feature=pb.SaeFeature(sae="t", feature=9))).directions
+    assert d.site == "blocks.1.hook_mlp_out"
+
+
 V64 = pb.Vector(values=[0.0] * 64)
 
 

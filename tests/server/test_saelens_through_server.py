@@ -1,6 +1,8 @@
 """SAEs written by SAELens itself, one of each v6 inference architecture, served through the gRPC server
 on both backends: every prompt token's readout is what SAELens' own `encode` gives on that token's
-activation (captured from the Hugging Face model), and a clamp on each steers."""
+activation as TransformerLens names it (captured from the Hugging Face model; the transcoders read
+`ln2.hook_normalized`, the norm's output before its weights, which the model's random norm weights
+make differ from the MLP's input), and a clamp on each steers."""
 
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("saelens-served")
     model_dir = make_model(root / "m", heads=HEADS, kv_heads=1, layers=2, hidden=D)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():  # norm weights away from 1, so reading before or after them differs
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 2.0)
+    model.save_pretrained(model_dir)
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
@@ -54,7 +61,17 @@ def folders(tmp_path_factory):
         acts[name] = x[0].detach().clone()
         return x
 
-    handles = [hook_site(model, Site.parse(site), keep) for site in {spec[2] for spec in SAES.values()}]
+    def keep_normalized(layer):  # TransformerLens' RMSNorm hook_normalized: x / rms(x), before the weight
+        def pre(module, args):
+            x = args[0][0].detach()
+            acts[f"blocks.{layer}.ln2.hook_normalized"] = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                                                        + module.variance_epsilon)
+        return pre
+
+    hooks = {spec[2] for spec in SAES.values()}
+    handles = [hook_site(model, Site.parse(h), keep) for h in hooks if "hook_normalized" not in h]
+    handles += [model.model.layers[Site.parse(h).layer].post_attention_layernorm.register_forward_pre_hook(
+        keep_normalized(Site.parse(h).layer)) for h in hooks if "hook_normalized" in h]
     with torch.no_grad():
         model(torch.tensor([ids]))
     for h in handles:
@@ -72,7 +89,7 @@ def folders(tmp_path_factory):
                 p.normal_(0, 0.3)
             if hasattr(sae, "threshold"):
                 sae.threshold.uniform_(0, 0.3)
-            x = acts[Site.parse(hook).name]
+            x = acts[hook if "hook_normalized" in hook else Site.parse(hook).name]
             if "hook_head_index" in meta:
                 x = x.unflatten(-1, (HEADS, D // HEADS))[:, meta["hook_head_index"]]
             expected[name] = sae.encode(x)  # (prompt, d_sae)

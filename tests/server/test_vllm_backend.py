@@ -401,7 +401,7 @@ def test_each_family_serves_as_on_the_reference_backend(loop, tmp_path, family):
 
 @pytest.mark.parametrize("architecture", ["transcoder", "jumprelu_skip_transcoder"])
 def test_a_transcoder_steers_as_on_the_reference_backend(loop, tmp_path, architecture):
-    """Read at blocks.1.mlp.hook_in (as ln2.hook_normalized), written at blocks.1.hook_mlp_out: the op
+    """Read at blocks.1.mlp.hook_in, written at blocks.1.hook_mlp_out: the op
     sits at both, readouts and tokens agree with the reference backend, and a clamp steers."""
     from tests.tiny import make_transcoder
 

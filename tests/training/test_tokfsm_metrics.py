@@ -80,3 +80,24 @@ def test_own_codes_decide_the_first_digit_and_the_written_state_bounds_the_whole
     assert r["trials"] == 40 and r["first_digit_success"] == 1.0
     assert r["by_prompt_states"][1]["written_success"] >= 0.9
     assert r["written_success"] > r["unsteered_success"]
+
+
+def test_jsd_is_zero_for_equal_and_ln2_for_disjoint_distributions():
+    from rudder.training.tokfsm_patching import jsd
+
+    p, q = torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.5, 0.5]])
+    torch.testing.assert_close(jsd(p, q), torch.tensor([0.0, math.log(2)]))
+    torch.testing.assert_close(jsd(p, q), jsd(q, p))
+
+
+def test_figure_4_patching_orders_the_conditions_as_the_paper_does(shipped):
+    """Normalised JSD of patching a source state's codes into a target at its last digit: 1 with
+    nothing patched, about 0 with every codebook patched, and falling as more codebooks are patched,
+    in the paper's order (layer-0 attention, layer-1 MLP, all attention, all MLP, all)."""
+    from rudder.training.tokfsm_patching import REFERENCE, patching_jsd
+
+    model, codebooks, fsm = shipped
+    got = patching_jsd(model, codebooks, fsm, history=0)
+    assert got["none"] == 1.0 and got["all attention + MLP"] < 0.05
+    values = [got[name] for name in REFERENCE]
+    assert values == sorted(values, reverse=True)
