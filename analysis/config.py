@@ -4,6 +4,7 @@
     rudder analyze polysemanticity --sae PATH --out poly.json            # PolysemanticityConfig
     rudder analyze tokfsm MODEL                                          # TokFSMMetricsConfig
     rudder analyze tokfsm-codes MODEL                                    # TokFSMCodesConfig
+    rudder analyze tokfsm-codes MODEL --jsd                              # (Figure 4: patching JSD)
     rudder dashboard --sae PATH --out DIR                                # DashboardConfig
 
 The commands' flags are made from these fields: a field's docstring is its `--help`, its
@@ -107,3 +108,9 @@ class TokFSMCodesConfig:
     """a state's best code: the most precise code with at least this recall"""
     trials: int = 20
     """steering prompts per state"""
+    jsd: bool = False
+    """instead: Figure 4's normalised JSD of patching a state's codes (training/tokfsm_patching.py)"""
+    jsd_json: Path | None = None
+    """with --jsd: also write the numbers here (e.g. bench/results/tokfsm_jsd.json)"""
+    jsd_png: Path | None = None
+    """with --jsd: draw the figure, beside the reference's, here"""

@@ -102,6 +102,16 @@ def _vllm_vs_vllm_serve(d: dict) -> Rows:
     return out
 
 
+@table("tokfsm_jsd", "tokfsm_jsd.json", "lr")
+def _tokfsm_jsd(d: dict) -> Rows:
+    histories = list(d["histories"])
+    out = [["patched codebooks", "reference (Figure 4)", *(f"Rudder, {h} states of history" for h in histories)]]
+    for name, ref in d["reference"].items():
+        got = [d["histories"][h].get(name) for h in histories]
+        out.append([name, f"{ref:.2f}", *("-" if g is None else f"{g:.2f}" for g in got)])
+    return out
+
+
 @table("codebook_models", "codebook_models.json", "lr")
 def _codebook_models(d: dict) -> Rows:
     out = [["model", "tokens/stream", "base tok/s", "with codebooks", "ratio", "+ code readout", "ratio"]]
