@@ -173,8 +173,14 @@ class TokFSMTrainConfig(_Strict):
     out: Path = Field(..., description="model folder to write (with its tokenizer and tokfsm.json)")
     steps: int = Field(1500, ge=1, description="optimizer steps")
     batch: int = Field(128, ge=1, description="TokFSM walks per step")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, warm-up then cosine decay)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, warm-up then the schedule)")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine decay, or "
+                                                    "constant (the reference's; a run can then be extended)")
     seed: int = Field(0, description="seeds the model's initialisation and the walks")
+    eval_every: int = Field(0, ge=0, description="every N steps: state accuracy on sampled walks into the learning "
+                            "curve (OUT/tokfsm_curve.json) and a checkpoint (OUT/checkpoint.pt); 0: at the end only")
+    resume: bool = Field(False, description="continue from OUT/checkpoint.pt (model, optimizer, schedule, walks) "
+                         "up to --steps")
 
 
 def warmup_decay(step: int, total: int, warmup: int, kind: str = "cosine", floor: float = 0.1) -> float:

@@ -219,9 +219,19 @@ def evaluate(model: nn.Module, fsm: TokFSM, n: int = 256, new_states: int = 63, 
 # ---------------------------------------------------------------- training the base model
 
 
+CURVE_FILE = "tokfsm_curve.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+PAPER_STATE_ACCURACY = 0.9677  # Table 1, no codebook
+
+
 def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3, warmup: int = 100,
-               seed: int = 0, fsm: TokFSM | None = None, log_every: int = 50) -> dict[str, float]:
-    """Train the paper's TokFSM model from scratch and save it (with tokenizer and FSM) to `out`."""
+               seed: int = 0, fsm: TokFSM | None = None, log_every: int = 50, schedule: str = "cosine",
+               eval_every: int = 0, resume: bool = False) -> dict[str, float]:
+    """Train the paper's TokFSM model from scratch and save it (with tokenizer and FSM) to `out`.
+
+    With `eval_every`, every so many steps the state accuracy of sampled walks goes into the learning
+    curve (`out/tokfsm_curve.json`, with tokens seen) and a checkpoint is written; `resume` continues
+    from it, so a long run can stop and go on (a constant schedule lets it go on past `steps`)."""
     from tqdm import tqdm
 
     from rudder.training.codebook import lm_loss
@@ -229,11 +239,23 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     fsm = fsm or TokFSM.build()
     model = make_model(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, steps, warmup, schedule))
     g = torch.Generator().manual_seed(seed)
+    first, curve, seconds = 0, [], 0.0
+    checkpoint = out / CHECKPOINT_FILE
+    if resume:
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"--resume: no {checkpoint}; run once with --eval-every N to write one")
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        g.set_state(state["generator"])
+        first, curve, seconds, fsm = state["step"], state["curve"], state["seconds"], TokFSM(**state["fsm"])
     model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="tokfsm base", unit="step")
+    start = time.perf_counter() - seconds
+    bar = tqdm(range(first, steps), desc="tokfsm base", unit="step", initial=first, total=steps)
+    loss = torch.tensor(float("nan"))
     for step in bar:
         ids = fsm.sample(batch, g)
         loss, _ = lm_loss(model(ids).logits, ids)
@@ -244,11 +266,39 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
         sched.step()
         if step % log_every == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
+            point = {"step": step + 1, "tokens": (step + 1) * batch * ids.shape[1], "loss": loss.item(),
+                     "seconds": round(time.perf_counter() - start, 1),
+                     "state_accuracy": evaluate(model, fsm, n=128)["transition_accuracy_sampled"]}
+            curve.append(point)
+            bar.write(f"step {point['step']}: {point['tokens']:,} tokens, state accuracy {point['state_accuracy']:.4f}")
+            out.mkdir(parents=True, exist_ok=True)
+            staging = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "generator": g.get_state(), "step": step + 1, "curve": curve, "fsm": fsm.__dict__,
+                        "seconds": time.perf_counter() - start}, staging)
+            staging.replace(checkpoint)  # a run killed mid-save keeps the last checkpoint
+            (out / CURVE_FILE).write_text(json.dumps({"batch": batch, "lr": lr, "schedule": schedule, "curve": curve,
+                                                      "projection": project(curve)}, indent=2))
     metrics = {"steps": steps, "batch": batch, "train_seconds": round(time.perf_counter() - start, 1),
                "final_loss": loss.item(), "loss_floor": _loss_floor(fsm)}
     metrics |= evaluate(model, fsm)
     save_model(model, fsm, out, metrics)
     return metrics
+
+
+def project(curve: list[dict], target: float = PAPER_STATE_ACCURACY, last: int = 4) -> dict | None:
+    """Tokens to reach `target` state accuracy, from a power law of the error (1 - accuracy) against
+    tokens fitted to the curve's last points: error = a * tokens^b."""
+    points = [(p["tokens"], 1 - p["state_accuracy"]) for p in curve[-last:] if p["state_accuracy"] < 1]
+    if len(points) < 2:
+        return None
+    x = np.log([t for t, _ in points])
+    y = np.log([e for _, e in points])
+    b, a = np.polyfit(x, y, 1)
+    if b >= 0:
+        return {"target": target, "slope": float(b), "tokens": None, "note": "the error is not falling"}
+    return {"target": target, "slope": float(b), "tokens": float(np.exp((np.log(1 - target) - a) / b))}
 
 
 def _loss_floor(fsm: TokFSM, tokens: int = 128) -> float:
@@ -268,7 +318,8 @@ def save_model(model: nn.Module, fsm: TokFSM, out: Path, metrics: dict) -> None:
 
 def run(cfg: TokFSMTrainConfig) -> dict[str, float]:
     """`rudder train tokfsm`."""
-    metrics = train_base(cfg.out, cfg.steps, cfg.batch, cfg.lr, seed=cfg.seed)
+    metrics = train_base(cfg.out, cfg.steps, cfg.batch, cfg.lr, seed=cfg.seed, schedule=cfg.schedule,
+                         eval_every=cfg.eval_every, resume=cfg.resume)
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -101,3 +101,32 @@ def test_figure_4_patching_orders_the_conditions_as_the_paper_does(shipped):
     assert got["none"] == 1.0 and got["all attention + MLP"] < 0.05
     values = [got[name] for name in REFERENCE]
     assert values == sorted(values, reverse=True)
+
+
+def test_base_training_resumes_exactly_where_it_stopped(tmp_path, monkeypatch):
+    """Stopped after 2 steps and resumed to 4, the model equals one trained 4 steps straight (the
+    optimizer, schedule and walk generator come back too); the curve keeps both evaluations."""
+    import json
+
+    import rudder.training.tokfsm as tokfsm
+
+    monkeypatch.setattr(tokfsm, "evaluate", lambda model, fsm, n=256: {"transition_accuracy_sampled": 0.5})
+    kw = dict(batch=4, lr=1e-3, warmup=1, schedule="constant", eval_every=2)
+    tokfsm.train_base(tmp_path / "straight", steps=4, **kw)
+    tokfsm.train_base(tmp_path / "stopped", steps=2, **kw)
+    tokfsm.train_base(tmp_path / "stopped", steps=4, resume=True, **kw)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "straight").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "stopped").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    curve = json.loads((tmp_path / "stopped" / tokfsm.CURVE_FILE).read_text())["curve"]
+    assert [p["step"] for p in curve] == [2, 4] and curve[1]["tokens"] == 4 * 4 * 129  # BOS + 64 states x 2
+    with pytest.raises(FileNotFoundError, match="--eval-every"):
+        tokfsm.train_base(tmp_path / "none", steps=2, resume=True, batch=4)
+
+
+def test_the_projection_fits_a_power_law_of_the_error():
+    from rudder.training.tokfsm import project
+
+    curve = [{"tokens": t, "state_accuracy": 1 - 0.5 * (t / 1e6) ** -0.5} for t in (1e6, 4e6, 16e6)]
+    got = project(curve, target=0.9)
+    assert got["slope"] == pytest.approx(-0.5) and got["tokens"] == pytest.approx(25e6, rel=1e-6)
