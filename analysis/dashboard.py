@@ -254,6 +254,7 @@ def run(cfg: DashboardConfig) -> Path:
     from rudder.core.codebook import load_codebooks
     from rudder.core.default_model import ensure_default_model
     from rudder.core.errors import InvalidArgument
+    from rudder.server.artifacts import load_sae_for
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 
@@ -261,8 +262,8 @@ def run(cfg: DashboardConfig) -> Path:
     lm = HookedLM.load(model)
     if cfg.sae is not None:
         windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens).eval
-        return sae_dashboard(lm, SAE.load(cfg.sae), windows, cfg.out, [int(x) for x in cfg.wanted] or None,
-                             cfg.max_features)
+        return sae_dashboard(lm, load_sae_for(lm.model, cfg.sae), windows, cfg.out,
+                             [int(x) for x in cfg.wanted] or None, cfg.max_features)
     codebooks = {cb.cfg.id: cb for cb in load_codebooks(model)}
     if cfg.codebook not in codebooks:
         raise InvalidArgument(f"{model} has no codebook {cfg.codebook!r}; it has {', '.join(codebooks)}")

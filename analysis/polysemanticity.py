@@ -75,12 +75,13 @@ def summary(scores: list[int]) -> dict[str, float]:
 def run(cfg: PolysemanticityConfig) -> dict:
     """`rudder analyze polysemanticity`: scores of neurons and of SAE features, printed as a table."""
     from rudder.core.default_model import ensure_default_model
+    from rudder.server.artifacts import load_sae_for
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 
     torch.manual_seed(0)
     lm = HookedLM.load(cfg.model or ensure_default_model())
-    sae = SAE.load(cfg.sae)
+    sae = load_sae_for(lm.model, cfg.sae)  # as the server attaches it
     windows = train_eval_split(lm.tokenizer, 128, eval_tokens=cfg.tokens).eval
     data = collect(lm, sae, windows)
     kw = {"fraction": cfg.fraction, "threshold": cfg.threshold}

@@ -18,7 +18,7 @@ from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
 from rudder.core.errors import ArtifactError, NotFound, RudderError
 from rudder.core.feature_metadata import FeatureMeta, read_feature_metadata
-from rudder.core.hf_sites import LAYOUTS, ModelShape
+from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
@@ -172,6 +172,15 @@ class Artifacts:
                                                          index.tokens if ids is not None else None, ids)
             log.info("codebook %s at %s: %d codes, k=%d, %d heads", cb.cfg.id, site.name, cb.cfg.num_codes,
                      cb.cfg.k, cb.cfg.num_heads)
+
+
+def load_sae_for(model: torch.nn.Module, path: str | Path) -> SAE:
+    """An SAE folder (or `saelens:` release) loaded as the server attaches it to `model`, a Hugging Face
+    model: checked against it, a one-head SAE widened, `ln2.hook_normalized` read through the model's
+    norm, centring as the family needs. For offline analyses (dashboards, polysemanticity)."""
+    shape = shape_of(model)
+    return Artifacts().add_sae(str(path), shape, next(model.parameters()).device,
+                               mlp_norm=lambda layer: mlp_norm_affine(model, shape.architecture, layer)).sae
 
 
 def has_codebooks(model_dir: Path) -> bool:
