@@ -112,6 +112,15 @@ def _tokfsm_jsd(d: dict) -> Rows:
     return out
 
 
+@table("tokfsm_curve", "tokfsm_curve.json", "r")
+def _tokfsm_curve(d: dict) -> Rows:
+    out = [["step", "training tokens", "state accuracy (sampled walks)", "minutes (2 cores)"]]
+    for p in d["curve"]:
+        out.append([str(p["step"]), f"{p['tokens'] / 1e6:.1f}M", f"{p['state_accuracy']:.1%}",
+                    f"{p['seconds'] / 60:.0f}"])
+    return out
+
+
 @table("codebook_models", "codebook_models.json", "lr")
 def _codebook_models(d: dict) -> Rows:
     out = [["model", "tokens/stream", "base tok/s", "with codebooks", "ratio", "+ code readout", "ratio"]]
