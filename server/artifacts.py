@@ -7,7 +7,6 @@ names the artifact and the fix, never a wrong answer later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +24,6 @@ from rudder.core.steering import SiteArtifacts
 from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
-
-MlpNorm = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -107,12 +104,13 @@ class Artifacts:
     # -------------------------------------------------------------- loading
 
     def add_sae(self, spec: str, shape: ModelShape, device: torch.device, weights: bool = True,
-                generation: int | None = None, mlp_norm: MlpNorm | None = None) -> AttachedSae:
+                generation: int | None = None, model: torch.nn.Module | None = None,
+                vllm: bool = False) -> AttachedSae:
         """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
         its weights' shapes) is read, for a process that validates requests but runs no SAE.
         `generation`: as the front end numbered this load (default: the next number here).
-        `mlp_norm(layer)`: the (scale, shift) of the norm before that layer's MLP, for an SAE that reads
-        TransformerLens' ln2.hook_normalized (`hf_sites.mlp_norm_affine`)."""
+        `model` (vLLM's own, if `vllm`): the served model, whose norms an SAE that reads TransformerLens'
+        ln2.hook_normalized reads through (`hf_sites.mlp_norm_affine`)."""
         sae_id, path = split_named(spec)
         try:
             sae = SAE.load(path, device=device) if weights else None  # in its own dtype, as SAELens runs it
@@ -140,9 +138,9 @@ class Artifacts:
         if cfg.center_input and LAYOUTS[shape.architecture].rms:
             cfg.center_input = False  # TransformerLens centres only LayerNorm models: the flag changed nothing
         if sae is not None and cfg.reads_normalized:
-            if mlp_norm is None:
+            if model is None:
                 raise ArtifactError(f"SAE {sae_id!r} ({path}) reads {cfg.hook_name}: this backend cannot undo the norm")
-            sae.read_normalized(*mlp_norm(site.layer))
+            sae.read_normalized(*mlp_norm_affine(model, shape.architecture, site.layer, vllm=vllm))
         if site_out is not None and site_out.order <= site.order:
             raise ArtifactError(f"transcoder {sae_id!r} ({path}) writes {site_out.name}, which runs before "
                                 f"{site.name}, where it reads: it must write a later site")
@@ -178,9 +176,7 @@ def load_sae_for(model: torch.nn.Module, path: str | Path) -> SAE:
     """An SAE folder (or `saelens:` release) loaded as the server attaches it to `model`, a Hugging Face
     model: checked against it, a one-head SAE widened, `ln2.hook_normalized` read through the model's
     norm, centring as the family needs. For offline analyses (dashboards, polysemanticity)."""
-    shape = shape_of(model)
-    return Artifacts().add_sae(str(path), shape, next(model.parameters()).device,
-                               mlp_norm=lambda layer: mlp_norm_affine(model, shape.architecture, layer)).sae
+    return Artifacts().add_sae(str(path), shape_of(model), next(model.parameters()).device, model=model).sae
 
 
 def has_codebooks(model_dir: Path) -> bool:

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rudder.core.errors import ArtifactError, InvalidArgument
-from rudder.core.hf_sites import context_of, family_error, hook_site, mlp_norm_affine, shape_of
+from rudder.core.hf_sites import context_of, family_error, hook_site, shape_of
 from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
 from rudder.server.artifacts import Artifacts, has_codebooks
@@ -102,7 +102,7 @@ class ReferenceEngine(HfTokenizing):
         if has_codebooks(self.model_dir):
             self.artifacts.add_codebooks(self.model_dir, self.shape, self.device, dtype)
         for spec in saes:
-            self.artifacts.add_sae(spec, self.shape, self.device, mlp_norm=self._mlp_norm)
+            self.artifacts.add_sae(spec, self.shape, self.device, model=self.model)
         self._refresh()
         self._step_artifacts, self._tables_for = self._attached[0], None  # what the current wave's tables are of
         self._hooks: dict[str, object] = {}
@@ -119,9 +119,6 @@ class ReferenceEngine(HfTokenizing):
         self.on_hook_step = None
 
     # ------------------------------------------------------------ set-up
-
-    def _mlp_norm(self, layer: int):
-        return mlp_norm_affine(self.model, self.shape.architecture, layer)
 
     def _ensure_hook(self, site: str) -> None:
         if site not in self._hooks:
@@ -148,7 +145,7 @@ class ReferenceEngine(HfTokenizing):
             self._thread = None
 
     async def load_sae(self, spec: str) -> str:
-        attached = self.artifacts.add_sae(spec, self.shape, self.device, mlp_norm=self._mlp_norm)
+        attached = self.artifacts.add_sae(spec, self.shape, self.device, model=self.model)
         for site in attached.sites:
             self._ensure_hook(site.name)
         self._refresh()

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from rudder.core.errors import ArtifactError
-from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape, mlp_norm_affine
+from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
 from rudder.server.artifacts import Artifacts
@@ -213,9 +213,8 @@ class _Steerer:
     # ------------------------------------------------------------ artifacts
 
     def load_sae(self, spec: str, generation: int) -> str:
-        attached = self.artifacts.add_sae(spec, self.shape, self.device, generation=generation,
-                                          mlp_norm=lambda layer: mlp_norm_affine(self.model, self.shape.architecture,
-                                                                                 layer, vllm=True))
+        attached = self.artifacts.add_sae(spec, self.shape, self.device, generation=generation, model=self.model,
+                                          vllm=True)
         for site in attached.sites:
             self._check_declared(site.name)
         self._refresh()
