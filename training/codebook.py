@@ -152,12 +152,13 @@ def snapping(model: nn.Module, codebooks: dict[str, Codebook], record: dict[str,
 def code_index(model: nn.Module, codebooks: dict[str, Codebook], ids: Tensor, batch: int = 64) -> CodeIndex:
     """The active codes of every codebook at every position of `ids` (N, L)."""
     parts: dict[str, list[Tensor]] = {k: [] for k in codebooks}
+    device = next(model.parameters()).device
     for i in range(0, ids.shape[0], batch):
         record: dict[str, Tensor] = {}
         with snapping(model, codebooks, record):
-            model(ids[i:i + batch])
+            model(ids[i:i + batch].to(device))
         for k in codebooks:
-            parts[k].append(record[k].to(torch.int32))
+            parts[k].append(record[k].to("cpu", torch.int32))
     return CodeIndex(ids, {k: torch.cat(v) for k, v in parts.items()})
 
 
@@ -242,8 +243,8 @@ def replace_dead(codebooks: dict[str, Codebook], counts: dict[str, Tensor], acts
             if idx.numel() == 0:
                 continue
             rows = acts[cb_id][:, g]
-            pick = rows[torch.randint(rows.shape[0], (idx.numel(),), generator=generator)]
-            noise = (torch.randn(pick.shape, generator=generator) * 0.01
+            pick = rows[torch.randint(rows.shape[0], (idx.numel(),), generator=generator).to(rows.device)]
+            noise = (torch.randn(pick.shape, generator=generator).to(pick.device) * 0.01
                      * pick.norm(dim=-1, keepdim=True) / pick.shape[-1] ** 0.5)
             cb.codes[g, idx] = pick + noise
             replaced += idx.numel()
@@ -299,8 +300,9 @@ def evaluate(model: nn.Module, codebooks: dict[str, Codebook], cfg: CodebookTrai
     model.eval()
     stats = SnapStats()
     ce = acc = 0.0
+    device = next(model.parameters()).device
     for i in range(0, ids.shape[0], batch):
-        chunk = ids[i:i + batch]
+        chunk = ids[i:i + batch].to(device)
         with bottlenecks(model, codebooks, cfg, stats):
             c, a = lm_loss(model(chunk).logits, chunk)
         ce += c.item() * chunk.shape[0]
@@ -345,6 +347,10 @@ def train(cfg: CodebookTrainConfig) -> dict[str, float]:
             initialise({k: codebooks[k] for k in fresh}, acts, "sample", g)
     else:
         initialise(codebooks, site_activations(model, first, codebooks), cfg.init, g)
+    device = torch.device(cfg.device)  # initialised on the CPU (its generator), trained on the device
+    model.to(device)
+    for cb in codebooks.values():
+        cb.to(device)
     eval_ids = data.held_out(cfg.eval_sequences)
     base = evaluate(model, {}, cfg, eval_ids)
 
@@ -366,7 +372,7 @@ def train(cfg: CodebookTrainConfig) -> dict[str, float]:
     start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="codebook", unit="step")
     for step in bar:
-        ids = first if step == 0 else data.next()
+        ids = (first if step == 0 else data.next()).to(device)
         stats = SnapStats()
         with bottlenecks(model, codebooks, cfg, stats):
             ce, acc = lm_loss(model(ids).logits, ids)

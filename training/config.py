@@ -158,6 +158,7 @@ class CodebookTrainConfig(_Strict):
     eval_sequences: int = Field(256, ge=1)
     seed: int = 0
     threads: int = Field(0, ge=0)
+    device: str = Field("cpu", description="torch device to train on (cuda for a GPU)")
 
     def sites(self, num_layers: int) -> list[tuple[str, Site]]:
         layers = range(num_layers) if self.layers is None else self.layers
@@ -181,6 +182,7 @@ class TokFSMTrainConfig(_Strict):
                             "curve (OUT/tokfsm_curve.json) and a checkpoint (OUT/checkpoint.pt); 0: at the end only")
     resume: bool = Field(False, description="continue from OUT/checkpoint.pt (model, optimizer, schedule, walks) "
                          "up to --steps")
+    device: str = Field("cpu", description="torch device to train on (cuda for a GPU)")
 
 
 def warmup_decay(step: int, total: int, warmup: int, kind: str = "cosine", floor: float = 0.1) -> float:

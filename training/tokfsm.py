@@ -226,7 +226,7 @@ PAPER_STATE_ACCURACY = 0.9677  # Table 1, no codebook
 
 def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3, warmup: int = 100,
                seed: int = 0, fsm: TokFSM | None = None, log_every: int = 50, schedule: str = "cosine",
-               eval_every: int = 0, resume: bool = False) -> dict[str, float]:
+               eval_every: int = 0, resume: bool = False, device: str = "cpu") -> dict[str, float]:
     """Train the paper's TokFSM model from scratch and save it (with tokenizer and FSM) to `out`.
 
     With `eval_every`, every so many steps the state accuracy of sampled walks goes into the learning
@@ -237,7 +237,7 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     from rudder.training.codebook import lm_loss
 
     fsm = fsm or TokFSM.build()
-    model = make_model(seed)
+    model = make_model(seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, steps, warmup, schedule))
     g = torch.Generator().manual_seed(seed)
@@ -246,7 +246,7 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     if resume:
         if not checkpoint.exists():
             raise FileNotFoundError(f"--resume: no {checkpoint}; run once with --eval-every N to write one")
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -257,7 +257,7 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
     bar = tqdm(range(first, steps), desc="tokfsm base", unit="step", initial=first, total=steps)
     loss = torch.tensor(float("nan"))
     for step in bar:
-        ids = fsm.sample(batch, g)
+        ids = fsm.sample(batch, g).to(device)
         loss, _ = lm_loss(model(ids).logits, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,16 +280,21 @@ def train_base(out: Path, steps: int = 1000, batch: int = 128, lr: float = 1e-3,
             staging.replace(checkpoint)  # a run killed mid-save keeps the last checkpoint
             (out / CURVE_FILE).write_text(json.dumps({"batch": batch, "lr": lr, "schedule": schedule, "curve": curve,
                                                       "projection": project(curve)}, indent=2))
+    final_loss = loss.item() if first < steps or not curve else curve[-1]["loss"]  # a resume with no steps left
     metrics = {"steps": steps, "batch": batch, "train_seconds": round(time.perf_counter() - start, 1),
-               "final_loss": loss.item(), "loss_floor": _loss_floor(fsm)}
+               "final_loss": final_loss, "loss_floor": _loss_floor(fsm)}
     metrics |= evaluate(model, fsm)
-    save_model(model, fsm, out, metrics)
+    save_model(model.cpu(), fsm, out, metrics)
     return metrics
 
 
 def project(curve: list[dict], target: float = PAPER_STATE_ACCURACY, last: int = 4) -> dict | None:
-    """Tokens to reach `target` state accuracy, from a power law of the error (1 - accuracy) against
-    tokens fitted to the curve's last points: error = a * tokens^b."""
+    """Tokens to reach `target` state accuracy: where the curve first reached it, else a projection
+    from a power law of the error (1 - accuracy) against tokens fitted to the curve's last points:
+    error = a * tokens^b."""
+    reached = next((p for p in curve if p["state_accuracy"] >= target), None)
+    if reached is not None:
+        return {"target": target, "reached_at_tokens": reached["tokens"], "reached_at_step": reached["step"]}
     points = [(p["tokens"], 1 - p["state_accuracy"]) for p in curve[-last:] if p["state_accuracy"] < 1]
     if len(points) < 2:
         return None
@@ -319,7 +324,7 @@ def save_model(model: nn.Module, fsm: TokFSM, out: Path, metrics: dict) -> None:
 def run(cfg: TokFSMTrainConfig) -> dict[str, float]:
     """`rudder train tokfsm`."""
     metrics = train_base(cfg.out, cfg.steps, cfg.batch, cfg.lr, seed=cfg.seed, schedule=cfg.schedule,
-                         eval_every=cfg.eval_every, resume=cfg.resume)
+                         eval_every=cfg.eval_every, resume=cfg.resume, device=cfg.device)
     print(json.dumps(metrics, indent=2))
     return metrics
 

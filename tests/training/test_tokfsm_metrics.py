@@ -130,3 +130,10 @@ def test_the_projection_fits_a_power_law_of_the_error():
     curve = [{"tokens": t, "state_accuracy": 1 - 0.5 * (t / 1e6) ** -0.5} for t in (1e6, 4e6, 16e6)]
     got = project(curve, target=0.9)
     assert got["slope"] == pytest.approx(-0.5) and got["tokens"] == pytest.approx(25e6, rel=1e-6)
+
+
+def test_a_curve_that_reached_the_target_reports_where():
+    from rudder.training.tokfsm import project
+
+    curve = [{"step": s, "tokens": s * 100, "state_accuracy": a} for s, a in ((1, 0.5), (2, 0.97), (3, 0.96))]
+    assert project(curve, target=0.9677) == {"target": 0.9677, "reached_at_tokens": 200, "reached_at_step": 2}
