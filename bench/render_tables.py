@@ -112,12 +112,26 @@ def _tokfsm_jsd(d: dict) -> Rows:
     return out
 
 
-@table("tokfsm_curve", "tokfsm_curve.json", "r")
-def _tokfsm_curve(d: dict) -> Rows:
-    out = [["step", "training tokens", "state accuracy (sampled walks)", "minutes (2 cores)"]]
+def _curve(d: dict) -> Rows:
+    on_gpu = "device" in d
+    out = [["step", "training tokens", "state accuracy (sampled walks)", "seconds (H200)" if on_gpu else "minutes (2 cores)"]]
     for p in d["curve"]:
         out.append([str(p["step"]), f"{p['tokens'] / 1e6:.1f}M", f"{p['state_accuracy']:.1%}",
-                    f"{p['seconds'] / 60:.0f}"])
+                    f"{p['seconds']:.0f}" if on_gpu else f"{p['seconds'] / 60:.0f}"])
+    return out
+
+
+table("tokfsm_curve", "tokfsm_curve.json", "r")(_curve)
+table("tokfsm_curve_gpu", "tokfsm_curve_gpu.json", "r")(_curve)
+
+
+@table("tokfsm_table1", "tokfsm_table1.json", "lr")
+def _tokfsm_table1(d: dict) -> Rows:
+    out = [["Table 1 row", "paper", "Rudder (codes)", "stage's training tokens", "stage's seconds"]]
+    for r in d["rows"]:
+        paper = f"{r['paper']:.2%}" + (f" ({r['paper_codes']})" if r["paper_codes"] else "")
+        ours = f"{r['rudder']:.2%}" + (f" ({r['codes']})" if r["codes"] else "")
+        out.append([r["row"], paper, ours, f"{r['stage_tokens'] / 1e6:.0f}M", f"{r['stage_seconds']:.0f}"])
     return out
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild the shipped TokFSM codebook model (models/tokfsm-codebook) from nothing:
+# Build a TokFSM codebook model from nothing on CPU (the shipped models/tokfsm-codebook was built
+# the same way at the paper's batch on a GPU: scripts/tokfsm_gpu.sh):
 #   1. the TokFSM base model (GPT-NeoX, hidden 128, 4 layers, 4 heads), 1500 steps from scratch;
 #   2. attention codebooks fine-tuned with it (configs/codebook/tokfsm.yaml);
 #   3. MLP codebooks added at every layer, the attention codebooks continuing (configs/codebook/tokfsm-mlp.yaml);

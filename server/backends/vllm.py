@@ -98,18 +98,24 @@ class _Rows:
 
 
 def _model_view(model_dir: Path) -> Path:
-    """vLLM loads every *.safetensors in a folder; a codebook model's folder holds codebooks too.
-    Give vLLM a folder of links to everything but them (at a path fixed per model, so that
-    vLLM's compile cache, keyed on the config, is reused)."""
+    """vLLM loads every *.safetensors in a folder; a codebook model's folder also holds its
+    codebooks and its code index. Give vLLM a folder of links to everything but those (at a
+    path fixed per model, so that vLLM's compile cache, keyed on the config, is reused); links
+    a view kept from before to files now left out, or gone, are removed."""
+    from rudder.core.code_search import INDEX_FILE
     from rudder.core.codebook import CONFIG_FILE, WEIGHTS_FILE
     from rudder.core.default_model import cache_dir
 
+    left_out = {CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE}
     digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16]
     view = cache_dir() / "vllm-model-views" / digest  # the user's own cache, not a shared /tmp
     view.mkdir(parents=True, exist_ok=True)
+    for link in view.iterdir():
+        if link.is_symlink() and (link.name in left_out or not link.exists()):
+            link.unlink()
     for p in model_dir.iterdir():
         link = view / p.name
-        if p.name not in (CONFIG_FILE, WEIGHTS_FILE) and not link.is_symlink():
+        if p.name not in left_out and not link.is_symlink():
             link.symlink_to(p.resolve())
     return view
 

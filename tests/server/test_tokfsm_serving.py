@@ -27,7 +27,7 @@ def state_codes():
 
 
 def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(served):
-    """For 20 states: the codes S itself activates (every codebook and head) forced at the
+    """For 50 states: the codes S itself activates (every codebook and head) forced at the
     prompt's last position; the server's continuation equals the offline forcing's
     (rudder.training.tokfsm_codes), the readouts show the forced codes, every first digit
     begins a successor of S, and the walk lands on S's successors more often than without."""
@@ -41,7 +41,7 @@ def test_activating_a_states_codes_over_grpc_steers_the_walk_exactly_as_offline(
     own_code_sets = json.loads((MODEL / "tokfsm_codes.json").read_text())["own_code_sets"]
     sets = [[StateCode(**c) for c in cs] for cs in own_code_sets]
     rng = random.Random(0)
-    states = rng.sample([s for s in range(fsm.num_states) if sets[s]], 20)
+    states = rng.sample([s for s in range(fsm.num_states) if sets[s]], 50)
     walks = torch.tensor([[rng.randrange(fsm.num_states)] for _ in states])
     prompts = fsm.encode(fsm.walk(len(states), 4, torch.Generator().manual_seed(1), start=walks[:, 0]))
     model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
@@ -80,3 +80,41 @@ def test_feature_search_finds_state_codes_by_label_and_by_regex(served):
     found = served.list_features(sc["codebook"], regex=rf"<bos>(?:\d\d)*{state}", min_recall=0.5, limit=5)
     assert found.total >= 1
     assert found.features[0].precision >= 0.5 and found.features[0].recall >= 0.5
+
+
+def test_the_shipped_model_serves_on_vllm_as_on_the_reference_backend():
+    """`rudder serve --model models/tokfsm-codebook` picks vLLM (GPT-NeoX runs there), whose loader
+    reads every *.safetensors in a folder: the codebooks and the code index must stay out of it.
+    A state's codes forced at the last digit give the same tokens and code readouts on both."""
+    import asyncio
+
+    vllm_backend = pytest.importorskip("rudder.server.backends.vllm")
+    from rudder.core.steering import CodeEdit, ReadoutSpec, Scope, SteeringSpec
+    from rudder.server.backends.base import EngineRequest, Sampling
+    from tests.server.engines import collect, tokens
+
+    own = json.loads((MODEL / "tokfsm_codes.json").read_text())["own_code_sets"]
+    fsm = TokFSM.load(MODEL)
+    prompts = fsm.encode(fsm.walk(4, 3, __import__("torch").Generator().manual_seed(3))).tolist()
+    states = [90, 5, 42, 77]
+    reference = ReferenceEngine(MODEL)
+    requests = []
+    for ids, s in zip(prompts, states):
+        last = len(ids) - 1
+        codes = tuple(CodeEdit(c["codebook"], c["head"], c["code"], scope=Scope("range", last, last + 1))
+                      for c in own[s])
+        requests.append(EngineRequest(ids, Sampling(max_tokens=4, ignore_eos=True),
+                                      SteeringSpec(codes=codes, readouts=ReadoutSpec(codebooks=("mlp.2",)))))
+    want = asyncio.run(collect(reference, requests))
+    engine = vllm_backend.VllmEngine(MODEL, max_model_len=128)
+
+    async def run():
+        try:
+            return await collect(engine, requests)
+        finally:
+            await engine.stop()
+
+    got = asyncio.run(run())
+    for g, w in zip(got, want):
+        assert tokens(g) == tokens(w)
+        assert [e.readouts[0].codes for e in g] == [e.readouts[0].codes for e in w]
