@@ -114,7 +114,8 @@ def _tokfsm_jsd(d: dict) -> Rows:
 
 def _curve(d: dict) -> Rows:
     on_gpu = "device" in d
-    out = [["step", "training tokens", "state accuracy (sampled walks)", "seconds (H200)" if on_gpu else "minutes (2 cores)"]]
+    time_column = "seconds (H200)" if on_gpu else "minutes (2 cores)"
+    out = [["step", "training tokens", "state accuracy (sampled walks)", time_column]]
     for p in d["curve"]:
         out.append([str(p["step"]), f"{p['tokens'] / 1e6:.1f}M", f"{p['state_accuracy']:.1%}",
                     f"{p['seconds']:.0f}" if on_gpu else f"{p['seconds'] / 60:.0f}"])
