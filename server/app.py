@@ -174,7 +174,8 @@ class RudderServer:
     def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 50051,
                  limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False,
                  metrics_port: int | None = None, metrics_host: str = "0.0.0.0", tls: Tls | None = None,
-                 token: str | None = None):
+                 token: str | None = None, openai_port: int | None = None):
+        """`openai_port`: also serve the OpenAI-compatible door (rudder.server.openai_door) there, at `host`."""
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
@@ -196,12 +197,20 @@ class RudderServer:
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port}; is another server on that port?")
         self.address = f"{host}:{self.port}"
+        self.openai = None
+        if openai_port is not None:
+            from rudder.server.openai_door import OpenAIDoor
+
+            self.openai = OpenAIDoor(self.service, self.metrics, token, tls)
+        self._openai_bind = (host, openai_port)
 
     async def start(self) -> None:
         await self.engine.start()
         parser = self.service.parser  # prompt and output limits follow the engine's context, where it has one
         parser.limits = parser.limits.within(self.engine.max_model_len)
         await self.server.start()
+        if self.openai is not None:
+            await self.openai.serve(*self._openai_bind)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.engine_healthy.set(1)
@@ -228,6 +237,8 @@ class RudderServer:
         self._watchdog.cancel()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.openai is not None:
+            await self.openai.stop(grace)
         await self.server.stop(grace)
         await self.engine.stop()
         if self.metrics_http is not None:

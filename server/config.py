@@ -56,6 +56,9 @@ class ServeConfig:
     """Prometheus /metrics on this HTTP port (0: any free port, -1: off)"""
     metrics_host: str = "0.0.0.0"
     """address the metrics port binds"""
+    openai_port: int | None = None
+    """also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on
+    this port, at --host (0: any free port); steering goes in the body's `rudder` object"""
     tls_cert: str | None = None
     """serve TLS with this certificate (PEM); needs --tls-key"""
     tls_key: str | None = None
@@ -77,6 +80,8 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        if self.openai_port is not None and self.openai_port < 0:
+            raise ValueError(f"--openai-port must be at least 0, got {self.openai_port}")
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.tls_client_ca and not self.tls_cert:

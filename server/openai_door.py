@@ -1,0 +1,333 @@
+"""An OpenAI-compatible door beside gRPC: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+    rudder serve --openai-port 8000
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="TOKEN or anything")
+    client.chat.completions.create(model="default", messages=[...], stream=True,
+                                   extra_body={"rudder": {"interventions": [...], "readouts": {...}}})
+
+A thin layer over the gRPC service itself: each body becomes a `GenerateRequest` and goes through
+`SteeringService.Generate`, so validation, admission, metrics and the engine are one path for
+both doors. The body's `rudder` object is the JSON form of the request's `interventions`,
+`readouts` and `include_baseline` in protobuf's own JSON mapping (field names in lowerCamelCase
+or as in the .proto), so the two doors cannot drift. Each streamed chunk carries, per choice,
+`rudder: {token, readouts}` in the same mapping; the baseline, when asked for, is choice 1.
+Errors are OpenAI's error object, with the HTTP status mapped from the gRPC code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rudder.core.errors import RudderError
+from rudder.server.metrics import Metrics
+from rudder.server.service import SteeringService
+from rudder.v1 import steering_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {  # gRPC code -> HTTP status, as grpc-gateway maps them
+    "INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
+    "INTERNAL": 500, "UNAVAILABLE": 503,
+}
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+              404: "not_found_error", 429: "rate_limit_error"}
+FINISH = {pb.LENGTH: "length", pb.EOS: "stop", pb.STOP_STRING: "stop"}
+STEERING_FIELDS = {"interventions", "readouts", "include_baseline", "includeBaseline"}
+
+
+class DoorError(Exception):
+    """An error answered before or while streaming, as OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "INTERNAL"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.grpc_code = status, message, param, code
+
+    @classmethod
+    def of(cls, e: Exception) -> DoorError:
+        if isinstance(e, DoorError):
+            return e
+        if isinstance(e, RudderError):
+            return cls(HTTP_STATUS.get(e.code, 500), str(e), code=e.code)
+        log.exception("unexpected error in the OpenAI door")
+        return cls(500, "internal error; see the server log")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"),
+                          "param": self.param, "code": self.status}}
+
+
+def _bad(message: str, param: str | None = None) -> DoorError:
+    return DoorError(400, message, param, "INVALID_ARGUMENT")
+
+
+def _text(content, where: str) -> str:
+    """A message's content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise _bad(f"{where}: only text content is served (a string, or parts of type 'text')", where)
+
+
+def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRequest:
+    """The GenerateRequest an OpenAI body asks for; a field Rudder cannot honour is refused by name."""
+    req = pb.GenerateRequest()
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("messages: a non-empty list of {role, content} is required", "messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise _bad(f"messages[{i}]: each message needs a role and content", f"messages[{i}]")
+            req.chat.messages.add(role=m["role"], content=_text(m.get("content", ""), f"messages[{i}].content"))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _bad("prompt: one string is served (not token ids, not a batch)", "prompt")
+        req.prompt = prompt
+    if body.get("n", 1) != 1:
+        raise _bad("n: one choice per request is served (ask for the unsteered baseline with "
+                   "rudder.include_baseline)", "n")
+    s = req.sampling
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    for name, value, kind in (("max_tokens", max_tokens, int), ("temperature", body.get("temperature"), float),
+                              ("top_p", body.get("top_p"), float), ("top_k", body.get("top_k"), int),
+                              ("seed", body.get("seed"), int)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise _bad(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+        setattr(s, name, kind(value))
+    if "temperature" not in body:
+        s.temperature = 1.0  # OpenAI's default; the gRPC door's default is greedy
+    if max_tokens is None:
+        s.max_tokens = default_max_tokens  # OpenAI's default: up to the context (the stream ends with LENGTH)
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+            raise _bad("stop: a string or a list of strings", "stop")
+        s.stop.extend(stops)
+    if body.get("ignore_eos"):
+        s.ignore_eos = True
+    steering = body.get("rudder")
+    if steering is not None:
+        if not isinstance(steering, dict):
+            raise _bad("rudder: an object with interventions, readouts and include_baseline", "rudder")
+        unknown = sorted(set(steering) - STEERING_FIELDS)
+        if unknown:
+            raise _bad(f"rudder: unknown field(s) {', '.join(unknown)}; it takes interventions, readouts and "
+                       f"include_baseline (the prompt and sampling are the body's own fields)", "rudder")
+        try:
+            json_format.ParseDict(steering, req)
+        except json_format.ParseError as e:
+            raise _bad(f"rudder: {e}", "rudder") from None
+    return req
+
+
+def token_json(msg: pb.GenerateResponse) -> dict:
+    out = {"token": json_format.MessageToDict(msg.token, preserving_proto_field_name=True)}
+    if msg.readouts:
+        out["readouts"] = [json_format.MessageToDict(r, preserving_proto_field_name=True) for r in msg.readouts]
+    return out
+
+
+class OpenAIDoor:
+    """The Starlette app; `serve(host, port)` runs it with uvicorn on the running event loop."""
+
+    def __init__(self, service: SteeringService, metrics: Metrics, token: str | None = None, tls=None):
+        """`token`: the bearer token gRPC calls need, needed here too; `tls` (app.Tls): serve HTTPS."""
+        self.service, self.metrics, self.tls = service, metrics, tls
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.app = Starlette(routes=[
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ])
+        self.server = None
+        self.port: int | None = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _authorize(self, request: Request) -> None:
+        if self.expected is None:
+            return
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, self.expected):
+            raise DoorError(401, "missing or wrong bearer token: send the header `Authorization: Bearer <token>` "
+                                 "(the openai client's api_key)", code="UNAUTHENTICATED")
+
+    async def _body(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _bad("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        model = body.get("model")
+        if model not in (None, self.service.model_name, "default"):
+            raise DoorError(404, f"model {model!r} is not served here; this server serves "
+                                 f"{self.service.model_name!r} (GET /v1/models)", "model", "NOT_FOUND")
+        return body
+
+    def _count(self, method: str, code: str) -> None:
+        self.metrics.requests.labels(method, code).inc()
+
+    async def serve(self, host: str, port: int) -> None:
+        import uvicorn
+
+        tls = {"ssl_certfile": self.tls.cert, "ssl_keyfile": self.tls.key} if self.tls else {}
+        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
+                                access_log=False, **tls)
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # `rudder serve` handles signals for both doors
+        self._task = asyncio.create_task(self.server.serve())
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()  # raises why it could not start (a port in use, say)
+                raise OSError(f"the OpenAI door could not bind {host}:{port}")
+            await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        log.info("OpenAI-compatible door on http://%s:%d/v1", host, self.port)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop taking requests; streams in flight get `grace` seconds."""
+        if self.server is not None:
+            self.server.config.timeout_graceful_shutdown = grace
+            self.server.should_exit = True
+            await self._task
+
+    # ------------------------------------------------------------ routes
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except DoorError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.service.model_name, "object": "model", "created": 0, "owned_by": "rudder"}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        method = "ChatCompletions" if chat else "Completions"
+        try:
+            self._authorize(request)
+            body = await self._body(request)
+            req = to_request(body, chat, self.service.parser.limits.max_tokens)
+            stream = bool(body.get("stream"))
+            usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+            messages = self.service.Generate(req, None)
+            first = await anext(messages, None)  # errors before the first token answer with a status
+        except Exception as e:  # noqa: BLE001 - every error is answered in OpenAI's shape
+            err = DoorError.of(e)
+            self._count(method, err.grpc_code)
+            return JSONResponse(err.body(), status_code=err.status)
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.service.model_name}
+        if stream:
+            return StreamingResponse(self._sse(method, chat, meta, first, messages, usage_in_stream),
+                                     media_type="text/event-stream")
+        try:
+            out = await self._collect(chat, meta, first, messages)
+        except Exception as e:  # noqa: BLE001
+            err = DoorError.of(e)
+            self._count(method, err.grpc_code)
+            return JSONResponse(err.body(), status_code=err.status)
+        self._count(method, "OK")
+        return JSONResponse(out)
+
+    async def _all(self, first, messages) -> AsyncIterator[pb.GenerateResponse]:
+        async with aclosing(messages):
+            if first is not None:
+                yield first
+                async for msg in messages:
+                    yield msg
+
+    async def _collect(self, chat: bool, meta: dict, first, messages) -> dict:
+        choices: dict[int, dict] = {}
+        usage = None
+        async for msg in self._all(first, messages):
+            i = 1 if msg.baseline else 0
+            c = choices.setdefault(i, {"index": i, "text": "", "finish_reason": None, "tokens": []})
+            if not msg.token.is_prompt:
+                c["text"] += msg.token.text
+            c["tokens"].append(token_json(msg))
+            if msg.stop_reason:
+                c["finish_reason"] = FINISH[msg.stop_reason]
+                if not msg.baseline:
+                    usage = {"prompt_tokens": msg.usage.prompt_tokens,
+                             "completion_tokens": msg.usage.completion_tokens,
+                             "total_tokens": msg.usage.prompt_tokens + msg.usage.completion_tokens}
+        out_choices = []
+        for i in sorted(choices):
+            c = choices[i]
+            body = ({"message": {"role": "assistant", "content": c["text"]}} if chat else {"text": c["text"]})
+            out_choices.append({"index": i, **body, "logprobs": None, "finish_reason": c["finish_reason"],
+                                "rudder": {"baseline": i == 1, "tokens": c["tokens"]}})
+        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
+                "usage": usage}
+
+    async def _sse(self, method: str, chat: bool, meta: dict, first, messages, usage_in_stream: bool):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(payload: dict) -> str:
+            return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+        def chunk(i: int, delta: str | None, finish: str | None, extra: dict | None, role: bool = False) -> dict:
+            if chat:
+                d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
+                choice = {"index": i, "delta": d, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            if extra is not None:
+                choice["rudder"] = extra
+            return {**meta, "object": kind, "choices": [choice], **({"usage": None} if usage_in_stream else {})}
+
+        code = "OK"
+        started: set[int] = set()
+        usage = None
+        try:
+            async for msg in self._all(first, messages):
+                i = 1 if msg.baseline else 0
+                if chat and i not in started:
+                    started.add(i)
+                    yield event(chunk(i, None, None, None, role=True))
+                text = None if msg.token.is_prompt else msg.token.text
+                finish = FINISH[msg.stop_reason] if msg.stop_reason else None
+                yield event(chunk(i, text, finish, {"baseline": msg.baseline, **token_json(msg)}))
+                if msg.stop_reason and not msg.baseline:
+                    usage = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens,
+                             "total_tokens": msg.usage.prompt_tokens + msg.usage.completion_tokens}
+            if usage_in_stream:
+                yield event({**meta, "object": kind, "choices": [], "usage": usage})
+        except Exception as e:  # noqa: BLE001 - after the headers, an error is an event
+            err = DoorError.of(e)
+            code = err.grpc_code
+            yield event(err.body())
+        except BaseException:
+            code = "CANCELLED"  # the client went away; closing the stream aborts the generation
+            raise
+        finally:
+            self._count(method, code)
+        yield "data: [DONE]\n\n"

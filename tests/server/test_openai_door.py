@@ -1,0 +1,107 @@
+"""The OpenAI-compatible door, through the official `openai` package, beside the gRPC door."""
+
+import json
+import urllib.request
+
+import openai
+import pytest
+
+from rudder import client as rc
+from rudder.server.app import BackgroundServer
+from rudder.server.backends.reference import ReferenceEngine
+
+TOKEN = "door-secret"
+CLAMP = {"interventions": [{"feature": {"sae": "s", "feature": 3, "clamp": 30.0}}],
+         "readouts": {"saes": ["s"], "top_k": 2}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tiny_sae_dir):
+    engine = ReferenceEngine(tiny_dir, saes=[f"s={tiny_sae_dir}"])
+    with BackgroundServer(engine, "tiny", token=TOKEN, openai_port=0, metrics_port=0) as srv:
+        yield srv
+
+
+@pytest.fixture
+def door(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server.openai.port}/v1", api_key=TOKEN, max_retries=0)
+
+
+def grpc_tokens(server, **kw):
+    with rc.Client(server.address, timeout=60, token=TOKEN) as c:
+        return [t for t in c.generate(**kw)]
+
+
+def test_a_streamed_chat_completion_with_a_clamp_matches_the_grpc_call(server, door):
+    messages = [{"role": "user", "content": "The capital of France"}]
+    stream = door.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                          stream=True, stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True, "rudder": CLAMP})
+    chunks = list(stream)
+    steered = [c for c in chunks if c.choices and "rudder" in c.choices[0].model_extra]  # one per token
+    assert not any(c.choices[0].model_extra["rudder"]["token"].get("is_prompt") for c in steered)
+    want = grpc_tokens(server, chat=messages, max_tokens=6, temperature=0, ignore_eos=True,
+                       interventions=[rc.clamp("s", 3, 30.0)], readouts=rc.readouts(saes=["s"], top_k=2))
+    assert "".join(c.choices[0].delta.content or "" for c in steered) == "".join(t.text for t in want)
+    got_ids = [c.choices[0].model_extra["rudder"]["token"]["id"] for c in steered]
+    assert got_ids == [t.id for t in want]
+    for c, t in zip(steered, want):  # the readouts, per chunk, as the gRPC stream has them
+        top = c.choices[0].model_extra["rudder"]["readouts"][0]["top"]
+        assert top["ids"] == [i for i, _ in t.readout("s").top]
+        assert top["values"] == pytest.approx([v for _, v in t.readout("s").top])
+        assert top["ids"][0] == 3 and top["values"][0] == pytest.approx(30.0)
+    assert chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    unsteered = grpc_tokens(server, chat=messages, max_tokens=6, temperature=0, ignore_eos=True)
+    assert [t.id for t in unsteered] != got_ids  # the clamp did something
+
+
+def test_a_completion_with_its_baseline_as_a_second_choice(server, door):
+    out = door.completions.create(model="tiny", prompt="Steering a model", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True, "rudder": {**CLAMP, "include_baseline": True}})
+    assert [c.index for c in out.choices] == [0, 1]
+    want = grpc_tokens(server, prompt="Steering a model", max_tokens=5, temperature=0, ignore_eos=True,
+                       interventions=[rc.clamp("s", 3, 30.0)], include_baseline=True)
+    assert out.choices[0].text == "".join(t.text for t in want if not t.baseline)
+    assert out.choices[1].text == "".join(t.text for t in want if t.baseline)
+    assert out.choices[1].model_extra["rudder"]["baseline"] is True
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+
+
+def test_bad_bodies_get_a_400_naming_the_field(door):
+    with pytest.raises(openai.BadRequestError) as e:
+        door.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                     extra_body={"rudder": {"interventions": [{"feature": {"sae": "s", "clampp": 1}}]}})
+    assert "clampp" in str(e.value)
+    with pytest.raises(openai.NotFoundError) as e:  # the service's own validation: NOT_FOUND, as over gRPC
+        door.completions.create(model="tiny", prompt="hi", max_tokens=2,
+                                extra_body={"rudder": {"interventions": [{"feature": {"sae": "nope", "feature": 1,
+                                                                                      "clamp": 1}}]}})
+    assert "nope" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        door.completions.create(model="tiny", prompt="hi", max_tokens=2, n=2)
+    assert "n:" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        door.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+
+
+def test_no_token_gets_a_401_and_the_model_is_listed(server, door):
+    bare = openai.OpenAI(base_url=str(door.base_url), api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bare.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert [m.id for m in door.models.list()] == ["tiny"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    assert 'rudder:requests_total{code="UNAUTHENTICATED",method="Completions"}' in metrics
+    assert 'method="ChatCompletions"' in metrics
+
+
+def test_a_stream_refused_before_its_first_token_gets_a_status_not_a_stream(server, door):
+    """Validation runs before the response starts, so a streamed request it refuses gets the HTTP
+    status and OpenAI's error object, as a plain one does."""
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True,
+            "rudder": {"interventions": [{"feature": {"sae": "s", "feature": 99999, "clamp": 1}}]}}
+    req = urllib.request.Request(f"{door.base_url}completions", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:  # refused before the first token: a status, not a stream
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "99999" in json.loads(e.value.read())["error"]["message"]
