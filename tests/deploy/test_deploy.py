@@ -43,7 +43,8 @@ KUBERNETES = "1.33"
 FULL = ["--set", "gpu.count=2", "--set", "server.tensorParallelSize=2", "--set", "autoscaling.enabled=true",
         "--set", "auth.existingSecret=rudder-token", "--set", "tls.existingSecret=rudder-tls",
         "--set", "tls.clientCaSecret=rudder-ca", "--set", "image.tag=0.1.0-cuda",
-        "--set", "nodeSelector.gpu=h100", "--set", "server.extraArgs={--no-prefix-caching}"]
+        "--set", "nodeSelector.gpu=h100", "--set", "server.extraArgs={--no-prefix-caching}",
+        "--set", "server.openaiPort=8000"]
 
 
 def helm(*args: str) -> str:
@@ -71,6 +72,11 @@ def test_chart_lints_and_renders_manifests_valid_against_the_kubernetes_schemas(
         assert "HorizontalPodAutoscaler" in kinds
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
         assert "--tensor-parallel-size" in " ".join(container["args"] + container.get("command", []))
+        assert "--openai-port=8000" in container["args"]  # the OpenAI door, exposed by the Service too
+        service = next(d for d in docs if d["kind"] == "Service")
+        assert {"name": "openai", "port": 8000, "targetPort": "openai", "appProtocol": "http"} in service["spec"]["ports"]
+    else:
+        assert not any(a.startswith("--openai-port") for a in container["args"])
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] and monitor["spec"]["selector"]["matchLabels"]
     rules = next(d for d in docs if d["kind"] == "PrometheusRule")
