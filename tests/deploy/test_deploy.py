@@ -74,7 +74,8 @@ def test_chart_lints_and_renders_manifests_valid_against_the_kubernetes_schemas(
         assert "--tensor-parallel-size" in " ".join(container["args"] + container.get("command", []))
         assert "--openai-port=8000" in container["args"]  # the OpenAI door, exposed by the Service too
         service = next(d for d in docs if d["kind"] == "Service")
-        assert {"name": "openai", "port": 8000, "targetPort": "openai", "appProtocol": "http"} in service["spec"]["ports"]
+        door = {"name": "openai", "port": 8000, "targetPort": "openai", "appProtocol": "http"}
+        assert door in service["spec"]["ports"]
     else:
         assert not any(a.startswith("--openai-port") for a in container["args"])
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
