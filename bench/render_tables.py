@@ -96,9 +96,10 @@ def _vllm_backend(d: dict) -> Rows:
 
 @table("vllm_vs_vllm_serve", "vllm_vs_vllm_serve.json", "lr")
 def _vllm_vs_vllm_serve(d: dict) -> Rows:
-    out = [["server", "tok/s (best)", "spread", "x vllm serve"]]
+    out = [["server", "tok/s (best)", "spread", "x vllm serve", "x gRPC door"]]
     for r in d["rows"]:
-        out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_vllm_serve']:.3f}"])
+        door = f"{r['vs_grpc_door']:.3f}" if "vs_grpc_door" in r else ""
+        out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_vllm_serve']:.3f}", door])
     return out
 
 

@@ -15,6 +15,8 @@ time. Rows:
   rudder steered     one clamp of the default SAE on every request
   rudder steered+readout   the same plus a top-16 readout on every token
   rudder N configs   every request clamps, with N distinct (feature, value, scope) configs in the batch
+  rudder openai ...  the same server's OpenAI-compatible door (--openai-port), streaming chat with the
+                     steering in extra_body: the door's cost against the gRPC rows of the same mode
 Prints a table with the best of `--repeats` and the spread, and writes
 bench/results/vllm_vs_vllm_serve.json.
 """
@@ -150,6 +152,33 @@ async def run_rudder(address: str, streams: int, tokens: int, mode: str, feature
         return sum(counts) / (time.perf_counter() - t0)
 
 
+async def run_rudder_openai(port: int, streams: int, tokens: int, mode: str, features, max_act) -> float:
+    from google.protobuf import json_format
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+
+    async def one(i: int) -> int:
+        kw = steering(mode, i, features, max_act)
+        body = {"ignore_eos": True}
+        if kw:
+            body["rudder"] = {"interventions": [json_format.MessageToDict(x) for x in kw["interventions"]]}
+            if "readouts" in kw:
+                body["rudder"]["readouts"] = json_format.MessageToDict(kw["readouts"])
+        n = 0
+        stream = await client.chat.completions.create(model="default", messages=messages(i), max_tokens=tokens,
+                                                      temperature=0, stream=True, extra_body=body)
+        async for chunk in stream:
+            n += bool(chunk.choices and "rudder" in (chunk.choices[0].model_extra or {}))  # one per token
+        return n
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(streams)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return sum(counts) / wall
+
+
 async def features_to_steer(address: str, n: int = 32) -> tuple[list[int], dict[int, float]]:
     async with rc.AsyncClient(address, timeout=60) as client:
         listed = await client.list_features(SAE, limit=400)
@@ -166,26 +195,32 @@ def main() -> None:
     args = ap.parse_args()
     model = str(ensure_default_model(download=False))
     saes = [str(p) for p in default_sae_dirs()]
-    http, grpc_port = free_port(), free_port()
+    http, grpc_port, door = free_port(), free_port(), free_port()
     vllm = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
                   "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"))
     rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
-                    "--metrics-port", "-1"], Path("/tmp/bench-rudder-serve.log"))
+                    "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"))
     address = f"127.0.0.1:{grpc_port}"
     modes = ["plain", "steered", "steered+readout", "1 configs", "8 configs", "32 configs"]
-    runs: dict[str, list[float]] = {"vllm serve": [], **{f"rudder {m}": [] for m in modes}}
+    door_modes = ["plain", "steered+readout"]
+    runs: dict[str, list[float]] = {"vllm serve": [], **{f"rudder {m}": [] for m in modes},
+                                    **{f"rudder openai {m}": [] for m in door_modes}}
     try:
         asyncio.run(wait_http(http, vllm))
         asyncio.run(wait_grpc(address, rudder))
         features, max_act = asyncio.run(features_to_steer(address))
         asyncio.run(run_vllm_serve(http, MODEL_NAME, 4, 8))  # warm-up both
         asyncio.run(run_rudder(address, 4, 8, "steered+readout", features, max_act))
-        names = ["vllm serve", *(f"rudder {m}" for m in modes)]
+        asyncio.run(run_rudder_openai(door, 4, 8, "steered+readout", features, max_act))
+        names = list(runs)
         for r in range(args.repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts elsewhere
                 time.sleep(PAUSE_S)  # the server measured before goes idle first
                 if name == "vllm serve":
                     tps = asyncio.run(run_vllm_serve(http, MODEL_NAME, args.streams, args.tokens))
+                elif name.startswith("rudder openai "):
+                    mode = name.removeprefix("rudder openai ")
+                    tps = asyncio.run(run_rudder_openai(door, args.streams, args.tokens, mode, features, max_act))
                 else:
                     mode = name.removeprefix("rudder ")
                     tps = asyncio.run(run_rudder(address, args.streams, args.tokens, mode, features, max_act))
@@ -197,6 +232,10 @@ def main() -> None:
     base = max(runs["vllm serve"])
     rows = [{"server": name, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
              "vs_vllm_serve": round(max(v) / base, 3)} for name, v in runs.items()]
+    for row in rows:  # the OpenAI door against the gRPC door, same server, same mode
+        if row["server"].startswith("rudder openai "):
+            grpc_best = max(runs["rudder " + row["server"].removeprefix("rudder openai ")])
+            row["vs_grpc_door"] = round(row["best_tok_s"] / grpc_best, 3)
     print(f"\n{args.streams} chat streams x {args.tokens} tokens, greedy, EOS ignored; both servers on cores 0-1 "
           f"({os.cpu_count()} cores), best of {args.repeats} interleaved rounds")
     print(f"{'server':<26} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13}")
@@ -207,7 +246,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "env": ENV, "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats, "model": MODEL_NAME,
         "sae": saes, "rows": rows, "runs": runs,
-        "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97},
+        "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97, "openai door vs grpc door": 0.97},
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 
