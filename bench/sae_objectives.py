@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON to write (default: bench/results/sae_objectives.json, "
                     "or sae_pareto.json with --sweep)")
     ap.add_argument("--png", default=str(ROOT / "docs/img/sae_pareto.png"), help="the sweep's plot")
+    ap.add_argument("--objectives", default=",".join(OBJECTIVES), help="the sweep's objectives (comma-separated)")
+    ap.add_argument("--append", action="store_true",
+                    help="add the sweep's runs to those already in --out (same config), e.g. more λ for one objective")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.sweep:
@@ -118,10 +121,20 @@ def matched(runs: dict[str, list[dict]]) -> list[dict]:
 
 
 def sweep(args, coeffs: list[float]) -> None:
+    path = Path(args.out or ROOT / "bench/results/sae_pareto.json")
     runs: dict[str, list[dict]] = {name: [] for name in OBJECTIVES}
+    if args.append:
+        before = json.loads(path.read_text())
+        if before["config"] != header_fields(args)["config"]:
+            raise SystemExit(f"--append: {path} was made with another config; drop --append")
+        runs = before["runs"]
+        coeffs_all = sorted(set(before["coefficients"]) | set(coeffs))
+    else:
+        coeffs_all = coeffs
+    chosen = args.objectives.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for coeff in coeffs:  # objectives interleaved, so that machine noise spreads over all three
-            for name in OBJECTIVES:
+            for name in chosen:
                 row = train_one(args, name, Path(tmp), {"loss.sparsity": coeff})
                 runs[name].append(row)
                 print(f"{name:<7} λ={coeff:<6g} L0 {row['l0']:8.1f} alive {row['alive']:5d} "
@@ -135,8 +148,7 @@ def sweep(args, coeffs: list[float]) -> None:
     for m in compare:
         print(f"at CE increase {m['ce_increase']:.4f}: " + ", ".join(
             f"{name} L0 {m[f'{name}_l0']:.1f}" for name in runs if m[f"{name}_l0"] is not None))
-    out = {**header_fields(args), "coefficients": coeffs, "runs": runs, "matched": compare}
-    path = Path(args.out or ROOT / "bench/results/sae_pareto.json")
+    out = {**header_fields(args), "coefficients": coeffs_all, "runs": runs, "matched": compare}
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
     plot(runs, Path(args.png))
