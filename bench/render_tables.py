@@ -166,6 +166,27 @@ def _sae_objectives(d: dict) -> Rows:
     return out
 
 
+@table("sae_pareto", "sae_pareto.json", "lr")
+def _sae_pareto(d: dict) -> Rows:
+    out = [["objective", "λ", "L0", "alive / 4608", "explained var.", "CE increase", "tok/s"]]
+    for name, runs in d["runs"].items():
+        for r in sorted(runs, key=lambda r: r["loss"]["sparsity"]):
+            out.append([name, f"{r['loss']['sparsity']:g}", f"{r['l0']:.1f}", str(r["alive"]),
+                        f"{r['explained_variance']:.3f}", f"{r['ce_increase']:.3f}",
+                        f"{r['train_tokens_per_second']:.0f}"])
+    return out
+
+
+@table("sae_pareto_matched", "sae_pareto.json", "r")
+def _sae_pareto_matched(d: dict) -> Rows:
+    names = list(d["runs"])
+    out = [["CE increase", *(f"{n} L0" for n in names), *(f"{n} alive" for n in names)]]
+    for m in d["matched"]:
+        out.append([f"{m['ce_increase']:.3f}", *(f"{m[f'{n}_l0']:.0f}" for n in names),
+                    *(f"{m[f'{n}_alive']:.0f}" for n in names)])
+    return out
+
+
 @table("sae_training", "sae_training.json", "lr")
 def _sae_training(d: dict) -> Rows:
     return [
