@@ -22,6 +22,11 @@ class ResourceExhausted(RudderError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class AtCapacity(ResourceExhausted):
+    """The server is at its limit of concurrent requests: the same request may succeed later (HTTP
+    429), unlike a request over a per-request limit (HTTP 400)."""
+
+
 class OutOfRange(RudderError):
     code = "OUT_OF_RANGE"
 

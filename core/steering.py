@@ -63,12 +63,36 @@ class Scope:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Feature `feature` of SAE `sae` read above `above`: a condition's gate, or a guard. It is read
+    as a readout of the feature reads it (at the SAE's site, this request's edits there written in)."""
+
+    sae: str
+    feature: int
+    above: float
+
+
+@dataclass(frozen=True)
+class When:
+    """An edit that waits for `gate`: once it first reads above its threshold at position p, the edit
+    acts at generated positions from p + 1 on (for `tokens` positions, if given), within its scope."""
+
+    gate: Gate
+    tokens: int | None = None
+
+    def bounds(self, opened_at: int, prompt_len: int) -> tuple[int, int]:
+        start = max(opened_at + 1, prompt_len)
+        return start, OPEN_END if self.tokens is None else start + self.tokens
+
+
+@dataclass(frozen=True)
 class FeatureEdit:
     sae: str
     feature: int
     op: Op
     value: float = 0.0
     scope: Scope = Scope()
+    when: When | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,7 @@ class DirectionEdit:
     scope: Scope = Scope()
     sae: str | None = None
     feature: int | None = None
+    when: When | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vector, Tensor):
@@ -99,6 +124,7 @@ class CodeEdit:
     code: int
     strength: float = 1.0
     scope: Scope = Scope()
+    when: When | None = None
 
 
 @dataclass(frozen=True)
@@ -125,14 +151,48 @@ class SteeringSpec:
     generations: tuple[tuple[str, int], ...] = ()
     """(SAE id, generation) of each SAE the spec names, as validated: an SAE unloaded and loaded
     again under the same id is another generation, and the spec's edits of the old one are dropped"""
+    guards: tuple[Gate, ...] = ()
+    """stop the sequence at the first position where one of these reads above its threshold"""
 
     def edited_saes(self) -> set[str]:
         """Every SAE the spec edits a feature of or takes a direction from."""
         return {e.sae for e in self.features} | {e.sae for e in self.directions if e.sae is not None}
 
     def sae_ids(self) -> set[str]:
-        """Every SAE the spec edits, reads or takes a direction from."""
-        return self.edited_saes() | set(self.readouts.saes)
+        """Every SAE the spec edits, reads, takes a direction from or watches (gates and guards)."""
+        return self.edited_saes() | set(self.readouts.saes) | {g.sae for g in self.gates()}
+
+    def edits(self) -> tuple:
+        return (*self.features, *self.directions, *self.codes)
+
+    def gates(self) -> tuple[Gate, ...]:
+        """The gates read at every step: those of edits still waiting for theirs, and the guards."""
+        out = dict.fromkeys(e.when.gate for e in self.edits() if e.when is not None)
+        out.update(dict.fromkeys(self.guards))
+        return tuple(out)
+
+    def opened(self, opened_at: Mapping[Gate, int], prompt_len: int) -> SteeringSpec:
+        """This spec with each edit whose gate opened (at `opened_at[gate]`) made unconditional over
+        the positions its condition and its scope both allow; edits still waiting stay as they are
+        (`build_tables` leaves them out, and reads their gates)."""
+        if not opened_at:
+            return self
+
+        def resolve(edits):
+            out = []
+            for e in edits:
+                if e.when is None or e.when.gate not in opened_at:
+                    out.append(e)
+                    continue
+                lo, hi = e.scope.bounds(prompt_len)
+                g_lo, g_hi = e.when.bounds(opened_at[e.when.gate], prompt_len)
+                lo, hi = max(lo, g_lo), min(hi, g_hi)
+                if lo < hi:
+                    out.append(replace(e, when=None, scope=Scope("range", lo, None if hi == OPEN_END else hi)))
+            return tuple(out)
+
+        return replace(self, features=resolve(self.features), directions=resolve(self.directions),
+                       codes=resolve(self.codes))
 
     def current(self, generations: Mapping[str, int]) -> SteeringSpec:
         """This spec without what names an SAE that is gone or of another generation than validated."""
@@ -140,12 +200,16 @@ class SteeringSpec:
         stale = {i for i in self.sae_ids() if i in mine and generations.get(i) != mine[i]}
         if not stale:
             return self
+        def live(e) -> bool:
+            return getattr(e, "sae", None) not in stale and (e.when is None or e.when.gate.sae not in stale)
+
         return SteeringSpec(
-            features=tuple(e for e in self.features if e.sae not in stale),
-            directions=tuple(e for e in self.directions if e.sae not in stale),
-            codes=self.codes,
+            features=tuple(e for e in self.features if live(e)),
+            directions=tuple(e for e in self.directions if live(e)),
+            codes=tuple(e for e in self.codes if live(e)),
             readouts=replace(self.readouts, saes=tuple(i for i in self.readouts.saes if i not in stale)),
             generations=tuple((i, g) for i, g in self.generations if i not in stale),
+            guards=tuple(g for g in self.guards if g.sae not in stale),
         )
 
     @property
@@ -154,8 +218,8 @@ class SteeringSpec:
 
     @property
     def active(self) -> bool:
-        """Whether the hooks have anything to do for this request: it steers or reads."""
-        return self.steers or not self.readouts.empty
+        """Whether the hooks have anything to do for this request: it steers, reads or watches a gate."""
+        return self.steers or not self.readouts.empty or bool(self.guards)
 
 
 def spec_to_wire(spec: SteeringSpec) -> dict:
@@ -274,10 +338,14 @@ def build_tables(
     tables = StepTables()
     float_kw = {"device": device, "dtype": torch.float32}
 
-    for sae_id in sorted({e.sae for s in specs for e in s.features} | {i for s in specs for i in s.readouts.saes}):
-        per_slot = [[e for e in s.features if e.sae == sae_id] for s in specs]
+    gates = [s.gates() for s in specs]
+    sae_ids = ({e.sae for s in specs for e in s.features} | {i for s in specs for i in s.readouts.saes}
+               | {g.sae for gs in gates for g in gs})
+    for sae_id in sorted(sae_ids):
+        per_slot = [[e for e in s.features if e.sae == sae_id and e.when is None] for s in specs]
         start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
-        reading = [sae_id in s.readouts.saes for s in specs]
+        watched = {g.feature for gs in gates for g in gs if g.sae == sae_id}
+        reading = [sae_id in s.readouts.saes or any(g.sae == sae_id for g in gs) for s, gs in zip(specs, gates)]
         tables.saes[sae_id] = SaeTable(
             start=start, end=end, valid=valid,
             feature=torch.tensor(_pad([[e.feature for e in r] for r in per_slot], w, 0), device=device),
@@ -286,14 +354,15 @@ def build_tables(
             reads=torch.tensor(reading, device=device),
             top_k=max((s.readouts.top_k for s, r in zip(specs, reading) if r), default=0),
             selected=torch.tensor(
-                sorted({i for s, r in zip(specs, reading) if r for i in s.readouts.feature_ids}),
+                sorted({i for s, r in zip(specs, reading) if r and sae_id in s.readouts.saes
+                        for i in s.readouts.feature_ids} | watched),
                 dtype=torch.long, device=device,
             ),
             edits=any(per_slot),
         )
 
     saes = saes or {}
-    vectors = [[(e, _direction_vector(e, saes)) for e in s.directions] for s in specs]
+    vectors = [[(e, _direction_vector(e, saes)) for e in s.directions if e.when is None] for s in specs]
     vectors = [[(e, v) for e, v in r if v is not None] for r in vectors]
     for site in sorted({e.site for r in vectors for e, _ in r}):
         per_slot = [[(e, v) for e, v in r if e.site == site] for r in vectors]
@@ -310,7 +379,7 @@ def build_tables(
 
     codebook_ids = {e.codebook for s in specs for e in s.codes} | {i for s in specs for i in s.readouts.codebooks}
     for cb_id in sorted(codebook_ids):
-        per_slot = [[e for e in s.codes if e.codebook == cb_id] for s in specs]
+        per_slot = [[e for e in s.codes if e.codebook == cb_id and e.when is None] for s in specs]
         start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
         tables.codebooks[cb_id] = CodeTable(
             start=start, end=end, valid=valid,

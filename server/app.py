@@ -237,9 +237,10 @@ class RudderServer:
         self._watchdog.cancel()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.openai is not None:
-            await self.openai.stop(grace)
-        await self.server.stop(grace)
+        if self.openai is not None:  # both doors drain at once, within one grace
+            await asyncio.gather(self.openai.stop(grace), self.server.stop(grace))
+        else:
+            await self.server.stop(grace)
         await self.engine.stop()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()

@@ -17,9 +17,12 @@ Errors are OpenAI's error object, with the HTTP status mapped from the gRPC code
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rudder.core.errors import RudderError
+from rudder.core.errors import AtCapacity, RudderError
 from rudder.server.metrics import Metrics
 from rudder.server.service import SteeringService
 from rudder.v1 import steering_pb2 as pb
@@ -45,8 +48,8 @@ HTTP_STATUS = {  # gRPC code -> HTTP status, as grpc-gateway maps them
 }
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 429: "rate_limit_error"}
-FINISH = {pb.LENGTH: "length", pb.EOS: "stop", pb.STOP_STRING: "stop"}
-STEERING_FIELDS = {"interventions", "readouts", "include_baseline", "includeBaseline"}
+FINISH = {pb.LENGTH: "length", pb.EOS: "stop", pb.STOP_STRING: "stop", pb.GUARD: "content_filter"}
+STEERING_FIELDS = {"interventions", "readouts", "include_baseline", "includeBaseline", "guards"}
 
 
 class DoorError(Exception):
@@ -61,6 +64,8 @@ class DoorError(Exception):
         if isinstance(e, DoorError):
             return e
         if isinstance(e, RudderError):
+            if e.code == "RESOURCE_EXHAUSTED" and not isinstance(e, AtCapacity):
+                return cls(400, str(e), code=e.code)  # over a per-request limit: retrying will not help
             return cls(HTTP_STATUS.get(e.code, 500), str(e), code=e.code)
         log.exception("unexpected error in the OpenAI door")
         return cls(500, "internal error; see the server log")
@@ -84,7 +89,9 @@ def _text(content, where: str) -> str:
 
 
 def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRequest:
-    """The GenerateRequest an OpenAI body asks for; a field Rudder cannot honour is refused by name."""
+    """The GenerateRequest an OpenAI body asks for. Bad values of the fields it reads are refused by
+    name, and so is `n` other than 1; OpenAI fields it does not serve (logprobs, penalties, tools,
+    response_format) are ignored, as some OpenAI-compatible servers do."""
     req = pb.GenerateRequest()
     if chat:
         messages = body.get("messages")
@@ -111,10 +118,14 @@ def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRe
                               ("seed", body.get("seed"), int)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise _bad(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}", name)
-        setattr(s, name, kind(value))
-    if "temperature" not in body:
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise ValueError
+            setattr(s, name, kind(value))
+        except (ValueError, OverflowError, TypeError):  # NaN, infinities, past the proto's range
+            raise _bad(f"{name}: expected {'an integer' if kind is int else 'a finite number'}, got {value!r}",
+                       name) from None
+    if body.get("temperature") is None:
         s.temperature = 1.0  # OpenAI's default; the gRPC door's default is greedy
     if max_tokens is None:
         s.max_tokens = default_max_tokens  # OpenAI's default: up to the context (the stream ends with LENGTH)
@@ -129,11 +140,11 @@ def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRe
     steering = body.get("rudder")
     if steering is not None:
         if not isinstance(steering, dict):
-            raise _bad("rudder: an object with interventions, readouts and include_baseline", "rudder")
+            raise _bad("rudder: an object with interventions, readouts, guards and include_baseline", "rudder")
         unknown = sorted(set(steering) - STEERING_FIELDS)
         if unknown:
-            raise _bad(f"rudder: unknown field(s) {', '.join(unknown)}; it takes interventions, readouts and "
-                       f"include_baseline (the prompt and sampling are the body's own fields)", "rudder")
+            raise _bad(f"rudder: unknown field(s) {', '.join(unknown)}; it takes interventions, readouts, guards "
+                       f"and include_baseline (the prompt and sampling are the body's own fields)", "rudder")
         try:
             json_format.ParseDict(steering, req)
         except json_format.ParseError as e:
@@ -143,6 +154,8 @@ def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRe
 
 def token_json(msg: pb.GenerateResponse) -> dict:
     out = {"token": json_format.MessageToDict(msg.token, preserving_proto_field_name=True)}
+    if msg.HasField("guard"):  # a guard stopped the sequence; this chunk withholds the guarded token
+        out["guard"] = json_format.MessageToDict(msg.guard, preserving_proto_field_name=True)
     if msg.readouts:
         out["readouts"] = [json_format.MessageToDict(r, preserving_proto_field_name=True) for r in msg.readouts]
     return out
@@ -192,18 +205,25 @@ class OpenAIDoor:
     async def serve(self, host: str, port: int) -> None:
         import uvicorn
 
-        tls = {"ssl_certfile": self.tls.cert, "ssl_keyfile": self.tls.key} if self.tls else {}
-        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
-                                access_log=False, **tls)
+        tls = {}
+        if self.tls:
+            tls = {"ssl_certfile": self.tls.cert, "ssl_keyfile": self.tls.key}
+            if self.tls.client_ca:  # mutual TLS, as on the gRPC port
+                tls |= {"ssl_ca_certs": self.tls.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        try:  # bound here, so that a port in use is an OSError for the caller, not uvicorn's sys.exit
+            sock = socket.create_server((host, port))
+        except OSError as e:
+            raise OSError(f"the OpenAI door could not bind {host}:{port}: {e}") from e
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, **tls)
         self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # `rudder serve` handles signals for both doors
-        self._task = asyncio.create_task(self.server.serve())
+        self.server.capture_signals = contextlib.nullcontext  # `rudder serve` handles signals for both doors
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:
             if self._task.done():
-                self._task.result()  # raises why it could not start (a port in use, say)
-                raise OSError(f"the OpenAI door could not bind {host}:{port}")
+                self._task.result()
+                raise OSError(f"the OpenAI door did not start on {host}:{port}")
             await asyncio.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.port = sock.getsockname()[1]
         log.info("OpenAI-compatible door on http://%s:%d/v1", host, self.port)
 
     async def stop(self, grace: float = 30.0) -> None:
@@ -243,6 +263,9 @@ class OpenAIDoor:
             err = DoorError.of(e)
             self._count(method, err.grpc_code)
             return JSONResponse(err.body(), status_code=err.status)
+        except BaseException:
+            self._count(method, "CANCELLED")
+            raise
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.service.model_name}
         if stream:
@@ -254,6 +277,9 @@ class OpenAIDoor:
             err = DoorError.of(e)
             self._count(method, err.grpc_code)
             return JSONResponse(err.body(), status_code=err.status)
+        except BaseException:
+            self._count(method, "CANCELLED")
+            raise
         self._count(method, "OK")
         return JSONResponse(out)
 
@@ -307,8 +333,9 @@ class OpenAIDoor:
         code = "OK"
         started: set[int] = set()
         usage = None
+        every = self._all(first, messages)
         try:
-            async for msg in self._all(first, messages):
+            async for msg in every:
                 i = 1 if msg.baseline else 0
                 if chat and i not in started:
                     started.add(i)
@@ -329,5 +356,6 @@ class OpenAIDoor:
             code = "CANCELLED"  # the client went away; closing the stream aborts the generation
             raise
         finally:
+            await every.aclose()  # closes the service's stream now, not at garbage collection
             self._count(method, code)
         yield "data: [DONE]\n\n"

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from rudder.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, RudderError
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
-from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
+from rudder.core.steering import (
+    CodeEdit,
+    DirectionEdit,
+    FeatureEdit,
+    Gate,
+    Op,
+    ReadoutSpec,
+    Scope,
+    SteeringSpec,
+    When,
+)
 from rudder.server.artifacts import Artifacts
 from rudder.server.backends.base import Sampling
 from rudder.v1 import steering_pb2 as pb
@@ -176,11 +186,26 @@ class RequestParser:
         strength = _bounded(m.strength, f"{where}: strength") if m.HasField("strength") else 1.0
         return CodeEdit(m.codebook, m.head, m.code, strength, scope)
 
-    def steering(self, interventions, readouts: pb.ReadoutRequest) -> SteeringSpec:
-        if len(interventions) > self.limits.max_interventions:
+    def gate(self, g: pb.FeatureGate, where: str) -> Gate:
+        self._feature(g.sae, g.feature, where)
+        return Gate(g.sae, g.feature, _bounded(g.above, f"{where}: above"))
+
+    def _when(self, iv: pb.Intervention, where: str) -> When | None:
+        if not iv.HasField("when"):
+            return None
+        if not iv.when.HasField("gate"):
+            raise InvalidArgument(f"{where}.when: a condition needs a gate (sae, feature, above)")
+        if iv.when.HasField("tokens") and iv.when.tokens < 1:
+            raise InvalidArgument(f"{where}.when.tokens must be at least 1 (leave it out: to the end), "
+                                  f"got {iv.when.tokens}")
+        return When(self.gate(iv.when.gate, f"{where}.when.gate"),
+                    iv.when.tokens if iv.when.HasField("tokens") else None)
+
+    def steering(self, interventions, readouts: pb.ReadoutRequest, guards=()) -> SteeringSpec:
+        if len(interventions) + len(guards) > self.limits.max_interventions:
             raise ResourceExhausted(
-                f"{len(interventions)} interventions is more than this server's limit of "
-                f"{self.limits.max_interventions}"
+                f"{len(interventions)} interventions and {len(guards)} guards are more than this server's "
+                f"limit of {self.limits.max_interventions}"
             )
         features, directions, codes = [], [], []
         for i, iv in enumerate(interventions):
@@ -188,19 +213,24 @@ class RequestParser:
             scope = parse_scope(iv.scope, where)
             which = iv.WhichOneof("kind")
             if which == "feature":
-                features.append(self._feature_edit(iv.feature, scope, where))
+                edit = self._feature_edit(iv.feature, scope, where)
             elif which == "direction":
-                directions.append(self._direction_edit(iv.direction, scope, where))
+                edit = self._direction_edit(iv.direction, scope, where)
             elif which == "code":
-                codes.append(self._code_edit(iv.code, scope, where))
+                edit = self._code_edit(iv.code, scope, where)
             else:
                 raise InvalidArgument(f"{where}: empty intervention; set feature, direction or code")
+            when = self._when(iv, where)
+            if when is not None:
+                edit = dataclasses.replace(edit, when=when)
+            {"feature": features, "direction": directions, "code": codes}[which].append(edit)
         per_head: dict[tuple[str, int], int] = {}
         for c in codes:
             per_head[(c.codebook, c.head)] = per_head.get((c.codebook, c.head), 0) + 1
             if per_head[(c.codebook, c.head)] > self.artifacts.codebooks[c.codebook].codebook.cfg.k:
                 raise InvalidArgument(f"codebook {c.codebook!r} head {c.head}: more forced codes than its k")
-        spec = SteeringSpec(tuple(features), tuple(directions), tuple(codes), self.readouts(readouts))
+        spec = SteeringSpec(tuple(features), tuple(directions), tuple(codes), self.readouts(readouts),
+                            guards=tuple(self.gate(g, f"guards[{i}]") for i, g in enumerate(guards)))
         saes = self.artifacts.saes
         return dataclasses.replace(spec, generations=tuple(sorted((i, saes[i].generation) for i in spec.sae_ids())))
 

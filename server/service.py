@@ -11,12 +11,12 @@ from contextlib import aclosing
 
 from rudder.core import code_search
 from rudder.core.errors import (
+    AtCapacity,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ReadoutMissing,
-    ResourceExhausted,
     Unavailable,
 )
 from rudder.core.sites import all_sites
@@ -28,7 +28,7 @@ from rudder.server.requests import Limits, RequestParser
 from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
 
-_STOP = {"length": pb.LENGTH, "eos": pb.EOS, "stop": pb.STOP_STRING}
+_STOP = {"length": pb.LENGTH, "eos": pb.EOS, "stop": pb.STOP_STRING, "guard": pb.GUARD}
 _DONE = object()
 
 
@@ -144,12 +144,12 @@ class SteeringService(pb_grpc.SteeringServicer):
         if self.dead:
             raise Unavailable(self.dead)
         if self.in_flight >= self.max_concurrent:
-            raise ResourceExhausted(
+            raise AtCapacity(
                 f"the server is at its limit of {self.max_concurrent} concurrent requests; retry with backoff"
             )
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        steering = self.parser.steering(request.interventions, request.readouts)
+        steering = self.parser.steering(request.interventions, request.readouts, request.guards)
         sampling = self.parser.sampling(request.sampling)
         ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)  # off the event loop
         self._admit()
@@ -160,7 +160,7 @@ class SteeringService(pb_grpc.SteeringServicer):
         self._count_admitted(steering, len(ids) * (2 if request.include_baseline else 1))
         streams = [(False, self.engine.generate(EngineRequest(ids, sampling, steering)))]
         if request.include_baseline:
-            baseline = SteeringSpec(readouts=steering.readouts, generations=steering.generations)
+            baseline = SteeringSpec(readouts=steering.readouts, generations=steering.generations)  # no guards
             streams.append((True, self.engine.generate(EngineRequest(ids, sampling, baseline))))
         call = self._enter(steering)
         m = self.metrics
@@ -176,7 +176,10 @@ class SteeringService(pb_grpc.SteeringServicer):
                                               readouts=[readout_to_pb(r) for r in ev.readouts])
                     if ev.queue_s is not None:
                         m.request_queue_time.observe(ev.queue_s)
-                    if not ev.is_prompt:
+                    if ev.guard is not None:
+                        msg.guard.CopyFrom(pb.GuardHit(index=ev.guard.index, position=ev.guard.position,
+                                                       value=ev.guard.value))
+                    elif not ev.is_prompt:
                         generated[is_baseline] += 1
                         now = time.monotonic()
                         if is_baseline in last:

@@ -51,6 +51,15 @@ class TokenReadout:
     codes: list[list[int]] | None = None  # per head, best first
 
 
+@dataclass(frozen=True)
+class GuardHit:
+    """A guard that fired: which of the request's guards, where, and the feature's value there."""
+
+    index: int
+    position: int
+    value: float
+
+
 @dataclass
 class TokenEvent:
     token_id: int
@@ -59,7 +68,8 @@ class TokenEvent:
     logprob: float = 0.0
     is_prompt: bool = False
     readouts: list[TokenReadout] = field(default_factory=list)
-    finish: str | None = None  # "length" | "eos" | "stop" on the last event
+    finish: str | None = None  # "length" | "eos" | "stop" | "guard" on the last event
+    guard: GuardHit | None = None  # with finish "guard" (the event withholds its token: token_id -1)
     queue_s: float | None = None  # on the first event, where the engine knows it: time queued before running
 
 

@@ -29,7 +29,7 @@ from rudder.core.steering import StepTables, build_tables
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, Sampling, TokenEvent
 from rudder.server.backends.sequence import Sequence, eos_ids
-from rudder.server.backends.step import Span, StepRecorder, broken_steering, row_index
+from rudder.server.backends.step import GateState, Span, StepRecorder, broken_steering, row_index
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ class _Row:
     seq: Sequence
     generator: torch.Generator | None
     last_token: int = 0
+    gates: GateState | None = None  # its conditions and guards, where it has any
+
+
+def _table_specs(specs: list, gates: list[GateState | None]) -> list:
+    """What each slot's tables are built from: its spec, with the edits whose gates opened resolved."""
+    return [g.spec if g is not None else s for s, g in zip(specs, gates)]
 
 
 def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tuple[int, float]:
@@ -217,12 +223,13 @@ class ReferenceEngine(HfTokenizing):
                 self._step = None
 
     def _forward(self, step: StepRecorder, **inputs) -> tuple[Tensor, dict, set[int]]:
-        """Logits of each row's last position `(B, V)`, the step's readouts by token row, and the slots
-        whose steering overflowed."""
+        """Logits of each row's last position `(B, V)`, the step's readouts by token row (and, for
+        gates, `step.gate_values(row)`), and the slots whose steering overflowed."""
         self._step = step
         logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         if self.on_hook_step is not None and not (step.tables.empty and not self._step_artifacts):
             self.on_hook_step(step.hook_s)
+        self._routed_step = step
         return logits, {row: readouts for row, (_, _, readouts) in step.routed().items()}, step.broken_slots()
 
     def _tables(self, specs: list, prompt_lens: list[int]) -> StepTables:
@@ -238,7 +245,8 @@ class ReferenceEngine(HfTokenizing):
         reqs = [h.request for h in wave]
         prompt_lens = [len(r.prompt_ids) for r in reqs]
         specs = [r.steering for r in reqs]
-        tables = self._tables(specs, prompt_lens)
+        gates = [GateState(s, p) if GateState.needed(s) else None for s, p in zip(specs, prompt_lens)]
+        tables = self._tables(_table_specs(specs, gates), prompt_lens)
 
         # Prefill, left-padded: row b*L + t is token t - (L - P_b) of request b.
         b_size, length = len(reqs), max(prompt_lens)
@@ -263,28 +271,36 @@ class ReferenceEngine(HfTokenizing):
                 h.push(broken_steering(prompt_lens[b] - 1))
                 states.append(None)
                 continue
+            guarded = None
             if seq.reads_prompt:
                 first = b * length + length - prompt_lens[b]
                 for t in range(prompt_lens[b]):
                     h.push(seq.prompt_event(t, readouts.get(first + t, [])))
-            if r.trace:
+                    if gates[b] is not None and t < prompt_lens[b] - 1 and not r.trace:  # the last: in _emit
+                        guarded = gates[b].observe(t, step.gate_values(first + t))
+                        if guarded:
+                            h.push(seq.guarded(guarded, readouts.get(first + t, [])))
+                            break
+            if r.trace or guarded:
                 h.push(_END)
                 states.append(None)
                 continue
             gen = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
-            states.append(_Row(h, b if specs[b].active else -1, seq, gen))
+            states.append(_Row(h, b if specs[b].active else -1, seq, gen, gates=gates[b]))
         alive = self._emit(states, logits, readouts, [b * length + length - 1 for b in range(b_size)], broken)
-        self._decode(states, alive, cache, mask, tables, specs, prompt_lens)
+        self._decode(states, alive, cache, mask, tables, specs, prompt_lens, gates)
 
     def _decode(self, states: list[_Row | None], alive: list[bool], cache: DynamicCache, mask: Tensor,
-                tables: StepTables, specs: list, prompt_lens: list[int]) -> None:
+                tables: StepTables, specs: list, prompt_lens: list[int], gates: list[GateState | None]) -> None:
         """Decode one token per live request per step; cache row i belongs to states[i]."""
+        opened = [g.version if g else 0 for g in gates]
         while True:
             keep = [i for i, ok in enumerate(alive) if ok]
             if not keep:
                 return
-            if self._attached is not self._tables_for:  # an SAE was loaded or unloaded mid-wave
-                tables = self._tables(specs, prompt_lens)
+            now = [g.version if g else 0 for g in gates]
+            if self._attached is not self._tables_for or now != opened:  # an SAE (un)loaded, or a gate opened
+                tables, opened = self._tables(_table_specs(specs, gates), prompt_lens), now
             if len(keep) < len(states):
                 cache.batch_select_indices(torch.tensor(keep, device=self.device))
                 mask, states = mask[keep], [states[i] for i in keep]
@@ -309,6 +325,13 @@ class ReferenceEngine(HfTokenizing):
             if s is None or s.handle.cancelled:
                 alive.append(False)
                 continue
+            if s.gates is not None and s.slot not in broken:  # decided after the step, before sampling
+                hit = s.gates.observe(s.seq.prompt_len + s.seq.generated - 1, self._routed_step.gate_values(row))
+                if hit:
+                    s.handle.push(s.seq.guarded(hit, readouts.get(row, [])))
+                    s.handle.push(_END)
+                    alive.append(False)
+                    continue
             try:
                 if s.slot in broken:
                     raise broken_steering(s.seq.prompt_len + s.seq.generated - 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, GenerationConfig
 
-from rudder.server.backends.base import EngineRequest, TokenEvent, TokenReadout
+from rudder.server.backends.base import EngineRequest, GuardHit, TokenEvent, TokenReadout
 from rudder.server.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,14 @@ class Sequence:
     def prompt_event(self, t: int, readouts: list[TokenReadout]) -> TokenEvent:
         token = self.request.prompt_ids[t]
         return TokenEvent(token, t, self._tokenizer.decode([token]), is_prompt=True, readouts=readouts)
+
+    def guarded(self, hit: GuardHit, readouts: list[TokenReadout]) -> TokenEvent:
+        """The last event of a sequence a guard stopped: the token the guarded position chose is
+        withheld (id -1, no text), the readouts are the guarded position's."""
+        if self.finish is not None:
+            raise RuntimeError(f"a guard after the sequence finished ({self.finish})")
+        self.finish = "guard"
+        return TokenEvent(-1, self.prompt_len + self.generated, "", readouts=readouts, finish="guard", guard=hit)
 
     def token(self, token_id: int, logprob: float, readouts: list[TokenReadout],
               engine_finish: str | None = None) -> TokenEvent:

@@ -18,6 +18,7 @@ from torch import Tensor
 from rudder.core.errors import InvalidArgument
 from rudder.core.steering import (
     CodeReadout,
+    Gate,
     Readout,
     RowIndex,
     SaeReadout,
@@ -26,7 +27,7 @@ from rudder.core.steering import (
     StepTables,
     steer_site,
 )
-from rudder.server.backends.base import TokenReadout
+from rudder.server.backends.base import GuardHit, TokenReadout
 
 
 def broken_steering(position: int) -> InvalidArgument:
@@ -68,10 +69,41 @@ class Span:
             return range(0)
         if self.spec.readouts.include_prompt:  # a trace sets it, readouts asked for or not: a row per prompt token
             return range(self.start, self.end)
-        if self.spec.readouts.empty:
+        if self.spec.readouts.empty and not self.spec.gates():
             return range(0)
         row = self.sampled_row()
         return range(0) if row is None else range(row, row + 1)
+
+
+class GateState:
+    """One request's conditions and guards, decided on the host after each step from the step's
+    readouts, the same way on every backend (no synchronisation inside the forward pass):
+    `observe` each read row in position order, then build the next step's tables from `spec`."""
+
+    def __init__(self, spec: SteeringSpec, prompt_len: int):
+        self.base, self.prompt_len = spec, prompt_len
+        self.spec = spec  # the edits whose gates opened made unconditional
+        self.opened: dict[Gate, int] = {}
+        self.version = 0  # bumps when a gate opens: the tables are built again
+
+    @staticmethod
+    def needed(spec: SteeringSpec | None) -> bool:
+        return spec is not None and bool(spec.gates())
+
+    def observe(self, position: int, values: dict[tuple[str, int], float]) -> GuardHit | None:
+        """The readout values of the request's row at `position`: open the gates that read above their
+        thresholds there; the first guard that does, if any."""
+        newly = {g: position for g in self.spec.gates()
+                 if g not in self.opened and values.get((g.sae, g.feature), float("-inf")) > g.above}
+        for i, g in enumerate(self.base.guards):
+            v = values.get((g.sae, g.feature))
+            if v is not None and v > g.above:
+                return GuardHit(i, position, v)
+        if newly:
+            self.opened.update(newly)
+            self.spec = self.base.opened(self.opened, self.prompt_len)
+            self.version += 1
+        return None
 
 
 def row_index(positions: Tensor, spans: list[Span], device: torch.device | str) -> RowIndex:
@@ -106,6 +138,15 @@ class ReadoutRouter:
                 self.by_row.setdefault(row, []).append((n, i))
         self._readouts = readouts
 
+    def gate_values(self, row: int) -> dict[tuple[str, int], float]:
+        """(SAE, feature) -> value of every feature read as selected at `row` (gates' features among them)."""
+        out = {}
+        for n, i in self.by_row.get(row, ()):
+            r, h = self._readouts[n], self._host[n]
+            if isinstance(r, SaeReadout):
+                out.update(((r.source, f), v) for f, v in zip(h["selected_ids"], h["selected_values"][i]))
+        return out
+
     def for_row(self, row: int, spec: SteeringSpec) -> list[TokenReadout]:
         out = []
         wanted = spec.readouts
@@ -138,6 +179,11 @@ class StepRecorder:
     """(N,) bool: rows the steering made non-finite at some site (they went on unsteered there)"""
     pending: dict[str, Tensor] = field(default_factory=dict)
     """transcoders' edits on their way from the site they read to the site they write (this pass)"""
+    router: ReadoutRouter | None = None
+    """set by `routed`"""
+
+    def gate_values(self, row: int) -> dict[tuple[str, int], float]:
+        return {} if self.router is None else self.router.gate_values(row)
 
     def steer(self, site: str, x: Tensor, artifacts: SiteArtifacts | None) -> Tensor:
         """Steer the activation `x (..., d)` at `site`; a tensor of the same shape comes back.
@@ -165,10 +211,11 @@ class StepRecorder:
         return {s for s in slots if s >= 0}
 
     def routed(self) -> dict[int, tuple[int, int, list[TokenReadout]]]:
-        """By token row: its slot, its position and its readouts, cut to what its request asked for."""
+        """By token row: its slot, its position and its readouts, cut to what its request asked for
+        (`router.gate_values(row)` has every selected feature's value, gates' included)."""
         if not self.readouts:
             return {}
-        router = ReadoutRouter(self.readouts)
+        router = self.router = ReadoutRouter(self.readouts)
         slots, positions = self.rows.slot.tolist(), self.rows.position.tolist()  # one copy to the host each
         return {row: (slots[row], positions[row], router.for_row(row, self.specs[slots[row]]))
                 for row in sorted(router.by_row)}

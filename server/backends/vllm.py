@@ -43,7 +43,7 @@ from rudder.core.hf_sites import ModelShape, family_error
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.artifacts import Artifacts, has_codebooks
-from rudder.server.backends.base import EngineRequest, HfTokenizing, TokenEvent, TokenReadout
+from rudder.server.backends.base import EngineRequest, GuardHit, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.backends.step import broken_steering
 from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, VLLM_VERSION
@@ -73,6 +73,7 @@ class _Rows:
 
     def __init__(self):
         self.by_position: dict[int, tuple[list[TokenReadout], bool]] = {}
+        self.hits: dict[int, GuardHit] = {}  # a guard that fired, by the position it read above at
         self.arrived = asyncio.Event()
         self.error: Exception | None = None
 
@@ -286,7 +287,7 @@ class VllmEngine(HfTokenizing):
             self.on_hook_step(hook_s)
         touched = set()
         try:
-            for req_id, position, readouts, broken in rows:
+            for req_id, position, readouts, broken, hit in rows:
                 external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
                 box = self._rows.get(external)
                 if box is not None:
@@ -294,6 +295,8 @@ class VllmEngine(HfTokenizing):
                         self.recomputed_rows += 1
                     else:
                         box.by_position[position] = (readouts, broken)
+                        if hit is not None:
+                            box.hits[position] = hit
                     touched.add(box)
         finally:  # rows stored before a bad one still reach their requests
             for box in touched:
@@ -381,16 +384,24 @@ class VllmEngine(HfTokenizing):
                     queue_s = _queue_seconds(out)
                     if seq.reads_prompt:
                         for t in range(seq.prompt_len):
-                            event = seq.prompt_event(t, await box.get(t) if box else [])
+                            readouts = await box.get(t) if box else []
+                            event = seq.prompt_event(t, readouts)
                             event.queue_s, queue_s = queue_s, None
                             yield event
+                            if box and t in box.hits and t < seq.prompt_len - 1 and not request.trace:
+                                yield seq.guarded(box.hits[t], readouts)  # the last: with the first token
+                                return
                     if request.trace:
                         return
                 completion = out.outputs[0]
                 last = len(completion.token_ids) - 1
                 for j, token in enumerate(completion.token_ids):
                     logprob = completion.logprobs[j][token].logprob if completion.logprobs else 0.0
-                    readouts = await box.get(seq.prompt_len + seq.generated - 1) if box else []
+                    at = seq.prompt_len + seq.generated - 1
+                    readouts = await box.get(at) if box else []
+                    if box and at in box.hits:  # a guard fired where this token was chosen: withhold it
+                        yield seq.guarded(box.hits[at], readouts)
+                        return
                     engine_finish = _FINISH.get(completion.finish_reason) if j == last else None
                     event = seq.token(token, logprob, readouts, engine_finish)
                     event.queue_s, queue_s = queue_s, None

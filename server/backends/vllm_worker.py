@@ -35,7 +35,7 @@ from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
 from rudder.server.artifacts import Artifacts
-from rudder.server.backends.step import Span, StepRecorder, row_index
+from rudder.server.backends.step import GateState, Span, StepRecorder, row_index
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,7 @@ class _Steerer:
         self.sends_readouts = sends_readouts
         self.socket = None
         self._specs: dict[str, SteeringSpec | None] = {}
+        self._gates: dict[str, GateState] = {}  # requests with conditions or guards
         self._broken: set[str] = set()  # requests whose steering overflowed (sticky: reported on every row)
         self.step_spans: list[Span] = []
         self._table_key = None
@@ -275,17 +276,22 @@ class _Steerer:
         if len(self._specs) > len(known):  # some have finished: forget them (every cached one is known)
             for stale in [r for r in self._specs if r not in known]:
                 del self._specs[stale]
+                self._gates.pop(stale, None)
             self._broken &= set(self._specs)
         used = [(i, r, s) for i, r in enumerate(req_ids) if (s := self._spec(r)) is not None]
         if not used and not self.always_on:
             return
-        key = tuple(r for _, r, _ in used)
+        for i, r, s in used:
+            if r not in self._gates and GateState.needed(s):
+                self._gates[r] = GateState(s, int(batch.num_prompt_tokens[i]))
+        key = tuple((r, self._gates[r].version if r in self._gates else 0) for _, r, _ in used)
         if not used:
             self._tables, self._table_key = StepTables(), key
-        elif key != self._table_key:
+        elif key != self._table_key:  # another batch, or a gate opened
             prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
-            self._tables = build_tables([s for _, _, s in used], prompt_lens, self.device,
-                                        self.artifacts.sae_modules(), self.artifacts.generations())
+            self._tables = build_tables([self._gates[r].spec if r in self._gates else s for _, r, s in used],
+                                        prompt_lens, self.device, self.artifacts.sae_modules(),
+                                        self.artifacts.generations())
             self._table_key = key
         spans = [Span(slot, qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
                       int(batch.num_prompt_tokens[i]), spec)
@@ -301,14 +307,25 @@ class _Steerer:
         step, self.step = self.step, None
         if step is None:
             return
-        if self.socket is None:  # another tensor-parallel rank: the first reports
-            return
         ids = self.step_req_ids
-        self._broken |= {ids[slot] for slot in step.broken_slots()}
+        gated = [span for span in self.step_spans if ids[span.slot] in self._gates]
+        if self.socket is None and not gated:  # another tensor-parallel rank: the first reports
+            return
         routed = step.routed()
         positions = step.rows.position.tolist()  # one copy to the host per step
+        hits = {}
+        for span in gated:  # every rank decides its gates alike, so that their tables agree
+            gates = self._gates[ids[span.slot]]
+            for row in span.reported_rows():
+                if hit := gates.observe(positions[row], step.gate_values(row)):
+                    hits[row] = hit
+                    break
+        if self.socket is None:
+            return
+        self._broken |= {ids[slot] for slot in step.broken_slots()}
         rows = [(ids[span.slot], positions[row], routed[row][2] if row in routed else [],
-                 ids[span.slot] in self._broken) for span in self.step_spans for row in span.reported_rows()]
+                 ids[span.slot] in self._broken, hits.get(row)) for span in self.step_spans
+                for row in span.reported_rows()]
         self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
 
 

@@ -170,3 +170,26 @@ def test_a_denormal_temperature_samples_greedily_instead_of_failing(client):
     greedy = [t.id for t in client.generate("The capital", max_tokens=4, ignore_eos=True)]
     tiny = [t.id for t in client.generate("The capital", max_tokens=4, ignore_eos=True, temperature=1.4013e-45)]
     assert tiny == greedy
+
+
+def test_a_guard_stops_the_stream_where_its_feature_fires_and_a_condition_waits_for_it(client):
+    """A one-position clamp makes feature 3 read 30 at position `at`: a guard on it stops the
+    stream there (stop reason guard, the token chosen at `at` withheld); a clamp waiting for it
+    changes nothing before and acts after."""
+    prompt = "The capital of France"
+    at = len([t for t in client.trace(prompt) if t.is_prompt]) + 2
+    opens = rc.clamp("s", 3, 30.0, scope=rc.scope("range", at, at + 1))
+    plain = list(client.generate(prompt, max_tokens=8, ignore_eos=True, interventions=[opens]))
+    guarded = list(client.generate(prompt, max_tokens=8, ignore_eos=True, interventions=[opens],
+                                   guards=[rc.guard("s", 3, 20.0)]))
+    assert [t.id for t in guarded[:-1]] == [t.id for t in plain[:3]]
+    last = guarded[-1]
+    assert last.stop_reason == "guard" and last.id == -1 and last.text == ""
+    assert last.guard[:2] == (0, at) and last.guard[2] == pytest.approx(30.0)
+    assert last.completion_tokens == 3
+    waited = list(client.generate(prompt, max_tokens=8, ignore_eos=True,
+                                  interventions=[opens, rc.when(rc.clamp("s", 9, 60.0), "s", 3, 20.0)]))
+    assert [t.id for t in waited[:4]] == [t.id for t in plain[:4]]
+    assert [t.id for t in waited[4:]] != [t.id for t in plain[4:]]
+    with pytest.raises(rc.InvalidArgument, match="guards\\[0\\].*feature 99999"):
+        list(client.generate(prompt, max_tokens=2, guards=[rc.guard("s", 99999, 1.0)]))

@@ -105,3 +105,18 @@ def test_a_stream_refused_before_its_first_token_gets_a_status_not_a_stream(serv
     with pytest.raises(urllib.error.HTTPError) as e:  # refused before the first token: a status, not a stream
         urllib.request.urlopen(req)
     assert e.value.code == 400 and "99999" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_a_guard_in_the_body_ends_the_choice_as_a_content_filter(server, door):
+    prompt = "The capital of France"
+    with rc.Client(server.address, timeout=60, token=TOKEN) as c:
+        at = len(c.trace(prompt)) + 1  # the second generated position
+    opens = {"feature": {"sae": "s", "feature": 3, "clamp": 30.0}, "scope": {"kind": "RANGE", "start": at,
+                                                                            "end": at + 1}}
+    out = door.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True, "rudder": {
+                                      "interventions": [opens], "guards": [{"sae": "s", "feature": 3, "above": 20}]}})
+    choice = out.choices[0]
+    assert choice.finish_reason == "content_filter" and out.usage.completion_tokens == 2
+    guard = choice.model_extra["rudder"]["tokens"][-1]["guard"]
+    assert guard["position"] == at and guard["value"] == pytest.approx(30.0)

@@ -18,7 +18,17 @@ import torch
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
 from rudder.core.errors import ArtifactError
 from rudder.core.hf_sites import VLLM_FAMILIES
-from rudder.core.steering import CodeEdit, DirectionEdit, FeatureEdit, Op, ReadoutSpec, Scope, SteeringSpec
+from rudder.core.steering import (
+    CodeEdit,
+    DirectionEdit,
+    FeatureEdit,
+    Gate,
+    Op,
+    ReadoutSpec,
+    Scope,
+    SteeringSpec,
+    When,
+)
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
 from tests.server.engines import collect, tokens
@@ -207,6 +217,38 @@ def test_a_multi_turn_follow_up_under_a_generated_scope_matches_the_reference(lo
     assert tokens(got) == tokens(want)
     assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-3)
     assert_same_readouts(got, want)
+
+
+def gated_requests(engine) -> list[EngineRequest]:
+    """Feature 3 of r1 made to cross 20 at a known position by a one-position clamp: a guard on it,
+    a clamp of feature 9 waiting for it, and the opening clamp alone (the run to compare with)."""
+    ids = engine.tokenize(PROMPTS[0])
+    at = len(ids) + 2  # the third generated position
+    opens = FeatureEdit("r1", 3, Op.CLAMP, 30.0, Scope("range", at, at + 1))
+    gate = Gate("r1", 3, 20.0)
+    waits = FeatureEdit("r1", 9, Op.CLAMP, 60.0, when=When(gate, tokens=4))
+    sampling = Sampling(max_tokens=10, ignore_eos=True)
+    return [EngineRequest(ids, sampling, SteeringSpec(features=(opens,), guards=(gate,))),
+            EngineRequest(ids, sampling, SteeringSpec(features=(opens, waits))),
+            EngineRequest(ids, sampling, SteeringSpec(features=(opens,)))]
+
+
+def test_guards_and_conditions_act_where_the_gate_fires_as_on_the_reference(loop, models, vllm_coded):
+    requests = gated_requests(vllm_coded)
+    at = len(requests[0].prompt_ids) + 2
+    got = loop.run(collect(vllm_coded, requests))
+    want = asyncio.run(collect(ReferenceEngine(models["coded"], models["saes"]), requests))
+    for g, w in zip(got, want):
+        assert [(e.token_id, e.finish, e.guard) for e in g] == [(e.token_id, e.finish, e.guard) for e in w]
+    guarded, waited, opened = got
+    # the guard: the tokens chosen before position `at`, then the stop, the token chosen at `at` withheld
+    assert tokens(guarded) == tokens(opened)[:3] + [-1]
+    last = guarded[-1]
+    assert last.finish == "guard" and last.guard.index == 0 and last.guard.position == at
+    assert last.guard.value == pytest.approx(30.0) and last.position == at + 1
+    # the condition: nothing changes up to the token chosen at `at`; what follows does
+    assert tokens(waited)[:4] == tokens(opened)[:4]
+    assert tokens(waited)[4:] != tokens(opened)[4:]
 
 
 def test_cancelling_a_stream_aborts_it_in_the_engine(loop, vllm_coded):

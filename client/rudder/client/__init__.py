@@ -11,10 +11,24 @@ from rudder.client.errors import (
                                   Unauthenticated,
                                   Unavailable,
 )
-from rudder.client.types import Readout, Token, ablate, activate_code, add, clamp, direction, readouts, scale, scope
+from rudder.client.types import (
+    Readout,
+    Token,
+    ablate,
+    activate_code,
+    add,
+    clamp,
+    direction,
+    gate,
+    guard,
+    readouts,
+    scale,
+    scope,
+    when,
+)
 
 __all__ = [
     "AsyncClient", "Client", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Readout",
     "ResourceExhausted", "RudderError", "Token", "Unauthenticated", "Unavailable", "ablate", "activate_code", "add",
-    "clamp", "direction", "readouts", "scale", "scope", "tls_credentials",
+    "clamp", "direction", "gate", "guard", "readouts", "scale", "scope", "tls_credentials", "when",
 ]

@@ -30,6 +30,17 @@ def _feature_arg(text: str, need_value: bool) -> tuple[str, int, float]:
     return m.group("sae"), int(m.group("feature")), float(m.group("value") or 0)
 
 
+_GATE = re.compile(r"^(?P<sae>[^:]+):(?P<feature>\d+)>(?P<above>[-+0-9.eE]+)(@(?P<tokens>\d+))?$")
+
+
+def _gate_arg(text: str) -> tuple[str, int, float, int | None]:
+    m = _GATE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected SAE:FEATURE>VALUE (with --when, [@TOKENS]), got {text!r}")
+    return m.group("sae"), int(m.group("feature")), float(m.group("above")), \
+        int(m.group("tokens")) if m.group("tokens") else None
+
+
 def _scope_arg(text: str):
     if text in ("all", "prompt", "generated"):
         return t.scope(text)
@@ -57,6 +68,9 @@ def interventions_from(args) -> list:
         if not m:
             raise SystemExit(f"--code expects CODEBOOK:HEAD:CODE[*STRENGTH], got {spec!r}")
         out.append(t.activate_code(m.group(1), int(m.group(3)), int(m.group(2)), float(m.group(5) or 1), scope=sc))
+    if getattr(args, "when", None):
+        sae, feature, above, tokens = args.when
+        out = [t.when(iv, sae, feature, above, tokens) for iv in out]
     return out
 
 
@@ -110,6 +124,11 @@ def add_client_commands(sub) -> None:
     g.add_argument("--include-prompt", action="store_true", help="also show the prompt tokens' readouts")
     g.add_argument("--baseline", action="store_true", help="also generate unsteered, side by side")
     g.add_argument("--json", action="store_true", help="one JSON object per token")
+    g.add_argument("--guard", action="append", default=[], type=_gate_arg, metavar="SAE:FEATURE>VALUE",
+                   help="stop as soon as the feature reads above VALUE (stop reason guard)")
+    g.add_argument("--when", type=_gate_arg, default=None, metavar="SAE:FEATURE>VALUE[@TOKENS]",
+                   help="the interventions wait until the feature reads above VALUE, then act on the "
+                        "tokens after it (for TOKENS tokens, if given)")
     add_steering_flags(g)
     g.set_defaults(func=cmd_generate)
 
@@ -160,9 +179,14 @@ def cmd_generate(args) -> int:
         steered, baseline = [], []
         for tok in c.generate(prompt, chat, max_tokens=args.max_tokens, temperature=args.temperature,
                               seed=args.seed, stop=args.stop, interventions=interventions_from(args),
-                              readouts=readouts_from(args), include_baseline=args.baseline):
+                              readouts=readouts_from(args), include_baseline=args.baseline,
+                              guards=[t.guard(sae, f, above) for sae, f, above, _ in args.guard]):
             (baseline if tok.baseline else steered).append(tok)
             _print_token(tok, args.json, show)
+            if tok.guard is not None and not args.json:
+                which, at, value = tok.guard
+                print(f"\n[stopped: guard {args.guard[which][0]}:{args.guard[which][1]} read {value:.2f} "
+                      f"at position {at}]", flush=True)
         if not args.json:
             print()
             if show:

@@ -27,8 +27,9 @@ def build_generate(prompt: str | None = None, chat: Chat | None = None, *, max_t
                    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                    seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                    interventions: Sequence[pb.Intervention] = (), readouts: pb.ReadoutRequest | None = None,
-                   include_baseline: bool = False) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(interventions=interventions, readouts=readouts, include_baseline=include_baseline)
+                   include_baseline: bool = False, guards: Sequence[pb.FeatureGate] = ()) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(interventions=interventions, readouts=readouts, include_baseline=include_baseline,
+                             guards=guards)
     _set_input(req, prompt, chat)
     s = req.sampling
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
@@ -65,7 +66,8 @@ def build_list_features(source: str, label: str = "", regex: str = "", limit: in
 
 def _token(msg: pb.GenerateResponse) -> Token:
     usage = msg.usage if msg.HasField("usage") else None
-    return Token.from_pb(msg.token, msg.readouts, msg.baseline, msg.stop_reason, usage)
+    return Token.from_pb(msg.token, msg.readouts, msg.baseline, msg.stop_reason, usage,
+                         msg.guard if msg.HasField("guard") else None)
 
 
 def _trace_tokens(resp: pb.TraceResponse) -> list[Token]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from rudder.v1 import steering_pb2 as pb
 
-_STOP_NAMES = {pb.LENGTH: "length", pb.EOS: "eos", pb.STOP_STRING: "stop"}
+_STOP_NAMES = {pb.LENGTH: "length", pb.EOS: "eos", pb.STOP_STRING: "stop", pb.GUARD: "guard"}
 
 
 @dataclass
@@ -36,19 +36,23 @@ class Token:
     is_prompt: bool = False
     baseline: bool = False
     readouts: list[Readout] = field(default_factory=list)
-    stop_reason: str | None = None  # on the last token of a sequence: length | eos | stop
+    stop_reason: str | None = None  # on the last token of a sequence: length | eos | stop | guard
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    guard: tuple[int, int, float] | None = None
+    """with stop_reason "guard": (which guard, the position it fired at, the feature's value); this
+    last message withholds the guarded token (id -1, no text)"""
 
     @classmethod
     def from_pb(cls, token: pb.Token, readouts, baseline: bool = False, stop_reason: int = 0,
-                usage: pb.Usage | None = None) -> Token:
+                usage: pb.Usage | None = None, guard: pb.GuardHit | None = None) -> Token:
         return cls(
             id=token.id, text=token.text, logprob=token.logprob, position=token.position,
             is_prompt=token.is_prompt, baseline=baseline, readouts=[Readout.from_pb(r) for r in readouts],
             stop_reason=_STOP_NAMES.get(stop_reason),
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            guard=(guard.index, guard.position, guard.value) if guard is not None else None,
         )
 
     def readout(self, source: str) -> Readout | None:
@@ -103,6 +107,28 @@ def activate_code(codebook: str, code: int, head: int = 0, strength: float = 1.0
                   scope: pb.Scope | None = None) -> pb.Intervention:
     return pb.Intervention(scope=scope, code=pb.CodeIntervention(codebook=codebook, head=head, code=code,
                                                                  strength=strength))
+
+
+def gate(sae: str, feature: int, above: float) -> pb.FeatureGate:
+    """Feature `feature` of SAE `sae` read above `above` (for `when` and `guards`)."""
+    return pb.FeatureGate(sae=sae, feature=feature, above=above)
+
+
+def when(intervention: pb.Intervention, sae: str, feature: int, above: float,
+         tokens: int | None = None) -> pb.Intervention:
+    """`intervention`, waiting for feature `feature` of `sae` to read above `above`: it then acts on the
+    generated tokens after the one where it first did (for `tokens` tokens, if given)."""
+    out = pb.Intervention()
+    out.CopyFrom(intervention)
+    out.when.gate.CopyFrom(gate(sae, feature, above))
+    if tokens is not None:
+        out.when.tokens = tokens
+    return out
+
+
+def guard(sae: str, feature: int, above: float) -> pb.FeatureGate:
+    """Stop the generation (stop reason "guard") as soon as feature `feature` of `sae` reads above `above`."""
+    return gate(sae, feature, above)
 
 
 def readouts(saes: Sequence[str] = (), codebooks: Sequence[str] = (), top_k: int = 0,

@@ -13,10 +13,12 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LENGTH: _ClassVar[StopReason]
     EOS: _ClassVar[StopReason]
     STOP_STRING: _ClassVar[StopReason]
+    GUARD: _ClassVar[StopReason]
 STOP_REASON_UNSPECIFIED: StopReason
 LENGTH: StopReason
 EOS: StopReason
 STOP_STRING: StopReason
+GUARD: StopReason
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -121,16 +123,36 @@ class CodeIntervention(_message.Message):
     def __init__(self, codebook: _Optional[str] = ..., head: _Optional[int] = ..., code: _Optional[int] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class Intervention(_message.Message):
-    __slots__ = ("scope", "feature", "direction", "code")
+    __slots__ = ("scope", "feature", "direction", "code", "when")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
     scope: Scope
     feature: FeatureIntervention
     direction: DirectionIntervention
     code: CodeIntervention
-    def __init__(self, scope: _Optional[_Union[Scope, _Mapping]] = ..., feature: _Optional[_Union[FeatureIntervention, _Mapping]] = ..., direction: _Optional[_Union[DirectionIntervention, _Mapping]] = ..., code: _Optional[_Union[CodeIntervention, _Mapping]] = ...) -> None: ...
+    when: Condition
+    def __init__(self, scope: _Optional[_Union[Scope, _Mapping]] = ..., feature: _Optional[_Union[FeatureIntervention, _Mapping]] = ..., direction: _Optional[_Union[DirectionIntervention, _Mapping]] = ..., code: _Optional[_Union[CodeIntervention, _Mapping]] = ..., when: _Optional[_Union[Condition, _Mapping]] = ...) -> None: ...
+
+class FeatureGate(_message.Message):
+    __slots__ = ("sae", "feature", "above")
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    ABOVE_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    feature: int
+    above: float
+    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., above: _Optional[float] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("gate", "tokens")
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    gate: FeatureGate
+    tokens: int
+    def __init__(self, gate: _Optional[_Union[FeatureGate, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class ReadoutRequest(_message.Message):
     __slots__ = ("saes", "codebooks", "top_k", "feature_ids", "include_prompt")
@@ -147,20 +169,22 @@ class ReadoutRequest(_message.Message):
     def __init__(self, saes: _Optional[_Iterable[str]] = ..., codebooks: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., feature_ids: _Optional[_Iterable[int]] = ..., include_prompt: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "sampling", "interventions", "readouts", "include_baseline")
+    __slots__ = ("prompt", "chat", "sampling", "interventions", "readouts", "include_baseline", "guards")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
     READOUTS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    GUARDS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: ChatMessages
     sampling: SamplingParams
     interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
     readouts: ReadoutRequest
     include_baseline: bool
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., readouts: _Optional[_Union[ReadoutRequest, _Mapping]] = ..., include_baseline: _Optional[bool] = ...) -> None: ...
+    guards: _containers.RepeatedCompositeFieldContainer[FeatureGate]
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., readouts: _Optional[_Union[ReadoutRequest, _Mapping]] = ..., include_baseline: _Optional[bool] = ..., guards: _Optional[_Iterable[_Union[FeatureGate, _Mapping]]] = ...) -> None: ...
 
 class ChatMessages(_message.Message):
     __slots__ = ("messages",)
@@ -230,19 +254,31 @@ class Usage(_message.Message):
     completion_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
+class GuardHit(_message.Message):
+    __slots__ = ("index", "position", "value")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    position: int
+    value: float
+    def __init__(self, index: _Optional[int] = ..., position: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "readouts", "baseline", "stop_reason", "usage")
+    __slots__ = ("token", "readouts", "baseline", "stop_reason", "usage", "guard")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     READOUTS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     token: Token
     readouts: _containers.RepeatedCompositeFieldContainer[Readout]
     baseline: bool
     stop_reason: StopReason
     usage: Usage
-    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., readouts: _Optional[_Iterable[_Union[Readout, _Mapping]]] = ..., baseline: _Optional[bool] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    guard: GuardHit
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., readouts: _Optional[_Iterable[_Union[Readout, _Mapping]]] = ..., baseline: _Optional[bool] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., guard: _Optional[_Union[GuardHit, _Mapping]] = ...) -> None: ...
 
 class TracedToken(_message.Message):
     __slots__ = ("token", "readouts")
