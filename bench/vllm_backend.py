@@ -17,6 +17,9 @@ of PAUSE_S so the engine measured before has gone idle); each gets both cores wh
   steered (TopK)             the same clamp on the default TopK SAE, whose feature values depend
                              on each other, so every steered row encodes the whole dictionary
   steered + readout (TopK)   the same plus a top-16 readout
+  guard (ReLU)               every request carries a guard on a feature of the ReLU SAE (a
+                             threshold it never reaches): the cost of watching a feature
+  steered + guard (ReLU)     the ReLU clamp and that guard: against "steered (ReLU)"
 Both SAEs sit at blocks.15.hook_resid_post. `--reference` adds the reference backend (after
 vLLM has stopped, 2 torch threads) for the same rows. Prints the best of `--rounds` per row,
 its spread (best minus worst) and the ratio to plain vLLM; writes bench/results/vllm_backend.json.
@@ -43,7 +46,7 @@ from reference_backend import run as tokens_per_second  # noqa: E402  (bench/ is
 
 from rudder.core.default_model import default_sae_dirs, ensure_default_model  # noqa: E402
 from rudder.core.sae import SAE, SAEConfig  # noqa: E402
-from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec  # noqa: E402
+from rudder.core.steering import FeatureEdit, Gate, Op, ReadoutSpec, SteeringSpec  # noqa: E402
 from rudder.server.backends.base import HfTokenizing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,12 +118,16 @@ def _mode(sae: str, readout: bool) -> SteeringSpec:
                         readouts=ReadoutSpec(saes=(sae,), top_k=16) if readout else ReadoutSpec())
 
 
+NEVER = Gate("relu", FEATURE + 1, 1e4)  # a guard that watches a feature and never fires
+
 MODES = {
     "plain": SteeringSpec(),
     "steered (ReLU)": _mode("relu", False),
     "steered + readout (ReLU)": _mode("relu", True),
     "steered (TopK)": _mode("topk", False),
     "steered + readout (TopK)": _mode("topk", True),
+    "guard (ReLU)": SteeringSpec(guards=(NEVER,)),
+    "steered + guard (ReLU)": SteeringSpec(features=_mode("relu", False).features, guards=(NEVER,)),
 }
 
 
@@ -185,7 +192,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['mode']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_plain_vllm']:13.3f}"
               + (f" {row['reference_tok_s']:10.1f}" if reference else ""))
-    print("targets: steered >= 0.98x plain vLLM, steered + readout >= 0.95x")
+    print("targets: steered >= 0.98x plain vLLM, steered + readout >= 0.95x, a guard <= 2% (steered + guard "
+          "against steered)")
     Path(args.out).write_text(json.dumps({
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "vllm_cores": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "dtype": "float32", "streams": args.streams,

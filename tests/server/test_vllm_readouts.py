@@ -21,7 +21,7 @@ def test_rows_before_a_bad_one_still_reach_their_requests():
         engine = bare_engine()
         box = engine._rows["a"] = vllm_front._Rows()
         with pytest.raises(ValueError):
-            engine._route(0.0, [("a-0", 5, [TokenReadout("s", top_ids=[1])], False), ("malformed",)])
+            engine._route(0.0, [("a-0", 5, [TokenReadout("s", top_ids=[1])], False, None), ("malformed",)])
         assert (await asyncio.wait_for(box.get(5), 1))[0].top_ids == [1]
     asyncio.run(go())
 
@@ -34,7 +34,18 @@ def test_a_missing_row_is_an_error_and_an_overflowed_row_ends_the_request(monkey
         box = engine._rows["a"] = vllm_front._Rows()
         with pytest.raises(ReadoutMissing, match="position 3"):
             await box.get(3)
-        engine._route(0.0, [("a-0", 4, [], True)])
+        engine._route(0.0, [("a-0", 4, [], True, None)])
         with pytest.raises(InvalidArgument, match="non-finite"):
             await box.get(4)
+    asyncio.run(go())
+
+
+def test_a_guard_hit_is_kept_by_the_position_it_fired_at():
+    from rudder.server.backends.base import GuardHit
+
+    async def go():
+        engine = bare_engine()
+        box = engine._rows["a"] = vllm_front._Rows()
+        engine._route(0.0, [("a-0", 6, [], False, GuardHit(0, 6, 31.0)), ("a-0", 7, [], False, None)])
+        assert await box.get(6) == [] and box.hits == {6: GuardHit(0, 6, 31.0)}
     asyncio.run(go())
