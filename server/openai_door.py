@@ -255,25 +255,16 @@ class OpenAIDoor:
             self._authorize(request)
             body = await self._body(request)
             req = to_request(body, chat, self.service.parser.limits.max_tokens)
-            stream = bool(body.get("stream"))
-            usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
             messages = self.service.Generate(req, None)
             first = await anext(messages, None)  # errors before the first token answer with a status
-        except Exception as e:  # noqa: BLE001 - every error is answered in OpenAI's shape
-            err = DoorError.of(e)
-            self._count(method, err.grpc_code)
-            return JSONResponse(err.body(), status_code=err.status)
-        except BaseException:
-            self._count(method, "CANCELLED")
-            raise
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.service.model_name}
-        if stream:
-            return StreamingResponse(self._sse(method, chat, meta, first, messages, usage_in_stream),
-                                     media_type="text/event-stream")
-        try:
+            meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                    "model": self.service.model_name}
+            if body.get("stream"):  # counted by _sse, when the stream ends
+                usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+                return StreamingResponse(self._sse(method, chat, meta, first, messages, usage_in_stream),
+                                         media_type="text/event-stream")
             out = await self._collect(chat, meta, first, messages)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - every error is answered in OpenAI's shape
             err = DoorError.of(e)
             self._count(method, err.grpc_code)
             return JSONResponse(err.body(), status_code=err.status)
