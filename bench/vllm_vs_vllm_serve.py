@@ -89,26 +89,29 @@ async def wait_http(port: int, proc: subprocess.Popen, timeout: float = 600) -> 
     raise TimeoutError("vllm serve did not come up")
 
 
-async def run_vllm_serve(port: int, model: str, streams: int, tokens: int) -> float:
+async def openai_chat_tok_s(port: int, model: str, streams: int, tokens: int, body_of, is_token) -> float:
+    """`streams` concurrent streaming chat completions through the `openai` client; tokens/s, a token
+    being a chunk `is_token(chunk)` accepts. `body_of(i)` is request i's extra_body."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
 
     async def one(i: int) -> int:
-        n = 0
-        stream = await client.chat.completions.create(
-            model=model, messages=messages(i), max_tokens=tokens, temperature=0, stream=True,
-            extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                n += 1  # one content delta per token (the first chunk carries only the role)
-        return n
+        stream = await client.chat.completions.create(model=model, messages=messages(i), max_tokens=tokens,
+                                                      temperature=0, stream=True, extra_body=body_of(i))
+        return sum([bool(is_token(chunk)) async for chunk in stream])
 
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one(i) for i in range(streams)))
     wall = time.perf_counter() - t0
     await client.close()
     return sum(counts) / wall
+
+
+async def run_vllm_serve(port: int, model: str, streams: int, tokens: int) -> float:
+    # one content delta per token (the first chunk carries only the role)
+    return await openai_chat_tok_s(port, model, streams, tokens, lambda i: {"ignore_eos": True},
+                                   lambda c: c.choices and c.choices[0].delta.content)
 
 
 async def wait_grpc(address: str, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -154,29 +157,19 @@ async def run_rudder(address: str, streams: int, tokens: int, mode: str, feature
 
 async def run_rudder_openai(port: int, streams: int, tokens: int, mode: str, features, max_act) -> float:
     from google.protobuf import json_format
-    from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-
-    async def one(i: int) -> int:
+    def body_of(i: int) -> dict:
         kw = steering(mode, i, features, max_act)
         body = {"ignore_eos": True}
         if kw:
             body["rudder"] = {"interventions": [json_format.MessageToDict(x) for x in kw["interventions"]]}
             if "readouts" in kw:
                 body["rudder"]["readouts"] = json_format.MessageToDict(kw["readouts"])
-        n = 0
-        stream = await client.chat.completions.create(model="default", messages=messages(i), max_tokens=tokens,
-                                                      temperature=0, stream=True, extra_body=body)
-        async for chunk in stream:
-            n += bool(chunk.choices and "rudder" in (chunk.choices[0].model_extra or {}))  # one per token
-        return n
+        return body
 
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(i) for i in range(streams)))
-    wall = time.perf_counter() - t0
-    await client.close()
-    return sum(counts) / wall
+    # one chunk per token carries `rudder` (the role chunk does not)
+    return await openai_chat_tok_s(port, "default", streams, tokens, body_of,
+                                   lambda c: c.choices and "rudder" in (c.choices[0].model_extra or {}))
 
 
 async def features_to_steer(address: str, n: int = 32) -> tuple[list[int], dict[int, float]]:

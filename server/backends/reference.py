@@ -224,12 +224,11 @@ class ReferenceEngine(HfTokenizing):
 
     def _forward(self, step: StepRecorder, **inputs) -> tuple[Tensor, dict, set[int]]:
         """Logits of each row's last position `(B, V)`, the step's readouts by token row (and, for
-        gates, `step.gate_values(row)`), and the slots whose steering overflowed."""
+        gates, `step.gate_values(row)` after this), and the slots whose steering overflowed."""
         self._step = step
         logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         if self.on_hook_step is not None and not (step.tables.empty and not self._step_artifacts):
             self.on_hook_step(step.hook_s)
-        self._routed_step = step
         return logits, {row: readouts for row, (_, _, readouts) in step.routed().items()}, step.broken_slots()
 
     def _tables(self, specs: list, prompt_lens: list[int]) -> StepTables:
@@ -287,7 +286,7 @@ class ReferenceEngine(HfTokenizing):
                 continue
             gen = torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
             states.append(_Row(h, b if specs[b].active else -1, seq, gen, gates=gates[b]))
-        alive = self._emit(states, logits, readouts, [b * length + length - 1 for b in range(b_size)], broken)
+        alive = self._emit(states, logits, step, readouts, [b * length + length - 1 for b in range(b_size)], broken)
         self._decode(states, alive, cache, mask, tables, specs, prompt_lens, gates)
 
     def _decode(self, states: list[_Row | None], alive: list[bool], cache: DynamicCache, mask: Tensor,
@@ -314,9 +313,9 @@ class ReferenceEngine(HfTokenizing):
             logits, readouts, broken = self._forward(step, input_ids=ids.to(self.device),
                                                      attention_mask=mask.to(self.device),
                                                      position_ids=positions.to(self.device), past_key_values=cache)
-            alive = self._emit(states, logits, readouts, list(range(n)), broken)
+            alive = self._emit(states, logits, step, readouts, list(range(n)), broken)
 
-    def _emit(self, states: list[_Row | None], logits: Tensor, readouts: dict, rows: list[int],
+    def _emit(self, states: list[_Row | None], logits: Tensor, step: StepRecorder, readouts: dict, rows: list[int],
               broken: set[int]) -> list[bool]:
         """Sample each live request's next token and stream it; return which requests go on. A request
         whose steering overflowed, or whose logits cannot be sampled, ends alone with its error."""
@@ -326,7 +325,7 @@ class ReferenceEngine(HfTokenizing):
                 alive.append(False)
                 continue
             if s.gates is not None and s.slot not in broken:  # decided after the step, before sampling
-                hit = s.gates.observe(s.seq.prompt_len + s.seq.generated - 1, self._routed_step.gate_values(row))
+                hit = s.gates.observe(s.seq.prompt_len + s.seq.generated - 1, step.gate_values(row))
                 if hit:
                     s.handle.push(s.seq.guarded(hit, readouts.get(row, [])))
                     s.handle.push(_END)
