@@ -458,31 +458,39 @@ def test_killing_the_vllm_engine_turns_health_off_fails_streams_and_exits(backen
 
     proc, address = serve_process(backend, model)
     try:
-        errors: list[str] = []
+        # Each stream generates request after request until one fails. The engine is frozen (SIGSTOP)
+        # before it is killed, so every stream's last request is in flight at the kill, however fast
+        # the tiny model is (killing while streams ran let all of them finish first on a loaded CI).
+        errors: list[tuple[str, int]] = []  # (outcome, requests that finished before it)
         started = threading.Semaphore(0)
 
         def one():
+            done = 0
             try:
                 with rc.Client(address, timeout=120) as c:
-                    stream = c.generate("The quick brown fox", max_tokens=240, ignore_eos=True,
-                                        interventions=[rc.clamp("s", 3, 5.0)])
-                    next(stream)
-                    started.release()
-                    time.sleep(2.0)  # reading slowly: the stream is still open when the engine dies
-                    list(stream)
-                errors.append("finished")
+                    while True:
+                        toks = 0
+                        for toks, _ in enumerate(c.generate("The quick brown fox", max_tokens=60, ignore_eos=True,
+                                                            interventions=[rc.clamp("s", 3, 5.0)]), 1):
+                            if done == 0 and toks == 1:
+                                started.release()
+                        assert toks == 60, f"a stream ended after {toks} of 60 tokens without a status"
+                        done += 1
             except rc.RudderError as e:
-                errors.append(type(e).__name__)
+                errors.append((type(e).__name__, done))
 
         streams = [threading.Thread(target=one) for _ in range(4)]
         for t in streams:
             t.start()
-        # kill as soon as one stream is generating: waiting for all four let a tiny model finish
-        # some streams' 240 tokens first (a flake seen on a loaded machine)
-        assert started.acquire(timeout=60)
+        for _ in streams:
+            assert started.acquire(timeout=60)
         core = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
                 or "EngineCore" in p.name()]
         assert core, [p.name() for p in psutil.Process(proc.pid).children(recursive=True)]
+        for p in core:
+            os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(1.0)  # every stream is now waiting on the frozen engine
+        assert all(t.is_alive() for t in streams)
         killed = time.monotonic()
         for p in core:
             os.kill(p.pid, signal.SIGKILL)
@@ -498,10 +506,11 @@ def test_killing_the_vllm_engine_turns_health_off_fails_streams_and_exits(backen
         for t in streams:
             t.join(timeout=60)
         print(f"\nengine killed: NOT_SERVING after {not_serving:.1f}s, exit code {code}, in-flight streams "
-              f"{collections.Counter(errors)}")
+              f"{collections.Counter(e for e, _ in errors)}, requests finished before {[n for _, n in errors]}")
         assert not_serving is not None and not_serving < 10
         assert code == ENGINE_DIED_EXIT
-        assert errors and all(e in ("Unavailable", "finished") for e in errors) and "Unavailable" in errors
+        assert not any(t.is_alive() for t in streams)
+        assert len(errors) == 4 and all(e == "Unavailable" for e, _ in errors), errors
     finally:
         if proc.poll() is None:
             proc.kill()
