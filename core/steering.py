@@ -167,6 +167,10 @@ class SteeringSpec:
 
     def gates(self) -> tuple[Gate, ...]:
         """The gates read at every step: those of edits still waiting for theirs, and the guards."""
+        return self._gates
+
+    @functools.cached_property
+    def _gates(self) -> tuple[Gate, ...]:  # asked at every step: worked out once per spec
         out = dict.fromkeys(e.when.gate for e in self.edits() if e.when is not None)
         out.update(dict.fromkeys(self.guards))
         return tuple(out)
@@ -272,10 +276,13 @@ class SaeTable(_OpTable):
     feature: Tensor  # (S, M) long
     op: Tensor  # (S, M) long
     value: Tensor  # (S, M)
-    reads: Tensor  # (S,) bool: slot reads this SAE out
+    reads: Tensor  # (S,) bool: slot reads this SAE out, or watches features of it for its gates
     top_k: int
     selected: Tensor  # (K,) feature ids read for every reading slot
     edits: bool = True  # some slot has an op (known on the host: no device sync to find out)
+    gates_only: Tensor | None = None
+    """(S,) bool: slot reads only its gates' features (no readout of this SAE): an elementwise SAE
+    encodes just the `selected` columns for it; None when no slot does (known on the host)"""
 
 
 @dataclass
@@ -345,7 +352,8 @@ def build_tables(
         per_slot = [[e for e in s.features if e.sae == sae_id and e.when is None] for s in specs]
         start, end, valid, w = _scope_columns(per_slot, prompt_lens, device)
         watched = {g.feature for gs in gates for g in gs if g.sae == sae_id}
-        reading = [sae_id in s.readouts.saes or any(g.sae == sae_id for g in gs) for s, gs in zip(specs, gates)]
+        gates_only = [sae_id not in s.readouts.saes and any(g.sae == sae_id for g in gs) for s, gs in zip(specs, gates)]
+        reading = [sae_id in s.readouts.saes or g for s, g in zip(specs, gates_only)]
         tables.saes[sae_id] = SaeTable(
             start=start, end=end, valid=valid,
             feature=torch.tensor(_pad([[e.feature for e in r] for r in per_slot], w, 0), device=device),
@@ -359,6 +367,7 @@ def build_tables(
                 dtype=torch.long, device=device,
             ),
             edits=any(per_slot),
+            gates_only=torch.tensor(gates_only, device=device) if any(gates_only) else None,
         )
 
     saes = saes or {}
@@ -525,6 +534,10 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     x itself by default (an SAE: x' comes back), or what a transcoder adds where it writes."""
     out = x if out is None else out
     read_mask = _reading(rows, table.reads)
+    if table.gates_only is not None and sae.elementwise:  # rows that only watch gates: their columns
+        watching = read_mask & _row_mask(rows, table.gates_only)
+        read_mask = read_mask & ~watching
+        _watch(sae_id, sae, x, table, rows, watching.nonzero().squeeze(-1), readouts)
     if table.edits and sae.elementwise:  # edits from the edited features' columns, on every row
         reading = read_mask.nonzero().squeeze(-1)
         x_read = x[reading]  # readouts are of f' = f(x) with the edits, not of f(x')
@@ -552,6 +565,26 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     if reading.any():
         _read(sae_id, table, sel[reading], f[reading], feat[reading], f1[reading], last[reading], readouts)
     return out
+
+
+def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, watching: Tensor,
+           readouts: list[Readout]) -> None:
+    """The gates' features (`table.selected`) at the token rows `watching` of an elementwise SAE, with
+    the edits written in, as `_read` gives them, from K + M encoder columns instead of the dictionary."""
+    if watching.numel() == 0:
+        return
+    xs = x[watching]
+    slot, act = table.active(rows, watching)
+    ids = table.selected.expand(xs.shape[0], -1)  # (R, K)
+    values = sae.encode_at(xs, ids)
+    if table.edits:
+        _, f1, last = _feature_edits(sae, xs, table, slot, act)
+        feat = table.feature[slot]
+        for m in range(feat.shape[1]):  # in column order: a feature edited twice is written once, last
+            hit = last[:, m, None] & (feat[:, m, None] == ids)
+            values = torch.where(hit, f1[:, m, None].to(values.dtype), values)
+    readouts.append(SaeReadout(source=sae_id, rows=watching, top_ids=ids[:, :0], top_values=values[:, :0],
+                               selected_ids=table.selected, selected_values=values))
 
 
 def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor, feat: Tensor, f1: Tensor, last: Tensor,

@@ -14,7 +14,9 @@ from rudder.core.steering import (
     CodeEdit,
     DirectionEdit,
     FeatureEdit,
+    Gate,
     Op,
+    ReadoutSpec,
     RowIndex,
     SiteArtifacts,
     SteeringSpec,
@@ -105,3 +107,36 @@ def test_padding_ops_would_show(artifacts):
     forced, _ = steer_site(SITE, x.clone(), arts, build_tables([pad_code], [4]), rows)
     plain, _ = steer_site(SITE, x.clone(), arts, build_tables([None], [4]), rows)
     assert not torch.allclose(forced, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("edits", [False, True])
+def test_a_slot_that_only_watches_gates_reads_what_a_full_readout_reads(artifacts, edits):
+    """A guard-only slot encodes just the watched columns (K + M of d_sae): its values must be the
+    full readout's, edits written in, beside a slot that reads the SAE out in full."""
+    sae, _ = artifacts
+    watched = (5, 9, 30)
+    ops = (FeatureEdit("s", 5, Op.CLAMP, 3.0), FeatureEdit("s", 5, Op.SCALE, 2.0),
+           FeatureEdit("s", 30, Op.ADD, 1.5)) if edits else ()
+    guards = tuple(Gate("s", f, 1e9) for f in watched)  # never fire: this test reads their values
+    full = ReadoutSpec(saes=("s",), top_k=4, feature_ids=watched)
+    x = torch.randn(len(SLOTS), D, generator=torch.Generator().manual_seed(3))
+    rows = RowIndex(torch.tensor(SLOTS), torch.tensor(POSITIONS))
+
+    def values(specs):
+        tables = build_tables(specs, [3, 3, 3])
+        _, readouts = steer_site(SITE, x, SiteArtifacts(saes={"s": sae}), tables, rows)
+        out = {}
+        for r in readouts:
+            ids = r.selected_ids.tolist()
+            for row, vals in zip(r.rows.tolist(), r.selected_values.tolist()):
+                out[row] = {f: v for f, v in zip(ids, vals) if f in watched}
+        return out, tables
+
+    gated, tables = values([SteeringSpec(features=ops, guards=guards), SteeringSpec(readouts=full), SteeringSpec()])
+    reference, _ = values([SteeringSpec(features=ops, readouts=full), SteeringSpec(readouts=full), SteeringSpec()])
+    assert tables.saes["s"].gates_only.tolist() == [True, False, False]
+    assert sorted(gated) == sorted(reference) == [0, 1, 3, 4, 6]
+    for row in gated:
+        assert gated[row] == pytest.approx(reference[row], abs=1e-5)
+    if edits:  # the clamp then the scale: 6.0 at every position of slot 0
+        assert all(gated[row][5] == pytest.approx(6.0) for row in (0, 3, 6))
