@@ -184,25 +184,37 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated rows to measure (e.g. 'rudder steered+readout,rudder openai "
+                    "steered+readout'); the JSON then goes to --out, which must be named")
     ap.add_argument("--out", default=str(ROOT / "bench/results/vllm_vs_vllm_serve.json"))
     args = ap.parse_args()
+    if args.only and "--out" not in sys.argv:
+        ap.error("--only needs --out: the full table's JSON (which the docs render) keeps every row")
     model = str(ensure_default_model(download=False))
     saes = [str(p) for p in default_sae_dirs()]
     http, grpc_port, door = free_port(), free_port(), free_port()
-    vllm = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
-                  "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"))
-    rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
-                    "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"))
-    address = f"127.0.0.1:{grpc_port}"
     modes = ["plain", "steered", "steered+readout", "1 configs", "8 configs", "32 configs"]
     door_modes = ["plain", "steered+readout"]
     runs: dict[str, list[float]] = {"vllm serve": [], **{f"rudder {m}": [] for m in modes},
                                     **{f"rudder openai {m}": [] for m in door_modes}}
+    if args.only:
+        only = [name.strip() for name in args.only.split(",")]
+        if unknown := [name for name in only if name not in runs]:
+            ap.error(f"unknown rows {unknown}; the rows are {list(runs)}")
+        runs = {name: [] for name in only}
+    vllm = None if "vllm serve" not in runs else start([
+                  sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
+                  "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"))
+    rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
+                    "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"))
+    address = f"127.0.0.1:{grpc_port}"
     try:
-        asyncio.run(wait_http(http, vllm))
+        if vllm is not None:
+            asyncio.run(wait_http(http, vllm))
         asyncio.run(wait_grpc(address, rudder))
         features, max_act = asyncio.run(features_to_steer(address))
-        asyncio.run(run_vllm_serve(http, MODEL_NAME, 4, 8))  # warm-up both
+        if vllm is not None:
+            asyncio.run(run_vllm_serve(http, MODEL_NAME, 4, 8))  # warm-up both
         asyncio.run(run_rudder(address, 4, 8, "steered+readout", features, max_act))
         asyncio.run(run_rudder_openai(door, 4, 8, "steered+readout", features, max_act))
         names = list(runs)
@@ -220,20 +232,23 @@ def main() -> None:
                 runs[name].append(tps)
                 print(f"round {r}: {name:<24} {tps:7.1f} tok/s", flush=True)
     finally:
-        stop(vllm)
+        if vllm is not None:
+            stop(vllm)
         stop(rudder)
-    base = max(runs["vllm serve"])
+    base = max(runs["vllm serve"]) if "vllm serve" in runs else None
     rows = [{"server": name, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
-             "vs_vllm_serve": round(max(v) / base, 3)} for name, v in runs.items()]
+             **({"vs_vllm_serve": round(max(v) / base, 3)} if base else {})} for name, v in runs.items()]
     for row in rows:  # the OpenAI door against the gRPC door, same server, same mode
-        if row["server"].startswith("rudder openai "):
-            grpc_best = max(runs["rudder " + row["server"].removeprefix("rudder openai ")])
+        grpc_row = "rudder " + row["server"].removeprefix("rudder openai ")
+        if row["server"].startswith("rudder openai ") and grpc_row in runs:
+            grpc_best = max(runs[grpc_row])
             row["vs_grpc_door"] = round(row["best_tok_s"] / grpc_best, 3)
     print(f"\n{args.streams} chat streams x {args.tokens} tokens, greedy, EOS ignored; both servers on cores 0-1 "
           f"({os.cpu_count()} cores), best of {args.repeats} interleaved rounds")
-    print(f"{'server':<26} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13}")
+    print(f"{'server':<32} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13} {'x grpc door':>12}")
     for row in rows:
-        print(f"{row['server']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_vllm_serve']:13.3f}")
+        print(f"{row['server']:<32} {row['best_tok_s']:8.1f} {row['spread']:7.1f} "
+              f"{row.get('vs_vllm_serve', float('nan')):13.3f} {row.get('vs_grpc_door', float('nan')):12.3f}")
     Path(args.out).write_text(json.dumps({
         "bench": "vllm_vs_vllm_serve", "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

@@ -49,6 +49,7 @@ HTTP_STATUS = {  # gRPC code -> HTTP status, as grpc-gateway maps them
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 429: "rate_limit_error"}
 FINISH = {pb.LENGTH: "length", pb.EOS: "stop", pb.STOP_STRING: "stop", pb.GUARD: "content_filter"}
+_GONE = object()  # what `_unless_gone` returns when the client disconnected
 STEERING_FIELDS = {"interventions", "readouts", "include_baseline", "includeBaseline", "guards"}
 
 
@@ -256,14 +257,24 @@ class OpenAIDoor:
             body = await self._body(request)
             req = to_request(body, chat, self.service.parser.limits.max_tokens)
             messages = self.service.Generate(req, None)
-            first = await anext(messages, None)  # errors before the first token answer with a status
             meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": self.service.model_name}
-            if body.get("stream"):  # counted by _sse, when the stream ends
+            stream = bool(body.get("stream"))
+
+            async def started():  # errors before the first token answer with a status
+                first = await anext(messages, None)
+                return first if stream else await self._collect(chat, meta, first, messages)
+
+            result = await self._unless_gone(request, started())
+            if result is _GONE:  # the client went away: its generation was aborted
+                await messages.aclose()
+                self._count(method, "CANCELLED")
+                return Response(status_code=499)
+            if stream:  # counted by _sse, when the stream ends
                 usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
-                return StreamingResponse(self._sse(method, chat, meta, first, messages, usage_in_stream),
+                return StreamingResponse(self._sse(method, chat, meta, result, messages, usage_in_stream),
                                          media_type="text/event-stream")
-            out = await self._collect(chat, meta, first, messages)
+            out = result
         except Exception as e:  # noqa: BLE001 - every error is answered in OpenAI's shape
             err = DoorError.of(e)
             self._count(method, err.grpc_code)
@@ -273,6 +284,31 @@ class OpenAIDoor:
             raise
         self._count(method, "OK")
         return JSONResponse(out)
+
+    @staticmethod
+    async def _unless_gone(request: Request, work):
+        """Await `work`, unless the client disconnects first: then `work` is cancelled (closing the
+        service's stream, which aborts the generation) and `_GONE` comes back. Covers the wait for a
+        stream's first token and the whole of a collected (not streamed) completion; once streaming,
+        Starlette's StreamingResponse watches the connection itself."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":  # the body is read: only that is left
+                pass
+
+        task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if watch.done() and not watch.cancelled():
+                return _GONE
+            raise
 
     async def _all(self, first, messages) -> AsyncIterator[pb.GenerateResponse]:
         async with aclosing(messages):

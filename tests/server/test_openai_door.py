@@ -120,3 +120,37 @@ def test_a_guard_in_the_body_ends_the_choice_as_a_content_filter(server, door):
     assert choice.finish_reason == "content_filter" and out.usage.completion_tokens == 2
     guard = choice.model_extra["rudder"]["tokens"][-1]["guard"]
     assert guard["position"] == at and guard["value"] == pytest.approx(30.0)
+
+
+def _metric(server, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics").read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_aborts_its_generation(server, stream):
+    """A collected completion, or a stream still waiting for its first chunk's read, whose client
+    closes the connection is aborted: the engine stops generating it (it would run to max_tokens)."""
+    import socket
+    import time
+
+    from tests.server.engines import running_after_settling
+
+    cancelled = 'rudder:requests_total{code="CANCELLED",method="Completions"}'
+    before, tokens_before = _metric(server, cancelled), _metric(server, "rudder:generation_tokens_total")
+    body = json.dumps({"model": "tiny", "prompt": "The capital of France", "max_tokens": 240, "ignore_eos": True,
+                       "stream": stream, "rudder": CLAMP}).encode()
+    port = server.server.openai.port
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while _metric(server, "rudder:generation_tokens_total") == tokens_before and time.monotonic() < deadline:
+            time.sleep(0.005)  # generating: now go away
+    assert running_after_settling(server.server.engine) == 0
+    deadline = time.monotonic() + 10
+    while _metric(server, cancelled) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(server, cancelled) == before + 1
+    assert _metric(server, "rudder:generation_tokens_total") - tokens_before < 240
