@@ -57,9 +57,11 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}."}]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, cores: set[int] | None = None) -> subprocess.Popen:
+    """`cmd` in its own session, on `cores` if given (the servers' side of --client-core)."""
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV},
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
 
 
 def stop(p: subprocess.Popen) -> None:
@@ -186,8 +188,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", help="comma-separated rows to measure (e.g. 'rudder steered+readout,rudder openai "
                     "steered+readout'); the JSON then goes to --out, which must be named")
+    ap.add_argument("--client-core", type=int, help="run the clients on this core alone and the servers on the "
+                    "others, as when clients run elsewhere: what remains is each door's own cost")
     ap.add_argument("--out", default=str(ROOT / "bench/results/vllm_vs_vllm_serve.json"))
     args = ap.parse_args()
+    server_cores = None
+    if args.client_core is not None:
+        server_cores = set(range(os.cpu_count())) - {args.client_core}
+        ENV["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(server_cores)))
+        os.sched_setaffinity(0, {args.client_core})
     if args.only and "--out" not in sys.argv:
         ap.error("--only needs --out: the full table's JSON (which the docs render) keeps every row")
     model = str(ensure_default_model(download=False))
@@ -204,9 +213,10 @@ def main() -> None:
         runs = {name: [] for name in only}
     vllm = None if "vllm serve" not in runs else start([
                   sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
-                  "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"))
+                  "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"), server_cores)
     rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
-                    "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"))
+                    "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"),
+                   server_cores)
     address = f"127.0.0.1:{grpc_port}"
     try:
         if vllm is not None:
@@ -243,7 +253,9 @@ def main() -> None:
         if row["server"].startswith("rudder openai ") and grpc_row in runs:
             grpc_best = max(runs[grpc_row])
             row["vs_grpc_door"] = round(row["best_tok_s"] / grpc_best, 3)
-    print(f"\n{args.streams} chat streams x {args.tokens} tokens, greedy, EOS ignored; both servers on cores 0-1 "
+    print(f"\n{args.streams} chat streams x {args.tokens} tokens, greedy, EOS ignored; servers on cores "
+          f"{ENV['VLLM_CPU_OMP_THREADS_BIND']}, clients on "
+          f"{'the same cores' if args.client_core is None else f'core {args.client_core}'} "
           f"({os.cpu_count()} cores), best of {args.repeats} interleaved rounds")
     print(f"{'server':<32} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13} {'x grpc door':>12}")
     for row in rows:
@@ -252,7 +264,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "bench": "vllm_vs_vllm_serve", "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
-        "env": ENV, "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats, "model": MODEL_NAME,
+        "env": ENV, "client_core": args.client_core,
+        "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats, "model": MODEL_NAME,
         "sae": saes, "rows": rows, "runs": runs,
         "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97, "openai door vs grpc door": 0.97},
     }, indent=2) + "\n")

@@ -154,3 +154,52 @@ def test_a_client_that_goes_away_aborts_its_generation(server, stream):
         time.sleep(0.05)
     assert _metric(server, cancelled) == before + 1
     assert _metric(server, "rudder:generation_tokens_total") - tokens_before < 240
+
+
+def test_each_chunks_rudder_object_is_protobufs_own_json_mapping():
+    """The door writes every token's `{token, readouts, guard}` by hand, for speed; it must stay
+    protobuf's JSON mapping of those messages. Every field of them is generated here (a field added
+    to the .proto fails the field-set assertions until the door writes it too)."""
+    from google.protobuf import json_format
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from rudder.server.openai_door import token_json
+    from rudder.v1 import steering_pb2 as pb
+
+    def names(message) -> set[str]:
+        return {f.name for f in message.DESCRIPTOR.fields}
+
+    assert names(pb.Token) == {"id", "text", "logprob", "position", "is_prompt"}
+    assert names(pb.Readout) == {"source", "top", "selected", "codes"}
+    assert names(pb.FeatureValues) == {"ids", "values"} and names(pb.CodeGroup) == {"head", "codes"}
+    i32 = st.integers(-2**31, 2**31 - 1)
+    f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+    normal = st.floats(min_value=-1e4, max_value=1e4, width=32)  # the usual case: numpy's path
+    values = st.builds(lambda i, v: pb.FeatureValues(ids=i, values=v), st.lists(i32, max_size=6),
+                       st.lists(st.one_of(normal, normal, f32), max_size=17))
+    groups = st.lists(st.builds(lambda h, c: pb.CodeGroup(head=h, codes=c), st.integers(0, 7),
+                                st.lists(i32, max_size=4)), max_size=3)
+    readout = st.builds(lambda s, t, sel, c, has: pb.Readout(
+        source=s, codes=c, **({"top": t} if has[0] else {}), **({"selected": sel} if has[1] else {})),
+        st.text(max_size=5), values, values, groups, st.tuples(st.booleans(), st.booleans()))
+    token = st.builds(pb.Token, id=i32, text=st.text(max_size=4), logprob=st.one_of(normal, f32), position=i32,
+                      is_prompt=st.booleans())
+    guard = st.one_of(st.none(), st.builds(pb.GuardHit, index=st.integers(0, 3), position=i32, value=f32))
+    messages = st.builds(lambda t, rs, g: pb.GenerateResponse(token=t, readouts=rs, **({"guard": g} if g else {})),
+                         token, st.lists(readout, max_size=3), guard)
+
+    @settings(max_examples=400, deadline=None)
+    @given(messages)
+    def same(msg):
+        def as_json(m):
+            return json_format.MessageToDict(m, preserving_proto_field_name=True)
+
+        expected = {"token": as_json(msg.token)}
+        if msg.readouts:
+            expected["readouts"] = [as_json(r) for r in msg.readouts]
+        if msg.HasField("guard"):
+            expected["guard"] = as_json(msg.guard)
+        assert json.dumps(token_json(msg), sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+    same()
