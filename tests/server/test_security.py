@@ -91,3 +91,32 @@ def test_mutual_tls_accepts_only_clients_the_ca_signed(engine, pki):
             with rc.Client(srv.address, timeout=5, credentials=creds) as c:
                 with pytest.raises(rc.Unavailable):
                     c.model_info()
+
+
+def test_the_openai_door_takes_the_same_mutual_tls_and_token(engine, pki):
+    """`--openai-port` under `--tls-client-ca` and a token: the official client with a signed client
+    certificate and the token gets a completion; without a certificate, with one the CA never signed,
+    or without the token, it is refused."""
+    import httpx
+    import openai
+
+    tls = Tls(str(pki / "server.pem"), str(pki / "server.key"), client_ca=str(pki / "ca.pem"))
+    with BackgroundServer(engine, "tiny", tls=tls, token="s3cret", openai_port=0) as srv:
+        url = f"https://127.0.0.1:{srv.server.openai.port}/v1"
+
+        def door(cert: str | None, token: str = "s3cret") -> openai.OpenAI:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+            if cert:
+                ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
+            return openai.OpenAI(base_url=url, api_key=token, max_retries=0, timeout=30,
+                                 http_client=httpx.Client(verify=ctx))
+
+        out = door("client").completions.create(model="tiny", prompt="The capital", max_tokens=2)
+        assert out.usage.completion_tokens == 2
+        with pytest.raises(openai.AuthenticationError):
+            door("client", token="wrong").completions.create(model="tiny", prompt="The capital", max_tokens=2)
+        for cert in (None, "stranger"):
+            with pytest.raises(openai.APIConnectionError):
+                door(cert).completions.create(model="tiny", prompt="The capital", max_tokens=2)
