@@ -87,10 +87,12 @@ def _reference_backend(d: dict) -> Rows:
 @table("vllm_backend", "vllm_backend.json", "lr")
 def _vllm_backend(d: dict) -> Rows:
     ref = d.get("reference") is not None
-    out = [["mode", "tok/s (best)", "spread", "x plain vLLM", *(["reference tok/s"] if ref else [])]]
+    out = [["mode", "tok/s (best)", "spread", "x plain vLLM", "x its base, paired", "host ms/step",
+            *(["reference tok/s"] if ref else [])]]
     for r in d["rows"]:
-        out.append([r["mode"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_plain_vllm']:.3f}",
-                    *([f"{r['reference_tok_s']:.1f}"] if ref else [])])
+        base = f"{r['vs_base_paired']:.3f} ({r['base']})" if r["mode"] != "plain" else ""
+        out.append([r["mode"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_plain_vllm']:.3f}", base,
+                    f"{r['host_ms_per_step']:.2f}", *([f"{r['reference_tok_s']:.1f}"] if ref else [])])
     return out
 
 
@@ -100,6 +102,19 @@ def _vllm_vs_vllm_serve(d: dict) -> Rows:
     for r in d["rows"]:
         door = f"{r['vs_grpc_door']:.3f}" if "vs_grpc_door" in r else ""
         out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_vllm_serve']:.3f}", door])
+    return out
+
+
+@table("openai_door_split", "openai_door_split.json", "lr")
+def _openai_door_split(d: dict) -> Rows:
+    out = [["door, mode", "tok/s (best)", "spread", "x gRPC door (best)", "x gRPC door (median of rounds)"]]
+    runs = d["runs"]
+    for r in d["rows"]:
+        door = f"{r['vs_grpc_door']:.3f}" if "vs_grpc_door" in r else ""
+        grpc = "rudder " + r["server"].removeprefix("rudder openai ")
+        paired = (f"{statistics.median(a / b for a, b in zip(runs[r['server']], runs[grpc])):.3f}"
+                  if door else "")
+        out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", door, paired])
     return out
 
 

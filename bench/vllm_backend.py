@@ -22,7 +22,14 @@ of PAUSE_S so the engine measured before has gone idle); each gets both cores wh
   steered + guard (ReLU)     the ReLU clamp and that guard: against "steered (ReLU)"
 Both SAEs sit at blocks.15.hook_resid_post. `--reference` adds the reference backend (after
 vLLM has stopped, 2 torch threads) for the same rows. Prints the best of `--rounds` per row,
-its spread (best minus worst) and the ratio to plain vLLM; writes bench/results/vllm_backend.json.
+its spread (best minus worst), the ratio to plain vLLM, and the median over rounds of its ratio
+to its base row in the same round (a guard against the same row without it, a readout against
+its steered row): a paired figure, steadier than best against best on a noisy machine.
+Then, after the engines stop, "host ms/step": what the worker does per forward step for
+each row's 32 requests outside the model (the op at the site, routing the readouts to the
+requests, deciding their gates), timed in this process on the same SAEs (2 torch threads):
+the cost the end-to-end figures cannot resolve below their noise. Writes
+bench/results/vllm_backend.json.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 import uuid
@@ -131,6 +139,59 @@ MODES = {
 }
 
 
+BASE = {"steered + readout (ReLU)": "steered (ReLU)", "steered + readout (TopK)": "steered (TopK)",
+        "steered + guard (ReLU)": "steered (ReLU)"}  # else plain
+
+
+def paired(runs: dict[str, list[float]], mode: str) -> float:
+    """Median over rounds of `mode`'s tokens/s over its base row's in the same round."""
+    base = runs[BASE.get(mode, "plain")]
+    return round(statistics.median(m / b for m, b in zip(runs[mode], base)), 3)
+
+
+def _host_step(spec: SteeringSpec, tables, spans, gates, positions: torch.Tensor, x: torch.Tensor,
+               artifacts) -> None:
+    """One step's worker work outside the model, as `vllm_worker._Steerer` does it."""
+    from rudder.server.backends.step import StepRecorder, row_index
+
+    if not spec.active:  # the worker skips a step no request steers or reads
+        return
+    rec = StepRecorder(tables, row_index(positions, spans, "cpu"), [spec] * len(spans))
+    rec.steer(SITE, x, artifacts)
+    rec.routed()
+    at = rec.rows.position.tolist()
+    for span, gate in zip(spans, gates):
+        for row in span.reported_rows():
+            gate.observe(at[row], rec.gate_values(row))
+
+
+def host_ms_per_step(specs: list[str], streams: int, repeat: int = 300) -> dict[str, float]:
+    """Per row: the worker's work outside the model for one decode step of `streams` requests
+    (`StepRecorder.steer` at the site, `routed`, `GateState.observe` per row), on the bench's SAEs;
+    best of 3 timings of `repeat` steps, in ms."""
+    from rudder.core.steering import SiteArtifacts, build_tables
+    from rudder.server.backends.step import GateState, Span
+
+    torch.set_num_threads(2)
+    saes = {spec.split("=", 1)[0]: SAE.load(spec.split("=", 1)[1]).requires_grad_(False) for spec in specs}
+    artifacts = SiteArtifacts(saes=saes)
+    x, positions = torch.randn(streams, 576), torch.arange(streams) + 40
+    out = {}
+    for mode, spec in MODES.items():
+        args = (spec, build_tables([spec] * streams, [20] * streams, "cpu", saes),
+                [Span(i, i, i + 1, 40, 20, spec) for i in range(streams)],
+                [GateState(spec, 20) for _ in range(streams)] if GateState.needed(spec) else [],
+                positions, x, artifacts)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                _host_step(*args)
+            best = min(best, (time.perf_counter() - t0) / repeat * 1e3)
+        out[mode] = round(best, 3)
+    return out
+
+
 async def measure(plain, rudder, streams: int, tokens: int, rounds: int) -> dict[str, list[float]]:
     rows = [(plain, "plain"), *((rudder, m) for m in MODES if m != "plain")]
     for engine in (plain, rudder):
@@ -180,17 +241,22 @@ def main() -> None:
             torch.set_num_threads(2)
             reference = asyncio.run(measure_reference(ReferenceEngine(model, specs, max_batch=64),
                                                       args.streams, args.tokens, args.rounds))
+        host = host_ms_per_step(specs, args.streams)
 
     base = max(runs["plain"])
+    step_ms = 1e3 * args.streams / base  # a plain decode step of all the streams
     rows = [{"mode": m, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
-             "vs_plain_vllm": round(max(v) / base, 3),
+             "vs_plain_vllm": round(max(v) / base, 3), "base": BASE.get(m, "plain"),
+             "vs_base_paired": paired(runs, m), "host_ms_per_step": host[m],
              **({"reference_tok_s": round(max(reference[m]), 1)} if reference else {})} for m, v in runs.items()]
     print(f"\n{args.streams} chat streams x {args.tokens} tokens, float32, greedy, EOS ignored; vLLM on cores 0-1 "
           f"({os.cpu_count()} cores), best of {args.rounds} interleaved rounds")
-    header = f"{'mode':<26} {'tok/s':>8} {'spread':>7} {'x plain vLLM':>13}"
+    header = (f"{'mode':<26} {'tok/s':>8} {'spread':>7} {'x plain vLLM':>13} {'x base, paired':>15} "
+              f"{'host ms/step':>13}")
     print(header + (f" {'reference':>10}" if reference else ""))
     for row in rows:
-        print(f"{row['mode']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_plain_vllm']:13.3f}"
+        print(f"{row['mode']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_plain_vllm']:13.3f} "
+              f"{row['vs_base_paired']:15.3f} {row['host_ms_per_step']:13.3f}"
               + (f" {row['reference_tok_s']:10.1f}" if reference else ""))
     print("targets: steered >= 0.98x plain vLLM, steered + readout >= 0.95x, a guard <= 2% (steered + guard "
           "against steered)")
@@ -198,7 +264,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "vllm_cores": os.environ["VLLM_CPU_OMP_THREADS_BIND"], "dtype": "float32", "streams": args.streams,
         "tokens": args.tokens, "rounds": args.rounds, "saes": specs, "site": SITE, "runs": runs, "rows": rows,
-        "reference": reference, "wall_s": round(time.time() - t0),
+        "reference": reference, "plain_step_ms": round(step_ms, 1), "wall_s": round(time.time() - t0),
     }, indent=2))
     print(f"wrote {args.out}")
 

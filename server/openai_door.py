@@ -176,14 +176,12 @@ def token_json(msg: pb.GenerateResponse) -> dict:
     for r in msg.readouts:
         floats += r.top.values
         floats += r.selected.values
-    a = np.fromiter(floats, np.float32, len(floats))
-    mag = np.abs(a)
-    if not (np.isfinite(a).all() and ((mag >= _TINY) | (mag == 0)).all()):
+    short = np.fromiter(floats, np.float32, len(floats)).astype(str).astype(np.float64).tolist()
+    if not all(_TINY <= abs(v) < math.inf or v == 0 for v in short):  # NaN, infinite or subnormal
         out = {"token": _as_json(t)}
         if msg.readouts:
             out["readouts"] = [_as_json(r) for r in msg.readouts]
     else:
-        short = a.astype(str).astype(np.float64).tolist()
         token = {}
         if t.id:
             token["id"] = t.id

@@ -326,7 +326,12 @@ def serve_process(backend: str, model, *extra: str) -> tuple[subprocess.Popen, s
 
 
 def test_sigterm_under_load_cuts_no_stream_without_a_status(backend, model):
-    proc, address = serve_process(backend, model, "--grace", "30")
+    """SIGTERM with 24 streams open, 16 through gRPC and 8 through the OpenAI door: within the grace
+    period every stream of both doors finishes, and the server exits 0."""
+    import openai
+
+    door_port = free_port()
+    proc, address = serve_process(backend, model, "--grace", "30", "--openai-port", str(door_port))
     try:
         outcomes: list[str] = []
         started = threading.Semaphore(0)
@@ -345,7 +350,27 @@ def test_sigterm_under_load_cuts_no_stream_without_a_status(backend, model):
                 started.release()
                 outcomes.append(f"status {type(e).__name__}")
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+        def one_door(i):
+            door = openai.OpenAI(base_url=f"http://127.0.0.1:{door_port}/v1", api_key="-", max_retries=0,
+                                 timeout=120)
+            try:
+                chunks = door.completions.create(
+                    model="default", prompt="The quick brown fox", max_tokens=40, stream=True,
+                    extra_body={"ignore_eos": True, "rudder": {"interventions": [
+                        {"feature": {"sae": "s", "feature": i, "clamp": 5.0}}]}})
+                n, finish = 0, None
+                for chunk in chunks:
+                    if n == 0:
+                        started.release()
+                    n += 1
+                    finish = chunk.choices[0].finish_reason if chunk.choices else finish
+                outcomes.append("finished" if n == 40 and finish == "length" else "cut")
+            except openai.APIError as e:  # ended with an error: allowed
+                started.release()
+                outcomes.append(f"status {type(e).__name__}")
+
+        threads = ([threading.Thread(target=one, args=(i,)) for i in range(16)]
+                   + [threading.Thread(target=one_door, args=(i,)) for i in range(8)])
         for t in threads:
             t.start()
         for _ in threads:
