@@ -153,7 +153,9 @@ def test_a_client_that_goes_away_aborts_its_generation(server, stream):
     while _metric(server, cancelled) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _metric(server, cancelled) == before + 1
-    assert _metric(server, "rudder:generation_tokens_total") - tokens_before < 240
+    generated = _metric(server, "rudder:generation_tokens_total") - tokens_before
+    print(f"\n{stream=}: {generated:.0f} of 240 tokens generated before the abort")
+    assert generated < 240
 
 
 def test_each_chunks_rudder_object_is_protobufs_own_json_mapping():
