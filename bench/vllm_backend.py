@@ -159,7 +159,7 @@ def _host_step(spec: SteeringSpec, tables, spans, gates, positions: torch.Tensor
     rec = StepRecorder(tables, row_index(positions, spans, "cpu"), [spec] * len(spans))
     rec.steer(SITE, x, artifacts)
     rec.routed()
-    at = rec.rows.position.tolist()
+    at = rec.host_rows[1]
     for span, gate in zip(spans, gates):
         for row in span.reported_rows():
             gate.observe(at[row], rec.gate_values(row))

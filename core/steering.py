@@ -574,10 +574,10 @@ def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, wa
     if watching.numel() == 0:
         return
     xs = x[watching]
-    slot, act = table.active(rows, watching)
     ids = table.selected.expand(xs.shape[0], -1)  # (R, K)
     values = sae.encode_at(xs, ids)
     if table.edits:
+        slot, act = table.active(rows, watching)
         _, f1, last = _feature_edits(sae, xs, table, slot, act)
         feat = table.feature[slot]
         for m in range(feat.shape[1]):  # in column order: a feature edited twice is written once, last

@@ -29,7 +29,7 @@ from rudder.core.steering import StepTables, build_tables
 from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, Sampling, TokenEvent
 from rudder.server.backends.sequence import Sequence, eos_ids
-from rudder.server.backends.step import GateState, Span, StepRecorder, broken_steering, row_index
+from rudder.server.backends.step import GateState, Span, StepRecorder, broken_steering, row_index, table_specs
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,6 @@ class _Row:
     generator: torch.Generator | None
     last_token: int = 0
     gates: GateState | None = None  # its conditions and guards, where it has any
-
-
-def _table_specs(specs: list, gates: list[GateState | None]) -> list:
-    """What each slot's tables are built from: its spec, with the edits whose gates opened resolved."""
-    return [g.spec if g is not None else s for s, g in zip(specs, gates)]
 
 
 def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tuple[int, float]:
@@ -245,7 +240,7 @@ class ReferenceEngine(HfTokenizing):
         prompt_lens = [len(r.prompt_ids) for r in reqs]
         specs = [r.steering for r in reqs]
         gates = [GateState(s, p) if GateState.needed(s) else None for s, p in zip(specs, prompt_lens)]
-        tables = self._tables(_table_specs(specs, gates), prompt_lens)
+        tables = self._tables(table_specs(specs, gates), prompt_lens)
 
         # Prefill, left-padded: row b*L + t is token t - (L - P_b) of request b.
         b_size, length = len(reqs), max(prompt_lens)
@@ -299,7 +294,7 @@ class ReferenceEngine(HfTokenizing):
                 return
             now = [g.version if g else 0 for g in gates]
             if self._attached is not self._tables_for or now != opened:  # an SAE (un)loaded, or a gate opened
-                tables, opened = self._tables(_table_specs(specs, gates), prompt_lens), now
+                tables, opened = self._tables(table_specs(specs, gates), prompt_lens), now
             if len(keep) < len(states):
                 cache.batch_select_indices(torch.tensor(keep, device=self.device))
                 mask, states = mask[keep], [states[i] for i in keep]

@@ -9,6 +9,7 @@ readouts per token row, already trimmed to what each request asked for.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -104,6 +105,11 @@ class GateState:
             self.spec = self.base.opened(self.opened, self.prompt_len)
             self.version += 1
         return None
+
+
+def table_specs(specs: list[SteeringSpec | None], gates: list[GateState | None]) -> list[SteeringSpec | None]:
+    """What each slot's tables are built from: its spec, or with gates, the edits whose gates opened resolved."""
+    return [g.spec if g is not None else s for s, g in zip(specs, gates)]
 
 
 def row_index(positions: Tensor, spans: list[Span], device: torch.device | str) -> RowIndex:
@@ -203,6 +209,11 @@ class StepRecorder:
         self.hook_s += time.perf_counter() - t0
         return x if out is flat else out.view(x.shape)
 
+    @functools.cached_property
+    def host_rows(self) -> tuple[list[int], list[int]]:
+        """Every row's slot and position on the host (one copy each per step)."""
+        return self.rows.slot.tolist(), self.rows.position.tolist()
+
     def broken_slots(self) -> set[int]:
         """Slots with a row the steering made non-finite this step (one copy to the host)."""
         if self.broken is None:
@@ -216,6 +227,6 @@ class StepRecorder:
         if not self.readouts:
             return {}
         router = self.router = ReadoutRouter(self.readouts)
-        slots, positions = self.rows.slot.tolist(), self.rows.position.tolist()  # one copy to the host each
+        slots, positions = self.host_rows
         return {row: (slots[row], positions[row], router.for_row(row, self.specs[slots[row]]))
                 for row in sorted(router.by_row)}

@@ -35,7 +35,7 @@ from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
 from rudder.server.artifacts import Artifacts
-from rudder.server.backends.step import GateState, Span, StepRecorder, row_index
+from rudder.server.backends.step import GateState, Span, StepRecorder, row_index, table_specs
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class _Steerer:
             self._tables, self._table_key = StepTables(), key
         elif key != self._table_key:  # another batch, or a gate opened
             prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
-            self._tables = build_tables([self._gates[r].spec if r in self._gates else s for _, r, s in used],
+            self._tables = build_tables(table_specs([s for _, _, s in used], [self._gates.get(r) for _, r, _ in used]),
                                         prompt_lens, self.device, self.artifacts.sae_modules(),
                                         self.artifacts.generations())
             self._table_key = key
@@ -312,7 +312,7 @@ class _Steerer:
         if self.socket is None and not gated:  # another tensor-parallel rank: the first reports
             return
         routed = step.routed()
-        positions = step.rows.position.tolist()  # one copy to the host per step
+        positions = step.host_rows[1]
         hits = {}
         for span in gated:  # every rank decides its gates alike, so that their tables agree
             gates = self._gates[ids[span.slot]]
