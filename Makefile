@@ -1,11 +1,14 @@
 # The two commands of the README.
-.PHONY: demo test bench proto
+.PHONY: demo test test-fast bench proto
 
 demo:   ## set up, start the server on the default model, stream a steered generation with readouts
 	scripts/demo.sh
 
 test:   ## set up, run the test suite
 	scripts/test.sh
+
+test-fast:  ## the inner loop: everything but the vLLM and slow tests
+	scripts/test.sh -m "not vllm and not slow"
 
 bench:  ## throughput tables (bench/results/): reference backend; vLLM backend; SAE training vs SAELens
 	scripts/setup.sh && .venv/bin/python bench/reference_backend.py

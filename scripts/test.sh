@@ -8,8 +8,10 @@ scripts/setup.sh
 echo "==> ruff (lint + import order; config in pyproject.toml)"
 ruff check .
 set +e
-python -m pytest -q -p no:cacheprovider "$@"
+start=$(date +%s)
+python -m pytest -q -p no:cacheprovider --durations=10 "$@"
 rc=$?
+echo "==> test time: $(( $(date +%s) - start )) s (set-up excluded)"
 set -e
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: the suite is missing or failed to import" >&2

@@ -237,6 +237,8 @@ class RudderServer:
         self._watchdog.cancel()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.engine.healthy():  # a paused engine could not finish the streams drained below
+            await self.engine.resume()
         if self.openai is not None:  # both doors drain at once, within one grace
             await asyncio.gather(self.openai.stop(grace), self.server.stop(grace))
         else:
@@ -285,6 +287,10 @@ class BackgroundServer:
 
         self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result()
         self.address = self.server.address
+
+    def call(self, coro):
+        """Run `coro` on the server's loop (where its engine lives, e.g. `srv.call(engine.pause())`)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self, grace: float = 1.0) -> None:
         if self.thread.is_alive():

@@ -103,6 +103,16 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
+    async def pause(self) -> None:
+        """Hold generation at a step boundary: once this returns no step runs until `resume`; requests in
+        flight keep their state and new ones queue (vLLM's `pause_generation(mode="keep")`). Tests use it
+        to act on requests at a known point instead of racing them."""
+        ...
+
+    async def resume(self) -> None:
+        """Let a paused engine step again."""
+        ...
+
     def healthy(self) -> bool:
         """False once the engine has died and will not serve again (the server then stops)."""
         ...

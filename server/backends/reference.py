@@ -118,6 +118,9 @@ class ReferenceEngine(HfTokenizing):
         self._active = 0
         self._thread: threading.Thread | None = None
         self.on_hook_step = None
+        self._hold = threading.Condition()  # pause/resume: the worker waits here before each step
+        self._held = False
+        self._stepping = False  # the worker is inside a step (between its forward and the next)
 
     # ------------------------------------------------------------ set-up
 
@@ -141,9 +144,33 @@ class ReferenceEngine(HfTokenizing):
 
     async def stop(self) -> None:
         if self._thread is not None:
+            await self.resume()  # a paused wave must run to its end for the thread to stop
             self._pending.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+
+    async def pause(self) -> None:
+        def hold() -> None:
+            with self._hold:
+                self._held = True
+                while self._stepping:  # the step under way finishes and pushes its events first
+                    self._hold.wait()
+
+        await asyncio.to_thread(hold)
+
+    async def resume(self) -> None:
+        with self._hold:
+            self._held = False
+            self._hold.notify_all()
+
+    def _step_boundary(self, stepping: bool) -> None:
+        """The worker between two steps: wait while paused, then mark whether a step is under way."""
+        with self._hold:
+            self._stepping = False
+            self._hold.notify_all()
+            while stepping and self._held:
+                self._hold.wait()
+            self._stepping = stepping
 
     async def load_sae(self, spec: str) -> str:
         attached = self.artifacts.add_sae(spec, self.shape, self.device, model=self.model)
@@ -216,10 +243,12 @@ class ReferenceEngine(HfTokenizing):
             finally:
                 self._active = 0
                 self._step = None
+                self._step_boundary(stepping=False)
 
     def _forward(self, step: StepRecorder, **inputs) -> tuple[Tensor, dict, set[int]]:
         """Logits of each row's last position `(B, V)`, the step's readouts by token row (and, for
         gates, `step.gate_values(row)` after this), and the slots whose steering overflowed."""
+        self._step_boundary(stepping=True)
         self._step = step
         logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         if self.on_hook_step is not None and not (step.tables.empty and not self._step_artifacts):

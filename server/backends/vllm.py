@@ -257,6 +257,12 @@ class VllmEngine(HfTokenizing):
         self._zmq.term()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+    async def pause(self) -> None:
+        await self.llm.pause_generation(mode="keep", clear_cache=False)
+
+    async def resume(self) -> None:
+        await self.llm.resume_generation()
+
     def healthy(self) -> bool:
         """False once vLLM's engine has died (its core process gone or failed), or the readout receiver
         has: it will not serve again."""

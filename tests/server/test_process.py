@@ -13,6 +13,8 @@ import pytest
 from rudder import client as rc
 from rudder.client.cli import main as client_main
 
+pytestmark = pytest.mark.slow  # `rudder serve` in a child process for each test
+
 
 def free_port() -> int:
     with socket.socket() as s:

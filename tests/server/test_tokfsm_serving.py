@@ -82,6 +82,7 @@ def test_feature_search_finds_state_codes_by_label_and_by_regex(served):
     assert found.features[0].precision >= 0.5 and found.features[0].recall >= 0.5
 
 
+@pytest.mark.vllm
 def test_the_shipped_model_serves_on_vllm_as_on_the_reference_backend():
     """`rudder serve --model models/tokfsm-codebook` picks vLLM (GPT-NeoX runs there), whose loader
     reads every *.safetensors in a folder: the codebooks and the code index must stay out of it.

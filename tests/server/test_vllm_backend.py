@@ -37,6 +37,7 @@ from tests.tiny import make_model, make_sae, make_tokenizer
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
 vllm_backend = pytest.importorskip("vllm") and pytest.importorskip("rudder.server.backends.vllm")
+pytestmark = pytest.mark.vllm
 
 PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown fox jumps", "Steering",
            "What is the capital", "codebooks snap activations", "The lazy dog", "language model"]
@@ -147,22 +148,30 @@ def test_mixed_batch_matches_the_reference_backend(loop, models, vllm_coded):
     assert sum(tokens(a) != tokens(b) for a, b in zip(unsteered, got)) >= 3
 
 
-def test_unsteered_requests_match_a_server_with_no_artifacts(loop, models):
+@pytest.fixture(scope="module")
+def vllm_plain_server(models):
+    """The plain tiny Llama with SAE r1, the op also placed at blocks.0.hook_mlp_out (for an SAE loaded
+    later), behind a gRPC server with admin calls; `srv.call(coro)` runs on the engine's loop."""
+    from rudder.server.app import BackgroundServer
+
+    engine = vllm_backend.VllmEngine(models["plain"], [models["saes"][0]], max_model_len=256,
+                                     steer_sites=["blocks.0.hook_mlp_out"])
+    with BackgroundServer(engine, "tiny", allow_admin=True) as srv:
+        yield srv
+
+
+def test_unsteered_requests_match_a_server_with_no_artifacts(loop, models, vllm_plain_server):
     bare = start(loop, vllm_backend.VllmEngine(models["plain"], max_model_len=256))
     try:
         requests = [EngineRequest(bare.tokenize(p), Sampling(max_tokens=NEW, ignore_eos=True)) for p in PROMPTS]
         want = loop.run(collect(bare, requests))
     finally:
         loop.run(bare.stop())
-    loaded = start(loop, vllm_backend.VllmEngine(models["plain"], models["saes"], max_model_len=256))
-    try:
-        steer = SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 25.0),),
-                             readouts=ReadoutSpec(saes=("r1",), top_k=4))
-        mixed = [EngineRequest(r.prompt_ids, r.sampling, steer if i % 2 else SteeringSpec())
-                 for i, r in enumerate(requests)]
-        got = loop.run(collect(loaded, mixed))
-    finally:
-        loop.run(loaded.stop())
+    loaded = vllm_plain_server.server.engine
+    steer = SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 25.0),), readouts=ReadoutSpec(saes=("r1",), top_k=4))
+    mixed = [EngineRequest(r.prompt_ids, r.sampling, steer if i % 2 else SteeringSpec())
+             for i, r in enumerate(requests)]
+    got = vllm_plain_server.call(collect(loaded, mixed))
     for i in range(0, len(PROMPTS), 2):
         assert tokens(got[i]) == tokens(want[i])
         assert [e.logprob for e in got[i]] == pytest.approx([e.logprob for e in want[i]], abs=1e-5)
@@ -288,46 +297,40 @@ def test_preempted_requests_are_steered_once_and_keep_their_readouts(loop, model
         assert_same_readouts(g, w)
 
 
-def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(models):
+def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(models, vllm_plain_server):
     import rudder.client as rc
-    from rudder.server.app import BackgroundServer
 
-    engine = vllm_backend.VllmEngine(models["plain"], [models["saes"][0]], max_model_len=256,
-                                     steer_sites=["blocks.0.hook_mlp_out"])  # for an SAE loaded later
-    server = BackgroundServer(engine, "tiny", allow_admin=True)
-    try:
-        with rc.Client(server.address, timeout=120) as client:
-            assert client.model_info().backend == "vllm"
-            steered = list(client.generate(PROMPTS[0], max_tokens=6, ignore_eos=True,
-                                           interventions=[rc.clamp("r1", 3, 25.0)],
-                                           readouts=rc.readouts(saes=["r1"], top_k=2)))
-            assert len(steered) == 6 and steered[-1].stop_reason == "length"
-            assert all(t.readout("r1").top[0][0] == 3 for t in steered)  # each token carries its readout
-            traced = client.trace(PROMPTS[0], interventions=[rc.clamp("r1", 3, 25.0)])  # steered, nothing read
-            assert len(traced) == len(engine.tokenize(PROMPTS[0])) and not any(t.readouts for t in traced)
-            with pytest.raises(rc.NotFound, match="unknown SAE 'm0'"):
-                list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
+    server, engine = vllm_plain_server, vllm_plain_server.server.engine
+    with rc.Client(server.address, timeout=120) as client:
+        assert client.model_info().backend == "vllm"
+        steered = list(client.generate(PROMPTS[0], max_tokens=6, ignore_eos=True,
+                                       interventions=[rc.clamp("r1", 3, 25.0)],
+                                       readouts=rc.readouts(saes=["r1"], top_k=2)))
+        assert len(steered) == 6 and steered[-1].stop_reason == "length"
+        assert all(t.readout("r1").top[0][0] == 3 for t in steered)  # each token carries its readout
+        traced = client.trace(PROMPTS[0], interventions=[rc.clamp("r1", 3, 25.0)])  # steered, nothing read
+        assert len(traced) == len(engine.tokenize(PROMPTS[0])) and not any(t.readouts for t in traced)
+        with pytest.raises(rc.NotFound, match="unknown SAE 'm0'"):
+            list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
 
-            name, path = models["saes"][1].split("=")
-            assert client.load_sae(path, name).site == "blocks.0.hook_mlp_out"
-            loaded = list(client.generate(PROMPTS[0], max_tokens=4, ignore_eos=True,
-                                          interventions=[rc.clamp("m0", 7, 40.0)],
-                                          readouts=rc.readouts(saes=["m0"], top_k=1)))
-            assert all([f for f, _ in t.readout("m0").top] == [7] for t in loaded)
-            # The op sits only at declared sites: elsewhere, loads and directions are refused up front.
-            name, path = models["saes"][2].split("=")
-            with pytest.raises(rc.FailedPrecondition, match="--steer-sites blocks.0.hook_resid_pre"):
-                client.load_sae(path, name)
-            with pytest.raises(rc.FailedPrecondition, match="not declared at start-up"):
-                list(client.generate(PROMPTS[0], interventions=[
-                    rc.direction(4.0, vector=[1.0] * 64, site="blocks.2.hook_resid_post")]))
-            assert [s.id for s in client.model_info().saes] == ["r1", "m0"]
-            client.unload_sae("m0")
-            with pytest.raises(rc.NotFound):
-                list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
-            assert len(list(client.generate(PROMPTS[0], max_tokens=3))) >= 1  # still serving
-    finally:
-        server.stop()
+        name, path = models["saes"][1].split("=")
+        assert client.load_sae(path, name).site == "blocks.0.hook_mlp_out"
+        loaded = list(client.generate(PROMPTS[0], max_tokens=4, ignore_eos=True,
+                                      interventions=[rc.clamp("m0", 7, 40.0)],
+                                      readouts=rc.readouts(saes=["m0"], top_k=1)))
+        assert all([f for f, _ in t.readout("m0").top] == [7] for t in loaded)
+        # The op sits only at declared sites: elsewhere, loads and directions are refused up front.
+        name, path = models["saes"][2].split("=")
+        with pytest.raises(rc.FailedPrecondition, match="--steer-sites blocks.0.hook_resid_pre"):
+            client.load_sae(path, name)
+        with pytest.raises(rc.FailedPrecondition, match="not declared at start-up"):
+            list(client.generate(PROMPTS[0], interventions=[
+                rc.direction(4.0, vector=[1.0] * 64, site="blocks.2.hook_resid_post")]))
+        assert [s.id for s in client.model_info().saes] == ["r1", "m0"]
+        client.unload_sae("m0")
+        with pytest.raises(rc.NotFound):
+            list(client.generate(PROMPTS[0], interventions=[rc.clamp("m0", 3, 25.0)]))
+        assert len(list(client.generate(PROMPTS[0], max_tokens=3))) >= 1  # still serving
 
 
 def test_every_sequence_ends_with_a_stop_reason_eos_from_generation_config_and_context_length(loop, models,
@@ -356,9 +359,10 @@ def test_every_sequence_ends_with_a_stop_reason_eos_from_generation_config_and_c
         loop.run(engine.stop())
 
 
-def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
+def test_tensor_parallel_2_steers_and_reads_out_as_the_reference_backend(tmp_path, monkeypatch):
     """A 4-head model split over 2 ranks: the residual stream is whole on each rank, every rank
-    steers it the same way, and the readouts leave from the first rank only."""
+    steers it the same way, and the readouts leave from the first rank only; tokens and readouts are
+    those of the reference backend (the oracle every vLLM layout is held to)."""
     import rudder.client as rc
     from rudder.server.app import BackgroundServer
 
@@ -374,9 +378,7 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
     given = vllm_backend.VllmEngine(model, vllm_args=["--max-model-len", "100", "--block-size", "32"])
     assert (given.args.max_model_len, given.args.block_size, given.args.max_num_seqs) == (100, 32, 64)
 
-    def run(tp: int):
-        extra = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"} if tp > 1 else {}
-        engine = vllm_backend.VllmEngine(model, [f"r1={tmp_path / 'r1'}"], max_model_len=128, **extra)
+    def run(engine):
         server = BackgroundServer(engine, "tp")
         try:
             with rc.Client(server.address, timeout=300) as client:
@@ -387,9 +389,11 @@ def test_tensor_parallel_2_steers_and_reads_out_as_tp_1(tmp_path, monkeypatch):
         finally:
             server.stop()
 
-    one = run(1)
+    saes = [f"r1={tmp_path / 'r1'}"]
+    one = run(ReferenceEngine(model, saes))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # a core per rank
-    two = run(2)
+    two = run(vllm_backend.VllmEngine(model, saes, max_model_len=128, tensor_parallel_size=2,
+                                      distributed_executor_backend="mp"))
     for a, b in zip(one, two):
         assert [t.id for t in a] == [t.id for t in b]
         assert a[-1].stop_reason == b[-1].stop_reason == "length"
@@ -441,26 +445,38 @@ def test_each_family_serves_as_on_the_reference_backend(loop, tmp_path, family):
         assert any(tokens(got[i]) != tokens(got[i + c]) for i in range(0, len(got), per_prompt)), names[c - 1]
 
 
-@pytest.mark.parametrize("architecture", ["transcoder", "jumprelu_skip_transcoder"])
-def test_a_transcoder_steers_as_on_the_reference_backend(loop, tmp_path, architecture):
-    """Read at blocks.1.mlp.hook_in, written at blocks.1.hook_mlp_out: the op
-    sits at both, readouts and tokens agree with the reference backend, and a clamp steers."""
+TRANSCODERS = ("transcoder", "jumprelu_skip_transcoder")
+
+
+@pytest.fixture(scope="module")
+def transcoded(loop, tmp_path_factory):
+    """A tiny Llama with one transcoder of each architecture at layer 1 (read at blocks.1.mlp.hook_in,
+    written at blocks.1.hook_mlp_out), served once for both tests below."""
     from tests.tiny import make_transcoder
 
-    model = make_model(tmp_path / "m", heads=2, kv_heads=1, layers=2)
-    make_transcoder(tmp_path / "t", layer=1, architecture=architecture)
-    saes = [f"t={tmp_path / 't'}"]
-    read = ReadoutSpec(saes=("t",), top_k=4)
-    clamp = SteeringSpec(features=(FeatureEdit("t", 7, Op.CLAMP, 30.0),), readouts=read)
+    root = tmp_path_factory.mktemp("transcoded")
+    model = make_model(root / "m", heads=2, kv_heads=1, layers=2)
+    saes = []
+    for architecture in TRANSCODERS:
+        make_transcoder(root / architecture, layer=1, architecture=architecture)
+        saes.append(f"{architecture}={root / architecture}")
     engine = start(loop, vllm_backend.VllmEngine(model, saes, max_model_len=256))
-    try:
-        assert {"blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"} <= set(engine.steer_sites)
-        requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
-                    for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), clamp)]
-        got = loop.run(collect(engine, requests))
-    finally:
-        loop.run(engine.stop())
-    want = asyncio.run(collect(ReferenceEngine(model, saes), requests))
+    yield engine, ReferenceEngine(model, saes)
+    loop.run(engine.stop())
+
+
+@pytest.mark.parametrize("architecture", TRANSCODERS)
+def test_a_transcoder_steers_as_on_the_reference_backend(loop, transcoded, architecture):
+    """The op sits at both of a transcoder's sites; readouts and tokens agree with the reference
+    backend, and a clamp steers."""
+    engine, reference = transcoded
+    read = ReadoutSpec(saes=(architecture,), top_k=4)
+    clamp = SteeringSpec(features=(FeatureEdit(architecture, 7, Op.CLAMP, 30.0),), readouts=read)
+    assert {"blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"} <= set(engine.steer_sites)
+    requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
+                for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), clamp)]
+    got = loop.run(collect(engine, requests))
+    want = asyncio.run(collect(reference, requests))
     for i, (g, w) in enumerate(zip(got, want)):
         assert tokens(g) == tokens(w), f"request {i}"
         assert_same_readouts(g, w)

@@ -180,6 +180,7 @@ def test_training_continues_from_the_codebooks_in_the_model_folder(tiny_codebook
         train(c.model_copy(update={"num_codes": 41}))
 
 
+@pytest.mark.slow
 def test_continuing_adds_the_codebooks_the_model_folder_lacks_from_sampled_activations(tiny_codebook_model, tmp_path):
     """Attention codebooks first, then init=existing with MLP codebooks too: the attention codes
     continue from where they were, and each new MLP code starts as a real MLP output of the first

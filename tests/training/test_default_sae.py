@@ -40,6 +40,7 @@ def test_the_shipped_sae_is_small_complete_and_served_by_default(monkeypatch):
 
 
 @pytest.mark.default_model
+@pytest.mark.slow
 @pytest.mark.skipif(not is_converted(), reason="default model not converted: run `rudder fetch-default`")
 def test_the_shipped_sae_reconstructs_the_default_model_here():
     """Robust properties only, on this machine's float32 forward and the stdlib's text."""

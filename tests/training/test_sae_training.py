@@ -185,6 +185,7 @@ def _train_cmd(tiny_dir, out, *extra):
             "d_sae=128", "--set", "eval_tokens=512", "--set", "checkpoint_every_steps=20", *extra]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "sae"
     ckpt = tmp_path / "sae.ckpt" / "checkpoint.pt"
@@ -204,6 +205,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_dir, tmp_path):
     assert not ckpt.exists()
 
 
+@pytest.mark.slow
 def test_torchrun_trains_data_parallel_on_two_processes(tiny_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

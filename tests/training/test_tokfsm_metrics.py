@@ -90,6 +90,7 @@ def test_jsd_is_zero_for_equal_and_ln2_for_disjoint_distributions():
     torch.testing.assert_close(jsd(p, q), jsd(q, p))
 
 
+@pytest.mark.slow
 def test_figure_4_patching_orders_the_conditions_as_the_paper_does(shipped):
     """Normalised JSD of patching a source state's codes into a target at its last digit: 1 with
     nothing patched, about 0 with every codebook patched, and falling as more codebooks are patched,
