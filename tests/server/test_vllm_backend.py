@@ -342,8 +342,8 @@ def test_every_sequence_ends_with_a_stop_reason_eos_from_generation_config_and_c
     model = tmp_path / "eos"
     shutil.copytree(models["plain"], model)
     prompt = PROMPTS[0]
-    (plain,) = asyncio.run(collect(ReferenceEngine(model), [
-        EngineRequest(ReferenceEngine(model).tokenize(prompt), Sampling(max_tokens=4))]))
+    reference = ReferenceEngine(model)
+    (plain,) = asyncio.run(collect(reference, [EngineRequest(reference.tokenize(prompt), Sampling(max_tokens=4))]))
     first = tokens(plain)[0]
     with_generation_eos(model, first)  # config.json and the tokenizer do not know it
     engine = start(loop, vllm_backend.VllmEngine(model, max_model_len=64))
