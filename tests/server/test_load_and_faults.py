@@ -26,7 +26,7 @@ from rudder.server.backends.reference import ReferenceEngine
 from rudder.server.requests import Limits
 from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
-from tests.server.engines import running_after_settling
+from tests.server.engines import running_after_settling, wait_for
 from tests.server.test_process import free_port, wait_until_serving
 from tests.tiny import make_model, make_sae
 
@@ -236,15 +236,6 @@ def test_the_context_bounds_prompts_and_cuts_outputs_with_length(backend, server
         toks = list(c.generate(prompt_of(253), max_tokens=6, ignore_eos=True))
     assert len(toks) == 3 and toks[-1].stop_reason == "length"
     assert (toks[-1].prompt_tokens, toks[-1].completion_tokens) == (253, 3)
-
-
-def wait_for(condition, what: str, ceiling: float = 120.0) -> None:
-    """Wait until `condition()` holds. The ceiling only turns a hang into a failure naming `what`; no
-    verdict depends on how soon it holds."""
-    deadline = time.monotonic() + ceiling
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting after {ceiling:.0f}s for: {what}"
-        time.sleep(0.01)
 
 
 def in_flight_after_settling(service, timeout: float = 30.0) -> int:

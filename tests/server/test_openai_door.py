@@ -134,8 +134,7 @@ def test_a_client_that_goes_away_aborts_its_generation(server, stream):
     paused while the client goes away, so the request is in the engine, unfinished, at any speed."""
     import socket
 
-    from tests.server.engines import running_after_settling
-    from tests.server.test_load_and_faults import wait_for
+    from tests.server.engines import running_after_settling, wait_for
 
     engine = server.server.engine
     cancelled = 'rudder:requests_total{code="CANCELLED",method="Completions"}'
