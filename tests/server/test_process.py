@@ -12,6 +12,7 @@ import pytest
 
 from rudder import client as rc
 from rudder.client.cli import main as client_main
+from tests.server.engines import wait_for
 
 pytestmark = pytest.mark.slow  # `rudder serve` in a child process for each test
 
@@ -108,16 +109,21 @@ def test_prometheus_metrics_are_scraped_over_http(served):
         with pytest.raises(rc.NotFound):
             list(c.generate("x", interventions=[rc.clamp("nope", 1, 1.0)]))
     # The server counts an RPC as it closes, and the engine its wave as it ends, just after the client
-    # has its last message: wait for both.
-    deadline = time.monotonic() + 10
-    while True:
-        after = scrape(proc.metrics_url)
-        done = after.get(("rudder:requests_total", (("code", "OK"), ("method", "Generate"))), 0.0)
-        if done > before.get(("rudder:requests_total", (("code", "OK"), ("method", "Generate"))), 0.0) \
-                and after[("rudder:streams_in_flight", ())] == 0 and after[("rudder:num_requests_running", ())] == 0 \
-                or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    # has its last message: wait until every count the test reads has settled (the ceiling only names a hang).
+    ok, not_found = (("code", "OK"), ("method", "Generate")), (("code", "NOT_FOUND"), ("method", "Generate"))
+    after: dict = {}
+
+    def settled() -> bool:
+        after.clear()
+        after.update(scrape(proc.metrics_url))
+        return (after.get(("rudder:requests_total", ok), 0.0) > before.get(("rudder:requests_total", ok), 0.0)
+                and after.get(("rudder:requests_total", not_found), 0.0)
+                > before.get(("rudder:requests_total", not_found), 0.0)
+                and after.get(("rudder:e2e_request_latency_seconds_count", ()), 0.0)
+                > before.get(("rudder:e2e_request_latency_seconds_count", ()), 0.0)
+                and after[("rudder:streams_in_flight", ())] == 0 and after[("rudder:num_requests_running", ())] == 0)
+
+    wait_for(settled, "both RPCs counted and the engine idle in the scraped metrics")
 
     def grew(name, labels=()):
         return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
