@@ -9,7 +9,10 @@ echo "==> ruff (lint + import order; config in pyproject.toml)"
 ruff check .
 set +e
 start=$(date +%s)
-python -m pytest -q -p no:cacheprovider --durations=10 "$@"
+# Two workers (pytest-xdist), a test module at a time each, so that module-scoped engines are started
+# once; RUDDER_TEST_WORKERS=0 runs in one process (a debugger, -x, -s).
+python -m pytest -q -p no:cacheprovider --durations=10 -n "${RUDDER_TEST_WORKERS:-2}" --dist loadfile \
+  --no-loadscope-reorder "$@"
 rc=$?
 echo "==> test time: $(( $(date +%s) - start )) s (set-up excluded)"
 set -e

@@ -11,7 +11,16 @@ import torch
 
 from tests.tiny import make_model, make_sae
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# `make test` runs the suite in parallel (pytest-xdist, scripts/test.sh): each worker gets its share of
+# the cores for torch, and pins its vLLM engines to a core of its own (vLLM's default pins every engine
+# to core 0, so two workers' engines would take turns on it). A user's own setting wins.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+CORES = os.cpu_count() or 1
+torch.set_num_threads(max(1, min(2, CORES // WORKERS)))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // WORKERS)))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(WORKER % CORES))
 
 # Every process this test run starts inherits this tag (vLLM's engine cores and workers, `rudder serve`
 # children, ...), so one that outlives its fixture is found even after it has been orphaned.
@@ -125,6 +134,14 @@ def tiny_sae_dir(tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The heaviest modules first (most tests that start vLLM engines or are slow), so that a parallel
+    # run (one module per worker at a time, scripts/test.sh) does not end on one long module.
+    weight: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        weight[module] = weight.get(module, 0) + int(
+            any(m in item.keywords for m in ("vllm", "slow")))
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: a module's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (marked gpu); torch sees no GPU here")

@@ -10,14 +10,12 @@ import asyncio
 import os
 import random
 import shutil
-import threading
 
 import pytest
 import torch
 
 from rudder.core.codebook import Codebook, CodebookConfig, save_codebooks
 from rudder.core.errors import ArtifactError
-from rudder.core.hf_sites import VLLM_FAMILIES
 from rudder.core.steering import (
     CodeEdit,
     DirectionEdit,
@@ -31,8 +29,8 @@ from rudder.core.steering import (
 )
 from rudder.server.backends.base import EngineRequest, Sampling
 from rudder.server.backends.reference import ReferenceEngine
-from tests.server.engines import collect, tokens
-from tests.tiny import make_model, make_sae, make_tokenizer
+from tests.server.engines import assert_same_readouts, collect, start, tokens
+from tests.tiny import make_model, make_sae
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; the tiny models need little
 
@@ -43,29 +41,6 @@ PROMPTS = ["The capital of France", "Sparse autoencoders find", "The quick brown
            "What is the capital", "codebooks snap activations", "The lazy dog", "language model"]
 NEW = 16
 DIRECTION_SITE = "blocks.2.hook_resid_post"  # declared at start-up: no artifact sits there
-
-
-class Loop:
-    """One event loop in a thread; `run(coro)` waits for its result."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 600):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-
-
-@pytest.fixture(scope="module")
-def loop():
-    lp = Loop()
-    yield lp
-    lp.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +58,6 @@ def models(tmp_path_factory):
     save_codebooks([Codebook(CodebookConfig("z1", "blocks.1.attn.hook_z", num_codes=64, k=2, d_code=32,
                                             num_heads=2))], coded)
     return {"plain": plain, "coded": coded, "saes": [f"{n}={root / n}" for n in saes]}
-
-
-def start(loop, engine):
-    loop.run(engine.start())
-    return engine
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +86,6 @@ def mixed_batch(engine) -> list[EngineRequest]:
     ]
     return [EngineRequest(engine.tokenize(p), Sampling(max_tokens=NEW, ignore_eos=True), s)
             for p, s in zip(PROMPTS, specs)]
-
-
-def assert_same_readouts(got, want, rel=1e-3):
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert (g.token_id, g.position, g.is_prompt) == (w.token_id, w.position, w.is_prompt)
-        assert [r.source for r in g.readouts] == [r.source for r in w.readouts]
-        for a, b in zip(g.readouts, w.readouts):
-            if b.codes is not None:
-                assert a.codes == b.codes
-                continue
-            assert a.top_values == pytest.approx(b.top_values, rel=rel, abs=1e-3)
-            assert a.selected_ids == b.selected_ids
-            assert a.selected_values == pytest.approx(b.selected_values, rel=rel, abs=1e-3)
-            assert set(a.top_ids) == set(b.top_ids) or a.top_values[-1] == pytest.approx(b.top_values[-1], abs=1e-3)
 
 
 def test_mixed_batch_matches_the_reference_backend(loop, models, vllm_coded):
@@ -404,47 +359,6 @@ def test_tensor_parallel_2_steers_and_reads_out_as_the_reference_backend(tmp_pat
     assert any(t.readout("r1").top[0][0] == 3 for t in two[1])  # the clamp showed, on TP 2 too
 
 
-# Llama is the rest of this module; Gemma-2, GPT-2 and GPT-NeoX also with SAEs at attn.hook_z and hook_mlp_out
-FAMILY_SITES = {family: ("blocks.1.hook_resid_post",) for family in VLLM_FAMILIES if family != "llama"}
-FAMILY_SITES["llama-3-rope"] = ("blocks.1.hook_resid_post",)  # Llama-3's rope scaling (factor 8 past 64 positions)
-LLAMA3_ROPE = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                 "original_max_position_embeddings": 64})
-FAMILY_SITES["gemma2"] = FAMILY_SITES["gpt2"] = FAMILY_SITES["gpt_neox"] = (
-    "blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out")
-
-
-@pytest.mark.parametrize("family", sorted(FAMILY_SITES))
-def test_each_family_serves_as_on_the_reference_backend(loop, tmp_path, family):
-    """A tiny random model of each family: an SAE at each site reads out the same top features on both
-    backends, greedy tokens agree, and a clamp changes the continuation."""
-    extra = LLAMA3_ROPE if family == "llama-3-rope" else {}
-    model = make_model(tmp_path / family, family=family.partition("-")[0], heads=2, kv_heads=1, layers=2, **extra)
-    saes = []
-    for i, site in enumerate(FAMILY_SITES[family]):
-        make_sae(tmp_path / f"s{i}", site, seed=i)
-        saes.append(f"s{i}={tmp_path / f's{i}'}")
-    names = tuple(s.split("=")[0] for s in saes)
-    read = ReadoutSpec(saes=names, top_k=4)
-    clamps = [SteeringSpec(features=(FeatureEdit(name, 7, Op.CLAMP, 30.0),), readouts=read) for name in names]
-    engine = start(loop, vllm_backend.VllmEngine(model, saes, max_model_len=256))
-    try:
-        requests = [EngineRequest(engine.tokenize(p), Sampling(max_tokens=8, ignore_eos=True), spec)
-                    for p in PROMPTS[:3] for spec in (SteeringSpec(readouts=read), *clamps)]
-        got = loop.run(collect(engine, requests))
-    finally:
-        loop.run(engine.stop())
-    want = asyncio.run(collect(ReferenceEngine(model, saes), requests))
-    # Gemma-2 soft-caps its attention logits: vLLM's CPU attention kernel does it with its own tanh, and
-    # values read after it differ from eager PyTorch's by up to ~0.15% (1e-3 holds with the cap off)
-    rel = 2e-3 if family == "gemma2" else 1e-3
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert tokens(g) == tokens(w), f"{family} request {i}"
-        assert_same_readouts(g, w, rel)
-    per_prompt = 1 + len(clamps)
-    for c in range(1, per_prompt):  # each clamp steers some prompt
-        assert any(tokens(got[i]) != tokens(got[i + c]) for i in range(0, len(got), per_prompt)), names[c - 1]
-
-
 TRANSCODERS = ("transcoder", "jumprelu_skip_transcoder")
 
 
@@ -481,15 +395,3 @@ def test_a_transcoder_steers_as_on_the_reference_backend(loop, transcoded, archi
         assert tokens(g) == tokens(w), f"request {i}"
         assert_same_readouts(g, w)
     assert any(tokens(got[i]) != tokens(got[i + 1]) for i in range(0, len(got), 2))
-
-
-@pytest.mark.parametrize("backend", ["vllm", "reference"])
-def test_a_family_without_a_layout_is_refused_naming_those_served(tmp_path, backend):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=2,
-                             word_embed_proj_dim=64, vocab_size=320)).save_pretrained(tmp_path)
-    make_tokenizer().save_pretrained(tmp_path)
-    engine = vllm_backend.VllmEngine if backend == "vllm" else ReferenceEngine
-    with pytest.raises(ArtifactError, match="model type 'opt' is not supported; Rudder serves llama, .*gpt_neox"):
-        engine(tmp_path)
