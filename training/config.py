@@ -3,6 +3,7 @@
     rudder train sae --config sae.yaml --set objective=e2e --set loss.sparsity=2.0     # SaeTrainConfig
     rudder train codebook --config cb.yaml --model DIR --out OUT                        # CodebookTrainConfig
     rudder train tokfsm --out DIR --steps 1500                                          # TokFSMTrainConfig
+    rudder train vector --concept cats --words 'cats?|kittens?' --out DIR               # VectorTrainConfig
 
 The `rudder train` flags are made from these models: every field's description is its `--help`.
 
@@ -183,6 +184,36 @@ class TokFSMTrainConfig(_Strict):
     resume: bool = Field(False, description="continue from OUT/checkpoint.pt (model, optimizer, schedule, walks) "
                          "up to --steps")
     device: str = Field("cpu", description="torch device to train on (cuda for a GPU)")
+
+
+class VectorTrainConfig(_Strict):
+    """A steering vector for a concept (rudder.training.vectors): examples the model writes itself (or
+    given), a direction by `method`, its strength calibrated under a fluency budget."""
+
+    concept: str = Field(..., description="the concept's name, as a prompt says it: 'cats', 'the ocean'")
+    words: str | None = Field(None, description="regex alternatives that mark a text as on the concept, e.g. "
+                              "'cats?|kittens?' (default: the concept's name)")
+    model: str | None = Field(None, description="Hugging Face causal LM folder (default: the embedded default model)")
+    site: str = Field("blocks.10.hook_resid_post", description="where the vector is added")
+    method: Literal["diffmean", "pca_diff"] = Field("diffmean", description="diffmean: mean(pos) - mean(neg); "
+                                                    "pca_diff: first component of the paired differences")
+    examples: Path | None = Field(None, description="JSON lines of {\"positive\": TEXT, \"negative\": TEXT} "
+                                  "(default: the model writes them, asked to mention the concept vs not)")
+    num_examples: int = Field(32, ge=1, le=32, description="instructions the model answers for its own examples")
+    calibrate: bool = Field(True, description="sweep the strength on calibration instructions and keep the best "
+                            "within the budget")
+    strengths: list[float] = Field([2, 4, 6, 8, 12], min_length=1,
+                                   description="swept alphas, in tenths of the site's mean activation norm")
+    budget: float = Field(1.0, gt=0, description="fluency drop allowed: nats per token under the unsteered model")
+    max_tokens: int = Field(48, ge=8, description="tokens per calibration answer")
+    out: Path = Field(..., description="vector folder to write")
+
+    @model_validator(mode="after")
+    def _check(self) -> VectorTrainConfig:
+        if any(not math.isfinite(s) or s <= 0 for s in self.strengths):
+            raise ValueError(f"strengths must be finite and > 0, got {self.strengths}")
+        Site.parse(self.site)
+        return self
 
 
 def warmup_decay(step: int, total: int, warmup: int, kind: str = "cosine", floor: float = 0.1) -> float:

@@ -234,6 +234,11 @@ class VllmEngine(HfTokenizing):
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # Rudder reads the V1 runner's batch state
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 saves AOT-compiled artifacts it cannot load ("'function' object has no attribute
+            # 'finalize_loading'") and compiles again at every start; its older compile cache loads (a warm start
+            # of a tiny model: 4 s of compile instead of 7-8; cold: 13 s instead of 19). Still torch.compile'd.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         self._socket_dir = tempfile.mkdtemp(prefix="rudder-readouts-")  # mode 0700: only this user connects
         address = f"ipc://{self._socket_dir}/readouts"
         self._zmq = zmq.asyncio.Context()

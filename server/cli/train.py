@@ -3,6 +3,7 @@
     rudder train sae --config sae.yaml --set objective=e2e --out PATH
     rudder train codebook --config cb.yaml --model DIR --out OUT
     rudder train tokfsm --out DIR [--steps 1500]
+    rudder train vector --concept cats --words 'cats?|kittens?' --out DIR
     rudder convert-codebook REF_DIR --base BASE_DIR --out OUT_DIR
 
 The flags come from the typed configs in rudder.training.config: the SAE and codebook
@@ -20,11 +21,20 @@ from pydantic import BaseModel
 
 from rudder.core.errors import InvalidArgument
 from rudder.server.cli.common import add_config_arguments, config_values, offline
-from rudder.training.config import CodebookTrainConfig, SaeTrainConfig, TokFSMTrainConfig, load_config, validate
+from rudder.training.config import (
+    CodebookTrainConfig,
+    SaeTrainConfig,
+    TokFSMTrainConfig,
+    VectorTrainConfig,
+    load_config,
+    validate,
+)
 
 SAE_SHORTCUTS = {"--model": "model", "--site": "sites", "--objective": "objective", "--architecture": "architecture",
                  "--d-sae": "d_sae", "--tokens": "tokens", "--out": "out"}
 CODEBOOK_SHORTCUTS = {"--model": "model", "--out": "out"}
+VECTOR_SHORTCUTS = {"--concept": "concept", "--words": "words", "--model": "model", "--site": "site",
+                    "--method": "method", "--examples": "examples", "--budget": "budget", "--out": "out"}
 """flag -> the config field it sets (a list field takes comma-separated values)"""
 
 
@@ -43,6 +53,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          description=TokFSMTrainConfig.__doc__)
     add_config_arguments(tf, TokFSMTrainConfig)
     tf.set_defaults(func=cmd_train_tokfsm)
+    tv = tsub.add_parser("vector", help="a steering vector for a concept (DiffMean or PCA), strength calibrated",
+                         description=VectorTrainConfig.__doc__)
+    add_yaml_config_arguments(tv, VectorTrainConfig, VECTOR_SHORTCUTS)
+    tv.set_defaults(func=cmd_train_vector)
 
     cc = sub.add_parser("convert-codebook", help="convert a codebook-features (reference code) checkpoint")
     cc.add_argument("ref", type=Path, help="the reference checkpoint folder")
@@ -113,6 +127,14 @@ def cmd_train_tokfsm(args: argparse.Namespace) -> int:
     from rudder.training.tokfsm import run
 
     run(validate(TokFSMTrainConfig, config_values(TokFSMTrainConfig, args)))
+    return 0
+
+
+@offline
+def cmd_train_vector(args: argparse.Namespace) -> int:
+    from rudder.training.vectors import run
+
+    run(yaml_config_from_args(VectorTrainConfig, VECTOR_SHORTCUTS, args))
     return 0
 
 

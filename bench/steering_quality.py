@@ -1,0 +1,238 @@
+"""Does steering land? A judge-free, AxBench-shaped benchmark on the default model.
+
+    .venv/bin/python bench/steering_quality.py [--topics cats,dogs,...] [--site blocks.10.hook_resid_post]
+                                               [--strengths 2,4,6,8] [--quick]
+
+For each topic, every arm answers the same instructions (temperature 1, fixed seeds, 48 tokens):
+- prompt: the instruction plus "Mention {topic} in your answer." (the field's bar);
+- feature_regex: today's recipe, the shipped SAE's feature found by a regex over its top examples,
+  clamped on generated tokens at a multiple of its max activation;
+- diffmean / pca_diff: a steering vector built from examples the model writes itself (asked to
+  mention the topic vs plain answers to other instructions), added at `--site` with alpha a multiple
+  of the site's mean activation norm;
+- best+prompt: the best steering arm (by calibration success) together with the prompt.
+The instructions are split in half: each steered arm's strength is calibrated on the first half
+(the highest success whose fluency drop is within the budget, rudder.core.vectors.pick_strength)
+and reported on the second. Measures (rudder.training.concepts): on topic (a word classifier),
+fluency drop (mean log-prob per token under the unsteered model, below the unsteered answers'),
+repeated trigrams, success (on topic, drop within budget, <= 10% repeated trigrams), and a
+relevance proxy (log-prob of the answer given its own instruction minus given another's).
+
+Prints a table; writes bench/results/steering_quality.json and docs/img/steering_quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rudder import client as rc
+from rudder.core.default_model import MODEL_NAME, default_model_dir
+from rudder.core.vectors import METHODS, build, pick_strength
+from rudder.server.app import BackgroundServer
+from rudder.server.backends.reference import ReferenceEngine
+from rudder.training.concepts import (
+    CALIBRATION_INSTRUCTIONS,
+    EXAMPLE_INSTRUCTIONS,
+    MENTION,
+    REPORT_INSTRUCTIONS,
+    Concept,
+    Judge,
+    answer_all,
+    client_generator,
+    score,
+    summary,
+    sweep,
+)
+from rudder.training.lm import HookedLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from topic_steering import SHIPPED, TOPICS, search_regex  # noqa: E402  (the classifier and feature search)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topics", default=",".join(TOPICS), help=f"comma-separated, of: {', '.join(TOPICS)}")
+    ap.add_argument("--site", default="blocks.10.hook_resid_post", help="where the vectors are added")
+    ap.add_argument("--strengths", default="2,4,6,8,12",
+                    help="vector alphas as multiples of the site's mean activation norm / 10 (comma-separated)")
+    ap.add_argument("--feature-strengths", default="2,4,6,8", help="clamps, multiples of the feature's max activation")
+    ap.add_argument("--scope", default="all", choices=["all", "generated"], help="positions the vectors act on")
+    ap.add_argument("--budget", type=float, default=1.0, help="fluency drop allowed, nats per token")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="8 instructions and 16 examples (a smoke run)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/steering_quality.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/steering_quality.png")
+    args = ap.parse_args()
+    args.topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+    if unknown := [t for t in args.topics if t not in TOPICS]:
+        ap.error(f"unknown topic {unknown[0]}; choose from {', '.join(TOPICS)}")
+    for name in ("strengths", "feature_strengths"):
+        try:
+            setattr(args, name, [float(x) for x in getattr(args, name).split(",")])
+        except ValueError:
+            ap.error(f"--{name.replace('_', '-')} takes numbers separated by commas")
+        if any(not math.isfinite(x) or x <= 0 for x in getattr(args, name)):
+            ap.error(f"--{name.replace('_', '-')} must be finite and positive")
+    if not args.budget > 0:
+        ap.error(f"--budget is the fluency drop allowed, in nats per token: > 0, got {args.budget}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    cal = CALIBRATION_INSTRUCTIONS[:4] if args.quick else CALIBRATION_INSTRUCTIONS
+    rep = REPORT_INSTRUCTIONS[:4] if args.quick else REPORT_INSTRUCTIONS
+    examples = EXAMPLE_INSTRUCTIONS[:16] if args.quick else EXAMPLE_INSTRUCTIONS
+    t0 = time.perf_counter()
+    engine = ReferenceEngine(default_model_dir(), saes=[str(SHIPPED)])
+    judge = Judge(HookedLM.load(default_model_dir()))
+    sae = SHIPPED.name
+    scope = rc.scope(args.scope)
+    results: dict = {"topics": {}}
+    with BackgroundServer(engine, MODEL_NAME) as srv, rc.Client(srv.address, timeout=1800) as c:
+        gen = client_generator(c, args.max_tokens)
+        # the unsteered answers: the fluency reference of each half, and every topic's baseline
+        base = {name: answer_all(gen, [(i, k, []) for k, i in enumerate(part)], args.concurrency)
+                for name, part in (("cal", cal), ("rep", rep))}
+        plain_examples = answer_all(gen, [(i, 1000 + k, []) for k, i in enumerate(examples)], args.concurrency)
+        site_norm = judge.site_norm([a.text for a in plain_examples[:16]], args.site)
+        print(f"{args.site}: mean activation norm {site_norm:.1f}; vector alpha = strength x {site_norm / 10:.2f}")
+        for topic in args.topics:
+            concept = Concept(topic, TOPICS[topic][1])
+            row = run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plain_examples, base,
+                            site_norm)
+            results["topics"][topic] = row
+    results.update({
+        "date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "sae": str(SHIPPED.relative_to(ROOT)),
+        "site": args.site, "scope": args.scope, "budget": args.budget, "temperature": 1.0,
+        "max_tokens": args.max_tokens, "strengths": args.strengths, "feature_strengths": args.feature_strengths,
+        "instructions": {"calibrate": cal, "report": rep}, "example_instructions": examples,
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - t0})
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    plot(results, args.plot)
+    print(f"wrote {args.out} and {args.plot}")
+
+
+def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plain_examples, base, site_norm) -> dict:
+    budget = args.budget
+    base_scored = {h: score(judge, concept, base[h], part) for h, part in (("cal", cal), ("rep", rep))}
+    base_lp = {h: summary(s, 0.0, budget)["mean_logprob"] for h, s in base_scored.items()}
+    row: dict = {"baseline": summary(base_scored["rep"], base_lp["rep"], budget), "arms": {}, "costs": {}}
+    print(f"{concept.name}: baseline {row['baseline']['on_topic']:.0%} on topic", flush=True)
+
+    # the model writes the examples: mention-the-topic answers vs the plain ones, paired by instruction
+    t = time.perf_counter()
+    mention = answer_all(gen, [(MENTION.format(instruction=i, concept=concept.name), 1000 + k, [])
+                               for k, i in enumerate(examples)], args.concurrency)
+    pairs = [(m.text, p.text) for m, p in zip(mention, plain_examples) if concept.on(m.text) and not concept.on(p.text)]
+    row["costs"]["examples_s"] = time.perf_counter() - t
+    row["examples"] = len(pairs)
+    t = time.perf_counter()
+    pos = judge.text_activations([p for p, _ in pairs], args.site)
+    neg = judge.text_activations([n for _, n in pairs], args.site)
+    vectors = {m: build(m, pos, neg) for m in METHODS}
+    row["costs"]["vectors_s"] = time.perf_counter() - t
+    unit = site_norm / 10
+
+    def vector_arm(v):
+        return lambda s: [rc.direction(s * unit, vector=v.tolist(), site=args.site, scope=scope)]
+
+    feature, matches = c.best_feature(sae, search_regex(concept.name))
+    arms = {m: (vector_arm(v), args.strengths) for m, v in vectors.items()}
+    if feature is not None:
+        arms["feature_regex"] = (lambda s: [rc.clamp(sae, feature.id, s * feature.max_activation,
+                                                     scope=rc.scope("generated"))], args.feature_strengths)
+        row["feature"] = {"id": feature.id, "matches": matches, "max_activation": feature.max_activation}
+
+    def calibrate(name, at, strengths, prompt=lambda i: i):
+        t = time.perf_counter()
+        curve, rows = sweep(gen, judge, concept, cal, at, strengths, base_lp["cal"], budget, prompt=prompt,
+                            concurrency=args.concurrency, progress=lambda m: print(f"  [{name}]{m}", flush=True))
+        chosen = pick_strength(curve, budget)
+        row["costs"][f"calibrate_{name}_s"] = time.perf_counter() - t
+        return curve, rows, chosen
+
+    def report(name, at, strength, prompt=lambda i: i):
+        jobs = [(prompt(i), k, at(strength) if strength is not None else []) for k, i in enumerate(rep)]
+        return summary(score(judge, concept, answer_all(gen, jobs, args.concurrency), rep), base_lp["rep"], budget)
+
+    mention_prompt = lambda i: MENTION.format(instruction=i, concept=concept.name)  # noqa: E731
+    row["arms"]["prompt"] = report("prompt", None, None, mention_prompt)
+    best, best_cal = None, -1.0
+    for name, (at, strengths) in arms.items():
+        curve, rows, chosen = calibrate(name, at, strengths)
+        arm = {"calibration": rows, "strength": chosen.strength if chosen else None}
+        arm.update(report(name, at, chosen.strength) if chosen else {"success": 0.0, "on_topic": 0.0})
+        row["arms"][name] = arm
+        if chosen and chosen.success > best_cal:
+            best, best_cal = name, chosen.success
+    if best is not None:
+        at, strengths = arms[best]
+        curve, rows, chosen = calibrate(f"{best}+prompt", at, strengths, mention_prompt)
+        arm = {"steering": best, "calibration": rows, "strength": chosen.strength if chosen else None}
+        arm.update(report("best+prompt", at, chosen.strength, mention_prompt) if chosen else {"success": 0.0})
+        row["arms"]["best+prompt"] = arm
+        b = row["arms"][best]
+        row["best"] = {"method": best, "strength": b["strength"], "on_topic": b["on_topic"], "success": b["success"],
+                       "fluency_drop": b.get("fluency_drop"), "baseline_on_topic": row["baseline"]["on_topic"]}
+    print(f"{concept.name}: " + ", ".join(f"{k} {v.get('success', 0):.0%}" for k, v in row["arms"].items()), flush=True)
+    return row
+
+
+ARMS = ("prompt", "feature_regex", "diffmean", "pca_diff", "best+prompt")
+
+
+def print_table(results: dict) -> None:
+    print(f"\nsuccess (on topic) per arm on the report half; budget {results['budget']} nats/token; "
+          f"torch {results['threads']} threads on {results['cpu_count']} cores; {results['seconds']:.0f} s")
+    print(f"{'topic':<7} {'base':>5} " + " ".join(f"{a:>16}" for a in ARMS) + "   best steering")
+    for topic, r in results["topics"].items():
+        cells = []
+        for a in ARMS:
+            x = r["arms"].get(a)
+            cells.append(f"{x['success']:5.0%} ({x['on_topic']:4.0%})" if x and "on_topic" in x else f"{'-':>11}")
+        best = r.get("best", {})
+        print(f"{topic:<7} {r['baseline']['on_topic']:5.0%} " + " ".join(f"{x:>16}" for x in cells)
+              + f"   {best.get('method', '-')} @ {best.get('strength', '-')}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    topics = list(results["topics"])
+    fig, axes = plt.subplots(1, len(topics), figsize=(3.2 * len(topics), 3.2), sharey=True, squeeze=False)
+    for ax, topic in zip(axes[0], topics):
+        for name, arm in results["topics"][topic]["arms"].items():
+            if "calibration" not in arm:
+                continue
+            pts = list(arm["calibration"].values())
+            ax.plot([p["fluency_drop"] for p in pts], [p["on_topic"] for p in pts], marker="o", label=name)
+        p = results["topics"][topic]["arms"]["prompt"]
+        ax.scatter([p["fluency_drop"]], [p["on_topic"]], marker="*", s=120, color="k", label="prompt", zorder=3)
+        ax.axvline(results["budget"], color="grey", ls="--", lw=0.8)
+        ax.set_title(topic)
+        ax.set_xlabel("fluency drop (nats/token)")
+    axes[0][0].set_ylabel("on topic (calibration half)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Steering vectors: a direction at one site, built from examples, with the strength it was
+calibrated at. Training writes them (`rudder train vector`), the server adds them as a
+direction edit (x' = x + strength * v), and the benchmark compares them with SAE features.
+
+A vector folder holds:
+
+    vector.safetensors   {"vector": (d,) float32, unit norm}
+    vector.json          {"format", "site", "d_model", "model", "method", "strength", "site_norm",
+                          "budget", "calibration": [...], "provenance": {...}}
+
+`strength` is the calibrated alpha in the site's own units; `site_norm` is the mean norm of
+the site's activations on the examples (strengths are swept as multiples of it).
+
+Methods (pos, neg: one activation row per example, (n, d)):
+- DiffMean: mean(pos) - mean(neg) (AxBench's DiffMean; the "mean" aggregator of steering-vectors).
+- PCA of differences: the first principal component of the paired differences pos_i - neg_i,
+  centred (repeng's pca_diff), its sign chosen so that pos projects above neg on most pairs.
+
+Calibration: `pick_strength` chooses, among swept strengths whose fluency drop (nats per token
+under the unsteered model) stays within a budget, the one with the highest success rate
+(ties: the stronger); the whole curve is kept in vector.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rudder.core.errors import ArtifactError, InvalidArgument
+
+FORMAT = "rudder.steering_vector/1"
+WEIGHTS, META = "vector.safetensors", "vector.json"
+METHODS = ("diffmean", "pca_diff")
+
+
+def _check_examples(pos: Tensor, neg: Tensor, paired: bool) -> None:
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
+        raise InvalidArgument(f"examples must be (n, d) activation rows of one width; got {tuple(pos.shape)} "
+                              f"and {tuple(neg.shape)}")
+    if len(pos) == 0 or len(neg) == 0:
+        raise InvalidArgument(f"a steering vector needs positive and negative examples; got {len(pos)} positive "
+                              f"and {len(neg)} negative: give both sides")
+    if paired and len(pos) != len(neg):
+        raise InvalidArgument(f"pca_diff pairs examples: {len(pos)} positive vs {len(neg)} negative; give as many "
+                              "of each, or use diffmean")
+    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise InvalidArgument("the examples' activations hold NaN or infinite values")
+
+
+def diffmean(pos: Tensor, neg: Tensor) -> Tensor:
+    """mean(pos) - mean(neg), unnormalised."""
+    _check_examples(pos, neg, paired=False)
+    return pos.double().mean(0).float() - neg.double().mean(0).float()
+
+
+def pca_diff(pos: Tensor, neg: Tensor) -> Tensor:
+    """First principal component (unit norm) of the centred differences pos_i - neg_i; sign: pos
+    projects above its paired neg on most pairs (ties: along the mean difference)."""
+    _check_examples(pos, neg, paired=True)
+    diffs = (pos - neg).double()
+    if len(diffs) < 2:
+        v = diffs[0]
+    else:
+        _, _, vh = torch.linalg.svd(diffs - diffs.mean(0), full_matrices=False)
+        v = vh[0]
+    v = v / v.norm().clamp_min(1e-12)
+    votes = torch.sign(diffs @ v).sum()
+    if votes < 0 or (votes == 0 and diffs.mean(0) @ v < 0):
+        v = -v
+    return v.float()
+
+
+def build(method: str, pos: Tensor, neg: Tensor) -> Tensor:
+    """A unit-norm steering direction from examples by `method` (one of METHODS)."""
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown vector method {method!r}; choose one of {', '.join(METHODS)}")
+    v = diffmean(pos, neg) if method == "diffmean" else pca_diff(pos, neg)
+    n = v.norm()
+    if not math.isfinite(n.item()) or n.item() == 0:
+        raise InvalidArgument(f"{method}: the positive and negative examples give a zero direction "
+                              "(identical activations); give examples that differ in the concept")
+    return v / n
+
+
+@dataclass
+class CalibrationPoint:
+    strength: float  # alpha, in the site's units
+    on_topic: float  # share of answers on the concept
+    fluency_drop: float  # nats per token below the unsteered answers' mean, under the unsteered model
+    success: float  # share on topic, fluent and not repetitive
+    repeated_trigrams: float = 0.0
+
+
+def pick_strength(curve: list[CalibrationPoint], budget: float = 1.0) -> CalibrationPoint | None:
+    """The point with the highest success among those whose fluency drop is within `budget`
+    (ties: the stronger); None if none is."""
+    if not (budget > 0 and math.isfinite(budget)):
+        raise InvalidArgument(f"the fluency budget is nats per token the steering may cost; it must be > 0, "
+                              f"got {budget}")
+    fine = [p for p in curve if p.fluency_drop <= budget]
+    return max(fine, key=lambda p: (p.success, p.strength)) if fine else None
+
+
+@dataclass
+class SteeringVector:
+    site: str
+    vector: Tensor  # (d,), unit norm
+    method: str
+    strength: float | None = None  # calibrated alpha; None: not calibrated
+    site_norm: float | None = None
+    model: str = ""
+    budget: float | None = None
+    calibration: list[CalibrationPoint] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        v = torch.as_tensor(self.vector, dtype=torch.float32)
+        if v.ndim != 1 or v.numel() == 0:
+            raise InvalidArgument(f"a steering vector is one (d,) row; got shape {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise InvalidArgument("the steering vector holds NaN or infinite components")
+        self.vector = v
+
+    @property
+    def d_model(self) -> int:
+        return self.vector.numel()
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        from rudder.core.fileio import replace_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        replace_file(folder / WEIGHTS, lambda p: save_file({"vector": self.vector.contiguous()}, str(p)))
+        meta = {"format": FORMAT, "site": self.site, "d_model": self.d_model, "model": self.model,
+                "method": self.method, "strength": self.strength, "site_norm": self.site_norm,
+                "budget": self.budget, "calibration": [asdict(p) for p in self.calibration],
+                "provenance": self.provenance}
+        replace_file(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, d_model: int | None = None) -> SteeringVector:
+        """Read a vector folder; `d_model`: refuse one of another width."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / META).exists() or not (folder / WEIGHTS).exists():
+            raise ArtifactError(f"{folder} is not a steering vector folder (it needs {META} and {WEIGHTS}); "
+                                "make one with `rudder train vector`")
+        meta = json.loads((folder / META).read_text())
+        if meta.get("format") != FORMAT:
+            raise ArtifactError(f"{folder / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        vector = load_file(str(folder / WEIGHTS))["vector"]
+        if d_model is not None and vector.numel() != d_model:
+            raise ArtifactError(f"{folder}: a vector of width {vector.numel()}, for a model of width {d_model}: "
+                                f"it was built for another model ({meta.get('model') or 'unnamed'})")
+        try:
+            return cls(site=meta["site"], vector=vector, method=meta["method"], strength=meta.get("strength"),
+                       site_norm=meta.get("site_norm"), model=meta.get("model", ""), budget=meta.get("budget"),
+                       calibration=[CalibrationPoint(**p) for p in meta.get("calibration", [])],
+                       provenance=meta.get("provenance", {}))
+        except InvalidArgument as e:
+            raise ArtifactError(f"{folder}: {e}") from e

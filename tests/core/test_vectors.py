@@ -1,0 +1,99 @@
+"""Steering vectors built from examples, against hand computations, and their calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rudder.core.errors import ArtifactError, InvalidArgument
+from rudder.core.vectors import CalibrationPoint, SteeringVector, build, diffmean, pca_diff, pick_strength
+
+
+def examples(n=12, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    concept = torch.zeros(d)
+    concept[2] = 3.0
+    neg = torch.randn(n, d, generator=g)
+    pos = neg + concept + 0.3 * torch.randn(n, d, generator=g)
+    return pos, neg
+
+
+def test_diffmean_is_the_difference_of_the_means_exactly():
+    pos, neg = examples()
+    by_hand = np.asarray(pos, dtype=np.float64).mean(0) - np.asarray(neg, dtype=np.float64).mean(0)
+    np.testing.assert_allclose(diffmean(pos, neg).numpy(), by_hand, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(build("diffmean", pos, neg).numpy(), by_hand / np.linalg.norm(by_hand), atol=1e-6)
+
+
+def test_pca_diff_is_the_first_component_of_the_centred_differences_up_to_sign():
+    pos, neg = examples()
+    d = np.asarray(pos - neg, dtype=np.float64)
+    _, _, vt = np.linalg.svd(d - d.mean(0))
+    got = pca_diff(pos, neg).numpy()
+    assert abs(float(got @ vt[0])) == pytest.approx(1.0, abs=1e-5)
+    # the sign: positives project above their paired negatives on most pairs
+    assert (d @ got > 0).sum() > len(d) / 2
+
+
+def test_pca_diff_points_along_a_concept_that_varies_in_strength():
+    g = torch.Generator().manual_seed(1)
+    neg = torch.randn(32, 16, generator=g)
+    axis = torch.zeros(16)
+    axis[5] = 1.0
+    pos = neg + torch.rand(32, 1, generator=g) * 4 * axis  # the concept, at varying strength
+    assert pca_diff(pos, neg)[5].item() > 0.99
+
+
+@pytest.mark.parametrize("pos,neg,match", [
+    (torch.zeros(0, 4), torch.ones(3, 4), "positive and negative examples"),
+    (torch.ones(3, 4), torch.zeros(0, 4), "positive and negative examples"),
+    (torch.ones(3, 4), torch.ones(3, 5), "one width"),
+    (torch.full((2, 4), float("nan")), torch.ones(2, 4), "NaN or infinite"),
+])
+def test_bad_example_sets_are_refused_in_one_line(pos, neg, match):
+    with pytest.raises(InvalidArgument, match=match):
+        build("diffmean", pos, neg)
+
+
+def test_identical_sides_and_unknown_methods_and_unpaired_pca_are_refused():
+    x = torch.ones(3, 4)
+    with pytest.raises(InvalidArgument, match="zero direction"):
+        build("diffmean", x, x.clone())
+    with pytest.raises(InvalidArgument, match="choose one of diffmean, pca_diff"):
+        build("lat", x, x)
+    with pytest.raises(InvalidArgument, match="as many of each"):
+        build("pca_diff", torch.randn(3, 4), torch.randn(2, 4))
+
+
+def curve(*points):
+    return [CalibrationPoint(s, on, drop, succ) for s, on, drop, succ in points]
+
+
+def test_calibration_picks_the_best_success_within_the_fluency_budget():
+    c = curve((1, 0.1, 0.1, 0.1), (2, 0.5, 0.4, 0.5), (4, 0.8, 0.9, 0.7), (8, 1.0, 3.0, 0.0), (16, 1.0, 6.0, 0.0))
+    assert pick_strength(c, 1.0).strength == 4
+    assert pick_strength(c, 0.5).strength == 2  # a tighter budget: a weaker setting
+    assert pick_strength(curve((1, 0, 0.1, 0.3), (2, 0, 0.2, 0.3)), 1.0).strength == 2  # ties: the stronger
+    assert pick_strength(curve((8, 1.0, 3.0, 0.0)), 1.0) is None  # nothing fluent enough
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument, match="fluency budget"):
+            pick_strength(c, bad)
+
+
+def test_a_vector_folder_round_trips_and_refuses_another_width(tmp_path):
+    pos, neg = examples()
+    v = SteeringVector("blocks.1.hook_resid_post", build("diffmean", pos, neg), "diffmean", strength=3.5,
+                       site_norm=12.0, model="tiny", budget=1.0, calibration=curve((3.5, 0.8, 0.5, 0.6)),
+                       provenance={"examples": 12})
+    v.save(tmp_path / "v")
+    back = SteeringVector.load(tmp_path / "v", d_model=8)
+    assert torch.equal(back.vector, v.vector)
+    assert (back.site, back.method, back.strength, back.site_norm, back.calibration, back.provenance) == \
+        (v.site, v.method, 3.5, 12.0, v.calibration, {"examples": 12})
+    with pytest.raises(ArtifactError, match="width 8, for a model of width 576"):
+        SteeringVector.load(tmp_path / "v", d_model=576)
+    with pytest.raises(ArtifactError, match="not a steering vector folder"):
+        SteeringVector.load(tmp_path)
+    with pytest.raises(InvalidArgument, match="NaN or infinite"):
+        SteeringVector("blocks.1.hook_resid_post", torch.tensor([1.0, float("inf")]), "diffmean")

@@ -1,0 +1,71 @@
+"""`rudder train vector` on a tiny model: the vector is the method's math over the model's own
+activations, calibration writes its curve, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rudder.core.vectors import SteeringVector, diffmean
+from rudder.server.cli import main
+from rudder.training.concepts import Concept, Judge, repeated_trigrams
+from rudder.training.lm import HookedLM
+
+SITE = "blocks.1.hook_resid_post"
+PAIRS = [("the cat sat on the mat with a kitten", "the car drove on the road with a truck"),
+         ("my cat purrs and the kittens play", "my phone rings and the bells chime"),
+         ("a cat chased a mouse at night", "a bus passed a stop at noon")]
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"positive": p, "negative": n}) for p, n in PAIRS) + "\n")
+    return path
+
+
+def test_train_vector_is_diffmean_over_the_models_activations_and_records_its_calibration(tiny_dir, tmp_path,
+                                                                                         pairs_file):
+    out = tmp_path / "cats"
+    assert main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--words", "cats?|kittens?",
+                 "--site", SITE, "--examples", str(pairs_file), "--out", str(out),
+                 "--set", "strengths=[1,4]", "--set", "max_tokens=8"]) == 0
+    v = SteeringVector.load(out, d_model=64)
+    judge = Judge(HookedLM.load(tiny_dir))
+    by_hand = diffmean(judge.text_activations([p for p, _ in PAIRS], SITE),
+                       judge.text_activations([n for _, n in PAIRS], SITE))
+    torch.testing.assert_close(v.vector, by_hand / by_hand.norm())
+    assert (v.site, v.method, v.provenance["pairs"], v.budget) == (SITE, "diffmean", 3, 1.0)
+    unit = v.site_norm / 10
+    assert [p.strength for p in v.calibration] == pytest.approx([1 * unit, 4 * unit])
+    assert v.strength is None or v.strength in [p.strength for p in v.calibration]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--site", "blocks.9.hook_resid_post"], "layers 0..2"),
+    (["--budget", "0"], "budget"),
+    (["--method", "lat"], "method"),
+    (["--set", "strengths=[1,nan]"], "strengths must be finite"),
+])
+def test_bad_settings_are_one_line_errors(tiny_dir, tmp_path, pairs_file, flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--examples", str(pairs_file),
+              "--out", str(tmp_path / "v"), *flags])
+    assert message in str(e.value) and not (tmp_path / "v").exists()
+
+
+def test_an_examples_file_without_pairs_is_refused(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"positive": "only one side"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1: expected a JSON object with 'positive' and 'negative'"):
+        main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--examples", str(bad),
+              "--out", str(tmp_path / "v")])
+
+
+def test_the_concept_classifier_and_repetition_measure():
+    c = Concept("cats", r"cats?|kittens?")
+    assert c.on("Two Kittens slept.") and not c.on("The category is wrong.")
+    assert repeated_trigrams("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
+    assert repeated_trigrams("one two three four") == 0.0
