@@ -38,6 +38,14 @@ WEIGHTS, META = "vector.safetensors", "vector.json"
 METHODS = ("diffmean", "pca_diff")
 
 
+def named(spec: str) -> tuple[str, Path]:
+    """`[NAME=]PATH` as (name, folder); the name defaults to the folder's."""
+    name, sep, source = spec.partition("=")
+    if not sep:
+        name, source = "", spec
+    return name or Path(source).name, Path(source)
+
+
 def _check_examples(pos: Tensor, neg: Tensor, paired: bool) -> None:
     if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
         raise InvalidArgument(f"examples must be (n, d) activation rows of one width; got {tuple(pos.shape)} "

@@ -21,6 +21,7 @@ from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
+from rudder.core.vectors import SteeringVector, named
 from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def split_named(spec: str) -> tuple[str, Path]:
 class Artifacts:
     saes: dict[str, AttachedSae] = field(default_factory=dict)
     codebooks: dict[str, AttachedCodebook] = field(default_factory=dict)
+    vectors: dict[str, SteeringVector] = field(default_factory=dict)  # resolved by the front end into directions
     changes: int = 0  # SAEs attached or removed so far: a cheap "has anything changed?", and generations
 
     def by_site(self) -> dict[str, SiteArtifacts]:
@@ -102,6 +104,20 @@ class Artifacts:
         return {**self.saes, **self.codebooks}
 
     # -------------------------------------------------------------- loading
+
+    def add_vector(self, spec: str, shape: ModelShape) -> tuple[str, SteeringVector]:
+        """Attach the steering vector folder `[NAME=]PATH` (`rudder train vector`); the name defaults to the
+        folder's. A vector of another width, or at a layer the model lacks, is refused."""
+        name, path = named(spec)
+        vector = SteeringVector.load(path, d_model=shape.d_model)
+        site = Site.parse(vector.site, shape.num_layers)
+        if shape.site_dim(site) != vector.d_model:
+            raise ArtifactError(f"{path}: a vector of width {vector.d_model} for {site.name}, which is "
+                                f"{shape.site_dim(site)} wide")
+        if name in self.vectors:
+            raise ArtifactError(f"two steering vectors named {name!r}; name them: --vector NAME=PATH")
+        self.vectors[name] = vector
+        return name, vector
 
     def add_sae(self, spec: str, shape: ModelShape, device: torch.device, weights: bool = True,
                 generation: int | None = None, model: torch.nn.Module | None = None,

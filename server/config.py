@@ -22,6 +22,8 @@ class ServeConfig:
     """Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)"""
     saes: list[str] = field(default_factory=list, metadata={"flag": "--sae", "metavar": "[NAME=]PATH"})
     """SAELens-format SAE folder, once per SAE (default, without --model: the SAEs shipped for the default model)"""
+    vectors: list[str] = field(default_factory=list, metadata={"flag": "--vector", "metavar": "[NAME=]PATH"})
+    """steering vector folder (`rudder train vector`), once per vector: clients steer with it by name"""
     backend: Literal["auto", "reference", "vllm"] = "auto"
     """engine: vllm (vLLM, compiled; pip install -e '.[vllm]'), reference (transformers + hooks, anywhere;
     the oracle), or auto: vllm when vLLM is installed, else reference"""

@@ -137,7 +137,9 @@ class RequestParser:
     def _direction_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str) -> DirectionEdit:
         which = m.WhichOneof("direction")
         if which is None:
-            raise InvalidArgument(f"{where}: give a direction: sae_feature or vector")
+            raise InvalidArgument(f"{where}: give a direction: sae_feature, vector or steering_vector")
+        if which == "steering_vector":
+            return self._named_vector_edit(m, scope, where)
         alpha = _bounded(m.alpha, f"{where}: alpha")
         if which == "sae_feature":
             sae_id, feature = m.sae_feature.sae, m.sae_feature.feature
@@ -149,8 +151,9 @@ class RequestParser:
             return DirectionEdit(site.name, alpha=alpha, scope=scope, sae=sae_id, feature=feature)
         if not m.site:
             raise InvalidArgument(f"{where}: a vector direction needs a site, e.g. blocks.10.hook_resid_post")
-        site = Site.parse(m.site, self.shape.num_layers)
-        values = list(m.vector.values)
+        return self._vector_edit(Site.parse(m.site, self.shape.num_layers), list(m.vector.values), alpha, scope, where)
+
+    def _vector_edit(self, site: Site, values: list[float], alpha: float, scope: Scope, where: str) -> DirectionEdit:
         self._check_direction_site(site, len(values), where)
         if not all(math.isfinite(v) for v in values):
             raise InvalidArgument(f"{where}: the direction vector has non-finite values")
@@ -159,6 +162,27 @@ class RequestParser:
             raise InvalidArgument(f"{where}: the direction's norm ({norm:g}) times |alpha| is past this server's "
                                   f"bound of {MAX_MAGNITUDE:g} (larger edits overflow half-precision activations)")
         return DirectionEdit(site.name, tuple(values), alpha, scope)
+
+    def _named_vector_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str) -> DirectionEdit:
+        """A loaded steering vector, by name: at its own site, at its calibrated alpha unless one is given.
+        It becomes the same edit as the vector given inline, so both backends and the prefix-cache salt see
+        one kind of direction."""
+        vectors = self.artifacts.vectors
+        name = m.steering_vector
+        if name not in vectors:
+            raise NotFound(f"{where}: unknown steering vector {name!r}; loaded: "
+                           f"{', '.join(sorted(vectors)) or 'none (start the server with --vector PATH)'}")
+        v = vectors[name]
+        if m.site and Site.parse(m.site, self.shape.num_layers).name != Site.parse(v.site).name:
+            raise InvalidArgument(f"{where}: steering vector {name!r} was built at {v.site}, not {m.site}; "
+                                  "leave the site out")
+        if m.HasField("alpha"):
+            alpha = _bounded(m.alpha, f"{where}: alpha")
+        elif v.strength is not None:
+            alpha = v.strength
+        else:
+            raise InvalidArgument(f"{where}: steering vector {name!r} was not calibrated; give an alpha")
+        return self._vector_edit(Site.parse(v.site, self.shape.num_layers), v.vector.tolist(), alpha, scope, where)
 
     def _check_direction_site(self, site: Site, got: int, where: str) -> None:
         """A direction of `got` values fits `site`, and the engine can steer there."""

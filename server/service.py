@@ -237,6 +237,9 @@ class SteeringService(pb_grpc.SteeringServicer):
                                        k=c.codebook.cfg.k, num_heads=c.codebook.cfg.num_heads,
                                        d_code=c.codebook.cfg.d_code)
                        for c in arts.codebooks.values()],
+            vectors=[pb.VectorInfo(name=n, site=v.site, method=v.method, alpha=v.strength, budget=v.budget or 0.0,
+                                   concept=str(v.provenance.get("concept", "")))
+                     for n, v in arts.vectors.items()],
         )
 
     async def ListFeatures(self, request: pb.ListFeaturesRequest, context) -> pb.ListFeaturesResponse:

@@ -74,8 +74,6 @@ def choose_backend(model_dir: Path) -> str:
 
 def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     """The engine `cfg` asks for, its model and artifacts loaded, and the model's served name."""
-    import torch
-
     from rudder.core.errors import RudderError
 
     model_dir, name, saes = model_and_saes(cfg)
@@ -86,22 +84,37 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
         raise SystemExit(f"error: {', '.join(vllm_only)} are for the vLLM backend, but this server runs the "
                          f"reference backend (see the log line above, or pass --backend vllm)")
     try:
-        if backend == "vllm":
-            from rudder.server.backends.vllm import VllmEngine
-
-            # vLLM's own defaults unless asked otherwise: the engine `vllm serve` would run
-            return VllmEngine(model_dir, saes, dtype=cfg.dtype, max_num_seqs=cfg.max_batch, max_model_len=None,
-                              gpu_memory_utilization=None,
-                              enable_prefix_caching=cfg.prefix_caching, steer_sites=cfg.steer_sites,
-                              vllm_args=cfg.vllm_args,
-                              **({"tensor_parallel_size": cfg.tensor_parallel_size}
-                                 if cfg.tensor_parallel_size > 1 else {})), name
-        from rudder.server.backends.reference import ReferenceEngine
-
-        dtype = getattr(torch, "float32" if cfg.dtype == "auto" else cfg.dtype)
-        return ReferenceEngine(model_dir, saes, device=cfg.device, dtype=dtype, max_batch=cfg.max_batch or 32), name
+        engine = _engine(cfg, backend, model_dir, saes, vector_sites(cfg.vectors))
+        for spec in cfg.vectors:
+            engine.artifacts.add_vector(spec, engine.shape)
+        return engine, name
     except RudderError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def vector_sites(specs: list[str]) -> list[str]:
+    """The sites of the steering vectors `[NAME=]PATH` (the vLLM backend places its op there)."""
+    from rudder.core.vectors import SteeringVector, named
+
+    return [SteeringVector.load(named(spec)[1]).site for spec in specs]
+
+
+def _engine(cfg: ServeConfig, backend: str, model_dir: Path, saes: list[str], extra_sites: list[str]) -> Engine:
+    import torch
+
+    if backend == "vllm":
+        from rudder.server.backends.vllm import VllmEngine
+
+        # vLLM's own defaults unless asked otherwise: the engine `vllm serve` would run
+        sites = list(dict.fromkeys([*cfg.steer_sites, *extra_sites]))
+        return VllmEngine(model_dir, saes, dtype=cfg.dtype, max_num_seqs=cfg.max_batch, max_model_len=None,
+                          gpu_memory_utilization=None, enable_prefix_caching=cfg.prefix_caching, steer_sites=sites,
+                          vllm_args=cfg.vllm_args, **({"tensor_parallel_size": cfg.tensor_parallel_size}
+                                                      if cfg.tensor_parallel_size > 1 else {}))
+    from rudder.server.backends.reference import ReferenceEngine
+
+    dtype = getattr(torch, "float32" if cfg.dtype == "auto" else cfg.dtype)
+    return ReferenceEngine(model_dir, saes, device=cfg.device, dtype=dtype, max_batch=cfg.max_batch or 32)
 
 
 def read_token(path: Path | None) -> str | None:

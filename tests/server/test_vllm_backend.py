@@ -288,6 +288,37 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
         assert len(list(client.generate(PROMPTS[0], max_tokens=3))) >= 1  # still serving
 
 
+def test_a_steering_vector_by_name_steers_as_given_inline_and_as_on_the_reference_backend(models, tmp_path,
+                                                                                          vllm_plain_server):
+    """A vector at a declared site, served by name: the tokens of the same vector given inline, and of the
+    reference backend serving it by name."""
+    import rudder.client as rc
+    from rudder.core.vectors import SteeringVector
+    from rudder.server.app import BackgroundServer
+
+    v = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    SteeringVector("blocks.0.hook_mlp_out", v / v.norm(), "diffmean", strength=8.0).save(tmp_path / "cats")
+    engine = vllm_plain_server.server.engine
+    engine.artifacts.add_vector(f"cats={tmp_path / 'cats'}", engine.shape)
+    reference = ReferenceEngine(models["plain"])
+    reference.artifacts.add_vector(f"cats={tmp_path / 'cats'}", reference.shape)
+
+    def run(address, interventions):
+        with rc.Client(address, timeout=120) as c:
+            return [[t.id for t in c.generate(p, max_tokens=8, ignore_eos=True, interventions=interventions)]
+                    for p in PROMPTS[:3]]
+
+    try:
+        by_name = run(vllm_plain_server.address, [rc.steer("cats")])
+        inline = run(vllm_plain_server.address, [rc.direction(8.0, vector=(v / v.norm()).tolist(),
+                                                              site="blocks.0.hook_mlp_out")])
+        plain = run(vllm_plain_server.address, [])
+    finally:
+        del engine.artifacts.vectors["cats"]
+    with BackgroundServer(reference, "tiny") as srv:
+        assert run(srv.address, [rc.steer("cats")]) == by_name == inline != plain
+
+
 def test_every_sequence_ends_with_a_stop_reason_eos_from_generation_config_and_context_length(loop, models,
                                                                                              tmp_path):
     """vLLM stops on generation_config's EOS ids and at the context length; Rudder's stream must end

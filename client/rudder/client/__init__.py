@@ -12,23 +12,24 @@ from rudder.client.errors import (
                                   Unavailable,
 )
 from rudder.client.types import (
-    Readout,
-    Token,
-    ablate,
-    activate_code,
-    add,
-    clamp,
-    direction,
-    gate,
-    guard,
-    readouts,
-    scale,
-    scope,
-    when,
+                                  Readout,
+                                  Token,
+                                  ablate,
+                                  activate_code,
+                                  add,
+                                  clamp,
+                                  direction,
+                                  gate,
+                                  guard,
+                                  readouts,
+                                  scale,
+                                  scope,
+                                  steer,
+                                  when,
 )
 
 __all__ = [
     "AsyncClient", "Client", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Readout",
     "ResourceExhausted", "RudderError", "Token", "Unauthenticated", "Unavailable", "ablate", "activate_code", "add",
-    "clamp", "direction", "gate", "guard", "readouts", "scale", "scope", "tls_credentials", "when",
+    "clamp", "direction", "gate", "guard", "readouts", "scale", "scope", "steer", "tls_credentials", "when",
 ]

@@ -63,6 +63,12 @@ def interventions_from(args) -> list:
     for spec in args.direction:
         sae, feature, alpha = _feature_arg(spec, True)
         out.append(t.direction(alpha, sae=sae, feature=feature, scope=sc))
+    for spec in getattr(args, "steer", []):
+        name, _, alpha = spec.partition("=")
+        try:
+            out.append(t.steer(name, float(alpha) if alpha else None, scope=sc))
+        except ValueError:
+            raise SystemExit(f"--steer expects NAME or NAME=ALPHA, got {spec!r}") from None
     for spec in args.code:
         m = re.match(r"^([^:]+):(\d+):(\d+)(\*([-+0-9.eE]+))?$", spec)
         if not m:
@@ -104,6 +110,8 @@ def add_steering_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablate", action="append", default=[], metavar="SAE:FEATURE", help="zero a feature")
     p.add_argument("--direction", action="append", default=[], metavar="SAE:FEATURE=ALPHA",
                    help="add ALPHA times the feature's decoder row")
+    p.add_argument("--steer", action="append", default=[], metavar="VECTOR[=ALPHA]",
+                   help="add a steering vector loaded on the server, at its calibrated strength or ALPHA")
     p.add_argument("--code", action="append", default=[], metavar="CODEBOOK:HEAD:CODE[*STRENGTH]",
                    help="force a codebook code")
     p.add_argument("--scope", type=_scope_arg, default=None, help="all (default), prompt, generated or START:END")

@@ -103,6 +103,15 @@ def direction(alpha: float, *, sae: str | None = None, feature: int | None = Non
     return pb.Intervention(scope=scope, direction=d)
 
 
+def steer(vector: str, alpha: float | None = None, scope: pb.Scope | None = None) -> pb.Intervention:
+    """Steer with a steering vector loaded on the server (`rudder serve --vector`), by name: at its own
+    site, at the strength it was calibrated at unless `alpha` is given (ModelInfo.vectors lists them)."""
+    d = pb.DirectionIntervention(steering_vector=vector)
+    if alpha is not None:
+        d.alpha = alpha
+    return pb.Intervention(scope=scope, direction=d)
+
+
 def activate_code(codebook: str, code: int, head: int = 0, strength: float = 1.0,
                   scope: pb.Scope | None = None) -> pb.Intervention:
     return pb.Intervention(scope=scope, code=pb.CodeIntervention(codebook=codebook, head=head, code=code,

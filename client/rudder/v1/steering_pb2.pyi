@@ -85,16 +85,18 @@ class FeatureIntervention(_message.Message):
     def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., clamp: _Optional[float] = ..., add: _Optional[float] = ..., scale: _Optional[float] = ..., ablate: _Optional[bool] = ...) -> None: ...
 
 class DirectionIntervention(_message.Message):
-    __slots__ = ("site", "alpha", "sae_feature", "vector")
+    __slots__ = ("site", "alpha", "sae_feature", "vector", "steering_vector")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     SAE_FEATURE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    STEERING_VECTOR_FIELD_NUMBER: _ClassVar[int]
     site: str
     alpha: float
     sae_feature: SaeFeature
     vector: Vector
-    def __init__(self, site: _Optional[str] = ..., alpha: _Optional[float] = ..., sae_feature: _Optional[_Union[SaeFeature, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+    steering_vector: str
+    def __init__(self, site: _Optional[str] = ..., alpha: _Optional[float] = ..., sae_feature: _Optional[_Union[SaeFeature, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., steering_vector: _Optional[str] = ...) -> None: ...
 
 class SaeFeature(_message.Message):
     __slots__ = ("sae", "feature")
@@ -316,6 +318,22 @@ class SaeInfo(_message.Message):
     site_out: str
     def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., has_feature_metadata: _Optional[bool] = ..., site_out: _Optional[str] = ...) -> None: ...
 
+class VectorInfo(_message.Message):
+    __slots__ = ("name", "site", "method", "alpha", "concept", "budget")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    site: str
+    method: str
+    alpha: float
+    concept: str
+    budget: float
+    def __init__(self, name: _Optional[str] = ..., site: _Optional[str] = ..., method: _Optional[str] = ..., alpha: _Optional[float] = ..., concept: _Optional[str] = ..., budget: _Optional[float] = ...) -> None: ...
+
 class CodebookInfo(_message.Message):
     __slots__ = ("id", "site", "num_codes", "k", "num_heads", "d_code")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -333,7 +351,7 @@ class CodebookInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., num_codes: _Optional[int] = ..., k: _Optional[int] = ..., num_heads: _Optional[int] = ..., d_code: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "num_layers", "d_model", "num_heads", "vocab_size", "backend", "sites", "saes", "codebooks")
+    __slots__ = ("name", "architecture", "num_layers", "d_model", "num_heads", "vocab_size", "backend", "sites", "saes", "codebooks", "vectors")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +362,7 @@ class ModelInfo(_message.Message):
     SITES_FIELD_NUMBER: _ClassVar[int]
     SAES_FIELD_NUMBER: _ClassVar[int]
     CODEBOOKS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     num_layers: int
@@ -354,7 +373,8 @@ class ModelInfo(_message.Message):
     sites: _containers.RepeatedScalarFieldContainer[str]
     saes: _containers.RepeatedCompositeFieldContainer[SaeInfo]
     codebooks: _containers.RepeatedCompositeFieldContainer[CodebookInfo]
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., num_heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., codebooks: _Optional[_Iterable[_Union[CodebookInfo, _Mapping]]] = ...) -> None: ...
+    vectors: _containers.RepeatedCompositeFieldContainer[VectorInfo]
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., num_heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., codebooks: _Optional[_Iterable[_Union[CodebookInfo, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
 
 class ListFeaturesRequest(_message.Message):
     __slots__ = ("source", "label", "regex", "limit", "offset", "min_precision", "min_recall")
