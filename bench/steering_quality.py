@@ -1,15 +1,16 @@
 """Does steering land? A judge-free, AxBench-shaped benchmark on the default model.
 
-    .venv/bin/python bench/steering_quality.py [--topics cats,dogs,...] [--site blocks.10.hook_resid_post]
-                                               [--strengths 2,4,6,8] [--quick]
+    .venv/bin/python bench/steering_quality.py [--topics cats,dogs,...] [--sites 6,10] [--strengths 2,3,4]
+                                               [--scope generated] [--quick]
 
 For each topic, every arm answers the same instructions (temperature 1, fixed seeds, 48 tokens):
 - prompt: the instruction plus "Mention {topic} in your answer." (the field's bar);
 - feature_regex: today's recipe, the shipped SAE's feature found by a regex over its top examples,
   clamped on generated tokens at a multiple of its max activation;
 - diffmean / pca_diff: a steering vector built from examples the model writes itself (asked to
-  mention the topic vs plain answers to other instructions), added at `--site` with alpha a multiple
-  of the site's mean activation norm;
+  mention the topic vs plain answers to other instructions), added at the residual stream after
+  each layer of `--sites` with alpha a multiple of that site's mean activation norm / 10 (the
+  calibration picks the site and the strength);
 - best+prompt: the best steering arm (by calibration success) together with the prompt.
 The instructions are split in half: each steered arm's strength is calibrated on the first half
 (the highest success whose fluency drop is within the budget, rudder.core.vectors.pick_strength)
@@ -61,11 +62,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--topics", default=",".join(TOPICS), help=f"comma-separated, of: {', '.join(TOPICS)}")
-    ap.add_argument("--site", default="blocks.10.hook_resid_post", help="where the vectors are added")
-    ap.add_argument("--strengths", default="2,4,6,8,12",
+    ap.add_argument("--sites", default="6,10", help="layers whose hook_resid_post the vectors are tried at")
+    ap.add_argument("--strengths", default="1.5,2,2.5,3,4",
                     help="vector alphas as multiples of the site's mean activation norm / 10 (comma-separated)")
     ap.add_argument("--feature-strengths", default="2,4,6,8", help="clamps, multiples of the feature's max activation")
-    ap.add_argument("--scope", default="all", choices=["all", "generated"], help="positions the vectors act on")
+    ap.add_argument("--scope", default="generated", choices=["all", "generated"], help="positions the vectors act on")
     ap.add_argument("--budget", type=float, default=1.0, help="fluency drop allowed, nats per token")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -83,6 +84,10 @@ def parse_args() -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} takes numbers separated by commas")
         if any(not math.isfinite(x) or x <= 0 for x in getattr(args, name)):
             ap.error(f"--{name.replace('_', '-')} must be finite and positive")
+    try:
+        args.sites = [f"blocks.{int(x)}.hook_resid_post" for x in args.sites.split(",")]
+    except ValueError:
+        ap.error("--sites takes layer numbers separated by commas, e.g. 6,10")
     if not args.budget > 0:
         ap.error(f"--budget is the fluency drop allowed, in nats per token: > 0, got {args.budget}")
     return args
@@ -105,8 +110,9 @@ def main() -> None:
         base = {name: answer_all(gen, [(i, k, []) for k, i in enumerate(part)], args.concurrency)
                 for name, part in (("cal", cal), ("rep", rep))}
         plain_examples = answer_all(gen, [(i, 1000 + k, []) for k, i in enumerate(examples)], args.concurrency)
-        site_norm = judge.site_norm([a.text for a in plain_examples[:16]], args.site)
-        print(f"{args.site}: mean activation norm {site_norm:.1f}; vector alpha = strength x {site_norm / 10:.2f}")
+        site_norm = {site: judge.site_norm([a.text for a in plain_examples[:16]], site) for site in args.sites}
+        for site, norm in site_norm.items():
+            print(f"{site}: mean activation norm {norm:.1f}; vector alpha = strength x {norm / 10:.2f}")
         for topic in args.topics:
             concept = Concept(topic, TOPICS[topic][1])
             row = run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plain_examples, base,
@@ -114,7 +120,7 @@ def main() -> None:
             results["topics"][topic] = row
     results.update({
         "date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "sae": str(SHIPPED.relative_to(ROOT)),
-        "site": args.site, "scope": args.scope, "budget": args.budget, "temperature": 1.0,
+        "sites": args.sites, "site_norms": site_norm, "scope": args.scope, "budget": args.budget, "temperature": 1.0,
         "max_tokens": args.max_tokens, "strengths": args.strengths, "feature_strengths": args.feature_strengths,
         "instructions": {"calibrate": cal, "report": rep}, "example_instructions": examples,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - t0})
@@ -140,17 +146,19 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plai
     row["costs"]["examples_s"] = time.perf_counter() - t
     row["examples"] = len(pairs)
     t = time.perf_counter()
-    pos = judge.text_activations([p for p, _ in pairs], args.site)
-    neg = judge.text_activations([n for _, n in pairs], args.site)
-    vectors = {m: build(m, pos, neg) for m in METHODS}
+    vectors = {}  # (method, site) -> unit vector
+    for site in args.sites:
+        pos = judge.text_activations([p for p, _ in pairs], site)
+        neg = judge.text_activations([n for _, n in pairs], site)
+        vectors.update({(m, site): build(m, pos, neg) for m in METHODS})
     row["costs"]["vectors_s"] = time.perf_counter() - t
-    unit = site_norm / 10
 
-    def vector_arm(v):
-        return lambda s: [rc.direction(s * unit, vector=v.tolist(), site=args.site, scope=scope)]
+    def vector_arm(v, site):
+        unit = site_norm[site] / 10
+        return lambda s: [rc.direction(s * unit, vector=v.tolist(), site=site, scope=scope)]
 
     feature, matches = c.best_feature(sae, search_regex(concept.name))
-    arms = {m: (vector_arm(v), args.strengths) for m, v in vectors.items()}
+    arms = {f"{m}@{site.split('.')[1]}": (vector_arm(v, site), args.strengths) for (m, site), v in vectors.items()}
     if feature is not None:
         arms["feature_regex"] = (lambda s: [rc.clamp(sae, feature.id, s * feature.max_activation,
                                                      scope=rc.scope("generated"))], args.feature_strengths)
@@ -170,21 +178,29 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plai
 
     mention_prompt = lambda i: MENTION.format(instruction=i, concept=concept.name)  # noqa: E731
     row["arms"]["prompt"] = report("prompt", None, None, mention_prompt)
-    best, best_cal = None, -1.0
+    best, best_cal = None, (-1.0, 0.0)
+    picked: dict[str, tuple] = {}  # method -> (calibration key, candidate name, chosen, rows)
     for name, (at, strengths) in arms.items():
         curve, rows, chosen = calibrate(name, at, strengths)
-        arm = {"calibration": rows, "strength": chosen.strength if chosen else None}
-        arm.update(report(name, at, chosen.strength) if chosen else {"success": 0.0, "on_topic": 0.0})
-        row["arms"][name] = arm
-        if chosen and chosen.success > best_cal:
-            best, best_cal = name, chosen.success
+        method = name.split("@")[0]
+        key = (chosen.success, -chosen.fluency_drop) if chosen else (-1.0, 0.0)
+        if method not in picked or key > picked[method][0]:
+            picked[method] = (key, name, chosen, rows)
+        row.setdefault("calibration", {})[name] = rows
+    for method, (key, name, chosen, rows) in picked.items():
+        at = arms[name][0]
+        arm = {"candidate": name, "strength": chosen.strength if chosen else None, "calibration": rows}
+        arm.update(report(method, at, chosen.strength) if chosen else {"success": 0.0, "on_topic": 0.0})
+        row["arms"][method] = arm
+        if chosen and key > best_cal:
+            best, best_cal = name, key
     if best is not None:
         at, strengths = arms[best]
         curve, rows, chosen = calibrate(f"{best}+prompt", at, strengths, mention_prompt)
         arm = {"steering": best, "calibration": rows, "strength": chosen.strength if chosen else None}
         arm.update(report("best+prompt", at, chosen.strength, mention_prompt) if chosen else {"success": 0.0})
         row["arms"]["best+prompt"] = arm
-        b = row["arms"][best]
+        b = row["arms"][best.split("@")[0]]
         row["best"] = {"method": best, "strength": b["strength"], "on_topic": b["on_topic"], "success": b["success"],
                        "fluency_drop": b.get("fluency_drop"), "baseline_on_topic": row["baseline"]["on_topic"]}
     print(f"{concept.name}: " + ", ".join(f"{k} {v.get('success', 0):.0%}" for k, v in row["arms"].items()), flush=True)

@@ -13,8 +13,10 @@ the site's activations on the examples (strengths are swept as multiples of it).
 
 Methods (pos, neg: one activation row per example, (n, d)):
 - DiffMean: mean(pos) - mean(neg) (AxBench's DiffMean; the "mean" aggregator of steering-vectors).
-- PCA of differences: the first principal component of the paired differences pos_i - neg_i,
-  centred (repeng's pca_diff), its sign chosen so that pos projects above neg on most pairs.
+- PCA of differences: the first principal component of the paired differences pos_i - neg_i taken
+  with their negatives (a set of mean zero, so the component keeps the shift the pairs share; the
+  `pca` aggregator of steering-vectors, repeng's pca_diff), its sign chosen so that pos projects
+  above neg on most pairs.
 
 Calibration: `pick_strength` chooses, among swept strengths whose fluency drop (nats per token
 under the unsteered model) stays within a budget, the one with the highest success rate
@@ -67,15 +69,12 @@ def diffmean(pos: Tensor, neg: Tensor) -> Tensor:
 
 
 def pca_diff(pos: Tensor, neg: Tensor) -> Tensor:
-    """First principal component (unit norm) of the centred differences pos_i - neg_i; sign: pos
-    projects above its paired neg on most pairs (ties: along the mean difference)."""
+    """First principal component (unit norm) of the differences pos_i - neg_i and their negatives;
+    sign: pos projects above its paired neg on most pairs (ties: along the mean difference)."""
     _check_examples(pos, neg, paired=True)
     diffs = (pos - neg).double()
-    if len(diffs) < 2:
-        v = diffs[0]
-    else:
-        _, _, vh = torch.linalg.svd(diffs - diffs.mean(0), full_matrices=False)
-        v = vh[0]
+    _, _, vh = torch.linalg.svd(torch.cat([diffs, -diffs]), full_matrices=False)
+    v = vh[0]
     v = v / v.norm().clamp_min(1e-12)
     votes = torch.sign(diffs @ v).sum()
     if votes < 0 or (votes == 0 and diffs.mean(0) @ v < 0):
