@@ -37,6 +37,27 @@ class LibConfig:
 
 
 @dataclass
+class OutputScoresConfig:
+    """Output scores of an SAE's features (Arad et al. 2025): which features make the model say what their
+    logit-lens tokens say, cached next to the SAE for `rudder features SAE --says REGEX`."""
+
+    sae: Path
+    """SAELens-format SAE folder (the scores are written into it)"""
+    model: Path | None = None
+    """Hugging Face model folder (default: the embedded default)"""
+    prompt: str = "From my experience,"
+    """the neutral prompt the feature is boosted at (its last token)"""
+    amp: float = 10.0
+    """boost: amp x the largest feature activation at that token"""
+    k: int = 20
+    """logit-lens tokens per feature"""
+
+    def __post_init__(self) -> None:
+        if not self.amp > 0 or self.k < 1:
+            raise ValueError(f"--amp must be > 0 and --k at least 1, got {self.amp} and {self.k}")
+
+
+@dataclass
 class PolysemanticityConfig:
     """Neurons against SAE features at one site (Foote 2024)."""
 

@@ -7,6 +7,8 @@ For each topic, every arm answers the same instructions (temperature 1, fixed se
 - prompt: the instruction plus "Mention {topic} in your answer." (the field's bar);
 - feature_regex: today's recipe, the shipped SAE's feature found by a regex over its top examples,
   clamped on generated tokens at a multiple of its max activation;
+- feature_output: the feature with the best output score among those whose logit-lens tokens are
+  the topic's words (Arad et al. 2025; `rudder analyze output-scores`), clamped the same way;
 - diffmean / pca_diff: a steering vector built from examples the model writes itself (asked to
   mention the topic vs plain answers to other instructions), added at the residual stream after
   each layer of `--sites` with alpha a multiple of that site's mean activation norm / 10 (the
@@ -163,6 +165,13 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plai
         arms["feature_regex"] = (lambda s: [rc.clamp(sae, feature.id, s * feature.max_activation,
                                                      scope=rc.scope("generated"))], args.feature_strengths)
         row["feature"] = {"id": feature.id, "matches": matches, "max_activation": feature.max_activation}
+    # the feature that makes the model say the topic's words (output score, Arad et al. 2025)
+    effect, candidates = c.best_feature_by_effect(sae, concept.words)
+    if effect is not None and effect.max_activation > 0:
+        arms["feature_output"] = (lambda s: [rc.clamp(sae, effect.id, s * effect.max_activation,
+                                                      scope=rc.scope("generated"))], args.feature_strengths)
+        row["feature_output"] = {"id": effect.id, "candidates": candidates, "output_score": effect.output_score,
+                                 "says": list(effect.says_tokens), "max_activation": effect.max_activation}
 
     def calibrate(name, at, strengths, prompt=lambda i: i):
         t = time.perf_counter()
@@ -207,7 +216,7 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plai
     return row
 
 
-ARMS = ("prompt", "feature_regex", "diffmean", "pca_diff", "best+prompt")
+ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "best+prompt")
 
 
 def print_table(results: dict) -> None:

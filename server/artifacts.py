@@ -16,7 +16,7 @@ from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
 from rudder.core.errors import ArtifactError, NotFound, RudderError
-from rudder.core.feature_metadata import FeatureMeta, read_feature_metadata
+from rudder.core.feature_metadata import FeatureMeta, load_output_scores, read_feature_metadata
 from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
@@ -40,6 +40,8 @@ class AttachedSae:
     """which load of this id it is: requests are validated against one generation"""
     site_out: Site | None = None
     """a transcoder's output site: its edits are added there"""
+    output_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(scores, logit-lens tokens) per feature, where `rudder analyze output-scores` cached them"""
 
     @property
     def sites(self) -> list[Site]:
@@ -163,7 +165,8 @@ class Artifacts:
         self.changes += 1
         if generation is None:
             generation = self.changes
-        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation, site_out)
+        attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation, site_out,
+                               load_output_scores(path))
         self.saes[sae_id] = attached
         log.info("attached SAE %s at %s (%d features, %s)", sae_id, site.name, cfg.d_sae, cfg.architecture)
         return attached

@@ -19,6 +19,7 @@ from rudder.core.errors import (
     ReadoutMissing,
     Unavailable,
 )
+from rudder.core.feature_metadata import rank_by_effect
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
 from rudder.server import sae_sources
@@ -255,6 +256,8 @@ class SteeringService(pb_grpc.SteeringServicer):
         except re.error as e:
             raise InvalidArgument(f"regex {request.regex!r} does not compile: {e}") from e
         source = sources[request.source]
+        if request.says:
+            return await asyncio.to_thread(self._by_effect, request)
         if pattern is not None and getattr(source, "index_ids", None) is not None:
             hits = await asyncio.to_thread(self._code_search, source, pattern, request.min_precision,
                                            request.min_recall)
@@ -277,6 +280,26 @@ class SteeringService(pb_grpc.SteeringServicer):
                                         head=f.head, max_activation=f.max_activation)
                       for f in page],
         )
+
+    def _by_effect(self, request: pb.ListFeaturesRequest) -> pb.ListFeaturesResponse:
+        """SAE features whose logit-lens tokens match `says`, best output score first."""
+        source = self.engine.artifacts.saes.get(request.source)
+        if source is None:
+            raise InvalidArgument(f"{request.source!r} is a codebook: `says` ranks SAE features by output score")
+        if source.output_scores is None:
+            raise FailedPrecondition(f"{request.source!r} has no output scores; run `rudder analyze output-scores "
+                                     f"--sae {source.path}` and load it again")
+        scores, top = source.output_scores
+        end = request.offset + (request.limit or 20)
+        hits = rank_by_effect(scores, top, self.engine.token_text, request.says)
+        meta = {f.id: f for f in source.features or []}
+        out = []
+        for fid, score, words in hits[request.offset:end]:
+            f = meta.get(fid)
+            out.append(pb.FeatureSummary(id=fid, output_score=score, says_tokens=words,
+                                         **({"label": f.label, "density": f.density, "top_examples": f.top_examples,
+                                             "max_activation": f.max_activation} if f else {})))
+        return pb.ListFeaturesResponse(total=len(hits), features=out)
 
     def _code_search(self, cb, pattern: re.Pattern, min_precision: float, min_recall: float) -> list:
         """Codebook Features' code search over the codebook's index of held-out tokens."""

@@ -2,6 +2,7 @@
 
     rudder analyze lib --layer 15 --out lib-l15
     rudder analyze polysemanticity --sae PATH --out poly.json
+    rudder analyze output-scores --sae PATH
     rudder analyze tokfsm MODEL_DIR
     rudder analyze tokfsm-codes MODEL_DIR [--jsd]
     rudder dashboard --sae PATH --out DIR [--features 12,40]
@@ -18,6 +19,7 @@ import json
 from rudder.analysis.config import (
     DashboardConfig,
     LibConfig,
+    OutputScoresConfig,
     PolysemanticityConfig,
     TokFSMCodesConfig,
     TokFSMMetricsConfig,
@@ -38,6 +40,14 @@ def cmd_polysemanticity(args: argparse.Namespace) -> int:
     from rudder.analysis.polysemanticity import run
 
     run(config_from_args(PolysemanticityConfig, args))
+    return 0
+
+
+@offline
+def cmd_output_scores(args: argparse.Namespace) -> int:
+    from rudder.analysis.output_scores import run
+
+    run(config_from_args(OutputScoresConfig, args))
     return 0
 
 
@@ -72,6 +82,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 ANALYSES = {
     "lib": (LibConfig, cmd_lib),
     "polysemanticity": (PolysemanticityConfig, cmd_polysemanticity),
+    "output-scores": (OutputScoresConfig, cmd_output_scores),
     "tokfsm": (TokFSMMetricsConfig, cmd_tokfsm),
     "tokfsm-codes": (TokFSMCodesConfig, cmd_tokfsm_codes),
 }

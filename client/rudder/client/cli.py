@@ -153,6 +153,8 @@ def add_client_commands(sub) -> None:
     f.add_argument("source")
     f.add_argument("--label", default="")
     f.add_argument("--regex", default="")
+    f.add_argument("--says", default="", help="SAE features that make the model say a token matching this regex, "
+                   "best output score first (needs `rudder analyze output-scores`)")
     f.add_argument("--limit", type=int, default=20)
     f.add_argument("--min-precision", type=float, default=0.0, help="code search: least precision kept")
     f.add_argument("--min-recall", type=float, default=0.0, help="code search: least recall kept")
@@ -224,10 +226,13 @@ def cmd_info(args) -> int:
 def cmd_features(args) -> int:
     with _client(args) as c:
         resp = c.list_features(args.source, args.label, args.regex, args.limit,
-                               min_precision=args.min_precision, min_recall=args.min_recall)
+                               min_precision=args.min_precision, min_recall=args.min_recall, says=args.says)
         print(f"{resp.total} features match")
         for f in resp.features:
-            if f.precision or f.recall:
+            if f.says_tokens:
+                print(f"{f.id:6d}  output score {f.output_score:.3f}  says {' '.join(f.says_tokens)}  "
+                      f"{f.top_examples[:1]}")
+            elif f.precision or f.recall:
                 print(f"head {f.head} code {f.id:5d}  precision {f.precision:.3f}  recall {f.recall:.3f}  "
                       f"density {f.density:.4f}")
             else:

@@ -59,9 +59,9 @@ def _set_input(req, prompt: str | None, chat: Chat | None) -> None:
 
 
 def build_list_features(source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
-                        min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesRequest:
+                        min_precision: float = 0.0, min_recall: float = 0.0, says: str = "") -> pb.ListFeaturesRequest:
     return pb.ListFeaturesRequest(source=source, label=label, regex=regex, limit=limit, offset=offset,
-                                  min_precision=min_precision, min_recall=min_recall)
+                                  min_precision=min_precision, min_recall=min_recall, says=says)
 
 
 def _token(msg: pb.GenerateResponse) -> Token:
@@ -149,16 +149,23 @@ class Client:
         return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
-                      min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesResponse:
+                      min_precision: float = 0.0, min_recall: float = 0.0, says: str = "") -> pb.ListFeaturesResponse:
         """Features by label or regex; for a codebook with a code index, `regex` runs code search
-        (codes ranked by precision, then recall, on the tokens where a match ends)."""
+        (codes ranked by precision, then recall, on the tokens where a match ends). `says`: SAE
+        features whose logit-lens tokens match it, best output score first (they make the model say it)."""
         return self._call(self.stub.ListFeatures, build_list_features(source, label, regex, limit, offset,
-                                                                      min_precision, min_recall))
+                                                                      min_precision, min_recall, says))
 
     def best_feature(self, source: str, regex: str, limit: int = 1000) -> tuple[pb.FeatureSummary | None, int]:
         """The feature whose top examples match `regex` most often (ties: the rarer one), and how many
         features match at all. `[[ ]]` marks the activating token in top examples."""
         return _best_feature(self.list_features(source, regex=regex, limit=limit), regex)
+
+    def best_feature_by_effect(self, source: str, says: str) -> tuple[pb.FeatureSummary | None, int]:
+        """The feature with the highest output score among those whose logit-lens tokens match `says`,
+        and how many match (the SAE needs `rudder analyze output-scores`)."""
+        found = self.list_features(source, says=says, limit=1)
+        return (found.features[0] if found.features else None), found.total
 
     def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
         """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""
@@ -215,15 +222,21 @@ class AsyncClient:
         return await self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
     async def list_features(self, source: str, label: str = "", regex: str = "", limit: int = 20, offset: int = 0,
-                            min_precision: float = 0.0, min_recall: float = 0.0) -> pb.ListFeaturesResponse:
+                            min_precision: float = 0.0, min_recall: float = 0.0, says: str = ""
+                            ) -> pb.ListFeaturesResponse:
         """See `Client.list_features`."""
         return await self._call(self.stub.ListFeatures, build_list_features(source, label, regex, limit, offset,
-                                                                            min_precision, min_recall))
+                                                                            min_precision, min_recall, says))
 
     async def best_feature(self, source: str, regex: str, limit: int = 1000
                            ) -> tuple[pb.FeatureSummary | None, int]:
         """See `Client.best_feature`."""
         return _best_feature(await self.list_features(source, regex=regex, limit=limit), regex)
+
+    async def best_feature_by_effect(self, source: str, says: str) -> tuple[pb.FeatureSummary | None, int]:
+        """See `Client.best_feature_by_effect`."""
+        found = await self.list_features(source, says=says, limit=1)
+        return (found.features[0] if found.features else None), found.total
 
     async def load_sae(self, path: str, id: str = "") -> pb.SaeInfo:
         """Admin: attach the SAE folder `path` (on the server's disk) as `id`; needs --allow-admin."""

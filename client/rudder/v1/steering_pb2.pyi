@@ -377,7 +377,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., num_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., num_heads: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., sites: _Optional[_Iterable[str]] = ..., saes: _Optional[_Iterable[_Union[SaeInfo, _Mapping]]] = ..., codebooks: _Optional[_Iterable[_Union[CodebookInfo, _Mapping]]] = ..., vectors: _Optional[_Iterable[_Union[VectorInfo, _Mapping]]] = ...) -> None: ...
 
 class ListFeaturesRequest(_message.Message):
-    __slots__ = ("source", "label", "regex", "limit", "offset", "min_precision", "min_recall")
+    __slots__ = ("source", "label", "regex", "limit", "offset", "min_precision", "min_recall", "says")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     REGEX_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +385,7 @@ class ListFeaturesRequest(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     MIN_PRECISION_FIELD_NUMBER: _ClassVar[int]
     MIN_RECALL_FIELD_NUMBER: _ClassVar[int]
+    SAYS_FIELD_NUMBER: _ClassVar[int]
     source: str
     label: str
     regex: str
@@ -392,10 +393,11 @@ class ListFeaturesRequest(_message.Message):
     offset: int
     min_precision: float
     min_recall: float
-    def __init__(self, source: _Optional[str] = ..., label: _Optional[str] = ..., regex: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., min_precision: _Optional[float] = ..., min_recall: _Optional[float] = ...) -> None: ...
+    says: str
+    def __init__(self, source: _Optional[str] = ..., label: _Optional[str] = ..., regex: _Optional[str] = ..., limit: _Optional[int] = ..., offset: _Optional[int] = ..., min_precision: _Optional[float] = ..., min_recall: _Optional[float] = ..., says: _Optional[str] = ...) -> None: ...
 
 class FeatureSummary(_message.Message):
-    __slots__ = ("id", "label", "density", "top_examples", "head", "precision", "recall", "max_activation")
+    __slots__ = ("id", "label", "density", "top_examples", "head", "precision", "recall", "max_activation", "output_score", "says_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
@@ -404,6 +406,8 @@ class FeatureSummary(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SAYS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: int
     label: str
     density: float
@@ -412,7 +416,9 @@ class FeatureSummary(_message.Message):
     precision: float
     recall: float
     max_activation: float
-    def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[str]] = ..., head: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., max_activation: _Optional[float] = ...) -> None: ...
+    output_score: float
+    says_tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[int] = ..., label: _Optional[str] = ..., density: _Optional[float] = ..., top_examples: _Optional[_Iterable[str]] = ..., head: _Optional[int] = ..., precision: _Optional[float] = ..., recall: _Optional[float] = ..., max_activation: _Optional[float] = ..., output_score: _Optional[float] = ..., says_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListFeaturesResponse(_message.Message):
     __slots__ = ("features", "total")
