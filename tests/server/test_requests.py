@@ -179,7 +179,7 @@ V64 = pb.Vector(values=[0.0] * 64)
 
 
 @pytest.mark.parametrize("iv,cls,fragments", [
-    (direction(site=SAE_SITE), InvalidArgument, ("interventions[0]", "sae_feature or vector")),
+    (direction(site=SAE_SITE), InvalidArgument, ("interventions[0]", "sae_feature, vector or steering_vector")),
     (direction(vector=V64), InvalidArgument, ("interventions[0]", "needs a site")),
     (direction(site="blocks.1.resid", vector=V64), InvalidArgument, ("unknown site 'blocks.1.resid'",)),
     (direction(site="blocks.3.hook_resid_post", vector=V64), InvalidArgument, ("layers 0..2",)),
