@@ -40,12 +40,15 @@ WEIGHTS, META = "vector.safetensors", "vector.json"
 METHODS = ("diffmean", "pca_diff")
 
 
-def named(spec: str) -> tuple[str, Path]:
-    """`[NAME=]PATH` as (name, folder); the name defaults to the folder's."""
+def named(spec: str) -> tuple[str, str]:
+    """`[NAME=]PATH` as (name, path); the name defaults to the folder's (a GGUF file's stem)."""
     name, sep, source = spec.partition("=")
     if not sep:
         name, source = "", spec
-    return name or Path(source).name, Path(source)
+    if not name:
+        file = source.rpartition("@")[0] if ".gguf@" in source else source  # FILE.gguf@LAYER
+        name = Path(file).name.removesuffix(".gguf")
+    return name, source
 
 
 def _check_examples(pos: Tensor, neg: Tensor, paired: bool) -> None:
@@ -175,3 +178,89 @@ class SteeringVector:
                        provenance=meta.get("provenance", {}))
         except InvalidArgument as e:
             raise ArtifactError(f"{folder}: {e}") from e
+
+
+# ---------------------------------------------------------------- llama.cpp / repeng control vectors
+
+GGUF_ARCH = "controlvector"
+
+
+def gguf_site(name: str) -> str:
+    """`direction.N` of a control vector is the residual stream after block N-1 (repeng's hidden-state
+    index; llama.cpp's 1-based tensors)."""
+    return f"blocks.{int(name.split('.')[1]) - 1}.hook_resid_post"
+
+
+def write_gguf(v: SteeringVector, path: str | Path, model_hint: str) -> Path:
+    """A llama.cpp control vector (`--control-vector FILE`), as repeng writes them: one `direction.N`
+    tensor, scaled by the calibrated strength (llama.cpp adds it as stored, on every position)."""
+    import gguf
+
+    from rudder.core.sites import Site
+
+    site = Site.parse(v.site)
+    if site.name != f"blocks.{site.layer}.hook_resid_post":
+        raise InvalidArgument(f"a control vector acts on the residual stream after a block; {v.site} is not one")
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH)
+    writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
+    writer.add_uint32(f"{GGUF_ARCH}.layer_count", 1)
+    writer.add_tensor(f"direction.{site.layer + 1}", (v.vector * (v.strength or 1.0)).numpy().astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def read_gguf(path: str | Path, d_model: int | None = None, model_hint: str | None = None,
+              layer: int | None = None) -> SteeringVector:
+    """A llama.cpp / repeng control vector as a steering vector: the direction of `layer` (a block
+    index; needed when the file holds several), its norm as the strength."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises plain ValueErrors and struct errors
+        raise ArtifactError(f"{path} is not a GGUF file: {e}") from None
+
+    def text(key: str) -> str | None:
+        f = reader.get_field(key)
+        return None if f is None else bytes(f.parts[f.data[0]]).decode()
+
+    if text("general.architecture") != GGUF_ARCH:
+        raise ArtifactError(f"{path}: general.architecture is {text('general.architecture')!r}, not "
+                            f"{GGUF_ARCH!r}: not a control vector")
+    hint = text(f"{GGUF_ARCH}.model_hint")
+    if model_hint and hint and hint != model_hint:
+        raise ArtifactError(f"{path} is a control vector for a {hint} model; this model is {model_hint}")
+    tensors = {t.name: t for t in reader.tensors if t.name.startswith("direction.")}
+    layers = sorted(int(n.split(".")[1]) - 1 for n in tensors)
+    if not layers:
+        raise ArtifactError(f"{path} holds no direction.N tensors")
+    if layer is None and len(layers) > 1:
+        raise ArtifactError(f"{path} holds directions for blocks {layers}; name one (NAME=PATH@LAYER)")
+    pick = layers[0] if layer is None else layer
+    if pick not in layers:
+        raise ArtifactError(f"{path} has no direction for block {pick}; it has {layers}")
+    values = torch.tensor(tensors[f"direction.{pick + 1}"].data, dtype=torch.float32).reshape(-1)
+    if d_model is not None and values.numel() != d_model:
+        raise ArtifactError(f"{path}: a control vector of width {values.numel()}, for a model of width {d_model}: "
+                            f"it was made for another model ({hint or 'no model hint'})")
+    norm = values.norm().item()
+    if not math.isfinite(norm) or norm == 0:
+        raise ArtifactError(f"{path}: direction.{pick + 1} is zero or not finite")
+    return SteeringVector(gguf_site(f"direction.{pick + 1}"), values / norm, "control_vector", strength=norm,
+                          model=hint or "", provenance={"gguf": str(path)})
+
+
+def load_vector(spec_path: str | Path, d_model: int | None = None, model_hint: str | None = None) -> SteeringVector:
+    """A vector folder, or a control-vector GGUF (`FILE.gguf`, or `FILE.gguf@LAYER` for one of several)."""
+    text = str(spec_path)
+    stem, at, layer = text.rpartition("@")
+    if at and stem.endswith(".gguf") and layer.isdigit():
+        return read_gguf(stem, d_model, model_hint, int(layer))
+    if text.endswith(".gguf"):
+        return read_gguf(text, d_model, model_hint)
+    return SteeringVector.load(text, d_model)

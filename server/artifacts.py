@@ -21,7 +21,7 @@ from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
-from rudder.core.vectors import SteeringVector, named
+from rudder.core.vectors import SteeringVector, load_vector, named
 from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,11 @@ class Artifacts:
     # -------------------------------------------------------------- loading
 
     def add_vector(self, spec: str, shape: ModelShape) -> tuple[str, SteeringVector]:
-        """Attach the steering vector folder `[NAME=]PATH` (`rudder train vector`); the name defaults to the
-        folder's. A vector of another width, or at a layer the model lacks, is refused."""
+        """Attach the steering vector `[NAME=]PATH`: a folder (`rudder train vector`) or a llama.cpp / repeng
+        control vector (`FILE.gguf`, `FILE.gguf@LAYER`); the name defaults to the folder's or file's. A vector
+        of another width or model, or at a layer the model lacks, is refused."""
         name, path = named(spec)
-        vector = SteeringVector.load(path, d_model=shape.d_model)
+        vector = load_vector(path, shape.d_model, shape.architecture)
         site = Site.parse(vector.site, shape.num_layers)
         if shape.site_dim(site) != vector.d_model:
             raise ArtifactError(f"{path}: a vector of width {vector.d_model} for {site.name}, which is "

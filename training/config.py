@@ -207,6 +207,8 @@ class VectorTrainConfig(_Strict):
     budget: float = Field(1.0, gt=0, description="fluency drop allowed: nats per token under the unsteered model")
     max_tokens: int = Field(48, ge=8, description="tokens per calibration answer")
     out: Path = Field(..., description="vector folder to write")
+    gguf: Path | None = Field(None, description="also write it as a llama.cpp control vector (--control-vector FILE), "
+                              "scaled by the calibrated strength")
 
     @model_validator(mode="after")
     def _check(self) -> VectorTrainConfig:

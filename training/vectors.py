@@ -25,7 +25,7 @@ import time
 from rudder import client as rc
 from rudder.core.default_model import default_model_dir
 from rudder.core.errors import InvalidArgument
-from rudder.core.vectors import SteeringVector, build, pick_strength
+from rudder.core.vectors import SteeringVector, build, pick_strength, write_gguf
 from rudder.training.concepts import (
     CALIBRATION_INSTRUCTIONS,
     EXAMPLE_INSTRUCTIONS,
@@ -108,6 +108,9 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
                                      "examples_s": round(t_examples, 1),
                                      "seconds": round(time.perf_counter() - t0, 1)})
     out.save(cfg.out)
+    if cfg.gguf is not None:
+        write_gguf(out, cfg.gguf, lm.shape.architecture)
+        print(f"==> {cfg.gguf}: a llama.cpp control vector (llama-cli --control-vector {cfg.gguf})")
     if chosen:
         print(f"==> {cfg.out}: alpha {chosen.strength:.2f} ({chosen.on_topic:.0%} on topic, success "
               f"{chosen.success:.0%}, fluency drop {chosen.fluency_drop:.2f} nats/token)")

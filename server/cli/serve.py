@@ -94,9 +94,9 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
 
 def vector_sites(specs: list[str]) -> list[str]:
     """The sites of the steering vectors `[NAME=]PATH` (the vLLM backend places its op there)."""
-    from rudder.core.vectors import SteeringVector, named
+    from rudder.core.vectors import load_vector, named
 
-    return [SteeringVector.load(named(spec)[1]).site for spec in specs]
+    return [load_vector(named(spec)[1]).site for spec in specs]
 
 
 def _engine(cfg: ServeConfig, backend: str, model_dir: Path, saes: list[str], extra_sites: list[str]) -> Engine:

@@ -98,3 +98,50 @@ def test_a_vector_folder_round_trips_and_refuses_another_width(tmp_path):
         SteeringVector.load(tmp_path)
     with pytest.raises(InvalidArgument, match="NaN or infinite"):
         SteeringVector("blocks.1.hook_resid_post", torch.tensor([1.0, float("inf")]), "diffmean")
+
+
+# ---------------------------------------------------------------- llama.cpp / repeng control vectors
+
+
+def test_a_control_vector_round_trips_through_gguf_at_its_calibrated_strength(tmp_path):
+    from rudder.core.vectors import load_vector, named, write_gguf
+
+    v = SteeringVector("blocks.4.hook_resid_post", build("diffmean", *examples()), "diffmean", strength=7.5)
+    write_gguf(v, tmp_path / "cats.gguf", "llama")
+    back = load_vector(tmp_path / "cats.gguf", d_model=8, model_hint="llama")
+    assert back.site == "blocks.4.hook_resid_post" and back.strength == pytest.approx(7.5)
+    torch.testing.assert_close(back.vector, v.vector)
+    assert named(str(tmp_path / "cats.gguf")) == ("cats", str(tmp_path / "cats.gguf"))
+    with pytest.raises(ArtifactError, match="for a llama model; this model is qwen2"):
+        load_vector(tmp_path / "cats.gguf", d_model=8, model_hint="qwen2")
+    with pytest.raises(ArtifactError, match="width 8, for a model of width 576"):
+        load_vector(tmp_path / "cats.gguf", d_model=576)
+
+
+def test_a_control_vector_written_as_repeng_and_llama_cpp_do_loads(tmp_path):
+    """Written with the gguf package the way repeng's export_gguf writes one (llama.cpp reads these with
+    --control-vector): several layers, 1-based direction.N, raw magnitudes."""
+    import gguf
+
+    from rudder.core.vectors import load_vector
+
+    rows = {n: np.random.default_rng(n).standard_normal(8).astype(np.float32) for n in (3, 4, 5)}
+    w = gguf.GGUFWriter(str(tmp_path / "repeng.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "qwen2")
+    w.add_uint32("controlvector.layer_count", len(rows))
+    for n, row in rows.items():
+        w.add_tensor(f"direction.{n}", row)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ArtifactError, match=r"holds directions for blocks \[2, 3, 4\]; name one"):
+        load_vector(tmp_path / "repeng.gguf", d_model=8)
+    v = load_vector(f"{tmp_path / 'repeng.gguf'}@3", d_model=8, model_hint="qwen2")
+    assert v.site == "blocks.3.hook_resid_post"  # direction.4: the output of block 3
+    np.testing.assert_allclose((v.vector * v.strength).numpy(), rows[4], rtol=1e-6)
+    with pytest.raises(ArtifactError, match="for a qwen2 model; this model is llama"):
+        load_vector(f"{tmp_path / 'repeng.gguf'}@3", d_model=8, model_hint="llama")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ArtifactError, match="not a GGUF file"):
+        load_vector(tmp_path / "junk.gguf")

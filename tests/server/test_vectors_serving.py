@@ -88,3 +88,19 @@ def test_a_vector_for_another_model_or_layer_is_refused_at_load(tiny_dir, tmp_pa
                                     engine.shape)
     with pytest.raises(ArtifactError, match="not a steering vector folder"):
         engine.artifacts.add_vector(str(tmp_path), engine.shape)
+
+
+def test_a_llama_cpp_control_vector_serves_by_name_at_its_stored_strength(tiny_dir, tmp_path):
+    from rudder.core.vectors import write_gguf
+
+    v = SteeringVector.load(save_vector(tmp_path / "cats"))
+    write_gguf(v, tmp_path / "cats.gguf", "llama")
+    engine = ReferenceEngine(tiny_dir)
+    assert engine.artifacts.add_vector(str(tmp_path / "cats.gguf"), engine.shape)[0] == "cats"
+    with pytest.raises(ArtifactError, match="control vector for a llama model; this model is gpt2"):
+        from rudder.core.vectors import read_gguf
+        read_gguf(tmp_path / "cats.gguf", 64, "gpt2")
+    with BackgroundServer(engine, "tiny") as srv, rc.Client(srv.address, timeout=60) as c:
+        assert c.model_info().vectors[0].alpha == pytest.approx(v.strength)
+        assert generate(c, [rc.steer("cats")]) == generate(
+            c, [rc.direction(v.strength, vector=v.vector.tolist(), site=v.site)])

@@ -31,8 +31,12 @@ def test_train_vector_is_diffmean_over_the_models_activations_and_records_its_ca
     out = tmp_path / "cats"
     assert main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--words", "cats?|kittens?",
                  "--site", SITE, "--examples", str(pairs_file), "--out", str(out),
-                 "--set", "strengths=[1,4]", "--set", "max_tokens=8"]) == 0
+                 "--set", "strengths=[1,4]", "--set", "max_tokens=8", "--set", f"gguf={tmp_path / 'cats.gguf'}"]) == 0
     v = SteeringVector.load(out, d_model=64)
+    from rudder.core.vectors import read_gguf
+    exported = read_gguf(tmp_path / "cats.gguf", 64, "llama")
+    assert exported.site == SITE
+    torch.testing.assert_close(exported.vector, v.vector)
     judge = Judge(HookedLM.load(tiny_dir))
     by_hand = diffmean(judge.text_activations([p for p, _ in PAIRS], SITE),
                        judge.text_activations([n for _, n in PAIRS], SITE))
