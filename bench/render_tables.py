@@ -275,6 +275,27 @@ def _topic_steering_fluency(d: dict) -> Rows:
             ["repeated word trigrams", *_fluency(d, "repeated_trigrams", ".1%")]]
 
 
+STEERING_ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "best+prompt")
+
+
+def _arm_cell(arm: dict | None) -> str:
+    if not arm or "on_topic" not in arm:
+        return "-"
+    drop = arm.get("fluency_drop")
+    return f"{arm['success']:.0%} ({arm['on_topic']:.0%}, {drop:+.2f})" if drop is not None else f"{arm['success']:.0%}"
+
+
+@table("steering_quality", "steering_quality.json", "lr")
+def _steering_quality(d: dict) -> Rows:
+    header = ["topic", "baseline on topic", *STEERING_ARMS, "best steering (calibrated)"]
+    rows = []
+    for topic, r in d["topics"].items():
+        best = r.get("best")
+        rows.append([topic, f"{r['baseline']['on_topic']:.0%}", *(_arm_cell(r["arms"].get(a)) for a in STEERING_ARMS),
+                     f"{best['method']} at {best['strength']:g}" if best else "none within the budget"])
+    return [header] + rows
+
+
 # ---------------------------------------------------------------- analysis
 
 

@@ -303,18 +303,33 @@ def test_200_cancelled_streams_leave_nothing_running_and_memory_flat(server):
 
 
 def serve_process(backend: str, model, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`rudder serve` in a child process on a free port, serving."""
+    """`rudder serve` in a child process on a free port, serving. Its log goes to a file; a start that
+    fails shows the log's tail (and the ceiling is a hang's, not a timing verdict)."""
+    import tempfile
+
     model_dir, sae = model
     port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="rudder-serve-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", backend,
                              "--model", str(model_dir), "--sae", f"s={sae}", "--port", str(port),
                              "--metrics-port", "-1", *extra, *(["--", "--max-model-len", "256"] if backend == "vllm"
                                                                 else [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    if not wait_until_serving(proc, address, timeout=300):
+    started = time.monotonic()
+    if not wait_until_serving(proc, address, timeout=600):
+        import psutil
+
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()  # the engine core too: it would outlive a killed server by minutes
+        except psutil.NoSuchProcess:
+            pass
         proc.kill()
-        pytest.fail(f"rudder serve --backend {backend} did not start")
+        tail = "".join(open(log.name, errors="replace").readlines()[-25:])
+        pytest.fail(f"rudder serve --backend {backend} did not answer within {time.monotonic() - started:.0f} s "
+                    f"(exit code {proc.poll()}); the end of its log ({log.name}):\n{tail}")
+    os.unlink(log.name)  # the child keeps writing to its open file; only a failed start keeps the log
     return proc, address
 
 
