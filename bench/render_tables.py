@@ -279,6 +279,8 @@ STEERING_ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_d
 
 
 def _arm_cell(arm: dict | None) -> str:
+    if arm and "strength" in arm and arm["strength"] is None:
+        return "no strength within the budget"
     if not arm or "on_topic" not in arm:
         return "-"
     drop = arm.get("fluency_drop")
