@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +33,7 @@ from rudder import client as rc
 from rudder.core.default_model import MODEL_NAME, default_model_dir
 from rudder.server.app import BackgroundServer
 from rudder.server.backends.reference import ReferenceEngine
+from rudder.training.concepts import Concept, repeated_trigrams
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models/default-saes/resid15"
@@ -65,13 +65,7 @@ def search_regex(topic: str) -> str:
 
 
 def on_topic(topic: str, text: str) -> bool:
-    return re.search(rf"(?i)\b(?:{TOPICS[topic][1]})\b", text) is not None
-
-
-def repeated_trigrams(text: str) -> float:
-    words = text.lower().split()
-    grams = list(zip(words, words[1:], words[2:]))
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    return Concept(topic, TOPICS[topic][1]).on(text)
 
 
 def pick_feature(client: rc.Client, sae: str, topic: str):
