@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from rudder.core.errors import InvalidArgument
-from rudder.core.feature_metadata import OUTPUT_SCORES, load_output_scores, rank_by_effect  # noqa: F401
+from rudder.core.feature_metadata import OUTPUT_SCORES
 
 NEUTRAL_PROMPT = "From my experience,"  # the paper's
 AMP = 10.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import AsyncIterator
@@ -123,6 +124,8 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.in_flight = 0
         self.dead: str | None = None  # why the server no longer serves (its engine died)
         self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index
+        # a search by effect reads ~20 logit-lens tokens of every feature: decode each token once per server
+        self._token_text = functools.lru_cache(maxsize=None)(self.engine.token_text)
 
     def _count_admitted(self, steering: SteeringSpec, prompt_tokens: int) -> None:
         m = self.metrics
@@ -291,7 +294,7 @@ class SteeringService(pb_grpc.SteeringServicer):
                                      f"--sae {source.path}` and load it again")
         scores, top = source.output_scores
         end = request.offset + (request.limit or 20)
-        hits = rank_by_effect(scores, top, self.engine.token_text, request.says)
+        hits = rank_by_effect(scores, top, self._token_text, request.says)
         meta = {f.id: f for f in source.features or []}
         out = []
         for fid, score, words in hits[request.offset:end]:

@@ -87,17 +87,16 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
         if cfg.calibrate:
             base = answer_all(gen, [(i, k, []) for k, i in enumerate(CALIBRATION_INSTRUCTIONS)])
             base_lp = summary(score(judge, concept, base, CALIBRATION_INSTRUCTIONS), 0.0, cfg.budget)["mean_logprob"]
-            unit = site_norm / 10
+            alphas = [s * site_norm / 10 for s in cfg.strengths]  # the curve is kept in the site's units
+            values = vector.tolist()
 
-            def at(s):
-                return [rc.direction(s * unit, vector=vector.tolist(), site=cfg.site)]
+            def at(alpha):
+                return [rc.direction(alpha, vector=values, site=cfg.site)]
 
             print(f"==> calibrating on {len(CALIBRATION_INSTRUCTIONS)} instructions, budget {cfg.budget} nats/token",
                   flush=True)
-            curve, _ = sweep(gen, judge, concept, CALIBRATION_INSTRUCTIONS, at, cfg.strengths, base_lp, cfg.budget)
+            curve, _ = sweep(gen, judge, concept, CALIBRATION_INSTRUCTIONS, at, alphas, base_lp, cfg.budget)
             chosen = pick_strength(curve, cfg.budget)
-            for p in curve:
-                p.strength *= unit  # stored as alphas, in the site's units
             if chosen is None:
                 print(f"    no strength kept the fluency drop within {cfg.budget} nats/token; the vector is saved "
                       "uncalibrated: try smaller --strengths or another --site", flush=True)

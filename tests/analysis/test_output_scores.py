@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from rudder import client as rc
-from rudder.analysis.output_scores import load_output_scores, logit_lens_top, output_scores, save_output_scores
-from rudder.core.feature_metadata import rank_by_effect
+from rudder.analysis.output_scores import logit_lens_top, output_scores, save_output_scores
+from rudder.core.feature_metadata import load_output_scores, rank_by_effect
 from rudder.core.sae import SAE
 from rudder.server.app import BackgroundServer
 from rudder.server.backends.reference import ReferenceEngine
