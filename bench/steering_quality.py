@@ -1,18 +1,20 @@
 """Does steering land? A judge-free, AxBench-shaped benchmark on the default model.
 
     .venv/bin/python bench/steering_quality.py [--topics cats,dogs,...] [--sites 6,10] [--strengths 2,3,4]
-                                               [--scope generated] [--quick]
+                                               [--temperature 0.6] [--scope generated] [--quick]
 
-For each topic, every arm answers the same instructions (temperature 1, fixed seeds, 48 tokens):
+For each topic, every arm answers the same instructions (temperature 0.6, fixed seeds, 48 tokens):
 - prompt: the instruction plus "Mention {topic} in your answer." (the field's bar);
 - feature_regex: today's recipe, the shipped SAE's feature found by a regex over its top examples,
   clamped on generated tokens at a multiple of its max activation;
 - feature_output: the feature with the best output score among those whose logit-lens tokens are
   the topic's words (Arad et al. 2025; `rudder analyze output-scores`), clamped the same way;
 - diffmean / pca_diff: a steering vector built from examples the model writes itself (asked to
-  mention the topic vs plain answers to other instructions), added at the residual stream after
-  each layer of `--sites` with alpha a multiple of that site's mean activation norm / 10 (the
-  calibration picks the site and the strength);
+  mention the topic vs plain answers, two samples per instruction), added at the residual stream
+  after each layer of `--sites` with alpha a multiple of that site's mean activation norm / 10
+  (the calibration picks the site and the strength);
+- trained: a vector trained on the same positives so the model writes them given the plain
+  instructions (rudder.training.vectors.train_vector), alpha a multiple of its trained norm;
 - best+prompt: the best steering arm (by calibration success) together with the prompt.
 The instructions are split in half: each steered arm's strength is calibrated on the first half
 (the highest success whose fluency drop is within the budget, rudder.core.vectors.pick_strength)
@@ -38,7 +40,7 @@ import torch
 
 from rudder import client as rc
 from rudder.core.default_model import MODEL_NAME, default_model_dir
-from rudder.core.vectors import METHODS, build, pick_strength
+from rudder.core.vectors import METHODS, pick_strength
 from rudder.server.app import BackgroundServer
 from rudder.server.backends.reference import ReferenceEngine
 from rudder.training.concepts import (
@@ -53,8 +55,10 @@ from rudder.training.concepts import (
     score,
     summary,
     sweep,
+    write_examples,
 )
 from rudder.training.lm import HookedLM
+from rudder.training.vectors import TRAINED_STRENGTHS, make_vector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from topic_steering import SHIPPED, TOPICS, search_regex  # noqa: E402  (the classifier and feature search)
@@ -64,11 +68,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--topics", default=",".join(TOPICS), help=f"comma-separated, of: {', '.join(TOPICS)}")
-    ap.add_argument("--sites", default="6,10", help="layers whose hook_resid_post the vectors are tried at")
-    ap.add_argument("--strengths", default="1.5,2,2.5,3,4",
-                    help="vector alphas as multiples of the site's mean activation norm / 10 (comma-separated)")
-    ap.add_argument("--feature-strengths", default="2,4,6,8", help="clamps, multiples of the feature's max activation")
-    ap.add_argument("--scope", default="generated", choices=["all", "generated"], help="positions the vectors act on")
+    ap.add_argument("--sites", default="10", help="layers whose hook_resid_post the vectors are tried at")
+    ap.add_argument("--strengths", default="2,3,4",
+                    help="diffmean/pca_diff alphas, multiples of the site mean activation norm / 10")
+    ap.add_argument("--trained-strengths", default=",".join(f"{x:g}" for x in TRAINED_STRENGTHS),
+                    help="trained-vector alphas, multiples of the norm it was trained to")
+    ap.add_argument("--feature-strengths", default="2,4,6", help="clamps, multiples of the feature's max activation")
+    ap.add_argument("--scope", default="all", choices=["all", "generated"], help="positions the vectors act on")
+    ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of every answer")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of the trained vector")
     ap.add_argument("--budget", type=float, default=1.0, help="fluency drop allowed, nats per token")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -79,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     args.topics = [t.strip() for t in args.topics.split(",") if t.strip()]
     if unknown := [t for t in args.topics if t not in TOPICS]:
         ap.error(f"unknown topic {unknown[0]}; choose from {', '.join(TOPICS)}")
-    for name in ("strengths", "feature_strengths"):
+    for name in ("strengths", "trained_strengths", "feature_strengths"):
         try:
             setattr(args, name, [float(x) for x in getattr(args, name).split(",")])
         except ValueError:
@@ -107,22 +115,18 @@ def main() -> None:
     scope = rc.scope(args.scope)
     results: dict = {"topics": {}}
     with BackgroundServer(engine, MODEL_NAME) as srv, rc.Client(srv.address, timeout=1800) as c:
-        gen = client_generator(c, args.max_tokens)
+        gen = client_generator(c, args.max_tokens, args.temperature)
         # the unsteered answers: the fluency reference of each half, and every topic's baseline
         base = {name: answer_all(gen, [(i, k, []) for k, i in enumerate(part)], args.concurrency)
                 for name, part in (("cal", cal), ("rep", rep))}
-        plain_examples = answer_all(gen, [(i, 1000 + k, []) for k, i in enumerate(examples)], args.concurrency)
-        site_norm = {site: judge.site_norm([a.text for a in plain_examples[:16]], site) for site in args.sites}
-        for site, norm in site_norm.items():
-            print(f"{site}: mean activation norm {norm:.1f}; vector alpha = strength x {norm / 10:.2f}")
         for topic in args.topics:
             concept = Concept(topic, TOPICS[topic][1])
-            row = run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plain_examples, base,
-                            site_norm)
+            row = run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base)
             results["topics"][topic] = row
     results.update({
         "date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "sae": str(SHIPPED.relative_to(ROOT)),
-        "sites": args.sites, "site_norms": site_norm, "scope": args.scope, "budget": args.budget, "temperature": 1.0,
+        "sites": args.sites, "scope": args.scope, "budget": args.budget, "temperature": args.temperature,
+        "trained_strengths": args.trained_strengths, "steps": args.steps,
         "max_tokens": args.max_tokens, "strengths": args.strengths, "feature_strengths": args.feature_strengths,
         "instructions": {"calibrate": cal, "report": rep}, "example_instructions": examples,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - t0})
@@ -133,34 +137,32 @@ def main() -> None:
     print(f"wrote {args.out} and {args.plot}")
 
 
-def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plain_examples, base, site_norm) -> dict:
+def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base) -> dict:
     budget = args.budget
     base_scored = {h: score(judge, concept, base[h], part) for h, part in (("cal", cal), ("rep", rep))}
     base_lp = {h: summary(s, 0.0, budget)["mean_logprob"] for h, s in base_scored.items()}
     row: dict = {"baseline": summary(base_scored["rep"], base_lp["rep"], budget), "arms": {}, "costs": {}}
     print(f"{concept.name}: baseline {row['baseline']['on_topic']:.0%} on topic", flush=True)
 
-    # the model writes the examples: mention-the-topic answers vs the plain ones, paired by instruction
+    # the model writes the examples: mention-the-topic answers vs plain ones, two samples per instruction
     t = time.perf_counter()
-    mention = answer_all(gen, [(MENTION.format(instruction=i, concept=concept.name), 1000 + k, [])
-                               for k, i in enumerate(examples)], args.concurrency)
-    pairs = [(m.text, p.text) for m, p in zip(mention, plain_examples) if concept.on(m.text) and not concept.on(p.text)]
+    pairs = write_examples(gen, concept, examples, concurrency=args.concurrency)
     row["costs"]["examples_s"] = time.perf_counter() - t
     row["examples"] = len(pairs)
-    t = time.perf_counter()
-    vectors = {}  # (method, site) -> unit vector
+    arms = {}
     for site in args.sites:
-        pos = judge.text_activations([p for p, _ in pairs], site)
-        neg = judge.text_activations([n for _, n in pairs], site)
-        vectors.update({(m, site): build(m, pos, neg) for m in METHODS})
-    row["costs"]["vectors_s"] = time.perf_counter() - t
-
-    def vector_arm(v, site):
-        unit = site_norm[site] / 10
-        return lambda s: [rc.direction(s * unit, vector=v.tolist(), site=site, scope=scope)]
+        for m in METHODS:
+            t = time.perf_counter()
+            v, unit = make_vector(judge.lm, m, site, pairs, steps=args.steps)
+            row["costs"][f"{m}@{site.split('.')[1]}_s"] = time.perf_counter() - t
+            values = v.tolist()
+            row.setdefault("units", {})[f"{m}@{site.split('.')[1]}"] = unit  # alpha = strength x unit
+            arms[f"{m}@{site.split('.')[1]}"] = (
+                lambda s, values=values, site=site, unit=unit: [rc.direction(s * unit, vector=values, site=site,
+                                                                             scope=scope)],
+                args.trained_strengths if m == "trained" else args.strengths)
 
     feature, matches = c.best_feature(sae, search_regex(concept.name))
-    arms = {f"{m}@{site.split('.')[1]}": (vector_arm(v, site), args.strengths) for (m, site), v in vectors.items()}
     if feature is not None:
         arms["feature_regex"] = (lambda s: [rc.clamp(sae, feature.id, s * feature.max_activation,
                                                      scope=rc.scope("generated"))], args.feature_strengths)
@@ -216,7 +218,7 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, plai
     return row
 
 
-ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "best+prompt")
+ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "trained", "best+prompt")
 
 
 def print_table(results: dict) -> None:

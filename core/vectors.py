@@ -18,6 +18,10 @@ Methods (pos, neg: one activation row per example, (n, d)):
   `pca` aggregator of steering-vectors, repeng's pca_diff), its sign chosen so that pos projects
   above neg on most pairs.
 
+- Trained: a vector trained with the frozen model so that it writes the positives given the plain
+  instructions (rudder.training.vectors.train_vector; AxBench's LM objective for a rank-1
+  intervention).
+
 Calibration: `pick_strength` chooses, among swept strengths whose fluency drop (nats per token
 under the unsteered model) stays within a budget, the one with the highest success rate
 (ties: the stronger); the whole curve is kept in vector.json.
@@ -37,7 +41,9 @@ from rudder.core.errors import ArtifactError, InvalidArgument
 
 FORMAT = "rudder.steering_vector/1"
 WEIGHTS, META = "vector.safetensors", "vector.json"
-METHODS = ("diffmean", "pca_diff")
+METHODS = ("diffmean", "pca_diff", "trained")
+FROM_ACTIVATIONS = ("diffmean", "pca_diff")
+"""the methods `build` computes; `trained` is trained with the model (rudder.training.vectors)"""
 
 
 def named(spec: str) -> tuple[str, str]:
@@ -86,8 +92,11 @@ def pca_diff(pos: Tensor, neg: Tensor) -> Tensor:
 
 
 def build(method: str, pos: Tensor, neg: Tensor) -> Tensor:
-    """A unit-norm steering direction from examples by `method` (one of METHODS)."""
-    if method not in METHODS:
+    """A unit-norm steering direction from examples by `method` (one of FROM_ACTIVATIONS)."""
+    if method == "trained":
+        raise InvalidArgument("a trained vector is trained with the model, not built from activations: "
+                              "rudder.training.vectors.train_vector (rudder train vector --method trained)")
+    if method not in FROM_ACTIVATIONS:
         raise InvalidArgument(f"unknown vector method {method!r}; choose one of {', '.join(METHODS)}")
     v = diffmean(pos, neg) if method == "diffmean" else pca_diff(pos, neg)
     n = v.norm()

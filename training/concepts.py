@@ -2,8 +2,9 @@
 steering benchmark (bench/steering_quality.py) share.
 
     judge = Judge(lm)                                           # the unsteered model scores answers
-    pos, neg = write_examples(client, concept, instructions)    # the served model writes both sides
-    v = vectors.build("diffmean", judge.text_activations(pos, site), judge.text_activations(neg, site))
+    ex = write_examples(gen, concept, instructions)             # the served model writes both sides
+    v = vectors.build("diffmean", judge.text_activations([e.positive for e in ex], site),
+                      judge.text_activations([e.negative for e in ex], site))
     curve = sweep(client, judge, concept, instructions, arms)   # concept rate and fluency per strength
 
 A sample is a *success* when it is on the concept (a word classifier, as the codebook paper's
@@ -95,7 +96,7 @@ class Judge:
         self.lm = lm
         self.tok = lm.tokenizer
 
-    def _prompt(self, instruction: str) -> list[int]:
+    def prompt_ids(self, instruction: str) -> list[int]:
         return list(self.tok.apply_chat_template([{"role": "user", "content": instruction}],
                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
 
@@ -104,7 +105,7 @@ class Judge:
         """Mean log-prob per token of answer `ids` after the chat prompt of `instruction`."""
         if not ids:
             return float("nan")
-        prompt = self._prompt(instruction)
+        prompt = self.prompt_ids(instruction)
         x = torch.tensor([prompt + list(ids)])
         logits, _ = self.lm.run(x)
         lp = torch.log_softmax(logits[0, len(prompt) - 1:-1], -1)
@@ -149,23 +150,28 @@ def answer_all(gen: Generate, jobs: list[tuple[str, int, list]], concurrency: in
         return list(pool.map(lambda j: gen(*j), jobs))
 
 
+@dataclass
+class Example:
+    instruction: str  # the plain instruction (the positive was asked to mention the concept besides)
+    positive: str
+    negative: str
+    positive_ids: list[int] | None = None  # the positive's tokens as generated (None: tokenize the text)
+
+
 def write_examples(gen: Generate, concept: Concept, instructions: Sequence[str], seed: int = 1000,
-                   concurrency: int = 16) -> tuple[list[str], list[str]]:
-    """The served model writes both sides: answers asked to mention the concept (kept if they do)
-    and plain answers (kept if they do not), one pair per instruction where both sides hold."""
-    jobs = [(MENTION.format(instruction=i, concept=concept.name), seed + k, []) for k, i in enumerate(instructions)]
-    jobs += [(i, seed + k, []) for k, i in enumerate(instructions)]
-    answers = answer_all(gen, jobs, concurrency)
-    n = len(instructions)
-    pos, neg = [], []
-    for a, b in zip(answers[:n], answers[n:]):
-        if concept.on(a.text) and not concept.on(b.text) and len(a.ids) > 1 and len(b.ids) > 1:
-            pos.append(a.text)
-            neg.append(b.text)
-    if not pos:
+                   samples: int = 2, concurrency: int = 16) -> list[Example]:
+    """The served model writes both sides, `samples` times per instruction: an answer asked to
+    mention the concept (kept if it does) and a plain answer (kept if it does not), paired."""
+    jobs = [(i, seed + k + 100 * s) for s in range(samples) for k, i in enumerate(instructions)]
+    asked = answer_all(gen, [(MENTION.format(instruction=i, concept=concept.name), sd, []) for i, sd in jobs],
+                       concurrency)
+    plain = answer_all(gen, [(i, sd, []) for i, sd in jobs], concurrency)
+    out = [Example(i, a.text, b.text, a.ids) for (i, _), a, b in zip(jobs, asked, plain)
+           if concept.on(a.text) and not concept.on(b.text) and len(a.ids) > 1 and len(b.ids) > 1]
+    if not out:
         raise InvalidArgument(f"the model never mentioned {concept.name!r} when asked to (or always did unasked) "
-                              f"over {n} instructions; check the concept's words {concept.words!r}")
-    return pos, neg
+                              f"over {len(jobs)} answers; check the concept's words {concept.words!r}")
+    return out
 
 
 @dataclass
@@ -210,9 +216,11 @@ def sweep(gen: Generate, judge: Judge, concept: Concept, instructions: Sequence[
           concurrency: int = 16, progress: Callable[[str], None] = print) -> tuple[list[CalibrationPoint], dict]:
     """Answer `instructions` at each strength; the calibration curve and each strength's summary."""
     curve, rows = [], {}
-    for s in strengths:
-        jobs = [(prompt(i), seed + k, interventions_at(s)) for k, i in enumerate(instructions)]
-        row = summary(score(judge, concept, answer_all(gen, jobs, concurrency), instructions), base_logprob, budget)
+    jobs = [(prompt(i), seed + k, interventions_at(s)) for s in strengths for k, i in enumerate(instructions)]
+    answers = answer_all(gen, jobs, concurrency)  # every strength at once: the server batches them
+    n = len(instructions)
+    for j, s in enumerate(strengths):
+        row = summary(score(judge, concept, answers[j * n:(j + 1) * n], instructions), base_logprob, budget)
         rows[f"{s:g}"] = row
         curve.append(CalibrationPoint(s, row["on_topic"], row["fluency_drop"], row["success"],
                                       row["repeated_trigrams"]))

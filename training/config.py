@@ -186,6 +186,9 @@ class TokFSMTrainConfig(_Strict):
     device: str = Field("cpu", description="torch device to train on (cuda for a GPU)")
 
 
+DEFAULT_STRENGTHS = (2, 4, 6, 8, 12)
+
+
 class VectorTrainConfig(_Strict):
     """A steering vector for a concept (rudder.training.vectors): examples the model writes itself (or
     given), a direction by `method`, its strength calibrated under a fluency budget."""
@@ -195,15 +198,21 @@ class VectorTrainConfig(_Strict):
                               "'cats?|kittens?' (default: the concept's name)")
     model: str | None = Field(None, description="Hugging Face causal LM folder (default: the embedded default model)")
     site: str = Field("blocks.10.hook_resid_post", description="where the vector is added")
-    method: Literal["diffmean", "pca_diff"] = Field("diffmean", description="diffmean: mean(pos) - mean(neg); "
-                                                    "pca_diff: first component of the paired differences")
+    method: Literal["diffmean", "pca_diff", "trained"] = Field(
+        "trained", description="trained: a vector trained so the model writes the positives given the plain "
+        "instructions (best here); diffmean: mean(pos) - mean(neg); pca_diff: first component of the paired "
+        "differences")
+    steps: int = Field(60, ge=1, description="training steps of a trained vector (batches of 8 positives)")
+    lr: float = Field(0.3, gt=0, description="Adam learning rate of a trained vector")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature of the examples and calibration answers")
     examples: Path | None = Field(None, description="JSON lines of {\"positive\": TEXT, \"negative\": TEXT} "
                                   "(default: the model writes them, asked to mention the concept vs not)")
     num_examples: int = Field(32, ge=1, le=32, description="instructions the model answers for its own examples")
     calibrate: bool = Field(True, description="sweep the strength on calibration instructions and keep the best "
                             "within the budget")
-    strengths: list[float] = Field([2, 4, 6, 8, 12], min_length=1,
-                                   description="swept alphas, in tenths of the site's mean activation norm")
+    strengths: list[float] | None = Field(None, min_length=1, description="swept alphas: for diffmean/pca_diff "
+                                          f"in tenths of the site mean activation norm (default {DEFAULT_STRENGTHS}), "
+                                          "for trained in multiples of its trained norm (default 0.5-1.5)")
     budget: float = Field(1.0, gt=0, description="fluency drop allowed: nats per token under the unsteered model")
     max_tokens: int = Field(48, ge=8, description="tokens per calibration answer")
     out: Path = Field(..., description="vector folder to write")
@@ -212,7 +221,7 @@ class VectorTrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> VectorTrainConfig:
-        if any(not math.isfinite(s) or s <= 0 for s in self.strengths):
+        if any(not math.isfinite(s) or s <= 0 for s in self.strengths or ()):
             raise ValueError(f"strengths must be finite and > 0, got {self.strengths}")
         Site.parse(self.site)
         return self

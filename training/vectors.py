@@ -8,9 +8,13 @@
 1. Examples: the model answers EXAMPLE_INSTRUCTIONS asked to mention the concept, and plainly;
    a pair is kept where the first is on the concept and the second is not (or `examples` gives
    the pairs as JSON lines).
-2. The direction: `method` over each example's mean activation at `site` (rudder.core.vectors).
+2. The direction: `method` over each example's mean activation at `site` (rudder.core.vectors),
+   or, for `trained`, a vector trained with the model (`train_vector`: the LM objective of
+   AxBench's ReFT-r1 for a rank-1 steering vector: the positive answers made likely given the
+   plain instructions, with the vector added at `site` on every position).
 3. Calibration: answers to CALIBRATION_INSTRUCTIONS at each strength (alpha = strength x the site's
-   mean activation norm / 10, on every position), scored by the unsteered model; the strength with
+   mean activation norm / 10, on every position; a trained vector's strengths default to 0.5-1.5x
+   the norm it was trained to), scored by the unsteered model; the strength with
    the best success within the fluency budget is kept, and the whole curve is written with it.
 
 Everything runs in this process: the model behind an in-process Rudder server (reference
@@ -21,6 +25,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
 
 from rudder import client as rc
 from rudder.core.default_model import default_model_dir
@@ -30,6 +39,7 @@ from rudder.training.concepts import (
     CALIBRATION_INSTRUCTIONS,
     EXAMPLE_INSTRUCTIONS,
     Concept,
+    Example,
     Judge,
     answer_all,
     client_generator,
@@ -38,26 +48,85 @@ from rudder.training.concepts import (
     sweep,
     write_examples,
 )
-from rudder.training.config import VectorTrainConfig
+from rudder.training.config import DEFAULT_STRENGTHS, VectorTrainConfig
 from rudder.training.lm import HookedLM
 
 
-def read_pairs(path) -> tuple[list[str], list[str]]:
+def read_pairs(path) -> list[Example]:
+    """JSON lines of {"positive", "negative"[, "instruction"]} (a trained vector learns the positive
+    as the answer to the instruction; without one, as plain text)."""
     if not path.is_file():
         raise InvalidArgument(f"examples file {path} does not exist; give JSON lines of positive/negative pairs")
-    pos, neg = [], []
+    out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            pos.append(str(row["positive"]))
-            neg.append(str(row["negative"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            out.append(Example(str(row.get("instruction", "")), str(row["positive"]), str(row["negative"])))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise InvalidArgument(f"{path}:{n}: expected a JSON object with 'positive' and 'negative' texts") from None
-    if not pos:
+    if not out:
         raise InvalidArgument(f"{path} holds no example pairs; give one JSON line per pair")
-    return pos, neg
+    return out
+
+
+def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: int = 60, lr: float = 0.3,
+                 batch_size: int = 8, seed: int = 0) -> Tensor:
+    """A steering vector v trained with the frozen model: v is added at `site` on every position
+    and trained (Adam, from zero) to make each positive answer likely given its plain instruction,
+    mean cross-entropy over the answer's tokens (AxBench's LM objective for a rank-1 intervention,
+    as ReFT-r1 without its detection half). Returns v unnormalised: its norm is the strength it
+    was trained at."""
+    if not examples:
+        raise InvalidArgument("a trained vector needs positive examples; give at least one pair")
+    if steps < 1 or not lr > 0:
+        raise InvalidArgument(f"training a vector needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    tok, judge = lm.tokenizer, Judge(lm)
+    seqs = []
+    for e in examples:
+        if e.instruction:
+            seqs.append((judge.prompt_ids(e.instruction),
+                         list(e.positive_ids or tok(e.positive, add_special_tokens=False).input_ids)))
+        else:  # plain text: every token after the first is learned
+            ids = tok(e.positive).input_ids
+            seqs.append((ids[:1], ids[1:]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    v = torch.zeros(lm.shape.d_model, device=lm.device, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=f"vector at {site}", unit="step")
+    for _ in bar:
+        batch = [seqs[j] for j in torch.randperm(len(seqs), generator=g)[:batch_size].tolist()]
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), pad)
+        target = torch.full((len(batch), width), -100)
+        for r, (p, a) in enumerate(batch):  # right-padded: causal attention never sees the padding
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            target[r, len(p):len(p) + len(a)] = torch.tensor(a)
+        logits, _ = lm.run(ids, replace={site: lambda x: x + v})
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten().to(lm.device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", norm=f"{v.norm().item():.1f}")
+    return v.detach().cpu()
+
+
+TRAINED_STRENGTHS = (0.5, 0.75, 1.0, 1.25, 1.5)
+"""a trained vector's swept strengths, as multiples of the norm it was trained to"""
+
+
+def make_vector(lm: HookedLM, method: str, site: str, examples: Sequence[Example], **train) -> tuple[Tensor, float]:
+    """A unit direction at `site` by `method`, and its natural unit of strength: the site's mean
+    activation norm / 10 for directions from activations, the trained norm for a trained vector."""
+    judge = Judge(lm)
+    site_norm = judge.site_norm([e.negative for e in examples[:16]], site)
+    if method == "trained":
+        v = train_vector(lm, site, examples, **train)
+        return v / v.norm().clamp_min(1e-12), float(v.norm())
+    pos = judge.text_activations([e.positive for e in examples], site)
+    return build(method, pos, judge.text_activations([e.negative for e in examples], site)), site_norm / 10
 
 
 def run(cfg: VectorTrainConfig) -> SteeringVector:
@@ -72,22 +141,24 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
     concept = Concept(cfg.concept, cfg.words or cfg.concept)
     t0 = time.perf_counter()
     with BackgroundServer(ReferenceEngine(model), "vector") as srv, rc.Client(srv.address, timeout=1800) as c:
-        gen = client_generator(c, cfg.max_tokens)
+        gen = client_generator(c, cfg.max_tokens, cfg.temperature)
         if given is not None:
-            pos, neg = given
+            examples = given
         else:
-            print(f"==> the model writes examples for {concept.name!r} ({cfg.num_examples} instructions x 2)",
+            print(f"==> the model writes examples for {concept.name!r} ({cfg.num_examples} instructions x 2 x 2)",
                   flush=True)
-            pos, neg = write_examples(gen, concept, EXAMPLE_INSTRUCTIONS[:cfg.num_examples])
+            examples = write_examples(gen, concept, EXAMPLE_INSTRUCTIONS[:cfg.num_examples])
         t_examples = time.perf_counter() - t0
-        vector = build(cfg.method, judge.text_activations(pos, cfg.site), judge.text_activations(neg, cfg.site))
-        site_norm = judge.site_norm(neg, cfg.site)
-        print(f"==> {cfg.method} vector at {cfg.site} from {len(pos)} pairs; site norm {site_norm:.1f}", flush=True)
+        vector, unit = make_vector(lm, cfg.method, cfg.site, examples, steps=cfg.steps, lr=cfg.lr)
+        site_norm = judge.site_norm([e.negative for e in examples[:16]], cfg.site)
+        print(f"==> {cfg.method} vector at {cfg.site} from {len(examples)} pairs; site norm {site_norm:.1f}",
+              flush=True)
         curve, chosen = [], None
         if cfg.calibrate:
             base = answer_all(gen, [(i, k, []) for k, i in enumerate(CALIBRATION_INSTRUCTIONS)])
             base_lp = summary(score(judge, concept, base, CALIBRATION_INSTRUCTIONS), 0.0, cfg.budget)["mean_logprob"]
-            alphas = [s * site_norm / 10 for s in cfg.strengths]  # the curve is kept in the site's units
+            strengths = cfg.strengths or (TRAINED_STRENGTHS if cfg.method == "trained" else DEFAULT_STRENGTHS)
+            alphas = [s * unit for s in strengths]  # the curve is kept in the site's units
             values = vector.tolist()
 
             def at(alpha):
@@ -102,7 +173,8 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
                       "uncalibrated: try smaller --strengths or another --site", flush=True)
     out = SteeringVector(cfg.site, vector, cfg.method, strength=chosen.strength if chosen else None,
                          site_norm=site_norm, model=str(model), budget=cfg.budget, calibration=curve,
-                         provenance={"concept": concept.name, "words": concept.words, "pairs": len(pos),
+                         provenance={"concept": concept.name, "words": concept.words, "pairs": len(examples),
+                                     "temperature": cfg.temperature,
                                      "examples": str(cfg.examples) if cfg.examples else "written by the model",
                                      "examples_s": round(t_examples, 1),
                                      "seconds": round(time.perf_counter() - t0, 1)})

@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
+from rudder.core.errors import InvalidArgument
 from rudder.core.vectors import SteeringVector, diffmean
 from rudder.server.cli import main
-from rudder.training.concepts import Concept, Judge, repeated_trigrams
+from rudder.training.concepts import Concept, Example, Judge, repeated_trigrams
 from rudder.training.lm import HookedLM
+from rudder.training.vectors import train_vector
 
 SITE = "blocks.1.hook_resid_post"
 PAIRS = [("the cat sat on the mat with a kitten", "the car drove on the road with a truck"),
@@ -30,7 +32,7 @@ def test_train_vector_is_diffmean_over_the_models_activations_and_records_its_ca
                                                                                          pairs_file):
     out = tmp_path / "cats"
     assert main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--words", "cats?|kittens?",
-                 "--site", SITE, "--examples", str(pairs_file), "--out", str(out),
+                 "--site", SITE, "--method", "diffmean", "--examples", str(pairs_file), "--out", str(out),
                  "--set", "strengths=[1,4]", "--set", "max_tokens=8", "--set", f"gguf={tmp_path / 'cats.gguf'}"]) == 0
     v = SteeringVector.load(out, d_model=64)
     from rudder.core.vectors import read_gguf
@@ -45,6 +47,51 @@ def test_train_vector_is_diffmean_over_the_models_activations_and_records_its_ca
     unit = v.site_norm / 10
     assert [p.strength for p in v.calibration] == pytest.approx([1 * unit, 4 * unit])
     assert v.strength is None or v.strength in [p.strength for p in v.calibration]
+
+
+def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor) -> torch.Tensor:
+    """By hand: v added to the layer's output at every position after the first, through a plain
+    PyTorch hook; the mean cross-entropy of each answer's tokens given its chat prompt."""
+    judge, tok = Judge(lm), lm.tokenizer
+    layer = int(SITE.split(".")[1])
+
+    def add(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = torch.cat([hidden[:, :1], hidden[:, 1:] + v], dim=1)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = lm.model.model.layers[layer].register_forward_hook(add)
+    try:
+        total, count = 0.0, 0
+        for e in examples:
+            prompt, answer = judge.prompt_ids(e.instruction), tok(e.positive, add_special_tokens=False).input_ids
+            logits = lm.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+            total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum")
+            count += len(answer)
+        return total / count
+    finally:
+        handle.remove()
+
+
+def test_a_trained_vector_takes_adams_first_step_down_the_hand_computed_gradient(tiny_dir):
+    lm = HookedLM.load(tiny_dir)
+    examples = [Example("Tell me something.", p, n) for p, n in PAIRS]
+    v0 = torch.zeros(lm.shape.d_model, requires_grad=True)
+    _answer_loss(lm, examples, v0).backward()
+    one_step = train_vector(lm, SITE, examples, steps=1, lr=0.05, batch_size=len(examples))
+    # Adam's first step from zero is lr x sign(gradient), element-wise
+    torch.testing.assert_close(one_step, -0.05 * torch.sign(v0.grad), atol=1e-4, rtol=0)
+    trained = train_vector(lm, SITE, examples, steps=30, lr=0.05)
+    with torch.no_grad():
+        assert _answer_loss(lm, examples, trained) < _answer_loss(lm, examples, torch.zeros_like(trained)) - 0.05
+
+
+def test_a_trained_vector_refuses_no_examples_or_a_bad_schedule(tiny_dir):
+    lm = HookedLM.load(tiny_dir)
+    with pytest.raises(InvalidArgument, match="needs positive examples"):
+        train_vector(lm, SITE, [])
+    with pytest.raises(InvalidArgument, match="steps >= 1 and lr > 0"):
+        train_vector(lm, SITE, [Example("", "a cat", "a car")], steps=0)
 
 
 @pytest.mark.parametrize("flags,message", [

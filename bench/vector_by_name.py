@@ -1,0 +1,75 @@
+"""Does steering by name cost anything? A vector served by name (`rudder serve --vector`) against
+the same vector sent inline with every request, on the default model (reference backend).
+
+    .venv/bin/python bench/vector_by_name.py [--requests 16] [--tokens 32] [--repeats 5]
+
+Each round sends `--requests` concurrent requests steered one way, then the other (interleaved
+rounds); prints the best and the spread of the wall time per round and writes
+bench/results/vector_by_name.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from rudder import client as rc
+from rudder.core.default_model import MODEL_NAME, default_model_dir
+from rudder.core.vectors import SteeringVector
+from rudder.server.app import BackgroundServer
+from rudder.server.backends.reference import ReferenceEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = "blocks.10.hook_resid_post"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/vector_by_name.json")
+    args = ap.parse_args()
+    engine = ReferenceEngine(default_model_dir())
+    v = torch.randn(engine.shape.d_model, generator=torch.Generator().manual_seed(0))
+    vector = SteeringVector(SITE, v / v.norm(), "diffmean", strength=30.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.artifacts.add_vector(f"concept={vector.save(Path(tmp) / 'concept')}", engine.shape)
+    ways = {"inline direction": [rc.direction(30.0, vector=vector.vector.tolist(), site=SITE)],
+            "by name": [rc.steer("concept")]}
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    with BackgroundServer(engine, MODEL_NAME) as srv, rc.Client(srv.address, timeout=600) as c, \
+            ThreadPoolExecutor(args.requests) as pool:
+        def request(k: int, interventions) -> list[int]:
+            return [t.id for t in c.generate(f"Tell me about item {k}.", max_tokens=args.tokens, ignore_eos=True,
+                                             seed=k, interventions=interventions)]
+
+        same = request(0, ways["inline direction"]) == request(0, ways["by name"])
+        for _ in range(args.repeats):
+            for way, interventions in ways.items():
+                t0 = time.perf_counter()
+                list(pool.map(request, range(args.requests), [interventions] * args.requests))
+                times[way].append(time.perf_counter() - t0)
+    rows = {w: {"best_s": min(t), "spread_s": max(t) - min(t), "runs_s": t} for w, t in times.items()}
+    ratio = rows["by name"]["best_s"] / rows["inline direction"]["best_s"]
+    print(f"{args.requests} concurrent requests x {args.tokens} tokens, best of {args.repeats} interleaved rounds; "
+          f"torch {torch.get_num_threads()} threads on {os.cpu_count()} cores")
+    for w, r in rows.items():
+        print(f"  {w:<17} {r['best_s']:.3f} s  (spread {r['spread_s']:.3f} s)")
+    print(f"  by name / inline: {ratio:.3f}x; same tokens: {same}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "backend": "reference",
+                                    "requests": args.requests, "tokens": args.tokens, "repeats": args.repeats,
+                                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                                    "rows": rows, "ratio": ratio, "same_tokens": same}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
