@@ -53,7 +53,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          description=TokFSMTrainConfig.__doc__)
     add_config_arguments(tf, TokFSMTrainConfig)
     tf.set_defaults(func=cmd_train_tokfsm)
-    tv = tsub.add_parser("vector", help="a steering vector for a concept (trained, DiffMean or PCA), strength calibrated",
+    tv = tsub.add_parser("vector", help="a steering vector for a concept (trained, DiffMean, PCA), strength calibrated",
                          description=VectorTrainConfig.__doc__)
     add_yaml_config_arguments(tv, VectorTrainConfig, VECTOR_SHORTCUTS)
     tv.set_defaults(func=cmd_train_vector)
