@@ -275,7 +275,7 @@ def _topic_steering_fluency(d: dict) -> Rows:
             ["repeated word trigrams", *_fluency(d, "repeated_trigrams", ".1%")]]
 
 
-STEERING_ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "best+prompt")
+STEERING_ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "trained", "best+prompt")
 
 
 def _arm_cell(arm: dict | None) -> str:
@@ -296,6 +296,29 @@ def _steering_quality(d: dict) -> Rows:
         rows.append([topic, f"{r['baseline']['on_topic']:.0%}", *(_arm_cell(r["arms"].get(a)) for a in STEERING_ARMS),
                      f"{best['method']} at {best['strength']:g}" if best else "none within the budget"])
     return [header] + rows
+
+
+@table("steering_quality_costs", "steering_quality.json", "lrrrrr")
+def _steering_quality_costs(d: dict) -> Rows:
+    rows = [["topic", "pairs", "examples written (s)", "DiffMean (s)", "trained vector (s)",
+             "calibrating the trained vector (s)"]]
+    for topic, r in d["topics"].items():
+        c = r["costs"]
+        rows.append([topic, str(r["examples"]), f"{c['examples_s']:.0f}", f"{c['diffmean@10_s']:.1f}",
+                     f"{c['trained@10_s']:.0f}", f"{c['calibrate_trained@10_s']:.0f}"])
+    return rows
+
+
+@table("steering_costs", "steering_costs.json", "lrr")
+def _steering_costs(d: dict) -> Rows:
+    rows = [["", "best (s)", "spread (s)"]]
+    for way, r in d["rows"].items():
+        rows.append([f"{d['requests']} requests x {d['tokens']} tokens, vector {way}", f"{r['best_s']:.3f}",
+                     f"{r['spread_s']:.3f}"])
+    worst = max(r["best_s"] for r in d["feature_search"].values())
+    rows.append([f"feature search by effect, slowest of {len(d['feature_search'])} topics, cached",
+                 f"{worst:.4f}", "-"])
+    return rows
 
 
 # ---------------------------------------------------------------- analysis

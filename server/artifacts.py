@@ -108,18 +108,24 @@ class Artifacts:
     # -------------------------------------------------------------- loading
 
     def add_vector(self, spec: str, shape: ModelShape) -> tuple[str, SteeringVector]:
-        """Attach the steering vector `[NAME=]PATH`: a folder (`rudder train vector`) or a llama.cpp / repeng
-        control vector (`FILE.gguf`, `FILE.gguf@LAYER`); the name defaults to the folder's or file's. A vector
-        of another width or model, or at a layer the model lacks, is refused."""
+        """Attach the steering vector `[NAME=]PATH` (see `check_vector`)."""
+        name, vector = self.check_vector(spec, shape)
+        if name in self.vectors:
+            raise ArtifactError(f"two steering vectors named {name!r}; name them: --vector NAME=PATH")
+        self.vectors[name] = vector
+        return name, vector
+
+    @staticmethod
+    def check_vector(spec: str, shape: ModelShape) -> tuple[str, SteeringVector]:
+        """The steering vector `[NAME=]PATH`, read and checked: a folder (`rudder train vector`) or a
+        llama.cpp / repeng control vector (`FILE.gguf`, `FILE.gguf@LAYER`); the name defaults to the
+        folder's or file's. A vector of another width or model, or at a layer the model lacks, is refused."""
         name, path = named(spec)
         vector = load_vector(path, shape.d_model, shape.architecture)
         site = Site.parse(vector.site, shape.num_layers)
         if shape.site_dim(site) != vector.d_model:
             raise ArtifactError(f"{path}: a vector of width {vector.d_model} for {site.name}, which is "
                                 f"{shape.site_dim(site)} wide")
-        if name in self.vectors:
-            raise ArtifactError(f"two steering vectors named {name!r}; name them: --vector NAME=PATH")
-        self.vectors[name] = vector
         return name, vector
 
     def add_sae(self, spec: str, shape: ModelShape, device: torch.device, weights: bool = True,

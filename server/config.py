@@ -23,7 +23,8 @@ class ServeConfig:
     saes: list[str] = field(default_factory=list, metadata={"flag": "--sae", "metavar": "[NAME=]PATH"})
     """SAELens-format SAE folder, once per SAE (default, without --model: the SAEs shipped for the default model)"""
     vectors: list[str] = field(default_factory=list, metadata={"flag": "--vector", "metavar": "[NAME=]PATH"})
-    """steering vector folder (`rudder train vector`), once per vector: clients steer with it by name"""
+    """steering vector folder (`rudder train vector`) or FILE.gguf@LAYER, once per vector: clients steer with it
+    by name (default, without --model: the vectors shipped for the default model)"""
     backend: Literal["auto", "reference", "vllm"] = "auto"
     """engine: vllm (vLLM, compiled; pip install -e '.[vllm]'), reference (transformers + hooks, anywhere;
     the oracle), or auto: vllm when vLLM is installed, else reference"""

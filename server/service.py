@@ -12,6 +12,7 @@ from contextlib import aclosing
 
 from rudder.core import code_search
 from rudder.core.errors import (
+    AlreadyExists,
     AtCapacity,
     FailedPrecondition,
     InvalidArgument,
@@ -44,6 +45,11 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
         msg.selected.ids.extend(r.selected_ids)
         msg.selected.values.extend(r.selected_values)
     return msg
+
+
+def vector_info(name: str, v) -> pb.VectorInfo:
+    return pb.VectorInfo(name=name, site=v.site, method=v.method, alpha=v.strength, budget=v.budget or 0.0,
+                         concept=str(v.provenance.get("concept", "")))
 
 
 def sae_info(a) -> pb.SaeInfo:
@@ -241,9 +247,7 @@ class SteeringService(pb_grpc.SteeringServicer):
                                        k=c.codebook.cfg.k, num_heads=c.codebook.cfg.num_heads,
                                        d_code=c.codebook.cfg.d_code)
                        for c in arts.codebooks.values()],
-            vectors=[pb.VectorInfo(name=n, site=v.site, method=v.method, alpha=v.strength, budget=v.budget or 0.0,
-                                   concept=str(v.provenance.get("concept", "")))
-                     for n, v in arts.vectors.items()],
+            vectors=[vector_info(n, v) for n, v in arts.vectors.items()],
         )
 
     async def ListFeatures(self, request: pb.ListFeaturesRequest, context) -> pb.ListFeaturesResponse:
@@ -333,6 +337,30 @@ class SteeringService(pb_grpc.SteeringServicer):
         spec = f"{sae_id}={path}" if sae_id else str(path)
         sae_id = await self.engine.load_sae(spec)
         return sae_info(self.engine.artifacts.saes[sae_id])
+
+    async def LoadVector(self, request: pb.LoadVectorRequest, context) -> pb.VectorInfo:
+        self._admin("LoadVector")
+        if not request.path:
+            raise InvalidArgument("LoadVector needs `path`: a vector folder (rudder train vector) or FILE.gguf[@LAYER] "
+                                  "on the server")
+        if "=" in request.name or (request.name and not request.name.strip()):
+            raise InvalidArgument(f"vector name {request.name!r} must be a non-blank name without '='")
+        spec = f"{request.name}={request.path}" if request.name else request.path
+        arts = self.engine.artifacts
+        name, vector = await asyncio.to_thread(arts.check_vector, spec, self.engine.shape)
+        self.engine.check_site(vector.site)  # the vLLM backend steers only the sites it was started with
+        if name in arts.vectors:
+            raise AlreadyExists(f"a steering vector named {name!r} is loaded; unload it first or give another name")
+        arts.vectors[name] = vector
+        return vector_info(name, vector)
+
+    async def UnloadVector(self, request: pb.UnloadVectorRequest, context) -> pb.UnloadVectorResponse:
+        self._admin("UnloadVector")
+        vectors = self.engine.artifacts.vectors
+        if request.name not in vectors:
+            raise NotFound(f"unknown steering vector {request.name!r}; loaded: {', '.join(sorted(vectors)) or 'none'}")
+        del vectors[request.name]  # running requests resolved it into a direction when they started
+        return pb.UnloadVectorResponse()
 
     async def UnloadSae(self, request: pb.UnloadSaeRequest, context) -> pb.UnloadSaeResponse:
         self._admin("UnloadSae")

@@ -202,7 +202,7 @@ class VectorTrainConfig(_Strict):
         "trained", description="trained: a vector trained so the model writes the positives given the plain "
         "instructions (best here); diffmean: mean(pos) - mean(neg); pca_diff: first component of the paired "
         "differences")
-    steps: int = Field(60, ge=1, description="training steps of a trained vector (batches of 8 positives)")
+    steps: int = Field(40, ge=1, description="training steps of a trained vector (batches of 8 positives)")
     lr: float = Field(0.3, gt=0, description="Adam learning rate of a trained vector")
     temperature: float = Field(0.6, ge=0, description="sampling temperature of the examples and calibration answers")
     examples: Path | None = Field(None, description="JSON lines of {\"positive\": TEXT, \"negative\": TEXT} "

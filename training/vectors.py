@@ -71,7 +71,7 @@ def read_pairs(path) -> list[Example]:
     return out
 
 
-def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: int = 60, lr: float = 0.3,
+def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: int = 40, lr: float = 0.3,
                  batch_size: int = 8, seed: int = 0) -> Tensor:
     """A steering vector v trained with the frozen model: v is added at `site` on every position
     and trained (Adam, from zero) to make each positive answer likely given its plain instruction,

@@ -83,9 +83,14 @@ def load_engine(cfg: ServeConfig) -> tuple[Engine, str]:
     if backend == "reference" and vllm_only:
         raise SystemExit(f"error: {', '.join(vllm_only)} are for the vLLM backend, but this server runs the "
                          f"reference backend (see the log line above, or pass --backend vllm)")
+    vectors = list(cfg.vectors)
+    if cfg.model is None and not vectors:  # the default model serves its shipped vectors by name
+        from rudder.core.default_model import default_vector_dirs
+
+        vectors = [str(p) for p in default_vector_dirs()]
     try:
-        engine = _engine(cfg, backend, model_dir, saes, vector_sites(cfg.vectors))
-        for spec in cfg.vectors:
+        engine = _engine(cfg, backend, model_dir, saes, vector_sites(vectors))
+        for spec in vectors:
             engine.artifacts.add_vector(spec, engine.shape)
         return engine, name
     except RudderError as e:

@@ -104,3 +104,31 @@ def test_a_llama_cpp_control_vector_serves_by_name_at_its_stored_strength(tiny_d
         assert c.model_info().vectors[0].alpha == pytest.approx(v.strength)
         assert generate(c, [rc.steer("cats")]) == generate(
             c, [rc.direction(v.strength, vector=v.vector.tolist(), site=v.site)])
+
+
+def test_an_admin_loads_a_vector_at_run_time_steers_with_it_by_name_and_drops_it(tiny_dir, tmp_path):
+    v = SteeringVector.load(save_vector(tmp_path / "cats"))
+    inline = [rc.direction(v.strength, vector=v.vector.tolist(), site=v.site)]
+    with BackgroundServer(ReferenceEngine(tiny_dir), "tiny", allow_admin=True) as srv, \
+            rc.Client(srv.address, timeout=60) as c:
+        with pytest.raises(rc.NotFound, match="unknown steering vector 'ocean'"):
+            generate(c, [rc.steer("ocean")])
+        info = c.load_vector(str(tmp_path / "cats"), name="ocean")
+        assert (info.name, info.site, info.alpha) == ("ocean", SITE, pytest.approx(6.0))
+        assert [x.name for x in c.model_info().vectors] == ["ocean"]
+        assert generate(c, [rc.steer("ocean")]) == generate(c, inline)
+        with pytest.raises(rc.AlreadyExists, match="'ocean' is loaded; unload it first"):
+            c.load_vector(str(tmp_path / "cats"), name="ocean")
+        save_vector(tmp_path / "wide", d=576)
+        with pytest.raises(rc.FailedPrecondition, match="width 576, for a model of width 64"):
+            c.load_vector(str(tmp_path / "wide"))
+        with pytest.raises(rc.InvalidArgument, match="LoadVector needs `path`"):
+            c.load_vector("")
+        c.unload_vector("ocean")
+        assert not c.model_info().vectors
+        with pytest.raises(rc.NotFound, match="unknown steering vector 'ocean'; loaded: none"):
+            c.unload_vector("ocean")
+        assert generate(c, inline)  # and it serves on
+    with BackgroundServer(ReferenceEngine(tiny_dir), "tiny") as srv, rc.Client(srv.address, timeout=60) as c:
+        with pytest.raises(rc.PermissionDenied):
+            c.load_vector(str(tmp_path / "cats"))

@@ -2,6 +2,7 @@
 
 from rudder.client.client import AsyncClient, Client, tls_credentials
 from rudder.client.errors import (
+                                  AlreadyExists,
                                   FailedPrecondition,
                                   InvalidArgument,
                                   NotFound,
@@ -29,7 +30,8 @@ from rudder.client.types import (
 )
 
 __all__ = [
-    "AsyncClient", "Client", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Readout",
-    "ResourceExhausted", "RudderError", "Token", "Unauthenticated", "Unavailable", "ablate", "activate_code", "add",
-    "clamp", "direction", "gate", "guard", "readouts", "scale", "scope", "steer", "tls_credentials", "when",
+    "AlreadyExists", "AsyncClient", "Client", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied",
+    "Readout", "ResourceExhausted", "RudderError", "Token", "Unauthenticated", "Unavailable", "ablate",
+    "activate_code", "add", "clamp", "direction", "gate", "guard", "readouts", "scale", "scope", "steer",
+    "tls_credentials", "when",
 ]

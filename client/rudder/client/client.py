@@ -175,6 +175,15 @@ class Client:
         """Admin: detach an SAE; needs --allow-admin."""
         self._call(self.stub.UnloadSae, pb.UnloadSaeRequest(id=id))
 
+    def load_vector(self, path: str, name: str = "") -> pb.VectorInfo:
+        """Admin: load the steering vector at `path` (a folder or FILE.gguf[@LAYER] on the server's disk)
+        as `name`, to steer with by name (`steer(name)`); needs --allow-admin."""
+        return self._call(self.stub.LoadVector, pb.LoadVectorRequest(path=path, name=name))
+
+    def unload_vector(self, name: str) -> None:
+        """Admin: drop a steering vector; needs --allow-admin."""
+        self._call(self.stub.UnloadVector, pb.UnloadVectorRequest(name=name))
+
 
 class AsyncClient:
     """asyncio client with the same methods as `Client` (a test checks it)."""
@@ -245,3 +254,12 @@ class AsyncClient:
     async def unload_sae(self, id: str) -> None:
         """Admin: detach an SAE; needs --allow-admin."""
         await self._call(self.stub.UnloadSae, pb.UnloadSaeRequest(id=id))
+
+    async def load_vector(self, path: str, name: str = "") -> pb.VectorInfo:
+        """Admin: load the steering vector at `path` (a folder or FILE.gguf[@LAYER] on the server's disk)
+        as `name`, to steer with by name (`steer(name)`); needs --allow-admin."""
+        return await self._call(self.stub.LoadVector, pb.LoadVectorRequest(path=path, name=name))
+
+    async def unload_vector(self, name: str) -> None:
+        """Admin: drop a steering vector; needs --allow-admin."""
+        await self._call(self.stub.UnloadVector, pb.UnloadVectorRequest(name=name))

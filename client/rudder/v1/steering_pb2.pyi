@@ -436,6 +436,24 @@ class LoadSaeRequest(_message.Message):
     id: str
     def __init__(self, path: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
 
+class LoadVectorRequest(_message.Message):
+    __slots__ = ("path", "name")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    name: str
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class UnloadVectorRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadVectorResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class UnloadSaeRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]

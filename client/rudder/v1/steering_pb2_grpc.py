@@ -64,6 +64,16 @@ class SteeringStub:
                 request_serializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeRequest.SerializeToString,
                 response_deserializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeResponse.FromString,
                 _registered_method=True)
+        self.LoadVector = channel.unary_unary(
+                '/rudder.v1.Steering/LoadVector',
+                request_serializer=rudder_dot_v1_dot_steering__pb2.LoadVectorRequest.SerializeToString,
+                response_deserializer=rudder_dot_v1_dot_steering__pb2.VectorInfo.FromString,
+                _registered_method=True)
+        self.UnloadVector = channel.unary_unary(
+                '/rudder.v1.Steering/UnloadVector',
+                request_serializer=rudder_dot_v1_dot_steering__pb2.UnloadVectorRequest.SerializeToString,
+                response_deserializer=rudder_dot_v1_dot_steering__pb2.UnloadVectorResponse.FromString,
+                _registered_method=True)
 
 
 class SteeringServicer:
@@ -116,6 +126,21 @@ class SteeringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadVector(self, request, context):
+        """Admin: load a steering vector (a `rudder train vector` folder or a llama.cpp
+        control vector FILE.gguf[@LAYER] on the server's disk) to steer with by name,
+        or drop one. Requests already running keep the vector they resolved.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadVector(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SteeringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +173,16 @@ def add_SteeringServicer_to_server(servicer, server):
                     servicer.UnloadSae,
                     request_deserializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeRequest.FromString,
                     response_serializer=rudder_dot_v1_dot_steering__pb2.UnloadSaeResponse.SerializeToString,
+            ),
+            'LoadVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVector,
+                    request_deserializer=rudder_dot_v1_dot_steering__pb2.LoadVectorRequest.FromString,
+                    response_serializer=rudder_dot_v1_dot_steering__pb2.VectorInfo.SerializeToString,
+            ),
+            'UnloadVector': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadVector,
+                    request_deserializer=rudder_dot_v1_dot_steering__pb2.UnloadVectorRequest.FromString,
+                    response_serializer=rudder_dot_v1_dot_steering__pb2.UnloadVectorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +347,60 @@ class Steering:
             '/rudder.v1.Steering/UnloadSae',
             rudder_dot_v1_dot_steering__pb2.UnloadSaeRequest.SerializeToString,
             rudder_dot_v1_dot_steering__pb2.UnloadSaeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rudder.v1.Steering/LoadVector',
+            rudder_dot_v1_dot_steering__pb2.LoadVectorRequest.SerializeToString,
+            rudder_dot_v1_dot_steering__pb2.VectorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadVector(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rudder.v1.Steering/UnloadVector',
+            rudder_dot_v1_dot_steering__pb2.UnloadVectorRequest.SerializeToString,
+            rudder_dot_v1_dot_steering__pb2.UnloadVectorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,11 +1,15 @@
-"""Does steering by name cost anything? A vector served by name (`rudder serve --vector`) against
-the same vector sent inline with every request, on the default model (reference backend).
+"""What steering by name and finding features by effect cost, on the default model (reference backend).
 
-    .venv/bin/python bench/vector_by_name.py [--requests 16] [--tokens 32] [--repeats 5]
+    .venv/bin/python bench/steering_costs.py [--requests 16] [--tokens 32] [--repeats 5]
 
-Each round sends `--requests` concurrent requests steered one way, then the other (interleaved
-rounds); prints the best and the spread of the wall time per round and writes
-bench/results/vector_by_name.json.
+- By name: a vector served by name (`rudder serve --vector`) against the same vector sent inline
+  with every request. Each round sends `--requests` concurrent requests steered one way, then the
+  other (interleaved rounds); best and spread of the wall time per round.
+- Feature search by effect: ListFeatures ranked by output score for each benchmark topic's words
+  over the shipped SAE (`rudder features resid15 --says ...`), once the scores are cached.
+
+Prints both and writes bench/results/steering_costs.json. (What building, training and calibrating
+a vector cost is in bench/results/steering_quality.json, per topic.)
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +31,9 @@ from rudder.core.vectors import SteeringVector
 from rudder.server.app import BackgroundServer
 from rudder.server.backends.reference import ReferenceEngine
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from topic_steering import SHIPPED, TOPICS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "blocks.10.hook_resid_post"
 
@@ -35,9 +43,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/vector_by_name.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/steering_costs.json")
     args = ap.parse_args()
-    engine = ReferenceEngine(default_model_dir())
+    engine = ReferenceEngine(default_model_dir(), saes=[str(SHIPPED)])
     v = torch.randn(engine.shape.d_model, generator=torch.Generator().manual_seed(0))
     vector = SteeringVector(SITE, v / v.norm(), "diffmean", strength=30.0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +65,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 list(pool.map(request, range(args.requests), [interventions] * args.requests))
                 times[way].append(time.perf_counter() - t0)
+        search: dict[str, list[float]] = {}
+        for _ in range(args.repeats):
+            for topic, (_, words) in TOPICS.items():
+                t0 = time.perf_counter()
+                c.best_feature_by_effect(SHIPPED.name, words)
+                search.setdefault(topic, []).append(time.perf_counter() - t0)
     rows = {w: {"best_s": min(t), "spread_s": max(t) - min(t), "runs_s": t} for w, t in times.items()}
     ratio = rows["by name"]["best_s"] / rows["inline direction"]["best_s"]
     print(f"{args.requests} concurrent requests x {args.tokens} tokens, best of {args.repeats} interleaved rounds; "
@@ -64,11 +78,16 @@ def main() -> None:
     for w, r in rows.items():
         print(f"  {w:<17} {r['best_s']:.3f} s  (spread {r['spread_s']:.3f} s)")
     print(f"  by name / inline: {ratio:.3f}x; same tokens: {same}")
+    search_rows = {t: {"best_s": min(x), "first_s": x[0]} for t, x in search.items()}
+    print(f"feature search by effect over {SHIPPED.name} (first call, then best of {args.repeats}):")
+    for t, r in search_rows.items():
+        print(f"  {t:<7} {r['first_s'] * 1000:7.1f} ms, then {r['best_s'] * 1000:6.1f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "backend": "reference",
                                     "requests": args.requests, "tokens": args.tokens, "repeats": args.repeats,
                                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                                    "rows": rows, "ratio": ratio, "same_tokens": same}, indent=2))
+                                    "rows": rows, "ratio": ratio, "same_tokens": same,
+                                    "feature_search": search_rows}, indent=2))
 
 
 if __name__ == "__main__":
