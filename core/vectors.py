@@ -136,6 +136,7 @@ class SteeringVector:
     budget: float | None = None
     calibration: list[CalibrationPoint] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    features: list[dict] = field(default_factory=list)  # [{"sae", "feature", "cosine"}]: see `top_features`
 
     def __post_init__(self) -> None:
         v = torch.as_tensor(self.vector, dtype=torch.float32)
@@ -160,7 +161,7 @@ class SteeringVector:
         meta = {"format": FORMAT, "site": self.site, "d_model": self.d_model, "model": self.model,
                 "method": self.method, "strength": self.strength, "site_norm": self.site_norm,
                 "budget": self.budget, "calibration": [asdict(p) for p in self.calibration],
-                "provenance": self.provenance}
+                "provenance": self.provenance, "features": self.features}
         replace_file(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
         return folder
 
@@ -184,9 +185,26 @@ class SteeringVector:
             return cls(site=meta["site"], vector=vector, method=meta["method"], strength=meta.get("strength"),
                        site_norm=meta.get("site_norm"), model=meta.get("model", ""), budget=meta.get("budget"),
                        calibration=[CalibrationPoint(**p) for p in meta.get("calibration", [])],
-                       provenance=meta.get("provenance", {}))
+                       provenance=meta.get("provenance", {}), features=meta.get("features", []))
         except InvalidArgument as e:
             raise ArtifactError(f"{folder}: {e}") from e
+
+
+def check_sae_site(sae, site: str, name: str) -> None:
+    writes = sae.cfg.hook_name_out or sae.cfg.hook_name
+    if writes != site:
+        raise InvalidArgument(f"SAE {name!r} writes {writes}, the vector is at {site}: give an SAE of the vector's "
+                              "site to name its features")
+
+
+def top_features(vector: Tensor, site: str, sae, name: str, k: int = 10) -> list[dict]:
+    """The `k` features of `sae` (a rudder.core.sae.SAE) whose decoder rows point most along
+    `vector`, by cosine: what the vector writes, in the SAE's words. The SAE must write `site`."""
+    check_sae_site(sae, site, name)
+    rows = sae.W_dec.detach().float()
+    cos = (rows @ vector.float()) / (rows.norm(dim=1) * vector.float().norm()).clamp_min(1e-12)
+    top = cos.topk(min(k, cos.numel()))
+    return [{"sae": name, "feature": int(i), "cosine": round(float(c), 4)} for c, i in zip(top.values, top.indices)]
 
 
 # ---------------------------------------------------------------- llama.cpp / repeng control vectors

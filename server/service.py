@@ -49,7 +49,9 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
 
 def vector_info(name: str, v) -> pb.VectorInfo:
     return pb.VectorInfo(name=name, site=v.site, method=v.method, alpha=v.strength, budget=v.budget or 0.0,
-                         concept=str(v.provenance.get("concept", "")))
+                         concept=str(v.provenance.get("concept", "")),
+                         features=[pb.VectorFeature(sae=f["sae"], feature=f["feature"], cosine=f["cosine"])
+                                   for f in v.features])
 
 
 def sae_info(a) -> pb.SaeInfo:

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from rudder import client as rc
 from rudder.core.default_model import default_model_dir
 from rudder.core.errors import InvalidArgument
-from rudder.core.vectors import SteeringVector, build, pick_strength, write_gguf
+from rudder.core.sae import SAE
+from rudder.core.vectors import SteeringVector, build, check_sae_site, pick_strength, top_features, write_gguf
 from rudder.training.concepts import (
     CALIBRATION_INSTRUCTIONS,
     EXAMPLE_INSTRUCTIONS,
@@ -137,6 +138,9 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
     model = cfg.model or str(default_model_dir())
     lm = HookedLM.load(model)
     lm.site(cfg.site)  # a layer the model lacks fails here
+    sae = SAE.load(cfg.sae) if cfg.sae is not None else None
+    if sae is not None:
+        check_sae_site(sae, cfg.site, cfg.sae.name)
     judge = Judge(lm)
     concept = Concept(cfg.concept, cfg.words or cfg.concept)
     t0 = time.perf_counter()
@@ -171,7 +175,12 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
             if chosen is None:
                 print(f"    no strength kept the fluency drop within {cfg.budget} nats/token; the vector is saved "
                       "uncalibrated: try smaller --strengths or another --site", flush=True)
-    out = SteeringVector(cfg.site, vector, cfg.method, strength=chosen.strength if chosen else None,
+    features = []
+    if sae is not None:
+        features = top_features(vector, cfg.site, sae, cfg.sae.name)
+        print("==> its top features in " + cfg.sae.name + ": "
+              + ", ".join(f"{f['feature']} ({f['cosine']:.2f})" for f in features[:5]), flush=True)
+    out = SteeringVector(cfg.site, vector, cfg.method, features=features, strength=chosen.strength if chosen else None,
                          site_norm=site_norm, model=str(model), budget=cfg.budget, calibration=curve,
                          provenance={"concept": concept.name, "words": concept.words, "pairs": len(examples),
                                      "temperature": cfg.temperature,

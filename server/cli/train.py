@@ -34,7 +34,8 @@ SAE_SHORTCUTS = {"--model": "model", "--site": "sites", "--objective": "objectiv
                  "--d-sae": "d_sae", "--tokens": "tokens", "--out": "out"}
 CODEBOOK_SHORTCUTS = {"--model": "model", "--out": "out"}
 VECTOR_SHORTCUTS = {"--concept": "concept", "--words": "words", "--model": "model", "--site": "site",
-                    "--method": "method", "--examples": "examples", "--budget": "budget", "--out": "out"}
+                    "--method": "method", "--examples": "examples", "--budget": "budget", "--sae": "sae",
+                    "--out": "out"}
 """flag -> the config field it sets (a list field takes comma-separated values)"""
 
 

@@ -145,3 +145,23 @@ def test_a_control_vector_written_as_repeng_and_llama_cpp_do_loads(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ArtifactError, match="not a GGUF file"):
         load_vector(tmp_path / "junk.gguf")
+
+
+def test_a_vectors_top_features_are_the_decoder_rows_it_points_along(tmp_path):
+    from rudder.core.sae import SAE, SAEConfig
+    from rudder.core.vectors import top_features
+
+    site = "blocks.1.hook_resid_post"
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, hook_name=site, architecture="standard"))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+        v = 3 * sae.W_dec[5] + 0.5 * sae.W_dec[9]  # mostly feature 5, scaled (cosine ignores norms)
+        sae.W_dec[9] *= 7
+    feats = top_features(v, site, sae, "resid1", k=3)
+    assert [f["feature"] for f in feats][0] == 5 and all(f["sae"] == "resid1" for f in feats)
+    by_hand = torch.nn.functional.cosine_similarity(sae.W_dec.detach(), v[None], dim=1)
+    assert [f["cosine"] for f in feats] == pytest.approx(by_hand.topk(3).values.tolist(), abs=1e-4)
+    with pytest.raises(InvalidArgument, match="writes blocks.1.hook_resid_post, the vector is at blocks.2"):
+        top_features(v, "blocks.2.hook_resid_post", sae, "resid1")
+    kept = SteeringVector(site, v / v.norm(), "trained", features=feats)
+    assert SteeringVector.load(kept.save(tmp_path / "v")).features == feats

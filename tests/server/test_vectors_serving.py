@@ -20,7 +20,7 @@ def save_vector(path, d=64, strength=6.0, site=SITE, seed=0):
     v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
     SteeringVector(site, v / v.norm(), "diffmean", strength=strength, site_norm=20.0, budget=1.0,
                    calibration=[CalibrationPoint(strength or 1.0, 0.8, 0.5, 0.6)],
-                   provenance={"concept": "cats"}).save(path)
+                   provenance={"concept": "cats"}, features=[{"sae": "resid1", "feature": 7, "cosine": 0.5}]).save(path)
     return path
 
 
@@ -57,6 +57,8 @@ def test_model_info_lists_the_vectors(served):
     assert set(info) == {"cats", "raw"}
     assert (info["cats"].site, info["cats"].method, info["cats"].concept) == (SITE, "diffmean", "cats")
     assert info["cats"].alpha == pytest.approx(6.0) and not info["raw"].HasField("alpha")
+    (f,) = info["cats"].features  # what it writes, in an SAE's features (rudder train vector --sae)
+    assert (f.sae, f.feature, f.cosine) == ("resid1", 7, pytest.approx(0.5))
 
 
 @pytest.mark.parametrize("intervention,error,message", [

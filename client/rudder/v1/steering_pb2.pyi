@@ -319,20 +319,32 @@ class SaeInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., has_feature_metadata: _Optional[bool] = ..., site_out: _Optional[str] = ...) -> None: ...
 
 class VectorInfo(_message.Message):
-    __slots__ = ("name", "site", "method", "alpha", "concept", "budget")
+    __slots__ = ("name", "site", "method", "alpha", "concept", "budget", "features")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     CONCEPT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     site: str
     method: str
     alpha: float
     concept: str
     budget: float
-    def __init__(self, name: _Optional[str] = ..., site: _Optional[str] = ..., method: _Optional[str] = ..., alpha: _Optional[float] = ..., concept: _Optional[str] = ..., budget: _Optional[float] = ...) -> None: ...
+    features: _containers.RepeatedCompositeFieldContainer[VectorFeature]
+    def __init__(self, name: _Optional[str] = ..., site: _Optional[str] = ..., method: _Optional[str] = ..., alpha: _Optional[float] = ..., concept: _Optional[str] = ..., budget: _Optional[float] = ..., features: _Optional[_Iterable[_Union[VectorFeature, _Mapping]]] = ...) -> None: ...
+
+class VectorFeature(_message.Message):
+    __slots__ = ("sae", "feature", "cosine")
+    SAE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    COSINE_FIELD_NUMBER: _ClassVar[int]
+    sae: str
+    feature: int
+    cosine: float
+    def __init__(self, sae: _Optional[str] = ..., feature: _Optional[int] = ..., cosine: _Optional[float] = ...) -> None: ...
 
 class CodebookInfo(_message.Message):
     __slots__ = ("id", "site", "num_codes", "k", "num_heads", "d_code")
