@@ -153,7 +153,7 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base
     for site in args.sites:
         for m in METHODS:
             t = time.perf_counter()
-            v, unit = make_vector(judge.lm, m, site, pairs, steps=args.steps)
+            v, unit, _ = make_vector(judge.lm, m, site, pairs, steps=args.steps)
             row["costs"][f"{m}@{site.split('.')[1]}_s"] = time.perf_counter() - t
             values = v.tolist()
             row.setdefault("units", {})[f"{m}@{site.split('.')[1]}"] = unit  # alpha = strength x unit

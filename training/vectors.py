@@ -118,16 +118,19 @@ TRAINED_STRENGTHS = (0.5, 0.75, 1.0, 1.25, 1.5)
 """a trained vector's swept strengths, as multiples of the norm it was trained to"""
 
 
-def make_vector(lm: HookedLM, method: str, site: str, examples: Sequence[Example], **train) -> tuple[Tensor, float]:
-    """A unit direction at `site` by `method`, and its natural unit of strength: the site's mean
-    activation norm / 10 for directions from activations, the trained norm for a trained vector."""
+def make_vector(lm: HookedLM, method: str, site: str, examples: Sequence[Example],
+                **train) -> tuple[Tensor, float, float]:
+    """A unit direction at `site` by `method`; its natural unit of strength (the site's mean
+    activation norm / 10 for directions from activations, the trained norm for a trained vector);
+    and the site's mean activation norm over the negatives."""
     judge = Judge(lm)
     site_norm = judge.site_norm([e.negative for e in examples[:16]], site)
     if method == "trained":
         v = train_vector(lm, site, examples, **train)
-        return v / v.norm().clamp_min(1e-12), float(v.norm())
+        return v / v.norm().clamp_min(1e-12), float(v.norm()), site_norm
     pos = judge.text_activations([e.positive for e in examples], site)
-    return build(method, pos, judge.text_activations([e.negative for e in examples], site)), site_norm / 10
+    neg = judge.text_activations([e.negative for e in examples], site)
+    return build(method, pos, neg), site_norm / 10, site_norm
 
 
 def run(cfg: VectorTrainConfig) -> SteeringVector:
@@ -149,12 +152,12 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
         if given is not None:
             examples = given
         else:
-            print(f"==> the model writes examples for {concept.name!r} ({cfg.num_examples} instructions x 2 x 2)",
+            print(f"==> the model writes examples for {concept.name!r} ({cfg.num_examples} instructions, "
+                  "2 samples each, asked to mention it and plainly)",
                   flush=True)
             examples = write_examples(gen, concept, EXAMPLE_INSTRUCTIONS[:cfg.num_examples])
         t_examples = time.perf_counter() - t0
-        vector, unit = make_vector(lm, cfg.method, cfg.site, examples, steps=cfg.steps, lr=cfg.lr)
-        site_norm = judge.site_norm([e.negative for e in examples[:16]], cfg.site)
+        vector, unit, site_norm = make_vector(lm, cfg.method, cfg.site, examples, steps=cfg.steps, lr=cfg.lr)
         print(f"==> {cfg.method} vector at {cfg.site} from {len(examples)} pairs; site norm {site_norm:.1f}",
               flush=True)
         curve, chosen = [], None

@@ -86,6 +86,19 @@ def test_a_trained_vector_takes_adams_first_step_down_the_hand_computed_gradient
         assert _answer_loss(lm, examples, trained) < _answer_loss(lm, examples, torch.zeros_like(trained)) - 0.05
 
 
+def test_train_vector_trained_is_train_vector_on_the_pairs_calibrated_in_multiples_of_its_norm(tiny_dir, tmp_path,
+                                                                                               pairs_file):
+    out = tmp_path / "cats"
+    assert main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--words", "cats?|kittens?",
+                 "--site", SITE, "--method", "trained", "--examples", str(pairs_file), "--out", str(out),
+                 "--set", "steps=5", "--set", "strengths=[0.5,1]", "--set", "max_tokens=8"]) == 0
+    v = SteeringVector.load(out, d_model=64)
+    by_hand = train_vector(HookedLM.load(tiny_dir), SITE, [Example("", p, n) for p, n in PAIRS], steps=5)
+    torch.testing.assert_close(v.vector, by_hand / by_hand.norm())
+    assert v.method == "trained"
+    assert [p.strength for p in v.calibration] == pytest.approx([0.5 * float(by_hand.norm()), float(by_hand.norm())])
+
+
 def test_a_trained_vector_refuses_no_examples_or_a_bad_schedule(tiny_dir):
     lm = HookedLM.load(tiny_dir)
     with pytest.raises(InvalidArgument, match="needs positive examples"):
