@@ -14,7 +14,8 @@ For each topic, every arm answers the same instructions (temperature 0.6, fixed 
   after each layer of `--sites` with alpha a multiple of that site's mean activation norm / 10
   (the calibration picks the site and the strength);
 - trained: a vector trained on the same positives so the model writes them given the plain
-  instructions (rudder.training.vectors.train_vector), alpha a multiple of its trained norm;
+  instructions, added at the prompt's positions (rudder.training.vectors.train_vector), alpha a
+  multiple of its trained norm;
 - best+prompt: the best steering arm (by calibration success) together with the prompt.
 The instructions are split in half: each steered arm's strength is calibrated on the first half
 (the highest success whose fluency drop is within the budget, rudder.core.vectors.pick_strength)
@@ -73,13 +74,15 @@ def parse_args() -> argparse.Namespace:
                     help="diffmean/pca_diff alphas, multiples of the site mean activation norm / 10")
     ap.add_argument("--trained-strengths", default=",".join(f"{x:g}" for x in TRAINED_STRENGTHS),
                     help="trained-vector alphas, multiples of the norm it was trained to")
-    ap.add_argument("--feature-strengths", default="2,4,6", help="clamps, multiples of the feature's max activation")
-    ap.add_argument("--scope", default="all", choices=["all", "generated"], help="positions the vectors act on")
+    ap.add_argument("--feature-strengths", default="2,4", help="clamps, multiples of the feature's max activation")
+    ap.add_argument("--max-batch", type=int, default=64, help="the reference backend's batch (every strength at once)")
+    ap.add_argument("--scope", default="all", choices=["all", "generated"],
+                    help="positions diffmean/pca_diff act on (the trained vector: the prompt's, where it was trained)")
     ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of every answer")
     ap.add_argument("--steps", type=int, default=40, help="training steps of the trained vector")
     ap.add_argument("--budget", type=float, default=1.0, help="fluency drop allowed, nats per token")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="8 instructions and 16 examples (a smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/steering_quality.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/steering_quality.png")
@@ -109,7 +112,7 @@ def main() -> None:
     rep = REPORT_INSTRUCTIONS[:4] if args.quick else REPORT_INSTRUCTIONS
     examples = EXAMPLE_INSTRUCTIONS[:16] if args.quick else EXAMPLE_INSTRUCTIONS
     t0 = time.perf_counter()
-    engine = ReferenceEngine(default_model_dir(), saes=[str(SHIPPED)])
+    engine = ReferenceEngine(default_model_dir(), saes=[str(SHIPPED)], max_batch=args.max_batch)
     judge = Judge(HookedLM.load(default_model_dir()))
     sae = SHIPPED.name
     scope = rc.scope(args.scope)
@@ -153,14 +156,16 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base
     for site in args.sites:
         for m in METHODS:
             t = time.perf_counter()
-            v, unit, _ = make_vector(judge.lm, m, site, pairs, steps=args.steps)
+            trained = m == "trained"
+            v, unit, _ = make_vector(judge.lm, m, site, pairs, **({"steps": args.steps} if trained else {}))
             row["costs"][f"{m}@{site.split('.')[1]}_s"] = time.perf_counter() - t
             values = v.tolist()
             row.setdefault("units", {})[f"{m}@{site.split('.')[1]}"] = unit  # alpha = strength x unit
+            where = rc.scope("prompt") if trained else scope  # a trained vector acts where it was trained
             arms[f"{m}@{site.split('.')[1]}"] = (
-                lambda s, values=values, site=site, unit=unit: [rc.direction(s * unit, vector=values, site=site,
-                                                                             scope=scope)],
-                args.trained_strengths if m == "trained" else args.strengths)
+                lambda s, values=values, site=site, unit=unit, where=where: [
+                    rc.direction(s * unit, vector=values, site=site, scope=where)],
+                args.trained_strengths if trained else args.strengths)
 
     feature, matches = c.best_feature(sae, search_regex(concept.name))
     if feature is not None:

@@ -6,10 +6,11 @@ A vector folder holds:
 
     vector.safetensors   {"vector": (d,) float32, unit norm}
     vector.json          {"format", "site", "d_model", "model", "method", "strength", "site_norm",
-                          "budget", "calibration": [...], "provenance": {...}}
+                          "budget", "scope", "calibration": [...], "provenance": {...}, "features": [...]}
 
 `strength` is the calibrated alpha in the site's own units; `site_norm` is the mean norm of
-the site's activations on the examples (strengths are swept as multiples of it).
+the site's activations on the examples (strengths are swept as multiples of it); `scope` the
+positions it is added at when a request names it without a scope (a trained vector: the prompt).
 
 Methods (pos, neg: one activation row per example, (n, d)):
 - DiffMean: mean(pos) - mean(neg) (AxBench's DiffMean; the "mean" aggregator of steering-vectors).
@@ -43,6 +44,7 @@ FORMAT = "rudder.steering_vector/1"
 WEIGHTS, META = "vector.safetensors", "vector.json"
 METHODS = ("diffmean", "pca_diff", "trained")
 FROM_ACTIVATIONS = ("diffmean", "pca_diff")
+SCOPES = ("all", "prompt", "generated")
 """the methods `build` computes; `trained` is trained with the model (rudder.training.vectors)"""
 
 
@@ -137,8 +139,11 @@ class SteeringVector:
     calibration: list[CalibrationPoint] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     features: list[dict] = field(default_factory=list)  # [{"sae", "feature", "cosine"}]: see `top_features`
+    scope: str = "all"  # the positions it is added at unless a request says: all | prompt | generated
 
     def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise InvalidArgument(f"a steering vector's scope is one of {', '.join(SCOPES)}, got {self.scope!r}")
         v = torch.as_tensor(self.vector, dtype=torch.float32)
         if v.ndim != 1 or v.numel() == 0:
             raise InvalidArgument(f"a steering vector is one (d,) row; got shape {tuple(v.shape)}")
@@ -161,7 +166,7 @@ class SteeringVector:
         meta = {"format": FORMAT, "site": self.site, "d_model": self.d_model, "model": self.model,
                 "method": self.method, "strength": self.strength, "site_norm": self.site_norm,
                 "budget": self.budget, "calibration": [asdict(p) for p in self.calibration],
-                "provenance": self.provenance, "features": self.features}
+                "scope": self.scope, "provenance": self.provenance, "features": self.features}
         replace_file(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
         return folder
 
@@ -185,7 +190,8 @@ class SteeringVector:
             return cls(site=meta["site"], vector=vector, method=meta["method"], strength=meta.get("strength"),
                        site_norm=meta.get("site_norm"), model=meta.get("model", ""), budget=meta.get("budget"),
                        calibration=[CalibrationPoint(**p) for p in meta.get("calibration", [])],
-                       provenance=meta.get("provenance", {}), features=meta.get("features", []))
+                       provenance=meta.get("provenance", {}), features=meta.get("features", []),
+                       scope=meta.get("scope", "all"))
         except InvalidArgument as e:
             raise ArtifactError(f"{folder}: {e}") from e
 

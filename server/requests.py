@@ -134,12 +134,14 @@ class RequestParser:
         value = 0.0 if which == "ablate" else _bounded(getattr(m, which), f"{where}: {which}")
         return FeatureEdit(m.sae, m.feature, _OPS[which], value, scope)
 
-    def _direction_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str) -> DirectionEdit:
+    def _direction_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str,
+                        own_scope: bool = False) -> DirectionEdit:
+        """`own_scope`: the request gave no scope, so a named vector's own applies."""
         which = m.WhichOneof("direction")
         if which is None:
             raise InvalidArgument(f"{where}: give a direction: sae_feature, vector or steering_vector")
         if which == "steering_vector":
-            return self._named_vector_edit(m, scope, where)
+            return self._named_vector_edit(m, scope, where, own_scope)
         alpha = _bounded(m.alpha, f"{where}: alpha")
         if which == "sae_feature":
             sae_id, feature = m.sae_feature.sae, m.sae_feature.feature
@@ -163,8 +165,10 @@ class RequestParser:
                                   f"bound of {MAX_MAGNITUDE:g} (larger edits overflow half-precision activations)")
         return DirectionEdit(site.name, tuple(values), alpha, scope)
 
-    def _named_vector_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str) -> DirectionEdit:
-        """A loaded steering vector, by name: at its own site, at its calibrated alpha unless one is given.
+    def _named_vector_edit(self, m: pb.DirectionIntervention, scope: Scope, where: str,
+                           own_scope: bool) -> DirectionEdit:
+        """A loaded steering vector, by name: at its own site, at its calibrated alpha and over its own
+        scope (a trained vector: the prompt) unless the request gives them.
         It becomes the same edit as the vector given inline, so both backends and the prefix-cache salt see
         one kind of direction."""
         vectors = self.artifacts.vectors
@@ -182,6 +186,8 @@ class RequestParser:
             alpha = v.strength
         else:
             raise InvalidArgument(f"{where}: steering vector {name!r} was not calibrated; give an alpha")
+        if own_scope:
+            scope = Scope(v.scope)
         return self._vector_edit(Site.parse(v.site, self.shape.num_layers), v.vector.tolist(), alpha, scope, where)
 
     def _check_direction_site(self, site: Site, got: int, where: str) -> None:
@@ -239,7 +245,7 @@ class RequestParser:
             if which == "feature":
                 edit = self._feature_edit(iv.feature, scope, where)
             elif which == "direction":
-                edit = self._direction_edit(iv.direction, scope, where)
+                edit = self._direction_edit(iv.direction, scope, where, own_scope=not iv.HasField("scope"))
             elif which == "code":
                 edit = self._code_edit(iv.code, scope, where)
             else:

@@ -49,6 +49,7 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
 
 def vector_info(name: str, v) -> pb.VectorInfo:
     return pb.VectorInfo(name=name, site=v.site, method=v.method, alpha=v.strength, budget=v.budget or 0.0,
+                         scope=v.scope,
                          concept=str(v.provenance.get("concept", "")),
                          features=[pb.VectorFeature(sae=f["sae"], feature=f["feature"], cosine=f["cosine"])
                                    for f in v.features])

@@ -11,9 +11,9 @@
 2. The direction: `method` over each example's mean activation at `site` (rudder.core.vectors),
    or, for `trained`, a vector trained with the model (`train_vector`: the LM objective of
    AxBench's ReFT-r1 for a rank-1 steering vector: the positive answers made likely given the
-   plain instructions, with the vector added at `site` on every position).
+   plain instructions, with the vector added at `site` on the prompt's positions).
 3. Calibration: answers to CALIBRATION_INSTRUCTIONS at each strength (alpha = strength x the site's
-   mean activation norm / 10, on every position; a trained vector's strengths default to 0.5-1.5x
+   mean activation norm / 10, on every position; a trained vector's strengths default to 0.5-2.5x
    the norm it was trained to), scored by the unsteered model; the strength with
    the best success within the fluency budget is kept, and the whole curve is written with it.
 
@@ -73,16 +73,23 @@ def read_pairs(path) -> list[Example]:
 
 
 def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: int = 40, lr: float = 0.3,
-                 batch_size: int = 8, seed: int = 0) -> Tensor:
-    """A steering vector v trained with the frozen model: v is added at `site` on every position
-    and trained (Adam, from zero) to make each positive answer likely given its plain instruction,
-    mean cross-entropy over the answer's tokens (AxBench's LM objective for a rank-1 intervention,
-    as ReFT-r1 without its detection half). Returns v unnormalised: its norm is the strength it
-    was trained at."""
+                 batch_size: int = 8, seed: int = 0, scope: str = "prompt") -> Tensor:
+    """A steering vector v trained with the frozen model: v is added at `site` and trained (Adam,
+    from zero) to make each positive answer likely given its plain instruction, mean cross-entropy
+    over the answer's tokens (AxBench's LM objective for a rank-1 intervention, as ReFT-r1 without
+    its detection half). `scope`: "prompt" adds v at the prompt's positions only, so it learns
+    what the request to mention the concept did to the prompt, and the answer's own positions
+    stay unedited (far more fluent here, docs/steering.md); "all" adds it everywhere. Returns v
+    unnormalised: its norm is the strength it was trained at."""
     if not examples:
         raise InvalidArgument("a trained vector needs positive examples; give at least one pair")
     if steps < 1 or not lr > 0:
         raise InvalidArgument(f"training a vector needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    if scope not in ("prompt", "all"):
+        raise InvalidArgument(f"a trained vector acts on the prompt or on all positions, not {scope!r}")
+    if scope == "prompt" and not all(e.instruction for e in examples):
+        raise InvalidArgument("a prompt-scoped vector learns from answers to instructions; give each example an "
+                              "\"instruction\", or train it on every position (--set scope=all)")
     tok, judge = lm.tokenizer, Judge(lm)
     seqs = []
     for e in examples:
@@ -102,10 +109,14 @@ def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: in
         width = max(len(p) + len(a) for p, a in batch)
         ids = torch.full((len(batch), width), pad)
         target = torch.full((len(batch), width), -100)
+        where = torch.ones(len(batch), width, 1, device=lm.device)
         for r, (p, a) in enumerate(batch):  # right-padded: causal attention never sees the padding
             ids[r, :len(p) + len(a)] = torch.tensor(p + a)
             target[r, len(p):len(p) + len(a)] = torch.tensor(a)
-        logits, _ = lm.run(ids, replace={site: lambda x: x + v})
+            if scope == "prompt":
+                where[r, len(p):] = 0
+        on = where[:, 1:]  # lm.run hands the replacement positions 1.. (the first is the attention sink)
+        logits, _ = lm.run(ids, replace={site: lambda x, on=on: x + on * v})
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten().to(lm.device))
         opt.zero_grad()
         loss.backward()
@@ -114,7 +125,7 @@ def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: in
     return v.detach().cpu()
 
 
-TRAINED_STRENGTHS = (0.5, 0.75, 1.0, 1.25, 1.5)
+TRAINED_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)
 """a trained vector's swept strengths, as multiples of the norm it was trained to"""
 
 
@@ -141,6 +152,10 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
     model = cfg.model or str(default_model_dir())
     lm = HookedLM.load(model)
     lm.site(cfg.site)  # a layer the model lacks fails here
+    scope = cfg.scope or ("prompt" if cfg.method == "trained" else "all")
+    if given is not None and scope == "prompt" and not all(e.instruction for e in given):
+        raise InvalidArgument(f"{cfg.examples}: a prompt-scoped vector learns from answers to instructions; give "
+                              "each line an \"instruction\", or --set scope=all")
     sae = SAE.load(cfg.sae) if cfg.sae is not None else None
     if sae is not None:
         check_sae_site(sae, cfg.site, cfg.sae.name)
@@ -157,7 +172,8 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
                   flush=True)
             examples = write_examples(gen, concept, EXAMPLE_INSTRUCTIONS[:cfg.num_examples])
         t_examples = time.perf_counter() - t0
-        vector, unit, site_norm = make_vector(lm, cfg.method, cfg.site, examples, steps=cfg.steps, lr=cfg.lr)
+        train = {"steps": cfg.steps, "lr": cfg.lr, "scope": scope} if cfg.method == "trained" else {}
+        vector, unit, site_norm = make_vector(lm, cfg.method, cfg.site, examples, **train)
         print(f"==> {cfg.method} vector at {cfg.site} from {len(examples)} pairs; site norm {site_norm:.1f}",
               flush=True)
         curve, chosen = [], None
@@ -169,7 +185,7 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
             values = vector.tolist()
 
             def at(alpha):
-                return [rc.direction(alpha, vector=values, site=cfg.site)]
+                return [rc.direction(alpha, vector=values, site=cfg.site, scope=rc.scope(scope))]
 
             print(f"==> calibrating on {len(CALIBRATION_INSTRUCTIONS)} instructions, budget {cfg.budget} nats/token",
                   flush=True)
@@ -183,7 +199,8 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
         features = top_features(vector, cfg.site, sae, cfg.sae.name)
         print("==> its top features in " + cfg.sae.name + ": "
               + ", ".join(f"{f['feature']} ({f['cosine']:.2f})" for f in features[:5]), flush=True)
-    out = SteeringVector(cfg.site, vector, cfg.method, features=features, strength=chosen.strength if chosen else None,
+    out = SteeringVector(cfg.site, vector, cfg.method, features=features, scope=scope,
+                         strength=chosen.strength if chosen else None,
                          site_norm=site_norm, model=str(model), budget=cfg.budget, calibration=curve,
                          provenance={"concept": concept.name, "words": concept.words, "pairs": len(examples),
                                      "temperature": cfg.temperature,
@@ -194,6 +211,9 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
     if cfg.gguf is not None:
         write_gguf(out, cfg.gguf, lm.shape.architecture)
         print(f"==> {cfg.gguf}: a llama.cpp control vector (llama-cli --control-vector {cfg.gguf})")
+        if scope != "all":
+            print(f"    note: llama.cpp adds a control vector at every position; this one was calibrated on the "
+                  f"{scope} only", flush=True)
     if chosen:
         print(f"==> {cfg.out}: alpha {chosen.strength:.2f} ({chosen.on_topic:.0%} on topic, success "
               f"{chosen.success:.0%}, fluency drop {chosen.fluency_drop:.2f} nats/token)")

@@ -42,3 +42,30 @@ def test_clamping_the_sky_feature_puts_stars_into_the_answer_and_the_readout_sho
     # the readout shows the clamp: the feature reads the clamped value at every steered token after the first
     values = [t.readout("resid15").selected[feature.id] for t in steered[1:]]
     assert all(v == pytest.approx(value, rel=1e-3) for v in values)
+
+
+def test_the_shipped_vectors_steer_the_default_model_onto_their_concept_by_name():
+    """Each vector in models/default-vectors (rudder train vector, calibrated) on the benchmark's
+    report instructions, which its calibration never saw: most answers reach the concept, few
+    unsteered ones do."""
+    from rudder.core.default_model import default_vector_dirs
+    from rudder.training.concepts import REPORT_INSTRUCTIONS, Concept
+
+    dirs = default_vector_dirs()
+    assert dirs, "models/default-vectors is missing: the default vectors are committed with the repository"
+    engine = ReferenceEngine(default_model_dir())
+    names = [engine.artifacts.add_vector(str(d), engine.shape)[0] for d in dirs]
+    with BackgroundServer(engine, "SmolLM2-135M-Instruct") as srv, rc.Client(srv.address, timeout=600) as c:
+        for name in names:
+            v = engine.artifacts.vectors[name]
+            concept = Concept(v.provenance["concept"], v.provenance["words"])
+            steered = unsteered = 0
+            for seed, instruction in enumerate(REPORT_INSTRUCTIONS):
+                steered_text, base_text = [], []
+                for tok in c.generate(chat=[{"role": "user", "content": instruction}], max_tokens=48,
+                                      temperature=0.6, seed=seed, include_baseline=True,
+                                      interventions=[rc.steer(name)]):
+                    (base_text if tok.baseline else steered_text).append(tok.text)
+                steered += concept.on("".join(steered_text))
+                unsteered += concept.on("".join(base_text))
+            assert steered >= len(REPORT_INSTRUCTIONS) // 2 and unsteered <= 2, (name, steered, unsteered)

@@ -16,9 +16,9 @@ from rudder.server.backends.reference import ReferenceEngine
 SITE = "blocks.1.hook_resid_post"
 
 
-def save_vector(path, d=64, strength=6.0, site=SITE, seed=0):
+def save_vector(path, d=64, strength=6.0, site=SITE, seed=0, scope="all"):
     v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
-    SteeringVector(site, v / v.norm(), "diffmean", strength=strength, site_norm=20.0, budget=1.0,
+    SteeringVector(site, v / v.norm(), "diffmean", strength=strength, site_norm=20.0, budget=1.0, scope=scope,
                    calibration=[CalibrationPoint(strength or 1.0, 0.8, 0.5, 0.6)],
                    provenance={"concept": "cats"}, features=[{"sae": "resid1", "feature": 7, "cosine": 0.5}]).save(path)
     return path
@@ -30,6 +30,8 @@ def served(tiny_dir, tmp_path_factory):
     engine = ReferenceEngine(tiny_dir)
     engine.artifacts.add_vector(f"cats={save_vector(root / 'cats')}", engine.shape)
     engine.artifacts.add_vector(f"raw={save_vector(root / 'raw', strength=None, seed=1)}", engine.shape)
+    engine.artifacts.add_vector(f"asked={save_vector(root / 'asked', strength=20.0, seed=2, scope='prompt')}",
+                                engine.shape)
     with BackgroundServer(engine, "tiny") as srv, rc.Client(srv.address, timeout=60) as c:
         yield c, engine.artifacts.vectors
 
@@ -51,10 +53,23 @@ def test_a_vector_by_name_steers_as_the_same_vector_given_inline(served):
         c, [rc.direction(v.strength, vector=v.vector.tolist(), site=v.site, scope=gen_only)])
 
 
+def test_a_prompt_scoped_vector_acts_on_the_prompt_unless_the_request_gives_a_scope(served):
+    c, vectors = served
+    v = vectors["asked"]
+
+    def inline(scope):
+        return [rc.direction(v.strength, vector=v.vector.tolist(), site=v.site, scope=rc.scope(scope))]
+
+    assert generate(c, [rc.steer("asked")]) == generate(c, inline("prompt"))
+    assert generate(c, inline("prompt")) != generate(c, inline("all"))  # the scope matters here
+    assert generate(c, [rc.steer("asked", scope=rc.scope("all"))]) == generate(c, inline("all"))
+
+
 def test_model_info_lists_the_vectors(served):
     c, _ = served
     info = {v.name: v for v in c.model_info().vectors}
-    assert set(info) == {"cats", "raw"}
+    assert set(info) == {"cats", "raw", "asked"}
+    assert (info["cats"].scope, info["asked"].scope) == ("all", "prompt")
     assert (info["cats"].site, info["cats"].method, info["cats"].concept) == (SITE, "diffmean", "cats")
     assert info["cats"].alpha == pytest.approx(6.0) and not info["raw"].HasField("alpha")
     (f,) = info["cats"].features  # what it writes, in an SAE's features (rudder train vector --sae)
@@ -62,7 +77,7 @@ def test_model_info_lists_the_vectors(served):
 
 
 @pytest.mark.parametrize("intervention,error,message", [
-    (rc.steer("dogs"), rc.NotFound, "unknown steering vector 'dogs'; loaded: cats, raw"),
+    (rc.steer("dogs"), rc.NotFound, "unknown steering vector 'dogs'; loaded: asked, cats, raw"),
     (rc.steer("raw"), rc.InvalidArgument, "'raw' was not calibrated; give an alpha"),
     (rc.steer("cats", alpha=float("nan")), rc.InvalidArgument, "alpha"),
 ])

@@ -49,15 +49,18 @@ def test_train_vector_is_diffmean_over_the_models_activations_and_records_its_ca
     assert v.strength is None or v.strength in [p.strength for p in v.calibration]
 
 
-def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor) -> torch.Tensor:
-    """By hand: v added to the layer's output at every position after the first, through a plain
-    PyTorch hook; the mean cross-entropy of each answer's tokens given its chat prompt."""
+def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor, scope: str = "all") -> torch.Tensor:
+    """By hand: v added to the layer's output at every position after the first (or at the
+    prompt's only), through a plain PyTorch hook; the mean cross-entropy of each answer's tokens
+    given its chat prompt."""
     judge, tok = Judge(lm), lm.tokenizer
     layer = int(SITE.split(".")[1])
+    end = [0]
 
     def add(module, args, out):
         hidden = out[0] if isinstance(out, tuple) else out
-        hidden = torch.cat([hidden[:, :1], hidden[:, 1:] + v], dim=1)
+        stop = end[0] if scope == "prompt" else hidden.shape[1]
+        hidden = torch.cat([hidden[:, :1], hidden[:, 1:stop] + v, hidden[:, stop:]], dim=1)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     handle = lm.model.model.layers[layer].register_forward_hook(add)
@@ -65,6 +68,7 @@ def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor) -> torc
         total, count = 0.0, 0
         for e in examples:
             prompt, answer = judge.prompt_ids(e.instruction), tok(e.positive, add_special_tokens=False).input_ids
+            end[0] = len(prompt)
             logits = lm.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
             total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum")
             count += len(answer)
@@ -73,17 +77,19 @@ def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor) -> torc
         handle.remove()
 
 
-def test_a_trained_vector_takes_adams_first_step_down_the_hand_computed_gradient(tiny_dir):
+@pytest.mark.parametrize("scope", ["prompt", "all"])
+def test_a_trained_vector_takes_adams_first_step_down_the_hand_computed_gradient(tiny_dir, scope):
     lm = HookedLM.load(tiny_dir)
-    examples = [Example("Tell me something.", p, n) for p, n in PAIRS]
+    examples = [Example(f"Tell me something, {k}.", p, n) for k, (p, n) in enumerate(PAIRS)]
     v0 = torch.zeros(lm.shape.d_model, requires_grad=True)
-    _answer_loss(lm, examples, v0).backward()
-    one_step = train_vector(lm, SITE, examples, steps=1, lr=0.05, batch_size=len(examples))
+    _answer_loss(lm, examples, v0, scope).backward()
+    one_step = train_vector(lm, SITE, examples, steps=1, lr=0.05, batch_size=len(examples), scope=scope)
     # Adam's first step from zero is lr x sign(gradient), element-wise
     torch.testing.assert_close(one_step, -0.05 * torch.sign(v0.grad), atol=1e-4, rtol=0)
-    trained = train_vector(lm, SITE, examples, steps=30, lr=0.05)
+    trained = train_vector(lm, SITE, examples, steps=30, lr=0.05, scope=scope)
     with torch.no_grad():
-        assert _answer_loss(lm, examples, trained) < _answer_loss(lm, examples, torch.zeros_like(trained)) - 0.05
+        zero = _answer_loss(lm, examples, torch.zeros_like(trained), scope)
+        assert _answer_loss(lm, examples, trained, scope) < zero - 0.05
 
 
 def test_train_vector_trained_is_train_vector_on_the_pairs_calibrated_in_multiples_of_its_norm(tiny_dir, tmp_path,
@@ -91,11 +97,11 @@ def test_train_vector_trained_is_train_vector_on_the_pairs_calibrated_in_multipl
     out = tmp_path / "cats"
     assert main(["train", "vector", "--model", str(tiny_dir), "--concept", "cats", "--words", "cats?|kittens?",
                  "--site", SITE, "--method", "trained", "--examples", str(pairs_file), "--out", str(out),
-                 "--set", "steps=5", "--set", "strengths=[0.5,1]", "--set", "max_tokens=8"]) == 0
+                 "--set", "scope=all", "--set", "steps=5", "--set", "strengths=[0.5,1]", "--set", "max_tokens=8"]) == 0
     v = SteeringVector.load(out, d_model=64)
-    by_hand = train_vector(HookedLM.load(tiny_dir), SITE, [Example("", p, n) for p, n in PAIRS], steps=5)
+    by_hand = train_vector(HookedLM.load(tiny_dir), SITE, [Example("", p, n) for p, n in PAIRS], steps=5, scope="all")
     torch.testing.assert_close(v.vector, by_hand / by_hand.norm())
-    assert v.method == "trained"
+    assert (v.method, v.scope) == ("trained", "all")
     assert [p.strength for p in v.calibration] == pytest.approx([0.5 * float(by_hand.norm()), float(by_hand.norm())])
 
 
@@ -105,6 +111,8 @@ def test_a_trained_vector_refuses_no_examples_or_a_bad_schedule(tiny_dir):
         train_vector(lm, SITE, [])
     with pytest.raises(InvalidArgument, match="steps >= 1 and lr > 0"):
         train_vector(lm, SITE, [Example("", "a cat", "a car")], steps=0)
+    with pytest.raises(InvalidArgument, match="give each example an \"instruction\", or train it on every position"):
+        train_vector(lm, SITE, [Example("", "a cat", "a car")])
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -319,7 +319,7 @@ class SaeInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., architecture: _Optional[str] = ..., has_feature_metadata: _Optional[bool] = ..., site_out: _Optional[str] = ...) -> None: ...
 
 class VectorInfo(_message.Message):
-    __slots__ = ("name", "site", "method", "alpha", "concept", "budget", "features")
+    __slots__ = ("name", "site", "method", "alpha", "concept", "budget", "features", "scope")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +327,7 @@ class VectorInfo(_message.Message):
     CONCEPT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     site: str
     method: str
@@ -334,7 +335,8 @@ class VectorInfo(_message.Message):
     concept: str
     budget: float
     features: _containers.RepeatedCompositeFieldContainer[VectorFeature]
-    def __init__(self, name: _Optional[str] = ..., site: _Optional[str] = ..., method: _Optional[str] = ..., alpha: _Optional[float] = ..., concept: _Optional[str] = ..., budget: _Optional[float] = ..., features: _Optional[_Iterable[_Union[VectorFeature, _Mapping]]] = ...) -> None: ...
+    scope: str
+    def __init__(self, name: _Optional[str] = ..., site: _Optional[str] = ..., method: _Optional[str] = ..., alpha: _Optional[float] = ..., concept: _Optional[str] = ..., budget: _Optional[float] = ..., features: _Optional[_Iterable[_Union[VectorFeature, _Mapping]]] = ..., scope: _Optional[str] = ...) -> None: ...
 
 class VectorFeature(_message.Message):
     __slots__ = ("sae", "feature", "cosine")
