@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, serve the default model with the shipped default SAE
-# (models/default-saes/resid15), and stream a steered generation with per-token readouts
-# beside the unsteered one.
+# The main job: set up, serve the default model with its shipped SAE (models/default-saes/resid15)
+# and concept vector (models/default-vectors/cats), and stream a generation steered by the vector,
+# by name, with the SAE's features at each token, beside the unsteered one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

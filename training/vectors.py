@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rudder import client as rc
-from rudder.core.default_model import default_model_dir
+from rudder.core.default_model import MODEL_NAME, default_model_dir
 from rudder.core.errors import InvalidArgument
 from rudder.core.sae import SAE
 from rudder.core.vectors import SteeringVector, build, check_sae_site, pick_strength, top_features, write_gguf
@@ -201,7 +201,7 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
               + ", ".join(f"{f['feature']} ({f['cosine']:.2f})" for f in features[:5]), flush=True)
     out = SteeringVector(cfg.site, vector, cfg.method, features=features, scope=scope,
                          strength=chosen.strength if chosen else None,
-                         site_norm=site_norm, model=str(model), budget=cfg.budget, calibration=curve,
+                         site_norm=site_norm, model=cfg.model or MODEL_NAME, budget=cfg.budget, calibration=curve,
                          provenance={"concept": concept.name, "words": concept.words, "pairs": len(examples),
                                      "temperature": cfg.temperature,
                                      "examples": str(cfg.examples) if cfg.examples else "written by the model",
