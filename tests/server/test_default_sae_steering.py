@@ -2,6 +2,7 @@
 
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -55,17 +56,21 @@ def test_the_shipped_vectors_steer_the_default_model_onto_their_concept_by_name(
     assert dirs, "models/default-vectors is missing: the default vectors are committed with the repository"
     engine = ReferenceEngine(default_model_dir())
     names = [engine.artifacts.add_vector(str(d), engine.shape)[0] for d in dirs]
-    with BackgroundServer(engine, "SmolLM2-135M-Instruct") as srv, rc.Client(srv.address, timeout=600) as c:
+    with BackgroundServer(engine, "SmolLM2-135M-Instruct") as srv, rc.Client(srv.address, timeout=600) as c, \
+            ThreadPoolExecutor(len(REPORT_INSTRUCTIONS)) as pool:
         for name in names:
             v = engine.artifacts.vectors[name]
             concept = Concept(v.provenance["concept"], v.provenance["words"])
-            steered = unsteered = 0
-            for seed, instruction in enumerate(REPORT_INSTRUCTIONS):
-                steered_text, base_text = [], []
+
+            def answer(seed: int, instruction: str, name=name) -> tuple[str, str]:
+                steered, base = [], []
                 for tok in c.generate(chat=[{"role": "user", "content": instruction}], max_tokens=48,
                                       temperature=0.6, seed=seed, include_baseline=True,
                                       interventions=[rc.steer(name)]):
-                    (base_text if tok.baseline else steered_text).append(tok.text)
-                steered += concept.on("".join(steered_text))
-                unsteered += concept.on("".join(base_text))
-            assert steered >= len(REPORT_INSTRUCTIONS) // 2 and unsteered <= 2, (name, steered, unsteered)
+                    (base if tok.baseline else steered).append(tok.text)
+                return "".join(steered), "".join(base)
+
+            answers = list(pool.map(answer, range(len(REPORT_INSTRUCTIONS)), REPORT_INSTRUCTIONS))
+            steered = sum(concept.on(s) for s, _ in answers)
+            unsteered = sum(concept.on(b) for _, b in answers)
+            assert steered >= len(REPORT_INSTRUCTIONS) // 2 and unsteered <= 2, (name, steered, unsteered, answers[:2])
