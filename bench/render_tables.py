@@ -309,15 +309,15 @@ def _steering_quality_costs(d: dict) -> Rows:
     return rows
 
 
-@table("steering_costs", "steering_costs.json", "lrr")
+@table("steering_costs", "steering_costs.json", "lrrr")
 def _steering_costs(d: dict) -> Rows:
-    rows = [["", "best (s)", "spread (s)"]]
+    rows = [["", "best (s)", "spread (s)", "request parse (us)"]]
     for way, r in d["rows"].items():
         rows.append([f"{d['requests']} requests x {d['tokens']} tokens, vector {way}", f"{r['best_s']:.3f}",
-                     f"{r['spread_s']:.3f}"])
+                     f"{r['spread_s']:.3f}", f"{r['parse_us']:.0f}"])
     worst = max(r["best_s"] for r in d["feature_search"].values())
     rows.append([f"feature search by effect, slowest of {len(d['feature_search'])} topics, cached",
-                 f"{worst:.4f}", "-"])
+                 f"{worst:.4f}", "-", "-"])
     return rows
 
 

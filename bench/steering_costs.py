@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -71,12 +72,27 @@ def main() -> None:
                 t0 = time.perf_counter()
                 c.best_feature_by_effect(SHIPPED.name, words)
                 search.setdefault(topic, []).append(time.perf_counter() - t0)
-    rows = {w: {"best_s": min(t), "spread_s": max(t) - min(t), "runs_s": t} for w, t in times.items()}
+    # the one place the two ways differ: the front end's parse of the request (plus the 576 floats on
+    # the wire); timed alone, as it is too small to see end to end on a shared machine
+    from rudder.server.requests import RequestParser
+
+    parser = RequestParser(engine.shape, engine.artifacts)
+    parse: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for way, interventions in ways.items():
+            message = [iv.SerializeToString() for iv in interventions]
+            t0 = time.perf_counter()
+            for _ in range(200):  # what the server does: decode the message, then parse it
+                ivs = [type(interventions[0]).FromString(m) for m in message]
+                parser.steering(ivs, rc.readouts())
+            parse[way] = min(parse.get(way, math.inf), (time.perf_counter() - t0) / 200)
+    rows = {w: {"best_s": min(t), "spread_s": max(t) - min(t), "runs_s": t, "parse_us": parse[w] * 1e6}
+            for w, t in times.items()}
     ratio = rows["by name"]["best_s"] / rows["inline direction"]["best_s"]
     print(f"{args.requests} concurrent requests x {args.tokens} tokens, best of {args.repeats} interleaved rounds; "
           f"torch {torch.get_num_threads()} threads on {os.cpu_count()} cores")
     for w, r in rows.items():
-        print(f"  {w:<17} {r['best_s']:.3f} s  (spread {r['spread_s']:.3f} s)")
+        print(f"  {w:<17} {r['best_s']:.3f} s  (spread {r['spread_s']:.3f} s); request parse {r['parse_us']:.0f} us")
     print(f"  by name / inline: {ratio:.3f}x; same tokens: {same}")
     search_rows = {t: {"best_s": min(x), "first_s": x[0]} for t, x in search.items()}
     print(f"feature search by effect over {SHIPPED.name} (first call, then best of {args.repeats}):")
