@@ -163,9 +163,9 @@ def write_examples(gen: Generate, concept: Concept, instructions: Sequence[str],
     """The served model writes both sides, `samples` times per instruction: an answer asked to
     mention the concept (kept if it does) and a plain answer (kept if it does not), paired."""
     jobs = [(i, seed + k + 100 * s) for s in range(samples) for k, i in enumerate(instructions)]
-    asked = answer_all(gen, [(MENTION.format(instruction=i, concept=concept.name), sd, []) for i, sd in jobs],
-                       concurrency)
-    plain = answer_all(gen, [(i, sd, []) for i, sd in jobs], concurrency)
+    answers = answer_all(gen, [(MENTION.format(instruction=i, concept=concept.name), sd, []) for i, sd in jobs]
+                         + [(i, sd, []) for i, sd in jobs], concurrency)  # both sides at once: one batch
+    asked, plain = answers[:len(jobs)], answers[len(jobs):]
     out = [Example(i, a.text, b.text, a.ids) for (i, _), a, b in zip(jobs, asked, plain)
            if concept.on(a.text) and not concept.on(b.text) and len(a.ids) > 1 and len(b.ids) > 1]
     if not out:
