@@ -7,6 +7,7 @@ names the artifact and the fix, never a wrong answer later.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
 from rudder.core.codebook import Codebook, load_codebooks
-from rudder.core.errors import ArtifactError, NotFound, RudderError
+from rudder.core.errors import AlreadyExists, ArtifactError, NotFound, RudderError
 from rudder.core.feature_metadata import FeatureMeta, load_output_scores, read_feature_metadata
 from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
 from rudder.core.sae import SAE, SAEConfig, load_sae_config
@@ -107,11 +108,16 @@ class Artifacts:
 
     # -------------------------------------------------------------- loading
 
-    def add_vector(self, spec: str, shape: ModelShape) -> tuple[str, SteeringVector]:
-        """Attach the steering vector `[NAME=]PATH` (see `check_vector`)."""
+    def add_vector(self, spec: str, shape: ModelShape,
+                   check_site: Callable[[str], None] | None = None) -> tuple[str, SteeringVector]:
+        """Attach the steering vector `[NAME=]PATH` (see `check_vector`); `check_site` raises for a
+        site the engine cannot steer (a load at run time)."""
         name, vector = self.check_vector(spec, shape)
+        if check_site is not None:
+            check_site(vector.site)
         if name in self.vectors:
-            raise ArtifactError(f"two steering vectors named {name!r}; name them: --vector NAME=PATH")
+            raise AlreadyExists(f"a steering vector named {name!r} is loaded; unload it first or give the new "
+                                "one another name (NAME=PATH)")
         self.vectors[name] = vector
         return name, vector
 

@@ -12,7 +12,6 @@ from contextlib import aclosing
 
 from rudder.core import code_search
 from rudder.core.errors import (
-    AlreadyExists,
     AtCapacity,
     FailedPrecondition,
     InvalidArgument,
@@ -349,12 +348,9 @@ class SteeringService(pb_grpc.SteeringServicer):
         if "=" in request.name or (request.name and not request.name.strip()):
             raise InvalidArgument(f"vector name {request.name!r} must be a non-blank name without '='")
         spec = f"{request.name}={request.path}" if request.name else request.path
-        arts = self.engine.artifacts
-        name, vector = await asyncio.to_thread(arts.check_vector, spec, self.engine.shape)
-        self.engine.check_site(vector.site)  # the vLLM backend steers only the sites it was started with
-        if name in arts.vectors:
-            raise AlreadyExists(f"a steering vector named {name!r} is loaded; unload it first or give another name")
-        arts.vectors[name] = vector
+        # on the loop (a vector file is a few KB), so two loads of one name cannot both pass the check;
+        # the vLLM backend steers only the sites it was started with
+        name, vector = self.engine.artifacts.add_vector(spec, self.engine.shape, self.engine.check_site)
         return vector_info(name, vector)
 
     async def UnloadVector(self, request: pb.UnloadVectorRequest, context) -> pb.UnloadVectorResponse:
