@@ -80,6 +80,7 @@ def parse_args() -> argparse.Namespace:
                     help="positions diffmean/pca_diff act on (the trained vector: the prompt's, where it was trained)")
     ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of every answer")
     ap.add_argument("--steps", type=int, default=40, help="training steps of the trained vector")
+    ap.add_argument("--objective", default="lm", choices=["lm", "preference"], help="the trained vector's loss")
     ap.add_argument("--budget", type=float, default=1.0, help="fluency drop allowed, nats per token")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=64)
@@ -129,7 +130,7 @@ def main() -> None:
     results.update({
         "date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "sae": str(SHIPPED.relative_to(ROOT)),
         "sites": args.sites, "scope": args.scope, "budget": args.budget, "temperature": args.temperature,
-        "trained_strengths": args.trained_strengths, "steps": args.steps,
+        "trained_strengths": args.trained_strengths, "steps": args.steps, "objective": args.objective,
         "max_tokens": args.max_tokens, "strengths": args.strengths, "feature_strengths": args.feature_strengths,
         "instructions": {"calibrate": cal, "report": rep}, "example_instructions": examples,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - t0})
@@ -157,7 +158,8 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base
         for m in METHODS:
             t = time.perf_counter()
             trained = m == "trained"
-            v, unit, _ = make_vector(judge.lm, m, site, pairs, **({"steps": args.steps} if trained else {}))
+            train = {"steps": args.steps, "objective": args.objective} if trained else {}
+            v, unit, _ = make_vector(judge.lm, m, site, pairs, **train)
             row["costs"][f"{m}@{site.split('.')[1]}_s"] = time.perf_counter() - t
             values = v.tolist()
             row.setdefault("units", {})[f"{m}@{site.split('.')[1]}"] = unit  # alpha = strength x unit

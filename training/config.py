@@ -206,6 +206,10 @@ class VectorTrainConfig(_Strict):
     scope: Literal["prompt", "all"] | None = Field(None, description="positions the vector is trained and "
                                                    "calibrated at (default: prompt for trained, all for the others)")
     lr: float = Field(0.3, gt=0, description="Adam learning rate of a trained vector")
+    objective: Literal["lm", "preference"] = Field(
+        "lm", description="a trained vector's loss: lm, the positives' cross-entropy (AxBench's ReFT-r1 objective); "
+        "preference, plus a SimPO-style term preferring each positive to its plain answer (as RePS; no better here, "
+        "docs/steering.md)")
     temperature: float = Field(0.6, ge=0, description="sampling temperature of the examples and calibration answers")
     examples: Path | None = Field(None, description="JSON lines of {\"positive\": TEXT, \"negative\": TEXT} "
                                   "(default: the model writes them, asked to mention the concept vs not)")
@@ -214,7 +218,7 @@ class VectorTrainConfig(_Strict):
                             "within the budget")
     strengths: list[float] | None = Field(None, min_length=1, description="swept alphas: for diffmean/pca_diff "
                                           f"in tenths of the site mean activation norm (default {DEFAULT_STRENGTHS}), "
-                                          "for trained in multiples of its trained norm (default 0.5-2.5)")
+                                          "for trained in multiples of its trained norm (default 0.75-2)")
     budget: float = Field(1.0, gt=0, description="fluency drop allowed: nats per token under the unsteered model")
     max_tokens: int = Field(48, ge=8, description="tokens per calibration answer")
     sae: Path | None = Field(None, description="an SAE folder at the vector's site: the vector's top features by "

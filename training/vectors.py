@@ -13,7 +13,7 @@
    AxBench's ReFT-r1 for a rank-1 steering vector: the positive answers made likely given the
    plain instructions, with the vector added at `site` on the prompt's positions).
 3. Calibration: answers to CALIBRATION_INSTRUCTIONS at each strength (alpha = strength x the site's
-   mean activation norm / 10, on every position; a trained vector's strengths default to 0.5-2.5x
+   mean activation norm / 10, on every position; a trained vector's strengths default to 0.75-2x
    the norm it was trained to), scored by the unsteered model; the strength with
    the best success within the fluency budget is kept, and the whole curve is written with it.
 
@@ -73,14 +73,17 @@ def read_pairs(path) -> list[Example]:
 
 
 def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: int = 40, lr: float = 0.3,
-                 batch_size: int = 8, seed: int = 0, scope: str = "prompt") -> Tensor:
+                 batch_size: int = 8, seed: int = 0, scope: str = "prompt", objective: str = "lm",
+                 beta: float = 2.0) -> Tensor:
     """A steering vector v trained with the frozen model: v is added at `site` and trained (Adam,
     from zero) to make each positive answer likely given its plain instruction, mean cross-entropy
     over the answer's tokens (AxBench's LM objective for a rank-1 intervention, as ReFT-r1 without
     its detection half). `scope`: "prompt" adds v at the prompt's positions only, so it learns
     what the request to mention the concept did to the prompt, and the answer's own positions
-    stay unedited (far more fluent here, docs/steering.md); "all" adds it everywhere. Returns v
-    unnormalised: its norm is the strength it was trained at."""
+    stay unedited (far more fluent here, docs/steering.md); "all" adds it everywhere.
+    `objective` "preference" adds a SimPO-style term, as RePS does: -log sigmoid(beta x (the
+    positive's mean log-prob per token - its plain answer's)), both under the steered model.
+    Returns v unnormalised: its norm is the strength it was trained at."""
     if not examples:
         raise InvalidArgument("a trained vector needs positive examples; give at least one pair")
     if steps < 1 or not lr > 0:
@@ -90,15 +93,18 @@ def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: in
     if scope == "prompt" and not all(e.instruction for e in examples):
         raise InvalidArgument("a prompt-scoped vector learns from answers to instructions; give each example an "
                               "\"instruction\", or train it on every position (--set scope=all)")
+    if objective not in ("lm", "preference"):
+        raise InvalidArgument(f"a trained vector's objective is lm or preference, not {objective!r}")
     tok, judge = lm.tokenizer, Judge(lm)
-    seqs = []
+    seqs = []  # (prompt ids, positive ids, negative ids)
     for e in examples:
         if e.instruction:
             seqs.append((judge.prompt_ids(e.instruction),
-                         list(e.positive_ids or tok(e.positive, add_special_tokens=False).input_ids)))
+                         list(e.positive_ids or tok(e.positive, add_special_tokens=False).input_ids),
+                         list(tok(e.negative, add_special_tokens=False).input_ids)))
         else:  # plain text: every token after the first is learned
-            ids = tok(e.positive).input_ids
-            seqs.append((ids[:1], ids[1:]))
+            ids, neg = tok(e.positive).input_ids, tok(e.negative).input_ids
+            seqs.append((ids[:1], ids[1:], neg[1:]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     v = torch.zeros(lm.shape.d_model, device=lm.device, requires_grad=True)
     opt = torch.optim.Adam([v], lr=lr)
@@ -106,18 +112,28 @@ def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: in
     bar = tqdm(range(steps), desc=f"vector at {site}", unit="step")
     for _ in bar:
         batch = [seqs[j] for j in torch.randperm(len(seqs), generator=g)[:batch_size].tolist()]
-        width = max(len(p) + len(a) for p, a in batch)
-        ids = torch.full((len(batch), width), pad)
-        target = torch.full((len(batch), width), -100)
-        where = torch.ones(len(batch), width, 1, device=lm.device)
-        for r, (p, a) in enumerate(batch):  # right-padded: causal attention never sees the padding
+        rows = [(p, a) for p, a, _ in batch]
+        if objective == "preference":  # the plain answers too, to the same prompts
+            rows += [(p, n) for p, _, n in batch]
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), pad)
+        target = torch.full((len(rows), width), -100)
+        where = torch.ones(len(rows), width, 1, device=lm.device)
+        for r, (p, a) in enumerate(rows):  # right-padded: causal attention never sees the padding
             ids[r, :len(p) + len(a)] = torch.tensor(p + a)
             target[r, len(p):len(p) + len(a)] = torch.tensor(a)
             if scope == "prompt":
                 where[r, len(p):] = 0
         on = where[:, 1:]  # lm.run hands the replacement positions 1.. (the first is the attention sink)
         logits, _ = lm.run(ids, replace={site: lambda x, on=on: x + on * v})
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten().to(lm.device))
+        target = target[:, 1:].to(lm.device)
+        tok_lp = -torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
+        mask = target != -100
+        b = len(batch)
+        loss = -tok_lp[:b][mask[:b]].mean()  # the LM objective: the positives' tokens
+        if objective == "preference":  # SimPO-style, as RePS: the positive preferred to the plain answer
+            mean_lp = (tok_lp * mask).sum(1) / mask.sum(1).clamp_min(1)
+            loss = loss - torch.nn.functional.logsigmoid(beta * (mean_lp[:b] - mean_lp[b:])).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -125,7 +141,7 @@ def train_vector(lm: HookedLM, site: str, examples: Sequence[Example], steps: in
     return v.detach().cpu()
 
 
-TRAINED_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)
+TRAINED_STRENGTHS = (0.75, 1.0, 1.25, 1.5, 2.0)
 """a trained vector's swept strengths, as multiples of the norm it was trained to"""
 
 
@@ -172,7 +188,8 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
                   flush=True)
             examples = write_examples(gen, concept, EXAMPLE_INSTRUCTIONS[:cfg.num_examples])
         t_examples = time.perf_counter() - t0
-        train = {"steps": cfg.steps, "lr": cfg.lr, "scope": scope} if cfg.method == "trained" else {}
+        train = ({"steps": cfg.steps, "lr": cfg.lr, "scope": scope, "objective": cfg.objective}
+                 if cfg.method == "trained" else {})
         vector, unit, site_norm = make_vector(lm, cfg.method, cfg.site, examples, **train)
         print(f"==> {cfg.method} vector at {cfg.site} from {len(examples)} pairs; site norm {site_norm:.1f}",
               flush=True)
@@ -203,7 +220,9 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
                          strength=chosen.strength if chosen else None,
                          site_norm=site_norm, model=cfg.model or MODEL_NAME, budget=cfg.budget, calibration=curve,
                          provenance={"concept": concept.name, "words": concept.words, "pairs": len(examples),
-                                     "temperature": cfg.temperature,
+                                     "temperature": cfg.temperature, **({"objective": cfg.objective,
+                                                                         "steps": cfg.steps, "lr": cfg.lr}
+                                                                        if cfg.method == "trained" else {}),
                                      "examples": str(cfg.examples) if cfg.examples else "written by the model",
                                      "examples_s": round(t_examples, 1),
                                      "seconds": round(time.perf_counter() - t0, 1)})

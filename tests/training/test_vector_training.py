@@ -49,10 +49,12 @@ def test_train_vector_is_diffmean_over_the_models_activations_and_records_its_ca
     assert v.strength is None or v.strength in [p.strength for p in v.calibration]
 
 
-def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor, scope: str = "all") -> torch.Tensor:
+def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor, scope: str = "all",
+                 objective: str = "lm", beta: float = 2.0) -> torch.Tensor:
     """By hand: v added to the layer's output at every position after the first (or at the
     prompt's only), through a plain PyTorch hook; the mean cross-entropy of each answer's tokens
-    given its chat prompt."""
+    given its chat prompt; for "preference", minus the mean log-sigmoid of beta x (the positive's
+    mean log-prob per token - the negative's), one example at a time."""
     judge, tok = Judge(lm), lm.tokenizer
     layer = int(SITE.split(".")[1])
     end = [0]
@@ -63,33 +65,41 @@ def _answer_loss(lm: HookedLM, examples: list[Example], v: torch.Tensor, scope: 
         hidden = torch.cat([hidden[:, :1], hidden[:, 1:stop] + v, hidden[:, stop:]], dim=1)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
+    def nll(prompt, answer):  # summed over the answer's tokens
+        end[0] = len(prompt)
+        logits = lm.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum")
+
     handle = lm.model.model.layers[layer].register_forward_hook(add)
     try:
-        total, count = 0.0, 0
+        total, count, prefer = 0.0, 0, 0.0
         for e in examples:
-            prompt, answer = judge.prompt_ids(e.instruction), tok(e.positive, add_special_tokens=False).input_ids
-            end[0] = len(prompt)
-            logits = lm.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
-            total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="sum")
-            count += len(answer)
-        return total / count
+            prompt = judge.prompt_ids(e.instruction)
+            answer, plain = (tok(t, add_special_tokens=False).input_ids for t in (e.positive, e.negative))
+            pos = nll(prompt, answer)
+            total, count = total + pos, count + len(answer)
+            if objective == "preference":
+                margin = -pos / len(answer) + nll(prompt, plain) / len(plain)
+                prefer = prefer - torch.nn.functional.logsigmoid(beta * margin) / len(examples)
+        return total / count + prefer
     finally:
         handle.remove()
 
 
-@pytest.mark.parametrize("scope", ["prompt", "all"])
-def test_a_trained_vector_takes_adams_first_step_down_the_hand_computed_gradient(tiny_dir, scope):
+@pytest.mark.parametrize("scope,objective", [("prompt", "lm"), ("all", "lm"), ("prompt", "preference")])
+def test_a_trained_vector_takes_adams_first_step_down_the_hand_computed_gradient(tiny_dir, scope, objective):
     lm = HookedLM.load(tiny_dir)
     examples = [Example(f"Tell me something, {k}.", p, n) for k, (p, n) in enumerate(PAIRS)]
     v0 = torch.zeros(lm.shape.d_model, requires_grad=True)
-    _answer_loss(lm, examples, v0, scope).backward()
-    one_step = train_vector(lm, SITE, examples, steps=1, lr=0.05, batch_size=len(examples), scope=scope)
+    _answer_loss(lm, examples, v0, scope, objective).backward()
+    one_step = train_vector(lm, SITE, examples, steps=1, lr=0.05, batch_size=len(examples), scope=scope,
+                            objective=objective)
     # Adam's first step from zero is lr x sign(gradient), element-wise
     torch.testing.assert_close(one_step, -0.05 * torch.sign(v0.grad), atol=1e-4, rtol=0)
-    trained = train_vector(lm, SITE, examples, steps=30, lr=0.05, scope=scope)
+    trained = train_vector(lm, SITE, examples, steps=30, lr=0.05, scope=scope, objective=objective)
     with torch.no_grad():
-        zero = _answer_loss(lm, examples, torch.zeros_like(trained), scope)
-        assert _answer_loss(lm, examples, trained, scope) < zero - 0.05
+        zero = _answer_loss(lm, examples, torch.zeros_like(trained), scope, objective)
+        assert _answer_loss(lm, examples, trained, scope, objective) < zero - 0.05
 
 
 def test_train_vector_trained_is_train_vector_on_the_pairs_calibrated_in_multiples_of_its_norm(tiny_dir, tmp_path,
@@ -113,6 +123,8 @@ def test_a_trained_vector_refuses_no_examples_or_a_bad_schedule(tiny_dir):
         train_vector(lm, SITE, [Example("", "a cat", "a car")], steps=0)
     with pytest.raises(InvalidArgument, match="give each example an \"instruction\", or train it on every position"):
         train_vector(lm, SITE, [Example("", "a cat", "a car")])
+    with pytest.raises(InvalidArgument, match="objective is lm or preference"):
+        train_vector(lm, SITE, [Example("", "a cat", "a car")], scope="all", objective="dpo")
 
 
 @pytest.mark.parametrize("flags,message", [
