@@ -290,16 +290,20 @@ def test_grpc_stream_through_vllm_carries_readouts_and_saes_load_at_run_time(mod
 
 def test_a_steering_vector_by_name_steers_as_given_inline_and_as_on_the_reference_backend(models, tmp_path,
                                                                                           vllm_plain_server):
-    """A vector at a declared site, served by name: the tokens of the same vector given inline, and of the
-    reference backend serving it by name."""
+    """A vector at a declared site, loaded at run time (LoadVector) and served by name: the tokens of the
+    same vector given inline, and of the reference backend serving it by name. One at a site the
+    engine has no op at is refused up front, and an unloaded name is unknown."""
     import rudder.client as rc
     from rudder.core.vectors import SteeringVector
     from rudder.server.app import BackgroundServer
 
     v = torch.randn(64, generator=torch.Generator().manual_seed(3))
     SteeringVector("blocks.0.hook_mlp_out", v / v.norm(), "diffmean", strength=8.0).save(tmp_path / "cats")
-    engine = vllm_plain_server.server.engine
-    engine.artifacts.add_vector(f"cats={tmp_path / 'cats'}", engine.shape)
+    SteeringVector("blocks.2.hook_resid_post", v / v.norm(), "diffmean", strength=8.0).save(tmp_path / "off")
+    with rc.Client(vllm_plain_server.address, timeout=120) as admin:
+        assert admin.load_vector(str(tmp_path / "cats"), "cats").site == "blocks.0.hook_mlp_out"
+        with pytest.raises(rc.FailedPrecondition, match="blocks.2.hook_resid_post was not declared"):
+            admin.load_vector(str(tmp_path / "off"), "off")
     reference = ReferenceEngine(models["plain"])
     reference.artifacts.add_vector(f"cats={tmp_path / 'cats'}", reference.shape)
 
@@ -314,7 +318,10 @@ def test_a_steering_vector_by_name_steers_as_given_inline_and_as_on_the_referenc
                                                               site="blocks.0.hook_mlp_out")])
         plain = run(vllm_plain_server.address, [])
     finally:
-        del engine.artifacts.vectors["cats"]
+        with rc.Client(vllm_plain_server.address, timeout=120) as admin:
+            admin.unload_vector("cats")
+    with pytest.raises(rc.NotFound):
+        run(vllm_plain_server.address, [rc.steer("cats")])
     with BackgroundServer(reference, "tiny") as srv:
         assert run(srv.address, [rc.steer("cats")]) == by_name == inline != plain
 
