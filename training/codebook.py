@@ -267,7 +267,7 @@ class Batches:
             from rudder.training.corpus import train_eval_split
 
             split = train_eval_split(tokenizer, cfg.context, eval_tokens=cfg.eval_sequences * cfg.context,
-                                     max_tokens=cfg.corpus_tokens)
+                                     max_tokens=cfg.corpus_tokens, sources=cfg.corpus)
             self.train = torch.tensor(split.train)
             self.eval = torch.tensor(split.eval)
 

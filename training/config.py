@@ -31,8 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rudder.core.errors import InvalidArgument
 from rudder.core.sites import Site
+from rudder.training.corpus import DataSource
 
 Objective = Literal["local", "e2e", "e2e_ds"]
+CORPUS_HELP = ("data (rudder.training.corpus): built-in stdlib, wordnet, fortunes; a path or glob (.txt, .jsonl, "
+               ".parquet, .npy/.bin token ids, a save_to_disk folder), hf:NAME, or {path, format, column, split, "
+               "dtype}")
 
 
 class _Strict(BaseModel):
@@ -73,8 +77,7 @@ class SaeTrainConfig(_Strict):
     context: int = Field(128, ge=2, description="tokens per sequence")
     batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step (all ranks together)")
     micro_batch_tokens: int | None = Field(None, ge=1, description="tokens per forward; gradients accumulate")
-    corpus: list[str] = Field(["stdlib"], min_length=1,
-                              description="text sources (rudder.training.corpus): stdlib, wordnet, fortunes")
+    corpus: list[str | DataSource] = Field(["stdlib"], min_length=1, description=CORPUS_HELP)
     corpus_tokens: int | None = Field(None, ge=1, description="read at most this much of the corpus (None: all)")
     buffer_tokens: int = Field(65_536, ge=1, description="local: shuffle buffer of activations")
 
@@ -153,6 +156,7 @@ class CodebookTrainConfig(_Strict):
     steps: int = Field(1000, ge=1)
     batch: int = Field(128, ge=1, description="sequences per step")
     context: int = Field(128, ge=2, description="tokens per sequence (corpus data)")
+    corpus: list[str | DataSource] = Field(["stdlib"], min_length=1, description=CORPUS_HELP)
     corpus_tokens: int | None = Field(500_000, ge=1, description="read at most this much of the corpus (None: all)")
     replace_dead_every: int = Field(100, ge=0, description="steps between dead-code replacements (0: never)")
     replace_dead_until: float = Field(0.6, ge=0, le=1, description="no replacement after this fraction of training")

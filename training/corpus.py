@@ -9,20 +9,45 @@
 `stdlib` is the default: it needs nothing installed, so tests and CI read it everywhere
 (it differs a little between Python versions). The varied sources (everyday words and
 themes) are what the default SAE was trained on; install them with
-`apt-get install wordnet-base fortunes fortunes-min`. `describe(sources)` records each
-source's package version for an artifact's metadata.
+`apt-get install wordnet-base fortunes fortunes-min`.
+
+Any other entry is the user's own data (`DataSource`; a plain string is its path, format by suffix):
+
+| format   | what                                                       | read with |
+| -------- | ---------------------------------------------------------- | --------- |
+| text     | a file or glob (`data/*.txt`), a document per file         | open(), 1 MB at a time |
+| jsonl    | JSON lines, the text in `column` (default "text")          | json, line by line |
+| parquet  | the text in `column`                                       | pyarrow, batch by batch |
+| hf_disk  | a dataset saved with `save_to_disk` (`split` of a dict)    | datasets.load_from_disk |
+| hf       | `hf:NAME`: `load_dataset(NAME, split=split)`, offline from its cache | datasets |
+| tokens   | token ids: `.npy` (1-D, or a row per sequence), raw `.bin` (`dtype`) | numpy memmap |
+
+A `column` of lists of ids (`input_ids`, as SAELens' pre-tokenized datasets) is read as tokens.
+Each is read as a stream, in file order (reading does not grow with the source; the trainers keep
+the packed windows, so cap a large source with `corpus_tokens`). Text is tokenized as the
+tokenizer does by default (SmolLM2's adds no BOS; SAELens prepends one to each context), with a
+blank line after each document; token ids are used as given, and an id outside the model's
+vocabulary is an error. `describe(sources)` records each source's provenance for an artifact's metadata:
+package versions, or a file's size and SHA-256, or a dataset's fingerprint.
 """
 
 from __future__ import annotations
 
 import ast
+import glob
+import hashlib
+import json
 import re
 import shutil
 import subprocess
 import sysconfig
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from rudder.core.errors import InvalidArgument
 
@@ -107,51 +132,229 @@ SOURCES: dict[str, Source] = {
 DEFAULT_SOURCES = ("stdlib",)
 
 
-def check_sources(sources: Iterable[str]) -> list[str]:
-    """The sources, each known and installed, or an error that says what to install."""
-    out = []
-    for name in sources:
-        if name not in SOURCES:
-            raise InvalidArgument(f"unknown corpus source {name!r}; known: {', '.join(SOURCES)}")
-        src = SOURCES[name]
-        missing = [str(p) for p in src.needs if not p.exists()]
-        if missing:
-            raise InvalidArgument(f"corpus source {name!r} needs {', '.join(missing)}: "
-                                  f"apt-get install {' '.join(src.packages)}")
-        out.append(name)
+class DataSource(BaseModel):
+    """The user's own data (the table above). In a config: `corpus: [{path: data.jsonl, column: body}]`,
+    or just the path: `corpus: [data/*.txt]`."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="file, glob, dataset folder, or hf:NAME")
+    format: Literal["auto", "text", "jsonl", "parquet", "hf_disk", "hf", "tokens"] = Field(
+        "auto", description="auto: by the path (.txt/.md or a glob: text, .jsonl, .parquet, .npy/.bin: tokens, "
+                            "a saved dataset folder: hf_disk, hf:NAME: hf)")
+    column: str = Field("text", description="the text column (jsonl, parquet, datasets); input_ids: token ids")
+    split: str = Field("train", description="the split of a DatasetDict or of load_dataset")
+    dtype: Literal["uint16", "uint32", "int32", "int64"] = Field("uint16", description="the ids of a raw .bin")
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def kind(self) -> str:
+        if self.format != "auto":
+            return self.format
+        if self.path.startswith("hf:"):
+            return "hf"
+        path = Path(self.path)
+        if path.is_dir():
+            return "hf_disk"
+        suffix = path.suffix.lower()
+        return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".npy": "tokens",
+                ".bin": "tokens"}.get(suffix, "text")
+
+    def files(self) -> list[Path]:
+        return [Path(p) for p in sorted(glob.glob(self.path))] if glob.has_magic(self.path) else [Path(self.path)]
+
+
+Spec = str | DataSource
+"""a corpus entry: a built-in source's name, a path (a DataSource with every default), or a DataSource"""
+
+
+def as_source(spec: Spec) -> str | DataSource:
+    """A built-in's name stays a name; any other string is the path of a DataSource."""
+    if isinstance(spec, DataSource) or spec in SOURCES:
+        return spec
+    return DataSource(path=spec)
+
+
+PIECE = 1 << 20  # characters of a text file read at a time
+
+
+def _read_text(files: Sequence[Path]) -> Iterator[str]:
+    for path in files:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            while piece := f.read(PIECE):
+                yield piece + (f.readline() if len(piece) == PIECE else "")  # end a piece at a line end
+
+
+def _read_jsonl(src: DataSource, files: Sequence[Path]) -> Iterator[str]:
+    for path in files:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InvalidArgument(f"{path}:{n}: not JSON ({e.msg}); give one JSON object per line") from None
+                if not isinstance(row, dict) or src.column not in row:
+                    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise InvalidArgument(f"{path}:{n}: no column {src.column!r} (it has: {keys}); "
+                                          "set the source's column")
+                value = row[src.column]
+                yield value if isinstance(value, list) else str(value)
+
+
+def _read_parquet(src: DataSource, files: Sequence[Path]) -> Iterator[str | list[int]]:
+    import pyarrow.parquet as pq
+
+    for path in files:
+        f = pq.ParquetFile(path)
+        if src.column not in f.schema_arrow.names:
+            raise InvalidArgument(f"{path}: no column {src.column!r} (it has: {', '.join(f.schema_arrow.names)}); "
+                                  "set the source's column")
+        for batch in f.iter_batches(batch_size=1024, columns=[src.column]):
+            yield from batch.column(0).to_pylist()
+
+
+def _dataset(src: DataSource):
+    import datasets
+
+    if src.kind() == "hf":
+        try:
+            return datasets.load_dataset(src.path.removeprefix("hf:"), split=src.split)
+        except Exception as e:  # the hub, the cache and the builders raise many kinds
+            raise InvalidArgument(f"datasets.load_dataset({src.path.removeprefix('hf:')!r}, split={src.split!r}) "
+                                  f"failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}; offline, "
+                                  "it must be in the datasets cache (or save it with save_to_disk and give "
+                                  "the folder)") from None
+    try:
+        ds = datasets.load_from_disk(src.path)
+    except FileNotFoundError:
+        raise InvalidArgument(f"{src.path} is not a dataset saved with save_to_disk; give its folder") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if src.split not in ds:
+            raise InvalidArgument(f"{src.path} has no split {src.split!r} (it has: {', '.join(ds)}); set split")
+        ds = ds[src.split]
+    return ds
+
+
+def _read_dataset(src: DataSource) -> Iterator[str | list[int]]:
+    ds = _dataset(src)
+    if src.column not in ds.column_names:
+        raise InvalidArgument(f"{src.path}: no column {src.column!r} (it has: {', '.join(ds.column_names)}); "
+                              "set the source's column")
+    for batch in ds.select_columns([src.column]).iter(batch_size=1024):  # memory-mapped Arrow: flat memory
+        yield from batch[src.column]
+
+
+TOKEN_PIECE = 1 << 16  # ids of a 1-D token array handed to packing at a time
+
+
+def _read_tokens(src: DataSource, files: Sequence[Path]) -> Iterator[list[int]]:
+    for path in files:
+        arr = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=src.dtype, mode="r")
+        if arr.ndim == 1:
+            for i in range(0, len(arr), TOKEN_PIECE):
+                yield arr[i:i + TOKEN_PIECE].tolist()
+        else:
+            for row in arr:
+                yield row.tolist()
+
+
+def read(spec: Spec) -> Iterator[str | list[int]]:
+    """A source's documents in order: text, or lists of token ids (pre-tokenized sources)."""
+    src = as_source(spec)
+    if isinstance(src, str):
+        yield from SOURCES[src].read()
+        return
+    kind = src.kind()
+    if kind in ("hf", "hf_disk"):
+        yield from _read_dataset(src)
+        return
+    files = src.files()
+    yield from {"text": lambda: _read_text(files), "jsonl": lambda: _read_jsonl(src, files),
+                "parquet": lambda: _read_parquet(src, files), "tokens": lambda: _read_tokens(src, files)}[kind]()
+
+
+def check_sources(sources: Iterable[Spec]) -> list[str | DataSource]:
+    """The sources, each known and readable, or an error that says what to do: a built-in not
+    installed, a file or glob that matches nothing, a column a file lacks, an empty source."""
+    out: list[str | DataSource] = []
+    for spec in sources:
+        src = as_source(spec)
+        if isinstance(src, str):
+            missing = [str(p) for p in SOURCES[src].needs if not p.exists()]
+            if missing:
+                raise InvalidArgument(f"corpus source {src!r} needs {', '.join(missing)}: "
+                                      f"apt-get install {' '.join(SOURCES[src].packages)}")
+        else:
+            kind = src.kind()
+            if kind not in ("hf", "hf_disk"):
+                files = src.files()
+                if not files or not all(f.is_file() for f in files):
+                    raise InvalidArgument(
+                        f"corpus source {src.path!r} is not a built-in ({', '.join(SOURCES)}) nor an existing "
+                        "file, glob, dataset folder or hf:NAME; check the path")
+            try:
+                next(read(src))  # the first document: a missing column, a bad file, an empty source fail here
+            except StopIteration:
+                raise InvalidArgument(f"corpus source {src.path!r} holds no {'rows' if kind != 'text' else 'text'}; "
+                                      "give a non-empty one") from None
+        out.append(src)
     return out
 
 
-def describe(sources: Iterable[str]) -> dict[str, str]:
-    """Each source with its provenance (Debian package versions, or the Python version)."""
+def _sha256(files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(sources: Iterable[Spec]) -> dict[str, str | dict]:
+    """Each source with its provenance: Debian package versions or the Python version for the
+    built-ins; format, files, bytes and SHA-256 for files; the fingerprint for datasets."""
     import platform
 
-    out = {}
-    for name in sources:
-        pkgs = SOURCES[name].packages
+    out: dict[str, str | dict] = {}
+    for spec in sources:
+        src = as_source(spec)
+        if isinstance(src, DataSource):
+            info: dict = {"format": src.kind(), "column": src.column}
+            if src.kind() in ("hf", "hf_disk"):
+                ds = _dataset(src)
+                info.update(split=src.split, rows=len(ds), fingerprint=ds._fingerprint)
+            else:
+                files = src.files()
+                info.update(files=len(files), bytes=sum(f.stat().st_size for f in files), sha256=_sha256(files))
+            out[src.path] = info
+            continue
+        pkgs = SOURCES[src].packages
         if not pkgs:
-            out[name] = f"Python {platform.python_version()} standard library"
+            out[src] = f"Python {platform.python_version()} standard library"
         elif shutil.which("dpkg-query"):
             res = subprocess.run(["dpkg-query", "-W", "-f", "${Package}=${Version} ", *pkgs],
                                  capture_output=True, text=True)
-            out[name] = res.stdout.strip() or ", ".join(pkgs)
+            out[src] = res.stdout.strip() or ", ".join(pkgs)
         else:
-            out[name] = ", ".join(pkgs)
+            out[src] = ", ".join(pkgs)
     return out
 
 
-def documents(sources: Iterable[str] = DEFAULT_SOURCES) -> Iterator[str]:
-    for name in check_sources(sources):
-        yield from SOURCES[name].read()
+def documents(sources: Iterable[Spec] = DEFAULT_SOURCES) -> Iterator[str | list[int]]:
+    for src in check_sources(sources):
+        yield from read(src)
 
 
 def token_windows(tokenizer, context: int, max_tokens: int | None = None,
-                  sources: Iterable[str] = DEFAULT_SOURCES) -> list[list[int]]:
+                  sources: Iterable[Spec] = DEFAULT_SOURCES) -> list[list[int]]:
     """Pack the corpus into windows of `context` tokens, up to `max_tokens` in all (None: everything).
 
     With several sources, their windows interleave (round-robin), so a `max_tokens` cap
     takes from each."""
-    per_source = [_pack(tokenizer, SOURCES[name].read(), context) for name in check_sources(sources)]
+    per_source = [_pack(tokenizer, read(src), context, src) for src in check_sources(sources)]
     windows: list[list[int]] = []
     for row in _round_robin(per_source):
         windows.append(row)
@@ -160,10 +363,22 @@ def token_windows(tokenizer, context: int, max_tokens: int | None = None,
     return windows
 
 
-def _pack(tokenizer, docs: Iterable[str], context: int) -> Iterator[list[int]]:
+def _pack(tokenizer, docs: Iterable[str | list[int]], context: int, src: Spec = "") -> Iterator[list[int]]:
+    """Documents joined into `context`-token windows: text tokenized with a blank line after each
+    (no special tokens: the tokenizer's own, if it adds any, stay), token ids as given."""
+    vocab = len(tokenizer)
     buf: list[int] = []
     for doc in docs:
-        buf.extend(tokenizer(doc + "\n\n").input_ids)
+        if isinstance(doc, str):
+            buf.extend(tokenizer(doc + "\n\n").input_ids)
+        else:
+            ids = list(doc)
+            if ids and (max(ids) >= vocab or min(ids) < 0):
+                bad = max(ids) if max(ids) >= vocab else min(ids)
+                name = src.path if isinstance(src, DataSource) else src
+                raise InvalidArgument(f"token id {bad} in {name} is outside the model's vocabulary (0..{vocab - 1}); "
+                                      "were these ids made by another tokenizer?")
+            buf.extend(ids)
         while len(buf) >= context:
             yield buf[:context]
             buf = buf[context:]
@@ -186,7 +401,7 @@ class Split:
 
 
 def train_eval_split(tokenizer, context: int, eval_tokens: int, max_tokens: int | None = None,
-                     sources: Iterable[str] = DEFAULT_SOURCES) -> Split:
+                     sources: Iterable[Spec] = DEFAULT_SOURCES) -> Split:
     """The corpus' windows; every k-th window (spread over it) is held out until `eval_tokens` are."""
     windows = token_windows(tokenizer, context, max_tokens, sources)
     n_eval = min(-(-eval_tokens // context), len(windows) // 2) if eval_tokens else 0

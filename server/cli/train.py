@@ -31,8 +31,8 @@ from rudder.training.config import (
 )
 
 SAE_SHORTCUTS = {"--model": "model", "--site": "sites", "--objective": "objective", "--architecture": "architecture",
-                 "--d-sae": "d_sae", "--tokens": "tokens", "--out": "out"}
-CODEBOOK_SHORTCUTS = {"--model": "model", "--out": "out"}
+                 "--d-sae": "d_sae", "--tokens": "tokens", "--corpus": "corpus", "--out": "out"}
+CODEBOOK_SHORTCUTS = {"--model": "model", "--corpus": "corpus", "--out": "out"}
 VECTOR_SHORTCUTS = {"--concept": "concept", "--words": "words", "--model": "model", "--site": "site",
                     "--method": "method", "--examples": "examples", "--budget": "budget", "--sae": "sae",
                     "--out": "out"}

@@ -21,7 +21,7 @@ def test_a_wordnet_synset_reads_as_its_lemmas_and_gloss():
 
 
 def test_unknown_or_missing_sources_say_what_to_do(monkeypatch, tmp_path):
-    with pytest.raises(InvalidArgument, match="unknown corpus source 'novels'; known: stdlib, wordnet, fortunes"):
+    with pytest.raises(InvalidArgument, match=r"not a built-in \(stdlib, wordnet, fortunes\) nor an existing file"):
         corpus.check_sources(["novels"])
     monkeypatch.setitem(corpus.SOURCES, "wordnet", corpus.Source(corpus.wordnet, (tmp_path / "data.noun",),
                                                                  ("wordnet-base",)))
