@@ -64,9 +64,9 @@ def main() -> None:
         e2e_tps, _ = rudder_run("e2e", args.e2e_tokens, tmp / "e2e", args.threads, args.autocast)
         print(f"rudder local {local_tps:.0f} tok/s, e2e {e2e_tps:.0f} tok/s")
 
-        torch.save(trainer.split.train, tmp / "windows.pt")
+        torch.save(trainer.split.train.tolist(), tmp / "windows.pt")
         sae = trainer.saes[SITE].export({})
-        x = trainer.lm.activations(torch.tensor(trainer.split.train[:4]), [SITE])[SITE]
+        x = trainer.lm.activations(trainer.split.train[:4].long(), [SITE])[SITE]
         with torch.no_grad():
             f = sae.encode(x)
             torch.save({"x": x, "features": f, "reconstruction": sae.decode(f)}, tmp / "rudder_io.pt")

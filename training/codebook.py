@@ -268,7 +268,7 @@ class Batches:
 
             split = train_eval_split(tokenizer, cfg.context, eval_tokens=cfg.eval_sequences * cfg.context,
                                      max_tokens=cfg.corpus_tokens, sources=cfg.corpus)
-            self.train = torch.tensor(split.train)
+            self.train = split.train.long()
             self.eval = torch.tensor(split.eval)
 
     def next(self) -> Tensor:

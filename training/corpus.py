@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rudder.core.errors import InvalidArgument
@@ -348,19 +349,24 @@ def documents(sources: Iterable[Spec] = DEFAULT_SOURCES) -> Iterator[str | list[
         yield from read(src)
 
 
-def token_windows(tokenizer, context: int, max_tokens: int | None = None,
-                  sources: Iterable[Spec] = DEFAULT_SOURCES) -> list[list[int]]:
+def iter_windows(tokenizer, context: int, max_tokens: int | None = None,
+                 sources: Iterable[Spec] = DEFAULT_SOURCES) -> Iterator[list[int]]:
     """Pack the corpus into windows of `context` tokens, up to `max_tokens` in all (None: everything).
 
     With several sources, their windows interleave (round-robin), so a `max_tokens` cap
     takes from each."""
     per_source = [_pack(tokenizer, read(src), context, src) for src in check_sources(sources)]
-    windows: list[list[int]] = []
+    n = 0
     for row in _round_robin(per_source):
-        windows.append(row)
-        if max_tokens is not None and len(windows) * context >= max_tokens:
-            break
-    return windows
+        yield row
+        n += 1
+        if max_tokens is not None and n * context >= max_tokens:
+            return
+
+
+def token_windows(tokenizer, context: int, max_tokens: int | None = None,
+                  sources: Iterable[Spec] = DEFAULT_SOURCES) -> list[list[int]]:
+    return list(iter_windows(tokenizer, context, max_tokens, sources))
 
 
 def _pack(tokenizer, docs: Iterable[str | list[int]], context: int, src: Spec = "") -> Iterator[list[int]]:
@@ -396,17 +402,26 @@ def _round_robin(iterators: list[Iterator[list[int]]]) -> Iterator[list[int]]:
 
 @dataclass
 class Split:
-    train: list[list[int]]
+    train: torch.Tensor  # (windows, context) int32: 4 bytes a token (a list of Python ints takes ~36)
     eval: list[list[int]]
 
 
 def train_eval_split(tokenizer, context: int, eval_tokens: int, max_tokens: int | None = None,
                      sources: Iterable[Spec] = DEFAULT_SOURCES) -> Split:
     """The corpus' windows; every k-th window (spread over it) is held out until `eval_tokens` are."""
-    windows = token_windows(tokenizer, context, max_tokens, sources)
+    blocks, block = [], []
+    for row in iter_windows(tokenizer, context, max_tokens, sources):
+        block.append(row)
+        if len(block) == 4096:  # packed as they come: the whole corpus never sits in Python lists
+            blocks.append(torch.tensor(block, dtype=torch.int32))
+            block = []
+    blocks.append(torch.tensor(block, dtype=torch.int32).reshape(-1, context))
+    windows = torch.cat(blocks)
     n_eval = min(-(-eval_tokens // context), len(windows) // 2) if eval_tokens else 0
     if n_eval == 0:
         return Split(windows, [])
     stride = len(windows) // n_eval
-    held = set(range(stride - 1, len(windows), stride)[:n_eval])
-    return Split([w for i, w in enumerate(windows) if i not in held], [windows[i] for i in sorted(held)])
+    held = torch.arange(stride - 1, len(windows), stride)[:n_eval]
+    keep = torch.ones(len(windows), dtype=torch.bool)
+    keep[held] = False
+    return Split(windows[keep], windows[held].tolist())

@@ -130,21 +130,21 @@ def window_order(n: int, seed: int) -> Iterator[int]:
 class WindowStream:
     """This rank's share of the training sequences, resumable by count."""
 
-    def __init__(self, windows: list[list[int]], seed: int, world: World, consumed: int = 0):
+    def __init__(self, windows: Tensor, seed: int, world: World, consumed: int = 0):
         self.windows, self.world = windows, world
         self.order = window_order(len(windows), seed)
         self.consumed = 0
         for _ in range(consumed):
             self.next()
 
-    def next(self) -> list[int]:
+    def next(self) -> Tensor:
         """Each rank draws `size` indices from the shared order and keeps the one at its rank."""
         drawn = [next(self.order) for _ in range(self.world.size)]
         self.consumed += 1
         return self.windows[drawn[self.world.rank]]
 
     def take(self, n: int) -> Tensor:
-        return torch.tensor([self.next() for _ in range(n)])
+        return torch.stack([self.next() for _ in range(n)]).long()
 
 
 class ActivationBuffer:
@@ -270,7 +270,7 @@ class SaeTrainer:
         self.world = world or World.from_env(cfg.device)
         self.lm = HookedLM.load(cfg.model, self.world.device, cfg.autocast)
         self.split = train_eval_split(self.lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens, cfg.corpus)
-        if not self.split.train:
+        if len(self.split.train) == 0:
             raise InvalidArgument(f"the corpus has no window of {cfg.context} tokens; lower `context`")
         self.per_window = cfg.context - 1  # tokens the SAE sees per sequence (the sink is left out)
         self.total_steps = cfg.tokens // cfg.batch_tokens
