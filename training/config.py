@@ -80,6 +80,8 @@ class SaeTrainConfig(_Strict):
     corpus: list[str | DataSource] = Field(["stdlib"], min_length=1, description=CORPUS_HELP)
     corpus_tokens: int | None = Field(None, ge=1, description="read at most this much of the corpus (None: all)")
     buffer_tokens: int = Field(65_536, ge=1, description="local: shuffle buffer of activations")
+    activations: Path | None = Field(None, description="local: train from this activation cache (rudder cache "
+                                     "activations, written with this config's data settings) instead of the model")
 
     lr: float = Field(4e-4, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"

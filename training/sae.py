@@ -29,7 +29,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -151,8 +151,10 @@ class ActivationBuffer:
     """Streams activations through a shuffle buffer (as SAELens' mixing buffer): fill it, shuffle,
     hand out the first half in batches, keep the rest, refill."""
 
-    def __init__(self, lm: HookedLM, sites: list[str], stream: WindowStream, capacity: int, seed: int):
-        self.lm, self.sites, self.stream, self.capacity = lm, sites, stream, capacity
+    def __init__(self, draw: Callable[[], dict[str, Tensor]], sites: list[str], capacity: int, seed: int,
+                 device: str | torch.device = "cpu"):
+        """`draw()`: the next chunk of rows per site (the model over the next windows, or a cache)."""
+        self.draw, self.sites, self.capacity, self.device = draw, sites, capacity, device
         self.g = torch.Generator().manual_seed(seed)
         self.rows: dict[str, Tensor] = {s: torch.empty(0) for s in sites}
 
@@ -160,11 +162,11 @@ class ActivationBuffer:
         parts: dict[str, list[Tensor]] = {s: [self.rows[s]] if len(self.rows[s]) else [] for s in self.sites}
         have = len(self.rows[self.sites[0]])
         while have < self.capacity:
-            acts = self.lm.activations(self.stream.take(LM_BATCH_WINDOWS), self.sites, drop_sinks=True)
+            acts = self.draw()
             for s in self.sites:
-                parts[s].append(acts[s])
+                parts[s].append(acts[s].to(self.device))
             have += len(acts[self.sites[0]])
-        perm = torch.randperm(have, generator=self.g).to(self.lm.device)
+        perm = torch.randperm(have, generator=self.g).to(self.device)
         self.rows = {s: torch.cat(parts[s])[perm] for s in self.sites}
 
     def first_fill(self) -> dict[str, Tensor]:
@@ -219,6 +221,9 @@ class Checkpoint:
 def check_config(cfg: SaeTrainConfig) -> tuple[int, list[Site]]:
     """Everything that can be checked before the model loads: model folder, sites, output."""
     check_sources(cfg.corpus)
+    if cfg.activations is not None and cfg.objective != "local":
+        raise InvalidArgument(f"an activation cache feeds the local objective; objective {cfg.objective} runs "
+                              "the model (drop `activations`)")
     if cfg.save_activations is not None and (cfg.objective != "local" or len(cfg.sites) != 1):
         raise InvalidArgument("save_activations records the batches of a local run on one site; "
                               f"this run has objective {cfg.objective} and sites {cfg.sites}")
@@ -284,6 +289,10 @@ class SaeTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     # ------------------------------------------------------------ set-up
+
+    def _draw(self, stream: WindowStream) -> dict[str, Tensor]:
+        """The next chunk of a local run's rows: the model over the stream's next windows."""
+        return self.lm.activations(stream.take(LM_BATCH_WINDOWS), self.sites, drop_sinks=True)
 
     def _sample(self, stream: WindowStream, n_windows: int) -> dict[str, Tensor]:
         return self.lm.activations(stream.take(n_windows), self.sites + self.downstream, drop_sinks=True)
@@ -423,6 +432,7 @@ class SaeTrainer:
 
     def _state(self, step: int, stream: WindowStream) -> dict:
         return {"step": step, "windows_consumed": stream.consumed,
+                "cache_chunks": self.cache.consumed if self.cache is not None else 0,
                 "saes": {n: m.state_dict() for n, m in self.saes.items()},
                 "scales": self.scales, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "since_fired": self.since_fired, "rng": torch.get_rng_state()}
@@ -435,9 +445,16 @@ class SaeTrainer:
         start = state["step"] if state else 0
         stream = WindowStream(self.split.train, cfg.seed, world, state["windows_consumed"] if state else 0)
         local = cfg.objective == "local"
+        self.cache = None
+        if cfg.activations is not None:
+            from rudder.training.cache import ActivationCache
+
+            self.cache = ActivationCache(cfg.activations, cfg, self.sites, world.rank, world.size,
+                                         state.get("cache_chunks", 0) if state else 0)
         if local:
-            buffer = ActivationBuffer(self.lm, self.sites, stream, max(cfg.buffer_tokens, 2 * self.micro),
-                                      cfg.seed + 7919 * world.rank + start)
+            draw = self.cache.take if self.cache is not None else lambda: self._draw(stream)
+            buffer = ActivationBuffer(draw, self.sites, max(cfg.buffer_tokens, 2 * self.micro),
+                                      cfg.seed + 7919 * world.rank + start, world.device)
             sample = buffer.first_fill()
             batches = buffer.batches(self.micro)
         else:

@@ -59,6 +59,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_yaml_config_arguments(tv, VectorTrainConfig, VECTOR_SHORTCUTS)
     tv.set_defaults(func=cmd_train_vector)
 
+    ca = sub.add_parser("cache", help="write model activations to disk, to train SAEs from")
+    casub = ca.add_subparsers(dest="what", required=True)
+    cact = casub.add_parser("activations", help="the activations a local SAE run of this config draws",
+                            description="Write an activation cache (see rudder.training.cache); train from it "
+                                        "with `rudder train sae ... --set activations=DIR`.")
+    add_yaml_config_arguments(cact, SaeTrainConfig, SAE_SHORTCUTS)
+    cact.add_argument("--shard-tokens", type=int, default=1 << 18, help="rows per shard (default 262144)")
+    cact.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="stored dtype (read back as float32)")
+    cact.set_defaults(func=cmd_cache_activations)
+
     cc = sub.add_parser("convert-codebook", help="convert a codebook-features (reference code) checkpoint")
     cc.add_argument("ref", type=Path, help="the reference checkpoint folder")
     cc.add_argument("--base", type=Path, required=True, help="Hugging Face folder of the base model")
@@ -112,6 +123,15 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from rudder.training.sae import run
 
     run(yaml_config_from_args(SaeTrainConfig, SAE_SHORTCUTS, args))
+    return 0
+
+
+@offline
+def cmd_cache_activations(args: argparse.Namespace) -> int:
+    from rudder.training.cache import write
+
+    cfg = yaml_config_from_args(SaeTrainConfig, SAE_SHORTCUTS, args)
+    write(cfg, cfg.out, shard_tokens=args.shard_tokens, dtype=args.dtype)
     return 0
 
 

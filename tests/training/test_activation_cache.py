@@ -1,0 +1,66 @@
+"""The activation cache: written once, it trains the SAE the model would have trained; a cache of
+other data is refused in one line, before training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rudder.core.errors import InvalidArgument
+from rudder.core.sae import SAE
+from rudder.server.cli import main
+from rudder.training.cache import MANIFEST
+from rudder.training.config import load_config
+from rudder.training.sae import run
+
+SITE = "blocks.1.hook_resid_post"
+DATA = {"context": 32, "corpus_tokens": 24_000, "eval_tokens": 1024, "seed": 0}
+TRAIN = {"d_sae": 64, "tokens": 6144, "batch_tokens": 256, "buffer_tokens": 2048, "lr": 3e-3,
+         "warmup_tokens": 512, "architecture": "topk", "k": 8}
+
+
+def config(tiny_dir, out, **overrides):
+    return load_config(None, {"model": str(tiny_dir), "sites": [SITE], **DATA, **TRAIN, "out": str(out),
+                              **overrides})
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "acts"
+    sets = [x for k, v in {**DATA, **TRAIN}.items() for x in ("--set", f"{k}={v}")]
+    assert main(["cache", "activations", "--model", str(tiny_dir), "--site", SITE, "--out", str(path),
+                 "--shard-tokens", "1500", *sets]) == 0
+    return path
+
+
+def test_a_cache_trains_the_sae_the_model_would_have(tiny_dir, tmp_path, cache):
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert manifest["sites"] == [SITE] and manifest["d"] == {SITE: 64} and len(manifest["shards"]) > 2
+    assert manifest["tokens"] == sum(s["rows"] for s in manifest["shards"]) >= TRAIN["tokens"]
+    run(config(tiny_dir, tmp_path / "from_model"))
+    run(config(tiny_dir, tmp_path / "from_cache", activations=str(cache)))
+    a, b = SAE.load(tmp_path / "from_model"), SAE.load(tmp_path / "from_cache")
+    for name, p in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], p, msg=name)
+    assert b.cfg.metadata["eval"]["explained_variance"] == pytest.approx(a.cfg.metadata["eval"]["explained_variance"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sites": ["blocks.0.hook_resid_post"]}, "holds blocks.1.hook_resid_post, not blocks.0.hook_resid_post"),
+    ({"seed": 1}, r"other data settings \(seed\)"),
+    ({"tokens": 60_000}, "ran out after"),
+    ({"objective": "e2e"}, "feeds the local objective"),
+])
+def test_a_cache_of_other_data_is_refused_and_nothing_is_written(tiny_dir, tmp_path, cache, overrides, message):
+    with pytest.raises(InvalidArgument, match=message):
+        run(config(tiny_dir, tmp_path / "sae", activations=str(cache), **overrides))
+    assert not (tmp_path / "sae").exists()
+
+
+def test_a_cache_is_not_written_over(tiny_dir, cache):
+    from rudder.training.cache import write
+
+    with pytest.raises(InvalidArgument, match="already holds a cache"):
+        write(config(tiny_dir, cache), cache)

@@ -1,0 +1,176 @@
+"""An activation cache: run the model once, train SAEs from disk as many times as you like.
+
+    rudder cache activations --config sae.yaml --out cache/sae-data     # the SAE config's data fields
+    rudder train sae --config sae.yaml --set activations=cache/sae-data --out saes/mine
+
+The writer draws the very chunks a local SAE run would (the same windows, in the same order, the
+same model forwards of `LM_BATCH_WINDOWS` sequences, sink rows left out) and writes them to
+safetensors shards of about `shard_tokens` rows, one tensor per site and the rows of each
+chunk, with `manifest.json`: the model and a fingerprint of its weights, the sites, dtype,
+token count, the data (corpus provenance, context, seed) and each shard. A run given the cache
+reads those chunks instead of running the model, through the same shuffle buffer, so it trains
+the SAE the model would have (a test checks allclose). Under torchrun each rank reads its own
+shards (rank r: shards r, r + N, ...). Memory: one shard at a time.
+
+A cache of another model, site, context, corpus or seed is refused in one line before training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from rudder.core.errors import InvalidArgument
+from rudder.training.config import SaeTrainConfig
+
+MANIFEST = "manifest.json"
+DATA_FIELDS = ("context", "corpus", "corpus_tokens", "eval_tokens", "seed")
+"""the config fields that decide which windows a run reads, in which order"""
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 over config.json and, for each weight file, its size and its first and last MiB
+    (enough to tell models and fine-tunes apart without reading every byte of a large model)."""
+    folder = Path(model_dir)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def data_key(cfg: SaeTrainConfig) -> dict:
+    return json.loads(cfg.model_dump_json(include=set(DATA_FIELDS)))
+
+
+def rows_needed(cfg: SaeTrainConfig, capacity: int, micro: int, chunk: int) -> int:
+    """An upper bound on the rows a local run draws: what it trains on, the buffer left full at the
+    end, one chunk of overshoot, and the remainder under a micro-batch dropped at each refill."""
+    refills = cfg.tokens // max(1, capacity // 2) + 2
+    return cfg.tokens + capacity + chunk + refills * micro
+
+
+def write(cfg: SaeTrainConfig, out: Path, shard_tokens: int = 1 << 18, dtype: str = "float32") -> dict:
+    """Write the activations the local run of `cfg` would draw (see the module's docstring)."""
+    from rudder.training.sae import LM_BATCH_WINDOWS, SaeTrainer, WindowStream
+
+    if cfg.objective != "local":
+        raise InvalidArgument("an activation cache feeds the local objective; e2e runs need the model's forward")
+    if (out / MANIFEST).exists():
+        raise InvalidArgument(f"{out} already holds a cache; give another --out or delete it")
+    trainer = SaeTrainer(cfg.model_copy(update={"out": out / "unused"}))
+    if trainer.world.distributed:
+        raise InvalidArgument("write a cache from one process (it is the single run's data); train under torchrun")
+    capacity = max(cfg.buffer_tokens, 2 * trainer.micro)
+    chunk = LM_BATCH_WINDOWS * trainer.per_window
+    target = rows_needed(cfg, capacity, trainer.micro, chunk)
+    stream = WindowStream(trainer.split.train, cfg.seed, trainer.world)
+    out.mkdir(parents=True, exist_ok=True)
+    sites, torch_dtype = trainer.sites, getattr(torch, dtype)
+    shards: list[dict] = []
+    parts: dict[str, list[Tensor]] = {s: [] for s in sites}
+    chunk_rows: list[int] = []
+    total, t0 = 0, time.perf_counter()
+
+    def flush() -> None:
+        name = f"shard-{len(shards):05d}.safetensors"
+        tensors = {s: torch.cat(parts[s]).to(torch_dtype).contiguous() for s in sites}
+        tensors["chunk_rows"] = torch.tensor(chunk_rows, dtype=torch.int64)
+        save_file(tensors, str(out / name))
+        shards.append({"file": name, "rows": sum(chunk_rows), "chunks": len(chunk_rows)})
+        for s in sites:
+            parts[s].clear()
+        chunk_rows.clear()
+
+    with tqdm(total=target, desc="caching activations", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
+        while total < target:
+            acts = trainer._draw(stream)
+            n = len(acts[sites[0]])
+            for s in sites:
+                parts[s].append(acts[s].cpu())
+            chunk_rows.append(n)
+            total += n
+            bar.update(n)
+            if sum(chunk_rows) >= shard_tokens:
+                flush()
+        if chunk_rows:
+            flush()
+    from rudder.training.corpus import describe
+
+    model = trainer.cfg.model  # the default model resolved to its folder
+    manifest = {"format": "rudder-activation-cache/1", "model": cfg.model or Path(model).name, "model_fingerprint":
+                model_fingerprint(model), "sites": sites, "dtype": dtype, "tokens": total,
+                "d": {s: int(trainer.lm.shape.site_dim(_site(s))) for s in sites},
+                "data": data_key(cfg), "corpus": describe(cfg.corpus), "chunk_windows": LM_BATCH_WINDOWS,
+                "windows_consumed": stream.consumed, "shards": shards,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    print(f"==> {out}: {total:,} tokens of {', '.join(sites)} in {len(shards)} shards "
+          f"({manifest['seconds']} s)", flush=True)
+    return manifest
+
+
+def _site(name: str):
+    from rudder.core.sites import Site
+
+    return Site.parse(name)
+
+
+class ActivationCache:
+    """This rank's chunks of a cache, in order; `consumed` chunks are skipped (a resumed run)."""
+
+    def __init__(self, path: Path, cfg: SaeTrainConfig, sites: list[str], rank: int = 0, size: int = 1,
+                 consumed: int = 0):
+        if not (path / MANIFEST).is_file():
+            raise InvalidArgument(f"{path} is not an activation cache (no {MANIFEST}); write one with "
+                                  "rudder cache activations")
+        self.path, self.sites = path, sites
+        self.manifest = m = json.loads((path / MANIFEST).read_text())
+        if missing := [s for s in sites if s not in m["sites"]]:
+            raise InvalidArgument(f"the cache {path} holds {', '.join(m['sites'])}, not {', '.join(missing)}; "
+                                  "write a cache of these sites")
+        if m["model_fingerprint"] != model_fingerprint(cfg.model):
+            raise InvalidArgument(f"the cache {path} was written from another model ({m['model']}); "
+                                  "write one from this model")
+        if m["data"] != data_key(cfg):
+            diff = [k for k in DATA_FIELDS if m["data"].get(k) != data_key(cfg).get(k)]
+            raise InvalidArgument(f"the cache {path} was written with other data settings ({', '.join(diff)}); "
+                                  "train with the settings it records, or write a new cache")
+        self.shards = m["shards"][rank::size]
+        self.consumed = 0
+        self._chunks = self._iter()
+        for _ in range(consumed):
+            next(self._chunks)
+            self.consumed += 1
+
+    def _iter(self) -> Iterator[dict[str, Tensor]]:
+        for shard in self.shards:
+            with safe_open(str(self.path / shard["file"]), framework="pt") as f:
+                bounds = f.get_tensor("chunk_rows").cumsum(0).tolist()
+                tensors = {s: f.get_tensor(s) for s in self.sites}
+            start = 0
+            for end in bounds:
+                yield {s: t[start:end].float() for s, t in tensors.items()}
+                start = end
+
+    def take(self) -> dict[str, Tensor]:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            raise InvalidArgument(f"the cache {self.path} ran out after {self.manifest['tokens']:,} tokens; "
+                                  "write it with the tokens this run trains on") from None
+        self.consumed += 1
+        return chunk
