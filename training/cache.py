@@ -9,8 +9,9 @@ safetensors shards of about `shard_tokens` rows, one tensor per site and the row
 chunk, with `manifest.json`: the model and a fingerprint of its weights, the sites, dtype,
 token count, the data (corpus provenance, context, seed) and each shard. A run given the cache
 reads those chunks instead of running the model, through the same shuffle buffer, so it trains
-the SAE the model would have (a test checks allclose). Under torchrun each rank reads its own
-shards (rank r: shards r, r + N, ...). Memory: one shard at a time.
+the SAE the model would have (a test checks allclose). Under torchrun rank r reads chunks r,
+r + N, ... and the ranks gather them (rudder.training.sae.Gathered), so N ranks train what one
+process would. Memory: the rows of one chunk at a time (safetensors slices).
 
 A cache of another model, site, context, corpus or seed is refused in one line before training.
 """
@@ -115,7 +116,7 @@ def write(cfg: SaeTrainConfig, out: Path, shard_tokens: int = 1 << 18, dtype: st
                 model_fingerprint(model), "sites": sites, "dtype": dtype, "tokens": total,
                 "d": {s: int(trainer.lm.shape.site_dim(_site(s))) for s in sites},
                 "data": data_key(cfg), "corpus": describe(cfg.corpus), "chunk_windows": LM_BATCH_WINDOWS,
-                "windows_consumed": stream.consumed, "shards": shards,
+                "windows_drawn": stream.drawn, "shards": shards,
                 "seconds": round(time.perf_counter() - t0, 1)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(f"==> {out}: {total:,} tokens of {', '.join(sites)} in {len(shards)} shards "
@@ -149,22 +150,28 @@ class ActivationCache:
             diff = [k for k in DATA_FIELDS if m["data"].get(k) != data_key(cfg).get(k)]
             raise InvalidArgument(f"the cache {path} was written with other data settings ({', '.join(diff)}); "
                                   "train with the settings it records, or write a new cache")
-        self.shards = m["shards"][rank::size]
-        self.consumed = 0
-        self._chunks = self._iter()
-        for _ in range(consumed):
-            next(self._chunks)
-            self.consumed += 1
+        self.rank, self.size = rank, size
+        self._chunks = self._iter(consumed)
+        self.consumed = consumed
 
-    def _iter(self) -> Iterator[dict[str, Tensor]]:
-        for shard in self.shards:
+    def _iter(self, skip: int) -> Iterator[dict[str, Tensor]]:
+        """Chunks rank, rank + size, ... of the cache (one process's order), after `skip` of them:
+        with the ranks' chunks gathered in rank order, every rank sees one process's sequence."""
+        index = 0  # the chunk's index in the whole cache
+        mine = 0  # chunks of this rank so far
+        for shard in self.manifest["shards"]:
+            if not any((index + j) % self.size == self.rank for j in range(shard["chunks"])):
+                index += shard["chunks"]
+                continue
             with safe_open(str(self.path / shard["file"]), framework="pt") as f:
-                bounds = f.get_tensor("chunk_rows").cumsum(0).tolist()
-                tensors = {s: f.get_tensor(s) for s in self.sites}
-            start = 0
-            for end in bounds:
-                yield {s: t[start:end].float() for s, t in tensors.items()}
-                start = end
+                bounds = [0, *f.get_tensor("chunk_rows").cumsum(0).tolist()]
+                slices = {s: f.get_slice(s) for s in self.sites}
+                for j in range(shard["chunks"]):
+                    if (index + j) % self.size == self.rank:
+                        if mine >= skip:
+                            yield {s: sl[bounds[j]:bounds[j + 1]].float() for s, sl in slices.items()}
+                        mine += 1
+            index += shard["chunks"]
 
     def take(self) -> dict[str, Tensor]:
         try:

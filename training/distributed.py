@@ -3,7 +3,10 @@
     torchrun --nproc-per-node 4 --no-python rudder train sae --config sae.yaml
 
 Every rank runs the frozen model on its own share of the sequences; gradients are
-averaged by DDP. Rank 0 alone prints progress and writes checkpoints and artifacts.
+averaged as DDP does (`SaeTrainer._sync_grads`). For the local objective the ranks gather
+their activations into one process's shuffle buffer (`rudder.training.sae.Gathered`), so N
+ranks train what one process would. Rank 0 alone prints progress and writes checkpoints and
+artifacts, and hands its checkpoint to the others when a run resumes.
 """
 
 from __future__ import annotations
@@ -61,6 +64,33 @@ class World:
         if self.distributed:
             dist.broadcast(t, src=0)
         return t
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (pickled; tensors come back on the CPU)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_rows(self, rows: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every rank's `rows` (site -> (n_rank, d), n differing by rank), in rank order."""
+        if not self.distributed:
+            return [rows]
+        names = sorted(rows)
+        n = torch.tensor([len(rows[names[0]])], device=self.device)
+        counts = [torch.zeros_like(n) for _ in range(self.size)]
+        dist.all_gather(counts, n)
+        most = int(max(counts).item())
+        out: list[dict[str, torch.Tensor]] = [{} for _ in range(self.size)]
+        for name in names:
+            x = rows[name].to(self.device)
+            padded = torch.cat([x, x.new_zeros(most - len(x), *x.shape[1:])])
+            parts = [torch.empty_like(padded) for _ in range(self.size)]
+            dist.all_gather(parts, padded)
+            for r, (part, c) in enumerate(zip(parts, counts)):
+                out[r][name] = part[:int(c.item())]
+        return out
 
     def barrier(self) -> None:
         if self.distributed:

@@ -128,23 +128,46 @@ def window_order(n: int, seed: int) -> Iterator[int]:
 
 
 class WindowStream:
-    """This rank's share of the training sequences, resumable by count."""
+    """This rank's share of the training sequences from one order all ranks share, resumable by
+    the count of windows drawn from it (all ranks together)."""
 
-    def __init__(self, windows: Tensor, seed: int, world: World, consumed: int = 0):
+    def __init__(self, windows: Tensor, seed: int, world: World, drawn: int = 0):
         self.windows, self.world = windows, world
         self.order = window_order(len(windows), seed)
-        self.consumed = 0
-        for _ in range(consumed):
-            self.next()
+        self.drawn = 0
+        for _ in range(drawn):
+            next(self.order)
+            self.drawn += 1
 
-    def next(self) -> Tensor:
-        """Each rank draws `size` indices from the shared order and keeps the one at its rank."""
-        drawn = [next(self.order) for _ in range(self.world.size)]
-        self.consumed += 1
-        return self.windows[drawn[self.world.rank]]
+    def _draw(self, n: int) -> list[int]:
+        self.drawn += n
+        return [next(self.order) for _ in range(n)]
 
     def take(self, n: int) -> Tensor:
-        return torch.stack([self.next() for _ in range(n)]).long()
+        """n windows: of each `size` drawn, the one at this rank (e2e: every rank a micro-batch)."""
+        drawn = self._draw(n * self.world.size)
+        return self.windows[drawn[self.world.rank::self.world.size]].long()
+
+    def take_block(self, n: int) -> Tensor:
+        """n consecutive windows: of the n x `size` drawn, this rank's block, so the ranks' blocks
+        in rank order are the windows one process would draw in `size` calls."""
+        drawn = self._draw(n * self.world.size)
+        return self.windows[drawn[self.world.rank * n:(self.world.rank + 1) * n]].long()
+
+
+class Gathered:
+    """One process's sequence of chunks, drawn by all ranks together: each rank draws its own
+    chunk (the model over its block of windows, or its chunks of a cache), the ranks' chunks are
+    gathered, and every rank hands them out in rank order. Every rank then holds the data one
+    process would, and the shuffle buffer (same seed everywhere) is the same on every rank."""
+
+    def __init__(self, draw: Callable[[], dict[str, Tensor]], world: World):
+        self.draw, self.world, self.queue = draw, world, []
+
+    def __call__(self) -> dict[str, Tensor]:
+        if not self.queue:
+            self.queue.extend(self.world.all_gather_rows(self.draw()))
+        return self.queue.pop(0)
 
 
 class ActivationBuffer:
@@ -292,7 +315,7 @@ class SaeTrainer:
 
     def _draw(self, stream: WindowStream) -> dict[str, Tensor]:
         """The next chunk of a local run's rows: the model over the stream's next windows."""
-        return self.lm.activations(stream.take(LM_BATCH_WINDOWS), self.sites, drop_sinks=True)
+        return self.lm.activations(stream.take_block(LM_BATCH_WINDOWS), self.sites, drop_sinks=True)
 
     def _sample(self, stream: WindowStream, n_windows: int) -> dict[str, Tensor]:
         return self.lm.activations(stream.take(n_windows), self.sites + self.downstream, drop_sinks=True)
@@ -431,7 +454,7 @@ class SaeTrainer:
         return total
 
     def _state(self, step: int, stream: WindowStream) -> dict:
-        return {"step": step, "windows_consumed": stream.consumed,
+        return {"step": step, "windows_drawn": stream.drawn,
                 "cache_chunks": self.cache.consumed if self.cache is not None else 0,
                 "saes": {n: m.state_dict() for n, m in self.saes.items()},
                 "scales": self.scales, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -441,9 +464,11 @@ class SaeTrainer:
 
     def train(self) -> dict[str, SAE]:
         cfg, world = self.cfg, self.world
-        state = self.checkpoint.load()
+        # rank 0 reads the checkpoint and every rank gets it: ranks without shared storage agree
+        state = world.broadcast_object(self.checkpoint.load() if world.main else None)
         start = state["step"] if state else 0
-        stream = WindowStream(self.split.train, cfg.seed, world, state["windows_consumed"] if state else 0)
+        drawn = (state.get("windows_drawn", state.get("windows_consumed", 0) * world.size)) if state else 0
+        stream = WindowStream(self.split.train, cfg.seed, world, drawn)
         local = cfg.objective == "local"
         self.cache = None
         if cfg.activations is not None:
@@ -453,10 +478,12 @@ class SaeTrainer:
                                          state.get("cache_chunks", 0) if state else 0)
         if local:
             draw = self.cache.take if self.cache is not None else lambda: self._draw(stream)
-            buffer = ActivationBuffer(draw, self.sites, max(cfg.buffer_tokens, 2 * self.micro),
-                                      cfg.seed + 7919 * world.rank + start, world.device)
+            buffer = ActivationBuffer(Gathered(draw, world) if world.distributed else draw, self.sites,
+                                      max(cfg.buffer_tokens, 2 * self.micro * world.size), cfg.seed + start,
+                                      world.device)
             sample = buffer.first_fill()
-            batches = buffer.batches(self.micro)
+            mine = slice(world.rank * self.micro, (world.rank + 1) * self.micro)  # this rank's part of a batch
+            batches = ({s: rows[mine] for s, rows in b.items()} for b in buffer.batches(self.micro * world.size))
         else:
             # e2e draws no buffer: a separate look at the first windows, so a resumed run sees the same data
             sample = self._sample(WindowStream(self.split.train, cfg.seed, world),

@@ -64,3 +64,27 @@ def test_a_cache_is_not_written_over(tiny_dir, cache):
 
     with pytest.raises(InvalidArgument, match="already holds a cache"):
         write(config(tiny_dir, cache), cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["model", "cache"])
+def test_two_ranks_under_torchrun_train_what_one_process_trains(tiny_dir, tmp_path, cache, source):
+    """Same data, same global batch: the ranks gather their chunks into one process's shuffle
+    buffer and each trains on its half of every batch; DDP-style gradient averaging then gives
+    one process's step."""
+    import os
+    import subprocess
+    import sys
+
+    extra = {"activations": str(cache)} if source == "cache" else {}
+    run(config(tiny_dir, tmp_path / "one", **extra))
+    sets = [x for k, v in {**DATA, **TRAIN, **extra, "threads": 1}.items() for x in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "rudder.server.cli", "train", "sae", "--model", str(tiny_dir), "--site", SITE,
+           "--out", str(tmp_path / "two"), *sets]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = SAE.load(tmp_path / "one"), SAE.load(tmp_path / "two")
+    assert two.cfg.metadata["world_size"] == 2
+    for name, p in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)
