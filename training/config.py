@@ -95,6 +95,9 @@ class SaeTrainConfig(_Strict):
     seed: int = 0
     device: str = "cpu"
     autocast: bool = Field(False, description="run the language model under bfloat16 autocast")
+    model_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="the frozen model's weights: bfloat16 halves its memory (the SAE stays float32); "
+                            "auto: bfloat16 on a GPU that has it, float32 elsewhere")
     threads: int = Field(0, ge=0, description="torch threads (0: torch's default)")
     save_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="weights on disk; the SAE is evaluated as saved (loaders upcast to float32)")

@@ -73,6 +73,14 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_gather_rows(self, rows: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Every rank's `rows` (site -> (n_rank, d), n differing by rank), in rank order."""
         if not self.distributed:

@@ -31,15 +31,15 @@ from rudder.training.lm import HookedLM, sink_rows
 
 def _ce(logits: Tensor, ids: Tensor) -> Tensor:
     """Summed next-token cross-entropy over positions 1..seq−2."""
-    pred = logits[:, 1:-1]
+    pred = logits[:, 1:-1].float()
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 2:].reshape(-1), reduction="sum")
 
 
 def kl_per_token(clean: Tensor, new: Tensor) -> Tensor:
     """KL(p_clean ‖ p_new) at positions 1.. (those a site can change), (batch, seq−1).
     The e2e objective's loss and the evaluation's KL both use this one definition."""
-    a = F.log_softmax(clean[:, 1:], -1)
-    b = F.log_softmax(new[:, 1:], -1)
+    a = F.log_softmax(clean[:, 1:].float(), -1)
+    b = F.log_softmax(new[:, 1:].float(), -1)
     return (a.exp() * (a - b)).sum(-1)
 
 

@@ -63,10 +63,13 @@ class HookedLM:
     autocast: bool = False
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu", autocast: bool = False) -> HookedLM:
+    def load(cls, folder: str | Path, device: str = "cpu", autocast: bool = False,
+             dtype: torch.dtype = torch.float32) -> HookedLM:
+        """The frozen model, its weights in `dtype` (bfloat16 halves its memory; activations are
+        handed out in float32 either way)."""
         check_model_folder(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         model.requires_grad_(False)
         layout_of(model)  # an unsupported family fails here, by name
         return cls(model, tokenizer, shape_of(model), autocast)

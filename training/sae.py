@@ -278,6 +278,14 @@ def downstream_sites(cfg: SaeTrainConfig, sites: list[Site], n_layers: int) -> l
     return found
 
 
+def model_dtype(name: str, device: str) -> torch.dtype:
+    """`auto`: bfloat16 on a CUDA device that supports it, else float32."""
+    if name == "auto":
+        cuda = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, name)
+
+
 def lr_lambda(cfg: SaeTrainConfig, total_steps: int):
     warmup = cfg.warmup_tokens // cfg.batch_tokens
 
@@ -296,7 +304,13 @@ class SaeTrainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.world = world or World.from_env(cfg.device)
-        self.lm = HookedLM.load(cfg.model, self.world.device, cfg.autocast)
+        self.checkpoint = Checkpoint(cfg.out, cfg)  # its digest: the config, as every rank must share it
+        digests = self.world.all_gather_object(self.checkpoint.digest)
+        if len(set(digests)) > 1:
+            raise InvalidArgument(f"the ranks were given different configs (digests {', '.join(digests)}); "
+                                  "give every rank the same config and flags")
+        self.lm = HookedLM.load(cfg.model, self.world.device, cfg.autocast, model_dtype(cfg.model_dtype,
+                                                                                        self.world.device))
         self.split = train_eval_split(self.lm.tokenizer, cfg.context, cfg.eval_tokens, cfg.corpus_tokens, cfg.corpus)
         if len(self.split.train) == 0:
             raise InvalidArgument(f"the corpus has no window of {cfg.context} tokens; lower `context`")
@@ -305,7 +319,6 @@ class SaeTrainer:
         self.rank_batch = max(1, cfg.batch_tokens // self.world.size)
         self.micro = min(cfg.micro_batch_tokens or self.rank_batch, self.rank_batch)
         self.accum = max(1, round(self.rank_batch / self.micro))
-        self.checkpoint = Checkpoint(cfg.out, cfg)
         if cfg.save_activations is not None and (self.world.size > 1 or self.checkpoint.path.exists()):
             raise InvalidArgument("save_activations records one process's run from its start; run it without "
                                   f"torchrun and delete {self.checkpoint.path.parent} if it exists")
@@ -377,7 +390,7 @@ class SaeTrainer:
                 recon, f, pre = m(x)
                 keep = ~sink_rows(x_raw).reshape(-1)  # run() passes sinks through: no loss terms for them
                 site_terms.append(self._site_terms(name, m, x[keep], recon[keep], f[keep], pre[keep], stats))
-                return (recon / s).reshape(x_raw.shape)
+                return (recon / s).reshape(x_raw.shape).to(x_raw.dtype)
             return fn
 
         logits, new = self.lm.run(ids, capture=self.downstream, replace={n: splice(n) for n in self.sites})
@@ -549,6 +562,7 @@ class SaeTrainer:
                     "mse": f"{stats['mse'] / self.accum:.4f}"}
             if "kl" in stats:
                 post["kl"] = f"{stats['kl'] / self.accum:.4f}"
+            post["tok/s"] = f"{tokens_done / max(time.perf_counter() - t0, 1e-9):,.0f}"
             bar.set_postfix(post, refresh=False)
             bar.update()
             if world.main and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < self.total_steps:

@@ -215,3 +215,31 @@ def test_torchrun_trains_data_parallel_on_two_processes(tiny_dir, tmp_path):
     sae = SAE.load(out)
     assert sae.cfg.metadata["world_size"] == 2
     assert sae.cfg.metadata["eval"]["explained_variance"] > 0.3
+
+
+@pytest.mark.parametrize("objective", ["local", "e2e"])
+def test_a_bfloat16_frozen_model_trains_a_float32_sae_about_as_well(tiny_dir, tmp_path, objective):
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = SaeTrainer(config(tiny_dir, tmp_path / dtype, model_dtype=dtype, objective=objective, tokens=4096))
+        assert {p.dtype for p in trainer.lm.model.parameters()} == {getattr(torch, dtype)}
+        (results[dtype],) = trainer.finish(trainer.train()).values()
+        sae = SAE.load(tmp_path / dtype)
+        assert sae.W_enc.dtype == torch.float32 and sae.cfg.metadata["config"]["model_dtype"] == dtype
+    f32, bf16 = results["float32"], results["bfloat16"]
+    assert bf16["kl"] == pytest.approx(f32["kl"], rel=0.1)
+    assert bf16["explained_variance"] == pytest.approx(f32["explained_variance"], abs=0.05)
+
+
+@pytest.mark.slow
+def test_ranks_given_different_configs_stop_before_training_with_one_line(tiny_dir, tmp_path):
+    wrapper = tmp_path / "rank_lr.py"
+    wrapper.write_text("import os, sys\nfrom rudder.server.cli import main\n"
+                       "sys.exit(main(sys.argv[1:] + ['--set', f\"lr={1e-3 * (1 + int(os.environ['RANK']))}\"]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(wrapper),
+           *_train_cmd(tiny_dir, tmp_path / "sae")[3:]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    # each rank's one line (torchrun then reports the failed children with its own traceback)
+    assert done.stderr.count("error: the ranks were given different configs") == 2, done.stderr[-3000:]
+    assert not (tmp_path / "sae").exists()
