@@ -134,11 +134,14 @@ class ActivationCache:
     """This rank's chunks of a cache, in order; `consumed` chunks are skipped (a resumed run)."""
 
     def __init__(self, path: Path, cfg: SaeTrainConfig, sites: list[str], rank: int = 0, size: int = 1,
-                 consumed: int = 0):
+                 consumed: int = 0, dims: dict[str, int] | None = None):
+        self.path, self.sites, self.rank, self.size = path, sites, rank, size
         if not (path / MANIFEST).is_file():
-            raise InvalidArgument(f"{path} is not an activation cache (no {MANIFEST}); write one with "
-                                  "rudder cache activations")
-        self.path, self.sites = path, sites
+            if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+                self._open_saelens(dims or {}, consumed)
+                return
+            raise InvalidArgument(f"{path} is not an activation cache (no {MANIFEST}, nor a dataset SAELens' "
+                                  "CacheActivationsRunner saved); write one with rudder cache activations")
         self.manifest = m = json.loads((path / MANIFEST).read_text())
         if missing := [s for s in sites if s not in m["sites"]]:
             raise InvalidArgument(f"the cache {path} holds {', '.join(m['sites'])}, not {', '.join(missing)}; "
@@ -150,8 +153,37 @@ class ActivationCache:
             diff = [k for k in DATA_FIELDS if m["data"].get(k) != data_key(cfg).get(k)]
             raise InvalidArgument(f"the cache {path} was written with other data settings ({', '.join(diff)}); "
                                   "train with the settings it records, or write a new cache")
-        self.rank, self.size = rank, size
         self._chunks = self._iter(consumed)
+        self.consumed = consumed
+
+    def _open_saelens(self, dims: dict[str, int], consumed: int) -> None:
+        """A cache SAELens' CacheActivationsRunner wrote (a dataset saved to disk, one Array2D column
+        (context, d_in) per hook name, as ours are named, and `token_ids`). Its chunks are
+        `LM_BATCH_WINDOWS` sequences, every position kept (SAELens' data: BOS included, no sink
+        removal; its data settings are its own and are not checked, its width is)."""
+        import datasets
+
+        from rudder.training.sae import LM_BATCH_WINDOWS
+
+        ds = datasets.load_from_disk(str(self.path))
+        if missing := [s for s in self.sites if s not in ds.column_names]:
+            raise InvalidArgument(f"the SAELens cache {self.path} has columns {', '.join(ds.column_names)}, not "
+                                  f"{', '.join(missing)}; cache these hooks")
+        for s in self.sites:
+            shape = ds.features[s].shape
+            if s in dims and shape[-1] != dims[s]:
+                raise InvalidArgument(f"the SAELens cache {self.path} holds {s} of width {shape[-1]}, the model's is "
+                                      f"{dims[s]}; was it cached from another model?")
+        context = ds.features[self.sites[0]].shape[0]
+        self.manifest = {"tokens": len(ds) * context, "saelens": True}
+        ds = ds.with_format("torch", columns=self.sites)
+
+        def chunks() -> Iterator[dict[str, Tensor]]:
+            for j in range(self.rank + consumed * self.size, -(-len(ds) // LM_BATCH_WINDOWS), self.size):
+                rows = ds[j * LM_BATCH_WINDOWS:(j + 1) * LM_BATCH_WINDOWS]
+                yield {s: rows[s].reshape(-1, rows[s].shape[-1]).float() for s in self.sites}
+
+        self._chunks = chunks()
         self.consumed = consumed
 
     def _iter(self, skip: int) -> Iterator[dict[str, Tensor]]:

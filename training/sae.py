@@ -488,7 +488,8 @@ class SaeTrainer:
             from rudder.training.cache import ActivationCache
 
             self.cache = ActivationCache(cfg.activations, cfg, self.sites, world.rank, world.size,
-                                         state.get("cache_chunks", 0) if state else 0)
+                                         state.get("cache_chunks", 0) if state else 0,
+                                         {s: self.lm.shape.site_dim(Site.parse(s)) for s in self.sites})
         if local:
             draw = self.cache.take if self.cache is not None else lambda: self._draw(stream)
             buffer = ActivationBuffer(Gathered(draw, world) if world.distributed else draw, self.sites,

@@ -88,3 +88,43 @@ def test_two_ranks_under_torchrun_train_what_one_process_trains(tiny_dir, tmp_pa
     assert two.cfg.metadata["world_size"] == 2
     for name, p in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def saelens_cache(path, acts: torch.Tensor, context: int) -> None:
+    """A cache in the format SAELens' CacheActivationsRunner writes, made by its own `_create_shard`
+    (the runner itself needs a TransformerLens model and a hub dataset): a dataset with one
+    Array2D (context, d_in) column named by the hook, and token_ids."""
+    from types import SimpleNamespace
+
+    from datasets import Array2D, Features, Sequence, Value
+    from sae_lens.cache_activations_runner import CacheActivationsRunner
+
+    runner = object.__new__(CacheActivationsRunner)
+    n, d = len(acts) // context, acts.shape[-1]
+    runner.cfg = SimpleNamespace(hook_name=SITE, n_seq_in_buffer=n, d_in=d)
+    runner.context_size = context
+    runner.features = Features({SITE: Array2D(shape=(context, d), dtype="float32"),
+                                "token_ids": Sequence(Value(dtype="int32"), length=context)})
+    runner._create_shard((acts, torch.zeros(len(acts), dtype=torch.int32))).save_to_disk(str(path))
+
+
+def test_a_cache_saelens_wrote_trains_an_sae_here(tiny_dir, tmp_path):
+    from rudder.training.cache import ActivationCache
+    from rudder.training.corpus import train_eval_split
+    from rudder.training.lm import HookedLM
+
+    lm = HookedLM.load(tiny_dir)
+    windows = train_eval_split(lm.tokenizer, 33, 0, max_tokens=33 * 400).train[:400].long()
+    acts = torch.cat([lm.activations(windows[i:i + 50], [SITE])[SITE] for i in range(0, 400, 50)])  # 32 a window
+    saelens_cache(tmp_path / "sl", acts, 32)
+    cfg = config(tiny_dir, tmp_path / "sae", activations=str(tmp_path / "sl"))
+    first = ActivationCache(tmp_path / "sl", cfg, [SITE], dims={SITE: 64}).take()
+    torch.testing.assert_close(first[SITE], acts[:16 * 32])  # 16 sequences a chunk, every position
+    second_rank = ActivationCache(tmp_path / "sl", cfg, [SITE], rank=1, size=2).take()
+    torch.testing.assert_close(second_rank[SITE], acts[16 * 32:32 * 32])
+    (result,) = run(config(tiny_dir, tmp_path / "sae", activations=str(tmp_path / "sl"))).values()
+    (from_model,) = run(config(tiny_dir, tmp_path / "from_model")).values()  # other rows (SAELens keeps sinks)
+    assert result["explained_variance"] == pytest.approx(from_model["explained_variance"], abs=0.1)
+    saelens_cache(tmp_path / "narrow", acts[:, :32], 32)
+    with pytest.raises(InvalidArgument, match="width 32, the model's is 64"):
+        run(config(tiny_dir, tmp_path / "other", activations=str(tmp_path / "narrow")))
