@@ -172,14 +172,17 @@ class Gathered:
 
 class ActivationBuffer:
     """Streams activations through a shuffle buffer (as SAELens' mixing buffer): fill it, shuffle,
-    hand out the first half in batches, keep the rest, refill."""
+    hand out the first half in batches, keep the rest, refill. Its whole state goes into a
+    checkpoint, so a resumed run hands out the batches the uninterrupted one would have."""
 
     def __init__(self, draw: Callable[[], dict[str, Tensor]], sites: list[str], capacity: int, seed: int,
                  device: str | torch.device = "cpu"):
         """`draw()`: the next chunk of rows per site (the model over the next windows, or a cache)."""
         self.draw, self.sites, self.capacity, self.device = draw, sites, capacity, device
         self.g = torch.Generator().manual_seed(seed)
-        self.rows: dict[str, Tensor] = {s: torch.empty(0) for s in sites}
+        self.rows: dict[str, Tensor] = {s: torch.empty(0) for s in sites}  # kept for the next fill
+        self.out: dict[str, Tensor] = {s: torch.empty(0) for s in sites}  # being handed out
+        self.pos = 0
 
     def _fill(self) -> None:
         parts: dict[str, list[Tensor]] = {s: [self.rows[s]] if len(self.rows[s]) else [] for s in self.sites}
@@ -198,13 +201,28 @@ class ActivationBuffer:
         self._fill()
         return self.rows
 
-    def batches(self, size: int) -> Iterator[dict[str, Tensor]]:
-        while True:
+    def next_batch(self, size: int) -> dict[str, Tensor]:
+        if self.pos + size > len(self.out[self.sites[0]]):
             self._fill()
             keep = len(self.rows[self.sites[0]]) // 2
-            out, self.rows = ({s: r[keep:] for s, r in self.rows.items()}, {s: r[:keep] for s, r in self.rows.items()})
-            for i in range(0, len(out[self.sites[0]]) - size + 1, size):
-                yield {s: r[i:i + size] for s, r in out.items()}
+            self.out, self.rows = ({s: r[keep:] for s, r in self.rows.items()},
+                                   {s: r[:keep] for s, r in self.rows.items()})
+            self.pos = 0
+        batch = {s: r[self.pos:self.pos + size] for s, r in self.out.items()}
+        self.pos += size
+        return batch
+
+    def state(self) -> dict:
+        return {"rows": {s: r.cpu() for s, r in self.rows.items()}, "out": {s: r.cpu() for s, r in self.out.items()},
+                "pos": self.pos, "generator": self.g.get_state()}
+
+    def restore(self, state: dict) -> dict[str, Tensor]:
+        """Back to a checkpoint's state; its rows (a sample, as `first_fill`'s)."""
+        self.rows = {s: r.to(self.device) for s, r in state["rows"].items()}
+        self.out = {s: r.to(self.device) for s, r in state["out"].items()}
+        self.pos = state["pos"]
+        self.g.set_state(state["generator"])
+        return self.rows if len(self.rows[self.sites[0]]) else self.out
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -469,6 +487,8 @@ class SaeTrainer:
     def _state(self, step: int, stream: WindowStream) -> dict:
         return {"step": step, "windows_drawn": stream.drawn,
                 "cache_chunks": self.cache.consumed if self.cache is not None else 0,
+                **({"buffer": self.buffer.state()} if self.buffer is not None else {}),
+                **({"queue": self.gathered.queue} if self.gathered is not None else {}),
                 "saes": {n: m.state_dict() for n, m in self.saes.items()},
                 "scales": self.scales, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "since_fired": self.since_fired, "rng": torch.get_rng_state()}
@@ -490,14 +510,23 @@ class SaeTrainer:
             self.cache = ActivationCache(cfg.activations, cfg, self.sites, world.rank, world.size,
                                          state.get("cache_chunks", 0) if state else 0,
                                          {s: self.lm.shape.site_dim(Site.parse(s)) for s in self.sites})
+        self.buffer = self.gathered = None
         if local:
             draw = self.cache.take if self.cache is not None else lambda: self._draw(stream)
-            buffer = ActivationBuffer(Gathered(draw, world) if world.distributed else draw, self.sites,
-                                      max(cfg.buffer_tokens, 2 * self.micro * world.size), cfg.seed + start,
-                                      world.device)
-            sample = buffer.first_fill()
+            if world.distributed:
+                draw = self.gathered = Gathered(draw, world)
+            capacity = max(cfg.buffer_tokens, 2 * self.micro * world.size)
+            self.buffer = buffer = ActivationBuffer(draw, self.sites, capacity, cfg.seed, world.device)
+            if state is not None and "buffer" in state:  # the uninterrupted run's buffer and queue
+                sample = buffer.restore(state["buffer"])
+                if self.gathered is not None:
+                    self.gathered.queue = state["queue"]
+            else:
+                sample = buffer.first_fill()
             mine = slice(world.rank * self.micro, (world.rank + 1) * self.micro)  # this rank's part of a batch
-            batches = ({s: rows[mine] for s, rows in b.items()} for b in buffer.batches(self.micro * world.size))
+
+            def next_batch() -> dict[str, Tensor]:
+                return {s: rows[mine] for s, rows in buffer.next_batch(self.micro * world.size).items()}
         else:
             # e2e draws no buffer: a separate look at the first windows, so a resumed run sees the same data
             sample = self._sample(WindowStream(self.split.train, cfg.seed, world),
@@ -525,7 +554,7 @@ class SaeTrainer:
             step_tokens = 0
             for _ in range(self.accum):
                 if local:
-                    batch = next(batches)
+                    batch = next_batch()
                     if cfg.save_activations is not None:
                         recorded.append(batch[self.sites[0]].cpu())
                     loss = self._local_loss(batch, stats)
