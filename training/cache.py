@@ -138,7 +138,7 @@ class ActivationCache:
         self.path, self.sites, self.rank, self.size = path, sites, rank, size
         if not (path / MANIFEST).is_file():
             if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-                self._open_saelens(dims or {}, consumed)
+                self._open_saelens(cfg, dims or {}, consumed)
                 return
             raise InvalidArgument(f"{path} is not an activation cache (no {MANIFEST}, nor a dataset SAELens' "
                                   "CacheActivationsRunner saved); write one with rudder cache activations")
@@ -153,10 +153,12 @@ class ActivationCache:
             diff = [k for k in DATA_FIELDS if m["data"].get(k) != data_key(cfg).get(k)]
             raise InvalidArgument(f"the cache {path} was written with other data settings ({', '.join(diff)}); "
                                   "train with the settings it records, or write a new cache")
+        if m["tokens"] < cfg.tokens:
+            raise self.ran_out()
         self._chunks = self._iter(consumed)
         self.consumed = consumed
 
-    def _open_saelens(self, dims: dict[str, int], consumed: int) -> None:
+    def _open_saelens(self, cfg: SaeTrainConfig, dims: dict[str, int], consumed: int) -> None:
         """A cache SAELens' CacheActivationsRunner wrote (a dataset saved to disk, one Array2D column
         (context, d_in) per hook name, as ours are named, and `token_ids`). Its chunks are
         `LM_BATCH_WINDOWS` sequences, every position kept (SAELens' data: BOS included, no sink
@@ -176,6 +178,8 @@ class ActivationCache:
                                       f"{dims[s]}; was it cached from another model?")
         context = ds.features[self.sites[0]].shape[0]
         self.manifest = {"tokens": len(ds) * context, "saelens": True}
+        if self.manifest["tokens"] < cfg.tokens:
+            raise self.ran_out()
         ds = ds.with_format("torch", columns=self.sites)
 
         def chunks() -> Iterator[dict[str, Tensor]]:
@@ -205,11 +209,18 @@ class ActivationCache:
                         mine += 1
             index += shard["chunks"]
 
+    def ran_out(self) -> InvalidArgument:
+        return InvalidArgument(f"the cache {self.path} ran out after {self.manifest['tokens']:,} tokens; "
+                               "write it with more tokens than this run trains on")
+
     def take(self) -> dict[str, Tensor]:
+        """The next chunk; under torchrun, an empty one when this rank's are spent (the ranks read
+        one chunk each at a time, so some run out a little before one process would)."""
         try:
             chunk = next(self._chunks)
         except StopIteration:
-            raise InvalidArgument(f"the cache {self.path} ran out after {self.manifest['tokens']:,} tokens; "
-                                  "write it with the tokens this run trains on") from None
+            if self.size == 1:
+                raise self.ran_out() from None
+            return {s: torch.empty(0) for s in self.sites}
         self.consumed += 1
         return chunk

@@ -180,11 +180,19 @@ def as_source(spec: Spec) -> str | DataSource:
 PIECE = 1 << 20  # characters of a text file read at a time
 
 
+class Piece(str):
+    """A piece of a text file that the file continues after (packing adds no document break)."""
+
+
 def _read_text(files: Sequence[Path]) -> Iterator[str]:
     for path in files:
         with path.open(encoding="utf-8", errors="replace") as f:
-            while piece := f.read(PIECE):
-                yield piece + (f.readline() if len(piece) == PIECE else "")  # end a piece at a line end
+            piece = f.read(PIECE)
+            while piece:
+                piece += f.readline() if len(piece) == PIECE else ""  # end a piece at a line end
+                following = f.read(PIECE)
+                yield Piece(piece) if following else piece
+                piece = following
 
 
 def _read_jsonl(src: DataSource, files: Sequence[Path]) -> Iterator[str]:
@@ -202,7 +210,8 @@ def _read_jsonl(src: DataSource, files: Sequence[Path]) -> Iterator[str]:
                     raise InvalidArgument(f"{path}:{n}: no column {src.column!r} (it has: {keys}); "
                                           "set the source's column")
                 value = row[src.column]
-                yield value if isinstance(value, list) else str(value)
+                if value is not None:  # a null row is skipped
+                    yield value if isinstance(value, list) else str(value)
 
 
 def _read_parquet(src: DataSource, files: Sequence[Path]) -> Iterator[str | list[int]]:
@@ -214,7 +223,7 @@ def _read_parquet(src: DataSource, files: Sequence[Path]) -> Iterator[str | list
             raise InvalidArgument(f"{path}: no column {src.column!r} (it has: {', '.join(f.schema_arrow.names)}); "
                                   "set the source's column")
         for batch in f.iter_batches(batch_size=1024, columns=[src.column]):
-            yield from batch.column(0).to_pylist()
+            yield from (v for v in batch.column(0).to_pylist() if v is not None)
 
 
 def _dataset(src: DataSource):
@@ -245,7 +254,7 @@ def _read_dataset(src: DataSource) -> Iterator[str | list[int]]:
         raise InvalidArgument(f"{src.path}: no column {src.column!r} (it has: {', '.join(ds.column_names)}); "
                               "set the source's column")
     for batch in ds.select_columns([src.column]).iter(batch_size=1024):  # memory-mapped Arrow: flat memory
-        yield from batch[src.column]
+        yield from (v for v in batch[src.column] if v is not None)
 
 
 TOKEN_PIECE = 1 << 16  # ids of a 1-D token array handed to packing at a time
@@ -376,18 +385,20 @@ def _pack(tokenizer, docs: Iterable[str | list[int]], context: int, src: Spec = 
     buf: list[int] = []
     for doc in docs:
         if isinstance(doc, str):
-            buf.extend(tokenizer(doc + "\n\n").input_ids)
+            buf.extend(tokenizer(doc if isinstance(doc, Piece) else doc + "\n\n").input_ids)
         else:
-            ids = list(doc)
-            if ids and (max(ids) >= vocab or min(ids) < 0):
-                bad = max(ids) if max(ids) >= vocab else min(ids)
+            ids = np.asarray(doc)
+            if ids.size and (ids.max() >= vocab or ids.min() < 0):
+                bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
                 name = src.path if isinstance(src, DataSource) else src
                 raise InvalidArgument(f"token id {bad} in {name} is outside the model's vocabulary (0..{vocab - 1}); "
                                       "were these ids made by another tokenizer?")
-            buf.extend(ids)
-        while len(buf) >= context:
-            yield buf[:context]
-            buf = buf[context:]
+            buf.extend(ids.tolist())
+        start = 0
+        while len(buf) - start >= context:  # windows by offset: one copy of the rest per document, not per window
+            yield buf[start:start + context]
+            start += context
+        del buf[:start]
 
 
 def _round_robin(iterators: list[Iterator[list[int]]]) -> Iterator[list[int]]:

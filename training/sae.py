@@ -166,7 +166,11 @@ class Gathered:
 
     def __call__(self) -> dict[str, Tensor]:
         if not self.queue:
-            self.queue.extend(self.world.all_gather_rows(self.draw()))
+            chunks = [c for c in self.world.all_gather_rows(self.draw()) if len(next(iter(c.values())))]
+            if not chunks:  # every rank's source is spent: all raise together
+                raise InvalidArgument("the activations ran out on every rank: the cache is shorter than this run; "
+                                      "write it with more tokens")
+            self.queue.extend(chunks)
         return self.queue.pop(0)
 
 
@@ -491,16 +495,25 @@ class SaeTrainer:
                 **({"queue": self.gathered.queue} if self.gathered is not None else {}),
                 "saes": {n: m.state_dict() for n, m in self.saes.items()},
                 "scales": self.scales, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "since_fired": self.since_fired, "rng": torch.get_rng_state()}
+                "since_fired": self.since_fired, "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
     # ------------------------------------------------------------ main loop
 
     def train(self) -> dict[str, SAE]:
         cfg, world = self.cfg, self.world
-        # rank 0 reads the checkpoint and every rank gets it: ranks without shared storage agree
-        state = world.broadcast_object(self.checkpoint.load() if world.main else None)
+        # rank 0 reads the checkpoint and every rank gets it (or its error): ranks without shared storage agree
+        loaded, error = None, None
+        if world.main:
+            try:
+                loaded = self.checkpoint.load()
+            except InvalidArgument as e:
+                error = str(e)
+        state, error = world.broadcast_object((loaded, error))
+        if error:
+            raise InvalidArgument(error)
         start = state["step"] if state else 0
-        drawn = (state.get("windows_drawn", state.get("windows_consumed", 0) * world.size)) if state else 0
+        drawn = state["windows_drawn"] if state else 0
         stream = WindowStream(self.split.train, cfg.seed, world, drawn)
         local = cfg.objective == "local"
         self.cache = None
@@ -540,6 +553,8 @@ class SaeTrainer:
             self.sched.load_state_dict(state["scheduler"])
             self.since_fired = {k: v.to(world.device) for k, v in state["since_fired"].items()}
             torch.set_rng_state(state["rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda_rng"])
             if world.main:
                 log.info("resuming from %s at step %d of %d", self.checkpoint.path, start, self.total_steps)
         micro_windows = max(1, self.micro // self.per_window)
@@ -605,7 +620,8 @@ class SaeTrainer:
         meta = {"objective": cfg.objective, "loss": self._loss_meta(), "training_tokens": self.total_steps *
                 cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites},
                 "train_tokens_per_second": self.tokens_per_second, "world_size": world.size,
-                "corpus": describe(cfg.corpus), "config": json.loads(self.given.model_dump_json())}
+                "corpus": describe(cfg.corpus) if world.main else {},  # hashes every file: once
+                "config": json.loads(self.given.model_dump_json())}
         return {name: m.export(meta) for name, m in self.saes.items()}
 
     def _loss_meta(self) -> dict:

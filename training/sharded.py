@@ -56,6 +56,8 @@ class ShardedTopK(nn.Module):
         if d_sae % world.size:
             raise InvalidArgument(f"latent sharding splits d_sae evenly: {d_sae} latents over {world.size} ranks; "
                                   "choose a multiple of the rank count")
+        if not 0 < k <= d_sae:
+            raise InvalidArgument(f"a TopK SAE needs 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
         self.world, self.k = world, k
         self.d_local = d_sae // world.size
         self.offset = world.rank * self.d_local

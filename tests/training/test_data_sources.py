@@ -79,6 +79,8 @@ def test_a_large_text_file_is_read_in_pieces_that_end_at_a_line(tmp_path, monkey
     pieces = list(corpus.read(str(tmp_path / "big.txt")))
     assert len(pieces) > 1 and "".join(pieces) == "".join(lines)
     assert all(p.endswith("\n") for p in pieces)
+    # the file goes on after every piece but the last: packing adds a document break only there
+    assert [isinstance(p, corpus.Piece) for p in pieces] == [True] * (len(pieces) - 1) + [False]
 
 
 @pytest.mark.parametrize("make,spec,message", [
@@ -90,6 +92,7 @@ def test_a_large_text_file_is_read_in_pieces_that_end_at_a_line(tmp_path, monkey
     ("hfd", {"column": "body", "split": "validation"}, r"no split 'validation' \(it has: train, test\)"),
     ("empty.jsonl", {}, "holds no rows"),
     ("bad.jsonl", {}, "bad.jsonl:2: not JSON"),
+    ("nulls.jsonl", {}, "holds no rows"),
 ])
 def test_bad_sources_are_one_line_errors_before_training(tmp_path, tok, make, spec, message):
     """The checks before the model loads catch what the first row shows; a bad row later stops the
@@ -97,6 +100,7 @@ def test_bad_sources_are_one_line_errors_before_training(tmp_path, tok, make, sp
     write_all(tmp_path, tok)
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n')  # null rows are skipped
     if make is not None:
         spec = DataSource(path=str(tmp_path / make), **spec)
     elif spec.startswith("missing"):
