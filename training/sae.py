@@ -68,8 +68,18 @@ class TrainingSae(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (normalised) → reconstruction, features, pre-activations."""
+        """x (normalised) → reconstruction, features, pre-activations.
+
+        TopK decodes sparsely, as OpenAI's kernels do: x̂ sums the k active decoder rows
+        (`embedding_bag`), so the decoder's forward and backward cost k·d a token, not d_sae·d.
+        The value is the dense decode's (a test checks values and gradients)."""
         pre = self.sae.pre_acts(x)
+        if self.sae.cfg.architecture == "topk":
+            values, ids = pre.topk(self.sae.cfg.k, dim=-1)
+            acts = torch.relu(values)
+            f = torch.zeros_like(pre).scatter(-1, ids, acts)
+            recon = F.embedding_bag(ids, self.sae.W_dec, per_sample_weights=acts, mode="sum") + self.sae.b_dec
+            return recon, f, pre
         f = ACTIVATIONS[self.sae.cfg.architecture](self.sae, pre)
         return self.sae.decode(f), f, pre
 
@@ -111,8 +121,8 @@ def aux_k_loss(model: TrainingSae, x: Tensor, recon: Tensor, pre: Tensor, dead: 
     if n_dead == 0:
         return x.new_zeros(())
     values, ids = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
-    f_aux = torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values))
-    return F.mse_loss(f_aux @ model.sae.W_dec, (x - recon).detach())
+    aux = F.embedding_bag(ids, model.sae.W_dec, per_sample_weights=torch.relu(values), mode="sum")  # k_aux rows
+    return F.mse_loss(aux, (x - recon).detach())
 
 
 # ---------------------------------------------------------------- data

@@ -116,6 +116,40 @@ def test_aux_k_loss_trains_only_dead_latents():
     assert (grad[~dead] == 0).all() and (grad[dead] > 0).all()
 
 
+def test_topk_decodes_sparsely_with_the_dense_decodes_values_and_gradients():
+    torch.manual_seed(0)
+    m = TrainingSae(SAEConfig(d_in=8, d_sae=16, hook_name="blocks.0.hook_resid_pre", architecture="topk", k=3))
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(32, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[1, 4, 9, 12]] = True
+
+    def dense():  # f @ W_dec: SAELens' TopK decode, and AuxK's reference
+        pre = m.sae.pre_acts(x)
+        values, ids = pre.topk(3, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, ids, torch.relu(values))
+        recon = f @ m.sae.W_dec + m.sae.b_dec
+        aux_v, aux_i = pre.masked_fill(~dead, float("-inf")).topk(2, dim=-1)
+        f_aux = torch.zeros_like(pre).scatter(-1, aux_i, torch.relu(aux_v))
+        return recon, (recon - x).pow(2).mean() + torch.nn.functional.mse_loss(f_aux @ m.sae.W_dec,
+                                                                               (x - recon).detach())
+
+    def sparse():
+        recon, _, pre = m(x)
+        return recon, (recon - x).pow(2).mean() + aux_k_loss(m, x, recon, pre, dead, k_aux=2)
+
+    grads = []
+    for fn in (dense, sparse):
+        m.zero_grad()
+        recon, loss = fn()
+        loss.backward()
+        grads.append((recon.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, msg=name)
+
+
 def test_resampling_restarts_dead_features_at_badly_reconstructed_inputs(tiny_dir, tmp_path):
     cfg = config(tiny_dir, tmp_path / "r", **{"dead.window_tokens": 1})
     trainer = SaeTrainer(cfg)
