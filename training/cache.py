@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rudder.core.errors import InvalidArgument
+from rudder.core.sites import Site
 from rudder.training.config import SaeTrainConfig
 
 MANIFEST = "manifest.json"
@@ -114,7 +115,7 @@ def write(cfg: SaeTrainConfig, out: Path, shard_tokens: int = 1 << 18, dtype: st
     model = trainer.cfg.model  # the default model resolved to its folder
     manifest = {"format": "rudder-activation-cache/1", "model": cfg.model or Path(model).name, "model_fingerprint":
                 model_fingerprint(model), "sites": sites, "dtype": dtype, "tokens": total,
-                "d": {s: int(trainer.lm.shape.site_dim(_site(s))) for s in sites},
+                "d": {s: int(trainer.lm.shape.site_dim(Site.parse(s))) for s in sites},
                 "data": data_key(cfg), "corpus": describe(cfg.corpus), "chunk_windows": LM_BATCH_WINDOWS,
                 "windows_drawn": stream.drawn, "shards": shards,
                 "seconds": round(time.perf_counter() - t0, 1)}
@@ -122,12 +123,6 @@ def write(cfg: SaeTrainConfig, out: Path, shard_tokens: int = 1 << 18, dtype: st
     print(f"==> {out}: {total:,} tokens of {', '.join(sites)} in {len(shards)} shards "
           f"({manifest['seconds']} s)", flush=True)
     return manifest
-
-
-def _site(name: str):
-    from rudder.core.sites import Site
-
-    return Site.parse(name)
 
 
 class ActivationCache:

@@ -195,6 +195,10 @@ def _read_text(files: Sequence[Path]) -> Iterator[str]:
                 piece = following
 
 
+def _no_column(where: str, column: str, have: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: no column {column!r} (it has: {have}); set the source's column")
+
+
 def _read_jsonl(src: DataSource, files: Sequence[Path]) -> Iterator[str]:
     for path in files:
         with path.open(encoding="utf-8") as f:
@@ -207,8 +211,7 @@ def _read_jsonl(src: DataSource, files: Sequence[Path]) -> Iterator[str]:
                     raise InvalidArgument(f"{path}:{n}: not JSON ({e.msg}); give one JSON object per line") from None
                 if not isinstance(row, dict) or src.column not in row:
                     keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise InvalidArgument(f"{path}:{n}: no column {src.column!r} (it has: {keys}); "
-                                          "set the source's column")
+                    raise _no_column(f"{path}:{n}", src.column, keys)
                 value = row[src.column]
                 if value is not None:  # a null row is skipped
                     yield value if isinstance(value, list) else str(value)
@@ -220,8 +223,7 @@ def _read_parquet(src: DataSource, files: Sequence[Path]) -> Iterator[str | list
     for path in files:
         f = pq.ParquetFile(path)
         if src.column not in f.schema_arrow.names:
-            raise InvalidArgument(f"{path}: no column {src.column!r} (it has: {', '.join(f.schema_arrow.names)}); "
-                                  "set the source's column")
+            raise _no_column(str(path), src.column, ", ".join(f.schema_arrow.names))
         for batch in f.iter_batches(batch_size=1024, columns=[src.column]):
             yield from (v for v in batch.column(0).to_pylist() if v is not None)
 
@@ -251,8 +253,7 @@ def _dataset(src: DataSource):
 def _read_dataset(src: DataSource) -> Iterator[str | list[int]]:
     ds = _dataset(src)
     if src.column not in ds.column_names:
-        raise InvalidArgument(f"{src.path}: no column {src.column!r} (it has: {', '.join(ds.column_names)}); "
-                              "set the source's column")
+        raise _no_column(src.path, src.column, ", ".join(ds.column_names))
     for batch in ds.select_columns([src.column]).iter(batch_size=1024):  # memory-mapped Arrow: flat memory
         yield from (v for v in batch[src.column] if v is not None)
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -622,6 +623,8 @@ class SaeTrainer:
             bar.update()
             if world.main and (step + 1) % cfg.checkpoint_every_steps == 0 and step + 1 < self.total_steps:
                 self.checkpoint.save(self._state(step + 1, stream))
+                if os.environ.get("RUDDER_FAULT_EXIT_AT_STEP") == str(step + 1):
+                    os._exit(137)  # fault injection (tests): die as a SIGKILL would, right after a known checkpoint
         bar.close()
         elapsed = time.perf_counter() - t0
         if recorded:
