@@ -3,7 +3,8 @@
     .venv/bin/python bench/steering_quality.py [--topics cats,dogs,...] [--sites 6,10] [--strengths 2,3,4]
                                                [--temperature 0.6] [--scope generated] [--quick]
 
-For each topic, every arm answers the same instructions (temperature 0.6, fixed seeds, 48 tokens):
+For each topic, every arm answers the same instructions, twice each (temperature 0.6, fixed seeds,
+48 tokens):
 - prompt: the instruction plus "Mention {topic} in your answer." (the field's bar);
 - feature_regex: today's recipe, the shipped SAE's feature found by a regex over its top examples,
   clamped on generated tokens at a multiple of its max activation;
@@ -49,9 +50,11 @@ from rudder.training.concepts import (
     EXAMPLE_INSTRUCTIONS,
     MENTION,
     REPORT_INSTRUCTIONS,
+    SAMPLES,
     Concept,
     Judge,
     answer_all,
+    ask,
     client_generator,
     score,
     summary,
@@ -75,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--trained-strengths", default=",".join(f"{x:g}" for x in TRAINED_STRENGTHS),
                     help="trained-vector alphas, multiples of the norm it was trained to")
     ap.add_argument("--feature-strengths", default="2,4", help="clamps, multiples of the feature's max activation")
-    ap.add_argument("--max-batch", type=int, default=64, help="the reference backend's batch (every strength at once)")
+    ap.add_argument("--max-batch", type=int, default=128,
+                    help="the reference backend's batch (every strength at once)")
     ap.add_argument("--scope", default="all", choices=["all", "generated"],
                     help="positions diffmean/pca_diff act on (the trained vector: the prompt's, where it was trained)")
     ap.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of every answer")
@@ -83,7 +87,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--objective", default="lm", choices=["lm", "preference"], help="the trained vector's loss")
     ap.add_argument("--budget", type=float, default=1.0, help="fluency drop allowed, nats per token")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=SAMPLES,
+                    help="answers per instruction (and strength): 12 instructions x 2 a half by default")
+    ap.add_argument("--concurrency", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="8 instructions and 16 examples (a smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/steering_quality.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/steering_quality.png")
@@ -102,6 +108,8 @@ def parse_args() -> argparse.Namespace:
         args.sites = [f"blocks.{int(x)}.hook_resid_post" for x in args.sites.split(",")]
     except ValueError:
         ap.error("--sites takes layer numbers separated by commas, e.g. 6,10")
+    if args.samples < 1:
+        ap.error(f"--samples is the answers per instruction: >= 1, got {args.samples}")
     if not args.budget > 0:
         ap.error(f"--budget is the fluency drop allowed, in nats per token: > 0, got {args.budget}")
     return args
@@ -113,7 +121,8 @@ def main() -> None:
     rep = REPORT_INSTRUCTIONS[:4] if args.quick else REPORT_INSTRUCTIONS
     examples = EXAMPLE_INSTRUCTIONS[:16] if args.quick else EXAMPLE_INSTRUCTIONS
     t0 = time.perf_counter()
-    engine = ReferenceEngine(default_model_dir(), saes=[str(SHIPPED)], max_batch=args.max_batch)
+    # every strength's answers in one wave: wait a quarter second for the last of them to arrive
+    engine = ReferenceEngine(default_model_dir(), saes=[str(SHIPPED)], max_batch=args.max_batch, batch_wait_s=0.25)
     judge = Judge(HookedLM.load(default_model_dir()))
     sae = SHIPPED.name
     scope = rc.scope(args.scope)
@@ -121,7 +130,7 @@ def main() -> None:
     with BackgroundServer(engine, MODEL_NAME) as srv, rc.Client(srv.address, timeout=1800) as c:
         gen = client_generator(c, args.max_tokens, args.temperature)
         # the unsteered answers: the fluency reference of each half, and every topic's baseline
-        base = {name: answer_all(gen, [(i, k, []) for k, i in enumerate(part)], args.concurrency)
+        base = {name: answer_all(gen, ask(part, [], args.samples), args.concurrency)
                 for name, part in (("cal", cal), ("rep", rep))}
         for topic in args.topics:
             concept = Concept(topic, TOPICS[topic][1])
@@ -131,7 +140,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "model": MODEL_NAME, "sae": str(SHIPPED.relative_to(ROOT)),
         "sites": args.sites, "scope": args.scope, "budget": args.budget, "temperature": args.temperature,
         "trained_strengths": args.trained_strengths, "steps": args.steps, "objective": args.objective,
-        "max_tokens": args.max_tokens, "strengths": args.strengths, "feature_strengths": args.feature_strengths,
+        "max_tokens": args.max_tokens, "samples": args.samples, "strengths": args.strengths,
+        "feature_strengths": args.feature_strengths,
         "instructions": {"calibrate": cal, "report": rep}, "example_instructions": examples,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - t0})
     print_table(results)
@@ -185,13 +195,14 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base
     def calibrate(name, at, strengths, prompt=lambda i: i):
         t = time.perf_counter()
         curve, rows = sweep(gen, judge, concept, cal, at, strengths, base_lp["cal"], budget, prompt=prompt,
-                            concurrency=args.concurrency, progress=lambda m: print(f"  [{name}]{m}", flush=True))
+                            concurrency=args.concurrency, progress=lambda m: print(f"  [{name}]{m}", flush=True),
+                            samples=args.samples)
         chosen = pick_strength(curve, budget)
         row["costs"][f"calibrate_{name}_s"] = time.perf_counter() - t
         return curve, rows, chosen
 
     def report(name, at, strength, prompt=lambda i: i):
-        jobs = [(prompt(i), k, at(strength) if strength is not None else []) for k, i in enumerate(rep)]
+        jobs = ask(rep, at(strength) if strength is not None else [], args.samples, prompt=prompt)
         return summary(score(judge, concept, answer_all(gen, jobs, args.concurrency), rep), base_lp["rep"], budget)
 
     mention_prompt = lambda i: MENTION.format(instruction=i, concept=concept.name)  # noqa: E731

@@ -55,6 +55,9 @@ EXAMPLE_INSTRUCTIONS = [  # the model writes the vectors' examples on these (non
 ]
 CALIBRATION_INSTRUCTIONS, REPORT_INSTRUCTIONS = INSTRUCTIONS[:12], INSTRUCTIONS[12:]
 """strengths are calibrated on the first half; the benchmark reports on the second"""
+SAMPLES = 2
+"""answers per instruction in a calibration or a report: at 12 instructions and one answer each, a
+success rate moves by ~14 points between seeds, enough to pick the wrong strength"""
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,16 @@ def client_generator(client: rc.Client, max_tokens: int = 48, temperature: float
     return gen
 
 
+def ask(instructions: Sequence[str], interventions: list, samples: int = SAMPLES, seed: int = 0,
+        prompt: Callable[[str], str] = lambda i: i) -> list[tuple[str, int, list]]:
+    """Jobs for `answer_all`: `samples` answers per instruction, sample-major, so answer k answers
+    `instructions[k % len(instructions)]` (as `score` reads them); the seeds of one sample are
+    seed + k, the next sample's seed + k + 1000."""
+    if samples < 1:
+        raise InvalidArgument(f"samples is the number of answers per instruction: >= 1, got {samples}")
+    return [(prompt(i), seed + 1000 * s + k, interventions) for s in range(samples) for k, i in enumerate(instructions)]
+
+
 def answer_all(gen: Generate, jobs: list[tuple[str, int, list]], concurrency: int = 16) -> list[Answer]:
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(lambda j: gen(*j), jobs))
@@ -213,12 +226,14 @@ def summary(scored: list[Scored], base_logprob: float, budget: float) -> dict:
 def sweep(gen: Generate, judge: Judge, concept: Concept, instructions: Sequence[str],
           interventions_at: Callable[[float], list], strengths: Sequence[float], base_logprob: float,
           budget: float = 1.0, prompt: Callable[[str], str] = lambda i: i, seed: int = 0,
-          concurrency: int = 16, progress: Callable[[str], None] = print) -> tuple[list[CalibrationPoint], dict]:
-    """Answer `instructions` at each strength; the calibration curve and each strength's summary."""
+          concurrency: int = 16, progress: Callable[[str], None] = print,
+          samples: int = SAMPLES) -> tuple[list[CalibrationPoint], dict]:
+    """Answer `instructions` (`samples` times each) at each strength; the calibration curve and each
+    strength's summary."""
     curve, rows = [], {}
-    jobs = [(prompt(i), seed + k, interventions_at(s)) for s in strengths for k, i in enumerate(instructions)]
+    jobs = [j for s in strengths for j in ask(instructions, interventions_at(s), samples, seed, prompt)]
     answers = answer_all(gen, jobs, concurrency)  # every strength at once: the server batches them
-    n = len(instructions)
+    n = len(instructions) * samples
     for j, s in enumerate(strengths):
         row = summary(score(judge, concept, answers[j * n:(j + 1) * n], instructions), base_logprob, budget)
         rows[f"{s:g}"] = row

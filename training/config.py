@@ -230,6 +230,8 @@ class VectorTrainConfig(_Strict):
                                           "for trained in multiples of its trained norm (default 0.75-2)")
     budget: float = Field(1.0, gt=0, description="fluency drop allowed: nats per token under the unsteered model")
     max_tokens: int = Field(48, ge=8, description="tokens per calibration answer")
+    samples: int = Field(2, ge=1, description="answers per calibration instruction at each strength (more: a "
+                         "steadier pick, slower)")
     sae: Path | None = Field(None, description="an SAE folder at the vector's site: the vector's top features by "
                              "cosine with its decoder rows are recorded and listed by the server")
     out: Path = Field(..., description="vector folder to write")

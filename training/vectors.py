@@ -43,6 +43,7 @@ from rudder.training.concepts import (
     Example,
     Judge,
     answer_all,
+    ask,
     client_generator,
     score,
     summary,
@@ -195,7 +196,7 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
               flush=True)
         curve, chosen = [], None
         if cfg.calibrate:
-            base = answer_all(gen, [(i, k, []) for k, i in enumerate(CALIBRATION_INSTRUCTIONS)])
+            base = answer_all(gen, ask(CALIBRATION_INSTRUCTIONS, [], cfg.samples))
             base_lp = summary(score(judge, concept, base, CALIBRATION_INSTRUCTIONS), 0.0, cfg.budget)["mean_logprob"]
             strengths = cfg.strengths or (TRAINED_STRENGTHS if cfg.method == "trained" else DEFAULT_STRENGTHS)
             alphas = [s * unit for s in strengths]  # the curve is kept in the site's units
@@ -204,9 +205,10 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
             def at(alpha):
                 return [rc.direction(alpha, vector=values, site=cfg.site, scope=rc.scope(scope))]
 
-            print(f"==> calibrating on {len(CALIBRATION_INSTRUCTIONS)} instructions, budget {cfg.budget} nats/token",
-                  flush=True)
-            curve, _ = sweep(gen, judge, concept, CALIBRATION_INSTRUCTIONS, at, alphas, base_lp, cfg.budget)
+            print(f"==> calibrating on {len(CALIBRATION_INSTRUCTIONS)} instructions x {cfg.samples} answers, "
+                  f"budget {cfg.budget} nats/token", flush=True)
+            curve, _ = sweep(gen, judge, concept, CALIBRATION_INSTRUCTIONS, at, alphas, base_lp, cfg.budget,
+                             samples=cfg.samples)
             chosen = pick_strength(curve, cfg.budget)
             if chosen is None:
                 print(f"    no strength kept the fluency drop within {cfg.budget} nats/token; the vector is saved "

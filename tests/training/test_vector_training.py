@@ -11,7 +11,7 @@ import torch
 from rudder.core.errors import InvalidArgument
 from rudder.core.vectors import SteeringVector, diffmean
 from rudder.server.cli import main
-from rudder.training.concepts import Concept, Example, Judge, repeated_trigrams
+from rudder.training.concepts import Answer, Concept, Example, Judge, ask, repeated_trigrams, sweep
 from rudder.training.lm import HookedLM
 from rudder.training.vectors import train_vector
 
@@ -153,3 +153,30 @@ def test_the_concept_classifier_and_repetition_measure():
     assert c.on("Two Kittens slept.") and not c.on("The category is wrong.")
     assert repeated_trigrams("a b c a b c a b c") == pytest.approx(1 - 3 / 7)
     assert repeated_trigrams("one two three four") == 0.0
+
+
+def test_a_sweep_answers_each_instruction_samples_times_and_scores_each_answer_against_its_own():
+    """Answer k of a sweep answers instruction k % n (as `score` reads it), each sample with its own
+    seed, and a strength's summary covers instructions x samples answers."""
+    instructions = ["first?", "second?", "third?"]
+    seen = []
+
+    def gen(instruction, seed, interventions):
+        seen.append((instruction, seed, interventions[0]))
+        on = interventions[0] >= 2 and seed < 1000  # on topic: strong enough, first sample only
+        return Answer(instruction, [], [1, 2], f"{'cats' if on else 'dogs'} for {instruction}")
+
+    class FixedJudge:
+        def logprob(self, instruction, ids):
+            return -1.0 if instruction == "first?" else -2.0
+
+    curve, rows = sweep(gen, FixedJudge(), Concept("cats", "cats"), instructions, lambda s: [s], [1, 2],
+                        base_logprob=-1.5, progress=lambda m: None, samples=2)
+    assert sorted(seen) == sorted((i, 1000 * s + k, st) for st in (1, 2) for s in (0, 1)
+                                  for k, i in enumerate(instructions))
+    assert [p.on_topic for p in curve] == [0.0, 0.5] and rows["2"]["n"] == 6
+    # relevance: own instruction minus the next one's (first: -1 - -2; second: -2 - -2; third: -2 - -1)
+    assert rows["2"]["relevance"] == pytest.approx((1 + 0 - 1) / 3)
+    assert ask(instructions, [], samples=1, seed=5) == [("first?", 5, []), ("second?", 6, []), ("third?", 7, [])]
+    with pytest.raises(InvalidArgument, match="samples"):
+        ask(instructions, [], samples=0)
