@@ -268,13 +268,13 @@ class Batches:
 
             split = train_eval_split(tokenizer, cfg.context, eval_tokens=cfg.eval_sequences * cfg.context,
                                      max_tokens=cfg.corpus_tokens, sources=cfg.corpus)
-            self.train = split.train.long()
+            self.train = split.train  # on disk; rows read as drawn
             self.eval = torch.tensor(split.eval)
 
     def next(self) -> Tensor:
         if self.fsm is not None:
             return self.fsm.sample(self.batch, self.g)
-        return self.train[torch.randint(self.train.shape[0], (self.batch,), generator=self.g)]
+        return self.train[torch.randint(len(self.train), (self.batch,), generator=self.g).tolist()]
 
     def held_out(self, n: int) -> Tensor:
         if self.fsm is not None:

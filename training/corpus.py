@@ -23,8 +23,8 @@ Any other entry is the user's own data (`DataSource`; a plain string is its path
 | tokens   | token ids: `.npy` (1-D, or a row per sequence), raw `.bin` (`dtype`) | numpy memmap |
 
 A `column` of lists of ids (`input_ids`, as SAELens' pre-tokenized datasets) is read as tokens.
-Each is read as a stream, in file order (reading does not grow with the source; the trainers keep
-the packed windows, so cap a large source with `corpus_tokens`). Text is tokenized as the
+Each is read as a stream, in file order (reading does not grow with the source; the trainers pack
+the windows to a temporary file and read them back as drawn, so their memory does not either). Text is tokenized as the
 tokenizer does by default (SmolLM2's adds no BOS; SAELens prepends one to each context), with a
 blank line after each document; token ids are used as given, and an id outside the model's
 vocabulary is an error. `describe(sources)` records each source's provenance for an artifact's metadata:
@@ -412,28 +412,77 @@ def _round_robin(iterators: list[Iterator[list[int]]]) -> Iterator[list[int]]:
                 live.remove(it)
 
 
+class Windows:
+    """Packed token windows kept on disk (an unlinked temporary file of int32 rows) and read on
+    demand with `pread`, so a trainer's resident memory does not grow with its source. Indexing by
+    an int, a slice, or a sequence / tensor of ints gives an int64 tensor of rows."""
+
+    def __init__(self, context: int, folder: str | Path | None = None):
+        import tempfile
+
+        self.context, self.row_bytes = context, 4 * context
+        self._file = tempfile.TemporaryFile(dir=folder)  # gone when closed or when the process ends
+        self.rows = np.arange(0, dtype=np.int64)  # the file rows this view holds, in order
+
+    def append(self, block: Sequence[list[int]]) -> None:
+        a = np.asarray(block, dtype=np.int32).reshape(-1, self.context)
+        self._file.seek(0, 2)
+        start = self._file.tell() // self.row_bytes
+        self._file.write(a.tobytes())
+        self.rows = np.concatenate([self.rows, np.arange(start, start + len(a))])
+
+    def view(self, rows: np.ndarray) -> Windows:
+        """The same file, these of its rows (indices into this view)."""
+        out = object.__new__(Windows)
+        out.context, out.row_bytes, out._file, out.rows = self.context, self.row_bytes, self._file, self.rows[rows]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.context)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        import os
+
+        if isinstance(index, int):
+            return self[[index]][0]
+        picked = self.rows[index] if isinstance(index, slice) else self.rows[np.asarray(index, dtype=np.int64)]
+        self._file.flush()
+        fd = self._file.fileno()
+        data = b"".join(os.pread(fd, self.row_bytes, int(r) * self.row_bytes) for r in picked)
+        return torch.from_numpy(np.frombuffer(data, dtype=np.int32).reshape(-1, self.context).astype(np.int64))
+
+    def tolist(self) -> list[list[int]]:
+        return self[:].tolist()
+
+
 @dataclass
 class Split:
-    train: torch.Tensor  # (windows, context) int32: 4 bytes a token (a list of Python ints takes ~36)
+    train: Windows  # on disk: rows read as they are drawn
     eval: list[list[int]]
 
 
 def train_eval_split(tokenizer, context: int, eval_tokens: int, max_tokens: int | None = None,
                      sources: Iterable[Spec] = DEFAULT_SOURCES) -> Split:
-    """The corpus' windows; every k-th window (spread over it) is held out until `eval_tokens` are."""
-    blocks, block = [], []
+    """The corpus' windows; every k-th window (spread over it) is held out until `eval_tokens` are.
+    The windows are packed to a temporary file as they come: memory stays flat however large the
+    source (the file takes 4 bytes a token on disk)."""
+    windows, block = Windows(context), []
     for row in iter_windows(tokenizer, context, max_tokens, sources):
         block.append(row)
-        if len(block) == 4096:  # packed as they come: the whole corpus never sits in Python lists
-            blocks.append(torch.tensor(block, dtype=torch.int32))
+        if len(block) == 4096:
+            windows.append(block)
             block = []
-    blocks.append(torch.tensor(block, dtype=torch.int32).reshape(-1, context))
-    windows = torch.cat(blocks)
+    if block:
+        windows.append(block)
     n_eval = min(-(-eval_tokens // context), len(windows) // 2) if eval_tokens else 0
     if n_eval == 0:
         return Split(windows, [])
     stride = len(windows) // n_eval
-    held = torch.arange(stride - 1, len(windows), stride)[:n_eval]
-    keep = torch.ones(len(windows), dtype=torch.bool)
+    held = np.arange(stride - 1, len(windows), stride)[:n_eval]
+    keep = np.ones(len(windows), dtype=bool)
     keep[held] = False
-    return Split(windows[keep], windows[held].tolist())
+    return Split(windows.view(np.flatnonzero(keep)), windows[held].tolist())

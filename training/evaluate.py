@@ -44,7 +44,9 @@ def kl_per_token(clean: Tensor, new: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 8) -> dict[str, float]:
+def evaluate_sae(lm: HookedLM, sae: SAE, windows: list[list[int]], batch: int = 2) -> dict[str, float]:
+    """The metrics above over `windows`, `batch` windows at a time (each pass holds a few
+    batch × seq × vocab float32 tensors: 50 MB apiece at 2 × 128 × 49k, so memory stays small)."""
     site = sae.cfg.hook_name
     sums = dict(ce_clean=0.0, ce_spliced=0.0, ce_zero=0.0, kl=0.0, err=0.0, l0=0.0)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=lm.device)
