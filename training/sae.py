@@ -71,18 +71,27 @@ class TrainingSae(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (normalised) → reconstruction, features, pre-activations.
 
-        TopK decodes sparsely, as OpenAI's kernels do: x̂ sums the k active decoder rows
-        (`embedding_bag`), so the decoder's forward and backward cost k·d a token, not d_sae·d.
-        The value is the dense decode's (a test checks values and gradients)."""
-        pre = self.sae.pre_acts(x)
+        TopK runs sparse where it can, as OpenAI's kernels do: the encoder's matmul runs without a
+        graph, and its gradient flows only through the k chosen pre-activations (`gather_pre`); the
+        decode sums the k active decoder rows (`embedding_bag`). So the backward costs k·d a token,
+        not d_sae·d, and the values and gradients are the dense path's (a test checks both). The
+        pre-activations returned are then detached: use `gather_pre` to train through them."""
         if self.sae.cfg.architecture == "topk":
-            values, ids = pre.topk(self.sae.cfg.k, dim=-1)
-            acts = torch.relu(values)
+            with torch.no_grad():
+                pre = self.sae.pre_acts(x)
+            ids = pre.topk(self.sae.cfg.k, dim=-1).indices
+            acts = torch.relu(self.gather_pre(x, pre, ids))
             f = torch.zeros_like(pre).scatter(-1, ids, acts)
             recon = F.embedding_bag(ids, self.sae.W_dec, per_sample_weights=acts, mode="sum") + self.sae.b_dec
             return recon, f, pre
+        pre = self.sae.pre_acts(x)
         f = ACTIVATIONS[self.sae.cfg.architecture](self.sae, pre)
         return self.sae.decode(f), f, pre
+
+    def gather_pre(self, x: Tensor, pre: Tensor, ids: Tensor) -> Tensor:
+        """`pre.gather(-1, ids)` with the gradients of `sae.pre_acts(x)` at those entries: to the
+        encoder's columns and biases, and to x (through b_dec, and upstream in e2e training)."""
+        return _GatherPre.apply(self.sae._input(x), self.sae.W_enc, self.sae.b_enc, pre, ids)
 
     @torch.no_grad()
     def initialise(self, x: Tensor, generator: torch.Generator) -> None:
@@ -116,12 +125,39 @@ class TrainingSae(nn.Module):
         return out.cpu().requires_grad_(False)
 
 
+class _GatherPre(torch.autograd.Function):
+    """pre[b, ids[b, j]] for pre = xin @ W_enc + b_enc computed outside the graph; the backward
+    touches only the gathered entries (a sparse matmul and an embedding_bag): k·d work a row
+    instead of two dense matmuls' d_sae·d."""
+
+    @staticmethod
+    def forward(ctx, xin: Tensor, w_enc: Tensor, b_enc: Tensor, pre: Tensor, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(xin, w_enc, ids)
+        return pre.gather(-1, ids)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xin, w_enc, ids = ctx.saved_tensors
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[0]:  # Σ_j g[b, j] · W_enc[:, ids[b, j]]
+            g_x = F.embedding_bag(ids, w_enc.t().contiguous(), per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:  # Gᵀ·xin, G the (rows, d_sae) sparse matrix of g at ids
+            rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+            gt = torch.sparse_coo_tensor(torch.stack([ids.reshape(-1), rows]), g.reshape(-1),
+                                         (w_enc.shape[1], ids.shape[0]), check_invariants=False)
+            g_w = torch.sparse.mm(gt, xin).t()
+        if ctx.needs_input_grad[2]:
+            g_b = g.new_zeros(w_enc.shape[1]).index_add_(0, ids.reshape(-1), g.reshape(-1))
+        return g_x, g_w, g_b, None, None
+
+
 def aux_k_loss(model: TrainingSae, x: Tensor, recon: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
     """AuxK (Gao et al. 2024): the top-k_aux dead latents reconstruct the residual x − x̂."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
-    values, ids = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+    ids = pre.detach().masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1).indices
+    values = model.gather_pre(x, pre, ids)
     aux = F.embedding_bag(ids, model.sae.W_dec, per_sample_weights=torch.relu(values), mode="sum")  # k_aux rows
     return F.mse_loss(aux, (x - recon).detach())
 

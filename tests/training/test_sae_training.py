@@ -116,12 +116,14 @@ def test_aux_k_loss_trains_only_dead_latents():
     assert (grad[~dead] == 0).all() and (grad[dead] > 0).all()
 
 
-def test_topk_decodes_sparsely_with_the_dense_decodes_values_and_gradients():
+def test_topk_encodes_and_decodes_sparsely_with_the_dense_paths_values_and_gradients():
+    """Gradients to every parameter and to the input (e2e training sends them upstream), through
+    the k chosen latents and the AuxK ones, equal the dense encode-then-decode's."""
     torch.manual_seed(0)
     m = TrainingSae(SAEConfig(d_in=8, d_sae=16, hook_name="blocks.0.hook_resid_pre", architecture="topk", k=3))
     for p in m.parameters():
         torch.nn.init.normal_(p)
-    x = torch.randn(32, 8)
+    x = torch.randn(32, 8, requires_grad=True)
     dead = torch.zeros(16, dtype=torch.bool)
     dead[[1, 4, 9, 12]] = True
 
@@ -142,9 +144,10 @@ def test_topk_decodes_sparsely_with_the_dense_decodes_values_and_gradients():
     grads = []
     for fn in (dense, sparse):
         m.zero_grad()
+        x.grad = None
         recon, loss = fn()
         loss.backward()
-        grads.append((recon.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+        grads.append((recon.detach(), {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in m.named_parameters()}}))
     torch.testing.assert_close(grads[1][0], grads[0][0])
     for name, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][name], g, msg=name)

@@ -1,0 +1,139 @@
+"""A race of TopK SAE trainers on the same data, site, shape, k and batch: Rudder against
+sparsify (EleutherAI's `eai-sparsify`, its own `Trainer` with its defaults; its eager decode,
+as `SPARSIFY_DISABLE_TRITON=1` picks on a machine without a GPU), both reading the
+frozen default model, and both SAEs measured by one evaluator (rudder.training.evaluate).
+
+    .venv/bin/python -m pip install eai-sparsify==1.3.3     # once; a bench-only peer
+    .venv/bin/python bench/sae_race.py [--tokens 131072] [--repeats 2] [--threads 2]
+
+Same windows (the stdlib corpus packed at context 128; the same held-out windows for the
+evaluation), site blocks.15.hook_resid_pre (sparsify's hookpoint `layers.14`, the output of the
+layer before), 576 x 4608 latents, k 32, 4,096 tokens a step (sparsify: 32 sequences). Tokens/s
+is the training call's wall time over its tokens (model forward included), runs interleaved,
+best of `--repeats`, after a short warm-up run of each. Quality (explained variance, CE loss
+recovered, dead fraction) is that of each side's first run at the budget.
+
+Prints a table; writes bench/results/sae_race.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rudder.core.default_model import default_model_dir
+from rudder.core.sae import SAE, SAEConfig
+from rudder.training.config import load_config
+from rudder.training.corpus import train_eval_split
+from rudder.training.evaluate import evaluate_sae
+from rudder.training.lm import HookedLM
+from rudder.training.sae import SaeTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE, HOOKPOINT = "blocks.15.hook_resid_pre", "layers.14"
+CONTEXT, BATCH, D_SAE, K, EVAL_TOKENS = 128, 4096, 4608, 32, 8192
+BUFFER = 16_384  # Rudder's shuffle buffer (sparsify has none): a run forwards its tokens plus half of it
+
+
+def rudder(tokens: int, out: Path, threads: int) -> tuple[float, SAE]:
+    cfg = load_config(None, {"sites": [SITE], "architecture": "topk", "d_sae": D_SAE, "k": K, "tokens": tokens,
+                             "batch_tokens": BATCH, "buffer_tokens": BUFFER, "context": CONTEXT,
+                             "corpus_tokens": tokens + EVAL_TOKENS,
+                             "eval_tokens": EVAL_TOKENS, "checkpoint_every_steps": 10_000, "threads": threads,
+                             "out": str(out)})
+    trainer = SaeTrainer(cfg)
+    start = time.perf_counter()
+    saes = trainer.train()
+    seconds = time.perf_counter() - start
+    return tokens / seconds, saes[SITE]
+
+
+def sparsify(model, windows: list[list[int]], tokens: int, out: Path, threads: int) -> tuple[float, SAE]:
+    from datasets import Dataset
+    from sparsify import SaeConfig, TrainConfig, Trainer
+
+    torch.set_num_threads(threads)
+    n = tokens // CONTEXT
+    data = Dataset.from_dict({"input_ids": windows[:n]}).with_format("torch")
+    cfg = TrainConfig(SaeConfig(num_latents=D_SAE, k=K), batch_size=BATCH // CONTEXT, hookpoints=[HOOKPOINT],
+                      log_to_wandb=False, save_dir=str(out), save_every=10**9)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(cfg, data, model)
+        start = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - start
+    coder = trainer.saes[HOOKPOINT]
+    sae = SAE(SAEConfig(d_in=576, d_sae=D_SAE, hook_name=SITE, architecture="topk", k=K))
+    with torch.no_grad():  # sparsify: relu(W_e (x − b_dec) + b_e), top k, then W_d: our TopK's math
+        sae.W_enc.copy_(coder.encoder.weight.T)
+        sae.b_enc.copy_(coder.encoder.bias)
+        sae.W_dec.copy_(coder.W_dec)
+        sae.b_dec.copy_(coder.b_dec)
+    return n * CONTEXT / seconds, sae
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=131_072, help="training tokens of each run (32 steps)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/sae_race.json")
+    args = ap.parse_args()
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its switch for machines without a GPU (Triton's decode)
+    try:
+        import sparsify as _  # noqa: F401
+    except ImportError:
+        raise SystemExit("sparsify is not installed: .venv/bin/python -m pip install eai-sparsify==1.3.3") from None
+    torch.set_num_threads(args.threads)
+    lm = HookedLM.load(default_model_dir())
+    # the windows Rudder's trainer reads (its corpus capped the same way), for sparsify and the evaluation
+    split = train_eval_split(lm.tokenizer, CONTEXT, EVAL_TOKENS, args.tokens + EVAL_TOKENS)
+    g = torch.Generator().manual_seed(0)
+    windows = split.train[torch.randperm(len(split.train), generator=g).tolist()].tolist()  # sparsify does not shuffle
+    speed: dict[str, list[float]] = {"rudder": [], "sparsify": []}
+    quality: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rudder(8192, tmp / "warm-r", args.threads)  # first runs pay one-off costs on both sides
+        sparsify(lm.model, windows, 8192, tmp / "warm-s", args.threads)
+        for r in range(args.repeats):
+            for name, run in (("rudder", lambda o: rudder(args.tokens, o, args.threads)),
+                              ("sparsify", lambda o: sparsify(lm.model, windows, args.tokens, o, args.threads))):
+                tps, sae = run(tmp / f"{name}{r}")
+                speed[name].append(tps)
+                print(f"{name}: {tps:,.0f} tokens/s", flush=True)
+                if r == 0:
+                    m = evaluate_sae(lm, sae, split.eval)
+                    quality[name] = {k: m[k] for k in ("explained_variance", "ce_loss_score", "ce_increase", "l0")}
+                    quality[name]["dead_fraction"] = m["dead"] / D_SAE
+    best = {k: max(v) for k, v in speed.items()}
+    print(f"\nTopK {D_SAE} x 576, k {K}, {BATCH} tokens a step, {args.tokens:,} tokens; torch {args.threads} threads "
+          f"on {os.cpu_count()} cores; best of {args.repeats}")
+    print("| trainer | tokens/s (spread) | explained variance | CE loss recovered | dead |\n"
+          "| --- | --- | --- | --- | --- |")
+    for k in speed:
+        q = quality[k]
+        print(f"| {k} | {best[k]:,.0f} ({min(speed[k]):,.0f}-{max(speed[k]):,.0f}) | {q['explained_variance']:.3f} | "
+              f"{q['ce_loss_score']:.3f} | {q['dead_fraction']:.1%} |")
+    print(f"Rudder / sparsify tokens/s: {best['rudder'] / best['sparsify']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "site": SITE, "d_sae": D_SAE, "k": K, "batch_tokens": BATCH, "context": CONTEXT, "tokens": args.tokens,
+        "eval_tokens": EVAL_TOKENS, "tokens_per_second": speed, "quality": quality,
+        "rudder_over_sparsify": best["rudder"] / best["sparsify"]}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
