@@ -70,13 +70,22 @@ def main() -> None:
     ap.add_argument("--sizes", default="20,200", help="JSONL sizes in MB")
     ap.add_argument("--tokens", type=int, default=65536, help="training tokens of the speed runs")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--parts", default="memory,speed",
+                    help="memory (peak RSS, not timing-sensitive), speed, or both; a part not run keeps its figures "
+                         "from --out")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/training_data.json")
     args = ap.parse_args()
-    results: dict = {"memory": [], "speed": {}, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"memory", "speed"}:
+        ap.error(f"--parts takes memory and/or speed, got {args.parts}")
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results: dict = {"memory": kept.get("memory", []) if "memory" not in parts else [],
+                     "speed": kept.get("speed", {}) if "speed" not in parts else {},
+                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                      "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for mb in (int(x) for x in args.sizes.split(",")):
+        for mb in (int(x) for x in args.sizes.split(",") if "memory" in parts):
             data = tmp / f"d{mb}.jsonl"
             write_jsonl(data, mb)
             rss, seconds, out = peak_rss(rudder("train", "sae", "--corpus", str(data), "--tokens", "4096",
@@ -88,29 +97,43 @@ def main() -> None:
             results["memory"].append(row)
             data.unlink()
 
-        cache = tmp / "cache"
-        speed = ["--tokens", str(args.tokens), *SAE]
-        _, seconds, _ = peak_rss(rudder("cache", "activations", *speed, "--out", str(cache)))
-        results["speed"]["cache_write_s"] = seconds
-        runs: dict[str, list[float]] = {"model": [], "cache": []}
-        for r in range(args.repeats):
-            for source in ("model", "cache"):
-                extra = ["--set", f"activations={cache}"] if source == "cache" else []
-                out = tmp / f"{source}{r}"
-                peak_rss(rudder("train", "sae", *speed, *extra, "--out", str(out)))
-                tps = json.loads((out / "cfg.json").read_text())["metadata"]["train_tokens_per_second"]
-                runs[source].append(tps)
-                print(f"from the {source}: {tps:,.0f} tokens/s", flush=True)
-        results["speed"].update({f"{k}_tokens_per_second": v for k, v in runs.items()})
-        best = {k: max(v) for k, v in runs.items()}
-        results["speed"]["speedup"] = best["cache"] / best["model"]
+        if "speed" in parts:
+            measure_speed(args, tmp, results)
+    print_results(results, args)
+
+
+def measure_speed(args: argparse.Namespace, tmp: Path, results: dict) -> None:
+    """A cache written once, then the same SAE trained from the model and from it, interleaved."""
+    cache = tmp / "cache"
+    speed = ["--tokens", str(args.tokens), *SAE]
+    _, seconds, _ = peak_rss(rudder("cache", "activations", *speed, "--out", str(cache)))
+    results["speed"]["cache_write_s"] = seconds
+    runs: dict[str, list[float]] = {"model": [], "cache": []}
+    for r in range(args.repeats):
+        for source in ("model", "cache"):
+            extra = ["--set", f"activations={cache}"] if source == "cache" else []
+            out = tmp / f"{source}{r}"
+            peak_rss(rudder("train", "sae", *speed, *extra, "--out", str(out)))
+            tps = json.loads((out / "cfg.json").read_text())["metadata"]["train_tokens_per_second"]
+            runs[source].append(tps)
+            print(f"from the {source}: {tps:,.0f} tokens/s", flush=True)
+    results["speed"].update({f"{k}_tokens_per_second": v for k, v in runs.items()})
+    best = {k: max(v) for k, v in runs.items()}
+    results["speed"]["speedup"] = best["cache"] / best["model"]
+
+
+def print_results(results: dict, args: argparse.Namespace) -> None:
     print(f"\ntorch {results['threads']} threads on {results['cpu_count']} cores")
     print("| JSONL | peak RSS | seconds |\n| --- | --- | --- |")
     for row in results["memory"]:
         print(f"| {row['megabytes']:.0f} MB | {row['peak_rss_mb']:,.0f} MB | {row['seconds']:.0f} |")
-    spread = {k: f"{min(v):,.0f}-{max(v):,.0f}" for k, v in runs.items()}
-    print(f"\nSAE training tokens/s, best of {args.repeats}: from the model {best['model']:,.0f} ({spread['model']}), "
-          f"from the cache {best['cache']:,.0f} ({spread['cache']}): {results['speed']['speedup']:.1f}x")
+    sp = results["speed"]
+    if sp:
+        runs = {k: sp[f"{k}_tokens_per_second"] for k in ("model", "cache")}
+        spread = {k: f"{min(v):,.0f}-{max(v):,.0f}" for k, v in runs.items()}
+        print(f"\nSAE training tokens/s, best of {len(runs['model'])}: from the model {max(runs['model']):,.0f} "
+              f"({spread['model']}), from the cache {max(runs['cache']):,.0f} ({spread['cache']}): "
+              f"{sp['speedup']:.1f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
