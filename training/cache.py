@@ -13,7 +13,8 @@ the SAE the model would have (a test checks allclose). Under torchrun rank r rea
 r + N, ... and the ranks gather them (rudder.training.sae.Gathered), so N ranks train what one
 process would. Memory: the rows of one chunk at a time (safetensors slices).
 
-A cache of another model, site, context, corpus or seed is refused in one line before training.
+A cache of another model, site, context, corpus (its settings, or its files' contents) or seed is
+refused in one line before training.
 """
 
 from __future__ import annotations
@@ -148,6 +149,14 @@ class ActivationCache:
             diff = [k for k in DATA_FIELDS if m["data"].get(k) != data_key(cfg).get(k)]
             raise InvalidArgument(f"the cache {path} was written with other data settings ({', '.join(diff)}); "
                                   "train with the settings it records, or write a new cache")
+        if m.get("corpus") is not None:  # the same paths may hold other contents now
+            from rudder.training.corpus import describe
+
+            now = describe(cfg.corpus)
+            if changed := [k for k in now if m["corpus"].get(k) != now[k]]:
+                raise InvalidArgument(f"the cache {path} was written from other contents of {', '.join(changed)} "
+                                      "(their size or SHA-256, or their version, differ from its manifest's); "
+                                      "write a new cache")
         if m["tokens"] < cfg.tokens:
             raise self.ran_out()
         self._chunks = self._iter(consumed)

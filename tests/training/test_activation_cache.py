@@ -59,6 +59,19 @@ def test_a_cache_of_other_data_is_refused_and_nothing_is_written(tiny_dir, tmp_p
     assert not (tmp_path / "sae").exists()
 
 
+def test_a_cache_of_a_file_changed_in_place_is_refused(tiny_dir, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text(" ".join(f"note {i} says the weather was fine and the tea was warm." for i in range(600)))
+    small = {"corpus": [str(text)], "corpus_tokens": 4096, "eval_tokens": 256, "tokens": 512, "buffer_tokens": 512}
+    sets = [x for k, v in {**DATA, **TRAIN, **small}.items() for x in ("--set", f"{k}={v}")]
+    assert main(["cache", "activations", "--model", str(tiny_dir), "--site", SITE, "--out", str(tmp_path / "c"),
+                 *sets]) == 0
+    text.write_text(text.read_text().replace("tea", "ink"))  # same path, same size, other words
+    with pytest.raises(InvalidArgument, match=r"other contents of .*notes\.txt"):
+        run(config(tiny_dir, tmp_path / "sae", activations=str(tmp_path / "c"), **small))
+    assert not (tmp_path / "sae").exists()
+
+
 def test_a_cache_is_not_written_over(tiny_dir, cache):
     from rudder.training.cache import write
 
