@@ -19,6 +19,14 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
+class _Slot:
+    """Where a tensor sat in a broadcast structure."""
+    index: int
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
@@ -72,6 +80,55 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def broadcast_state(self, obj):
+        """Rank 0's `obj` (dicts, lists and tuples holding tensors, as a checkpoint) on every rank:
+        the structure is pickled, each tensor sent by itself with `dist.broadcast` (on the device
+        the backend needs), so a large SAE's weights and Adam moments are never one pickle."""
+        if not self.distributed:
+            return obj
+        tensors: list[torch.Tensor] = []
+
+        def strip(x):
+            if isinstance(x, torch.Tensor):
+                tensors.append(x)
+                return _Slot(len(tensors) - 1, tuple(x.shape), x.dtype)
+            if isinstance(x, dict):
+                return {k: strip(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(strip(v) for v in x)
+            return x
+
+        skeleton = self.broadcast_object(strip(obj) if self.main else None)
+        slots: list[_Slot] = []
+
+        def collect(x):
+            if isinstance(x, _Slot):
+                slots.append(x)
+            elif isinstance(x, dict):
+                for v in x.values():
+                    collect(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    collect(v)
+
+        collect(skeleton)
+        received = {}
+        for slot in sorted(slots, key=lambda s: s.index):
+            t = (tensors[slot.index] if self.main else torch.empty(slot.shape, dtype=slot.dtype)).to(self.device)
+            dist.broadcast(t, src=0)
+            received[slot.index] = t.cpu()
+
+        def fill(x):
+            if isinstance(x, _Slot):
+                return received[x.index]
+            if isinstance(x, dict):
+                return {k: fill(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(fill(v) for v in x)
+            return x
+
+        return fill(skeleton)
 
     def all_gather_object(self, obj) -> list:
         """Every rank's `obj`, in rank order."""

@@ -556,9 +556,9 @@ class SaeTrainer:
                 loaded = self.checkpoint.load()
             except InvalidArgument as e:
                 error = str(e)
-        state, error = world.broadcast_object((loaded, error))
-        if error:
+        if world.broadcast_object(error):
             raise InvalidArgument(error)
+        state = world.broadcast_state(loaded)
         start = state["step"] if state else 0
         drawn = state["windows_drawn"] if state else 0
         stream = WindowStream(self.split.train, cfg.seed, world, drawn)
