@@ -26,6 +26,17 @@ class _Slot:
     dtype: torch.dtype
 
 
+def _tree_map(fn, x, leaf: type):
+    """`x` (dicts, lists, tuples) with every `leaf` instance replaced by fn(leaf), depth first."""
+    if isinstance(x, leaf):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _tree_map(fn, v, leaf) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_tree_map(fn, v, leaf) for v in x)
+    return x
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -89,46 +100,19 @@ class World:
             return obj
         tensors: list[torch.Tensor] = []
 
-        def strip(x):
-            if isinstance(x, torch.Tensor):
-                tensors.append(x)
-                return _Slot(len(tensors) - 1, tuple(x.shape), x.dtype)
-            if isinstance(x, dict):
-                return {k: strip(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return type(x)(strip(v) for v in x)
-            return x
+        def strip(t: torch.Tensor) -> _Slot:
+            tensors.append(t)
+            return _Slot(len(tensors) - 1, tuple(t.shape), t.dtype)
 
-        skeleton = self.broadcast_object(strip(obj) if self.main else None)
+        skeleton = self.broadcast_object(_tree_map(strip, obj, torch.Tensor) if self.main else None)
         slots: list[_Slot] = []
-
-        def collect(x):
-            if isinstance(x, _Slot):
-                slots.append(x)
-            elif isinstance(x, dict):
-                for v in x.values():
-                    collect(v)
-            elif isinstance(x, (list, tuple)):
-                for v in x:
-                    collect(v)
-
-        collect(skeleton)
+        _tree_map(slots.append, skeleton, _Slot)  # every rank: the slots, in rank 0's order
         received = {}
-        for slot in sorted(slots, key=lambda s: s.index):
+        for slot in slots:
             t = (tensors[slot.index] if self.main else torch.empty(slot.shape, dtype=slot.dtype)).to(self.device)
             dist.broadcast(t, src=0)
             received[slot.index] = t.cpu()
-
-        def fill(x):
-            if isinstance(x, _Slot):
-                return received[x.index]
-            if isinstance(x, dict):
-                return {k: fill(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return type(x)(fill(v) for v in x)
-            return x
-
-        return fill(skeleton)
+        return _tree_map(lambda slot: received[slot.index], skeleton, _Slot)
 
     def all_gather_object(self, obj) -> list:
         """Every rank's `obj`, in rank order."""
