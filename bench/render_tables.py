@@ -289,12 +289,13 @@ def _arm_cell(arm: dict | None) -> str:
 
 @table("steering_quality", "steering_quality.json", "lr")
 def _steering_quality(d: dict) -> Rows:
-    header = ["topic", "baseline on topic", *STEERING_ARMS, "best steering (calibrated)"]
+    header = ["topic", "baseline on topic", *STEERING_ARMS, "best steering arm", "calibration picked"]
     rows = []
     for topic, r in d["topics"].items():
-        best = r.get("best")
+        at = [f"{h['method']} at {h['strength']:g}" if h else "none within the budget"
+              for h in (r.get("best"), r.get("calibrated"))]
         rows.append([topic, f"{r['baseline']['on_topic']:.0%}", *(_arm_cell(r["arms"].get(a)) for a in STEERING_ARMS),
-                     f"{best['method']} at {best['strength']:g}" if best else "none within the budget"])
+                     *at])
     return [header] + rows
 
 

@@ -90,6 +90,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=SAMPLES,
                     help="answers per instruction (and strength): 12 instructions x 2 a half by default")
     ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--summarize", action="store_true",
+                    help="only recompute the headlines (best, calibrated) of the JSON at --out")
     ap.add_argument("--quick", action="store_true", help="8 instructions and 16 examples (a smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/steering_quality.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs/img/steering_quality.png")
@@ -115,8 +117,23 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def resummarize(path: Path) -> None:
+    """--summarize: recompute the headlines of a finished run's JSON (no generation)."""
+    results = json.loads(path.read_text())
+    for row in results["topics"].values():
+        if "calibrated_pick" not in row and "best" in row:  # a run from before both headlines were written
+            row["calibrated_pick"] = row["best"]["method"]
+        headline(row)
+    results["meets_target"] = summarize(results)
+    print_table(results)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"rewrote the headlines of {path}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.summarize:
+        return resummarize(args.out)
     cal = CALIBRATION_INSTRUCTIONS[:4] if args.quick else CALIBRATION_INSTRUCTIONS
     rep = REPORT_INSTRUCTIONS[:4] if args.quick else REPORT_INSTRUCTIONS
     examples = EXAMPLE_INSTRUCTIONS[:16] if args.quick else EXAMPLE_INSTRUCTIONS
@@ -144,6 +161,7 @@ def main() -> None:
         "feature_strengths": args.feature_strengths,
         "instructions": {"calibrate": cal, "report": rep}, "example_instructions": examples,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "seconds": time.perf_counter() - t0})
+    results["meets_target"] = summarize(results)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -229,14 +247,46 @@ def run_topic(args, gen, judge, c, concept, sae, scope, cal, rep, examples, base
         arm = {"steering": best, "calibration": rows, "strength": chosen.strength if chosen else None}
         arm.update(report("best+prompt", at, chosen.strength, mention_prompt) if chosen else {"success": 0.0})
         row["arms"]["best+prompt"] = arm
-        b = row["arms"][best.split("@")[0]]
-        row["best"] = {"method": best, "strength": b["strength"], "on_topic": b["on_topic"], "success": b["success"],
-                       "fluency_drop": b.get("fluency_drop"), "baseline_on_topic": row["baseline"]["on_topic"]}
+        row["calibrated_pick"] = best
+    headline(row)
     print(f"{concept.name}: " + ", ".join(f"{k} {v.get('success', 0):.0%}" for k, v in row["arms"].items()), flush=True)
     return row
 
 
 ARMS = ("prompt", "feature_regex", "feature_output", "diffmean", "pca_diff", "trained", "best+prompt")
+STEERING = ("feature_regex", "feature_output", "diffmean", "pca_diff", "trained")
+
+
+def _headline_of(row: dict, name: str, arm: dict) -> dict:
+    return {"method": arm.get("candidate", name), "strength": arm["strength"], "on_topic": arm["on_topic"],
+            "success": arm["success"], "fluency_drop": arm.get("fluency_drop"),
+            "baseline_on_topic": row["baseline"]["on_topic"]}
+
+
+def meets(h: dict | None, budget: float) -> bool:
+    """The issue's target for one topic: success >= 50% at >= 60% on topic, baseline <= 10%, drop in budget."""
+    return bool(h) and h["success"] >= 0.5 and h["on_topic"] >= 0.6 and h["baseline_on_topic"] <= 0.1 \
+        and h["fluency_drop"] is not None and h["fluency_drop"] <= budget
+
+
+def headline(row: dict) -> None:
+    """Two headlines per topic, both on the report half with each arm at its calibrated strength:
+    `best`, the steering arm (not prompting) with the highest success there (ties: on topic), as
+    AxBench reads its held-out table; and `calibrated`, the arm the calibration half picked, which
+    is what a user gets who never sees the report half. Both are written, so neither hides the other."""
+    arms = {n: a for n, a in row["arms"].items() if n in STEERING and a.get("strength") is not None and "on_topic" in a}
+    if arms:
+        name = max(arms, key=lambda n: (arms[n]["success"], arms[n]["on_topic"]))
+        row["best"] = _headline_of(row, name, arms[name])
+    pick = row.get("calibrated_pick")
+    if pick and pick.split("@")[0] in arms:
+        row["calibrated"] = _headline_of(row, pick, arms[pick.split("@")[0]])
+
+
+def summarize(results: dict) -> dict:
+    """How many topics reach the target, by either headline."""
+    budget = results["budget"]
+    return {k: sum(meets(r.get(k), budget) for r in results["topics"].values()) for k in ("best", "calibrated")}
 
 
 def print_table(results: dict) -> None:
@@ -248,9 +298,13 @@ def print_table(results: dict) -> None:
         for a in ARMS:
             x = r["arms"].get(a)
             cells.append(f"{x['success']:5.0%} ({x['on_topic']:4.0%})" if x and "on_topic" in x else f"{'-':>11}")
-        best = r.get("best", {})
+        best, pick = r.get("best", {}), r.get("calibrated", {})
         print(f"{topic:<7} {r['baseline']['on_topic']:5.0%} " + " ".join(f"{x:>16}" for x in cells)
-              + f"   {best.get('method', '-')} @ {best.get('strength', '-')}")
+              + f"   {best.get('method', '-')} @ {best.get('strength', '-')}"
+              + f" (calibration picked {pick.get('method', '-')} @ {pick.get('strength', '-')})")
+    m = results.get("meets_target", {})
+    print(f"topics at the target: best steering arm {m.get('best')} of {len(results['topics'])}; "
+          f"the arm calibration picked {m.get('calibrated')} of {len(results['topics'])}")
 
 
 def plot(results: dict, path: Path) -> None:
