@@ -1,10 +1,11 @@
 """A race of TopK SAE trainers on the same data, site, shape, k and batch: Rudder against
 sparsify (EleutherAI's `eai-sparsify`, its own `Trainer` with its defaults; its eager decode,
 as `SPARSIFY_DISABLE_TRITON=1` picks on a machine without a GPU), both reading the
-frozen default model, and both SAEs measured by one evaluator (rudder.training.evaluate).
+frozen default model, and both SAEs measured by one evaluator (rudder.training.evaluate). Each
+trainer runs with its defaults (Rudder: Adam at `default_lr`, 4e-3 at this size; sparsify: signum).
 
     .venv/bin/python -m pip install eai-sparsify==1.3.3     # once; a bench-only peer
-    .venv/bin/python bench/sae_race.py [--tokens 131072] [--repeats 2] [--threads 2]
+    .venv/bin/python bench/sae_race.py [--tokens 262144] [--repeats 2] [--threads 2]
 
 Same windows (the stdlib corpus packed at context 128; the same held-out windows for the
 evaluation), site blocks.15.hook_resid_pre (sparsify's hookpoint `layers.14`, the output of the
@@ -65,7 +66,6 @@ def rudder(tokens: int, out: Path, threads: int, cache: Path | None = None) -> t
     start = time.perf_counter()
     saes = trainer.train()
     seconds = time.perf_counter() - start
-    rudder.scale = trainer.scales[SITE]  # the normalisation SAELens is given too
     return tokens / seconds, saes[SITE]
 
 
@@ -127,7 +127,7 @@ def sparsify(model, windows: list[list[int]], tokens: int, out: Path, threads: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=131_072, help="training tokens of each run (32 steps)")
+    ap.add_argument("--tokens", type=int, default=262_144, help="training tokens of each run (64 steps)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/sae_race.json")
@@ -154,11 +154,15 @@ def main() -> None:
         runs = {"rudder": lambda o: rudder(args.tokens, o, args.threads),
                 "sparsify": lambda o: sparsify(lm.model, windows, args.tokens, o, args.threads),
                 "rudder from its cache": lambda o: rudder(args.tokens, o, args.threads, cache),
-                "SAELens from the same cache": lambda o: saelens_from_cache(cache, rudder.scale, args.tokens, o,
-                                                                            args.threads)}
+                # SAELens is given the normalisation Rudder's SAE from the same cache recorded
+                "SAELens from the same cache": lambda o: saelens_from_cache(
+                    cache, trained["rudder from its cache"].cfg.metadata["normalisation_scale"][SITE], args.tokens,
+                    o, args.threads)}
+        trained: dict[str, SAE] = {}
         for r in range(args.repeats):
             for name, run in runs.items():
-                tps, sae = run(tmp / f"{RUNS[name]}{r}")
+                tps, trained[name] = run(tmp / f"{RUNS[name]}{r}")
+                sae = trained[name]
                 speed[name].append(tps)
                 print(f"{name}: {tps:,.0f} tokens/s", flush=True)
                 if r == 0:

@@ -83,7 +83,8 @@ class SaeTrainConfig(_Strict):
     activations: Path | None = Field(None, description="local: train from this activation cache (rudder cache "
                                      "activations, written with this config's data settings) instead of the model")
 
-    lr: float = Field(4e-4, gt=0)
+    lr: float | None = Field(None, gt=0, description="Adam's peak learning rate (None: `default_lr`, by "
+                             "architecture and dictionary size)")
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_tokens: int = Field(10_000, ge=0)
     min_lr_factor: float = Field(0.1, ge=0, le=1)
@@ -244,6 +245,13 @@ class VectorTrainConfig(_Strict):
             raise ValueError(f"strengths must be finite and > 0, got {self.strengths}")
         Site.parse(self.site)
         return self
+
+
+def default_lr(architecture: str, d_sae: int) -> float:
+    """TopK: 4e-3 at 4,608 latents, scaled as 1/sqrt(latents) (Gao et al. 2024, sparsify); the
+    activations are normalised to a mean squared norm of d_in, and there 4e-3 beat 2e-3 and 4e-4 on
+    the default model at 262 k and 1 M tokens (docs/benchmarks.md, the race). Standard (L1): 4e-4."""
+    return 4e-3 * math.sqrt(4608 / d_sae) if architecture == "topk" else 4e-4
 
 
 def warmup_decay(step: int, total: int, warmup: int, kind: str = "cosine", floor: float = 0.1) -> float:

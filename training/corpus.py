@@ -422,19 +422,28 @@ class Windows:
 
         self.context, self.row_bytes = context, 4 * context
         self._file = tempfile.TemporaryFile(dir=folder)  # gone when closed or when the process ends
-        self.rows = np.arange(0, dtype=np.int64)  # the file rows this view holds, in order
+        self._rows = np.arange(0, dtype=np.int64)  # the file rows this view holds, in order
+        self._appended: list[np.ndarray] = []  # joined to _rows when next read: appends stay O(block)
+
+    @property
+    def rows(self) -> np.ndarray:
+        if self._appended:
+            self._rows = np.concatenate([self._rows, *self._appended])
+            self._appended.clear()
+        return self._rows
 
     def append(self, block: Sequence[list[int]]) -> None:
         a = np.asarray(block, dtype=np.int32).reshape(-1, self.context)
         self._file.seek(0, 2)
         start = self._file.tell() // self.row_bytes
         self._file.write(a.tobytes())
-        self.rows = np.concatenate([self.rows, np.arange(start, start + len(a))])
+        self._appended.append(np.arange(start, start + len(a)))
 
     def view(self, rows: np.ndarray) -> Windows:
         """The same file, these of its rows (indices into this view)."""
         out = object.__new__(Windows)
-        out.context, out.row_bytes, out._file, out.rows = self.context, self.row_bytes, self._file, self.rows[rows]
+        out.context, out.row_bytes, out._file = self.context, self.row_bytes, self._file
+        out._rows, out._appended = self.rows[rows], []
         return out
 
     def __len__(self) -> int:

@@ -45,7 +45,7 @@ from rudder.core.feature_metadata import FEATURE_METADATA
 from rudder.core.fileio import replace_file
 from rudder.core.sae import ACTIVATIONS, SAE, SAEConfig
 from rudder.core.sites import Site
-from rudder.training.config import SaeTrainConfig, warmup_decay
+from rudder.training.config import SaeTrainConfig, default_lr, warmup_decay
 from rudder.training.corpus import check_sources, describe, train_eval_split
 from rudder.training.distributed import World
 from rudder.training.evaluate import evaluate_sae, feature_metadata, kl_per_token
@@ -95,10 +95,14 @@ class TrainingSae(nn.Module):
 
     @torch.no_grad()
     def initialise(self, x: Tensor, generator: torch.Generator) -> None:
-        """Random unit decoder rows, encoder = 0.1 · decoder transposed, b_dec at the data's median."""
+        """Random unit decoder rows, the encoder their transpose, b_dec at the data's median.
+
+        TopK takes the transpose as is (Gao et al. 2024, A.1; sparsify does the same), so its first
+        reconstructions already have the data's scale; the standard SAE's encoder starts at 0.1 of
+        it, so the L1 penalty does not meet large activations from the first step."""
         w = torch.randn(self.sae.W_dec.shape, generator=generator).to(x.device)
         self.sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        self.sae.W_enc.copy_(0.1 * self.sae.W_dec.T)
+        self.sae.W_enc.copy_((1.0 if self.sae.cfg.architecture == "topk" else 0.1) * self.sae.W_dec.T)
         self.sae.b_enc.zero_()
         self.sae.b_dec.copy_(x.median(dim=0).values)
 
@@ -421,7 +425,9 @@ class SaeTrainer:
                 self.world.broadcast(p.data)
             self.saes[name] = m
         self.params = [p for m in self.saes.values() for p in m.parameters()]
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.lrs = {name: cfg.lr or default_lr(cfg.architecture, m.sae.cfg.d_sae) for name, m in self.saes.items()}
+        self.opt = torch.optim.Adam([{"params": list(m.parameters()), "lr": self.lrs[name]}
+                                     for name, m in self.saes.items()])
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
         self.since_fired = {s: torch.zeros(m.sae.cfg.d_sae, device=self.world.device)
                             for s, m in self.saes.items()}
@@ -667,7 +673,7 @@ class SaeTrainer:
             save_activations(cfg.save_activations, torch.cat(recorded), self.scales[self.sites[0]], self.sites[0])
         self.tokens_per_second = tokens_done / elapsed if elapsed else float("nan")
         meta = {"objective": cfg.objective, "loss": self._loss_meta(), "training_tokens": self.total_steps *
-                cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites},
+                cfg.batch_tokens, "normalisation_scale": {s: self.scales[s] for s in self.sites}, "lr": self.lrs,
                 "train_tokens_per_second": self.tokens_per_second, "world_size": world.size,
                 "corpus": describe(cfg.corpus) if world.main else {},  # hashes every file: once
                 "config": json.loads(self.given.model_dump_json())}

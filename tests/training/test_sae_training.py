@@ -280,3 +280,17 @@ def test_ranks_given_different_configs_stop_before_training_with_one_line(tiny_d
     # each rank's one line (torchrun then reports the failed children with its own traceback)
     assert done.stderr.count("error: the ranks were given different configs") == 2, done.stderr[-3000:]
     assert not (tmp_path / "sae").exists()
+
+
+@pytest.mark.parametrize("architecture, encoder_scale", [("topk", 1.0), ("standard", 0.1)])
+def test_initialisation_ties_the_encoder_to_the_decoder(architecture, encoder_scale):
+    """TopK starts from the decoder's transpose (Gao et al. 2024, A.1), so its first reconstruction
+    of a latent's own direction is the direction itself; the standard SAE starts at a tenth."""
+    cfg = SAEConfig(d_in=16, d_sae=64, hook_name="blocks.0.hook_resid_post", architecture=architecture,
+                    k=4 if architecture == "topk" else None)
+    m = TrainingSae(cfg)
+    x = torch.randn(256, 16) + 3.0
+    m.initialise(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(m.sae.W_dec.norm(dim=1), torch.ones(64))
+    assert torch.allclose(m.sae.W_enc, encoder_scale * m.sae.W_dec.T)
+    assert torch.allclose(m.sae.b_dec, x.median(dim=0).values)
