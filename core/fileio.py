@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -32,3 +33,13 @@ def replace_file(target: Path, write: Callable[[Path], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def sha256_files(files: Sequence[Path], h=None) -> str:
+    """SHA-256 over the files' bytes, in the order given (read 4 MiB at a time)."""
+    h = h or hashlib.sha256()
+    for path in files:
+        with Path(path).open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()

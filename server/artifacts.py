@@ -2,10 +2,16 @@
 
 A mismatch (unknown site, wrong width, duplicate id) is a start-up error that
 names the artifact and the fix, never a wrong answer later.
+
+An artifact's generation is a hash of its content (`content_generation`): two servers that load
+the same files, in any order, give it the same generation, so they compute the same prefix-cache
+salts and report the same `rudder:artifact_info`; a reload of other files under the same id is
+another generation, and requests validated against the old one drop its edits.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,17 +21,33 @@ import torch
 
 from rudder.core.code_search import CodeIndex
 from rudder.core.codebook import CONFIG_FILE as CODEBOOK_CONFIG
+from rudder.core.codebook import WEIGHTS_FILE as CODEBOOK_WEIGHTS
 from rudder.core.codebook import Codebook, load_codebooks
 from rudder.core.errors import AlreadyExists, ArtifactError, NotFound, RudderError
 from rudder.core.feature_metadata import FeatureMeta, load_output_scores, read_feature_metadata
+from rudder.core.fileio import sha256_files
 from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
-from rudder.core.sae import SAE, SAEConfig, load_sae_config
+from rudder.core.sae import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, load_sae_config
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
 from rudder.core.vectors import SteeringVector, load_vector, named
 from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
+
+
+def content_generation(files: list[Path], salt: str = "") -> int:
+    """A generation from content: the first 60 bits of the SHA-256 of `salt` and the files' bytes
+    (an int, as specs and the worker channel carry it; 60 bits leave it positive in an int64)."""
+    h = hashlib.sha256(salt.encode())
+    return int(sha256_files([f for f in files if f.exists()], h)[:15], 16)
+
+
+def vector_generation(v: SteeringVector) -> int:
+    """A steering vector's generation: its direction, site, scope and calibrated strength."""
+    h = hashlib.sha256(f"{v.site}|{v.scope}|{v.strength!r}|".encode())
+    h.update(v.vector.numpy().tobytes())
+    return int(h.hexdigest()[:15], 16)
 
 
 @dataclass
@@ -38,7 +60,7 @@ class AttachedSae:
     sae: SAE | None = None
     """the weights, where this process runs the SAE (not in the vLLM front end, which only validates)"""
     generation: int = 0
-    """which load of this id it is: requests are validated against one generation"""
+    """a hash of its config and weights (`content_generation`): requests are validated against one"""
     site_out: Site | None = None
     """a transcoder's output site: its edits are added there"""
     output_scores: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -59,6 +81,8 @@ class AttachedCodebook:
     index_tokens: torch.Tensor | None = None
     """code search: held-out token ids (N, L) and this codebook's active codes there (N, L, G, k)"""
     index_ids: torch.Tensor | None = None
+    generation: int = 0
+    """a hash of the model folder's codebooks (see `content_generation`)"""
 
 
 def split_named(spec: str) -> tuple[str, Path]:
@@ -139,7 +163,7 @@ class Artifacts:
                 vllm: bool = False) -> AttachedSae:
         """Attach the SAE folder `[NAME=]PATH`; with `weights=False` only its config (checked against
         its weights' shapes) is read, for a process that validates requests but runs no SAE.
-        `generation`: as the front end numbered this load (default: the next number here).
+        `generation`: as the front end computed it (default: `content_generation` of its files).
         `model` (vLLM's own, if `vllm`): the served model, whose norms an SAE that reads TransformerLens'
         ln2.hook_normalized reads through (`hf_sites.mlp_norm_affine`)."""
         sae_id, path = split_named(spec)
@@ -177,7 +201,7 @@ class Artifacts:
                                 f"{site.name}, where it reads: it must write a later site")
         self.changes += 1
         if generation is None:
-            generation = self.changes
+            generation = content_generation([path / CFG_FILE, path / WEIGHTS_FILE])
         attached = AttachedSae(sae_id, site, cfg, path, read_feature_metadata(path), sae, generation, site_out,
                                load_output_scores(path))
         self.saes[sae_id] = attached
@@ -186,6 +210,7 @@ class Artifacts:
 
     def add_codebooks(self, folder: Path, shape: ModelShape, device: torch.device, dtype: torch.dtype) -> None:
         index = CodeIndex.load(folder)
+        books = [folder / CODEBOOK_CONFIG, folder / CODEBOOK_WEIGHTS]
         for cb in load_codebooks(folder, device=device):
             site = Site.parse(cb.cfg.site, shape.num_layers)
             width = cb.cfg.num_heads * cb.cfg.d_code
@@ -199,7 +224,8 @@ class Artifacts:
             meta = read_feature_metadata(folder / cb.cfg.id) if (folder / cb.cfg.id).is_dir() else None
             ids = index.ids.get(cb.cfg.id) if index is not None else None
             self.codebooks[cb.cfg.id] = AttachedCodebook(cb.cfg.id, site, cb.to(dtype), meta,
-                                                         index.tokens if ids is not None else None, ids)
+                                                         index.tokens if ids is not None else None, ids,
+                                                         content_generation(books, salt=cb.cfg.id))
             log.info("codebook %s at %s: %d codes, k=%d, %d heads", cb.cfg.id, site.name, cb.cfg.num_codes,
                      cb.cfg.k, cb.cfg.num_heads)
 

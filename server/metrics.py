@@ -7,6 +7,7 @@ plus steering's own. docs/serving.md lists every metric with its meaning.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 # vLLM's buckets for latencies, in seconds
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -57,7 +58,38 @@ class Metrics:
         self.artifacts_loaded.labels("sae").set_function(lambda: len(engine.artifacts.saes))
         self.artifacts_loaded.labels("codebook").set_function(lambda: len(engine.artifacts.codebooks))
         engine.on_hook_step = self.hook_time.observe
+        self.registry.register(ArtifactInfo(engine))
 
     def serve(self, port: int, host: str = "0.0.0.0"):
         """Start the /metrics HTTP server in a thread; returns (server, thread). Port 0 picks a free one."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class ArtifactInfo:
+    """`rudder:artifact_info{id, kind, generation, site, width}` = 1 for each artifact loaded, read at
+    scrape time (as vLLM's `vllm:lora_requests_info` names its adapters): which replica serves what.
+    The generation is a hash of the artifact's content (`server.artifacts.content_generation`), the
+    same on every replica that loaded the same files; width: an SAE's latents, a codebook's codes,
+    a vector's dimensions."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def describe(self):  # no scrape at registration: the engine's artifacts may still be loading
+        return [GaugeMetricFamily("rudder:artifact_info", "")]
+
+    def collect(self):
+        from rudder.server.artifacts import vector_generation
+
+        info = GaugeMetricFamily("rudder:artifact_info", "Artifacts loaded (1 each): id, kind (sae, codebook, "
+                                 "vector), generation (a hash of its content), site, width",
+                                 labels=["id", "kind", "generation", "site", "width"])
+        a = self.engine.artifacts
+        for s in list(a.saes.values()):
+            info.add_metric([s.id, "sae", f"{s.generation:015x}", s.site.name, str(s.cfg.d_sae)], 1)
+        for c in list(a.codebooks.values()):
+            info.add_metric([c.id, "codebook", f"{c.generation:015x}", c.site.name, str(c.codebook.cfg.num_codes)],
+                            1)
+        for name, v in list(a.vectors.items()):
+            info.add_metric([name, "vector", f"{vector_generation(v):015x}", v.site, str(v.d_model)], 1)
+        yield info

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import hashlib
 import json
 import re
 import shutil
@@ -51,6 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from rudder.core.errors import InvalidArgument
+from rudder.core.fileio import sha256_files
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -315,15 +315,6 @@ def check_sources(sources: Iterable[Spec]) -> list[str | DataSource]:
     return out
 
 
-def _sha256(files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for path in files:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def describe(sources: Iterable[Spec]) -> dict[str, str | dict]:
     """Each source with its provenance: Debian package versions or the Python version for the
     built-ins; format, files, bytes and SHA-256 for files; the fingerprint for datasets."""
@@ -339,7 +330,7 @@ def describe(sources: Iterable[Spec]) -> dict[str, str | dict]:
                 info.update(split=src.split, rows=len(ds), fingerprint=ds._fingerprint)
             else:
                 files = src.files()
-                info.update(files=len(files), bytes=sum(f.stat().st_size for f in files), sha256=_sha256(files))
+                info.update(files=len(files), bytes=sum(f.stat().st_size for f in files), sha256=sha256_files(files))
             out[src.path] = info
             continue
         pkgs = SOURCES[src].packages
