@@ -60,3 +60,32 @@ def test_reloading_other_weights_under_an_id_is_another_generation_and_the_same_
     changed = asyncio.run(reload(b))
     assert changed != before
     assert artifact_info(engine)["s"]["generation"] == f"{changed:015x}"
+
+
+def test_the_same_steering_gets_the_same_prefix_cache_salt_on_both_replicas(tiny_dir, tmp_path):
+    """The vLLM backend salts the prefix cache with the edits and their SAEs' generations: two replicas
+    that loaded the same files (in another order, from other paths) share nothing stale and agree."""
+    from rudder.core.steering import spec_to_wire
+    from rudder.server.backends.vllm import VllmEngine
+    from rudder.server.requests import Limits, RequestParser
+    from rudder.v1 import steering_pb2 as pb
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_sae(a, SITE, seed=1)
+    make_sae(b, SITE, seed=2)
+    a_copy = tmp_path / "elsewhere" / "a"
+    shutil.copytree(a, a_copy)
+    other = tmp_path / "other"
+    make_sae(other, SITE, seed=3)  # the same id, other weights: another salt
+
+    def salt(*saes):
+        engine = ReferenceEngine(tiny_dir, saes=list(saes))
+        parser = RequestParser(engine.shape, engine.artifacts, Limits())
+        edit = pb.Intervention(feature=pb.FeatureIntervention(sae="a", feature=3, clamp=2.0))
+        spec = parser.steering([edit], pb.ReadoutRequest())
+        return VllmEngine._salt(spec, spec_to_wire(spec), 5)
+
+    first = salt(f"a={a}", f"b={b}")
+    assert first is not None
+    assert salt(f"b={b}", f"a={a_copy}") == first
+    assert salt(f"a={other}", f"b={b}") != first
