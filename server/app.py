@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rudder.core.errors import RudderError
+from rudder.server.artifact_set import POLL_S, ArtifactSet
 from rudder.server.backends.base import Engine
 from rudder.server.metrics import Metrics
 from rudder.server.requests import Limits
@@ -174,13 +175,18 @@ class RudderServer:
     def __init__(self, engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 50051,
                  limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False,
                  metrics_port: int | None = None, metrics_host: str = "0.0.0.0", tls: Tls | None = None,
-                 token: str | None = None, openai_port: int | None = None):
-        """`openai_port`: also serve the OpenAI-compatible door (rudder.server.openai_door) there, at `host`."""
+                 token: str | None = None, openai_port: int | None = None, artifact_set: Path | None = None,
+                 artifact_set_poll_s: float = POLL_S):
+        """`openai_port`: also serve the OpenAI-compatible door (rudder.server.openai_door) there, at `host`.
+        `artifact_set`: the SAEs follow that file (rudder.server.artifact_set), read every `artifact_set_poll_s`."""
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
         self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token))
-        self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics)
+        self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics,
+                                       artifact_set)
+        self.artifact_set = ArtifactSet(artifact_set, engine, artifact_set_poll_s) if artifact_set else None
+        self._reconciler: asyncio.Task | None = None
         self.metrics_http = None
         self.metrics_port = None
         if metrics_port is not None:
@@ -206,6 +212,9 @@ class RudderServer:
 
     async def start(self) -> None:
         await self.engine.start()
+        if self.artifact_set is not None:  # the set's SAEs before the first call; its edits while serving
+            await self.artifact_set.reconcile()
+            self._reconciler = asyncio.create_task(self.artifact_set.watch())
         parser = self.service.parser  # prompt and output limits follow the engine's context, where it has one
         parser.limits = parser.limits.within(self.engine.max_model_len)
         await self.server.start()
@@ -235,6 +244,8 @@ class RudderServer:
     async def stop(self, grace: float = 30.0) -> None:
         """Drain: report NOT_SERVING, let in-flight streams finish within `grace`, then stop."""
         self._watchdog.cancel()
+        if self._reconciler is not None:
+            self._reconciler.cancel()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.engine.healthy():  # a paused engine could not finish the streams drained below

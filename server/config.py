@@ -73,12 +73,18 @@ class ServeConfig:
     reflection stay open"""
     allow_admin: bool = False
     """allow the LoadSae / UnloadSae RPCs (attach SAE folders from this machine at run time)"""
+    artifact_set: Path | None = None
+    """serve the SAEs a file of NAME=PATH (or NAME=saelens:RELEASE/SAE_ID) lines names, and follow its edits
+    (every replica of a deployment reads the same file); LoadSae / UnloadSae are then refused"""
+    artifact_set_poll_s: float = 2.0
+    """seconds between two reads of --artifact-set"""
     grace: float = 30.0
     """seconds in-flight streams get on SIGTERM"""
 
     def __post_init__(self) -> None:
         for name, low in (("tensor_parallel_size", 1), ("max_concurrent", 1),
-                          ("max_tokens_limit", 1), ("threads", 0), ("port", 0), ("metrics_port", -1), ("grace", 0)):
+                          ("max_tokens_limit", 1), ("threads", 0), ("port", 0), ("metrics_port", -1), ("grace", 0),
+                          ("artifact_set_poll_s", 0.1)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 
 from rudder.core import code_search
 from rudder.core.errors import (
@@ -122,9 +123,10 @@ class _Call:
 
 class SteeringService(pb_grpc.SteeringServicer):
     def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256,
-                 allow_admin: bool = False, metrics: Metrics | None = None):
+                 allow_admin: bool = False, metrics: Metrics | None = None, artifact_set: Path | None = None):
         self.engine = engine
         self.allow_admin = allow_admin
+        self.artifact_set = artifact_set  # the file the SAEs follow: LoadSae / UnloadSae are refused
         self.metrics = metrics or Metrics()
         self.model_name = model_name
         self.parser = RequestParser(engine.shape, engine.artifacts, limits, engine.check_site)
@@ -324,6 +326,10 @@ class SteeringService(pb_grpc.SteeringServicer):
                                             min_precision, min_recall)]
 
     def _admin(self, what: str) -> None:
+        if self.artifact_set is not None and what in ("LoadSae", "UnloadSae"):
+            raise FailedPrecondition(f"this server's SAEs follow the artifact set {self.artifact_set}: edit that "
+                                     "file (every replica reconciles within seconds); LoadSae and UnloadSae are "
+                                     "off in this mode")
         if not self.allow_admin:
             raise PermissionDenied(f"{what} is an admin call; start the server with --allow-admin to allow it")
 

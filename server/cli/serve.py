@@ -147,7 +147,8 @@ def serve(cfg: ServeConfig) -> int:
     async def run() -> int:  # grpc.aio objects belong to the loop they are made in
         server = RudderServer(engine, name, cfg.host, cfg.port, Limits(max_tokens=cfg.max_tokens_limit),
                               cfg.max_concurrent, cfg.allow_admin, metrics_port=cfg.metrics,
-                              metrics_host=cfg.metrics_host, tls=tls, token=token, openai_port=cfg.openai_port)
+                              metrics_host=cfg.metrics_host, tls=tls, token=token, openai_port=cfg.openai_port,
+                              artifact_set=cfg.artifact_set, artifact_set_poll_s=cfg.artifact_set_poll_s)
         return await server.run_until_signal(cfg.grace)
 
     return asyncio.run(run())

@@ -4,13 +4,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import pytest
+
+from rudder import client as rc
+from rudder.server.app import BackgroundServer
+from rudder.server.artifact_set import parse
 from rudder.server.backends.reference import ReferenceEngine
 from rudder.server.metrics import Metrics
+from tests.server.engines import wait_for
 from tests.tiny import make_sae
 
 SITE = "blocks.1.hook_resid_post"
@@ -89,3 +96,49 @@ def test_the_same_steering_gets_the_same_prefix_cache_salt_on_both_replicas(tiny
     assert first is not None
     assert salt(f"b={b}", f"a={a_copy}") == first
     assert salt(f"a={other}", f"b={b}") != first
+
+
+def test_artifact_set_lines_parse_and_bad_ones_name_their_line():
+    entries, problems = parse("# the fleet's SAEs\na=/data/a\n\nb = saelens:rel/id  # a release\nnonsense\n"
+                              "a=/data/again\nc d=/x\n")
+    assert {n: (e.source, e.line) for n, e in entries.items()} == {"a": ("/data/a", 2), "b": ("saelens:rel/id", 4)}
+    assert [p.split(":")[0] for p in problems] == ["line 5", "line 6", "line 7"]
+    assert "already named on line 2" in problems[1]
+
+
+def test_a_server_follows_its_artifact_set_file(tiny_dir, tmp_path, caplog):
+    """Edits of the file add and remove SAEs on the running server; a stream steering with a removed
+    SAE ends FAILED_PRECONDITION; a bad line is logged with its number and the rest serves; LoadSae
+    and UnloadSae are refused naming the file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_sae(a, SITE, seed=1)
+    make_sae(b, SITE, seed=2)
+    saes = tmp_path / "saes.txt"
+    saes.write_text(f"a={a}\n")
+    engine = ReferenceEngine(tiny_dir)
+    caplog.set_level(logging.ERROR, logger="rudder.server.artifact_set")
+    with BackgroundServer(engine, "tiny", artifact_set=saes, artifact_set_poll_s=0.2, allow_admin=True) as srv, \
+            rc.Client(srv.address, timeout=60) as c:
+        assert [s.id for s in c.model_info().saes] == ["a"]  # loaded before the first call
+        saes.write_text(f"a={a}\nnot a line\nb={b}\nc={tmp_path / 'missing'}\n")
+        wait_for(lambda: {s.id for s in c.model_info().saes} == {"a", "b"}, "b loaded from the edited set")
+        wait_for(lambda: any("line 4" in r.getMessage() and "'c'" in r.getMessage() for r in caplog.records),
+                 "the missing folder logged with its line")
+        assert any("line 2" in r.getMessage() for r in caplog.records)
+        assert len(list(c.generate("The quick", max_tokens=3, interventions=[rc.clamp("b", 3, 4.0)]))) == 3
+
+        stream = c.generate("The quick brown fox", max_tokens=200, ignore_eos=True,
+                            interventions=[rc.clamp("a", 3, 4.0)])
+        next(stream)  # running, steered by a
+        srv.call(engine.pause())  # no step runs until the set has been applied
+        saes.write_text(f"b={b}\n")
+        wait_for(lambda: "a" not in engine.artifacts.saes, "a unloaded from the edited set")
+        srv.call(engine.resume())
+        with pytest.raises(rc.FailedPrecondition, match="unloaded"):
+            list(stream)
+        assert [s.id for s in c.model_info().saes] == ["b"]
+
+        with pytest.raises(rc.FailedPrecondition, match=str(saes)):
+            c.load_sae(str(a), id="a")
+        with pytest.raises(rc.FailedPrecondition, match="artifact set"):
+            c.unload_sae("b")
