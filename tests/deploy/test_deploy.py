@@ -44,7 +44,8 @@ FULL = ["--set", "gpu.count=2", "--set", "server.tensorParallelSize=2", "--set",
         "--set", "auth.existingSecret=rudder-token", "--set", "tls.existingSecret=rudder-tls",
         "--set", "tls.clientCaSecret=rudder-ca", "--set", "image.tag=0.1.0-cuda",
         "--set", "nodeSelector.gpu=h100", "--set", "server.extraArgs={--no-prefix-caching}",
-        "--set", "server.openaiPort=8000"]
+        "--set", "server.openaiPort=8000", "--set", "server.artifactSet.resid6=/artifacts/saes/resid6",
+        "--set", "server.artifactSet.gemma=saelens:gemma-scope-2b-pt-res-canonical/layer_6/width_16k/canonical"]
 
 
 def helm(*args: str) -> str:
@@ -130,3 +131,68 @@ def test_dockerfiles_copy_every_package_the_install_needs():
                   for p in src.split()}
         top = {d.split("/")[0] for d in package_dirs.values()}
         assert top <= copied, f"{dockerfile.name} does not COPY {sorted(top - copied)}: pip install would fail"
+
+
+def _render(*values: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(helm("template", "rudder", str(CHART), *values)) if d]
+
+
+def test_the_artifact_set_renders_to_a_file_every_pod_mounts_and_follows():
+    from rudder.server.artifact_set import parse
+
+    docs = _render(*FULL)
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("artifact-set"))
+    entries, problems = parse(config_map["data"]["saes.txt"])
+    assert not problems
+    assert {n: e.source for n, e in entries.items()} == {
+        "resid6": "/artifacts/saes/resid6",
+        "gemma": "saelens:gemma-scope-2b-pt-res-canonical/layer_6/width_16k/canonical"}
+    spec = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    (arg,) = [a for a in container["args"] if a.startswith("--artifact-set=")]
+    path = Path(arg.split("=", 1)[1])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"] and path.name in config_map["data"]
+    assert not any(d["kind"] == "ConfigMap" for d in _render())  # off by default
+
+
+def test_a_headless_service_lists_the_pods_for_clients_that_balance_themselves():
+    services = {d["metadata"]["name"]: d for d in _render() if d["kind"] == "Service"}
+    headless = services["rudder-rudder-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == services["rudder-rudder"]["spec"]["selector"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+
+
+def test_the_hpa_reads_a_metric_the_adapter_rule_makes_from_a_series_a_live_server_exports(tiny_dir):
+    """Render the HPA; apply the shipped prometheus-adapter rule to the series a real server's /metrics
+    lists; the rule's output must be the HPA's metric name. KEDA's query names a live series too."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from rudder.server.app import BackgroundServer
+    from rudder.server.backends.reference import ReferenceEngine
+
+    with BackgroundServer(ReferenceEngine(tiny_dir), "tiny", metrics_port=0, metrics_host="127.0.0.1") as srv:
+        url = f"http://127.0.0.1:{srv.server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    live = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+    hpa = next(d for d in _render("--set", "autoscaling.enabled=true") if d["kind"] == "HorizontalPodAutoscaler")
+    wanted = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    rules = yaml.safe_load((CHART / "files/prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    made = set()
+    for rule in rules:
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+        assert series in live, f"the adapter rule selects {series}, which the server does not export"
+        as_ = re.sub(r"\$\{(\d+)\}", r"\\\1", rule["name"]["as"])  # Go's ${1} is Python's \1
+        made.add(re.sub(rule["name"]["matches"], as_, series))
+    assert wanted in made
+
+    keda = _render("--set", "autoscaling.enabled=true", "--set", "autoscaling.keda.enabled=true")
+    assert not any(d["kind"] == "HorizontalPodAutoscaler" for d in keda)
+    scaled = next(d for d in keda if d["kind"] == "ScaledObject")
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+    assert set(re.findall(r"rudder:[a-z0-9_:]+", query)) <= live and "rudder:" in query

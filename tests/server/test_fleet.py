@@ -7,10 +7,9 @@ import asyncio
 import logging
 import shutil
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-
-import pytest
 
 from rudder import client as rc
 from rudder.server.app import BackgroundServer
