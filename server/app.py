@@ -176,13 +176,16 @@ class RudderServer:
                  limits: Limits = Limits(), max_concurrent: int = 256, allow_admin: bool = False,
                  metrics_port: int | None = None, metrics_host: str = "0.0.0.0", tls: Tls | None = None,
                  token: str | None = None, openai_port: int | None = None, artifact_set: Path | None = None,
-                 artifact_set_poll_s: float = POLL_S):
+                 artifact_set_poll_s: float = POLL_S, max_connection_age_s: float = 0.0):
         """`openai_port`: also serve the OpenAI-compatible door (rudder.server.openai_door) there, at `host`.
-        `artifact_set`: the SAEs follow that file (rudder.server.artifact_set), read every `artifact_set_poll_s`."""
+        `artifact_set`: the SAEs follow that file (rudder.server.artifact_set), read every `artifact_set_poll_s`.
+        `max_connection_age_s`: a client's connection is asked to go away (GOAWAY) after this long, so a
+        long-lived client reconnects and its balancer sees new replicas; its streams in flight finish (0: never)."""
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
-        self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token))
+        options = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))] if max_connection_age_s else []
+        self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token), options=options)
         self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics,
                                        artifact_set)
         self.artifact_set = ArtifactSet(artifact_set, engine, artifact_set_poll_s) if artifact_set else None

@@ -78,13 +78,16 @@ class ServeConfig:
     (every replica of a deployment reads the same file); LoadSae / UnloadSae are then refused"""
     artifact_set_poll_s: float = 2.0
     """seconds between two reads of --artifact-set"""
+    max_connection_age: float = 300.0
+    """seconds a client's connection lives before the server asks it to reconnect (streams in flight finish),
+    so long-lived clients rebalance over replicas that came up since (0: never)"""
     grace: float = 30.0
     """seconds in-flight streams get on SIGTERM"""
 
     def __post_init__(self) -> None:
         for name, low in (("tensor_parallel_size", 1), ("max_concurrent", 1),
                           ("max_tokens_limit", 1), ("threads", 0), ("port", 0), ("metrics_port", -1), ("grace", 0),
-                          ("artifact_set_poll_s", 0.1)):
+                          ("artifact_set_poll_s", 0.1), ("max_connection_age", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):

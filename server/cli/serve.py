@@ -148,7 +148,8 @@ def serve(cfg: ServeConfig) -> int:
         server = RudderServer(engine, name, cfg.host, cfg.port, Limits(max_tokens=cfg.max_tokens_limit),
                               cfg.max_concurrent, cfg.allow_admin, metrics_port=cfg.metrics,
                               metrics_host=cfg.metrics_host, tls=tls, token=token, openai_port=cfg.openai_port,
-                              artifact_set=cfg.artifact_set, artifact_set_poll_s=cfg.artifact_set_poll_s)
+                              artifact_set=cfg.artifact_set, artifact_set_poll_s=cfg.artifact_set_poll_s,
+                              max_connection_age_s=cfg.max_connection_age)
         return await server.run_until_signal(cfg.grace)
 
     return asyncio.run(run())

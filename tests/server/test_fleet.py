@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
 
 import pytest
 from prometheus_client import generate_latest
@@ -141,3 +142,48 @@ def test_a_server_follows_its_artifact_set_file(tiny_dir, tmp_path, caplog):
             c.load_sae(str(a), id="a")
         with pytest.raises(rc.FailedPrecondition, match="artifact set"):
             c.unload_sae("b")
+
+
+def _served(scrape_url: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(scrape_url, timeout=10).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "rudder:requests_total" and s.labels.get("method") == "Generate")
+
+
+def test_the_sdk_round_robins_over_two_replicas(tiny_dir):
+    """Two servers on one port of two loopback addresses; the SDK's default policy spreads 40 calls
+    over both, as each server's own rudder:requests counter says."""
+    one = BackgroundServer(ReferenceEngine(tiny_dir), "tiny", host="127.0.0.1", metrics_port=0,
+                           metrics_host="127.0.0.1")
+    port = one.server.port
+    try:
+        two = BackgroundServer(ReferenceEngine(tiny_dir), "tiny", host="127.0.0.2", port=port, metrics_port=0,
+                               metrics_host="127.0.0.1")
+    except OSError:
+        one.stop()
+        pytest.skip("127.0.0.2 is not a loopback address here")
+    with one, two, rc.Client(f"ipv4:127.0.0.1:{port},127.0.0.2:{port}", timeout=60) as c:
+        for _ in range(40):
+            assert len(list(c.generate("The quick", max_tokens=1))) == 1
+        counts = [_served(f"http://127.0.0.1:{s.server.metrics_port}/metrics") for s in (one, two)]
+    assert sum(counts) == 40 and min(counts) >= 10, counts
+
+
+def test_an_aged_connection_reconnects_without_losing_a_call_or_a_stream(tiny_dir):
+    """With max_connection_age the server sends GOAWAY to old connections: a stream in flight when it
+    comes still finishes, and the client's next call reconnects transparently."""
+    engine = ReferenceEngine(tiny_dir)
+    with BackgroundServer(engine, "tiny", max_connection_age_s=0.3) as srv, \
+            rc.Client(srv.address, timeout=60) as c:
+        stream = c.generate("The quick brown fox", max_tokens=20, ignore_eos=True)
+        first = next(stream)
+        srv.call(engine.pause())
+        time.sleep(1.0)  # well past the age: the connection has been told to go away
+        srv.call(engine.resume())
+        rest = list(stream)
+        assert len([first, *rest]) == 20 and rest[-1].stop_reason == "length"
+        for _ in range(3):
+            assert len(list(c.generate("The quick", max_tokens=2))) == 2
+            time.sleep(0.4)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -104,14 +105,33 @@ def tls_credentials(ca: str | None = None, cert: str | None = None, key: str | N
     return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 
 
+def channel_options(load_balancing: str = "round_robin", retry: bool = True) -> list[tuple[str, str]]:
+    """The channel's service config. `load_balancing`: gRPC's policy over the addresses a target
+    resolves to (`dns:///rudder-headless:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`):
+    round_robin spreads calls over every replica, pick_first sends them all to one. `retry`: a call
+    answered UNAVAILABLE before its first response (a replica draining or still warming up) is tried
+    once more, on the next address; a stream that has begun is never replayed."""
+    config: dict = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if retry:
+        config["methodConfig"] = [{
+            "name": [{"service": "rudder.v1.Steering"}],
+            "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
+
+
 class Client:
     """Blocking client. `timeout` (seconds) is each call's deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
-        """`credentials`: TLS (see `tls_credentials`); `token`: a bearer token for servers started with one."""
-        self.channel = (grpc.secure_channel(target, credentials) if credentials
-                        else grpc.insecure_channel(target))
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 load_balancing: str = "round_robin", retry: bool = True):
+        """`target`: any gRPC target (`host:port`, `dns:///host:port`, `ipv4:a:p,b:p`); `credentials`: TLS
+        (see `tls_credentials`); `token`: a bearer token for servers started with one; `load_balancing`
+        and `retry`: see `channel_options`."""
+        options = channel_options(load_balancing, retry)
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.SteeringStub(self.channel)
         self.timeout = timeout
         self.metadata = _auth_metadata(token)
@@ -189,10 +209,12 @@ class AsyncClient:
     """asyncio client with the same methods as `Client` (a test checks it)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
-        """`credentials`: TLS (see `tls_credentials`); `token`: a bearer token for servers started with one."""
-        self.channel = (grpc.aio.secure_channel(target, credentials) if credentials
-                        else grpc.aio.insecure_channel(target))
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 load_balancing: str = "round_robin", retry: bool = True):
+        """As `Client`'s."""
+        options = channel_options(load_balancing, retry)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                        else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.SteeringStub(self.channel)
         self.timeout = timeout
         self.metadata = _auth_metadata(token)
