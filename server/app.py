@@ -7,6 +7,7 @@ import hmac
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rudder.core.errors import RudderError
 from rudder.server.artifact_set import POLL_S, ArtifactSet
-from rudder.server.backends.base import Engine
+from rudder.server.backends.base import Engine, EngineRequest, Sampling
 from rudder.server.metrics import Metrics
 from rudder.server.requests import Limits
 from rudder.server.service import SteeringService
@@ -144,6 +145,25 @@ class AuthInterceptor(_SteeringInterceptor):
         yield  # pragma: no cover - abort raises, so the handler never runs
 
 
+class WarmupInterceptor(_SteeringInterceptor):
+    """Until the engine has started and served a warm-up request, calls are answered UNAVAILABLE at
+    once (the port is bound and answering from the first moment; health says NOT_SERVING meanwhile)."""
+
+    MESSAGE = ("warming up: the engine is loading and compiling the model; retry in a few seconds "
+               "(grpc.health.v1 reports SERVING once it is ready)")
+
+    def __init__(self):
+        self.ready = False
+
+    def intercept(self, handler, details):
+        return handler if self.ready else _wrap(handler, self._refuse)
+
+    @asynccontextmanager
+    async def _refuse(self, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, self.MESSAGE)
+        yield  # pragma: no cover - abort raises, so the handler never runs
+
+
 class StatusInterceptor(_SteeringInterceptor):
     """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent."""
 
@@ -163,10 +183,12 @@ class StatusInterceptor(_SteeringInterceptor):
         return _wrap(handler, mapped)
 
 
-def interceptors(metrics: Metrics, token: str | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: metrics sees every answer, auth refuses before the service runs, status maps its errors."""
+def interceptors(metrics: Metrics, token: str | None = None,
+                 warmup: WarmupInterceptor | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: metrics sees every answer, auth refuses before the service runs (and before a
+    warming-up server says so), status maps its errors."""
     auth = [AuthInterceptor(token)] if token else []
-    return [MetricsInterceptor(metrics), *auth, StatusInterceptor()]
+    return [MetricsInterceptor(metrics), *auth, *([warmup] if warmup else []), StatusInterceptor()]
 
 
 class RudderServer:
@@ -185,7 +207,9 @@ class RudderServer:
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
         options = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))] if max_connection_age_s else []
-        self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token), options=options)
+        self.warmup = WarmupInterceptor()
+        self._watchdog: asyncio.Task | None = None
+        self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token, self.warmup), options=options)
         self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics,
                                        artifact_set)
         self.artifact_set = ArtifactSet(artifact_set, engine, artifact_set_poll_s) if artifact_set else None
@@ -214,21 +238,40 @@ class RudderServer:
         self._openai_bind = (host, openai_port)
 
     async def start(self) -> None:
+        """Answer on the port at once (health NOT_SERVING, calls UNAVAILABLE "warming up"), start the
+        engine, load the artifact set, serve one warm-up request, then report SERVING."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
         await self.engine.start()
         if self.artifact_set is not None:  # the set's SAEs before the first call; its edits while serving
             await self.artifact_set.reconcile()
             self._reconciler = asyncio.create_task(self.artifact_set.watch())
         parser = self.service.parser  # prompt and output limits follow the engine's context, where it has one
         parser.limits = parser.limits.within(self.engine.max_model_len)
-        await self.server.start()
+        await self._warm_up()
         if self.openai is not None:
             await self.openai.serve(*self._openai_bind)
+        self.warmup.ready = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.engine_healthy.set(1)
         self.engine_died = asyncio.Event()
         self._watchdog = asyncio.create_task(self._watch_engine())
         log.info("serving %s on %s (backend %s)", self.service.model_name, self.address, self.engine.name)
+
+    async def _warm_up(self) -> None:
+        """One short unsteered request through the engine: what the first caller would otherwise pay
+        (lazy compilation, allocator growth) is paid before the server reports ready."""
+        t0 = time.monotonic()
+        try:
+            ids = self.engine.tokenize("Hello") or [0]
+        except Exception:  # noqa: BLE001 - a tokenizer without text (TokFSM): any id warms the engine
+            ids = [0]
+        async with aclosing(self.engine.generate(EngineRequest(ids, Sampling(max_tokens=2, ignore_eos=True)))) as s:
+            async for _ in s:
+                pass
+        log.info("warm-up request served in %.1f s", time.monotonic() - t0)
 
     async def _watch_engine(self) -> None:
         """Once the engine dies (it will not serve again): health NOT_SERVING, new calls UNAVAILABLE (the
@@ -246,7 +289,8 @@ class RudderServer:
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drain: report NOT_SERVING, let in-flight streams finish within `grace`, then stop."""
-        self._watchdog.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._reconciler is not None:
             self._reconciler.cancel()
         for name in ("", SERVICE_NAME):

@@ -187,3 +187,55 @@ def test_an_aged_connection_reconnects_without_losing_a_call_or_a_stream(tiny_di
         for _ in range(3):
             assert len(list(c.generate("The quick", max_tokens=2))) == 2
             time.sleep(0.4)
+
+
+def test_the_port_answers_while_the_engine_warms_up_and_ready_means_warm(tiny_dir):
+    """The engine's start is held: the bound port already answers, health NOT_SERVING and a call
+    UNAVAILABLE ("warming up") at once; released, the server serves a warm-up request and reports SERVING."""
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rudder.server.app import RudderServer
+
+    gate = threading.Event()
+
+    class HeldStart(ReferenceEngine):
+        async def start(self):
+            await asyncio.to_thread(gate.wait)
+            await super().start()
+
+    engine = HeldStart(tiny_dir)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make():
+        return RudderServer(engine, "tiny", port=0)
+
+    server = asyncio.run_coroutine_threadsafe(make(), loop).result()
+    started = asyncio.run_coroutine_threadsafe(server.start(), loop)
+    address = f"127.0.0.1:{server.port}"
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status():
+            try:
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            except grpc.RpcError:
+                return None
+
+        wait_for(lambda: status() is not None, "the bound port answering health checks")
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with rc.Client(address, timeout=30) as c, pytest.raises(rc.Unavailable, match="warming up"):
+            list(c.generate("The quick", max_tokens=2))
+        assert not started.done()
+        gate.set()
+        started.result(timeout=120)
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        with rc.Client(address, timeout=30) as c:
+            assert len(list(c.generate("The quick", max_tokens=2))) == 2
+    asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
