@@ -34,5 +34,11 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
   apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
     || echo "    Chromium could not be installed: the dashboard's browser test will be skipped"
 fi
+# nginx is the real L7 load balancer of the rollout test (Debian's package); optional elsewhere.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "==> installing nginx (Debian package) for the rollout test"
+  apt-get install -y -q nginx-light >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nginx-light >/dev/null 2>&1) \
+    || echo "    nginx could not be installed: the rollout test will be skipped"
+fi
 echo "==> default model"
 rudder fetch-default

@@ -46,7 +46,7 @@ from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, GuardHit, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.backends.step import broken_steering
-from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, VLLM_VERSION
+from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, FRONT_END_ENV, VLLM_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ class VllmEngine(HfTokenizing):
         import zmq.asyncio
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        os.environ[FRONT_END_ENV] = str(os.getpid())  # the engine's processes end when this one is gone
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # Rudder reads the V1 runner's batch state
         if not torch.cuda.is_available():

@@ -25,7 +25,12 @@ exactly as the first time, and readouts are keyed by (request, position).
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import signal
+import threading
+import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -332,6 +337,44 @@ class _Steerer:
 # ---------------------------------------------------------------- the worker class
 
 
+FRONT_END_ENV = "RUDDER_FRONTEND_PID"
+"""set by the front end before it starts vLLM: the engine's processes inherit it and watch that pid"""
+
+
+def _alive_since(pid: int) -> str | None:
+    """The process's start time (/proc/PID/stat field 22), or None once it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in "ZX" else fields[19]
+
+
+def watch_front_end(interval: float = 1.0) -> None:
+    """In an engine process: once the front end that started the engine is gone (SIGKILL, the OOM
+    killer), end the engine rather than leave it orphaned, holding its memory: kill this process's
+    parent if it is not the front end (vLLM's EngineCore; its other workers follow it), then exit.
+    Needs Linux's /proc; elsewhere nothing is watched."""
+    pid = int(os.environ.get(FRONT_END_ENV) or 0)
+    born = _alive_since(pid) if pid else None
+    if born is None:
+        return
+
+    def watch() -> None:
+        while _alive_since(pid) == born:
+            time.sleep(interval)
+        parent = os.getppid()
+        log.error("the Rudder front end (pid %d) is gone: ending its engine (pid %d and %d)", pid, parent, os.getpid())
+        if parent not in (1, pid):
+            try:
+                os.kill(parent, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="rudder-front-end-watch", daemon=True).start()
+
+
 class _SteeringMixin:
     """Put first in the bases of vLLM's worker class: places the ops after the model loads and
     answers `collective_rpc("rudder_...")`."""
@@ -345,6 +388,7 @@ class _SteeringMixin:
             raise ArtifactError(f"Rudder's vLLM backend does not support pipeline parallelism "
                                 f"(pipeline_parallel_size={pp}); use tensor parallelism")
         _STEERER = _Steerer(self.model_runner, sites, sends_readouts=self.rank == 0)
+        watch_front_end()
 
     def rudder_setup(self, readout_address: str, saes: list[tuple[str, int]], codebooks: str | None) -> dict:
         _STEERER.connect(readout_address)

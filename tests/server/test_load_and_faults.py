@@ -539,6 +539,40 @@ def health_status(address: str) -> int:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
 
 
+def test_a_front_end_killed_with_sigkill_takes_its_engine_with_it(backend, model):
+    """`kill -9` of `rudder serve` (an OOM kill, a crash): vLLM's EngineCore and workers notice the front
+    end is gone (rudder.server.backends.vllm_worker.watch_front_end) and end, leaving nothing of the
+    server's session running to hold its memory."""
+    if backend != "vllm":
+        pytest.skip("the reference engine runs in the server's own process")
+    import psutil
+
+    proc, _ = serve_process(backend, model)
+    session = os.getsid(proc.pid)  # serve_process starts it in a session of its own
+    engine = psutil.Process(proc.pid).children(recursive=True)
+    assert engine, "vLLM started no engine process"
+
+    def left() -> list[int]:
+        alive = []
+        for p in psutil.process_iter(["pid", "status"]):
+            try:
+                if p.pid != proc.pid and os.getsid(p.pid) == session and p.info["status"] != psutil.STATUS_ZOMBIE:
+                    alive.append(p.pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return alive
+
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    try:
+        wait_for(lambda: not left(), "no process of the killed server's session left", ceiling=10.0)
+    finally:
+        for pid in left():  # do not leave an orphan engine to the next test
+            os.kill(pid, signal.SIGKILL)
+    print(f"\nfront end killed: its {len(engine)} engine processes gone after {time.monotonic() - killed:.1f} s")
+
+
 def test_killing_the_vllm_engine_turns_health_off_fails_streams_and_exits(backend, model):
     if backend != "vllm":
         pytest.skip("the reference engine runs in the server's own process")
