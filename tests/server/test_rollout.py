@@ -36,8 +36,9 @@ http {{
     access_log off;
     client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
     uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-    upstream rudder_grpc {{ server 127.0.0.1:{a}; server 127.0.0.1:{b}; }}
-    upstream rudder_door {{ server 127.0.0.1:{a_door}; server 127.0.0.1:{b_door}; }}
+    # max_fails=0: a replica that refused connections while it restarted is tried again at once
+    upstream rudder_grpc {{ server 127.0.0.1:{a} max_fails=0; server 127.0.0.1:{b} max_fails=0; }}
+    upstream rudder_door {{ server 127.0.0.1:{a_door} max_fails=0; server 127.0.0.1:{b_door} max_fails=0; }}
     server {{
         listen 127.0.0.1:{grpc} http2;
         location / {{ grpc_pass grpc://rudder_grpc; grpc_next_upstream error timeout; grpc_read_timeout 120s; }}
@@ -118,7 +119,8 @@ def _answers(address: str) -> bool:
 
 
 def _door_completion(url: str) -> dict:
-    body = json.dumps({"model": "tiny", "prompt": "The quick", "max_tokens": 4, "rudder": {
+    model = json.loads(urllib.request.urlopen(f"{url}/v1/models", timeout=60).read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": "The quick", "max_tokens": 4, "rudder": {
         "interventions": [{"feature": {"sae": "s", "feature": 3, "clamp": 4.0}}]}}).encode()
     request = urllib.request.Request(f"{url}/v1/completions", body, {"content-type": "application/json"})
     return json.loads(urllib.request.urlopen(request, timeout=60).read())
@@ -133,10 +135,13 @@ def test_a_rolling_restart_behind_nginx_drops_no_stream(fleet):
     lock = threading.Lock()
     sent = threading.Semaphore(0)
     next_stream = iter(range(STREAMS))
+    back = threading.Event()  # the second half waits for the restarted replica, so both serve a share
 
     def worker() -> None:
         with rc.Client(address, timeout=120) as c:
             for i in iter(lambda: next(next_stream, None), None):
+                if i >= STREAMS // 2:
+                    back.wait()
                 kind = list(kinds)[i % 3]
                 got, stop = 0, None
                 try:
@@ -162,6 +167,7 @@ def test_a_rolling_restart_behind_nginx_drops_no_stream(fleet):
     a.proc.send_signal(signal.SIGTERM)
     assert a.proc.wait(120) == 0, "the draining replica did not exit cleanly"
     a.start()  # the same ports: nginx's upstream comes back
+    back.set()
     assert _door_completion(door)["choices"][0]["text"] is not None  # the door through nginx, steered
     for t in threads:
         t.join(300)
