@@ -310,6 +310,15 @@ def _steering_quality_costs(d: dict) -> Rows:
     return rows
 
 
+@table("sae_lr", "sae_lr.json", "rrrrr")
+def _sae_lr(d: dict) -> Rows:
+    rows = [["training tokens", "peak lr", "explained variance", "CE loss recovered", "dead"]]
+    for r in d["rows"]:
+        rows.append([f"{r['tokens']:,}", f"{r['lr']:g}", f"{r['explained_variance']:.3f}", f"{r['ce_loss_score']:.3f}",
+                     f"{r['dead_fraction']:.1%}"])
+    return rows
+
+
 @table("steering_costs", "steering_costs.json", "lrrr")
 def _steering_costs(d: dict) -> Rows:
     rows = [["", "best (s)", "spread (s)", "request parse (us)"]]
