@@ -92,19 +92,44 @@ def _text(content, where: str) -> str:
     raise _bad(f"{where}: only text content is served (a string, or parts of type 'text')", where)
 
 
+def _zero(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 0
+
+
+# OpenAI fields the door does not serve, each with what a value that asks for nothing is: any other
+# value is refused by name (400), never silently ignored, so a client asking for logprobs or a
+# penalty learns it gets none.
+UNSERVED = {
+    "logprobs": lambda v: v is False, "top_logprobs": _zero, "presence_penalty": _zero,
+    "frequency_penalty": _zero, "logit_bias": lambda v: v == {}, "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none", "functions": lambda v: v == [],
+    "response_format": lambda v: v == {"type": "text"}, "best_of": lambda v: v == 1 and not isinstance(v, bool),
+    "echo": lambda v: v is False, "suffix": lambda v: v == "",
+}
+
+
+def _refuse_unserved(body: dict) -> None:
+    for name, asks_nothing in UNSERVED.items():
+        value = body.get(name)
+        if value is not None and not asks_nothing(value):
+            raise _bad(f"{name}: not served by this server (got {json.dumps(value)[:80]}); leave it out (per-token "
+                       "values: the rudder object's readouts)", name)
+
+
 def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRequest:
     """The GenerateRequest an OpenAI body asks for. Bad values of the fields it reads are refused by
-    name, and so is `n` other than 1; OpenAI fields it does not serve (logprobs, penalties, tools,
-    response_format) are ignored, as some OpenAI-compatible servers do."""
+    name, and so is `n` other than 1; OpenAI fields it does not serve (logprobs, penalties, logit_bias,
+    tools, response_format, ...) are refused by name when they ask for anything (`UNSERVED`)."""
+    _refuse_unserved(body)
     req = pb.GenerateRequest()
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages: a non-empty list of {role, content} is required", "messages")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
                 raise _bad(f"messages[{i}]: each message needs a role and content", f"messages[{i}]")
-            req.chat.messages.add(role=m["role"], content=_text(m.get("content", ""), f"messages[{i}].content"))
+            req.chat.messages.add(role=m["role"], content=_text(m["content"], f"messages[{i}].content"))
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

@@ -39,6 +39,8 @@ class Limits:
     max_interventions: int = 64
     max_readout_top_k: int = 256
     max_feature_ids: int = 256
+    max_stop: int = 16
+    """stop strings a request may give (each at most MAX_STOP_CHARS characters)"""
     context: int | None = None
     """the engine's context in tokens (prompt plus output), where it has one"""
 
@@ -58,6 +60,7 @@ MAX_MAGNITUDE = 1e4
 
 
 DEFAULT_MAX_TOKENS = 64
+MAX_STOP_CHARS = 256
 MAX_TEMPERATURE = 2.0  # as vLLM and OpenAI's API allow
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily (vLLM's _SAMPLING_EPS)
 
@@ -307,6 +310,11 @@ class RequestParser:
             raise InvalidArgument(f"sampling.top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise InvalidArgument(f"sampling.top_k must be >= 0 (0 = off), got {top_k}")
+        if len(s.stop) > self.limits.max_stop:
+            raise ResourceExhausted(f"sampling.stop has {len(s.stop)} strings, over this server's limit of "
+                                    f"{self.limits.max_stop}")
+        if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
+            raise InvalidArgument(f"sampling.stop: each stop string must be 1 to {MAX_STOP_CHARS} characters")
         return Sampling(max_tokens, temperature, top_p, top_k, s.seed if s.HasField("seed") else None,
                         tuple(s.stop), s.ignore_eos)
 

@@ -85,6 +85,30 @@ def test_bad_bodies_get_a_400_naming_the_field(door):
         door.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
 
 
+@pytest.mark.parametrize("field, value", [("logit_bias", {"abc": "def"}), ("logprobs", True), ("top_logprobs", 3),
+                                          ("presence_penalty", 0.5), ("frequency_penalty", -1),
+                                          ("response_format", {"type": "json_object"}),
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}])])
+def test_fields_the_door_does_not_serve_are_refused_by_name_not_ignored(door, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        door.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                     extra_body={field: value})
+    assert f"{field}: not served" in str(e.value)
+
+
+def test_fields_that_ask_for_nothing_pass_and_a_message_needs_content_and_stops_are_bounded(door):
+    out = door.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       logprobs=False, presence_penalty=0.0, frequency_penalty=0, logit_bias={},
+                                       response_format={"type": "text"})
+    assert out.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as e:
+        door.chat.completions.create(model="tiny", messages=[{"role": "user"}], max_tokens=2)
+    assert "messages[0]" in str(e.value)
+    with pytest.raises(openai.APIStatusError) as e:  # the service's limit, as over gRPC (RESOURCE_EXHAUSTED)
+        door.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"stop": ["x"] * 1000})
+    assert "sampling.stop has 1000 strings" in str(e.value)
+
+
 def test_no_token_gets_a_401_and_the_model_is_listed(server, door):
     bare = openai.OpenAI(base_url=str(door.base_url), api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
