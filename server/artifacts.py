@@ -40,7 +40,7 @@ def content_generation(files: list[Path], salt: str = "") -> int:
     """A generation from content: the first 60 bits of the SHA-256 of `salt` and the files' bytes
     (an int, as specs and the worker channel carry it; 60 bits leave it positive in an int64)."""
     h = hashlib.sha256(salt.encode())
-    return int(sha256_files([f for f in files if f.exists()], h)[:15], 16)
+    return int(sha256_files(files, h)[:15], 16)
 
 
 def vector_generation(v: SteeringVector) -> int:
@@ -100,7 +100,7 @@ class Artifacts:
     saes: dict[str, AttachedSae] = field(default_factory=dict)
     codebooks: dict[str, AttachedCodebook] = field(default_factory=dict)
     vectors: dict[str, SteeringVector] = field(default_factory=dict)  # resolved by the front end into directions
-    changes: int = 0  # SAEs attached or removed so far: a cheap "has anything changed?", and generations
+    changes: int = 0  # SAEs attached or removed so far: a cheap "has anything changed?"
 
     def by_site(self) -> dict[str, SiteArtifacts]:
         sites: dict[str, SiteArtifacts] = {}

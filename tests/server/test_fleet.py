@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import threading
 import time
 
 import pytest
@@ -127,15 +128,26 @@ def test_a_server_follows_its_artifact_set_file(tiny_dir, tmp_path, caplog):
         assert any("line 2" in r.getMessage() for r in caplog.records)
         assert len(list(c.generate("The quick", max_tokens=3, interventions=[rc.clamp("b", 3, 4.0)]))) == 3
 
-        stream = c.generate("The quick brown fox", max_tokens=200, ignore_eos=True,
-                            interventions=[rc.clamp("a", 3, 4.0)])
-        next(stream)  # running, steered by a
-        srv.call(engine.pause())  # no step runs until the set has been applied
+        # The engine is held before the stream starts, so no step of it runs until the set has been
+        # applied, on a machine of any speed; the stream is admitted (validated against a) meanwhile.
+        srv.call(engine.pause())
+        ended: list[BaseException] = []
+
+        def steered_by_a():
+            try:
+                list(c.generate("The quick brown fox", max_tokens=200, ignore_eos=True,
+                                interventions=[rc.clamp("a", 3, 4.0)]))
+            except rc.RudderError as e:
+                ended.append(e)
+
+        stream = threading.Thread(target=steered_by_a)
+        stream.start()
+        wait_for(lambda: srv.server.service.in_flight == 1, "the stream steered by a admitted")
         saes.write_text(f"b={b}\n")
         wait_for(lambda: "a" not in engine.artifacts.saes, "a unloaded from the edited set")
         srv.call(engine.resume())
-        with pytest.raises(rc.FailedPrecondition, match="unloaded"):
-            list(stream)
+        stream.join(60)
+        assert len(ended) == 1 and isinstance(ended[0], rc.FailedPrecondition) and "unloaded" in str(ended[0]), ended
         assert [s.id for s in c.model_info().saes] == ["b"]
 
         with pytest.raises(rc.FailedPrecondition, match=str(saes)):
