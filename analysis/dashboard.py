@@ -251,10 +251,10 @@ def codebook_dashboard(lm, codebooks: dict, cb_id: str, windows: list[list[int]]
 
 def run(cfg: DashboardConfig) -> Path:
     """`rudder dashboard`: the page for `cfg.sae` on its model, or for codebook `cfg.codebook` of `cfg.model`."""
+    from rudder.core.artifacts import load_sae_for
     from rudder.core.codebook import load_codebooks
     from rudder.core.default_model import ensure_default_model
     from rudder.core.errors import InvalidArgument
-    from rudder.server.artifacts import load_sae_for
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 

@@ -74,8 +74,8 @@ def summary(scores: list[int]) -> dict[str, float]:
 
 def run(cfg: PolysemanticityConfig) -> dict:
     """`rudder analyze polysemanticity`: scores of neurons and of SAE features, printed as a table."""
+    from rudder.core.artifacts import load_sae_for
     from rudder.core.default_model import ensure_default_model
-    from rudder.server.artifacts import load_sae_for
     from rudder.training.corpus import train_eval_split
     from rudder.training.lm import HookedLM
 

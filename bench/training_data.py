@@ -62,7 +62,7 @@ def peak_rss(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def rudder(*args: str) -> list[str]:
-    return [sys.executable, "-m", "rudder.server.cli", *args]
+    return [sys.executable, "-m", "rudder.cli", *args]
 
 
 def main() -> None:

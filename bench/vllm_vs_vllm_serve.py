@@ -214,7 +214,7 @@ def main() -> None:
     vllm = None if "vllm serve" not in runs else start([
                   sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
                   "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"), server_cores)
-    rudder = start([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
+    rudder = start([sys.executable, "-m", "rudder.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
                     "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"),
                    server_cores)
     address = f"127.0.0.1:{grpc_port}"

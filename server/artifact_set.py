@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from rudder.core import sae_sources
 from rudder.core.errors import RudderError
-from rudder.server import sae_sources
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     rudder serve --model PATH --sae resid15=PATH --backend vllm --port 50051
 
-Every field is a flag of `rudder serve` (rudder.server.cli.serve); its docstring is the
+Every field is a flag of `rudder serve` (rudder.cli.serve); its docstring is the
 flag's `--help`. A bad combination raises ValueError when the config is made, before
 anything loads.
 """

@@ -79,7 +79,7 @@ class ArtifactInfo:
         return [GaugeMetricFamily("rudder:artifact_info", "")]
 
     def collect(self):
-        from rudder.server.artifacts import vector_generation
+        from rudder.core.artifacts import vector_generation
 
         info = GaugeMetricFamily("rudder:artifact_info", "Artifacts loaded (1 each): id, kind (sae, codebook, "
                                  "vector), generation (a hash of its content), site, width",

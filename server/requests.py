@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rudder.core.artifacts import Artifacts
 from rudder.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, RudderError
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
@@ -25,7 +26,6 @@ from rudder.core.steering import (
     SteeringSpec,
     When,
 )
-from rudder.server.artifacts import Artifacts
 from rudder.server.backends.base import Sampling
 from rudder.v1 import steering_pb2 as pb
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
-from rudder.core import code_search
+from rudder.core import code_search, sae_sources
 from rudder.core.errors import (
     AtCapacity,
     FailedPrecondition,
@@ -24,7 +24,6 @@ from rudder.core.errors import (
 from rudder.core.feature_metadata import rank_by_effect
 from rudder.core.sites import all_sites
 from rudder.core.steering import SteeringSpec
-from rudder.server import sae_sources
 from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
 from rudder.server.metrics import Metrics
 from rudder.server.requests import Limits, RequestParser

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -161,10 +162,9 @@ def make_vector(lm: HookedLM, method: str, site: str, examples: Sequence[Example
     return build(method, pos, neg), site_norm / 10, site_norm
 
 
-def run(cfg: VectorTrainConfig) -> SteeringVector:
-    from rudder.server.app import BackgroundServer
-    from rudder.server.backends.reference import ReferenceEngine
-
+def run(cfg: VectorTrainConfig, serve: Callable[[str], AbstractContextManager[str]]) -> SteeringVector:
+    """`serve(model)`: a Rudder server on that model for the run's generations, as a context that gives its
+    address (`rudder train vector` starts one on the reference backend; training imports no server)."""
     given = read_pairs(cfg.examples) if cfg.examples is not None else None  # a bad file fails before any load
     model = cfg.model or str(default_model_dir())
     lm = HookedLM.load(model)
@@ -179,7 +179,7 @@ def run(cfg: VectorTrainConfig) -> SteeringVector:
     judge = Judge(lm)
     concept = Concept(cfg.concept, cfg.words or cfg.concept)
     t0 = time.perf_counter()
-    with BackgroundServer(ReferenceEngine(model), "vector") as srv, rc.Client(srv.address, timeout=1800) as c:
+    with serve(model) as address, rc.Client(address, timeout=1800) as c:
         gen = client_generator(c, cfg.max_tokens, cfg.temperature)
         if given is not None:
             examples = given

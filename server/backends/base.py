@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from rudder.core.artifacts import Artifacts
 from rudder.core.hf_sites import ModelShape
 from rudder.core.steering import SteeringSpec
-from rudder.server.artifacts import Artifacts
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from rudder.core.artifacts import Artifacts, has_codebooks
 from rudder.core.errors import ArtifactError, InvalidArgument
 from rudder.core.hf_sites import context_of, family_error, hook_site, shape_of
 from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
-from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, HfTokenizing, Sampling, TokenEvent
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.backends.step import GateState, Span, StepRecorder, broken_steering, row_index, table_specs

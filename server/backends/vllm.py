@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from rudder.core.artifacts import Artifacts, has_codebooks
 from rudder.core.errors import (
     ArtifactError,
     FailedPrecondition,
@@ -42,7 +43,6 @@ from rudder.core.errors import (
 from rudder.core.hf_sites import ModelShape, family_error
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
-from rudder.server.artifacts import Artifacts, has_codebooks
 from rudder.server.backends.base import EngineRequest, GuardHit, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.backends.step import broken_steering

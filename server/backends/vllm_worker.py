@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rudder.core.artifacts import Artifacts
 from rudder.core.errors import ArtifactError
 from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
-from rudder.server.artifacts import Artifacts
 from rudder.server.backends.step import GateState, Span, StepRecorder, row_index, table_specs
 
 log = logging.getLogger(__name__)

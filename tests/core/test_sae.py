@@ -111,8 +111,8 @@ def test_folders_written_by_saelens_give_saelens_outputs(fixture):
 def test_an_saelens_sae_of_one_head_serves_as_an_sae_of_its_whole_site():
     """`metadata.hook_head_index`: widened to every head at load, it reads head 1 as SAELens does and
     its reconstruction writes head 1 alone (the other heads' columns are zero, so edits leave them)."""
+    from rudder.core.artifacts import Artifacts
     from rudder.core.hf_sites import ModelShape
-    from rudder.server.artifacts import Artifacts
 
     shape = ModelShape("llama", num_layers=2, d_model=64, num_heads=4, d_head=16, vocab_size=320)
     for weights in (False, True):  # the front end reads the config only; the workers load the weights
@@ -250,8 +250,8 @@ def test_center_writing_weights_is_applied_as_the_change_of_basis_it_is(tmp_path
     edit_cfg(tmp_path / "a", metadata={"hook_name": "blocks.1.attn.hook_z"})  # z is not written to the stream
     assert not SAE.load(tmp_path / "a").cfg.center_input
     # TransformerLens centres LayerNorm models only: served on an RMSNorm family, the flag changes nothing
+    from rudder.core.artifacts import Artifacts
     from rudder.core.hf_sites import ModelShape
-    from rudder.server.artifacts import Artifacts
 
     edit_cfg(tmp_path / "a", metadata={"hook_name": "blocks.1.hook_resid_post"})
     for family, centred in (("gpt2", True), ("gpt_neox", True), ("llama", False), ("gemma2", False)):

@@ -310,7 +310,7 @@ def serve_process(backend: str, model, *extra: str) -> tuple[subprocess.Popen, s
     model_dir, sae = model
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="rudder-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", backend,
+    proc = subprocess.Popen([sys.executable, "-m", "rudder.cli", "serve", "--backend", backend,
                              "--model", str(model_dir), "--sae", f"s={sae}", "--port", str(port),
                              "--metrics-port", "-1", *extra, *(["--", "--max-model-len", "256"] if backend == "vllm"
                                                                 else [])],

@@ -40,7 +40,7 @@ def wait_until_serving(proc: subprocess.Popen, address: str, timeout: float = 12
 @pytest.fixture
 def served(tiny_dir, tiny_sae_dir):
     port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "reference",
+    proc = subprocess.Popen([sys.executable, "-m", "rudder.cli", "serve", "--backend", "reference",
                              "--model", str(tiny_dir),
                              "--sae", f"s={tiny_sae_dir}", "--port", str(port), "--grace", "20",
                              "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"],

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from rudder.core.artifacts import Artifacts, AttachedCodebook
 from rudder.core.codebook import Codebook, CodebookConfig
 from rudder.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from rudder.core.hf_sites import ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import CodeEdit, FeatureEdit, Op, ReadoutSpec, Scope
-from rudder.server.artifacts import Artifacts, AttachedCodebook
 from rudder.server.backends.base import Sampling
 from rudder.server.requests import DEFAULT_MAX_TOKENS, Limits, RequestParser, parse_scope
 from rudder.v1 import steering_pb2 as pb

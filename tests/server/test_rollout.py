@@ -59,7 +59,7 @@ class Replica:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rudder.server.cli", "serve", "--backend", "reference", "--model", str(self.model),
+            [sys.executable, "-m", "rudder.cli", "serve", "--backend", "reference", "--model", str(self.model),
              "--sae", f"s={self.sae}", "--port", str(self.port), "--openai-port", str(self.door),
              "--metrics-port", str(self.metrics), "--metrics-host", "127.0.0.1", "--grace", "60"],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rudder.core import sae_sources
+from rudder.core.artifacts import Artifacts
 from rudder.core.errors import ArtifactError
 from rudder.core.hf_sites import ModelShape
-from rudder.server import sae_sources
-from rudder.server.artifacts import Artifacts
 from tests.core.test_sae import FIXTURES
 
 pytest.importorskip("sae_lens", reason="the sae-lens extra (rudder[saelens]) is not installed")

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from rudder.cli import main
 from rudder.core.errors import InvalidArgument
 from rudder.core.sae import SAE
-from rudder.server.cli import main
 from rudder.training.cache import MANIFEST
 from rudder.training.config import load_config
 from rudder.training.sae import run
@@ -93,7 +93,7 @@ def test_two_ranks_under_torchrun_train_what_one_process_trains(tiny_dir, tmp_pa
     run(config(tiny_dir, tmp_path / "one", **extra))
     sets = [x for k, v in {**DATA, **TRAIN, **extra, "threads": 1}.items() for x in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "rudder.server.cli", "train", "sae", "--model", str(tiny_dir), "--site", SITE,
+           "rudder.cli", "train", "sae", "--model", str(tiny_dir), "--site", SITE,
            "--out", str(tmp_path / "two"), *sets]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -156,7 +156,7 @@ def test_a_two_rank_run_killed_and_resumed_ends_as_the_uninterrupted_run(tiny_di
     sets = [x for k, v in {**DATA, **TRAIN, "threads": 1, "checkpoint_every_steps": 4}.items()
             for x in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "rudder.server.cli", "train", "sae", "--model", str(tiny_dir), "--site", SITE,
+           "rudder.cli", "train", "sae", "--model", str(tiny_dir), "--site", SITE,
            "--out", str(tmp_path / "two"), *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ckpt = tmp_path / "two.ckpt" / "checkpoint.pt"

@@ -43,8 +43,8 @@ def test_local_sae_learns_to_reconstruct_and_writes_a_servable_artifact(tiny_dir
     assert len(features) == 128 and any(f["top_examples"] for f in features)
     assert not (tmp_path / "sae.ckpt").exists()  # the checkpoint goes once the artifact is written
 
+    from rudder.core.artifacts import Artifacts
     from rudder.core.hf_sites import ModelShape
-    from rudder.server.artifacts import Artifacts
     shape = ModelShape("llama", 3, 64, 4, 16, 320)
     attached = Artifacts().add_sae(str(tmp_path / "sae"), shape, torch.device("cpu"))
     assert attached.features is not None and attached.features[0].id == 0
@@ -205,7 +205,7 @@ def test_nan_loss_stops_training_and_writes_nothing(tiny_dir, tmp_path):
 
 
 def test_cli_reports_a_bad_config_without_a_traceback(tiny_dir, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "rudder.server.cli", "train", "sae", "--model", str(tiny_dir),
+    proc = subprocess.run([sys.executable, "-m", "rudder.cli", "train", "sae", "--model", str(tiny_dir),
                            "--site", "blocks.7.hook_resid_pre", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -216,7 +216,7 @@ def test_cli_reports_a_bad_config_without_a_traceback(tiny_dir, tmp_path):
 
 
 def _train_cmd(tiny_dir, out, *extra):
-    return [sys.executable, "-m", "rudder.server.cli", "train", "sae", "--model", str(tiny_dir), "--site",
+    return [sys.executable, "-m", "rudder.cli", "train", "sae", "--model", str(tiny_dir), "--site",
             "blocks.1.hook_resid_post", "--out", str(out), "--tokens", "61440", "--set", "batch_tokens=256",
             "--set", "context=32", "--set", "corpus_tokens=24000", "--set", "buffer_tokens=2048", "--set",
             "d_sae=128", "--set", "eval_tokens=512", "--set", "checkpoint_every_steps=20", *extra]
@@ -271,7 +271,7 @@ def test_a_bfloat16_frozen_model_trains_a_float32_sae_about_as_well(tiny_dir, tm
 @pytest.mark.slow
 def test_ranks_given_different_configs_stop_before_training_with_one_line(tiny_dir, tmp_path):
     wrapper = tmp_path / "rank_lr.py"
-    wrapper.write_text("import os, sys\nfrom rudder.server.cli import main\n"
+    wrapper.write_text("import os, sys\nfrom rudder.cli import main\n"
                        "sys.exit(main(sys.argv[1:] + ['--set', f\"lr={1e-3 * (1 + int(os.environ['RANK']))}\"]))\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(wrapper),
            *_train_cmd(tiny_dir, tmp_path / "sae")[3:]]

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from rudder.cli import main
 from rudder.core.errors import InvalidArgument
 from rudder.core.vectors import SteeringVector, diffmean
-from rudder.server.cli import main
 from rudder.training.concepts import Answer, Concept, Example, Judge, ask, repeated_trigrams, sweep
 from rudder.training.lm import HookedLM
 from rudder.training.vectors import train_vector

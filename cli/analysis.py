@@ -24,7 +24,7 @@ from rudder.analysis.config import (
     TokFSMCodesConfig,
     TokFSMMetricsConfig,
 )
-from rudder.server.cli.common import add_config_arguments, config_from_args, offline, summary
+from rudder.cli.common import add_config_arguments, config_from_args, offline, summary
 
 
 @offline

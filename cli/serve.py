@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rudder.server.cli.common import add_config_arguments, config_from_args
+from rudder.cli.common import add_config_arguments, config_from_args
 from rudder.server.config import ServeConfig
 
 if TYPE_CHECKING:

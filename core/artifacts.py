@@ -28,10 +28,10 @@ from rudder.core.feature_metadata import FeatureMeta, load_output_scores, read_f
 from rudder.core.fileio import sha256_files
 from rudder.core.hf_sites import LAYOUTS, ModelShape, mlp_norm_affine, shape_of
 from rudder.core.sae import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig, load_sae_config
+from rudder.core.sae_sources import default_id, is_release, resolve
 from rudder.core.sites import Site
 from rudder.core.steering import SiteArtifacts
 from rudder.core.vectors import SteeringVector, load_vector, named
-from rudder.server.sae_sources import default_id, is_release, resolve
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,14 @@ shortcut flags; the TokFSM trainer has one flag per field.
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_origin
 
 from pydantic import BaseModel
 
+from rudder.cli.common import add_config_arguments, config_values, offline
 from rudder.core.errors import InvalidArgument
-from rudder.server.cli.common import add_config_arguments, config_values, offline
 from rudder.training.config import (
     CodebookTrainConfig,
     SaeTrainConfig,
@@ -155,8 +156,18 @@ def cmd_train_tokfsm(args: argparse.Namespace) -> int:
 def cmd_train_vector(args: argparse.Namespace) -> int:
     from rudder.training.vectors import run
 
-    run(yaml_config_from_args(VectorTrainConfig, VECTOR_SHORTCUTS, args))
+    run(yaml_config_from_args(VectorTrainConfig, VECTOR_SHORTCUTS, args), reference_server)
     return 0
+
+
+@contextmanager
+def reference_server(model: str):
+    """A Rudder server on the reference backend for a training run's generations; gives its address."""
+    from rudder.server.app import BackgroundServer
+    from rudder.server.backends.reference import ReferenceEngine
+
+    with BackgroundServer(ReferenceEngine(model), "vector") as srv:
+        yield srv.address
 
 
 @offline

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from rudder.cli import analysis, fetch, serve, train
 from rudder.client.cli import add_client_commands, run
-from rudder.server.cli import analysis, fetch, serve, train
 
 
 def build_parser() -> argparse.ArgumentParser:
