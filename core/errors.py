@@ -35,6 +35,10 @@ class OutOfRange(RudderError):
     code = "OUT_OF_RANGE"
 
 
+class Unauthenticated(RudderError):
+    code = "UNAUTHENTICATED"
+
+
 class PermissionDenied(RudderError):
     code = "PERMISSION_DENIED"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import threading
@@ -17,10 +16,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rudder.core.errors import RudderError
 from rudder.server.artifact_set import POLL_S, ArtifactSet
 from rudder.server.backends.base import Engine, EngineRequest, Sampling
+from rudder.server.generation import GenerationCore
 from rudder.server.metrics import Metrics
+from rudder.server.policy import Policy, outcome
 from rudder.server.requests import Limits
 from rudder.server.service import SteeringService
 from rudder.v1 import steering_pb2 as pb
@@ -49,10 +49,6 @@ class Tls:
         return grpc.ssl_server_credentials([(read(self.key), read(self.cert))],
                                            root_certificates=read(self.client_ca) if self.client_ca else None,
                                            require_client_auth=self.client_ca is not None)
-
-
-def _status(err: RudderError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
 
 Guard = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager]
@@ -96,99 +92,35 @@ class _SteeringInterceptor(grpc.aio.ServerInterceptor):
         raise NotImplementedError
 
 
-class MetricsInterceptor(_SteeringInterceptor):
-    """Counts every finished call in `rudder:requests` by method and status code. Put it first (outermost)
-    so that it sees the codes the other interceptors answer with."""
+class PolicyInterceptor(_SteeringInterceptor):
+    """The server's `Policy` on every Steering call: admitted (bearer token, warm-up) before the
+    service runs, its domain errors answered with their status and message (anything else INTERNAL,
+    logged, no traceback sent), and counted in `rudder:requests` by method and status code."""
 
-    def __init__(self, metrics: Metrics):
-        self.requests = metrics.requests
+    def __init__(self, policy: Policy):
+        self.policy = policy
 
     def intercept(self, handler, details):
         method = details.method.rsplit("/", 1)[-1]
+        authorization = dict(details.invocation_metadata or ()).get("authorization")
 
         @asynccontextmanager
-        async def counted(context):
+        async def governed(context):
+            code = "CANCELLED"  # unless it ends otherwise: the client went away
             try:
+                self.policy.admit(authorization)
                 yield
+                code = "OK"
             except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
                 raise
-            except BaseException:
-                code = context.code() or grpc.StatusCode.INTERNAL  # set by context.abort
-                raise
-            else:
-                code = context.code() or grpc.StatusCode.OK
+            except Exception as e:  # noqa: BLE001 - every error is answered with its status
+                out = outcome(e, details.method)
+                code = out.code
+                await context.abort(getattr(grpc.StatusCode, out.code), out.message)
             finally:
-                self.requests.labels(method, code.name).inc()
+                self.policy.count(method, code)
 
-        return _wrap(handler, counted)
-
-
-class AuthInterceptor(_SteeringInterceptor):
-    """Calls without `authorization: Bearer <token>` are answered UNAUTHENTICATED."""
-
-    MESSAGE = "missing or wrong bearer token: send metadata `authorization: Bearer <token>`"
-
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
-
-    def _authorized(self, details) -> bool:
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        return hmac.compare_digest(got.encode() if isinstance(got, str) else got, self.expected)
-
-    def intercept(self, handler, details):
-        return handler if self._authorized(details) else _wrap(handler, self._deny)
-
-    @asynccontextmanager
-    async def _deny(self, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)
-        yield  # pragma: no cover - abort raises, so the handler never runs
-
-
-class WarmupInterceptor(_SteeringInterceptor):
-    """Until the engine has started and served a warm-up request, calls are answered UNAVAILABLE at
-    once (the port is bound and answering from the first moment; health says NOT_SERVING meanwhile)."""
-
-    MESSAGE = ("warming up: the engine is loading and compiling the model; retry in a few seconds "
-               "(grpc.health.v1 reports SERVING once it is ready)")
-
-    def __init__(self):
-        self.ready = False
-
-    def intercept(self, handler, details):
-        return handler if self.ready else _wrap(handler, self._refuse)
-
-    @asynccontextmanager
-    async def _refuse(self, context):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, self.MESSAGE)
-        yield  # pragma: no cover - abort raises, so the handler never runs
-
-
-class StatusInterceptor(_SteeringInterceptor):
-    """Domain errors become their status code and message; anything else INTERNAL, logged, no traceback sent."""
-
-    def intercept(self, handler, details):
-        @asynccontextmanager
-        async def mapped(context):
-            try:
-                yield
-            except grpc.aio.AbortError:
-                raise  # the handler chose its status itself
-            except RudderError as e:
-                await context.abort(_status(e), str(e))
-            except Exception:  # noqa: BLE001 - mapped to a status
-                log.exception("unexpected error in %s", details.method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {details.method}; see the server log")
-
-        return _wrap(handler, mapped)
-
-
-def interceptors(metrics: Metrics, token: str | None = None,
-                 warmup: WarmupInterceptor | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: metrics sees every answer, auth refuses before the service runs (and before a
-    warming-up server says so), status maps its errors."""
-    auth = [AuthInterceptor(token)] if token else []
-    return [MetricsInterceptor(metrics), *auth, *([warmup] if warmup else []), StatusInterceptor()]
+        return _wrap(handler, governed)
 
 
 class RudderServer:
@@ -207,11 +139,11 @@ class RudderServer:
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
         options = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))] if max_connection_age_s else []
-        self.warmup = WarmupInterceptor()
+        self.policy = Policy(self.metrics, token)
         self._watchdog: asyncio.Task | None = None
-        self.server = grpc.aio.server(interceptors=interceptors(self.metrics, token, self.warmup), options=options)
-        self.service = SteeringService(engine, model_name, limits, max_concurrent, allow_admin, self.metrics,
-                                       artifact_set)
+        self.server = grpc.aio.server(interceptors=[PolicyInterceptor(self.policy)], options=options)
+        self.core = GenerationCore(engine, model_name, limits, max_concurrent, self.metrics)
+        self.service = SteeringService(self.core, allow_admin, artifact_set)
         self.artifact_set = ArtifactSet(artifact_set, engine, artifact_set_poll_s) if artifact_set else None
         self._reconciler: asyncio.Task | None = None
         self.metrics_http = None
@@ -234,7 +166,7 @@ class RudderServer:
         if openai_port is not None:
             from rudder.server.openai_door import OpenAIDoor
 
-            self.openai = OpenAIDoor(self.service, self.metrics, token, tls)
+            self.openai = OpenAIDoor(self.core, self.policy, tls)
         self._openai_bind = (host, openai_port)
 
     async def start(self) -> None:
@@ -247,12 +179,11 @@ class RudderServer:
         if self.artifact_set is not None:  # the set's SAEs before the first call; its edits while serving
             await self.artifact_set.reconcile()
             self._reconciler = asyncio.create_task(self.artifact_set.watch())
-        parser = self.service.parser  # prompt and output limits follow the engine's context, where it has one
-        parser.limits = parser.limits.within(self.engine.max_model_len)
+        self.core.follow_context()
         await self._warm_up()
         if self.openai is not None:
             await self.openai.serve(*self._openai_bind)
-        self.warmup.ready = True
+        self.policy.ready = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.engine_healthy.set(1)
@@ -282,7 +213,7 @@ class RudderServer:
         log.error("the %s engine died; reporting NOT_SERVING and stopping (exit code %d)", self.engine.name,
                   ENGINE_DIED_EXIT)
         self.metrics.engine_healthy.set(0)
-        self.service.dead = "the engine died; this server is stopping to be restarted: retry on another replica"
+        self.core.dead = "the engine died; this server is stopping to be restarted: retry on another replica"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine_died.set()

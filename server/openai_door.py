@@ -5,20 +5,21 @@
     client.chat.completions.create(model="default", messages=[...], stream=True,
                                    extra_body={"rudder": {"interventions": [...], "readouts": {...}}})
 
-A thin layer over the gRPC service itself: each body becomes a `GenerateRequest` and goes through
-`SteeringService.Generate`, so validation, admission, metrics and the engine are one path for
-both doors. The body's `rudder` object is the JSON form of the request's `interventions`,
-`readouts` and `include_baseline` in protobuf's own JSON mapping (field names in lowerCamelCase
-or as in the .proto), so the two doors cannot drift. Each streamed chunk carries, per choice,
-`rudder: {token, readouts}` in the same mapping; the baseline, when asked for, is choice 1.
-Errors are OpenAI's error object, with the HTTP status mapped from the gRPC code.
+A thin adapter over the generation core both doors share (server.generation): each body becomes a
+`GenerateRequest` and goes through `GenerationCore.generate`, so validation, limits, admission,
+metrics and the engine are one path for both doors; authentication, request counting and the
+error map are the server's one `Policy` (server.policy), as for gRPC. The body's `rudder` object
+is the JSON form of the request's `interventions`, `readouts` and `include_baseline` in protobuf's
+own JSON mapping (field names in lowerCamelCase or as in the .proto), so the two doors cannot drift.
+Each streamed chunk carries, per choice, `rudder: {token, readouts}` in the same mapping; the
+baseline, when asked for, is choice 1. Errors are OpenAI's error object, with the HTTP status the
+one map gives the gRPC code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -37,18 +38,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rudder.core.errors import AtCapacity, RudderError
-from rudder.server.metrics import Metrics
-from rudder.server.service import SteeringService
+from rudder.core.errors import InvalidArgument, NotFound
+from rudder.server.generation import Event, GenerationCore
+from rudder.server.policy import Outcome, Policy, outcome
+from rudder.server.wire import response_to_pb
 from rudder.v1 import steering_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-HTTP_STATUS = {  # gRPC code -> HTTP status, as grpc-gateway maps them
-    "INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
-    "INTERNAL": 500, "UNAVAILABLE": 503,
-}
 ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
               404: "not_found_error", 429: "rate_limit_error"}
 FINISH = {pb.LENGTH: "length", pb.EOS: "stop", pb.STOP_STRING: "stop", pb.GUARD: "content_filter"}
@@ -57,30 +54,27 @@ STEERING_FIELDS = {"interventions", "readouts", "include_baseline", "includeBase
 
 
 class DoorError(Exception):
-    """An error answered before or while streaming, as OpenAI's error object."""
+    """An error answered before or while streaming, as OpenAI's error object, its status from the one map."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str = "INTERNAL"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.grpc_code = status, message, param, code
+    def __init__(self, out: Outcome, param: str | None = None):
+        super().__init__(out.message)
+        self.outcome, self.param = out, param
 
     @classmethod
     def of(cls, e: Exception) -> DoorError:
-        if isinstance(e, DoorError):
-            return e
-        if isinstance(e, RudderError):
-            if e.code == "RESOURCE_EXHAUSTED" and not isinstance(e, AtCapacity):
-                return cls(400, str(e), code=e.code)  # over a per-request limit: retrying will not help
-            return cls(HTTP_STATUS.get(e.code, 500), str(e), code=e.code)
-        log.exception("unexpected error in the OpenAI door")
-        return cls(500, "internal error; see the server log")
+        return e if isinstance(e, DoorError) else cls(outcome(e, "the OpenAI door"))
+
+    @property
+    def status(self) -> int:
+        return self.outcome.http
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPE.get(self.status, "server_error"),
+        return {"error": {"message": self.outcome.message, "type": ERROR_TYPE.get(self.status, "server_error"),
                           "param": self.param, "code": self.status}}
 
 
 def _bad(message: str, param: str | None = None) -> DoorError:
-    return DoorError(400, message, param, "INVALID_ARGUMENT")
+    return DoorError(outcome(InvalidArgument(message)), param)
 
 
 def _text(content, where: str) -> str:
@@ -244,13 +238,20 @@ def token_json(msg: pb.GenerateResponse) -> dict:
     return out
 
 
+async def _messages(events: AsyncIterator[Event]) -> AsyncIterator[pb.GenerateResponse]:
+    """The core's events as the gRPC stream's messages, whose JSON mapping the door writes."""
+    async with aclosing(events):
+        async for event in events:
+            yield response_to_pb(event)
+
+
 class OpenAIDoor:
     """The Starlette app; `serve(host, port)` runs it with uvicorn on the running event loop."""
 
-    def __init__(self, service: SteeringService, metrics: Metrics, token: str | None = None, tls=None):
-        """`token`: the bearer token gRPC calls need, needed here too; `tls` (app.Tls): serve HTTPS."""
-        self.service, self.metrics, self.tls = service, metrics, tls
-        self.expected = f"Bearer {token}".encode() if token else None
+    def __init__(self, core: GenerationCore, policy: Policy, tls=None):
+        """`policy`: the server's (the same bearer token, counter and error map as gRPC); `tls` (app.Tls):
+        serve HTTPS."""
+        self.core, self.policy, self.tls = core, policy, tls
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -262,12 +263,7 @@ class OpenAIDoor:
     # ------------------------------------------------------------ plumbing
 
     def _authorize(self, request: Request) -> None:
-        if self.expected is None:
-            return
-        got = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(got, self.expected):
-            raise DoorError(401, "missing or wrong bearer token: send the header `Authorization: Bearer <token>` "
-                                 "(the openai client's api_key)", code="UNAUTHENTICATED")
+        self.policy.admit(request.headers.get("authorization"))
 
     async def _body(self, request: Request) -> dict:
         try:
@@ -277,13 +273,10 @@ class OpenAIDoor:
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
         model = body.get("model")
-        if model not in (None, self.service.model_name, "default"):
-            raise DoorError(404, f"model {model!r} is not served here; this server serves "
-                                 f"{self.service.model_name!r} (GET /v1/models)", "model", "NOT_FOUND")
+        if model not in (None, self.core.model_name, "default"):
+            raise DoorError(outcome(NotFound(f"model {model!r} is not served here; this server serves "
+                                             f"{self.core.model_name!r} (GET /v1/models)")), "model")
         return body
-
-    def _count(self, method: str, code: str) -> None:
-        self.metrics.requests.labels(method, code).inc()
 
     async def serve(self, host: str, port: int) -> None:
         import uvicorn
@@ -321,10 +314,11 @@ class OpenAIDoor:
     async def models(self, request: Request) -> Response:
         try:
             self._authorize(request)
-        except DoorError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+        except Exception as e:  # noqa: BLE001 - answered in OpenAI's shape
+            err = DoorError.of(e)
+            return JSONResponse(err.body(), status_code=err.status)
         return JSONResponse({"object": "list", "data": [
-            {"id": self.service.model_name, "object": "model", "created": 0, "owned_by": "rudder"}]})
+            {"id": self.core.model_name, "object": "model", "created": 0, "owned_by": "rudder"}]})
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, chat=False)
@@ -337,10 +331,10 @@ class OpenAIDoor:
         try:
             self._authorize(request)
             body = await self._body(request)
-            req = to_request(body, chat, self.service.parser.limits.max_tokens)
-            messages = self.service.Generate(req, None)
+            req = to_request(body, chat, self.core.limits.max_tokens)
+            messages = _messages(self.core.generate(req))
             meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                    "model": self.service.model_name}
+                    "model": self.core.model_name}
             stream = bool(body.get("stream"))
 
             async def started():  # errors before the first token answer with a status
@@ -350,7 +344,7 @@ class OpenAIDoor:
             result = await self._unless_gone(request, started())
             if result is _GONE:  # the client went away: its generation was aborted
                 await messages.aclose()
-                self._count(method, "CANCELLED")
+                self.policy.count(method, "CANCELLED")
                 return Response(status_code=499)
             if stream:  # counted by _sse, when the stream ends
                 usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -359,12 +353,12 @@ class OpenAIDoor:
             out = result
         except Exception as e:  # noqa: BLE001 - every error is answered in OpenAI's shape
             err = DoorError.of(e)
-            self._count(method, err.grpc_code)
+            self.policy.count(method, err.outcome.code)
             return JSONResponse(err.body(), status_code=err.status)
         except BaseException:
-            self._count(method, "CANCELLED")
+            self.policy.count(method, "CANCELLED")
             raise
-        self._count(method, "OK")
+        self.policy.count(method, "OK")
         return JSONResponse(out)
 
     @staticmethod
@@ -459,12 +453,12 @@ class OpenAIDoor:
                 yield event({**meta, "object": kind, "choices": [], "usage": usage})
         except Exception as e:  # noqa: BLE001 - after the headers, an error is an event
             err = DoorError.of(e)
-            code = err.grpc_code
+            code = err.outcome.code
             yield event(err.body())
         except BaseException:
             code = "CANCELLED"  # the client went away; closing the stream aborts the generation
             raise
         finally:
             await every.aclose()  # closes the service's stream now, not at garbage collection
-            self._count(method, code)
+            self.policy.count(method, code)
         yield b"data: [DONE]\n\n"

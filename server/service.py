@@ -1,49 +1,27 @@
-"""The `rudder.v1.Steering` servicer: thin methods over an engine."""
+"""The `rudder.v1.Steering` servicer: thin methods over the generation core and the engine."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import re
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 
 from rudder.core import code_search, sae_sources
 from rudder.core.errors import (
-    AtCapacity,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ReadoutMissing,
-    Unavailable,
 )
 from rudder.core.feature_metadata import rank_by_effect
 from rudder.core.sites import all_sites
-from rudder.core.steering import SteeringSpec
-from rudder.server.backends.base import Engine, EngineRequest, TokenEvent, TokenReadout
-from rudder.server.metrics import Metrics
-from rudder.server.requests import Limits, RequestParser
+from rudder.server.generation import GenerationCore
+from rudder.server.wire import readout_to_pb, response_to_pb, token_to_pb
 from rudder.v1 import steering_pb2 as pb
 from rudder.v1 import steering_pb2_grpc as pb_grpc
-
-_STOP = {"length": pb.LENGTH, "eos": pb.EOS, "stop": pb.STOP_STRING, "guard": pb.GUARD}
-_DONE = object()
-
-
-def readout_to_pb(r: TokenReadout) -> pb.Readout:
-    msg = pb.Readout(source=r.source)
-    if r.codes is not None:
-        msg.codes.extend(pb.CodeGroup(head=h, codes=c) for h, c in enumerate(r.codes))
-    else:
-        msg.top.ids.extend(r.top_ids)
-        msg.top.values.extend(r.top_values)
-        msg.selected.ids.extend(r.selected_ids)
-        msg.selected.values.extend(r.selected_values)
-    return msg
 
 
 def vector_info(name: str, v) -> pb.VectorInfo:
@@ -60,184 +38,32 @@ def sae_info(a) -> pb.SaeInfo:
                       site_out=a.site_out.name if a.site_out else "")
 
 
-def token_to_pb(ev: TokenEvent) -> pb.Token:
-    return pb.Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, position=ev.position, is_prompt=ev.is_prompt)
-
-
-async def merge(streams: list[tuple[bool, AsyncIterator[TokenEvent]]]) -> AsyncIterator[tuple[bool, TokenEvent]]:
-    """Interleave several event streams; closing the result closes them all."""
-    if len(streams) == 1:
-        flag, it = streams[0]
-        async with aclosing(it):
-            async for ev in it:
-                yield flag, ev
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(flag: bool, it: AsyncIterator[TokenEvent]) -> None:
-        try:
-            async for ev in it:
-                await queue.put((flag, ev))
-        except Exception as e:  # handed to the consumer, which raises it
-            await queue.put(e)
-        finally:
-            await queue.put(_DONE)
-
-    tasks = [asyncio.create_task(pump(f, it)) for f, it in streams]
-    try:
-        done = 0
-        while done < len(tasks):
-            item = await queue.get()
-            if item is _DONE:
-                done += 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-@dataclasses.dataclass(eq=False)
-class _Call:
-    """A Generate or Trace being served, and what it steers and reads."""
-
-    spec: SteeringSpec
-    seen: int = -1  # `Artifacts.changes` when last found current
-
-    def check(self, artifacts) -> None:
-        """FAILED_PRECONDITION once an SAE the call uses is unloaded (or reloaded: another generation).
-        Per token, so only an attach or removal since the last check costs more than a comparison."""
-        if artifacts.changes == self.seen:
-            return
-        generations = artifacts.generations()
-        gone = sorted(i for i, g in self.spec.generations if generations.get(i) != g)
-        if not gone:
-            self.seen = artifacts.changes
-        else:
-            raise FailedPrecondition(f"SAE {', '.join(map(repr, gone))} was unloaded while this request ran; load "
-                                     f"it again (LoadSae) and resend the request, or leave it out")
-
-
 class SteeringService(pb_grpc.SteeringServicer):
-    def __init__(self, engine: Engine, model_name: str, limits: Limits = Limits(), max_concurrent: int = 256,
-                 allow_admin: bool = False, metrics: Metrics | None = None, artifact_set: Path | None = None):
-        self.engine = engine
+    """The gRPC servicer: generations and traces through the shared `GenerationCore`, artifacts and
+    feature search over the engine. Authentication, counting and the error map are the interceptor's
+    (server.app, over server.policy)."""
+
+    def __init__(self, core: GenerationCore, allow_admin: bool = False, artifact_set: Path | None = None):
+        self.core = core
+        self.engine = core.engine
+        self.model_name = core.model_name
         self.allow_admin = allow_admin
         self.artifact_set = artifact_set  # the file the SAEs follow: LoadSae / UnloadSae are refused
-        self.metrics = metrics or Metrics()
-        self.model_name = model_name
-        self.parser = RequestParser(engine.shape, engine.artifacts, limits, engine.check_site)
-        self.max_concurrent = max_concurrent
-        self.in_flight = 0
-        self.dead: str | None = None  # why the server no longer serves (its engine died)
         self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index
         # a search by effect reads ~20 logit-lens tokens of every feature: decode each token once per server
         self._token_text = functools.lru_cache(maxsize=None)(self.engine.token_text)
 
-    def _count_admitted(self, steering: SteeringSpec, prompt_tokens: int) -> None:
-        m = self.metrics
-        m.prompt_tokens.inc(prompt_tokens)
-        for kind, edits in (("feature", steering.features), ("direction", steering.directions),
-                            ("code", steering.codes)):
-            if edits:
-                m.interventions.labels(kind).inc(len(edits))
-
-    def _enter(self, spec: SteeringSpec) -> _Call:
-        self.in_flight += 1
-        self.metrics.streams_in_flight.inc()
-        return _Call(spec)
-
-    def _leave(self) -> None:
-        self.in_flight -= 1
-        self.metrics.streams_in_flight.dec()
-
-    def _admit(self) -> None:
-        if self.dead:
-            raise Unavailable(self.dead)
-        if self.in_flight >= self.max_concurrent:
-            raise AtCapacity(
-                f"the server is at its limit of {self.max_concurrent} concurrent requests; retry with backoff"
-            )
-
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        steering = self.parser.steering(request.interventions, request.readouts, request.guards)
-        sampling = self.parser.sampling(request.sampling)
-        ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)  # off the event loop
-        self._admit()
-        # prompt and output fit the context: past it, the stream ends with stop reason LENGTH
-        sampling = dataclasses.replace(sampling, max_tokens=self.parser.limits.output_tokens(sampling.max_tokens,
-                                                                                              len(ids)))
-        received = time.monotonic()
-        self._count_admitted(steering, len(ids) * (2 if request.include_baseline else 1))
-        streams = [(False, self.engine.generate(EngineRequest(ids, sampling, steering)))]
-        if request.include_baseline:
-            baseline = SteeringSpec(readouts=steering.readouts, generations=steering.generations)  # no guards
-            streams.append((True, self.engine.generate(EngineRequest(ids, sampling, baseline))))
-        call = self._enter(steering)
-        m = self.metrics
-        try:
-            generated = {False: 0, True: 0}
-            finished: dict[bool, str] = {}  # stop reason per stream
-            last: dict[bool, float] = {}
-            # aclosing: a call ended here (call.check) closes the engine's streams now, not at garbage collection
-            async with aclosing(merge(streams)) as events:
-                async for is_baseline, ev in events:
-                    call.check(self.engine.artifacts)
-                    msg = pb.GenerateResponse(token=token_to_pb(ev), baseline=is_baseline,
-                                              readouts=[readout_to_pb(r) for r in ev.readouts])
-                    if ev.queue_s is not None:
-                        m.request_queue_time.observe(ev.queue_s)
-                    if ev.guard is not None:
-                        msg.guard.CopyFrom(pb.GuardHit(index=ev.guard.index, position=ev.guard.position,
-                                                       value=ev.guard.value))
-                    elif not ev.is_prompt:
-                        generated[is_baseline] += 1
-                        now = time.monotonic()
-                        if is_baseline in last:
-                            m.inter_token_latency.observe(now - last[is_baseline])
-                        elif not is_baseline:
-                            m.time_to_first_token.observe(now - received)
-                        last[is_baseline] = now
-                        m.generation_tokens.inc()
-                    m.readout_rows.inc(len(ev.readouts))
-                    if ev.finish:
-                        msg.stop_reason = _STOP[ev.finish]
-                        msg.usage.prompt_tokens = len(ids)
-                        msg.usage.completion_tokens = generated[is_baseline]
-                        finished[is_baseline] = ev.finish
-                    yield msg
-            if len(finished) != len(streams):  # a backend bug; the client must not take it for a whole answer
-                raise Unavailable("the engine ended the generation without a stop reason; retry the request")
-            for reason in finished.values():
-                m.request_success.labels(reason).inc()
-            m.e2e_request_latency.observe(time.monotonic() - received)
-        except ReadoutMissing:
-            m.readouts_missing.inc()
-            raise
-        finally:
-            self._leave()
+        async with aclosing(self.core.generate(request)) as events:
+            async for event in events:
+                yield response_to_pb(event)
 
     async def Trace(self, request: pb.TraceRequest, context) -> pb.TraceResponse:
-        steering = self.parser.steering(request.interventions, request.readouts)
-        ids = await asyncio.to_thread(self.parser.prompt, request, self.engine.tokenize)
-        self._admit()
-        self._count_admitted(steering, len(ids))
-        call = self._enter(steering)
-        try:
-            out = pb.TraceResponse()
-            async with aclosing(self.engine.generate(EngineRequest(ids, steering=steering, trace=True))) as events:
-                async for ev in events:
-                    call.check(self.engine.artifacts)
-                    out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
-                    self.metrics.readout_rows.inc(len(ev.readouts))
-            return out
-        except ReadoutMissing:
-            self.metrics.readouts_missing.inc()
-            raise
-        finally:
-            self._leave()
+        out = pb.TraceResponse()
+        async with aclosing(self.core.trace(request)) as events:
+            async for ev in events:
+                out.tokens.add(token=token_to_pb(ev), readouts=[readout_to_pb(r) for r in ev.readouts])
+        return out
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         s, arts = self.engine.shape, self.engine.artifacts

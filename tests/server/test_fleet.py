@@ -142,7 +142,7 @@ def test_a_server_follows_its_artifact_set_file(tiny_dir, tmp_path, caplog):
 
         stream = threading.Thread(target=steered_by_a)
         stream.start()
-        wait_for(lambda: srv.server.service.in_flight == 1, "the stream steered by a admitted")
+        wait_for(lambda: srv.server.core.in_flight == 1, "the stream steered by a admitted")
         saes.write_text(f"b={b}\n")
         wait_for(lambda: "a" not in engine.artifacts.saes, "a unloaded from the edited set")
         srv.call(engine.resume())

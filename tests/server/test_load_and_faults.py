@@ -250,7 +250,7 @@ def test_many_concurrent_streams_mixing_steered_and_unsteered(backend, server):
     """96 streams, half steered and read, opened while the engine is paused: all 96 are admitted and held
     at once (none refused, 96 < max_concurrent), then each finishes with its own tokens and readouts."""
     n, errors = 96, []
-    engine, service = server.server.engine, server.server.service
+    engine, service = server.server.engine, server.server.core
 
     def one(i):
         try:
@@ -298,7 +298,7 @@ def test_200_cancelled_streams_leave_nothing_running_and_memory_flat(server):
     after = rss_mb()
     print(f"\n200 cancelled streams: {left} left running; RSS {before:.0f} -> {after:.0f} MB")
     assert left == 0
-    assert in_flight_after_settling(server.server.service) == 0
+    assert in_flight_after_settling(server.server.core) == 0
     assert after - before < 25, f"RSS grew {after - before:.1f} MB over 200 cancellations"
 
 
@@ -436,7 +436,7 @@ def test_unloading_an_sae_under_load_ends_its_requests_and_spares_the_rest(backe
     started = threading.Semaphore(0)
     plain_done = threading.Event()
     engine = server.server.engine
-    parser = server.server.service.parser
+    parser = server.server.core.parser
     limits, parser.limits = parser.limits, dataclasses.replace(parser.limits, max_tokens=40)
     with rc.Client(server.address, timeout=120) as admin:
         admin.load_sae(str(root / "u-wide"), id="u")
@@ -501,7 +501,7 @@ def test_unloading_an_sae_with_its_requests_queued_fails_each_at_its_first_token
     finish. No step can run in between, so this holds at any speed."""
     _, sae = model
     make_sae(sae.parent / "u-queued", "blocks.1.hook_resid_post", d_sae=128, seed=5)
-    engine, service = server.server.engine, server.server.service
+    engine, service = server.server.engine, server.server.core
     outcomes: dict[int, tuple[str, int]] = {}
     with rc.Client(server.address, timeout=120) as admin:
         admin.load_sae(str(sae.parent / "u-queued"), id="u")
