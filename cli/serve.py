@@ -56,7 +56,7 @@ def choose_backend(model_dir: Path) -> str:
 
     from rudder.core.errors import ArtifactError
     from rudder.core.hf_sites import family_error
-    from rudder.server.backends.vllm import check_vllm
+    from rudder.server.backends.vllm_compat import check_vllm
 
     try:
         check_vllm()

@@ -90,30 +90,62 @@ def _zero(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and v == 0
 
 
-# OpenAI fields the door does not serve, each with what a value that asks for nothing is: any other
-# value is refused by name (400), never silently ignored, so a client asking for logprobs or a
-# penalty learns it gets none.
+# The body's fields: those served, and (UNSERVED) those not served, each with what a value that asks
+# for nothing is. Any other value of an unserved field, and any field in neither, is refused by name
+# (400): nothing a client asks for is silently ignored.
+SERVED = {"model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+          "temperature", "top_p", "top_k", "seed", "stop", "n", "ignore_eos", "presence_penalty", "frequency_penalty",
+          "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs", "rudder",
+          "user"}  # `user`: an end-user id for the caller's own abuse monitoring; it changes no answer
 UNSERVED = {
-    "logprobs": lambda v: v is False, "top_logprobs": _zero, "presence_penalty": _zero,
-    "frequency_penalty": _zero, "logit_bias": lambda v: v == {}, "tools": lambda v: v == [],
-    "tool_choice": lambda v: v == "none", "functions": lambda v: v == [],
+    "tools": lambda v: v == [], "tool_choice": lambda v: v == "none", "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none", "parallel_tool_calls": lambda v: isinstance(v, bool),
     "response_format": lambda v: v == {"type": "text"}, "best_of": lambda v: v == 1 and not isinstance(v, bool),
-    "echo": lambda v: v is False, "suffix": lambda v: v == "",
+    "echo": lambda v: v is False, "suffix": lambda v: v == "", "store": lambda v: v is False,
+    "metadata": lambda v: v == {}, "modalities": lambda v: v == ["text"], "audio": lambda v: False,
+    "prediction": lambda v: False, "reasoning_effort": lambda v: False, "web_search_options": lambda v: False,
+    "service_tier": lambda v: v in ("auto", "default"), "verbosity": lambda v: False,
 }
+FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 
 
 def _refuse_unserved(body: dict) -> None:
-    for name, asks_nothing in UNSERVED.items():
-        value = body.get(name)
-        if value is not None and not asks_nothing(value):
-            raise _bad(f"{name}: not served by this server (got {json.dumps(value)[:80]}); leave it out (per-token "
-                       "values: the rudder object's readouts)", name)
+    for name, value in body.items():
+        if name in SERVED or value is None:
+            continue
+        if name not in UNSERVED:
+            raise _bad(f"{name}: not a field this server knows; it serves {', '.join(sorted(SERVED))} (steering: "
+                       "the rudder object)", name)
+        if not UNSERVED[name](value):
+            raise _bad(f"{name}: not served by this server (got {json.dumps(value)[:80]}); leave it out", name)
+
+
+def logprobs_asked(body: dict, chat: bool) -> int | None:
+    """How many alternatives per token the body asks for, or None when it asks for no logprobs: chat's
+    `logprobs: true` with `top_logprobs: N`; a completion's `logprobs: N`."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise _bad(f"logprobs: true or false for a chat completion (alternatives: top_logprobs), got {logprobs!r}",
+                       "logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+            raise _bad(f"top_logprobs: an integer from 0 to 20, got {top!r}", "top_logprobs")
+        if top and not logprobs:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if logprobs else None
+    if top is not None:
+        raise _bad("top_logprobs is a chat completion field; a completion asks with logprobs: N", "top_logprobs")
+    if logprobs is None:
+        return None
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+        raise _bad(f"logprobs: an integer from 0 to 20 (alternatives per token), got {logprobs!r}", "logprobs")
+    return logprobs
 
 
 def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRequest:
     """The GenerateRequest an OpenAI body asks for. Bad values of the fields it reads are refused by
-    name, and so is `n` other than 1; OpenAI fields it does not serve (logprobs, penalties, logit_bias,
-    tools, response_format, ...) are refused by name when they ask for anything (`UNSERVED`)."""
+    name, and so is `n` other than 1; fields it does not serve (tools, response_format, ...) are refused
+    by name when they ask for anything (`UNSERVED`), and unknown fields always."""
     _refuse_unserved(body)
     req = pb.GenerateRequest()
     if chat:
@@ -136,9 +168,8 @@ def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRe
                    "rudder.include_baseline)", "n")
     s = req.sampling
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    for name, value, kind in (("max_tokens", max_tokens, int), ("temperature", body.get("temperature"), float),
-                              ("top_p", body.get("top_p"), float), ("top_k", body.get("top_k"), int),
-                              ("seed", body.get("seed"), int)):
+    for name, value, kind in (("max_tokens", max_tokens, int), ("top_k", body.get("top_k"), int),
+                              ("seed", body.get("seed"), int), *((f, body.get(f), float) for f in FLOAT_FIELDS)):
         if value is None:
             continue
         try:
@@ -160,6 +191,18 @@ def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRe
         s.stop.extend(stops)
     if body.get("ignore_eos"):
         s.ignore_eos = True
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise _bad("logit_bias: an object of token id -> bias from -100 to 100", "logit_bias")
+        for token, value in bias.items():
+            try:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError
+                s.logit_bias[int(token)] = float(value)
+            except (ValueError, OverflowError):
+                raise _bad(f"logit_bias: {token!r}: {value!r} is not token id -> number", "logit_bias") from None
+    s.logprobs = logprobs_asked(body, chat) or 0
     steering = body.get("rudder")
     if steering is not None:
         if not isinstance(steering, dict):
@@ -191,7 +234,7 @@ def token_json(msg: pb.GenerateResponse) -> dict:
     reads back as the same float32 (numpy's, for finite normal values; anything else, rare,
     goes through protobuf's own printer)."""
     t = msg.token
-    floats = [t.logprob]
+    floats = [t.logprob, *(a.logprob for a in t.top_logprobs)]
     for r in msg.readouts:
         floats += r.top.values
         floats += r.selected.values
@@ -212,9 +255,13 @@ def token_json(msg: pb.GenerateResponse) -> dict:
             token["position"] = t.position
         if t.is_prompt:
             token["is_prompt"] = True
+        if t.top_logprobs:
+            token["top_logprobs"] = [{**({"id": a.id} if a.id else {}), **({"text": a.text} if a.text else {}),
+                                      **({"logprob": v} if a.logprob or math.copysign(1.0, a.logprob) < 0 else {})}
+                                     for a, v in zip(t.top_logprobs, short[1:])]
         out = {"token": token}
         if msg.readouts:
-            at, readouts = 1, []
+            at, readouts = 1 + len(t.top_logprobs), []
             for r in msg.readouts:
                 one: dict = {}
                 if r.source:
@@ -243,6 +290,24 @@ async def _messages(events: AsyncIterator[Event]) -> AsyncIterator[pb.GenerateRe
     async with aclosing(events):
         async for event in events:
             yield response_to_pb(event)
+
+
+def logprobs_json(chat: bool, tokens: list[pb.Token]) -> dict:
+    """OpenAI's `logprobs` object of a choice (or of a streamed chunk's tokens): a chat completion's
+    `content` entries with their `top_logprobs`, or a completion's parallel lists."""
+    if chat:
+        def entry(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(a.text, a.logprob)
+                                                                          for a in t.top_logprobs]}
+                            for t in tokens], "refusal": None}
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens], "text_offset": offsets}
 
 
 class OpenAIDoor:
@@ -336,10 +401,11 @@ class OpenAIDoor:
             meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": self.core.model_name}
             stream = bool(body.get("stream"))
+            logprobs = logprobs_asked(body, chat) is not None
 
             async def started():  # errors before the first token answer with a status
                 first = await anext(messages, None)
-                return first if stream else await self._collect(chat, meta, first, messages)
+                return first if stream else await self._collect(chat, meta, first, messages, logprobs)
 
             result = await self._unless_gone(request, started())
             if result is _GONE:  # the client went away: its generation was aborted
@@ -348,7 +414,7 @@ class OpenAIDoor:
                 return Response(status_code=499)
             if stream:  # counted by _sse, when the stream ends
                 usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
-                return StreamingResponse(self._sse(method, chat, meta, result, messages, usage_in_stream),
+                return StreamingResponse(self._sse(method, chat, meta, result, messages, usage_in_stream, logprobs),
                                          media_type="text/event-stream")
             out = result
         except Exception as e:  # noqa: BLE001 - every error is answered in OpenAI's shape
@@ -393,14 +459,16 @@ class OpenAIDoor:
                 async for msg in messages:
                     yield msg
 
-    async def _collect(self, chat: bool, meta: dict, first, messages) -> dict:
+    async def _collect(self, chat: bool, meta: dict, first, messages, logprobs: bool) -> dict:
         choices: dict[int, dict] = {}
         usage = None
         async for msg in self._all(first, messages):
             i = 1 if msg.baseline else 0
-            c = choices.setdefault(i, {"index": i, "text": "", "finish_reason": None, "tokens": []})
+            c = choices.setdefault(i, {"index": i, "text": "", "finish_reason": None, "tokens": [], "logprobs": []})
             if not msg.token.is_prompt:
                 c["text"] += msg.token.text
+                if logprobs and not msg.HasField("guard"):
+                    c["logprobs"].append(msg.token)
             c["tokens"].append(token_json(msg))
             if msg.stop_reason:
                 c["finish_reason"] = FINISH[msg.stop_reason]
@@ -412,23 +480,27 @@ class OpenAIDoor:
         for i in sorted(choices):
             c = choices[i]
             body = ({"message": {"role": "assistant", "content": c["text"]}} if chat else {"text": c["text"]})
-            out_choices.append({"index": i, **body, "logprobs": None, "finish_reason": c["finish_reason"],
+            out_choices.append({"index": i, **body,
+                                "logprobs": logprobs_json(chat, c["logprobs"]) if logprobs else None,
+                                "finish_reason": c["finish_reason"],
                                 "rudder": {"baseline": i == 1, "tokens": c["tokens"]}})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
                 "usage": usage}
 
-    async def _sse(self, method: str, chat: bool, meta: dict, first, messages, usage_in_stream: bool):
+    async def _sse(self, method: str, chat: bool, meta: dict, first, messages, usage_in_stream: bool,
+                   logprobs: bool):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(payload: dict) -> bytes:
             return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
-        def chunk(i: int, delta: str | None, finish: str | None, extra: dict | None, role: bool = False) -> dict:
+        def chunk(i: int, delta: str | None, finish: str | None, extra: dict | None, role: bool = False,
+                  lp: dict | None = None) -> dict:
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-                choice = {"index": i, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": i, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             if extra is not None:
                 choice["rudder"] = extra
             return {**meta, "object": kind, "choices": [choice], **({"usage": None} if usage_in_stream else {})}
@@ -445,7 +517,9 @@ class OpenAIDoor:
                     yield event(chunk(i, None, None, None, role=True))
                 text = None if msg.token.is_prompt else msg.token.text
                 finish = FINISH[msg.stop_reason] if msg.stop_reason else None
-                yield event(chunk(i, text, finish, {"baseline": msg.baseline, **token_json(msg)}))
+                lp = (logprobs_json(chat, [msg.token]) if logprobs and text is not None and not msg.HasField("guard")
+                      else None)
+                yield event(chunk(i, text, finish, {"baseline": msg.baseline, **token_json(msg)}, lp=lp))
                 if msg.stop_reason and not msg.baseline:
                     usage = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens,
                              "total_tokens": msg.usage.prompt_tokens + msg.usage.completion_tokens}

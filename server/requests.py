@@ -41,6 +41,10 @@ class Limits:
     max_feature_ids: int = 256
     max_stop: int = 16
     """stop strings a request may give (each at most MAX_STOP_CHARS characters)"""
+    max_logprobs: int = 20
+    """top alternatives a request may ask per token (OpenAI's and vLLM's default bound)"""
+    max_logit_bias: int = 300
+    """tokens a request's logit_bias may name (OpenAI's bound)"""
     context: int | None = None
     """the engine's context in tokens (prompt plus output), where it has one"""
 
@@ -316,7 +320,36 @@ class RequestParser:
         if any(not x or len(x) > MAX_STOP_CHARS for x in s.stop):
             raise InvalidArgument(f"sampling.stop: each stop string must be 1 to {MAX_STOP_CHARS} characters")
         return Sampling(max_tokens, temperature, top_p, top_k, s.seed if s.HasField("seed") else None,
-                        tuple(s.stop), s.ignore_eos)
+                        tuple(s.stop), s.ignore_eos, **self._penalties(s))
+
+    def _penalties(self, s: pb.SamplingParams) -> dict:
+        """Penalties, min_p, logit_bias and logprobs, in the ranges vLLM and OpenAI's API accept."""
+        out = {}
+        for name, low, high, open_low in (("presence_penalty", -2.0, 2.0, False),
+                                          ("frequency_penalty", -2.0, 2.0, False),
+                                          ("repetition_penalty", 0.0, 2.0, True), ("min_p", 0.0, 1.0, False)):
+            if s.HasField(name):
+                value = _finite(getattr(s, name), f"sampling.{name}")
+                if not (low < value if open_low else low <= value) or value > high:
+                    raise InvalidArgument(f"sampling.{name} must be in {'(' if open_low else '['}{low:g}, {high:g}], "
+                                          f"got {value:g}")
+                out[name] = value
+        if len(s.logit_bias) > self.limits.max_logit_bias:
+            raise ResourceExhausted(f"sampling.logit_bias names {len(s.logit_bias)} tokens, over this server's limit "
+                                    f"of {self.limits.max_logit_bias}")
+        for token, bias in s.logit_bias.items():
+            if not 0 <= token < self.shape.vocab_size:
+                raise InvalidArgument(f"sampling.logit_bias: token id {token} is not in this model's vocabulary "
+                                      f"(0 to {self.shape.vocab_size - 1})")
+            if not -100 <= _finite(bias, f"sampling.logit_bias[{token}]") <= 100:
+                raise InvalidArgument(f"sampling.logit_bias[{token}] must be in [-100, 100], got {bias:g}")
+        if s.logit_bias:
+            out["logit_bias"] = tuple(sorted(s.logit_bias.items()))
+        if not 0 <= s.logprobs <= self.limits.max_logprobs:
+            raise InvalidArgument(f"sampling.logprobs must be 0 to {self.limits.max_logprobs} (top alternatives per "
+                                  f"token), got {s.logprobs}")
+        out["logprobs"] = s.logprobs
+        return out
 
     def prompt(self, request, tokenize) -> list[int]:
         which = request.WhichOneof("input")

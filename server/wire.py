@@ -23,7 +23,8 @@ def readout_to_pb(r: TokenReadout) -> pb.Readout:
 
 
 def token_to_pb(ev: TokenEvent) -> pb.Token:
-    return pb.Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, position=ev.position, is_prompt=ev.is_prompt)
+    return pb.Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, position=ev.position, is_prompt=ev.is_prompt,
+                    top_logprobs=[pb.TokenLogprob(id=a.id, text=a.text, logprob=a.logprob) for a in ev.top_logprobs])
 
 
 def response_to_pb(event: Event) -> pb.GenerateResponse:

@@ -23,6 +23,16 @@ class Sampling:
     seed: int | None = None  # per-request generator; None: the engine's
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one, never streamed
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # vLLM's (and OpenAI's) penalties; 0, 0, 1: off
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # 0: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    logprobs: int = 0  # top alternatives returned per generated token
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 @dataclass(eq=False)
@@ -60,6 +70,15 @@ class GuardHit:
     value: float
 
 
+@dataclass(frozen=True)
+class Alternative:
+    """A likely token at a generated position, with its logprob (as `TokenEvent.logprob` is measured)."""
+
+    id: int
+    logprob: float
+    text: str = ""
+
+
 @dataclass
 class TokenEvent:
     token_id: int
@@ -71,6 +90,7 @@ class TokenEvent:
     finish: str | None = None  # "length" | "eos" | "stop" | "guard" on the last event
     guard: GuardHit | None = None  # with finish "guard" (the event withholds its token: token_id -1)
     queue_s: float | None = None  # on the first event, where the engine knows it: time queued before running
+    top_logprobs: list[Alternative] = field(default_factory=list)  # sampling.logprobs of them, likeliest first
 
 
 class HfTokenizing:

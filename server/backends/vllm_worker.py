@@ -15,8 +15,12 @@ Each forward step:
    `positions`, and builds the shared steering tables for the requests that steer or read
    (cached while the batch's requests stay the same) into a `StepRecorder`;
 2. the op at each site calls `StepRecorder.steer`, i.e. the shared `steer_site`;
-3. a post-hook sends the step's readouts, cut per request, over a local zmq socket (from
-   the first rank only: with tensor parallelism every rank steers the same full stream).
+3. a post-hook sends the step's readouts, cut per request, over a local zmq socket as one typed
+   `channel.StepRecord` (from the first rank only: with tensor parallelism every rank steers the
+   same full stream).
+
+vLLM's internals (the runner's batch state, the platform's worker class) are read through
+`vllm_compat` only.
 
 Positions come from vLLM itself, so a request recomputed after preemption is steered
 exactly as the first time, and readouts are keyed by (request, position).
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import threading
 import time
@@ -40,14 +43,14 @@ from rudder.core.errors import ArtifactError
 from rudder.core.hf_sites import LAYOUTS, VLLM_FAMILIES, Layout, ModelShape
 from rudder.core.sites import Site
 from rudder.core.steering import SteeringSpec, StepTables, build_tables, spec_from_wire
+from rudder.server.backends import channel, vllm_compat
 from rudder.server.backends.step import GateState, Span, StepRecorder, row_index, table_specs
+from rudder.server.backends.vllm_compat import need
 
 log = logging.getLogger(__name__)
 
 EXTRA_ARGS_KEY = "rudder"  # in SamplingParams.extra_args: the request's steering (spec_to_wire)
 CONFIG_KEY = "rudder"  # in vLLM's additional_config: {"sites": [...]}, part of vLLM's compile-cache key
-VLLM_VERSION = "0.32.0"
-RUNNER_HINT = "set VLLM_USE_V2_MODEL_RUNNER=0 (Rudder needs vLLM's V1 model runner; `rudder serve` sets it)"
 
 _STEERER: _Steerer | None = None  # this process's steerer: what the op calls
 
@@ -72,16 +75,6 @@ def steer(x: Tensor, residual: Tensor | None, site: int) -> Tensor:
     out = torch.empty_like(x)
     torch.ops.rudder.steer(x, residual, site, out)
     return out
-
-
-def _need(obj, path: str):
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            raise ArtifactError(
-                f"vLLM internals changed: {type(obj).__name__} has no {part!r} (from {path!r}); "
-                f"Rudder's vLLM backend needs vllm{'-cpu' if not torch.cuda.is_available() else ''}=={VLLM_VERSION}")
-        obj = getattr(obj, part)
-    return obj
 
 
 # ---------------------------------------------------------------- placing the op
@@ -138,8 +131,8 @@ class _After(nn.Module):
 def _wrap(block: nn.Module, path: str, wrapper) -> None:
     """Replace the module at `path` inside `block` by `wrapper(module)`."""
     parent, _, name = path.rpartition(".")
-    owner = _need(block, parent) if parent else block
-    setattr(owner, name, wrapper(_need(owner, name)))
+    owner = need(block, parent) if parent else block
+    setattr(owner, name, wrapper(need(owner, name)))
 
 
 def place_ops(model: nn.Module, sites: list[str], num_layers: int, layout: Layout = LAYOUTS["llama"]) -> None:
@@ -149,7 +142,7 @@ def place_ops(model: nn.Module, sites: list[str], num_layers: int, layout: Layou
     the reference backend."""
     if layout.vllm is None:
         raise ArtifactError(f"the vLLM backend does not serve this family; it serves {', '.join(VLLM_FAMILIES)}")
-    layers = _need(model, layout.vllm.layers or layout.layers)
+    layers = need(model, layout.vllm.layers or layout.layers)
     parsed = [(i, Site.parse(name, num_layers)) for i, name in enumerate(sites)]
     for i, site in parsed:
         if site.kind == "hook_mlp_out":
@@ -182,13 +175,8 @@ class _Steerer:
     def __init__(self, runner, sites: list[str], sends_readouts: bool):
         self.runner = runner
         self.model: nn.Module = runner.get_model()
-        for path in ("input_batch.req_ids", "input_batch.num_reqs", "input_batch.num_prompt_tokens",
-                     "input_batch.num_computed_tokens_cpu", "query_start_loc.np", "requests"):
-            try:
-                _need(runner, path)
-            except ArtifactError as e:
-                raise ArtifactError(f"{e}; {RUNNER_HINT}") from None
-        self.shape = ModelShape.from_config(runner.model_config.hf_config)
+        vllm_compat.check_runner(runner)
+        self.shape = ModelShape.from_config(vllm_compat.hf_config(runner))
         self.sites = sites
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
@@ -204,7 +192,8 @@ class _Steerer:
         self._table_key = None
         self._tables: StepTables | None = None
         self.step: StepRecorder | None = None
-        self.step_req_ids: list[str] = []  # per slot of the current step
+        self.step_req_ids: list[str] = []  # per slot of the current step: Rudder's request ids
+        self._ours: dict[str, str] = {}  # vLLM's request id -> Rudder's (from the request's extra_args)
         place_ops(self.model, sites, self.shape.num_layers, LAYOUTS[self.shape.architecture])
         self.model.register_forward_pre_hook(self._begin, with_kwargs=True)
         self.model.register_forward_hook(self._end)
@@ -260,55 +249,54 @@ class _Steerer:
 
     def _spec(self, req_id: str) -> SteeringSpec | None:
         if req_id not in self._specs:
-            state = self.runner.requests.get(req_id)
-            extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+            extra = vllm_compat.extra_args(self.runner, req_id)
             raw = extra.get(EXTRA_ARGS_KEY)
             self._specs[req_id] = spec_from_wire(raw) if raw else None
+            if raw:
+                self._ours[req_id] = str(extra.get(channel.REQUEST_ID_KEY, req_id))
         return self._specs[req_id]
 
     def _begin(self, module, args, kwargs) -> None:
         self.step = None
-        batch = self.runner.input_batch
-        n_reqs = batch.num_reqs
-        if n_reqs == 0:
+        batch = vllm_compat.batch(self.runner)
+        if batch is None:
             return
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        req_ids = list(batch.req_ids[:n_reqs])
-        qsl = self.runner.query_start_loc.np[:n_reqs + 1].tolist()
+        qsl = batch.query_start
         if positions is None or positions.dim() != 1 or qsl[-1] > positions.shape[0]:
             return  # not a plain token batch (a dummy run); nothing of ours to do
-        known = self.runner.requests  # requests vLLM holds, scheduled this step or not
+        known = vllm_compat.held_requests(self.runner)  # scheduled this step or not
         if len(self._specs) > len(known):  # some have finished: forget them (every cached one is known)
             for stale in [r for r in self._specs if r not in known]:
                 del self._specs[stale]
                 self._gates.pop(stale, None)
+                self._ours.pop(stale, None)
             self._broken &= set(self._specs)
-        used = [(i, r, s) for i, r in enumerate(req_ids) if (s := self._spec(r)) is not None]
+        used = [(i, r, s) for i, r in enumerate(batch.req_ids) if (s := self._spec(r)) is not None]
         if not used and not self.always_on:
             return
         for i, r, s in used:
             if r not in self._gates and GateState.needed(s):
-                self._gates[r] = GateState(s, int(batch.num_prompt_tokens[i]))
+                self._gates[r] = GateState(s, batch.num_prompt_tokens[i])
         key = tuple((r, self._gates[r].version if r in self._gates else 0) for _, r, _ in used)
         if not used:
             self._tables, self._table_key = StepTables(), key
         elif key != self._table_key:  # another batch, or a gate opened
-            prompt_lens = [int(batch.num_prompt_tokens[i]) for i, _, _ in used]
+            prompt_lens = [batch.num_prompt_tokens[i] for i, _, _ in used]
             self._tables = build_tables(table_specs([s for _, _, s in used], [self._gates.get(r) for _, r, _ in used]),
                                         prompt_lens, self.device, self.artifacts.sae_modules(),
                                         self.artifacts.generations())
             self._table_key = key
-        spans = [Span(slot, qsl[i], qsl[i + 1], int(batch.num_computed_tokens_cpu[i]),
-                      int(batch.num_prompt_tokens[i]), spec)
+        spans = [Span(slot, qsl[i], qsl[i + 1], batch.num_computed_tokens[i], batch.num_prompt_tokens[i], spec)
                  for slot, (i, _, spec) in enumerate(used)]  # host-side bookkeeping: no device sync
         self.step = StepRecorder(self._tables, row_index(positions, spans, self.device), [s for _, _, s in used])
         self.step_req_ids = [r for _, r, _ in used]
         self.step_spans = spans
 
     def _end(self, module, args, output) -> None:
-        """Send the step's record of every steering or reading request's rows that get a token (or a
-        prompt readout): `(request, position, readouts, broken)`, readouts possibly empty (an SAE
-        unloaded), so the front end never waits for a row that will not come."""
+        """Send the step's record (server.backends.channel) of every steering or reading request's rows
+        that get a token (or a prompt readout), readouts possibly empty (an SAE unloaded), so the front
+        end never waits for a row that will not come."""
         step, self.step = self.step, None
         if step is None:
             return
@@ -328,10 +316,11 @@ class _Steerer:
         if self.socket is None:
             return
         self._broken |= {ids[slot] for slot in step.broken_slots()}
-        rows = [(ids[span.slot], positions[row], routed[row][2] if row in routed else [],
-                 ids[span.slot] in self._broken, hits.get(row)) for span in self.step_spans
-                for row in span.reported_rows()]
-        self.socket.send(pickle.dumps((step.hook_s, rows), protocol=pickle.HIGHEST_PROTOCOL))
+        rows = [channel.Row(self._ours[ids[span.slot]], positions[row], routed[row][2] if row in routed else [],
+                            ids[span.slot] in self._broken, hits.get(row))
+                for span in self.step_spans for row in span.reported_rows()]
+        requests = sorted({self._ours[r] for r in ids})
+        self.socket.send(channel.encode(channel.StepRecord(requests=requests, hook_s=step.hook_s, rows=rows)))
 
 
 # ---------------------------------------------------------------- the worker class
@@ -382,8 +371,8 @@ class _SteeringMixin:
     def load_model(self, *args, **kwargs) -> None:
         global _STEERER
         super().load_model(*args, **kwargs)
-        sites = (self.vllm_config.additional_config or {}).get(CONFIG_KEY, {}).get("sites", [])
-        pp = self.vllm_config.parallel_config.pipeline_parallel_size
+        settings, pp = vllm_compat.worker_settings(self, CONFIG_KEY)
+        sites = settings.get("sites", [])
         if pp > 1:
             raise ArtifactError(f"Rudder's vLLM backend does not support pipeline parallelism "
                                 f"(pipeline_parallel_size={pp}); use tensor parallelism")
@@ -405,23 +394,11 @@ class _SteeringMixin:
         _STEERER.unload(source)
 
 
-def _platform_worker() -> type:
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_worker import CPUWorker
-
-        return CPUWorker
-    from vllm.v1.worker.gpu_worker import Worker
-
-    return Worker
-
-
 def __getattr__(name: str):
     """`SteeringWorker` (vLLM's `worker_cls`) is made on first use, on the platform's worker class,
     so that importing this module needs no vLLM."""
     if name == "SteeringWorker":
-        cls = type("SteeringWorker", (_SteeringMixin, _platform_worker()), {"__module__": __name__})
+        cls = type("SteeringWorker", (_SteeringMixin, vllm_compat.platform_worker()), {"__module__": __name__})
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -85,28 +85,81 @@ def test_bad_bodies_get_a_400_naming_the_field(door):
         door.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
 
 
-@pytest.mark.parametrize("field, value", [("logit_bias", {"abc": "def"}), ("logprobs", True), ("top_logprobs", 3),
-                                          ("presence_penalty", 0.5), ("frequency_penalty", -1),
+@pytest.mark.parametrize("field, value", [("logit_bias", {"abc": "def"}), ("logprobs", 3), ("top_logprobs", 3),
+                                          ("presence_penalty", 5), ("frequency_penalty", "high"),
                                           ("response_format", {"type": "json_object"}),
-                                          ("tools", [{"type": "function", "function": {"name": "f"}}])])
-def test_fields_the_door_does_not_serve_are_refused_by_name_not_ignored(door, field, value):
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("store", True), ("audio", {"voice": "alloy"}), ("min_tokens", 4)])
+def test_fields_the_door_cannot_honour_are_refused_by_name_not_ignored(door, field, value):
     with pytest.raises(openai.BadRequestError) as e:
         door.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                      extra_body={field: value})
-    assert f"{field}: not served" in str(e.value)
+    assert str(e.value).split(" - ", 1)[1].startswith(f"{field}") or f"sampling.{field}" in str(e.value)
 
 
 def test_fields_that_ask_for_nothing_pass_and_a_message_needs_content_and_stops_are_bounded(door):
     out = door.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        logprobs=False, presence_penalty=0.0, frequency_penalty=0, logit_bias={},
-                                       response_format={"type": "text"})
-    assert out.usage.completion_tokens == 2
+                                       response_format={"type": "text"}, user="someone", store=False)
+    assert out.usage.completion_tokens == 2 and out.choices[0].logprobs is None
     with pytest.raises(openai.BadRequestError) as e:
         door.chat.completions.create(model="tiny", messages=[{"role": "user"}], max_tokens=2)
     assert "messages[0]" in str(e.value)
     with pytest.raises(openai.APIStatusError) as e:  # the service's limit, as over gRPC (RESOURCE_EXHAUSTED)
         door.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"stop": ["x"] * 1000})
     assert "sampling.stop has 1000 strings" in str(e.value)
+
+
+MESSAGES = [{"role": "user", "content": "Tell me about steering"}]
+
+
+def chat_ids(door, **kw) -> list[int]:
+    out = door.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True, "rudder": {"readouts": {"saes": ["s"]}}},
+                                       **kw)
+    return [t["token"]["id"] for t in out.choices[0].model_extra["rudder"]["tokens"]]
+
+
+def test_penalties_logit_bias_and_min_p_act_at_the_door_as_over_grpc(server, door):
+    plain = chat_ids(door)
+    for name, value in (("frequency_penalty", 2.0), ("presence_penalty", 2.0), ("repetition_penalty", 2.0)):
+        kw = {name: value} if name != "repetition_penalty" else {"extra_body": {"repetition_penalty": value,
+                                                                               "ignore_eos": True}}
+        if name == "repetition_penalty":
+            out = door.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=0, **kw)
+            got = [t["token"]["id"] for t in out.choices[0].model_extra["rudder"]["tokens"]]
+        else:
+            got = chat_ids(door, **kw)
+        assert got != plain, f"{name} changed nothing"
+        want = grpc_tokens(server, chat=MESSAGES, max_tokens=10, temperature=0, ignore_eos=True, **{name: value})
+        assert got == [t.id for t in want], name
+    assert set(chat_ids(door, logit_bias={"7": 100})) == {7}  # a +100 bias forces its token
+    sampled = door.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10, temperature=1.0, seed=5,
+                                           extra_body={"min_p": 1.0, "ignore_eos": True})
+    assert [t["token"]["id"] for t in sampled.choices[0].model_extra["rudder"]["tokens"]] == plain  # only the top
+
+
+def test_logprobs_come_back_in_openai_shape_and_match_the_grpc_stream(server, door):
+    out = door.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    want = grpc_tokens(server, chat=MESSAGES, max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == [t.text for t in want]
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in want], abs=1e-6)
+    for c, t in zip(content, want):
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx([lp for _, _, lp in t.top_logprobs], abs=1e-6)
+        assert [a.token for a in c.top_logprobs] == [text for _, text, _ in t.top_logprobs]
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[-1].logprob and len(c.top_logprobs) == 3
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-6)  # greedy: the likeliest
+    stream = door.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    streamed = [c.choices[0].logprobs.content[0] for c in stream if c.choices and c.choices[0].logprobs]
+    assert [c.logprob for c in streamed] == pytest.approx([t.logprob for t in want], abs=1e-6)
+    completion = door.completions.create(model="tiny", prompt="Steering", max_tokens=4, temperature=0, logprobs=2,
+                                         extra_body={"ignore_eos": True})
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(top) <= 2 for top in lp.top_logprobs) and "".join(lp.tokens) == completion.choices[0].text
 
 
 def test_no_token_gets_a_401_and_the_model_is_listed(server, door):
@@ -196,7 +249,8 @@ def test_each_chunks_rudder_object_is_protobufs_own_json_mapping():
     def names(message) -> set[str]:
         return {f.name for f in message.DESCRIPTOR.fields}
 
-    assert names(pb.Token) == {"id", "text", "logprob", "position", "is_prompt"}
+    assert names(pb.Token) == {"id", "text", "logprob", "position", "is_prompt", "top_logprobs"}
+    assert names(pb.TokenLogprob) == {"id", "text", "logprob"}
     assert names(pb.Readout) == {"source", "top", "selected", "codes"}
     assert names(pb.FeatureValues) == {"ids", "values"} and names(pb.CodeGroup) == {"head", "codes"}
     i32 = st.integers(-2**31, 2**31 - 1)
@@ -209,8 +263,9 @@ def test_each_chunks_rudder_object_is_protobufs_own_json_mapping():
     readout = st.builds(lambda s, t, sel, c, has: pb.Readout(
         source=s, codes=c, **({"top": t} if has[0] else {}), **({"selected": sel} if has[1] else {})),
         st.text(max_size=5), values, values, groups, st.tuples(st.booleans(), st.booleans()))
+    alternative = st.builds(pb.TokenLogprob, id=i32, text=st.text(max_size=3), logprob=st.one_of(normal, f32))
     token = st.builds(pb.Token, id=i32, text=st.text(max_size=4), logprob=st.one_of(normal, f32), position=i32,
-                      is_prompt=st.booleans())
+                      is_prompt=st.booleans(), top_logprobs=st.lists(alternative, max_size=3))
     guard = st.one_of(st.none(), st.builds(pb.GuardHit, index=st.integers(0, 3), position=i32, value=f32))
     messages = st.builds(lambda t, rs, g: pb.GenerateResponse(token=t, readouts=rs, **({"guard": g} if g else {})),
                          token, st.lists(readout, max_size=3), guard)

@@ -103,6 +103,34 @@ def test_mixed_batch_matches_the_reference_backend(loop, models, vllm_coded):
     assert sum(tokens(a) != tokens(b) for a, b in zip(unsteered, got)) >= 3
 
 
+def test_penalties_logit_bias_min_p_and_top_logprobs_match_the_reference_backend(loop, models, vllm_coded):
+    """vLLM's sampler and the reference's `sample` agree on each option, steered or not: the same
+    tokens, and the same top alternatives with the same logprobs (before penalties: vLLM's default)."""
+    reference = ReferenceEngine(models["coded"], models["saes"])
+    clamp = SteeringSpec(features=(FeatureEdit("r1", 3, Op.CLAMP, 25.0),))
+    options = [dict(frequency_penalty=1.5), dict(presence_penalty=1.5), dict(repetition_penalty=1.8),
+               dict(frequency_penalty=0.7, presence_penalty=-0.5, repetition_penalty=1.3),
+               dict(logit_bias=((5, 100.0),)), dict(logit_bias=((7, 8.0), (9, -100.0)), frequency_penalty=0.5),
+               dict(min_p=1.0, temperature=1.0, seed=3), dict()]
+    requests = [EngineRequest(reference.tokenize(p), Sampling(max_tokens=NEW, ignore_eos=True, logprobs=3, **o),
+                              clamp if i % 2 else SteeringSpec())
+                for i, (p, o) in enumerate(zip(PROMPTS, options))]
+    want = asyncio.run(collect(reference, requests))
+    got = loop.run(collect(vllm_coded, requests))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert tokens(g) == tokens(w), f"request {i}: {options[i]}"
+        assert [[a.id for a in e.top_logprobs] for e in g] == [[a.id for a in e.top_logprobs] for e in w]
+        assert [a.logprob for e in g for a in e.top_logprobs] == pytest.approx(
+            [a.logprob for e in w for a in e.top_logprobs], abs=1e-4)
+        assert all(len(e.top_logprobs) == 3 for e in g)
+    assert set(tokens(got[4])) == {5}  # a +100 bias forces its token
+    assert 9 not in tokens(got[5])
+    plain = [EngineRequest(r.prompt_ids, Sampling(max_tokens=NEW, ignore_eos=True), r.steering) for r in requests]
+    unpenalised = loop.run(collect(vllm_coded, plain))
+    assert all(tokens(unpenalised[i]) != tokens(got[i]) for i in range(4)), "each penalty changed the tokens"
+    assert tokens(got[6]) == tokens(unpenalised[6])  # min_p 1 keeps only the top token: greedy, at temperature 1
+
+
 @pytest.fixture(scope="module")
 def vllm_plain_server(models):
     """The plain tiny Llama with SAE r1, the op also placed at blocks.0.hook_mlp_out (for an SAE loaded

@@ -1,29 +1,68 @@
-"""The vLLM front end's side channel for per-step rows, without an engine: a bad row does not stop the
-others, a row that never comes is an error after READOUT_WAIT_S, an overflowed row ends its request."""
+"""The vLLM front end's channel from the workers (server.backends.channel), without an engine: typed
+records route to their requests; a record the front end cannot read fails only the requests it
+names, with UNAVAILABLE, and is logged; a row that never comes is an error after READOUT_WAIT_S; an
+overflowed row ends its request."""
 
 import asyncio
+import logging
 
+import msgspec
 import pytest
 
-from rudder.core.errors import InvalidArgument, ReadoutMissing
+from rudder.core.errors import InvalidArgument, ReadoutMissing, Unavailable
+from rudder.server.backends import channel
 from rudder.server.backends import vllm as vllm_front
-from rudder.server.backends.base import TokenReadout
+from rudder.server.backends.base import GuardHit, TokenReadout
 
 
 def bare_engine():
     engine = object.__new__(vllm_front.VllmEngine)  # only the routing state: no model, no vLLM
-    engine._rows, engine.recomputed_rows, engine.on_hook_step = {}, 0, None
+    engine._rows, engine.recomputed_rows, engine.on_hook_step, engine.bad_messages = {}, 0, None, 0
     return engine
 
 
-def test_rows_before_a_bad_one_still_reach_their_requests():
+def record(*rows: channel.Row, **kw) -> bytes:
+    return channel.encode(channel.StepRecord(requests=sorted({r.request for r in rows}), hook_s=0.0, rows=list(rows),
+                                             **kw))
+
+
+def test_a_record_reaches_its_requests_by_the_id_it_carries():
     async def go():
         engine = bare_engine()
-        box = engine._rows["a"] = vllm_front._Rows()
-        with pytest.raises(ValueError):
-            engine._route(0.0, [("a-0", 5, [TokenReadout("s", top_ids=[1])], False, None), ("malformed",)])
-        assert (await asyncio.wait_for(box.get(5), 1))[0].top_ids == [1]
+        a, b = (engine._rows.setdefault(k, vllm_front._Rows()) for k in "ab")
+        engine._handle(record(channel.Row("a", 5, [TokenReadout("s", top_ids=[1], top_values=[2.5])]),
+                              channel.Row("b", 7, []), channel.Row("gone", 1, [])))  # "gone" ended: skipped
+        assert (await asyncio.wait_for(a.get(5), 1))[0] == TokenReadout("s", top_ids=[1], top_values=[2.5])
+        assert await asyncio.wait_for(b.get(7), 1) == []
+        assert engine.bad_messages == 0
     asyncio.run(go())
+
+
+def test_a_malformed_and_an_unknown_version_record_fail_only_their_requests(caplog):
+    async def go():
+        engine = bare_engine()
+        a, b, c = (engine._rows.setdefault(k, vllm_front._Rows()) for k in "abc")
+        with caplog.at_level(logging.ERROR):
+            engine._handle(b"\x93not msgpack at all")  # names nobody: logged and counted, nobody fails
+            assert a.error is None and b.error is None and c.error is None
+            # a readable header naming "a", rows of the wrong shape
+            engine._handle(msgspec.msgpack.encode({"version": channel.VERSION, "requests": ["a"], "hook_s": 0.0,
+                                                   "rows": [["a", "five", None]]}))
+            engine._handle(record(channel.Row("b", 3, []), version=channel.VERSION + 1))  # a newer worker
+            engine._handle(record(channel.Row("c", 4, [])))  # and a good one, for c
+        assert engine.bad_messages == 3
+        with pytest.raises(Unavailable, match="malformed"):
+            await a.get(0)
+        with pytest.raises(Unavailable, match=f"version {channel.VERSION + 1}.*version {channel.VERSION}"):
+            await b.get(3)
+        assert await asyncio.wait_for(c.get(4), 1) == []
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(logged) == 3 and "requests: unknown" in logged[0] and "requests: a" in logged[1]
+    asyncio.run(go())
+
+
+def test_an_unavailable_record_maps_to_the_unavailable_status():
+    assert channel.ChannelError("x", ["a"]).code == "UNAVAILABLE"
 
 
 def test_a_missing_row_is_an_error_and_an_overflowed_row_ends_the_request(monkeypatch):
@@ -34,18 +73,27 @@ def test_a_missing_row_is_an_error_and_an_overflowed_row_ends_the_request(monkey
         box = engine._rows["a"] = vllm_front._Rows()
         with pytest.raises(ReadoutMissing, match="position 3"):
             await box.get(3)
-        engine._route(0.0, [("a-0", 4, [], True, None)])
+        engine._handle(record(channel.Row("a", 4, [], broken=True)))
         with pytest.raises(InvalidArgument, match="non-finite"):
             await box.get(4)
     asyncio.run(go())
 
 
-def test_a_guard_hit_is_kept_by_the_position_it_fired_at():
-    from rudder.server.backends.base import GuardHit
-
+def test_a_guard_hit_is_kept_by_the_position_it_fired_at_and_a_recomputed_row_keeps_the_first():
     async def go():
         engine = bare_engine()
         box = engine._rows["a"] = vllm_front._Rows()
-        engine._route(0.0, [("a-0", 6, [], False, GuardHit(0, 6, 31.0)), ("a-0", 7, [], False, None)])
+        engine._handle(record(channel.Row("a", 6, [], hit=GuardHit(0, 6, 31.0)), channel.Row("a", 7, [])))
+        engine._handle(record(channel.Row("a", 6, [TokenReadout("s", top_ids=[9])])))  # preempted, recomputed
         assert await box.get(6) == [] and box.hits == {6: GuardHit(0, 6, 31.0)}
+        assert engine.recomputed_rows == 1
     asyncio.run(go())
+
+
+def test_no_pickle_on_the_channel():
+    import rudder.server.backends.vllm as front
+    import rudder.server.backends.vllm_worker as worker
+
+    for module in (channel, front, worker):
+        source = open(module.__file__).read()
+        assert "import pickle" not in source and "pickle." not in source, module.__name__

@@ -27,18 +27,28 @@ Chat = Sequence[dict[str, str]]
 def build_generate(prompt: str | None = None, chat: Chat | None = None, *, max_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                    seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                   presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                   repetition_penalty: float | None = None, min_p: float | None = None,
+                   logit_bias: dict[int, float] | None = None, logprobs: int = 0,
                    interventions: Sequence[pb.Intervention] = (), readouts: pb.ReadoutRequest | None = None,
                    include_baseline: bool = False, guards: Sequence[pb.FeatureGate] = ()) -> pb.GenerateRequest:
+    """Sampling as vLLM's SamplingParams: penalties (presence and frequency in [-2, 2], repetition in
+    (0, 2]), `min_p`, `logit_bias` (token id -> [-100, 100]); `logprobs=N` gives each token its N
+    likeliest alternatives (`Token.top_logprobs`)."""
     req = pb.GenerateRequest(interventions=interventions, readouts=readouts, include_baseline=include_baseline,
                              guards=guards)
     _set_input(req, prompt, chat)
     s = req.sampling
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed)):
+                        ("top_k", top_k), ("seed", seed), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty),
+                        ("min_p", min_p)):
         if value is not None:
             setattr(s, name, value)
     s.stop.extend(stop)
     s.ignore_eos = ignore_eos
+    s.logit_bias.update(logit_bias or {})
+    s.logprobs = logprobs
     return req
 
 

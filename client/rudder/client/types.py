@@ -42,6 +42,8 @@ class Token:
     guard: tuple[int, int, float] | None = None
     """with stop_reason "guard": (which guard, the position it fired at, the feature's value); this
     last message withholds the guarded token (id -1, no text)"""
+    top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    """with `logprobs=N`: the N likeliest tokens here as (id, text, logprob), likeliest first"""
 
     @classmethod
     def from_pb(cls, token: pb.Token, readouts, baseline: bool = False, stop_reason: int = 0,
@@ -53,6 +55,7 @@ class Token:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             guard=(guard.index, guard.position, guard.value) if guard is not None else None,
+            top_logprobs=[(a.id, a.text, a.logprob) for a in token.top_logprobs],
         )
 
     def readout(self, source: str) -> Readout | None:
