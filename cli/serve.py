@@ -135,21 +135,15 @@ def serve(cfg: ServeConfig) -> int:
     """Serve until SIGTERM or SIGINT, then drain in-flight streams for `cfg.grace` seconds."""
     import torch
 
-    from rudder.server.app import RudderServer, Tls
-    from rudder.server.requests import Limits
+    from rudder.server.app import RudderServer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     token = read_token(cfg.auth_token_file)
-    tls = Tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
     engine, name = load_engine(cfg)
 
     async def run() -> int:  # grpc.aio objects belong to the loop they are made in
-        server = RudderServer(engine, name, cfg.host, cfg.port, Limits(max_tokens=cfg.max_tokens_limit),
-                              cfg.max_concurrent, cfg.allow_admin, metrics_port=cfg.metrics,
-                              metrics_host=cfg.metrics_host, tls=tls, token=token, openai_port=cfg.openai_port,
-                              artifact_set=cfg.artifact_set, artifact_set_poll_s=cfg.artifact_set_poll_s,
-                              max_connection_age_s=cfg.max_connection_age)
+        server = RudderServer.from_config(engine, name, cfg, token)
         return await server.run_until_signal(cfg.grace)
 
     return asyncio.run(run())

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rudder.server.artifact_set import POLL_S, ArtifactSet
 from rudder.server.backends.base import Engine, EngineRequest, Sampling
+from rudder.server.config import ServeConfig
 from rudder.server.generation import GenerationCore
 from rudder.server.metrics import Metrics
 from rudder.server.policy import Policy, outcome
@@ -168,6 +169,15 @@ class RudderServer:
 
             self.openai = OpenAIDoor(self.core, self.policy, tls)
         self._openai_bind = (host, openai_port)
+
+    @classmethod
+    def from_config(cls, engine: Engine, model_name: str, cfg: ServeConfig, token: str | None = None) -> RudderServer:
+        """The server `rudder serve` runs: every setting from `cfg` (the token read from its file)."""
+        tls = Tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert else None
+        return cls(engine, model_name, cfg.host, cfg.port, Limits(max_tokens=cfg.max_tokens_limit),
+                   cfg.max_concurrent, cfg.allow_admin, metrics_port=cfg.metrics, metrics_host=cfg.metrics_host,
+                   tls=tls, token=token, openai_port=cfg.openai_port, artifact_set=cfg.artifact_set,
+                   artifact_set_poll_s=cfg.artifact_set_poll_s, max_connection_age_s=cfg.max_connection_age)
 
     async def start(self) -> None:
         """Answer on the port at once (health NOT_SERVING, calls UNAVAILABLE "warming up"), start the

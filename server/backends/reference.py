@@ -29,7 +29,7 @@ from rudder.core.sites import Site
 from rudder.core.steering import StepTables, build_tables
 from rudder.server.backends.base import EngineRequest, HfTokenizing, Sampling, TokenEvent
 from rudder.server.backends.sequence import Sequence, eos_ids
-from rudder.server.backends.step import GateState, Span, StepRecorder, broken_steering, row_index, table_specs
+from rudder.server.backends.step import GateState, Span, StepRecorder, row_index, table_specs
 
 log = logging.getLogger(__name__)
 
@@ -326,21 +326,21 @@ class ReferenceEngine(HfTokenizing):
         states: list[_Row | None] = []
         for b, (h, r) in enumerate(zip(wave, reqs)):
             seq = Sequence(r, self.tokenizer, self.eos_ids)
-            if seq.reads_prompt and b in broken:  # as vLLM: no prompt event of an overflowed prompt
-                h.push(broken_steering(prompt_lens[b] - 1))
-                states.append(None)
-                continue
-            guarded = None
             if seq.reads_prompt:
                 first = b * length + length - prompt_lens[b]
-                for t in range(prompt_lens[b]):
-                    h.push(seq.prompt_event(t, readouts.get(first + t, [])))
-                    if gates[b] is not None and t < prompt_lens[b] - 1 and not r.trace:  # the last: in _emit
-                        guarded = gates[b].observe(t, step.gate_values(first + t))
-                        if guarded:
-                            h.push(seq.guarded(guarded, readouts.get(first + t, [])))
+                try:
+                    for t in range(prompt_lens[b]):
+                        hit = (gates[b].observe(t, step.gate_values(first + t))
+                               if gates[b] is not None and seq.guards_prompt_row(t) and b not in broken else None)
+                        for event in seq.prompt_row(t, readouts.get(first + t, []), hit, broken=b in broken):
+                            h.push(event)
+                        if seq.finish:
                             break
-            if r.trace or guarded:
+                except InvalidArgument as e:  # the prompt's steering overflowed: no prompt event goes out
+                    h.push(e)
+                    states.append(None)
+                    continue
+            if seq.prompt_done:
                 h.push(_END)
                 states.append(None)
                 continue
@@ -384,22 +384,23 @@ class ReferenceEngine(HfTokenizing):
             if s is None or s.handle.cancelled:
                 alive.append(False)
                 continue
+            hit = None
             if s.gates is not None and s.slot not in broken:  # decided after the step, before sampling
-                hit = s.gates.observe(s.seq.prompt_len + s.seq.generated - 1, step.gate_values(row))
-                if hit:
-                    s.handle.push(s.seq.guarded(hit, readouts.get(row, [])))
-                    s.handle.push(_END)
-                    alive.append(False)
-                    continue
+                hit = s.gates.observe(s.seq.row_position, step.gate_values(row))
             try:
-                if s.slot in broken:
-                    raise broken_steering(s.seq.prompt_len + s.seq.generated - 1)
-                token, logprob, top = sample(row_logits, s.seq.request.sampling, s.generator,
-                                             s.seq.request.prompt_ids, s.seq.output_ids)
+                ended = s.seq.ends_at_row(readouts.get(row, []), hit, broken=s.slot in broken)
+                if ended is None:
+                    token, logprob, top = sample(row_logits, s.seq.request.sampling, s.generator,
+                                                 s.seq.request.prompt_ids, s.seq.output_ids)
             except Exception as e:  # noqa: BLE001 - this request's failure, not the wave's
                 if not isinstance(e, InvalidArgument):
                     log.exception("sampling failed for one request")
                 s.handle.push(e)
+                alive.append(False)
+                continue
+            if ended is not None:
+                s.handle.push(ended)
+                s.handle.push(_END)
                 alive.append(False)
                 continue
             s.last_token = token

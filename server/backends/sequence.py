@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoConfig, GenerationConfig
 
 from rudder.server.backends.base import Alternative, EngineRequest, GuardHit, TokenEvent, TokenReadout
+from rudder.server.backends.step import broken_steering
 from rudder.server.detokenize import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,45 @@ class Sequence:
     def prompt_event(self, t: int, readouts: list[TokenReadout]) -> TokenEvent:
         token = self.request.prompt_ids[t]
         return TokenEvent(token, t, self._tokenizer.decode([token]), is_prompt=True, readouts=readouts)
+
+    # The per-row rules every backend follows. A backend that reads the prompt calls `prompt_row` for
+    # each prompt row in order, and stops once `prompt_done`; then, for each row that chooses a token
+    # (at `row_position`), `ends_at_row` first, and `token` only when that returns None.
+
+    def guards_prompt_row(self, t: int) -> bool:
+        """Whether a guard firing at prompt row `t` ends the sequence there: before the last prompt row
+        (the last row chooses the first token, and its guard is `ends_at_row`'s), and not in a trace."""
+        return t < self.prompt_len - 1 and not self.request.trace
+
+    def prompt_row(self, t: int, readouts: list[TokenReadout], hit: GuardHit | None = None,
+                   broken: bool = False) -> list[TokenEvent]:
+        """The events of prompt row `t`: its prompt event, and the guarded end when `hit` (a guard that
+        fired there, where `guards_prompt_row(t)`). A row whose steering overflowed raises instead:
+        no event goes out for an overflowed prompt."""
+        if broken:
+            raise broken_steering(t)
+        events = [self.prompt_event(t, readouts)]
+        if hit is not None and self.guards_prompt_row(t):
+            events.append(self.guarded(hit, readouts))
+        return events
+
+    @property
+    def prompt_done(self) -> bool:
+        """Whether the prompt's events are the last: a trace, or a guard fired in the prompt."""
+        return self.request.trace or self.finish is not None
+
+    @property
+    def row_position(self) -> int:
+        """The position of the row whose logits choose the next token."""
+        return self.prompt_len + self.generated - 1
+
+    def ends_at_row(self, readouts: list[TokenReadout], hit: GuardHit | None = None,
+                    broken: bool = False) -> TokenEvent | None:
+        """Before a token is taken from the row at `row_position`: raises if the row's steering
+        overflowed; the guarded end (withholding the token) if a guard fired there; None: go on."""
+        if broken:
+            raise broken_steering(self.row_position)
+        return self.guarded(hit, readouts) if hit is not None else None
 
     def guarded(self, hit: GuardHit, readouts: list[TokenReadout]) -> TokenEvent:
         """The last event of a sequence a guard stopped: the token the guarded position chose is

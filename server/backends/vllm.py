@@ -43,7 +43,6 @@ from rudder.core.steering import SteeringSpec, spec_to_wire
 from rudder.server.backends import channel, vllm_compat
 from rudder.server.backends.base import EngineRequest, GuardHit, HfTokenizing, TokenEvent, TokenReadout
 from rudder.server.backends.sequence import Sequence, eos_ids
-from rudder.server.backends.step import broken_steering
 from rudder.server.backends.vllm_worker import CONFIG_KEY, EXTRA_ARGS_KEY, FRONT_END_ENV
 
 log = logging.getLogger(__name__)
@@ -67,8 +66,9 @@ class _Rows:
         self.error = error
         self.arrived.set()
 
-    async def get(self, position: int) -> list[TokenReadout]:
-        """The readouts of the row at `position`; raises if its steering overflowed or it never came."""
+    async def row(self, position: int) -> tuple[list[TokenReadout], GuardHit | None, bool]:
+        """The record of the row at `position`: its readouts, the guard that fired there, whether its
+        steering overflowed (the request's `Sequence` decides what each means). Raises if it never came."""
         try:
             while position not in self.by_position and self.error is None:
                 self.arrived.clear()
@@ -79,9 +79,7 @@ class _Rows:
         if self.error is not None:
             raise self.error
         readouts, broken = self.by_position[position]
-        if broken:
-            raise broken_steering(position)
-        return readouts
+        return readouts, self.hits.get(position), broken
 
 
 def _model_view(model_dir: Path) -> Path:
@@ -342,23 +340,21 @@ class VllmEngine(HfTokenizing):
                     queue_s = vllm_compat.queue_seconds(out)
                     if seq.reads_prompt:
                         for t in range(seq.prompt_len):
-                            readouts = await box.get(t) if box else []
-                            event = seq.prompt_event(t, readouts)
-                            event.queue_s, queue_s = queue_s, None
-                            yield event
-                            if box and t in box.hits and t < seq.prompt_len - 1 and not request.trace:
-                                yield seq.guarded(box.hits[t], readouts)  # the last: with the first token
-                                return
-                    if request.trace:
+                            for event in seq.prompt_row(t, *(await box.row(t) if box else ([], None, False))):
+                                event.queue_s, queue_s = queue_s, None
+                                yield event
+                            if seq.finish:
+                                break
+                    if seq.prompt_done:
                         return
                 completion = out.outputs[0]
                 last = len(completion.token_ids) - 1
                 for j, token in enumerate(completion.token_ids):
                     logprob, top = vllm_compat.token_logprobs(completion, j, token, s.logprobs)
-                    at = seq.prompt_len + seq.generated - 1
-                    readouts = await box.get(at) if box else []
-                    if box and at in box.hits:  # a guard fired where this token was chosen: withhold it
-                        yield seq.guarded(box.hits[at], readouts)
+                    readouts, hit, broken = await box.row(seq.row_position) if box else ([], None, False)
+                    ended = seq.ends_at_row(readouts, hit, broken)
+                    if ended is not None:  # a guard fired where this token was chosen: it is withheld
+                        yield ended
                         return
                     engine_finish = _FINISH.get(completion.finish_reason) if j == last else None
                     event = seq.token(token, logprob, readouts, engine_finish, top)

@@ -122,3 +122,31 @@ def test_without_generation_config_the_eos_ids_come_from_config_json(tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     tok = AutoTokenizer.from_pretrained(model)
     assert eos_ids(tok, model) == {tok.eos_token_id, 17}
+
+
+def test_the_per_row_rules_a_guard_in_the_prompt_an_overflow_and_a_trace(tiny_dir):
+    from rudder.core.errors import InvalidArgument
+    from rudder.core.steering import ReadoutSpec, SteeringSpec
+    from rudder.server.backends.base import GuardHit
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    reads = SteeringSpec(readouts=ReadoutSpec(saes=("s",), include_prompt=True))
+    seq = Sequence(EngineRequest([5, 6, 7, 8], steering=reads), tok, frozenset())
+    assert [e.position for e in seq.prompt_row(0, [])] == [0] and not seq.prompt_done
+    events = seq.prompt_row(1, [], GuardHit(0, 1, 9.0))  # a guard before the last prompt row ends it there
+    assert [e.finish for e in events] == [None, "guard"] and events[1].token_id == -1 and seq.prompt_done
+
+    seq = Sequence(EngineRequest([5, 6, 7, 8], steering=reads), tok, frozenset())
+    for t in range(3):
+        seq.prompt_row(t, [])
+    assert len(seq.prompt_row(3, [], GuardHit(0, 3, 9.0))) == 1  # the last row's guard is the first token's
+    assert seq.row_position == 3 and seq.ends_at_row([], GuardHit(0, 3, 9.0)).finish == "guard"
+
+    trace = Sequence(EngineRequest([5, 6, 7], trace=True), tok, frozenset())
+    assert len(trace.prompt_row(0, [], GuardHit(0, 0, 9.0))) == 1 and trace.prompt_done  # a trace only reads
+    with pytest.raises(InvalidArgument, match="position 2"):
+        Sequence(EngineRequest([5, 6, 7]), tok, frozenset()).prompt_row(2, [], broken=True)
+    plain = Sequence(EngineRequest([5, 6, 7]), tok, frozenset())
+    assert plain.ends_at_row([]) is None and plain.token(9, -0.5, []).position == 3
+    with pytest.raises(InvalidArgument, match="position 3"):
+        plain.ends_at_row([], broken=True)

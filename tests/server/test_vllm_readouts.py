@@ -32,8 +32,8 @@ def test_a_record_reaches_its_requests_by_the_id_it_carries():
         a, b = (engine._rows.setdefault(k, vllm_front._Rows()) for k in "ab")
         engine._handle(record(channel.Row("a", 5, [TokenReadout("s", top_ids=[1], top_values=[2.5])]),
                               channel.Row("b", 7, []), channel.Row("gone", 1, [])))  # "gone" ended: skipped
-        assert (await asyncio.wait_for(a.get(5), 1))[0] == TokenReadout("s", top_ids=[1], top_values=[2.5])
-        assert await asyncio.wait_for(b.get(7), 1) == []
+        assert (await asyncio.wait_for(a.row(5), 1))[0] == [TokenReadout("s", top_ids=[1], top_values=[2.5])]
+        assert await asyncio.wait_for(b.row(7), 1) == ([], None, False)
         assert engine.bad_messages == 0
     asyncio.run(go())
 
@@ -52,10 +52,10 @@ def test_a_malformed_and_an_unknown_version_record_fail_only_their_requests(capl
             engine._handle(record(channel.Row("c", 4, [])))  # and a good one, for c
         assert engine.bad_messages == 3
         with pytest.raises(Unavailable, match="malformed"):
-            await a.get(0)
+            await a.row(0)
         with pytest.raises(Unavailable, match=f"version {channel.VERSION + 1}.*version {channel.VERSION}"):
-            await b.get(3)
-        assert await asyncio.wait_for(c.get(4), 1) == []
+            await b.row(3)
+        assert await asyncio.wait_for(c.row(4), 1) == ([], None, False)
         logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(logged) == 3 and "requests: unknown" in logged[0] and "requests: a" in logged[1]
     asyncio.run(go())
@@ -65,17 +65,25 @@ def test_an_unavailable_record_maps_to_the_unavailable_status():
     assert channel.ChannelError("x", ["a"]).code == "UNAVAILABLE"
 
 
-def test_a_missing_row_is_an_error_and_an_overflowed_row_ends_the_request(monkeypatch):
+def test_a_missing_row_is_an_error_and_an_overflowed_row_ends_the_request(monkeypatch, tiny_dir):
+    from transformers import AutoTokenizer
+
+    from rudder.server.backends.base import EngineRequest
+    from rudder.server.backends.sequence import Sequence
+
     monkeypatch.setattr(vllm_front, "READOUT_WAIT_S", 0.05)
 
     async def go():
         engine = bare_engine()
         box = engine._rows["a"] = vllm_front._Rows()
         with pytest.raises(ReadoutMissing, match="position 3"):
-            await box.get(3)
+            await box.row(3)
         engine._handle(record(channel.Row("a", 4, [], broken=True)))
-        with pytest.raises(InvalidArgument, match="non-finite"):
-            await box.get(4)
+        readouts, hit, broken = await box.row(4)
+        assert broken and hit is None
+        seq = Sequence(EngineRequest([1, 2, 3, 4, 5]), AutoTokenizer.from_pretrained(tiny_dir), frozenset())
+        with pytest.raises(InvalidArgument, match="non-finite by token position 4"):
+            seq.ends_at_row(readouts, hit, broken)  # the sequence's rule: an overflowed row ends the request
     asyncio.run(go())
 
 
@@ -85,7 +93,7 @@ def test_a_guard_hit_is_kept_by_the_position_it_fired_at_and_a_recomputed_row_ke
         box = engine._rows["a"] = vllm_front._Rows()
         engine._handle(record(channel.Row("a", 6, [], hit=GuardHit(0, 6, 31.0)), channel.Row("a", 7, [])))
         engine._handle(record(channel.Row("a", 6, [TokenReadout("s", top_ids=[9])])))  # preempted, recomputed
-        assert await box.get(6) == [] and box.hits == {6: GuardHit(0, 6, 31.0)}
+        assert await box.row(6) == ([], GuardHit(0, 6, 31.0), False)
         assert engine.recomputed_rows == 1
     asyncio.run(go())
 
