@@ -64,12 +64,19 @@ def _relu(sae: SAE, pre: Tensor, ids: Tensor | None = None) -> Tensor:
     return torch.relu(pre)
 
 
+def topk_active(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """SAELens' TopK on pre-activations `pre (..., d_sae)`: the k largest, ReLU'd, and their ids,
+    largest first. The choice is made in float32 (exact for bfloat16 values, and ~3x faster than
+    torch's bfloat16 topk on CPU)."""
+    values, ids = pre.float().topk(k, dim=-1)
+    return torch.relu(values).to(pre.dtype), ids
+
+
 @register_activation("topk")
 def _topk(sae: SAE, pre: Tensor) -> Tensor:
-    # SAELens' TopK: keep the k largest pre-activations, ReLU'd, zero elsewhere. The choice is made in
-    # float32 (exact for bfloat16 values, and ~3x faster than torch's bfloat16 topk on CPU).
-    values, ids = pre.float().topk(sae.cfg.k, dim=-1)
-    return torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values).to(pre.dtype))
+    # SAELens' TopK: the k largest pre-activations, ReLU'd, zero elsewhere
+    values, ids = topk_active(pre, sae.cfg.k)
+    return torch.zeros_like(pre).scatter_(-1, ids, values)
 
 
 @register_activation("jumprelu", elementwise=True)
@@ -327,7 +334,15 @@ class SAE(nn.Module):
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return self._input(x) @ self.W_enc + self.encoder_bias  # (..., d_sae)
+        x = self._input(x)
+        if x.dim() == 2:  # one fused kernel: the bias is not added in a second pass over (N, d_sae)
+            return torch.addmm(self.encoder_bias, x, self.W_enc)
+        return x @ self.W_enc + self.encoder_bias  # (..., d_sae)
+
+    def topk_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """A TopK SAE's active features at the rows `x (N, d_in)`: values and ids `(N, k)`, largest
+        first; `encode` is the values scattered into zeros (no dense (N, d_sae) tensor here)."""
+        return topk_active(self.pre_acts(x), self.cfg.k)
 
     def encode(self, x: Tensor) -> Tensor:
         return ACTIVATIONS[self.cfg.activation](self, self.pre_acts(x))

@@ -473,19 +473,21 @@ def apply_codebook(cb_id: str, cb: Codebook, x: Tensor, table: CodeTable | None,
 
 
 def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tensor,
-                   f: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   f: Tensor | None = None, f0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Feature edits on rows `x (R, d)` with slots `slot (R,)` and active ops `act (R, M)`.
 
-    Per op column m: `f0[:, m]`, its feature's activation before any edit (from `f (R, d_sae)`
-    if given, else only the M encoder columns an elementwise SAE needs); `f1[:, m]`, the
+    Per op column m: `f0[:, m]`, its feature's activation before any edit (as given, or from
+    `f (R, d_sae)` if given, else only the M encoder columns an elementwise SAE needs); `f1[:, m]`, the
     feature's value after ops 0..m (ops apply in the request's order; two on one feature
     chain); `last[:, m]`, whether column m holds its feature's final value. Fixed shapes, no
     host synchronisation: the in-graph form of an edit."""
     feat = table.feature[slot]  # (R, M)
-    if f is not None:
+    if f0 is not None:
+        pass
+    elif f is not None:
         f0 = f.gather(1, feat)
     else:
-        f0 = sae.encode_at(x, feat) if sae.elementwise else sae.encode(x).gather(1, feat)  # (R, M)
+        f0 = sae.encode_at(x, feat) if sae.elementwise else _active_at(*sae.topk_encode(x), feat)  # (R, M)
     op, val = table.op[slot], table.value[slot].to(f0.dtype)
     cols: list[Tensor] = []
     for m in range(feat.shape[1]):
@@ -502,6 +504,11 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
         for j in range(m + 1, feat.shape[1]):
             later[:, m] |= act[:, j] & (feat[:, j] == feat[:, m])
     return f0, f1, act & ~later
+
+
+def _active_at(values: Tensor, ids: Tensor, feat: Tensor) -> Tensor:
+    """TopK activations `values, ids (R, k)` read at features `feat (R, M)`: `(R, M)`, 0 where inactive."""
+    return (values[:, :, None] * (ids[:, :, None] == feat[:, None, :])).sum(1)
 
 
 def _edit_delta(sae: SAE, feat: Tensor, f0: Tensor, f1: Tensor, last: Tensor) -> Tensor:
@@ -548,22 +555,31 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
             _, f1, last = _feature_edits(sae, x_read, table, slot, act, f)
             _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts)
         return out
-    # TopK (a feature's value depends on all of them), or reading only: encode the rows that edit or
-    # read, once, for both.
+    # TopK (a feature's value depends on all of them; the only activation that is not elementwise),
+    # or reading only: encode the rows that edit or read, once, for both.
     editing = _row_mask(rows, table.valid.any(dim=1)) if table.edits else torch.zeros_like(read_mask)
     sel = (editing | read_mask).nonzero().squeeze(-1)
     if sel.numel() == 0:
         return out
     slot, act = table.active(rows, sel)
-    xs = x[sel]
-    f = sae.encode(xs)  # (R, d_sae)
-    f0, f1, last = _feature_edits(sae, xs, table, slot, act, f)
+    whole = sel.numel() == x.shape[0]  # every row edits or reads (a decode step): no gather, no scatter
+    xs = x if whole else x[sel]
     feat = table.feature[slot]
+    if sae.elementwise:  # reading only
+        f = sae.encode(xs)  # (R, d_sae)
+        f0 = f.gather(1, feat)
+    else:  # TopK: the k active features of each row; a dense (R, d_sae) activation only for rows read out
+        f, (values, ids) = None, sae.topk_encode(xs)  # (R, k)
+        f0 = _active_at(values, ids, feat)
+    _, f1, last = _feature_edits(sae, xs, table, slot, act, f0=f0)
     if table.edits:
-        out = out.index_add(0, sel, _edit_delta(sae, feat, f0, f1, last).to(out.dtype))
+        delta = _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
+        out = out + delta if whole else out.index_add(0, sel, delta)
     reading = read_mask[sel]
     if reading.any():
-        _read(sae_id, table, sel[reading], f[reading], feat[reading], f1[reading], last[reading], readouts)
+        f = (f[reading] if f is not None
+             else values.new_zeros(int(reading.sum()), sae.cfg.d_sae).scatter_(-1, ids[reading], values[reading]))
+        _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts)
     return out
 
 
