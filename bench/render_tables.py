@@ -96,6 +96,18 @@ def _vllm_backend(d: dict) -> Rows:
     return out
 
 
+@table("steering_profile", "steering_profile.json", "llr")
+def _steering_profile(d: dict) -> Rows:
+    cols = ["encode/decode", "top-k", "small kernels", "python", "total"]
+    out = [["row", "code", *[f"{c} ms" for c in cols], "aten ops"]]
+    profiles = d["profiles"]
+    for mode in next(iter(profiles.values()))["rows"]:
+        for label, p in profiles.items():
+            r = p["rows"][mode]
+            out.append([mode, f"{label} ({p['commit']})", *[f"{r[c]:.2f}" for c in cols], f"{r['aten_ops']:.0f}"])
+    return out
+
+
 @table("vllm_vs_vllm_serve", "vllm_vs_vllm_serve.json", "lr")
 def _vllm_vs_vllm_serve(d: dict) -> Rows:
     out = [["server", "tok/s (best)", "spread", "x vllm serve", "x gRPC door"]]

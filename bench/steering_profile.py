@@ -2,7 +2,11 @@
 breakdown of `bench/vllm_backend.py`'s host step (the op at the site, routing the readouts, the
 gates) plus the channel record the worker sends, for each of its rows.
 
-    .venv/bin/python bench/steering_profile.py [--streams 32] [--repeat 200]
+    .venv/bin/python bench/steering_profile.py [--streams 32] [--repeat 200] [--label after]
+    # the code before a change, from a worktree of its commit (rudder.* resolved there first):
+    #   git worktree add /tmp/old REV && mkdir -p /tmp/oldpkg/rudder && for p in core server; do
+    #   ln -s /tmp/old/$p /tmp/oldpkg/rudder/$p; done
+    #   PYTHONPATH=/tmp/oldpkg .venv/bin/python bench/steering_profile.py --label before
 
 One decode step of `--streams` requests (one row each) at blocks.15.hook_resid_post, on the
 default TopK SAE and a random standard (ReLU) SAE of its shape (576 x 4,608), float32, 2 torch
@@ -12,7 +16,8 @@ threads. Categories, by the profiler's self CPU time per aten op:
   small kernels   every other aten op (indexing, where, gather, masks, isfinite, copies)
   python          the rest of the wall time: Rudder's Python around the kernels (tables, row
                   index, routing, building readouts, the gates, the channel record)
-Prints a table in ms per step and writes bench/results/steering_profile.json. The model's own
+"total" is the best of 5 unprofiled timings of `--repeat` / 5 steps. Prints a table in ms per
+step and writes bench/results/steering_profile.json. The model's own
 step, for scale, is `plain_step_ms` of bench/results/vllm_backend.json.
 """
 
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from vllm_backend import MODES, SITE, _host_step, sae_specs  # bench/ is on sys.path
 
+from rudder.core import steering
 from rudder.core.sae import SAE
 from rudder.core.steering import SiteArtifacts, build_tables
 from rudder.server.backends import channel
@@ -49,10 +56,12 @@ def one_step(spec, tables, spans, gates, positions, x, artifacts) -> None:
 def profile_mode(spec, args, repeat: int) -> dict[str, float]:
     for _ in range(20):  # warm the allocator and the cached properties
         one_step(spec, *args)
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        one_step(spec, *args)
-    wall = (time.perf_counter() - t0) / repeat * 1e3
+    wall = float("inf")
+    for _ in range(5):  # the best of 5 timings: this machine is noisy
+        t0 = time.perf_counter()
+        for _ in range(repeat // 5):
+            one_step(spec, *args)
+        wall = min(wall, (time.perf_counter() - t0) / (repeat // 5) * 1e3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(repeat):
             one_step(spec, *args)
@@ -65,7 +74,7 @@ def profile_mode(spec, args, repeat: int) -> dict[str, float]:
         cat = "encode/decode" if e.key in MATMUL else "top-k" if e.key == "aten::topk" else "small kernels"
         cats[cat] += ms
         kernels += e.count
-    # the profiler's own overhead inflates its totals: scale the kernels' share to the unprofiled wall time
+    # the profiler's own overhead inflates its totals: the kernels' times are its, python is what is left
     profiled = sum(cats.values())
     out = {k: round(v, 3) for k, v in cats.items()}
     out["python"] = round(max(0.0, wall - profiled), 3)
@@ -78,6 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--label", default="after", help="the name this profile is kept under in --out (other "
+                    "labels there are kept: profile the code before a change as 'before')")
     ap.add_argument("--out", default=str(ROOT / "bench/results/steering_profile.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -102,12 +113,18 @@ def main() -> None:
     print(f"{'row':<26}" + "".join(f"{c:>15}" for c in cols) + f"{'aten ops':>10}")
     for mode, r in rows.items():
         print(f"{mode:<26}" + "".join(f"{r[c]:15.3f}" for c in cols) + f"{r['aten_ops']:10.0f}")
-    Path(args.out).write_text(json.dumps({
+    out = Path(args.out)
+    kept = json.loads(out.read_text()).get("profiles", {}) if out.exists() else {}
+    code = Path(steering.__file__).resolve().parent  # the code profiled (a worktree of an older commit, say)
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    kept[args.label] = {"commit": commit, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    out.write_text(json.dumps({
         "bench": "steering_profile", "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                      if ln.startswith("model name")), ""),
         "threads": torch.get_num_threads(), "streams": args.streams, "repeat": args.repeat, "site": SITE,
-        "plain_step_ms": plain_step, "rows": rows}, indent=2) + "\n")
+        "plain_step_ms": plain_step, "profiles": kept}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
