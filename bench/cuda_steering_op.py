@@ -16,7 +16,9 @@ sites (resid_post of evenly spaced layers); then, for every replay, new random t
 features, values, scopes, directions, slots) are copied into the captured buffers, so one graph
 serves every mix of steerings without a host synchronisation. Checks: each graph's logits
 equal eager's with the same tables (after the tables change too). Reports ms per step (median
-of `--replays`), the op's cost over the plain graph, and eager's.
+of `--replays`), the op's cost over the plain graph, and eager's. Each steered row runs twice:
+with the torch form ("torch") and with the feature edits as one Triton kernel
+(`core.steering_fused`, "fused"; the directions stay torch).
 
 Writes bench/results/cuda_steering_op.json.
 """
@@ -92,9 +94,9 @@ def copy_tables(dst: StepTables, src: StepTables) -> None:
 class Steering:
     """Forward hooks on decoder layers that steer their output with the in-graph form."""
 
-    def __init__(self, model, layers: list[int], saes: dict[str, SAE], batch: int):
+    def __init__(self, model, layers: list[int], saes: dict[str, SAE], batch: int, fused: bool = False):
         self.sites = {f"blocks.{i}.hook_resid_post": i for i in layers}
-        self.saes, self.batch = saes, batch
+        self.saes, self.batch, self.fused = saes, batch, fused
         dev = next(model.parameters()).device
         self.rows = RowIndex(torch.zeros(batch, dtype=torch.long, device=dev),
                              torch.zeros(batch, dtype=torch.long, device=dev))
@@ -117,7 +119,12 @@ class Steering:
         def hook(module, args, out):
             hidden = out[0] if isinstance(out, tuple) else out
             x = hidden.reshape(-1, hidden.shape[-1])
-            x = sae_edit_all_rows(self.saes[site], x, self.tables.saes[site], self.rows)
+            if self.fused:  # one Triton kernel for the feature edits (core.steering_fused)
+                from rudder.core.steering_fused import fused_sae_delta
+
+                x = x + fused_sae_delta(self.saes[site], x, self.tables.saes[site], self.rows).to(x.dtype)
+            else:
+                x = sae_edit_all_rows(self.saes[site], x, self.tables.saes[site], self.rows)
             x = apply_direction(x, self.tables.directions[site], self.rows).view(hidden.shape)
             return (x, *out[1:]) if isinstance(out, tuple) else x
         return hook
@@ -170,7 +177,7 @@ def main() -> None:
                "layers": args.layers, "batch": args.batch, "dtype": "bfloat16", "d_sae": D_SAE_PER_D * d,
                "ops_per_slot": OPS_PER_SLOT, "replays": args.replays, "rows": []}
     with torch.inference_mode():
-        for n_sites in (0, 1, 4):
+        for n_sites, edit in ((0, "none"), (1, "torch"), (4, "torch"), (1, "fused"), (4, "fused")):
             layers = [round(i * (args.layers - 1) / max(1, n_sites - 1)) for i in range(n_sites)] if n_sites > 1 \
                 else [args.layers // 2] * n_sites
             saes = {}
@@ -179,7 +186,7 @@ def main() -> None:
                 torch.nn.init.normal_(sae.W_enc, std=d ** -0.5)
                 torch.nn.init.normal_(sae.W_dec, std=0.02)
                 saes[sae.cfg.hook_name] = sae.to(dev, dtype)
-            steering = Steering(model, layers, saes, args.batch) if n_sites else None
+            steering = Steering(model, layers, saes, args.batch, fused=edit == "fused") if n_sites else None
 
             def new_tables(steering=steering, saes=saes):
                 if steering:
@@ -208,21 +215,23 @@ def main() -> None:
                 plain = static_logits.clone()
             else:  # and the steering did something
                 assert (static_logits.float() - plain.float()).abs().max().item() > 1e-3, "steering had no effect"
-            row = {"sites": n_sites, "graph_ms": timed(graph.replay, args.replays, new_tables if steering else None),
+            row = {"sites": n_sites, "edit": edit,
+                   "graph_ms": timed(graph.replay, args.replays, new_tables if steering else None),
                    "eager_ms": timed(step, max(10, args.replays // 4)), "max_abs_diff_vs_eager": max_err}
             results["rows"].append(row)
             if steering:
                 steering.remove()
-            print(f"{n_sites} sites: graph {row['graph_ms']:.3f} ms/step, eager {row['eager_ms']:.3f} ms/step, "
-                  f"graph vs eager max |diff| {max_err:.2e}", flush=True)
+            print(f"{n_sites} sites ({edit} edit): graph {row['graph_ms']:.3f} ms/step, "
+                  f"eager {row['eager_ms']:.3f} ms/step, graph vs eager max |diff| {max_err:.2e}", flush=True)
     base = results["rows"][0]["graph_ms"]
     for row in results["rows"]:
         row["graph_over_plain_graph"] = row["graph_ms"] / base
     print(f"\n{results['device']}, Llama d={d} x {args.layers} layers, batch {args.batch}, bfloat16; ReLU SAEs "
           f"{D_SAE_PER_D * d} wide, {OPS_PER_SLOT} feature edits + {OPS_PER_SLOT} directions per request per site")
-    print(f"{'sites':>5} {'graph ms':>9} {'x plain graph':>14} {'eager ms':>9}")
+    print(f"{'sites':>5} {'edit':>6} {'graph ms':>9} {'x plain graph':>14} {'eager ms':>9}")
     for row in results["rows"]:
-        print(f"{row['sites']:>5} {row['graph_ms']:9.3f} {row['graph_over_plain_graph']:14.3f} {row['eager_ms']:9.3f}")
+        print(f"{row['sites']:>5} {row['edit']:>6} {row['graph_ms']:9.3f} {row['graph_over_plain_graph']:14.3f} "
+              f"{row['eager_ms']:9.3f}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
 
