@@ -327,7 +327,7 @@ class RequestParser:
         out = {}
         for name, low, high, open_low in (("presence_penalty", -2.0, 2.0, False),
                                           ("frequency_penalty", -2.0, 2.0, False),
-                                          ("repetition_penalty", 0.0, 2.0, True), ("min_p", 0.0, 1.0, False)):
+                                          ("repetition_penalty", 0.0, math.inf, True), ("min_p", 0.0, 1.0, False)):
             if s.HasField(name):
                 value = _finite(getattr(s, name), f"sampling.{name}")
                 if not (low < value if open_low else low <= value) or value > high:

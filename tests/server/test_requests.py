@@ -271,6 +271,12 @@ def test_sampling_defaults_and_values(parser):
     assert s == Sampling(100, 0.75, 0.5, 40, 7, ("\n\n", "END"), True)
     assert parser.sampling(pb.SamplingParams(temperature=1e-6)).temperature == 0.0  # near-zero: greedy
     assert parser.sampling(pb.SamplingParams(seed=0)).seed == 0  # a set 0 is a seed, not "none"
+    s = parser.sampling(pb.SamplingParams(presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=2.5,
+                                          min_p=0.1, logit_bias={7: -100, 3: 4.5}, logprobs=20))
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p, s.logprobs) == (
+        -2, 1.5, 2.5, pytest.approx(0.1), 20)
+    assert s.logit_bias == ((3, 4.5), (7, -100.0)) and s.penalized
+    assert not parser.sampling(pb.SamplingParams()).penalized
 
 
 @pytest.mark.parametrize("msg,cls,fragments", [
@@ -284,6 +290,14 @@ def test_sampling_defaults_and_values(parser):
     (pb.SamplingParams(top_p=1.5), InvalidArgument, ("sampling.top_p",)),
     (pb.SamplingParams(top_p=math.inf), InvalidArgument, ("sampling.top_p", "finite")),
     (pb.SamplingParams(top_k=-1), InvalidArgument, ("sampling.top_k must be >= 0",)),
+    (pb.SamplingParams(presence_penalty=2.5), InvalidArgument, ("sampling.presence_penalty must be in [-2, 2]",)),
+    (pb.SamplingParams(frequency_penalty=math.nan), InvalidArgument, ("sampling.frequency_penalty", "finite")),
+    (pb.SamplingParams(repetition_penalty=0), InvalidArgument, ("sampling.repetition_penalty must be in (0",)),
+    (pb.SamplingParams(min_p=1.5), InvalidArgument, ("sampling.min_p must be in [0, 1]",)),
+    (pb.SamplingParams(logit_bias={10**6: 1.0}), InvalidArgument, ("token id 1000000", "vocabulary")),
+    (pb.SamplingParams(logit_bias={1: 101.0}), InvalidArgument, ("logit_bias[1] must be in [-100, 100]",)),
+    (pb.SamplingParams(logit_bias={i: 1.0 for i in range(301)}), ResourceExhausted, ("names 301 tokens",)),
+    (pb.SamplingParams(logprobs=21), InvalidArgument, ("sampling.logprobs must be 0 to 20",)),
 ])
 def test_bad_sampling(parser, msg, cls, fragments):
     with fails(cls, *fragments):

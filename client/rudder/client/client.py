@@ -32,8 +32,8 @@ def build_generate(prompt: str | None = None, chat: Chat | None = None, *, max_t
                    logit_bias: dict[int, float] | None = None, logprobs: int = 0,
                    interventions: Sequence[pb.Intervention] = (), readouts: pb.ReadoutRequest | None = None,
                    include_baseline: bool = False, guards: Sequence[pb.FeatureGate] = ()) -> pb.GenerateRequest:
-    """Sampling as vLLM's SamplingParams: penalties (presence and frequency in [-2, 2], repetition in
-    (0, 2]), `min_p`, `logit_bias` (token id -> [-100, 100]); `logprobs=N` gives each token its N
+    """Sampling as vLLM's SamplingParams: penalties (presence and frequency in [-2, 2], repetition > 0),
+    `min_p`, `logit_bias` (token id -> [-100, 100]); `logprobs=N` gives each token its N
     likeliest alternatives (`Token.top_logprobs`)."""
     req = pb.GenerateRequest(interventions=interventions, readouts=readouts, include_baseline=include_baseline,
                              guards=guards)
