@@ -342,6 +342,8 @@ class SAE(nn.Module):
     def topk_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """A TopK SAE's active features at the rows `x (N, d_in)`: values and ids `(N, k)`, largest
         first; `encode` is the values scattered into zeros (no dense (N, d_sae) tensor here)."""
+        if self.cfg.activation != "topk":
+            raise ValueError(f"topk_encode is for TopK SAEs; this one is {self.cfg.architecture}: use encode")
         return topk_active(self.pre_acts(x), self.cfg.k)
 
     def encode(self, x: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ SUPPORTED = ("standard", "jumprelu")
 
 @triton.jit
 def _edit_kernel(xin_ptr, feat_ptr, act_ptr, op_ptr, val_ptr, wenc_ptr, benc_ptr, thr_ptr, wdec_ptr, out_ptr,
-                 d, M, jump: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                 d, d_sae, M, jump: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     r = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     ms = tl.arange(0, BLOCK_M)
@@ -37,7 +37,8 @@ def _edit_kernel(xin_ptr, feat_ptr, act_ptr, op_ptr, val_ptr, wenc_ptr, benc_ptr
     op = tl.load(op_ptr + r * M + ms, mask=on_m, other=0)
     val = tl.load(val_ptr + r * M + ms, mask=on_m, other=0.0).to(tl.float32)
     both = on_m[:, None] & on_d[None, :]
-    w_enc = tl.load(wenc_ptr + feat[:, None] * d + cols[None, :], mask=both, other=0.0).to(tl.float32)  # (M, d)
+    # W_enc is (d, d_sae): feature f's column, read in place
+    w_enc = tl.load(wenc_ptr + cols[None, :] * d_sae + feat[:, None], mask=both, other=0.0).to(tl.float32)
     pre = tl.sum(w_enc * xin[None, :], axis=1) + tl.load(benc_ptr + feat, mask=on_m, other=0.0).to(tl.float32)
     f0 = tl.maximum(pre, 0.0)
     if jump:
@@ -83,8 +84,8 @@ def fused_sae_delta(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Ten
     out = torch.empty(n, sae.cfg.d_in, dtype=torch.float32, device=x.device)
     jump = sae.cfg.activation == "jumprelu"
     _edit_kernel[(n,)](xin, table.feature[slot].contiguous(), act.to(torch.int8).contiguous(),
-                       table.op[slot].contiguous(), table.value[slot].contiguous(), sae.W_enc.T.contiguous(),
+                       table.op[slot].contiguous(), table.value[slot].contiguous(), sae.W_enc.contiguous(),
                        sae.encoder_bias.contiguous(), (sae.threshold if jump else sae.encoder_bias).contiguous(),
-                       sae.W_dec.contiguous(), out, sae.cfg.d_in, m, jump=jump,
+                       sae.W_dec.contiguous(), out, sae.cfg.d_in, sae.cfg.d_sae, m, jump=jump,
                        BLOCK_D=triton.next_power_of_2(sae.cfg.d_in), BLOCK_M=triton.next_power_of_2(max(m, 1)))
     return out

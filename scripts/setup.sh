@@ -22,7 +22,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # A strict editable install links the modules it saw: relink when one is added or removed.
-modules="$(find core server training analysis client/rudder -name '*.py' -not -path '*/__pycache__/*' | sort | sha256sum | cut -c1-16)"
+modules="$(find core server cli training analysis client/rudder -name '*.py' -not -path '*/__pycache__/*' | sort | sha256sum | cut -c1-16)"
 if [ "$(cat .venv/.rudder-modules 2>/dev/null)" != "$modules" ]; then
   echo "==> linking Rudder's modules into .venv"
   python -m pip install -q --no-deps --config-settings editable_mode=strict -e ./client -e .

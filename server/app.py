@@ -114,6 +114,9 @@ class PolicyInterceptor(_SteeringInterceptor):
                 code = "OK"
             except (asyncio.CancelledError, GeneratorExit):
                 raise
+            except grpc.aio.AbortError:  # a handler chose its status itself
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
             except Exception as e:  # noqa: BLE001 - every error is answered with its status
                 out = outcome(e, details.method)
                 code = out.code

@@ -68,7 +68,7 @@ class Metrics:
 class ArtifactInfo:
     """`rudder:artifact_info{id, kind, generation, site, width}` = 1 for each artifact loaded, read at
     scrape time (as vLLM's `vllm:lora_requests_info` names its adapters): which replica serves what.
-    The generation is a hash of the artifact's content (`server.artifacts.content_generation`), the
+    The generation is a hash of the artifact's content (`core.artifacts.content_generation`), the
     same on every replica that loaded the same files; width: an SAE's latents, a codebook's codes,
     a vector's dimensions."""
 

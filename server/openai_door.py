@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -292,21 +293,24 @@ async def _messages(events: AsyncIterator[Event]) -> AsyncIterator[pb.GenerateRe
             yield response_to_pb(event)
 
 
-def logprobs_json(chat: bool, tokens: list[pb.Token]) -> dict:
+def logprobs_json(chat: bool, tokens: list[pb.Token], text_of, offset: int = 0) -> dict:
     """OpenAI's `logprobs` object of a choice (or of a streamed chunk's tokens): a chat completion's
-    `content` entries with their `top_logprobs`, or a completion's parallel lists."""
+    `content` entries with their `top_logprobs`, or a completion's parallel lists. A token is named
+    by its own text (`text_of(id)`, as its alternatives are), not by the text the stream emitted at
+    it (empty inside a UTF-8 character, held back at a possible stop string); a completion's
+    `text_offset` counts the emitted text from `offset`."""
     if chat:
         def entry(text: str, logprob: float) -> dict:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(a.text, a.logprob)
-                                                                          for a in t.top_logprobs]}
+        return {"content": [{**entry(text_of(t.id), t.logprob), "top_logprobs": [entry(a.text, a.logprob)
+                                                                                 for a in t.top_logprobs]}
                             for t in tokens], "refusal": None}
-    offsets, at = [], 0
+    offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t.text)
-    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+    return {"tokens": [text_of(t.id) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens], "text_offset": offsets}
 
 
@@ -317,6 +321,7 @@ class OpenAIDoor:
         """`policy`: the server's (the same bearer token, counter and error map as gRPC); `tls` (app.Tls):
         serve HTTPS."""
         self.core, self.policy, self.tls = core, policy, tls
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(core.engine.token_text)  # logprobs name tokens
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -481,7 +486,7 @@ class OpenAIDoor:
             c = choices[i]
             body = ({"message": {"role": "assistant", "content": c["text"]}} if chat else {"text": c["text"]})
             out_choices.append({"index": i, **body,
-                                "logprobs": logprobs_json(chat, c["logprobs"]) if logprobs else None,
+                                "logprobs": logprobs_json(chat, c["logprobs"], self._token_text) if logprobs else None,
                                 "finish_reason": c["finish_reason"],
                                 "rudder": {"baseline": i == 1, "tokens": c["tokens"]}})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
@@ -507,6 +512,7 @@ class OpenAIDoor:
 
         code = "OK"
         started: set[int] = set()
+        emitted: dict[int, int] = {}  # characters streamed per choice: a completion's text_offset
         usage = None
         every = self._all(first, messages)
         try:
@@ -517,8 +523,11 @@ class OpenAIDoor:
                     yield event(chunk(i, None, None, None, role=True))
                 text = None if msg.token.is_prompt else msg.token.text
                 finish = FINISH[msg.stop_reason] if msg.stop_reason else None
-                lp = (logprobs_json(chat, [msg.token]) if logprobs and text is not None and not msg.HasField("guard")
-                      else None)
+                lp = None
+                if logprobs and text is not None and not msg.HasField("guard"):
+                    lp = logprobs_json(chat, [msg.token], self._token_text, emitted.get(i, 0))
+                if text:
+                    emitted[i] = emitted.get(i, 0) + len(text)
                 yield event(chunk(i, text, finish, {"baseline": msg.baseline, **token_json(msg)}, lp=lp))
                 if msg.stop_reason and not msg.baseline:
                     usage = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens,

@@ -67,16 +67,17 @@ def penalize(logits: Tensor, s: Sampling, prompt_ids, output_ids) -> Tensor:
     """vLLM's penalties on `logits (V,)`: repetition over the prompt's and output's tokens (a positive
     logit divided by it, a negative one multiplied), then frequency (times each output token's
     count) and presence (once per output token) subtracted, as OpenAI's API defines them."""
-    vocab = logits.numel()
+    vocab, device = logits.numel(), logits.device
     if s.repetition_penalty != 1.0:
-        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         for ids in (prompt_ids, output_ids):
             if len(ids):
-                seen[torch.tensor(ids)[torch.tensor(ids) < vocab]] = True
-        penalty = torch.where(seen, torch.tensor(s.repetition_penalty, dtype=torch.float32), 1.0)
+                ids = torch.as_tensor(ids, device=device)
+                seen[ids[ids < vocab]] = True
+        penalty = torch.where(seen, torch.tensor(s.repetition_penalty, dtype=torch.float32, device=device), 1.0)
         logits = logits * torch.where(logits > 0, 1.0 / penalty, penalty)
     if output_ids and (s.frequency_penalty or s.presence_penalty):
-        counts = torch.bincount(torch.tensor(output_ids), minlength=vocab)[:vocab].to(logits.device)
+        counts = torch.bincount(torch.as_tensor(output_ids, device=device), minlength=vocab)[:vocab]
         logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
     return logits
 

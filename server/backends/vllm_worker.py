@@ -253,7 +253,11 @@ class _Steerer:
             raw = extra.get(EXTRA_ARGS_KEY)
             self._specs[req_id] = spec_from_wire(raw) if raw else None
             if raw:
-                self._ours[req_id] = str(extra.get(channel.REQUEST_ID_KEY, req_id))
+                ours = extra.get(channel.REQUEST_ID_KEY)
+                if ours is None:  # not sent by Rudder's front end: its rows reach nobody
+                    log.error("request %s steers without %r in its extra_args; its readouts will not reach it",
+                              req_id, channel.REQUEST_ID_KEY)
+                self._ours[req_id] = str(ours or req_id)
         return self._specs[req_id]
 
     def _begin(self, module, args, kwargs) -> None:
