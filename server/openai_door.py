@@ -164,11 +164,13 @@ def to_request(body: dict, chat: bool, default_max_tokens: int) -> pb.GenerateRe
         if not isinstance(prompt, str):
             raise _bad("prompt: one string is served (not token ids, not a batch)", "prompt")
         req.prompt = prompt
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise _bad("n: one choice per request is served (ask for the unsteered baseline with "
                    "rudder.include_baseline)", "n")
     s = req.sampling
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:  # absent or null: the older field
+        max_tokens = body.get("max_tokens")
     for name, value, kind in (("max_tokens", max_tokens, int), ("top_k", body.get("top_k"), int),
                               ("seed", body.get("seed"), int), *((f, body.get(f), float) for f in FLOAT_FIELDS)):
         if value is None:

@@ -102,6 +102,9 @@ def test_fields_that_ask_for_nothing_pass_and_a_message_needs_content_and_stops_
                                        logprobs=False, presence_penalty=0.0, frequency_penalty=0, logit_bias={},
                                        response_format={"type": "text"}, user="someone", store=False)
     assert out.usage.completion_tokens == 2 and out.choices[0].logprobs is None
+    nulls = door.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                         extra_body={"n": None, "max_completion_tokens": None, "ignore_eos": True})
+    assert nulls.usage.completion_tokens == 3  # null is "not given", as OpenAI reads it
     with pytest.raises(openai.BadRequestError) as e:
         door.chat.completions.create(model="tiny", messages=[{"role": "user"}], max_tokens=2)
     assert "messages[0]" in str(e.value)
