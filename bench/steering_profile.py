@@ -43,7 +43,7 @@ from rudder.server.backends import channel
 from rudder.server.backends.step import GateState, Span
 
 ROOT = Path(__file__).resolve().parents[1]
-MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_efficientzerotensor"}
+MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
 
 
 def one_step(spec, tables, spans, gates, positions, x, artifacts) -> None:

@@ -473,20 +473,16 @@ def apply_codebook(cb_id: str, cb: Codebook, x: Tensor, table: CodeTable | None,
 
 
 def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tensor,
-                   f: Tensor | None = None, f0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   f0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Feature edits on rows `x (R, d)` with slots `slot (R,)` and active ops `act (R, M)`.
 
-    Per op column m: `f0[:, m]`, its feature's activation before any edit (as given, or from
-    `f (R, d_sae)` if given, else only the M encoder columns an elementwise SAE needs); `f1[:, m]`, the
-    feature's value after ops 0..m (ops apply in the request's order; two on one feature
+    Per op column m: `f0[:, m]`, its feature's activation before any edit (as given, else from
+    only the M encoder columns an elementwise SAE needs, or a TopK SAE's k active features);
+    `f1[:, m]`, the feature's value after ops 0..m (ops apply in the request's order; two on one feature
     chain); `last[:, m]`, whether column m holds its feature's final value. Fixed shapes, no
     host synchronisation: the in-graph form of an edit."""
     feat = table.feature[slot]  # (R, M)
-    if f0 is not None:
-        pass
-    elif f is not None:
-        f0 = f.gather(1, feat)
-    else:
+    if f0 is None:
         f0 = sae.encode_at(x, feat) if sae.elementwise else _active_at(*sae.topk_encode(x), feat)  # (R, M)
     op, val = table.op[slot], table.value[slot].to(f0.dtype)
     cols: list[Tensor] = []
@@ -552,7 +548,7 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         if reading.numel():
             slot, act = table.active(rows, reading)
             f = sae.encode(x_read)  # (R, d_sae)
-            _, f1, last = _feature_edits(sae, x_read, table, slot, act, f)
+            _, f1, last = _feature_edits(sae, x_read, table, slot, act, f.gather(1, table.feature[slot]))
             _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts)
         return out
     # TopK (a feature's value depends on all of them; the only activation that is not elementwise),

@@ -80,28 +80,19 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler
     raise TypeError("only unary-unary and unary-stream RPCs can be intercepted; the Steering service has no others")
 
 
-class _SteeringInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the Steering service's methods only: health and reflection stay open for probes."""
+class PolicyInterceptor(grpc.aio.ServerInterceptor):
+    """The server's `Policy` on every Steering call: admitted (bearer token, warm-up) before the
+    service runs, its domain errors answered with their status and message (anything else INTERNAL,
+    logged, no traceback sent), and counted in `rudder:requests` by method and status code. Health
+    and reflection are left alone, open for probes."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(_OUR_METHODS):
             return handler
-        return self.intercept(handler, details)
-
-    def intercept(self, handler: grpc.RpcMethodHandler, details) -> grpc.RpcMethodHandler:
-        raise NotImplementedError
-
-
-class PolicyInterceptor(_SteeringInterceptor):
-    """The server's `Policy` on every Steering call: admitted (bearer token, warm-up) before the
-    service runs, its domain errors answered with their status and message (anything else INTERNAL,
-    logged, no traceback sent), and counted in `rudder:requests` by method and status code."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-
-    def intercept(self, handler, details):
         method = details.method.rsplit("/", 1)[-1]
         authorization = dict(details.invocation_metadata or ()).get("authorization")
 

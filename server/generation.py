@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -108,6 +109,8 @@ class GenerationCore:
         self.max_concurrent = max_concurrent
         self.in_flight = 0
         self.dead: str | None = None  # why the server no longer serves (its engine died)
+        # a token's own text, decoded once per server (feature search by effect, logprobs at the door)
+        self.token_text = functools.lru_cache(maxsize=None)(engine.token_text)
 
     @property
     def limits(self) -> Limits:

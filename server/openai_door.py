@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -323,7 +322,6 @@ class OpenAIDoor:
         """`policy`: the server's (the same bearer token, counter and error map as gRPC); `tls` (app.Tls):
         serve HTTPS."""
         self.core, self.policy, self.tls = core, policy, tls
-        self._token_text = functools.lru_cache(maxsize=1 << 16)(core.engine.token_text)  # logprobs name tokens
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -487,8 +485,8 @@ class OpenAIDoor:
         for i in sorted(choices):
             c = choices[i]
             body = ({"message": {"role": "assistant", "content": c["text"]}} if chat else {"text": c["text"]})
-            out_choices.append({"index": i, **body,
-                                "logprobs": logprobs_json(chat, c["logprobs"], self._token_text) if logprobs else None,
+            lp = logprobs_json(chat, c["logprobs"], self.core.token_text) if logprobs else None
+            out_choices.append({"index": i, **body, "logprobs": lp,
                                 "finish_reason": c["finish_reason"],
                                 "rudder": {"baseline": i == 1, "tokens": c["tokens"]}})
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": out_choices,
@@ -527,7 +525,7 @@ class OpenAIDoor:
                 finish = FINISH[msg.stop_reason] if msg.stop_reason else None
                 lp = None
                 if logprobs and text is not None and not msg.HasField("guard"):
-                    lp = logprobs_json(chat, [msg.token], self._token_text, emitted.get(i, 0))
+                    lp = logprobs_json(chat, [msg.token], self.core.token_text, emitted.get(i, 0))
                 if text:
                     emitted[i] = emitted.get(i, 0) + len(text)
                 yield event(chunk(i, text, finish, {"baseline": msg.baseline, **token_json(msg)}, lp=lp))

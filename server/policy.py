@@ -14,7 +14,7 @@ from rudder.server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 HTTP_STATUS = {  # gRPC code -> HTTP status, as grpc-gateway maps them
-    "OK": 200, "INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
+    "INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 429,
     "CANCELLED": 499, "INTERNAL": 500, "UNAVAILABLE": 503,
 }
@@ -34,12 +34,10 @@ class Outcome:
     http: int
 
 
-def outcome(error: BaseException | None, where: str = "the server") -> Outcome:
+def outcome(error: BaseException, where: str = "the server") -> Outcome:
     """The one error map. A domain error is its own code and message (an over-limit request is HTTP
     400, not 429: retrying it will not help; a server at capacity is 429); anything else is INTERNAL,
     logged here with its traceback, and the caller learns only where to look."""
-    if error is None:
-        return Outcome("OK", "", 200)
     if isinstance(error, RudderError):
         code = error.code
         http = 400 if code == "RESOURCE_EXHAUSTED" and not isinstance(error, AtCapacity) else HTTP_STATUS.get(code, 500)

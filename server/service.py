@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -50,8 +49,6 @@ class SteeringService(pb_grpc.SteeringServicer):
         self.allow_admin = allow_admin
         self.artifact_set = artifact_set  # the file the SAEs follow: LoadSae / UnloadSae are refused
         self._index_texts: dict[int, list[list[str]]] = {}  # code search: the token texts of each code index
-        # a search by effect reads ~20 logit-lens tokens of every feature: decode each token once per server
-        self._token_text = functools.lru_cache(maxsize=None)(self.engine.token_text)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         async with aclosing(self.core.generate(request)) as events:
@@ -127,7 +124,7 @@ class SteeringService(pb_grpc.SteeringServicer):
                                      f"--sae {source.path}` and load it again")
         scores, top = source.output_scores
         end = request.offset + (request.limit or 20)
-        hits = rank_by_effect(scores, top, self._token_text, request.says)
+        hits = rank_by_effect(scores, top, self.core.token_text, request.says)  # ~20 logit-lens tokens a feature
         meta = {f.id: f for f in source.features or []}
         out = []
         for fid, score, words in hits[request.offset:end]:

@@ -53,8 +53,7 @@ def requests_counted(server, method: str, code: str) -> float:
 
 
 def both(server, body: dict, token: str | None = TOKEN, **grpc_kw):
-    """The same request through each door: ((gRPC code, message), (HTTP status, message)), and the
-    counter's growth for each."""
+    """The same request through each door: ((gRPC code, message), (HTTP status, message))."""
     return grpc_call(server, token, **grpc_kw), http(server, {"prompt": "Hello", **body}, token)
 
 
