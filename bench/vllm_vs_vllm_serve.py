@@ -18,7 +18,9 @@ time. Rows:
   rudder openai ...  the same server's OpenAI-compatible door (--openai-port), streaming chat with the
                      steering in extra_body: the door's cost against the gRPC rows of the same mode
 Prints a table with the best of `--repeats` and the spread, and writes
-bench/results/vllm_vs_vllm_serve.json.
+bench/results/vllm_vs_vllm_serve.json. With `--cpu`, each round also records where the CPU went
+(`CpuLedger`): CPU milliseconds per streamed token in the client, each server's front end, vLLM's
+engine core and its worker, with their involuntary context switches, and how busy the cores were.
 """
 
 from __future__ import annotations
@@ -181,6 +183,57 @@ async def features_to_steer(address: str, n: int = 32) -> tuple[list[int], dict[
     return [f.id for f in live], {f.id: f.max_activation for f in live}
 
 
+class CpuLedger:
+    """CPU time by role over one measured row: the bench's own process (the clients), and for each
+    server its front end (the process started), vLLM's engine core and its worker (by the process
+    titles vLLM sets), with involuntary context switches (a process preempted while it could run)."""
+
+    def __init__(self, servers: dict[str, subprocess.Popen]):
+        import psutil
+
+        self.me = psutil.Process()
+        self.roots = {name: psutil.Process(p.pid) for name, p in servers.items()}
+
+    def _role(self, server: str, proc) -> str:
+        title = " ".join(proc.cmdline())
+        for tag, role in (("::EngineCore", "engine core"), ("::Worker", "worker")):
+            if tag in title:
+                return f"{server} {role}"
+        return f"{server} front end" if proc.pid == self.roots[server].pid else f"{server} other"
+
+    def snapshot(self) -> dict[str, tuple[float, int]]:
+        import psutil
+
+        out: dict[str, tuple[float, int]] = {}
+
+        def add(role: str, proc) -> None:
+            try:
+                t, c = proc.cpu_times(), proc.num_ctx_switches()
+            except psutil.Error:
+                return
+            cpu, inv = out.get(role, (0.0, 0))
+            out[role] = (cpu + t.user + t.system, inv + c.involuntary)
+
+        add("client", self.me)
+        for server, root in self.roots.items():
+            for proc in (root, *root.children(recursive=True)):
+                try:
+                    add(self._role(server, proc), proc)
+                except psutil.Error:
+                    pass
+        return out
+
+    @staticmethod
+    def delta(before, after, wall: float, tokens: int) -> dict:
+        """Per role: CPU ms per streamed token and involuntary switches per token; `busy` is the CPU
+        used by everything above over the cores' capacity in the wall time."""
+        roles = {r: (after[r][0] - before.get(r, (0.0, 0))[0], after[r][1] - before.get(r, (0.0, 0))[1])
+                 for r in after}
+        return {"busy": round(sum(c for c, _ in roles.values()) / (wall * os.cpu_count()), 3),
+                **{r: {"cpu_ms_per_token": round(1e3 * c / tokens, 3), "inv_switches_per_token": round(i / tokens, 3)}
+                   for r, (c, i) in sorted(roles.items())}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=32)
@@ -190,6 +243,7 @@ def main() -> None:
                     "steered+readout'); the JSON then goes to --out, which must be named")
     ap.add_argument("--client-core", type=int, help="run the clients on this core alone and the servers on the "
                     "others, as when clients run elsewhere: what remains is each door's own cost")
+    ap.add_argument("--cpu", action="store_true", help="record where the CPU went in each round (CpuLedger)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/vllm_vs_vllm_serve.json"))
     args = ap.parse_args()
     server_cores = None
@@ -211,6 +265,7 @@ def main() -> None:
         if unknown := [name for name in only if name not in runs]:
             ap.error(f"unknown rows {unknown}; the rows are {list(runs)}")
         runs = {name: [] for name in only}
+    cpu: dict[str, list[dict]] = {name: [] for name in runs}
     vllm = None if "vllm serve" not in runs else start([
                   sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
                   "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"), server_cores)
@@ -228,9 +283,12 @@ def main() -> None:
         asyncio.run(run_rudder(address, 4, 8, "steered+readout", features, max_act))
         asyncio.run(run_rudder_openai(door, 4, 8, "steered+readout", features, max_act))
         names = list(runs)
+        ledger = CpuLedger({"rudder": rudder, **({"vllm serve": vllm} if vllm is not None else {})}) if args.cpu \
+            else None
         for r in range(args.repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts elsewhere
                 time.sleep(PAUSE_S)  # the server measured before goes idle first
+                before, t0 = (ledger.snapshot(), time.perf_counter()) if ledger else (None, None)
                 if name == "vllm serve":
                     tps = asyncio.run(run_vllm_serve(http, MODEL_NAME, args.streams, args.tokens))
                 elif name.startswith("rudder openai "):
@@ -241,6 +299,10 @@ def main() -> None:
                     tps = asyncio.run(run_rudder(address, args.streams, args.tokens, mode, features, max_act))
                 runs[name].append(tps)
                 print(f"round {r}: {name:<24} {tps:7.1f} tok/s", flush=True)
+                if ledger:
+                    wall = time.perf_counter() - t0
+                    cpu[name].append(CpuLedger.delta(before, ledger.snapshot(), wall, args.streams * args.tokens))
+                    print("   ", json.dumps(cpu[name][-1]), flush=True)
     finally:
         if vllm is not None:
             stop(vllm)
@@ -266,7 +328,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "env": ENV, "client_core": args.client_core,
         "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats, "model": MODEL_NAME,
-        "sae": saes, "rows": rows, "runs": runs,
+        "sae": saes, "rows": rows, "runs": runs, **({"cpu": cpu} if args.cpu else {}),
         "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97, "openai door vs grpc door": 0.97},
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
