@@ -17,7 +17,8 @@ time. Rows:
   rudder N configs   every request clamps, with N distinct (feature, value, scope) configs in the batch
   rudder openai ...  the same server's OpenAI-compatible door (--openai-port), streaming chat with the
                      steering in extra_body: the door's cost against the gRPC rows of the same mode
-Prints a table with the best of `--repeats` and the spread, and writes
+Prints a table with the best of `--repeats` and the spread, the median paired ratios (each row over
+Rudder plain and over `vllm serve` measured in the same round, with the lowest and highest), and writes
 bench/results/vllm_vs_vllm_serve.json. With `--cpu`, each round also records where the CPU went
 (`CpuLedger`): CPU milliseconds per streamed token in the client, each server's front end, vLLM's
 engine core and its worker, with their involuntary context switches, and how busy the cores were.
@@ -32,6 +33,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -234,6 +236,14 @@ class CpuLedger:
                    for r, (c, i) in sorted(roles.items())}}
 
 
+def paired(row: list[float], ref: list[float]) -> dict[str, float]:
+    """Round by round, `row` over `ref` measured in the same round: the median ratio, and the lowest
+    and highest (the machine's drift moves both rows of a round together, so their ratio is steadier
+    than a ratio of two best-ofs)."""
+    ratios = sorted(a / b for a, b in zip(row, ref, strict=True))
+    return {"median": round(statistics.median(ratios), 3), "min": round(ratios[0], 3), "max": round(ratios[-1], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=32)
@@ -309,7 +319,10 @@ def main() -> None:
         stop(rudder)
     base = max(runs["vllm serve"]) if "vllm serve" in runs else None
     rows = [{"server": name, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
-             **({"vs_vllm_serve": round(max(v) / base, 3)} if base else {})} for name, v in runs.items()]
+             **({"vs_vllm_serve": round(max(v) / base, 3)} if base else {}),
+             **{f"paired_vs_{ref.replace(' ', '_')}": paired(v, runs[ref])
+                for ref in ("rudder plain", "vllm serve") if ref in runs and ref != name}}
+            for name, v in runs.items()]
     for row in rows:  # the OpenAI door against the gRPC door, same server, same mode
         grpc_row = "rudder " + row["server"].removeprefix("rudder openai ")
         if row["server"].startswith("rudder openai ") and grpc_row in runs:
@@ -319,17 +332,25 @@ def main() -> None:
           f"{ENV['VLLM_CPU_OMP_THREADS_BIND']}, clients on "
           f"{'the same cores' if args.client_core is None else f'core {args.client_core}'} "
           f"({os.cpu_count()} cores), best of {args.repeats} interleaved rounds")
-    print(f"{'server':<32} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13} {'x grpc door':>12}")
+    print(f"{'server':<32} {'tok/s':>8} {'spread':>7} {'x vllm serve':>13} {'x grpc door':>12} "
+          f"{'paired x plain (min-max)':>26} {'paired x vllm serve (min-max)':>30}")
+
+    def span(p: dict | None) -> str:
+        return f"{p['median']:.3f} ({p['min']:.3f}-{p['max']:.3f})" if p else ""
+
     for row in rows:
         print(f"{row['server']:<32} {row['best_tok_s']:8.1f} {row['spread']:7.1f} "
-              f"{row.get('vs_vllm_serve', float('nan')):13.3f} {row.get('vs_grpc_door', float('nan')):12.3f}")
+              f"{row.get('vs_vllm_serve', float('nan')):13.3f} {row.get('vs_grpc_door', float('nan')):12.3f} "
+              f"{span(row.get('paired_vs_rudder_plain')):>26} {span(row.get('paired_vs_vllm_serve')):>30}")
     Path(args.out).write_text(json.dumps({
         "bench": "vllm_vs_vllm_serve", "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "env": ENV, "client_core": args.client_core,
         "streams": args.streams, "tokens": args.tokens, "repeats": args.repeats, "model": MODEL_NAME,
         "sae": saes, "rows": rows, "runs": runs, **({"cpu": cpu} if args.cpu else {}),
-        "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97, "openai door vs grpc door": 0.97},
+        "targets": {"rudder plain": 0.99, "rudder steered+readout": 0.97, "openai door vs grpc door": 0.97,
+                    "paired x plain": {"rudder steered": 0.97, "rudder steered+readout": 0.95},
+                    "paired x vllm serve": {"rudder steered+readout": 0.97}},
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 
