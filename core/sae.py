@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rudder.core import screened_topk
 from rudder.core.errors import ArtifactError
 from rudder.core.fileio import replace_dir
 
@@ -334,17 +335,33 @@ class SAE(nn.Module):
         return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        x = self._input(x)
+        return self._pre_acts(self._input(x))
+
+    def _pre_acts(self, x: Tensor) -> Tensor:
         if x.dim() == 2:  # one fused kernel: the bias is not added in a second pass over (N, d_sae)
             return torch.addmm(self.encoder_bias, x, self.W_enc)
         return x @ self.W_enc + self.encoder_bias  # (..., d_sae)
 
     def topk_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """A TopK SAE's active features at the rows `x (N, d_in)`: values and ids `(N, k)`, largest
-        first; `encode` is the values scattered into zeros (no dense (N, d_sae) tensor here)."""
+        first; `encode` is the values scattered into zeros (no dense (N, d_sae) tensor here). A float32
+        SAE on a CPU with fast bfloat16 finds them through a bfloat16 screen, exactly
+        (`rudder.core.screened_topk`)."""
         if self.cfg.activation != "topk":
             raise ValueError(f"topk_encode is for TopK SAEs; this one is {self.cfg.architecture}: use encode")
-        return topk_active(self.pre_acts(x), self.cfg.k)
+        xs = self._input(x)
+        if screened_topk.usable(self.W_enc, xs):
+            values, ids = screened_topk.top_pre_acts(self._screen(), xs, self.encoder_bias, self.cfg.k)
+            return torch.relu(values), ids
+        return topk_active(self._pre_acts(xs), self.cfg.k)
+
+    def _screen(self) -> screened_topk.Screen:
+        """The bfloat16 screen of this encoder, rebuilt when its weights change."""
+        cached = self.__dict__.get("_screen_cache")
+        if cached is None or cached.key != screened_topk._key(self.W_enc, self.encoder_bias):
+            cached = screened_topk.Screen.build(self.W_enc.detach(), self.encoder_bias.detach())
+            self.__dict__["_screen_cache"] = cached
+        return cached
 
     def encode(self, x: Tensor) -> Tensor:
         return ACTIVATIONS[self.cfg.activation](self, self.pre_acts(x))

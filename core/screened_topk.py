@@ -1,0 +1,110 @@
+"""The n largest pre-activations of a float32 SAE, exact, at about a bfloat16 matmul's cost.
+
+A TopK SAE's edit or readout needs every feature's pre-activation on every row it touches: one
+float32 (N, d) @ (d, F) matmul, the largest part of a steered step's cost on a CPU (1.5 ms of a
+~55 ms decode step for the default SAE at 32 rows, 2 threads). A CPU with AVX512-BF16 or AMX
+does the same matmul in bfloat16 about 3x faster; but a float32 SAE's readouts must stay its
+float32 numbers (they are compared with SAELens'), so the bfloat16 product only *screens*:
+
+1. `M = bf16(x) @ bf16(W)` (fp32 accumulation, rounded once to bfloat16), `P~ = M + b` in float32.
+2. Every entry's error has a bound: `|P_j - P~_j| <= s * (|x| r_j + |x - bf16(x)| w_j
+   + c (|P~_j| + |b_j|))`, where `r_j` is the norm of column j of `W - bf16(W)` (plus float32
+   accumulation's own error), `w_j` that of `bf16(W)`, `c` the output rounding (2^-8), and `s = 2`
+   a safety factor. It is Cauchy-Schwarz on each column, so it holds for any input; `U = P~ + bound`
+   is an upper bound on every true pre-activation.
+3. The `m = n + margin` largest `U` are candidates; their exact values come from their own
+   float32 encoder columns.
+4. Certificate: if the n-th largest exact value exceeds the (m+1)-th largest `U`, which bounds
+   every feature outside the candidates, the top n of the candidates are the top n of P. Rows where
+   that fails are encoded in full, in float32.
+
+So the answer is what the float32 encode gives (up to float32 rounding order), whatever the input.
+`RUDDER_SAE_SCREEN=0` turns screening off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MARGIN = 16
+"""Candidates beyond n. On the default SAE and 512 tokens of model text, every row certified with
+16 (with 8, 9% of rows at n = 32 would be encoded again in full)."""
+SAFETY = 2.0
+_U = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
+_C = 1.02 * _U  # the bfloat16 product's one rounding, and float32's in adding the bias
+
+
+def enabled() -> bool:
+    return os.environ.get("RUDDER_SAE_SCREEN", "1") != "0"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: where a bfloat16 matmul beats a float32 one on this CPU."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@dataclass(frozen=True)
+class Screen:
+    """What the screen keeps per encoder (built once, rebuilt if the weights change)."""
+
+    key: tuple
+    w_lo: Tensor  # (d, F) bfloat16
+    w_t: Tensor  # (F, d) float32: the candidates' columns, gathered as rows
+    per_norm: Tensor  # (2, F): SAFETY * (r_j, w_j), the error per unit of |x| and of |x - bf16(x)|
+    per_bias: Tensor  # (F,): SAFETY * c * |b_j|
+
+    @staticmethod
+    def build(W: Tensor, b: Tensor) -> Screen:
+        w_lo = W.to(torch.bfloat16)
+        lo = w_lo.float()
+        w = lo.norm(dim=0)
+        acc = 1.01 * W.shape[0] * 2.0**-24  # float32 summation over d terms, per unit of |x| |bf16(W_j)|
+        r = (W - lo).norm(dim=0) + acc * (1 + _U) * w
+        return Screen(key=_key(W, b), w_lo=w_lo, w_t=W.t().contiguous(), per_norm=SAFETY * torch.stack([r, w]),
+                      per_bias=SAFETY * _C * b.abs())
+
+
+def _key(W: Tensor, b: Tensor) -> tuple:
+    return (W.data_ptr(), W._version, b.data_ptr(), b._version, tuple(W.shape))
+
+
+def usable(W: Tensor, x: Tensor) -> bool:
+    """Screening applies: a float32 encoder on the CPU, 2-d rows, no autograd or compiling, a CPU with
+    fast bfloat16, not turned off."""
+    return (W.dtype == torch.float32 and W.device.type == "cpu" and x.dim() == 2 and x.shape[0] > 0
+            and not (torch.is_grad_enabled() and W.requires_grad) and not torch.compiler.is_compiling()
+            and enabled() and _FAST_BF16)
+
+
+def top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n largest of `x @ W + b` per row of `x (N, d)` (float32), values and ids `(N, n)`,
+    largest first, as the float32 encode gives them (see the module docstring)."""
+    F = screen.w_t.shape[0]
+    m = min(n + MARGIN, F - 1)
+    if m <= n:  # a dictionary too small to screen
+        return torch.addmm(b, x, screen.w_t.t()).topk(n, dim=-1)
+    x_lo = x.to(torch.bfloat16)
+    approx = torch.add(b, torch.mm(x_lo, screen.w_lo))  # float32 (N, F); |M_j| <= |approx_j| + |b_j|
+    norms = torch.stack([x.norm(dim=-1), (x - x_lo.float()).norm(dim=-1)], dim=1)  # (N, 2)
+    upper = torch.addmm(screen.per_bias, norms, screen.per_norm)  # every feature's bound on its error
+    upper.add_(approx).add_(approx.abs(), alpha=SAFETY * _C)  # ... and so on its true value
+    top = upper.topk(m + 1, dim=-1)  # candidates: the m that could be largest; the next bounds the rest
+    ids = top.indices[:, :m]
+    cols = screen.w_t.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (N, m, d); faster than w_t[ids]
+    exact = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, ids.flatten()).view_as(ids))
+    values, at = exact.topk(n, dim=-1)
+    ids = ids.gather(1, at)
+    failed = values[:, -1] <= top.values[:, m]  # another feature might beat the n-th: encode in full
+    if bool(failed.any()):
+        rows = failed.nonzero().squeeze(-1)
+        full = torch.addmm(b, x[rows], screen.w_t.t()).topk(n, dim=-1)
+        values, ids = values.index_copy(0, rows, full.values), ids.index_copy(0, rows, full.indices)
+    return values, ids
+
+
+_FAST_BF16 = cpu_has_fast_bf16()
