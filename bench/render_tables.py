@@ -87,11 +87,12 @@ def _reference_backend(d: dict) -> Rows:
 @table("vllm_backend", "vllm_backend.json", "lr")
 def _vllm_backend(d: dict) -> Rows:
     ref = d.get("reference") is not None
-    out = [["mode", "tok/s (best)", "spread", "x plain vLLM", "x its base, paired", "host ms/step",
-            *(["reference tok/s"] if ref else [])]]
+    out = [["mode", "tok/s (best)", "spread", "x plain vLLM", "x plain vLLM, paired (min-max)", "x its base, paired",
+            "host ms/step", *(["reference tok/s"] if ref else [])]]
     for r in d["rows"]:
         base = f"{r['vs_base_paired']:.3f} ({r['base']})" if r["mode"] != "plain" else ""
-        out.append([r["mode"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_plain_vllm']:.3f}", base,
+        out.append([r["mode"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_plain_vllm']:.3f}",
+                    _span(r.get("vs_plain_paired")) if r["mode"] != "plain" else "", base,
                     f"{r['host_ms_per_step']:.2f}", *([f"{r['reference_tok_s']:.1f}"] if ref else [])])
     return out
 
@@ -108,12 +109,19 @@ def _steering_profile(d: dict) -> Rows:
     return out
 
 
+def _span(p: dict | None) -> str:
+    """A paired ratio (bench/paired.py): its median and range, or blank where the run had none."""
+    return f"{p['median']:.3f} ({p['min']:.3f}–{p['max']:.3f})" if p else ""
+
+
 @table("vllm_vs_vllm_serve", "vllm_vs_vllm_serve.json", "lr")
 def _vllm_vs_vllm_serve(d: dict) -> Rows:
-    out = [["server", "tok/s (best)", "spread", "x vllm serve", "x gRPC door"]]
+    out = [["server", "tok/s (best)", "spread", "x vllm serve", "x gRPC door", "x Rudder plain, paired (min–max)",
+            "x vllm serve, paired (min–max)"]]
     for r in d["rows"]:
         door = f"{r['vs_grpc_door']:.3f}" if "vs_grpc_door" in r else ""
-        out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_vllm_serve']:.3f}", door])
+        out.append([r["server"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_vllm_serve']:.3f}", door,
+                    _span(r.get("paired_vs_rudder_plain")), _span(r.get("paired_vs_vllm_serve"))])
     return out
 
 

@@ -33,11 +33,12 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from paired import paired  # bench/ is on sys.path
 
 import rudder.client as rc
 from rudder.core.default_model import MODEL_NAME, default_sae_dirs, ensure_default_model
@@ -234,14 +235,6 @@ class CpuLedger:
         return {"busy": round(sum(c for c, _ in roles.values()) / (wall * os.cpu_count()), 3),
                 **{r: {"cpu_ms_per_token": round(1e3 * c / tokens, 3), "inv_switches_per_token": round(i / tokens, 3)}
                    for r, (c, i) in sorted(roles.items())}}
-
-
-def paired(row: list[float], ref: list[float]) -> dict[str, float]:
-    """Round by round, `row` over `ref` measured in the same round: the median ratio, and the lowest
-    and highest (the machine's drift moves both rows of a round together, so their ratio is steadier
-    than a ratio of two best-ofs)."""
-    ratios = sorted(a / b for a, b in zip(row, ref, strict=True))
-    return {"median": round(statistics.median(ratios), 3), "min": round(ratios[0], 3), "max": round(ratios[-1], 3)}
 
 
 def main() -> None:

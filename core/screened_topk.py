@@ -16,7 +16,7 @@ float32 numbers (they are compared with SAELens'), so the bfloat16 product only 
    float32 encoder columns.
 4. Certificate: if the n-th largest exact value exceeds the (m+1)-th largest `U`, which bounds
    every feature outside the candidates, the top n of the candidates are the top n of P. Rows where
-   that fails are encoded in full, in float32.
+   that fails try again with four times the candidates, then are encoded in full, in float32.
 
 So the answer is what the float32 encode gives (up to float32 rounding order), whatever the input.
 `RUDDER_SAE_SCREEN=0` turns screening off (for comparisons).
@@ -93,18 +93,28 @@ def top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int) -> tuple[Tensor, 
     norms = torch.stack([x.norm(dim=-1), (x - x_lo.float()).norm(dim=-1)], dim=1)  # (N, 2)
     upper = torch.addmm(screen.per_bias, norms, screen.per_norm)  # every feature's bound on its error
     upper.add_(approx).add_(approx.abs(), alpha=SAFETY * _C)  # ... and so on its true value
+    values, ids, failed = _certified(screen, x, b, upper, m, n)
+    if bool(failed.any()):  # another feature might beat the n-th: four times the candidates, then in full
+        rows = failed.nonzero().squeeze(-1)
+        wide = min(4 * m, F - 1)
+        v, i, still = _certified(screen, x[rows], b, upper[rows], wide, n)
+        if bool(still.any()):
+            again = still.nonzero().squeeze(-1)
+            full = torch.addmm(b, x[rows[again]], screen.w_t.t()).topk(n, dim=-1)
+            v, i = v.index_copy(0, again, full.values), i.index_copy(0, again, full.indices)
+        values, ids = values.index_copy(0, rows, v), ids.index_copy(0, rows, i)
+    return values, ids
+
+
+def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top n of the m features with the largest upper bounds, from their float32 columns, and per
+    row whether the certificate failed (the n-th is not above every other feature's bound)."""
     top = upper.topk(m + 1, dim=-1)  # candidates: the m that could be largest; the next bounds the rest
     ids = top.indices[:, :m]
     cols = screen.w_t.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (N, m, d); faster than w_t[ids]
     exact = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, ids.flatten()).view_as(ids))
     values, at = exact.topk(n, dim=-1)
-    ids = ids.gather(1, at)
-    failed = values[:, -1] <= top.values[:, m]  # another feature might beat the n-th: encode in full
-    if bool(failed.any()):
-        rows = failed.nonzero().squeeze(-1)
-        full = torch.addmm(b, x[rows], screen.w_t.t()).topk(n, dim=-1)
-        values, ids = values.index_copy(0, rows, full.values), ids.index_copy(0, rows, full.indices)
-    return values, ids
+    return values, ids.gather(1, at), values[:, -1] <= top.values[:, m]
 
 
 _FAST_BF16 = cpu_has_fast_bf16()

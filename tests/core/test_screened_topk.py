@@ -37,13 +37,15 @@ def test_screened_top_equals_the_float32_encode_on_random_encoders(seed, n):
     assert_same_top(got, exact_top(x, W, b, n))
 
 
-def test_where_bfloat16_cannot_rank_the_features_the_rows_are_encoded_in_full():
-    """256 features whose columns differ by less than bfloat16's resolution: the screen cannot rank
-    them, the float32 encode can. A screen that trusted its candidates would rank them wrongly."""
+@pytest.mark.parametrize("ties", [40, 256])
+def test_where_bfloat16_cannot_rank_the_features_the_answer_is_still_float32s(ties):
+    """`ties` features whose columns differ by less than bfloat16's resolution: the screen cannot rank
+    them, the float32 encode can. 40 fit in the second, wider round of candidates; 256 send the rows
+    to the full encode. A screen that trusted its first candidates would rank them wrongly."""
     g = torch.Generator().manual_seed(0)
-    d, F, n = 64, 256, 8
+    d, F, n = 64, 512, 8
     base = torch.randn(d, 1, generator=g)
-    W = base + 1e-3 * torch.randn(d, F, generator=g)
+    W = torch.cat([base + 1e-3 * torch.randn(d, ties, generator=g), 0.1 * torch.randn(d, F - ties, generator=g)], 1)
     b = torch.zeros(F)
     x = base.T.repeat(6, 1) + 0.01 * torch.randn(6, d, generator=g)
     screen = screened_topk.Screen.build(W, b)
