@@ -355,6 +355,17 @@ class SAE(nn.Module):
             return torch.relu(values), ids
         return topk_active(self._pre_acts(xs), self.cfg.k)
 
+    def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
+        """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest
+        first, through the bfloat16 screen (float32's answer at about bfloat16's cost); None where the
+        screen does not apply (another activation, another dtype or device, a CPU without fast
+        bfloat16): `encode` is the way there."""
+        xs = self._input(x)
+        if self.cfg.activation != "standard" or not 0 < n < self.cfg.d_sae or not screened_topk.usable(self.W_enc, xs):
+            return None
+        values, ids = screened_topk.top_pre_acts(self._screen(), xs, self.encoder_bias, n)
+        return torch.relu(values), ids
+
     def _screen(self) -> screened_topk.Screen:
         """The bfloat16 screen of this encoder, rebuilt when its weights change."""
         cached = self.__dict__.get("_screen_cache")

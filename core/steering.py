@@ -547,8 +547,9 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         out = out + sae_delta_all_rows(sae, x, table, rows).to(out.dtype)
         if reading.numel():
             slot, act = table.active(rows, reading)
-            f = sae.encode(x_read)  # (R, d_sae)
-            _, f1, last = _feature_edits(sae, x_read, table, slot, act, f.gather(1, table.feature[slot]))
+            f, dense = _to_read(sae, x_read, table)  # (R, d_sae)
+            f0 = f.gather(1, table.feature[slot]) if dense else None  # else from the edited features' columns
+            _, f1, last = _feature_edits(sae, x_read, table, slot, act, f0)
             _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts)
         return out
     # TopK (a feature's value depends on all of them; the only activation that is not elementwise),
@@ -562,8 +563,8 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     xs = x if whole else x[sel]
     feat = table.feature[slot]
     if sae.elementwise:  # reading only
-        f = sae.encode(xs)  # (R, d_sae)
-        f0 = f.gather(1, feat)
+        f, dense = _to_read(sae, xs, table)  # (R, d_sae)
+        f0 = f.gather(1, feat) if dense else sae.encode_at(xs, feat)
     else:  # TopK: the k active features of each row; a dense (R, d_sae) activation only for rows read out
         f, (values, ids) = None, sae.topk_encode(xs)  # (R, k)
         f0 = _active_at(values, ids, feat)
@@ -577,6 +578,22 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
              else values.new_zeros(int(reading.sum()), sae.cfg.d_sae).scatter_(-1, ids[reading], values[reading]))
         _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts)
     return out
+
+
+def _to_read(sae: SAE, x: Tensor, table: SaeTable) -> tuple[Tensor, bool]:
+    """The activations `(R, d_sae)` a readout of the rows `x` shows, and whether they are the whole
+    encode. Where the SAE has a screen (`SAE.top_activations`), only what the readout can show is
+    filled in, exactly: the top `top_k + M` features (M edit columns can push at most M features out
+    of the top `top_k`) and the selected ones; every other entry is 0."""
+    n = table.top_k + table.feature.shape[1]
+    top = sae.top_activations(x, n) if table.top_k else None
+    if top is None:
+        return sae.encode(x), True
+    values, ids = top
+    f = values.new_zeros(x.shape[0], sae.cfg.d_sae).scatter_(-1, ids, values)
+    if table.selected.numel():
+        f[:, table.selected] = sae.encode_at(x, table.selected.expand(x.shape[0], -1))
+    return f, False
 
 
 def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, watching: Tensor,

@@ -93,3 +93,52 @@ def test_topk_encode_screens_only_where_it_applies_and_follows_weight_changes(mo
     with torch.no_grad():
         assert not screened_topk.usable(sae.W_enc, x)
         assert not screened_topk.usable(sae.W_enc.to(torch.bfloat16), x)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+@pytest.mark.parametrize("reading_only", [False, True])
+def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch, architecture, reading_only):
+    """A step with edits that push features out of the top (a clamp to 0 of each row's strongest) and
+    into it (a large add), a top-8 readout and selected features, as a serving step runs it (no
+    autograd): the edited activations, the readouts' ids and values, and the selected values
+    equal those of the whole float32 encode (RUDDER_SAE_SCREEN=0)."""
+    from rudder.core.steering import (
+        FeatureEdit,
+        Op,
+        ReadoutSpec,
+        RowIndex,
+        SiteArtifacts,
+        SteeringSpec,
+        build_tables,
+        steer_site,
+    )
+
+    monkeypatch.setattr(screened_topk, "_FAST_BF16", True)  # as on a CPU with AVX512-BF16 or AMX
+    site = "blocks.1.hook_resid_post"
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=32, d_sae=256, hook_name=site, architecture=architecture,
+                        k=24 if architecture == "topk" else None))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        strongest = sae.encode(x).argmax(-1)
+    edits = () if reading_only else tuple(
+        [FeatureEdit("s", int(f), Op.CLAMP, 0.0) for f in strongest.unique()] + [FeatureEdit("s", 11, Op.ADD, 50.0)])
+    specs = [SteeringSpec(features=edits, readouts=ReadoutSpec(saes=("s",), top_k=8, feature_ids=(3, 11, 200)))]
+    rows = RowIndex(torch.zeros(5, dtype=torch.long), torch.arange(5))
+
+    def step():
+        with torch.no_grad():
+            out, (r,) = steer_site(site, x, SiteArtifacts(saes={"s": sae}), build_tables(specs, [5]), rows)
+        return out, r
+
+    screened_out, screened = step()
+    monkeypatch.setenv("RUDDER_SAE_SCREEN", "0")
+    whole_out, whole = step()
+    torch.testing.assert_close(screened_out, whole_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(screened.top_values, whole.top_values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(screened.top_ids, whole.top_ids)
+    assert torch.equal(screened.selected_ids, whole.selected_ids)
+    torch.testing.assert_close(screened.selected_values, whole.selected_values, rtol=1e-5, atol=1e-5)
