@@ -125,6 +125,24 @@ def _vllm_vs_vllm_serve(d: dict) -> Rows:
     return out
 
 
+@table("vllm_vs_vllm_serve_cpu", "vllm_vs_vllm_serve.json", "lr")
+def _vllm_vs_vllm_serve_cpu(d: dict) -> Rows:
+    """Where the CPU went in each row (`--cpu`): per role, the median over rounds of CPU ms per streamed
+    token / involuntary context switches per token, for the server measured (the other one idles)."""
+    roles = ["client", "front end", "engine core", "worker"]
+    out = [["row", "cores busy", *[f"{r} ms/tok (switches/tok)" for r in roles]]]
+    for name, rounds in d.get("cpu", {}).items():
+        server = "vllm serve" if name == "vllm serve" else "rudder"
+
+        def med(role: str, key: str) -> float:
+            return statistics.median(r[role][key] for r in rounds)
+
+        cells = [f"{med(k, 'cpu_ms_per_token'):.3f} ({med(k, 'inv_switches_per_token'):.2f})"
+                 for k in ["client", *(f"{server} {r}" for r in roles[1:])]]
+        out.append([name, f"{statistics.median(r['busy'] for r in rounds):.0%}", *cells])
+    return out
+
+
 @table("openai_door_split", "openai_door_split.json", "lr")
 def _openai_door_split(d: dict) -> Rows:
     out = [["door, mode", "tok/s (best)", "spread", "x gRPC door (best)", "x gRPC door (median of rounds)"]]

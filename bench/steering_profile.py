@@ -9,8 +9,9 @@ gates) plus the channel record the worker sends, for each of its rows.
     #   PYTHONPATH=/tmp/oldpkg .venv/bin/python bench/steering_profile.py --label before
 
 One decode step of `--streams` requests (one row each) at blocks.15.hook_resid_post, on the
-default TopK SAE and a random standard (ReLU) SAE of its shape (576 x 4,608), float32, 2 torch
-threads. Categories, by the profiler's self CPU time per aten op:
+default TopK SAE and a random standard (ReLU) SAE of its shape (576 x 4,608), float32, on the
+default model's own activations there (`decode_rows`), 2 torch threads. Categories, by the
+profiler's self CPU time per aten op:
   encode/decode   matmuls (aten::mm, addmm, bmm, matmul, linear, einsum's kernels)
   top-k           aten::topk
   small kernels   every other aten op (indexing, where, gather, masks, isfinite, copies)
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from vllm_backend import MODES, SITE, _host_step, sae_specs  # bench/ is on sys.path
+from vllm_backend import MODES, SITE, _host_step, decode_rows, sae_specs  # bench/ is on sys.path
 
 from rudder.core import steering
 from rudder.core.sae import SAE
@@ -96,7 +97,7 @@ def main() -> None:
         specs = sae_specs(Path(tmp))
         saes = {s.split("=", 1)[0]: SAE.load(s.split("=", 1)[1]).requires_grad_(False) for s in specs}
     artifacts = SiteArtifacts(saes=saes)
-    x, positions = torch.randn(args.streams, 576), torch.arange(args.streams) + 40
+    x, positions = decode_rows(args.streams), torch.arange(args.streams) + 40
     rows = {}
     for mode, spec in MODES.items():
         if mode == "plain":

@@ -28,7 +28,8 @@ its steered row): a paired figure, steadier than best against best on a noisy ma
 Then, after the engines stop, "host ms/step": what the worker does per forward step for
 each row's 32 requests outside the model (the op at the site, routing the readouts to the
 requests, deciding their gates), timed in this process on the same SAEs (2 torch threads):
-the cost the end-to-end figures cannot resolve below their noise. Writes
+the cost the end-to-end figures cannot resolve below their noise (on the default model's own
+activations at the site, `decode_rows`). Writes
 bench/results/vllm_backend.json.
 """
 
@@ -164,6 +165,27 @@ def _host_step(spec: SteeringSpec, tables, spans, gates, positions: torch.Tensor
             gate.observe(at[row], rec.gate_values(row))
 
 
+def decode_rows(streams: int) -> torch.Tensor:
+    """What the site sees in one decode step of the bench's requests: the default model's residual
+    stream after block 15 at the last token of each chat prompt (computed in bfloat16, as vLLM runs
+    the model on this CPU), `(streams, 576)` float32. Host-step timings run on these rows, not on
+    random ones: how many candidates the SAE screen needs depends on real activations."""
+    from reference_backend import PROMPTS
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = ensure_default_model(download=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    rows = []
+    with torch.inference_mode():
+        for i in range(streams):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            hidden = model(**ids, output_hidden_states=True).hidden_states[16]  # after block 15 (0 is the embedding)
+            rows.append(hidden[0, -1].float())
+    return torch.stack(rows)
+
+
 def host_ms_per_step(specs: list[str], streams: int, repeat: int = 300) -> dict[str, float]:
     """Per row: the worker's work outside the model for one decode step of `streams` requests
     (`StepRecorder.steer` at the site, `routed`, `GateState.observe` per row), on the bench's SAEs;
@@ -174,7 +196,7 @@ def host_ms_per_step(specs: list[str], streams: int, repeat: int = 300) -> dict[
     torch.set_num_threads(2)
     saes = {spec.split("=", 1)[0]: SAE.load(spec.split("=", 1)[1]).requires_grad_(False) for spec in specs}
     artifacts = SiteArtifacts(saes=saes)
-    x, positions = torch.randn(streams, 576), torch.arange(streams) + 40
+    x, positions = decode_rows(streams), torch.arange(streams) + 40
     out = {}
     for mode, spec in MODES.items():
         args = (spec, build_tables([spec] * streams, [20] * streams, "cpu", saes),
