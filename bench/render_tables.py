@@ -134,10 +134,10 @@ def _vllm_vs_vllm_serve_cpu(d: dict) -> Rows:
     for name, rounds in d.get("cpu", {}).items():
         server = "vllm serve" if name == "vllm serve" else "rudder"
 
-        def med(role: str, key: str) -> float:
+        def med(rounds: list[dict], role: str, key: str) -> float:
             return statistics.median(r[role][key] for r in rounds)
 
-        cells = [f"{med(k, 'cpu_ms_per_token'):.3f} ({med(k, 'inv_switches_per_token'):.2f})"
+        cells = [f"{med(rounds, k, 'cpu_ms_per_token'):.3f} ({med(rounds, k, 'inv_switches_per_token'):.2f})"
                  for k in ["client", *(f"{server} {r}" for r in roles[1:])]]
         out.append([name, f"{statistics.median(r['busy'] for r in rounds):.0%}", *cells])
     return out
