@@ -166,24 +166,27 @@ def _host_step(spec: SteeringSpec, tables, spans, gates, positions: torch.Tensor
 
 
 def decode_rows(streams: int) -> torch.Tensor:
-    """What the site sees in one decode step of the bench's requests: the default model's residual
-    stream after block 15 at the last token of each chat prompt (computed in bfloat16, as vLLM runs
-    the model on this CPU), `(streams, 576)` float32. Host-step timings run on these rows, not on
-    random ones: how many candidates the SAE screen needs depends on real activations."""
+    """What the site sees in decode steps of the bench's requests: the default model's residual
+    stream after block 15 at the first generated positions of each chat prompt (greedy,
+    computed in bfloat16, as vLLM runs the model on this CPU), `(streams, 576)` float32, distinct
+    rows. Host-step timings run on these rows, not on random ones: how many candidates the SAE
+    screen needs depends on real activations."""
     from reference_backend import PROMPTS
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = ensure_default_model(download=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    rows = []
+    per_prompt = -(-streams // len(PROMPTS))
+    rows: list[torch.Tensor] = []
     with torch.inference_mode():
-        for i in range(streams):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                                add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            hidden = model(**ids, output_hidden_states=True).hidden_states[16]  # after block 15 (0 is the embedding)
-            rows.append(hidden[0, -1].float())
-    return torch.stack(rows)
+        for prompt in PROMPTS:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+            seq = model.generate(ids, max_new_tokens=per_prompt, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            hidden = model(seq, output_hidden_states=True).hidden_states[16][0]  # after block 15 (0: the embedding)
+            rows.extend(hidden[ids.shape[1] - 1:seq.shape[1] - 1].float())  # the rows that chose generated tokens
+    return torch.stack(rows[:streams])
 
 
 def host_ms_per_step(specs: list[str], streams: int, repeat: int = 300) -> dict[str, float]:

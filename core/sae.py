@@ -350,7 +350,7 @@ class SAE(nn.Module):
         if self.cfg.activation != "topk":
             raise ValueError(f"topk_encode is for TopK SAEs; this one is {self.cfg.architecture}: use encode")
         xs = self._input(x)
-        if screened_topk.usable(self.W_enc, xs):
+        if screened_topk.usable(self.W_enc, self.encoder_bias, xs):
             values, ids = screened_topk.top_pre_acts(self._screen(), xs, self.encoder_bias, self.cfg.k)
             return torch.relu(values), ids
         return topk_active(self._pre_acts(xs), self.cfg.k)
@@ -361,15 +361,22 @@ class SAE(nn.Module):
         screen does not apply (another activation, another dtype or device, a CPU without fast
         bfloat16): `encode` is the way there."""
         xs = self._input(x)
-        if self.cfg.activation != "standard" or not 0 < n < self.cfg.d_sae or not screened_topk.usable(self.W_enc, xs):
+        if self.cfg.activation != "standard" or not 0 < n < self.cfg.d_sae \
+                or not screened_topk.usable(self.W_enc, self.encoder_bias, xs):
             return None
         values, ids = screened_topk.top_pre_acts(self._screen(), xs, self.encoder_bias, n)
         return torch.relu(values), ids
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_screen_cache", None)  # copies and pickles rebuild it on first use
+        return state
+
     def _screen(self) -> screened_topk.Screen:
-        """The bfloat16 screen of this encoder, rebuilt when its weights change."""
+        """The bfloat16 screen of this encoder, rebuilt when its weights are replaced or written in place
+        (a write through `.data` bypasses the version counter it watches: drop `_screen_cache` then)."""
         cached = self.__dict__.get("_screen_cache")
-        if cached is None or cached.key != screened_topk._key(self.W_enc, self.encoder_bias):
+        if cached is None or not cached.fits(self.W_enc, self.encoder_bias):
             cached = screened_topk.Screen.build(self.W_enc.detach(), self.encoder_bias.detach())
             self.__dict__["_screen_cache"] = cached
         return cached

@@ -18,7 +18,11 @@ float32 numbers (they are compared with SAELens'), so the bfloat16 product only 
    every feature outside the candidates, the top n of the candidates are the top n of P. Rows where
    that fails try again with four times the candidates, then are encoded in full, in float32.
 
-So the answer is what the float32 encode gives (up to float32 rounding order), whatever the input.
+So the answer is what the float32 encode gives (up to float32 rounding order and the order of exact
+ties) for any finite input in float32's normal range; a row with an inf or NaN fails the
+certificate and is encoded in full. It assumes the bfloat16 product accumulates in float32 and
+rounds once (oneDNN's and ATen's bfloat16 GEMMs on CPU do; AVX512-BF16 and AMX flush denormals,
+which matters only for values near 1e-38).
 `RUDDER_SAE_SCREEN=0` turns screening off (for comparisons).
 """
 
@@ -50,9 +54,11 @@ def cpu_has_fast_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Screen:
-    """What the screen keeps per encoder (built once, rebuilt if the weights change)."""
+    """What the screen keeps per encoder: built once per frozen SAE, rebuilt if its weights are
+    replaced or written in place (through the parameters; a write through `.data` is not seen)."""
 
-    key: tuple
+    sources: tuple[Tensor, Tensor]  # the W and b it was built from (kept: their storage cannot be reused)
+    versions: tuple[int, int]
     w_lo: Tensor  # (d, F) bfloat16
     w_t: Tensor  # (F, d) float32: the candidates' columns, gathered as rows
     per_norm: Tensor  # (2, F): SAFETY * (r_j, w_j), the error per unit of |x| and of |x - bf16(x)|
@@ -60,34 +66,56 @@ class Screen:
 
     @staticmethod
     def build(W: Tensor, b: Tensor) -> Screen:
+        W, b = W.detach(), b.detach()
         w_lo = W.to(torch.bfloat16)
         lo = w_lo.float()
         w = lo.norm(dim=0)
         acc = 1.01 * W.shape[0] * 2.0**-24  # float32 summation over d terms, per unit of |x| |bf16(W_j)|
         r = (W - lo).norm(dim=0) + acc * (1 + _U) * w
-        return Screen(key=_key(W, b), w_lo=w_lo, w_t=W.t().contiguous(), per_norm=SAFETY * torch.stack([r, w]),
-                      per_bias=SAFETY * _C * b.abs())
+        return Screen(sources=(W, b), versions=_versions(W, b), w_lo=w_lo, w_t=W.t().contiguous(),
+                      per_norm=SAFETY * torch.stack([r, w]), per_bias=SAFETY * _C * b.abs())
+
+    def fits(self, W: Tensor, b: Tensor) -> bool:
+        """Built from these weights, as they are now."""
+        return all(s.data_ptr() == t.data_ptr() and s.shape == t.shape for s, t in zip(self.sources, (W, b))) \
+            and self.versions == _versions(W, b)
 
 
-def _key(W: Tensor, b: Tensor) -> tuple:
-    return (W.data_ptr(), W._version, b.data_ptr(), b._version, tuple(W.shape))
+def _versions(W: Tensor, b: Tensor) -> tuple[int, int]:
+    return W._version, b._version
 
 
-def usable(W: Tensor, x: Tensor) -> bool:
-    """Screening applies: a float32 encoder on the CPU, 2-d rows, no autograd or compiling, a CPU with
-    fast bfloat16, not turned off."""
-    return (W.dtype == torch.float32 and W.device.type == "cpu" and x.dim() == 2 and x.shape[0] > 0
-            and not (torch.is_grad_enabled() and W.requires_grad) and not torch.compiler.is_compiling()
-            and enabled() and _FAST_BF16)
+def usable(W: Tensor, b: Tensor, x: Tensor) -> bool:
+    """Screening applies: eager (not compiling or tracing, no autocast), a frozen float32 encoder on
+    the CPU (an SAE being trained is not screened), no inference tensors (their writes are not
+    tracked), 2-d rows, a CPU with fast bfloat16, not turned off."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing() and _FAST_BF16 and enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and W.dtype == torch.float32 and W.device.type == "cpu" and not (W.requires_grad or b.requires_grad)
+            and not (W.is_inference() or b.is_inference())
+            and x.dim() == 2 and x.shape[0] > 0)
+
+
+CHUNK_ELEMENTS = 1 << 23
+"""The candidates' float32 columns gathered at once (32 MB): a long prefill is screened in chunks of rows."""
 
 
 def top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The n largest of `x @ W + b` per row of `x (N, d)` (float32), values and ids `(N, n)`,
-    largest first, as the float32 encode gives them (see the module docstring)."""
-    F = screen.w_t.shape[0]
-    m = min(n + MARGIN, F - 1)
-    if m <= n:  # a dictionary too small to screen
+    largest first, as the float32 encode gives them (see the module docstring). Where the candidates
+    would be a large part of the dictionary (n above a quarter of it), the plain float32 encode."""
+    F, d = screen.w_t.shape
+    m = n + MARGIN
+    if 4 * m > F:
         return torch.addmm(b, x, screen.w_t.t()).topk(n, dim=-1)
+    rows = max(1, CHUNK_ELEMENTS // (4 * m * d))  # room for the wider second round too
+    if x.shape[0] > rows:
+        parts = [_top_pre_acts(screen, part, b, n, m) for part in x.split(rows)]
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+    return _top_pre_acts(screen, x, b, n, m)
+
+
+def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
     x_lo = x.to(torch.bfloat16)
     approx = torch.add(b, torch.mm(x_lo, screen.w_lo))  # float32 (N, F); |M_j| <= |approx_j| + |b_j|
     norms = torch.stack([x.norm(dim=-1), (x - x_lo.float()).norm(dim=-1)], dim=1)  # (N, 2)
@@ -96,7 +124,7 @@ def top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int) -> tuple[Tensor, 
     values, ids, failed = _certified(screen, x, b, upper, m, n)
     if bool(failed.any()):  # another feature might beat the n-th: four times the candidates, then in full
         rows = failed.nonzero().squeeze(-1)
-        wide = min(4 * m, F - 1)
+        wide = min(4 * m, screen.w_t.shape[0] - 1)
         v, i, still = _certified(screen, x[rows], b, upper[rows], wide, n)
         if bool(still.any()):
             again = still.nonzero().squeeze(-1)
@@ -114,7 +142,8 @@ def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: i
     cols = screen.w_t.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (N, m, d); faster than w_t[ids]
     exact = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, ids.flatten()).view_as(ids))
     values, at = exact.topk(n, dim=-1)
-    return values, ids.gather(1, at), values[:, -1] <= top.values[:, m]
+    # not "<=": a NaN bound (an inf in x) must fail the certificate, not pass it
+    return values, ids.gather(1, at), ~(values[:, -1] > top.values[:, m])
 
 
 _FAST_BF16 = cpu_has_fast_bf16()

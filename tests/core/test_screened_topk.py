@@ -1,6 +1,7 @@
 """The bfloat16 screen for a float32 SAE's top pre-activations gives the float32 answer: on random
-encoders, on the default SAE, and where bfloat16 cannot tell the features apart (its certificate
-fails and the rows are encoded in full)."""
+encoders, on the default SAE, where bfloat16 cannot tell the features apart (its certificate fails
+and the rows take a wider round, or the full encode), on rows with an inf, in chunks, and inside a
+steering step's edits and readouts."""
 
 from __future__ import annotations
 
@@ -12,33 +13,50 @@ from rudder.core.default_model import default_sae_dirs
 from rudder.core.sae import SAE, SAEConfig
 
 
+@pytest.fixture
+def rounds(monkeypatch):
+    """Each certification round the screen runs: (candidates, rows, rows that failed)."""
+    seen: list[tuple[int, int, int]] = []
+    real = screened_topk._certified
+
+    def spy(screen, x, b, upper, m, n):
+        out = real(screen, x, b, upper, m, n)
+        seen.append((m, x.shape[0], int(out[2].sum())))
+        return out
+
+    monkeypatch.setattr(screened_topk, "_certified", spy)
+    return seen
+
+
 def exact_top(x, W, b, n):
     return torch.addmm(b, x, W).topk(n, dim=-1)
 
 
-def assert_same_top(got, want, atol=1e-5):
+def assert_same_top(got, x, W, b, n):
+    """The same values as the float32 encode's top n, and ids whose float32 values are those values
+    (ids may differ only between features that tie in float32)."""
     values, ids = got
-    assert torch.allclose(values, want.values, rtol=1e-5, atol=atol)
-    # ids may differ only between features whose values tie in float32
-    same = ids == want.indices
-    assert torch.allclose(values[~same], want.values[~same], rtol=0, atol=atol)
-    assert same.float().mean() > 0.99
+    full = torch.addmm(b, x, W)
+    want = full.topk(n, dim=-1)
+    torch.testing.assert_close(values, want.values, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(full.gather(1, ids), want.values, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("n", [1, 16, 32])
-def test_screened_top_equals_the_float32_encode_on_random_encoders(seed, n):
+def test_screened_top_equals_the_float32_encode_on_random_encoders(rounds, seed, n):
     g = torch.Generator().manual_seed(seed)
     d, F = 96, 1024
     W = torch.randn(d, F, generator=g) / d**0.5
     b = torch.randn(F, generator=g) * 0.1
     x = torch.randn(40, d, generator=g) * (1 + 10 * torch.rand(40, 1, generator=g))
     got = screened_topk.top_pre_acts(screened_topk.Screen.build(W, b), x, b, n)
-    assert_same_top(got, exact_top(x, W, b, n))
+    assert_same_top(got, x, W, b, n)
+    assert rounds == [(n + screened_topk.MARGIN, 40, 0)]  # the bound is tight enough: every row certifies at once
 
 
 @pytest.mark.parametrize("ties", [40, 256])
-def test_where_bfloat16_cannot_rank_the_features_the_answer_is_still_float32s(ties):
+def test_where_bfloat16_cannot_rank_the_features_the_answer_is_still_float32s(rounds, ties):
     """`ties` features whose columns differ by less than bfloat16's resolution: the screen cannot rank
     them, the float32 encode can. 40 fit in the second, wider round of candidates; 256 send the rows
     to the full encode. A screen that trusted its first candidates would rank them wrongly."""
@@ -57,6 +75,34 @@ def test_where_bfloat16_cannot_rank_the_features_the_answer_is_still_float32s(ti
     want = full.topk(n, dim=-1)
     assert torch.allclose(values, want.values, rtol=2e-6, atol=0)  # a wrong pick is ~1e-4 lower
     assert torch.allclose(full.gather(1, ids), want.values, rtol=2e-6, atol=0)
+    m = n + screened_topk.MARGIN
+    assert rounds == [(m, 6, 6), (4 * m, 6, 0 if ties == 40 else 6)]  # the second round, or then the full encode
+
+
+def test_rows_with_an_inf_are_encoded_in_full_and_the_others_are_screened():
+    g = torch.Generator().manual_seed(2)
+    d, F, n = 64, 512, 8
+    W, b = torch.randn(d, F, generator=g), torch.zeros(F)
+    x = torch.randn(5, d, generator=g)
+    x[2, 7] = float("inf")
+    values, ids = screened_topk.top_pre_acts(screened_topk.Screen.build(W, b), x, b, n)
+    want = torch.addmm(b, x, W).topk(n, dim=-1)
+    torch.testing.assert_close(values, want.values, rtol=2e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(ids[2], want.indices[2])
+
+
+def test_long_inputs_are_screened_in_chunks_and_wide_top_n_falls_back_to_the_plain_encode(monkeypatch, rounds):
+    g = torch.Generator().manual_seed(3)
+    d, F = 32, 256
+    W, b = torch.randn(d, F, generator=g), torch.randn(F, generator=g)
+    x = torch.randn(10, d, generator=g)
+    screen = screened_topk.Screen.build(W, b)
+    monkeypatch.setattr(screened_topk, "CHUNK_ELEMENTS", 4 * (4 + screened_topk.MARGIN) * d * 3)  # 3 rows a chunk
+    assert_same_top(screened_topk.top_pre_acts(screen, x, b, 4), x, W, b, 4)
+    assert [r for _, r, _ in rounds] == [3, 3, 3, 1]
+    rounds.clear()
+    assert_same_top(screened_topk.top_pre_acts(screen, x, b, 60), x, W, b, 60)  # 4 x 76 candidates > 256
+    assert rounds == []
 
 
 def test_the_default_sae_screens_to_its_float32_top_k():
@@ -69,39 +115,46 @@ def test_the_default_sae_screens_to_its_float32_top_k():
     with torch.no_grad():
         xs = sae._input(x)
         got = screened_topk.top_pre_acts(sae._screen(), xs, sae.encoder_bias, sae.cfg.k)
-        assert_same_top(got, exact_top(xs, sae.W_enc, sae.encoder_bias, sae.cfg.k))
+        assert_same_top(got, xs, sae.W_enc, sae.encoder_bias, sae.cfg.k)
 
 
-def test_topk_encode_screens_only_where_it_applies_and_follows_weight_changes(monkeypatch):
+def test_topk_encode_screens_a_frozen_sae_and_follows_its_weights(monkeypatch, rounds):
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)  # as on a CPU with AVX512-BF16 or AMX
+    monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name="blocks.0.hook_resid_post", architecture="topk", k=8))
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.3)
     x = torch.randn(20, 32)
-    with torch.no_grad():
-        assert screened_topk.usable(sae.W_enc, x)
+    assert not screened_topk.usable(sae.W_enc, sae.encoder_bias, x)  # an SAE being trained is not screened
+    sae.requires_grad_(False)  # as SAE.load leaves it
+    assert screened_topk.usable(sae.W_enc, sae.encoder_bias, x)
+    assert not screened_topk.usable(sae.W_enc.to(torch.bfloat16), sae.encoder_bias, x)
+
+    def dense_from_topk():
         values, ids = sae.topk_encode(x)
-        dense = sae.encode(x)
-        assert torch.allclose(torch.zeros_like(dense).scatter_(-1, ids, values), dense, atol=1e-5)
-        sae.W_enc.mul_(-1)  # the screen is rebuilt for the new weights
-        values, ids = sae.topk_encode(x)
-        assert torch.allclose(torch.zeros_like(dense).scatter_(-1, ids, values), sae.encode(x), atol=1e-5)
-    assert not screened_topk.usable(sae.W_enc, x)  # autograd on: the plain float32 path
+        return torch.zeros(20, 512).scatter_(-1, ids, values)
+
+    torch.testing.assert_close(dense_from_topk(), sae.encode(x), rtol=2e-6, atol=1e-6)
+    assert len(rounds) == 1
+    sae.W_enc.mul_(-1)  # written in place: the screen is rebuilt for the new weights
+    torch.testing.assert_close(dense_from_topk(), sae.encode(x), rtol=2e-6, atol=1e-6)
+    sae.b_enc = torch.nn.Parameter(torch.randn(512), requires_grad=False)  # replaced
+    torch.testing.assert_close(dense_from_topk(), sae.encode(x), rtol=2e-6, atol=1e-6)
+    assert len(rounds) == 3
     monkeypatch.setenv("RUDDER_SAE_SCREEN", "0")
-    with torch.no_grad():
-        assert not screened_topk.usable(sae.W_enc, x)
-        assert not screened_topk.usable(sae.W_enc.to(torch.bfloat16), x)
+    assert not screened_topk.usable(sae.W_enc, sae.encoder_bias, x)
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk"])
 @pytest.mark.parametrize("reading_only", [False, True])
-def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch, architecture, reading_only):
+def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch, rounds, architecture,
+                                                                      reading_only):
     """A step with edits that push features out of the top (a clamp to 0 of each row's strongest) and
-    into it (a large add), a top-8 readout and selected features, as a serving step runs it (no
-    autograd): the edited activations, the readouts' ids and values, and the selected values
-    equal those of the whole float32 encode (RUDDER_SAE_SCREEN=0)."""
+    into it (a large add), a top-8 readout and selected features, as a serving step runs it (a frozen
+    SAE): the edited activations, the readouts' ids and values, and the selected values equal those
+    of the whole float32 encode (RUDDER_SAE_SCREEN=0)."""
     from rudder.core.steering import (
         FeatureEdit,
         Op,
@@ -114,6 +167,7 @@ def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch
     )
 
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)  # as on a CPU with AVX512-BF16 or AMX
+    monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
     site = "blocks.1.hook_resid_post"
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=32, d_sae=256, hook_name=site, architecture=architecture,
@@ -121,22 +175,24 @@ def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.3)
+    sae.requires_grad_(False)
     x = torch.randn(5, 32)
-    with torch.no_grad():
-        strongest = sae.encode(x).argmax(-1)
+    strongest = sae.encode(x).argmax(-1)
     edits = () if reading_only else tuple(
         [FeatureEdit("s", int(f), Op.CLAMP, 0.0) for f in strongest.unique()] + [FeatureEdit("s", 11, Op.ADD, 50.0)])
     specs = [SteeringSpec(features=edits, readouts=ReadoutSpec(saes=("s",), top_k=8, feature_ids=(3, 11, 200)))]
     rows = RowIndex(torch.zeros(5, dtype=torch.long), torch.arange(5))
 
     def step():
-        with torch.no_grad():
-            out, (r,) = steer_site(site, x, SiteArtifacts(saes={"s": sae}), build_tables(specs, [5]), rows)
+        out, (r,) = steer_site(site, x, SiteArtifacts(saes={"s": sae}), build_tables(specs, [5]), rows)
         return out, r
 
     screened_out, screened = step()
+    assert rounds  # the step went through the screen
     monkeypatch.setenv("RUDDER_SAE_SCREEN", "0")
+    rounds.clear()
     whole_out, whole = step()
+    assert not rounds
     torch.testing.assert_close(screened_out, whole_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(screened.top_values, whole.top_values, rtol=1e-5, atol=1e-5)
     assert torch.equal(screened.top_ids, whole.top_ids)
