@@ -135,7 +135,7 @@ def _vllm_vs_vllm_serve_cpu(d: dict) -> Rows:
         server = "vllm serve" if name == "vllm serve" else "rudder"
 
         def med(rounds: list[dict], role: str, key: str) -> float:
-            return statistics.median(r[role][key] for r in rounds)
+            return statistics.median(r.get(role, {}).get(key, 0.0) for r in rounds)  # a role absent: none of it
 
         cells = [f"{med(rounds, k, 'cpu_ms_per_token'):.3f} ({med(rounds, k, 'inv_switches_per_token'):.2f})"
                  for k in ["client", *(f"{server} {r}" for r in roles[1:])]]
