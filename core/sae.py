@@ -73,6 +73,11 @@ def topk_active(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.relu(values).to(pre.dtype), ids
 
 
+def active_at(values: Tensor, ids: Tensor, feat: Tensor) -> Tensor:
+    """TopK activations `values, ids (R, k)` read at features `feat (R, M)`: `(R, M)`, 0 where inactive."""
+    return (values[:, :, None] * (ids[:, :, None] == feat[:, None, :])).sum(1)
+
+
 @register_activation("topk")
 def _topk(sae: SAE, pre: Tensor) -> Tensor:
     # SAELens' TopK: the k largest pre-activations, ReLU'd, zero elsewhere
@@ -354,6 +359,20 @@ class SAE(nn.Module):
             values, ids = screened_topk.top_pre_acts(self._screen(), xs, self.encoder_bias, self.cfg.k)
             return torch.relu(values), ids
         return topk_active(self._pre_acts(xs), self.cfg.k)
+
+    def topk_active_at(self, x: Tensor, feat: Tensor) -> Tensor:
+        """A TopK SAE's activations of the features `feat (N, M)` at the rows `x (N, d_in)`, `(N, M)`:
+        0 where a feature is not among its row's k active ones. Through the screen where it applies
+        (whether each is among the k, decided from bounds, without finding the k), else from
+        `topk_encode`."""
+        xs = self._input(x)
+        if screened_topk.usable(self.W_enc, self.encoder_bias, xs):
+            acts, undecided = screened_topk.topk_active_at(self._screen(), xs, self.encoder_bias, self.cfg.k, feat)
+            if not bool(undecided.any()):
+                return acts
+            rows = undecided.nonzero().squeeze(-1)
+            return acts.index_copy(0, rows, active_at(*self.topk_encode(x[rows]), feat[rows]))
+        return active_at(*self.topk_encode(x), feat)
 
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
         """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest

@@ -115,12 +115,20 @@ def top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int) -> tuple[Tensor, 
     return _top_pre_acts(screen, x, b, n, m)
 
 
-def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+def _bounds(screen: Screen, x: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The screened pre-activations `(N, F)`, each feature's bound on its error, and whether each row
+    is finite (an inf or NaN in x makes its bounds meaningless)."""
     x_lo = x.to(torch.bfloat16)
     approx = torch.add(b, torch.mm(x_lo, screen.w_lo))  # float32 (N, F); |M_j| <= |approx_j| + |b_j|
     norms = torch.stack([x.norm(dim=-1), (x - x_lo.float()).norm(dim=-1)], dim=1)  # (N, 2)
-    upper = torch.addmm(screen.per_bias, norms, screen.per_norm)  # every feature's bound on its error
-    upper.add_(approx).add_(approx.abs(), alpha=SAFETY * _C)  # ... and so on its true value
+    slack = torch.addmm(screen.per_bias, norms, screen.per_norm)  # every feature's bound on its error
+    slack.add_(approx.abs(), alpha=SAFETY * _C)
+    return approx, slack, norms.isfinite().all(dim=1)
+
+
+def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    approx, slack, _ = _bounds(screen, x, b)
+    upper = slack.add_(approx)  # a bound on every feature's true pre-activation
     values, ids, failed = _certified(screen, x, b, upper, m, n)
     if bool(failed.any()):  # another feature might beat the n-th: four times the candidates, then in full
         rows = failed.nonzero().squeeze(-1)
@@ -144,6 +152,27 @@ def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: i
     values, at = exact.topk(n, dim=-1)
     # not "<=": a NaN bound (an inf in x) must fail the certificate, not pass it
     return values, ids.gather(1, at), ~(values[:, -1] > top.values[:, m])
+
+
+def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -> tuple[Tensor, Tensor]:
+    """A TopK SAE's activations of the features `feat (N, M)` at the rows `x (N, d)`: each one's
+    float32 pre-activation, ReLU'd, if it is among the row's k largest, else 0; and which rows the
+    screen could not decide (`(N,)`, for the caller to answer from the top k). An edit needs only
+    this, not the top k itself: a feature is surely in when fewer than k others can exceed it
+    (their upper bounds), surely out when k others surely do (their lower bounds)."""
+    approx, slack, finite = _bounds(screen, x, b)
+    cols = screen.w_t.index_select(0, feat.flatten()).view(*feat.shape, -1)  # (N, M, d)
+    pre = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, feat.flatten()).view_as(feat))
+    upper, lower = approx + slack, approx - slack
+    undecided = ~finite
+    inside = torch.zeros_like(feat, dtype=torch.bool)
+    for m in range(feat.shape[1]):
+        p = pre[:, m, None]
+        maybe = (upper > p).sum(1) - (upper.gather(1, feat[:, m, None]) > p).squeeze(1).long()  # others above
+        surely = (lower > p).sum(1)  # others that do (its own lower bound is at most p)
+        inside[:, m] = maybe < k
+        undecided |= (maybe >= k) & (surely < k)
+    return torch.where(inside, torch.relu(pre), torch.zeros_like(pre)), undecided
 
 
 _FAST_BF16 = cpu_has_fast_bf16()

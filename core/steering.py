@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from rudder.core.codebook import Codebook, ForcedCodes
-from rudder.core.sae import SAE
+from rudder.core.sae import SAE, active_at
 from rudder.core.sites import Site
 
 OPEN_END = 2**31 - 1
@@ -483,7 +483,7 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
     host synchronisation: the in-graph form of an edit."""
     feat = table.feature[slot]  # (R, M)
     if f0 is None:
-        f0 = sae.encode_at(x, feat) if sae.elementwise else _active_at(*sae.topk_encode(x), feat)  # (R, M)
+        f0 = sae.encode_at(x, feat) if sae.elementwise else sae.topk_active_at(x, feat)  # (R, M)
     op, val = table.op[slot], table.value[slot].to(f0.dtype)
     cols: list[Tensor] = []
     for m in range(feat.shape[1]):
@@ -500,11 +500,6 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
         for j in range(m + 1, feat.shape[1]):
             later[:, m] |= act[:, j] & (feat[:, j] == feat[:, m])
     return f0, f1, act & ~later
-
-
-def _active_at(values: Tensor, ids: Tensor, feat: Tensor) -> Tensor:
-    """TopK activations `values, ids (R, k)` read at features `feat (R, M)`: `(R, M)`, 0 where inactive."""
-    return (values[:, :, None] * (ids[:, :, None] == feat[:, None, :])).sum(1)
 
 
 def _edit_delta(sae: SAE, feat: Tensor, f0: Tensor, f1: Tensor, last: Tensor) -> Tensor:
@@ -547,10 +542,11 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         out = out + sae_delta_all_rows(sae, x, table, rows).to(out.dtype)
         if reading.numel():
             slot, act = table.active(rows, reading)
-            f, dense = _to_read(sae, x_read, table)  # (R, d_sae)
-            f0 = f.gather(1, table.feature[slot]) if dense else None  # else from the edited features' columns
+            top = _top_to_read(sae, x_read, table)
+            f = sae.encode(x_read) if top is None else None  # (R, d_sae)
+            f0 = None if f is None else f.gather(1, table.feature[slot])  # None: from the edited features' columns
             _, f1, last = _feature_edits(sae, x_read, table, slot, act, f0)
-            _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts)
+            _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts, top)
         return out
     # TopK (a feature's value depends on all of them; the only activation that is not elementwise),
     # or reading only: encode the rows that edit or read, once, for both.
@@ -562,38 +558,42 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     whole = sel.numel() == x.shape[0]  # every row edits or reads (a decode step): no gather, no scatter
     xs = x if whole else x[sel]
     feat = table.feature[slot]
+    top = None
     if sae.elementwise:  # reading only
-        f, dense = _to_read(sae, xs, table)  # (R, d_sae)
-        f0 = f.gather(1, feat) if dense else sae.encode_at(xs, feat)
-    else:  # TopK: the k active features of each row; a dense (R, d_sae) activation only for rows read out
+        top = _top_to_read(sae, xs, table)
+        f = sae.encode(xs) if top is None else None  # (R, d_sae)
+        f0 = sae.encode_at(xs, feat) if f is None else f.gather(1, feat)
+    elif not read_mask[sel].any():  # TopK edits only: whether each edited feature is among the k active
+        f, f0 = None, sae.topk_active_at(xs, feat)
+    else:  # TopK read out: the k active features of each row; a dense (R, d_sae) activation for rows read out
         f, (values, ids) = None, sae.topk_encode(xs)  # (R, k)
-        f0 = _active_at(values, ids, feat)
+        f0 = active_at(values, ids, feat)
     _, f1, last = _feature_edits(sae, xs, table, slot, act, f0=f0)
     if table.edits:
         delta = _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
         out = out + delta if whole else out.index_add(0, sel, delta)
     reading = read_mask[sel]
     if reading.any():
-        f = (f[reading] if f is not None
-             else values.new_zeros(int(reading.sum()), sae.cfg.d_sae).scatter_(-1, ids[reading], values[reading]))
-        _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts)
+        if top is not None:
+            top = tuple(t[reading] for t in top)
+        elif f is not None:
+            f = f[reading]
+        else:
+            f = values.new_zeros(int(reading.sum()), sae.cfg.d_sae).scatter_(-1, ids[reading], values[reading])
+        _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts, top)
     return out
 
 
-def _to_read(sae: SAE, x: Tensor, table: SaeTable) -> tuple[Tensor, bool]:
-    """The activations `(R, d_sae)` a readout of the rows `x` shows, and whether they are the whole
-    encode. Where the SAE has a screen (`SAE.top_activations`), only what the readout can show is
-    filled in, exactly: the top `top_k + M` features (M edit columns can push at most M features out
-    of the top `top_k`) and the selected ones; every other entry is 0."""
+def _top_to_read(sae: SAE, x: Tensor, table: SaeTable) -> tuple[Tensor, Tensor, Tensor] | None:
+    """What a readout of the rows `x` can show, where the SAE has a screen (`SAE.top_activations`),
+    without the dense (R, d_sae) activation: the top `top_k + M` activations, values and ids (M edit
+    columns can push at most M features out of the top `top_k`), and the selected features' values
+    `(R, K)`, all exact. None where there is no screen: the readout reads the whole encode."""
     n = table.top_k + table.feature.shape[1]
     top = sae.top_activations(x, n) if table.top_k else None
     if top is None:
-        return sae.encode(x), True
-    values, ids = top
-    f = values.new_zeros(x.shape[0], sae.cfg.d_sae).scatter_(-1, ids, values)
-    if table.selected.numel():
-        f[:, table.selected] = sae.encode_at(x, table.selected.expand(x.shape[0], -1))
-    return f, False
+        return None
+    return *top, sae.encode_at(x, table.selected.expand(x.shape[0], -1))
 
 
 def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, watching: Tensor,
@@ -616,9 +616,25 @@ def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, wa
                                selected_ids=table.selected, selected_values=values))
 
 
-def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor, feat: Tensor, f1: Tensor, last: Tensor,
-          readouts: list[Readout]) -> None:
-    """The readout of token `rows`: their activations `f (R, d_sae)` with the edits written in."""
+def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor | None, feat: Tensor, f1: Tensor, last: Tensor,
+          readouts: list[Readout], top: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    """The readout of token `rows`: their activations `f (R, d_sae)` with the edits written in, or the
+    same read from `top` (`_top_to_read`: the top values and ids, and the selected features' values)."""
+    if top is not None:
+        values, ids, selected = top
+        # the edited features' final values, where they sit among the top, among the selected, or
+        # beside them (an edited feature outside the top can enter it)
+        outside = last & ~(feat[:, :, None] == ids[:, None, :]).any(-1)
+        extra = torch.where(outside, f1, torch.full_like(f1, float("-inf")))
+        for m in range(feat.shape[1]):
+            hit = last[:, m, None]
+            values = torch.where(hit & (ids == feat[:, m, None]), f1[:, m, None], values)
+            selected = torch.where(hit & (table.selected == feat[:, m, None]), f1[:, m, None], selected)
+        values, ids = torch.cat([values, extra], 1), torch.cat([ids, feat], 1)
+        best = values.topk(table.top_k, dim=-1)
+        readouts.append(SaeReadout(source=sae_id, rows=rows, top_ids=ids.gather(1, best.indices),
+                                   top_values=best.values, selected_ids=table.selected, selected_values=selected))
+        return
     r = torch.arange(rows.numel(), device=f.device)
     for m in range(feat.shape[1]):  # column by column: a feature edited twice is written once, last
         f[r, feat[:, m]] = torch.where(last[:, m], f1[:, m], f[r, feat[:, m]])

@@ -198,3 +198,64 @@ def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch
     assert torch.equal(screened.top_ids, whole.top_ids)
     assert torch.equal(screened.selected_ids, whole.selected_ids)
     torch.testing.assert_close(screened.selected_values, whole.selected_values, rtol=1e-5, atol=1e-5)
+
+
+def frozen_topk_sae(W: torch.Tensor, b: torch.Tensor, k: int) -> SAE:
+    sae = SAE(SAEConfig(d_in=W.shape[0], d_sae=W.shape[1], hook_name="blocks.0.hook_resid_post",
+                        architecture="topk", k=k, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(W)
+        sae.b_enc.copy_(b)
+    return sae.requires_grad_(False)
+
+
+def membership_cases(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: its strongest and its weakest feature (clear cases), and its k-th and (k+1)-th (the
+    boundary)."""
+    order = pre.argsort(dim=-1, descending=True)
+    return torch.stack([order[:, 0], order[:, -1]], dim=1), torch.stack([order[:, k - 1], order[:, k]], dim=1)
+
+
+@pytest.mark.parametrize("ties", [0, 256, -1])
+def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_does(monkeypatch, ties):
+    """`topk_active_at` (an edit's f0 without finding the top k) equals the float32 top k read at the
+    feature, for the strongest, the weakest, the k-th and the (k+1)-th feature of each row. Clear
+    cases are decided from the bounds; where bfloat16 cannot tell the features apart (256 columns
+    1e-5 apart, in order), the rows are left undecided and answered from the top k; where the
+    features are far apart (ties=-1: one column times 1.05^j), even the boundary is decided."""
+    monkeypatch.setattr(screened_topk, "_FAST_BF16", True)
+    monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
+    undecided: list[int] = []
+    real = screened_topk.topk_active_at
+
+    def spy(*a):
+        out = real(*a)
+        undecided.append(int(out[1].sum()))
+        return out
+
+    monkeypatch.setattr(screened_topk, "topk_active_at", spy)
+    g = torch.Generator().manual_seed(4)
+    d, F, k = 64, 512, 16
+    if ties > 0:
+        base = torch.randn(d, 1, generator=g)
+        W = torch.cat([base * (1 + 1e-5 * torch.arange(ties)), 0.1 * torch.randn(d, F - ties, generator=g)], 1)
+        x = base.T.repeat(6, 1) + 0.01 * torch.randn(6, d, generator=g)
+    elif ties < 0:
+        base = torch.randn(d, 1, generator=g)
+        F = 128  # values 5% apart: well beyond the bound (~1.3% of a value here)
+        W = base * (1.05 ** torch.arange(F, dtype=torch.float32))[torch.randperm(F, generator=g)]
+        x = base.T.repeat(6, 1) + 0.01 * torch.randn(6, d, generator=g)
+    else:
+        W, x = torch.randn(d, F, generator=g) / d**0.5, torch.randn(6, d, generator=g) * 3
+    b = torch.zeros(F)
+    sae = frozen_topk_sae(W, b, k)
+    pre = torch.addmm(b, x, W)
+    top = pre.topk(k)
+    dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    clear, boundary = membership_cases(pre, k)
+    for feat in (clear, boundary):
+        torch.testing.assert_close(sae.topk_active_at(x, feat), dense.gather(1, feat), rtol=2e-6, atol=1e-6)
+    if ties > 0:
+        assert undecided[1] == 6  # bfloat16 sees the boundary's two columns as one
+    else:
+        assert undecided[0] == 0 and (ties == 0 or undecided[1] == 0)
