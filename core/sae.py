@@ -365,6 +365,8 @@ class SAE(nn.Module):
         0 where a feature is not among its row's k active ones. Through the screen where it applies
         (whether each is among the k, decided from bounds, without finding the k), else from
         `topk_encode`."""
+        if self.cfg.activation != "topk":
+            raise ValueError(f"topk_active_at is for TopK SAEs; this one is {self.cfg.architecture}: use encode_at")
         xs = self._input(x)
         if screened_topk.usable(self.W_enc, self.encoder_bias, xs):
             acts, undecided = screened_topk.topk_active_at(self._screen(), xs, self.encoder_bias, self.cfg.k, feat)

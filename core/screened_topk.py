@@ -155,6 +155,15 @@ def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: i
 
 
 def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -> tuple[Tensor, Tensor]:
+    """Row chunks of `_topk_active_at` (a long prefill holds a few (rows, F) tensors at a time)."""
+    rows = max(1, CHUNK_ELEMENTS // screen.w_t.shape[0])
+    if x.shape[0] <= rows:
+        return _topk_active_at(screen, x, b, k, feat)
+    parts = [_topk_active_at(screen, xs, b, k, fs) for xs, fs in zip(x.split(rows), feat.split(rows))]
+    return torch.cat([a for a, _ in parts]), torch.cat([u for _, u in parts])
+
+
+def _topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -> tuple[Tensor, Tensor]:
     """A TopK SAE's activations of the features `feat (N, M)` at the rows `x (N, d)`: each one's
     float32 pre-activation, ReLU'd, if it is among the row's k largest, else 0; and which rows the
     screen could not decide (`(N,)`, for the caller to answer from the top k). An edit needs only
@@ -163,13 +172,14 @@ def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -
     approx, slack, finite = _bounds(screen, x, b)
     cols = screen.w_t.index_select(0, feat.flatten()).view(*feat.shape, -1)  # (N, M, d)
     pre = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, feat.flatten()).view_as(feat))
-    upper, lower = approx + slack, approx - slack
+    upper, lower = approx + slack, approx.sub_(slack)
+    del slack
     undecided = ~finite
     inside = torch.zeros_like(feat, dtype=torch.bool)
     for m in range(feat.shape[1]):
         p = pre[:, m, None]
         maybe = (upper > p).sum(1) - (upper.gather(1, feat[:, m, None]) > p).squeeze(1).long()  # others above
-        surely = (lower > p).sum(1)  # others that do (its own lower bound is at most p)
+        surely = (lower > p).sum(1) - (lower.gather(1, feat[:, m, None]) > p).squeeze(1).long()  # others surely above
         inside[:, m] = maybe < k
         undecided |= (maybe >= k) & (surely < k)
     return torch.where(inside, torch.relu(pre), torch.zeros_like(pre)), undecided

@@ -591,7 +591,9 @@ def _top_to_read(sae: SAE, x: Tensor, table: SaeTable) -> tuple[Tensor, Tensor, 
     `(R, K)`, all exact. None where there is no screen: the readout reads the whole encode."""
     n = table.top_k + table.feature.shape[1]
     top = sae.top_activations(x, n) if table.top_k else None
-    if top is None:
+    # a row with fewer than n active features would show zeros whose ids are the dense top-k's
+    # choice among all the zeros: read such a step from the whole encode
+    if top is None or not bool((top[0][:, -1] > 0).all()):
         return None
     return *top, sae.encode_at(x, table.selected.expand(x.shape[0], -1))
 

@@ -147,57 +147,96 @@ def test_topk_encode_screens_a_frozen_sae_and_follows_its_weights(monkeypatch, r
     assert not screened_topk.usable(sae.W_enc, sae.encoder_bias, x)
 
 
-@pytest.mark.parametrize("architecture", ["standard", "topk"])
-@pytest.mark.parametrize("reading_only", [False, True])
-def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch, rounds, architecture,
-                                                                      reading_only):
-    """A step with edits that push features out of the top (a clamp to 0 of each row's strongest) and
-    into it (a large add), a top-8 readout and selected features, as a serving step runs it (a frozen
-    SAE): the edited activations, the readouts' ids and values, and the selected values equal those
-    of the whole float32 encode (RUDDER_SAE_SCREEN=0)."""
-    from rudder.core.steering import (
-        FeatureEdit,
-        Op,
-        ReadoutSpec,
-        RowIndex,
-        SiteArtifacts,
-        SteeringSpec,
-        build_tables,
-        steer_site,
-    )
+@pytest.fixture
+def screened_steps(monkeypatch):
+    """How many times a step computed the screen's bounds (every screened path does)."""
+    calls = []
+    real = screened_topk._bounds
 
+    def spy(*a):
+        calls.append(a[1].shape[0])
+        return real(*a)
+
+    monkeypatch.setattr(screened_topk, "_bounds", spy)
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)  # as on a CPU with AVX512-BF16 or AMX
     monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
-    site = "blocks.1.hook_resid_post"
+    return calls
+
+
+def steer_twice(monkeypatch, screened_steps, sae, x, specs, screens: bool = True):
+    """One steering step through the screen (if `screens`: an elementwise SAE's edits read their own
+    columns, no screen), and the same with RUDDER_SAE_SCREEN=0."""
+    from rudder.core.steering import RowIndex, SiteArtifacts, build_tables, steer_site
+
+    rows = RowIndex(torch.zeros(x.shape[0], dtype=torch.long), torch.arange(x.shape[0]))
+
+    def step():
+        return steer_site(sae.cfg.hook_name, x, SiteArtifacts(saes={"s": sae}), build_tables(specs, [5]), rows)
+
+    screened = step()
+    assert bool(screened_steps) == screens  # the step went through the screen, or had no need of it
+    monkeypatch.setenv("RUDDER_SAE_SCREEN", "0")
+    screened_steps.clear()
+    whole = step()
+    assert not screened_steps
+    return screened, whole
+
+
+def assert_same_step(screened, whole):
+    (s_out, s_reads), (w_out, w_reads) = screened, whole
+    torch.testing.assert_close(s_out, w_out, rtol=1e-5, atol=1e-5)
+    assert len(s_reads) == len(w_reads)
+    for s, w in zip(s_reads, w_reads):
+        torch.testing.assert_close(s.top_values, w.top_values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(s.top_ids, w.top_ids)
+        assert torch.equal(s.selected_ids, w.selected_ids)
+        torch.testing.assert_close(s.selected_values, w.selected_values, rtol=1e-5, atol=1e-5)
+
+
+def random_frozen_sae(architecture: str, d_sae: int = 256) -> SAE:
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d_in=32, d_sae=256, hook_name=site, architecture=architecture,
+    sae = SAE(SAEConfig(d_in=32, d_sae=d_sae, hook_name="blocks.1.hook_resid_post", architecture=architecture,
                         k=24 if architecture == "topk" else None))
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(0, 0.3)
-    sae.requires_grad_(False)
+    return sae.requires_grad_(False)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+@pytest.mark.parametrize("mode", ["edits and readouts", "readouts only", "edits only"])
+def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch, screened_steps, architecture,
+                                                                      mode):
+    """A step with edits that push features out of the top (a clamp to 0 of each row's strongest,
+    one of them then raised by a second op on the same feature) and into it (a large add), a top-8
+    readout and selected features, as a serving step runs it (a frozen SAE): the edited
+    activations, the readouts' ids and values, and the selected values equal those of the whole
+    float32 encode (RUDDER_SAE_SCREEN=0)."""
+    from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec
+
+    sae = random_frozen_sae(architecture)
     x = torch.randn(5, 32)
-    strongest = sae.encode(x).argmax(-1)
-    edits = () if reading_only else tuple(
-        [FeatureEdit("s", int(f), Op.CLAMP, 0.0) for f in strongest.unique()] + [FeatureEdit("s", 11, Op.ADD, 50.0)])
-    specs = [SteeringSpec(features=edits, readouts=ReadoutSpec(saes=("s",), top_k=8, feature_ids=(3, 11, 200)))]
-    rows = RowIndex(torch.zeros(5, dtype=torch.long), torch.arange(5))
+    strongest = sae.encode(x).argmax(-1).unique()
+    edits = () if mode == "readouts only" else (
+        *[FeatureEdit("s", int(f), Op.CLAMP, 0.0) for f in strongest], FeatureEdit("s", 11, Op.ADD, 50.0),
+        FeatureEdit("s", int(strongest[0]), Op.ADD, 0.5))
+    reads = ReadoutSpec() if mode == "edits only" else ReadoutSpec(saes=("s",), top_k=8, feature_ids=(3, 11, 200))
+    specs = [SteeringSpec(features=edits, readouts=reads)]
+    screens = not (mode == "edits only" and architecture == "standard")
+    assert_same_step(*steer_twice(monkeypatch, screened_steps, sae, x, specs, screens))
 
-    def step():
-        out, (r,) = steer_site(site, x, SiteArtifacts(saes={"s": sae}), build_tables(specs, [5]), rows)
-        return out, r
 
-    screened_out, screened = step()
-    assert rounds  # the step went through the screen
-    monkeypatch.setenv("RUDDER_SAE_SCREEN", "0")
-    rounds.clear()
-    whole_out, whole = step()
-    assert not rounds
-    torch.testing.assert_close(screened_out, whole_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(screened.top_values, whole.top_values, rtol=1e-5, atol=1e-5)
-    assert torch.equal(screened.top_ids, whole.top_ids)
-    assert torch.equal(screened.selected_ids, whole.selected_ids)
-    torch.testing.assert_close(screened.selected_values, whole.selected_values, rtol=1e-5, atol=1e-5)
+def test_a_readout_of_rows_with_few_active_features_shows_the_dense_encodes_zeros(monkeypatch, screened_steps):
+    """Rows with fewer active features than the readout shows: its zeros carry the dense encode's ids
+    (such a step is read from the whole encode)."""
+    from rudder.core.steering import ReadoutSpec, SteeringSpec
+
+    sae = random_frozen_sae("standard")
+    with torch.no_grad():
+        sae.b_enc[3:] = -50.0  # only features 0-2 can be active
+    x = torch.randn(5, 32)
+    specs = [SteeringSpec(readouts=ReadoutSpec(saes=("s",), top_k=8))]
+    assert_same_step(*steer_twice(monkeypatch, screened_steps, sae, x, specs))
 
 
 def frozen_topk_sae(W: torch.Tensor, b: torch.Tensor, k: int) -> SAE:
