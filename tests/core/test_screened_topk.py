@@ -226,6 +226,34 @@ def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch
     assert_same_step(*steer_twice(monkeypatch, screened_steps, sae, x, specs, screens))
 
 
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu"])
+def test_a_readout_of_selected_features_only_reads_their_columns(architecture):
+    """top_k 0 with selected features (one of them clamped): the readout and the edit the whole
+    encode gives, from the selected features' columns alone."""
+    from rudder.core.steering import (
+        FeatureEdit,
+        Op,
+        ReadoutSpec,
+        RowIndex,
+        SiteArtifacts,
+        SteeringSpec,
+        build_tables,
+        steer_site,
+    )
+
+    sae = random_frozen_sae(architecture)
+    x = torch.randn(5, 32)
+    specs = [SteeringSpec(features=(FeatureEdit("s", 11, Op.CLAMP, 4.0),),
+                          readouts=ReadoutSpec(saes=("s",), top_k=0, feature_ids=(3, 11, 200)))]
+    rows = RowIndex(torch.zeros(5, dtype=torch.long), torch.arange(5))
+    out, (r,) = steer_site(sae.cfg.hook_name, x, SiteArtifacts(saes={"s": sae}), build_tables(specs, [5]), rows)
+    f = sae.encode(x)
+    torch.testing.assert_close(out, x + (4.0 - f[:, 11:12]) * sae.W_dec[11], rtol=1e-5, atol=1e-5)
+    f[:, 11] = 4.0
+    assert r.top_ids.shape == (5, 0) and r.selected_ids.tolist() == [3, 11, 200]
+    torch.testing.assert_close(r.selected_values, f[:, [3, 11, 200]], rtol=1e-5, atol=1e-5)
+
+
 def test_a_readout_of_rows_with_few_active_features_shows_the_dense_encodes_zeros(monkeypatch, screened_steps):
     """Rows with fewer active features than the readout shows: its zeros carry the dense encode's ids
     (such a step is read from the whole encode)."""
