@@ -142,13 +142,18 @@ def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple
     return values, ids
 
 
+def _exact_at(screen: Screen, x: Tensor, b: Tensor, ids: Tensor) -> Tensor:
+    """The float32 pre-activations of features `ids (N, m)` at the rows `x (N, d)`, from their own columns."""
+    cols = screen.w_t.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (N, m, d); faster than w_t[ids]
+    return torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, ids.flatten()).view_as(ids))
+
+
 def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """The top n of the m features with the largest upper bounds, from their float32 columns, and per
     row whether the certificate failed (the n-th is not above every other feature's bound)."""
     top = upper.topk(m + 1, dim=-1)  # candidates: the m that could be largest; the next bounds the rest
     ids = top.indices[:, :m]
-    cols = screen.w_t.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (N, m, d); faster than w_t[ids]
-    exact = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, ids.flatten()).view_as(ids))
+    exact = _exact_at(screen, x, b, ids)
     values, at = exact.topk(n, dim=-1)
     # not "<=": a NaN bound (an inf in x) must fail the certificate, not pass it
     return values, ids.gather(1, at), ~(values[:, -1] > top.values[:, m])
@@ -170,8 +175,7 @@ def _topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) 
     this, not the top k itself: a feature is surely in when fewer than k others can exceed it
     (their upper bounds), surely out when k others surely do (their lower bounds)."""
     approx, slack, finite = _bounds(screen, x, b)
-    cols = screen.w_t.index_select(0, feat.flatten()).view(*feat.shape, -1)  # (N, M, d)
-    pre = torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, feat.flatten()).view_as(feat))
+    pre = _exact_at(screen, x, b, feat)
     upper, lower = approx + slack, approx.sub_(slack)
     del slack
     undecided = ~finite

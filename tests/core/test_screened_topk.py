@@ -11,6 +11,16 @@ import torch
 from rudder.core import screened_topk
 from rudder.core.default_model import default_sae_dirs
 from rudder.core.sae import SAE, SAEConfig
+from rudder.core.steering import (
+    FeatureEdit,
+    Op,
+    ReadoutSpec,
+    RowIndex,
+    SiteArtifacts,
+    SteeringSpec,
+    build_tables,
+    steer_site,
+)
 
 
 @pytest.fixture
@@ -166,7 +176,6 @@ def screened_steps(monkeypatch):
 def steer_twice(monkeypatch, screened_steps, sae, x, specs, screens: bool = True):
     """One steering step through the screen (if `screens`: an elementwise SAE's edits read their own
     columns, no screen), and the same with RUDDER_SAE_SCREEN=0."""
-    from rudder.core.steering import RowIndex, SiteArtifacts, build_tables, steer_site
 
     rows = RowIndex(torch.zeros(x.shape[0], dtype=torch.long), torch.arange(x.shape[0]))
 
@@ -212,7 +221,6 @@ def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch
     readout and selected features, as a serving step runs it (a frozen SAE): the edited
     activations, the readouts' ids and values, and the selected values equal those of the whole
     float32 encode (RUDDER_SAE_SCREEN=0)."""
-    from rudder.core.steering import FeatureEdit, Op, ReadoutSpec, SteeringSpec
 
     sae = random_frozen_sae(architecture)
     x = torch.randn(5, 32)
@@ -230,16 +238,6 @@ def test_steering_through_the_screen_equals_the_whole_float32_encode(monkeypatch
 def test_a_readout_of_selected_features_only_reads_their_columns(architecture):
     """top_k 0 with selected features (one of them clamped): the readout and the edit the whole
     encode gives, from the selected features' columns alone."""
-    from rudder.core.steering import (
-        FeatureEdit,
-        Op,
-        ReadoutSpec,
-        RowIndex,
-        SiteArtifacts,
-        SteeringSpec,
-        build_tables,
-        steer_site,
-    )
 
     sae = random_frozen_sae(architecture)
     x = torch.randn(5, 32)
@@ -257,7 +255,6 @@ def test_a_readout_of_selected_features_only_reads_their_columns(architecture):
 def test_a_readout_of_rows_with_few_active_features_shows_the_dense_encodes_zeros(monkeypatch, screened_steps):
     """Rows with fewer active features than the readout shows: its zeros carry the dense encode's ids
     (such a step is read from the whole encode)."""
-    from rudder.core.steering import ReadoutSpec, SteeringSpec
 
     sae = random_frozen_sae("standard")
     with torch.no_grad():
