@@ -591,16 +591,17 @@ def _top_to_read(sae: SAE, x: Tensor, table: SaeTable) -> tuple[Tensor, Tensor, 
     `(R, K)`, all exact. A readout of selected features only needs just their columns, on any SAE
     this is called for (elementwise). None where there is no screen: the readout reads the whole
     encode."""
-    selected = sae.encode_at(x, table.selected.expand(x.shape[0], -1))
+    def selected() -> Tensor:
+        return sae.encode_at(x, table.selected.expand(x.shape[0], -1))
+
     if not table.top_k:
-        return selected.new_zeros(x.shape[0], 0), table.selected.new_zeros(x.shape[0], 0), selected
-    n = table.top_k + table.feature.shape[1]
-    top = sae.top_activations(x, n)
+        return sae.W_enc.new_zeros(x.shape[0], 0), table.selected.new_zeros(x.shape[0], 0), selected()
+    top = sae.top_activations(x, table.top_k + table.feature.shape[1])
     # a row with fewer than n active features would show zeros whose ids are the dense top-k's
     # choice among all the zeros: read such a step from the whole encode
     if top is None or not bool((top[0][:, -1] > 0).all()):
         return None
-    return *top, selected
+    return *top, selected()
 
 
 def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, watching: Tensor,
