@@ -362,19 +362,31 @@ class SAE(nn.Module):
 
     def topk_active_at(self, x: Tensor, feat: Tensor) -> Tensor:
         """A TopK SAE's activations of the features `feat (N, M)` at the rows `x (N, d_in)`, `(N, M)`:
-        0 where a feature is not among its row's k active ones. Through the screen where it applies
-        (whether each is among the k, decided from bounds, without finding the k), else from
-        `topk_encode`."""
+        0 where a feature is not among its row's k active ones. On a CPU, eager, each feature's own
+        pre-activation first: TopK ReLUs its k values, so a feature at or below 0 is 0 whether or
+        not it is among the k, and only rows with a feature above 0 (or NaN) need the others. Those go
+        through the screen where it applies (whether each is among the k, decided from bounds, without
+        finding the k), else through `topk_encode`."""
         if self.cfg.activation != "topk":
             raise ValueError(f"topk_active_at is for TopK SAEs; this one is {self.cfg.architecture}: use encode_at")
         xs = self._input(x)
-        if screened_topk.usable(self.W_enc, self.encoder_bias, xs):
-            acts, undecided = screened_topk.topk_active_at(self._screen(), xs, self.encoder_bias, self.cfg.k, feat)
-            if not bool(undecided.any()):
-                return acts
-            rows = undecided.nonzero().squeeze(-1)
-            return acts.index_copy(0, rows, active_at(*self.topk_encode(x[rows]), feat[rows]))
-        return active_at(*self.topk_encode(x), feat)
+        if xs.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return active_at(*self.topk_encode(x), feat)  # fixed shapes, no host synchronisation
+        pre = self._pre_acts_at(xs, feat)
+        rows = (~(pre <= 0)).any(dim=1).nonzero().squeeze(-1)
+        acts = torch.zeros_like(pre)
+        if rows.numel() == 0:
+            return acts
+        whole = rows.numel() == xs.shape[0]
+        xr, fr, pr = (xs, feat, pre) if whole else (xs[rows], feat[rows], pre[rows])
+        if screened_topk.usable(self.W_enc, self.encoder_bias, xr):
+            found, undecided = screened_topk.topk_active_at(self._screen(), xr, self.encoder_bias, self.cfg.k, fr, pr)
+            if bool(undecided.any()):
+                at = undecided.nonzero().squeeze(-1)
+                found = found.index_copy(0, at, active_at(*topk_active(self._pre_acts(xr[at]), self.cfg.k), fr[at]))
+        else:
+            found = active_at(*topk_active(self._pre_acts(xr), self.cfg.k), fr)
+        return found if whole else acts.index_copy(0, rows, found)
 
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
         """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest
@@ -415,8 +427,11 @@ class SAE(nn.Module):
         encoding the whole dictionary: M encoder columns per row. Elementwise SAEs only."""
         if not self.elementwise:
             raise ValueError(f"a {self.cfg.architecture} SAE's features depend on each other: use encode")
-        pre = torch.einsum("nd,nmd->nm", self._input(x), self.W_enc.T[ids]) + self.encoder_bias[ids]  # (N, M)
-        return ACTIVATIONS[self.cfg.activation](self, pre, ids)
+        return ACTIVATIONS[self.cfg.activation](self, self._pre_acts_at(self._input(x), ids), ids)
+
+    def _pre_acts_at(self, xs: Tensor, ids: Tensor) -> Tensor:
+        """The pre-activations of features `ids (N, M)` at the (input-transformed) rows `xs (N, d_in)`."""
+        return torch.einsum("nd,nmd->nm", xs, self.W_enc.T[ids]) + self.encoder_bias[ids]  # (N, M)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec  # (..., d_in)

@@ -159,31 +159,32 @@ def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: i
     return values, ids.gather(1, at), ~(values[:, -1] > top.values[:, m])
 
 
-def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -> tuple[Tensor, Tensor]:
+def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """Row chunks of `_topk_active_at` (a long prefill holds a few (rows, F) tensors at a time)."""
     rows = max(1, CHUNK_ELEMENTS // screen.w_t.shape[0])
     if x.shape[0] <= rows:
-        return _topk_active_at(screen, x, b, k, feat)
-    parts = [_topk_active_at(screen, xs, b, k, fs) for xs, fs in zip(x.split(rows), feat.split(rows))]
+        return _topk_active_at(screen, x, b, k, feat, pre)
+    chunks = zip(x.split(rows), feat.split(rows), pre.split(rows))
+    parts = [_topk_active_at(screen, xs, b, k, fs, ps) for xs, fs, ps in chunks]
     return torch.cat([a for a, _ in parts]), torch.cat([u for _, u in parts])
 
 
-def _topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -> tuple[Tensor, Tensor]:
-    """A TopK SAE's activations of the features `feat (N, M)` at the rows `x (N, d)`: each one's
-    float32 pre-activation, ReLU'd, if it is among the row's k largest, else 0; and which rows the
-    screen could not decide (`(N,)`, for the caller to answer from the top k). An edit needs only
-    this, not the top k itself: a feature is surely in when fewer than k others can exceed it
-    (their upper bounds), surely out when k others surely do (their lower bounds)."""
+def _topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """A TopK SAE's activations of the features `feat (N, M)` at the rows `x (N, d)`, given their
+    float32 pre-activations `pre (N, M)`: each one ReLU'd if it is among the row's k largest, else 0;
+    and which rows the screen could not decide (`(N,)`, for the caller to answer from the top k).
+    An edit needs only this, not the top k itself: a feature is surely in when fewer than k others
+    can exceed it (their upper bounds), surely out when k others surely do (their lower bounds)."""
     approx, slack, finite = _bounds(screen, x, b)
-    pre = _exact_at(screen, x, b, feat)
     upper, lower = approx + slack, approx.sub_(slack)
     del slack
     undecided = ~finite
     inside = torch.zeros_like(feat, dtype=torch.bool)
     for m in range(feat.shape[1]):
-        p = pre[:, m, None]
-        maybe = (upper > p).sum(1) - (upper.gather(1, feat[:, m, None]) > p).squeeze(1).long()  # others above
-        surely = (lower > p).sum(1) - (lower.gather(1, feat[:, m, None]) > p).squeeze(1).long()  # others surely above
+        p, f = pre[:, m, None], feat[:, m, None]
+        # others above (int32 counts: a bool sum would widen every (N, F) comparison to int64)
+        maybe = (upper > p).sum(1, dtype=torch.int32) - (upper.gather(1, f) > p).squeeze(1).int()
+        surely = (lower > p).sum(1, dtype=torch.int32) - (lower.gather(1, f) > p).squeeze(1).int()
         inside[:, m] = maybe < k
         undecided |= (maybe >= k) & (surely < k)
     return torch.where(inside, torch.relu(pre), torch.zeros_like(pre)), undecided

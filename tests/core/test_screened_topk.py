@@ -323,3 +323,32 @@ def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_d
         assert undecided[1] == 6  # bfloat16 sees the boundary's two columns as one
     else:
         assert undecided[0] == 0 and (ties == 0 or undecided[1] == 0)
+
+
+@pytest.mark.parametrize("screen", ["1", "0"])
+def test_an_edit_reads_the_other_features_only_on_rows_where_its_feature_is_above_zero(monkeypatch, screen):
+    """A TopK SAE ReLUs its k values, so an edited feature at or below 0 reads 0 whether or not it is
+    among the k: only rows where some edited feature is above 0 (or NaN) are encoded, screened or not,
+    and every row equals the float32 top k read at the feature."""
+    monkeypatch.setattr(screened_topk, "_FAST_BF16", True)
+    monkeypatch.setenv("RUDDER_SAE_SCREEN", screen)
+    encoded: list = []  # rows screened ("s", n), or encoded in float32 (n)
+    real_screen, real_pre = screened_topk.topk_active_at, SAE._pre_acts
+    monkeypatch.setattr(screened_topk, "topk_active_at",
+                        lambda *a: encoded.append(("s", a[1].shape[0])) or real_screen(*a))
+    monkeypatch.setattr(SAE, "_pre_acts", lambda self, x: encoded.append(x.shape[0]) or real_pre(self, x))
+    g = torch.Generator().manual_seed(9)
+    d, F, k = 64, 512, 16
+    W, b = torch.randn(d, F, generator=g) / d**0.5, torch.zeros(F)
+    sae = frozen_topk_sae(W, b, k)
+    x = torch.randn(12, d, generator=g) * 3
+    x[5] = float("nan")
+    pre = torch.addmm(b, x, W)
+    top = pre.topk(k)
+    dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    feat = pre.argsort(dim=-1, descending=True)[:, :2]  # among the k, and positive, on every row
+    feat[[0, 3, 7]] = pre[[0, 3, 7]].argsort(dim=-1)[:, :2]  # these rows edit their two weakest: below 0
+    torch.testing.assert_close(sae.topk_active_at(x, feat), dense.gather(1, feat), rtol=2e-6, atol=1e-6,
+                               equal_nan=True)
+    # the rows above 0 and the NaN row: screened (the NaN row, undecided, then in float32), or in float32
+    assert encoded == ([("s", 9), 1] if screen == "1" else [9])
