@@ -563,11 +563,18 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         top = _top_to_read(sae, xs, table)
         f = sae.encode(xs) if top is None else None  # (R, d_sae)
         f0 = sae.encode_at(xs, feat) if f is None else f.gather(1, feat)
-    elif not read_mask[sel].any():  # TopK edits only: whether each edited feature is among the k active
-        f, f0 = None, sae.topk_active_at(xs, feat)
-    else:  # TopK read out: the k active features of each row; a dense (R, d_sae) activation for rows read out
-        f, (values, ids) = None, sae.topk_encode(xs)  # (R, k)
-        f0 = active_at(values, ids, feat)
+    else:  # TopK: rows read out, their k active features; rows that only edit, whether each edited one is among them
+        f, reading = None, read_mask[sel]
+        if bool(reading.all()):  # a decode step
+            values, ids = sae.topk_encode(xs)  # (R, k)
+            f0 = active_at(values, ids, feat)
+        elif not reading.any():
+            f0 = sae.topk_active_at(xs, feat)
+        else:  # a prefill: one row per request is read out (the one that chooses its first token)
+            read, edit = reading.nonzero().squeeze(-1), (~reading).nonzero().squeeze(-1)
+            values, ids = sae.topk_encode(xs[read])
+            f0 = feat.new_zeros(feat.shape, dtype=values.dtype).index_copy(0, read, active_at(values, ids, feat[read]))
+            f0.index_copy_(0, edit, sae.topk_active_at(xs[edit], feat[edit]))
     _, f1, last = _feature_edits(sae, xs, table, slot, act, f0=f0)
     if table.edits:
         delta = _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
@@ -578,8 +585,8 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
             top = tuple(t[reading] for t in top)
         elif f is not None:
             f = f[reading]
-        else:
-            f = values.new_zeros(int(reading.sum()), sae.cfg.d_sae).scatter_(-1, ids[reading], values[reading])
+        else:  # the TopK values and ids of the rows read out
+            f = values.new_zeros(ids.shape[0], sae.cfg.d_sae).scatter_(-1, ids, values)
         _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts, top)
     return out
 

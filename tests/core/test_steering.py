@@ -76,6 +76,32 @@ def test_each_op_moves_x_by_exactly_the_decoded_feature_change(sae, op, value):
         assert (r.top_ids[:, 0] == feature).all()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("op,value", [(Op.ADD, 1.5), (Op.SCALE, 3.0)])
+def test_a_topk_prefill_edits_every_row_and_reads_out_the_last(op, value):
+    """A prefill step of a TopK SAE: every prompt row is edited, only the last (the one that chooses
+    the first token) is read out. Each row moves by exactly its decoded feature change, from its own
+    top k (a feature outside it reads 0), and the readout shows the edited top k."""
+    torch.manual_seed(3)
+    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
+    for p in s.parameters():
+        p.normal_(0, 0.5)
+    x = torch.randn(6, 16)
+    f = s.encode(x)
+    feature = int((f > 0).sum(0).argmax())  # among the k on some rows, not on others
+    assert 0 < int((f[:, feature] > 0).sum()) < 6
+    spec = SteeringSpec(features=(FeatureEdit("s", feature, op, value),), readouts=ReadoutSpec(saes=("s",), top_k=4))
+    rows = RowIndex(torch.zeros(6, dtype=torch.long), torch.arange(6), torch.tensor([False] * 5 + [True]))
+    out, (r,) = steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": s}), build_tables([spec], [6]), rows)
+    f_new = f.clone()
+    f_new[:, feature] = f[:, feature] + value if op == Op.ADD else f[:, feature] * value
+    torch.testing.assert_close(out, x + (f_new - f) @ s.W_dec, rtol=1e-5, atol=1e-5)
+    assert r.rows.tolist() == [5]
+    top = f_new[5].topk(4)
+    torch.testing.assert_close(r.top_values[0], top.values, rtol=1e-5, atol=1e-5)
+    assert r.top_ids[0].tolist() == top.indices.tolist()
+
+
 def test_scope_limits_the_positions_touched(sae):
     x = torch.randn(6, 16)
     positions = [0, 1, 2, 3, 4, 5]  # prompt length 3: rows 3.. are generated tokens
