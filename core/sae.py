@@ -430,8 +430,13 @@ class SAE(nn.Module):
         return ACTIVATIONS[self.cfg.activation](self, self._pre_acts_at(self._input(x), ids), ids)
 
     def _pre_acts_at(self, xs: Tensor, ids: Tensor) -> Tensor:
-        """The pre-activations of features `ids (N, M)` at the (input-transformed) rows `xs (N, d_in)`."""
-        return torch.einsum("nd,nmd->nm", xs, self.W_enc.T[ids]) + self.encoder_bias[ids]  # (N, M)
+        """The pre-activations of features `ids (N, M)` at the (input-transformed) rows `xs (N, d_in)`:
+        the same M columns for every row (`ids` expanded from one row) as one small matmul, else each
+        row's own M columns."""
+        if ids.dim() == 2 and ids.shape[0] > 1 and ids.stride(0) == 0:
+            cols = ids[0]
+            return torch.addmm(self.encoder_bias.index_select(0, cols), xs, self.W_enc.index_select(1, cols))
+        return screened_topk.pre_acts_at(self.W_enc.T, self.encoder_bias, xs, ids)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec  # (..., d_in)

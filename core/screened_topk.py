@@ -144,8 +144,15 @@ def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple
 
 def _exact_at(screen: Screen, x: Tensor, b: Tensor, ids: Tensor) -> Tensor:
     """The float32 pre-activations of features `ids (N, m)` at the rows `x (N, d)`, from their own columns."""
-    cols = screen.w_t.index_select(0, ids.flatten()).view(*ids.shape, -1)  # (N, m, d); faster than w_t[ids]
-    return torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, ids.flatten()).view_as(ids))
+    return pre_acts_at(screen.w_t, b, x, ids)
+
+
+def pre_acts_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor:
+    """`x (N, d) @ W + b` at features `ids (N, m)` only, each row from its own m columns of W (the rows
+    of `w_t (F, d)`): `(N, m)`."""
+    flat = ids.reshape(-1)
+    cols = w_t.index_select(0, flat).view(*ids.shape, w_t.shape[1])  # (N, m, d); faster than w_t[ids]
+    return torch.baddbmm(b.index_select(0, flat).view(*ids.shape, 1), cols, x.unsqueeze(-1)).squeeze(-1)
 
 
 def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
