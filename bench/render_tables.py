@@ -88,13 +88,20 @@ def _reference_backend(d: dict) -> Rows:
 def _vllm_backend(d: dict) -> Rows:
     ref = d.get("reference") is not None
     out = [["mode", "tok/s (best)", "spread", "x plain vLLM", "x plain vLLM, paired (min-max)", "x its base, paired",
-            "host ms/step", *(["reference tok/s"] if ref else [])]]
+            "host ms/step", "op in the engine, ms/step (share of wall)", *(["reference tok/s"] if ref else [])]]
     for r in d["rows"]:
         base = f"{r['vs_base_paired']:.3f} ({r['base']})" if r["mode"] != "plain" else ""
         out.append([r["mode"], f"{r['best_tok_s']:.1f}", f"{r['spread']:.1f}", f"{r['vs_plain_vllm']:.3f}",
                     _span(r.get("vs_plain_paired")) if r["mode"] != "plain" else "", base,
-                    f"{r['host_ms_per_step']:.2f}", *([f"{r['reference_tok_s']:.1f}"] if ref else [])])
+                    f"{r['host_ms_per_step']:.2f}", _op_in_engine(r.get("op_in_engine")),
+                    *([f"{r['reference_tok_s']:.1f}"] if ref else [])])
     return out
+
+
+def _op_in_engine(op: dict | None) -> str:
+    if op is None:
+        return "not measured"
+    return f"{op['ms_per_step']:.2f} ({100 * op['share']:.1f}%)" if op["ms_per_step"] else ""
 
 
 @table("steering_profile", "steering_profile.json", "llr")

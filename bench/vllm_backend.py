@@ -25,12 +25,14 @@ vLLM has stopped, 2 torch threads) for the same rows. Prints the best of `--roun
 its spread (best minus worst), the ratio to plain vLLM, and the median over rounds of its ratio
 to its base row in the same round (a guard against the same row without it, a readout against
 its steered row): a paired figure, steadier than best against best on a noisy machine.
-Then, after the engines stop, "host ms/step": what the worker does per forward step for
-each row's 32 requests outside the model (the op at the site, routing the readouts to the
-requests, deciding their gates), timed in this process on the same SAEs (2 torch threads):
-the cost the end-to-end figures cannot resolve below their noise (on the default model's own
-activations at the site, `decode_rows`). Writes
-bench/results/vllm_backend.json.
+"op ms/step (share)": the op's own time inside vLLM's worker while the row ran (the worker times
+its op body every step and sends it with the step's record): the median step, and the share of
+the run's wall time all steps' op time took (medians over rounds). Unlike tokens/s, it does not
+swing with the machine's speed from round to round.
+Then, after the engines stop, "host ms/step": what the worker does per forward step for each
+row's 32 requests outside the model (the op at the site, routing the readouts to the requests,
+deciding their gates), timed in this process on the same SAEs (2 torch threads), on the default
+model's own activations at the site (`decode_rows`). Writes bench/results/vllm_backend.json.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 import uuid
@@ -216,21 +219,40 @@ def host_ms_per_step(specs: list[str], streams: int, repeat: int = 300) -> dict[
     return out
 
 
-async def measure(plain, rudder, streams: int, tokens: int, rounds: int) -> dict[str, list[float]]:
+async def measure(plain, rudder, streams: int, tokens: int,
+                  rounds: int) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+    """Tokens/s per row and round; and per Rudder row and round, the op's time in each forward step
+    inside vLLM's worker (`StepRecord.hook_s`: every site's op body, as the worker timed it)."""
     rows = [(plain, "plain"), *((rudder, m) for m in MODES if m != "plain")]
     for engine in (plain, rudder):
         await engine.start()
         await tokens_per_second(engine, 4, 8, MODES["steered + readout (TopK)" if engine is rudder else "plain"])
     runs: dict[str, list[float]] = {m: [] for _, m in rows}
+    hooks: dict[str, list[list[float]]] = {m: [] for _, m in rows}
     for r in range(rounds):
         for engine, mode in rows[r % len(rows):] + rows[:r % len(rows)]:  # each round starts elsewhere
             await asyncio.sleep(PAUSE_S)  # the engine measured before goes idle first
+            steps: list[float] = []
+            rudder.on_hook_step = steps.append
             tps = await tokens_per_second(engine, streams, tokens, MODES[mode])
             runs[mode].append(tps)
-            print(f"round {r}: {mode:<26} {tps:7.1f} tok/s", flush=True)
+            hooks[mode].append(steps)
+            print(f"round {r}: {mode:<26} {tps:7.1f} tok/s, op {1e3 * sum(steps):6.1f} ms in {len(steps)} steps",
+                  flush=True)
+    rudder.on_hook_step = None
     for engine in (plain, rudder):
         await engine.stop()
-    return runs
+    return runs, hooks
+
+
+def op_in_engine(steps: list[list[float]], runs: list[float], streams: int, tokens: int) -> dict[str, float]:
+    """The op's time inside vLLM's worker for one row: the median over rounds of its median step (ms)
+    and of its share of the run's wall time (every step's op time over the run's seconds)."""
+    if not any(steps):
+        return {"ms_per_step": 0.0, "share": 0.0}
+    median = statistics.median
+    return {"ms_per_step": round(1e3 * median(median(s) for s in steps if s), 3),
+            "share": round(median(sum(s) * tps / (streams * tokens) for s, tps in zip(steps, runs)), 4)}
 
 
 async def measure_reference(engine, streams: int, tokens: int, rounds: int) -> dict[str, list[float]]:
@@ -258,8 +280,8 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         specs = sae_specs(Path(tmp))
-        runs = asyncio.run(measure(PlainVllm(model, max_num_seqs=64), VllmEngine(model, specs, max_num_seqs=64),
-                                   args.streams, args.tokens, args.rounds))
+        runs, hooks = asyncio.run(measure(PlainVllm(model, max_num_seqs=64), VllmEngine(model, specs, max_num_seqs=64),
+                                          args.streams, args.tokens, args.rounds))
         reference = None
         if args.reference:
             torch.set_num_threads(2)
@@ -272,18 +294,19 @@ def main() -> None:
     rows = [{"mode": m, "best_tok_s": round(max(v), 1), "spread": round(max(v) - min(v), 1),
              "vs_plain_vllm": round(max(v) / base, 3), "base": BASE.get(m, "plain"),
              "vs_base_paired": paired_to_base(runs, m), "vs_plain_paired": paired(v, runs["plain"]),
-             "host_ms_per_step": host[m],
+             "host_ms_per_step": host[m], "op_in_engine": op_in_engine(hooks[m], v, args.streams, args.tokens),
              **({"reference_tok_s": round(max(reference[m]), 1)} if reference else {})} for m, v in runs.items()]
     print(f"\n{args.streams} chat streams x {args.tokens} tokens, float32, greedy, EOS ignored; vLLM on cores 0-1 "
           f"({os.cpu_count()} cores), best of {args.rounds} interleaved rounds")
     header = (f"{'mode':<26} {'tok/s':>8} {'spread':>7} {'x plain vLLM':>13} {'x plain, paired (min-max)':>26} "
-              f"{'x base, paired':>15} {'host ms/step':>13}")
+              f"{'x base, paired':>15} {'host ms/step':>13} {'op ms/step (share)':>19}")
     print(header + (f" {'reference':>10}" if reference else ""))
     for row in rows:
         p = row["vs_plain_paired"]
         print(f"{row['mode']:<26} {row['best_tok_s']:8.1f} {row['spread']:7.1f} {row['vs_plain_vllm']:13.3f} "
               f"{p['median']:>9.3f} ({p['min']:.3f}-{p['max']:.3f}) "
-              f"{row['vs_base_paired']:15.3f} {row['host_ms_per_step']:13.3f}"
+              f"{row['vs_base_paired']:15.3f} {row['host_ms_per_step']:13.3f} "
+              f"{row['op_in_engine']['ms_per_step']:10.2f} ({100 * row['op_in_engine']['share']:.1f}%)"
               + (f" {row['reference_tok_s']:10.1f}" if reference else ""))
     print("targets: steered >= 0.97x plain vLLM, steered + readout >= 0.95x (paired), a guard <= 2% (steered + "
           "guard against steered)")
