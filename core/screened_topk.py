@@ -152,7 +152,8 @@ def pre_acts_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor:
     of `w_t (F, d)`): `(N, m)`."""
     flat = ids.reshape(-1)
     cols = w_t.index_select(0, flat).view(*ids.shape, w_t.shape[1])  # (N, m, d); faster than w_t[ids]
-    return torch.baddbmm(b.index_select(0, flat).view(*ids.shape, 1), cols, x.unsqueeze(-1)).squeeze(-1)
+    # einsum, not bmm (N, m, d) @ (N, d, 1): ATen's batched matrix-vector product is ~4x slower here
+    return torch.einsum("nd,nmd->nm", x, cols).add_(b.index_select(0, flat).view_as(ids))
 
 
 def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
