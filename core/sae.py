@@ -369,17 +369,19 @@ class SAE(nn.Module):
         finding the k), else through `topk_encode`."""
         if self.cfg.activation != "topk":
             raise ValueError(f"topk_active_at is for TopK SAEs; this one is {self.cfg.architecture}: use encode_at")
-        xs = self._input(x)
-        if xs.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return active_at(*self.topk_encode(x), feat)  # fixed shapes, no host synchronisation
-        pre = self._pre_acts_at(xs, feat)
+        xs = self._input(x)
+        screened = screened_topk.usable(self.W_enc, self.encoder_bias, xs)
+        w_t = self._screen().w_t if screened else self.W_enc.T  # the screen's copy is contiguous: a faster gather
+        pre = screened_topk.pre_acts_at(w_t, self.encoder_bias, xs, feat)
         rows = (~(pre <= 0)).any(dim=1).nonzero().squeeze(-1)
         acts = torch.zeros_like(pre)
         if rows.numel() == 0:
             return acts
         whole = rows.numel() == xs.shape[0]
         xr, fr, pr = (xs, feat, pre) if whole else (xs[rows], feat[rows], pre[rows])
-        if screened_topk.usable(self.W_enc, self.encoder_bias, xr):
+        if screened:
             found, undecided = screened_topk.topk_active_at(self._screen(), xr, self.encoder_bias, self.cfg.k, fr, pr)
             if bool(undecided.any()):
                 at = undecided.nonzero().squeeze(-1)

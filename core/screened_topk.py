@@ -142,11 +142,6 @@ def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple
     return values, ids
 
 
-def _exact_at(screen: Screen, x: Tensor, b: Tensor, ids: Tensor) -> Tensor:
-    """The float32 pre-activations of features `ids (N, m)` at the rows `x (N, d)`, from their own columns."""
-    return pre_acts_at(screen.w_t, b, x, ids)
-
-
 def pre_acts_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor:
     """`x (N, d) @ W + b` at features `ids (N, m)` only, each row from its own m columns of W (the rows
     of `w_t (F, d)`): `(N, m)`."""
@@ -161,7 +156,7 @@ def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: i
     row whether the certificate failed (the n-th is not above every other feature's bound)."""
     top = upper.topk(m + 1, dim=-1)  # candidates: the m that could be largest; the next bounds the rest
     ids = top.indices[:, :m]
-    exact = _exact_at(screen, x, b, ids)
+    exact = pre_acts_at(screen.w_t, b, x, ids)
     values, at = exact.topk(n, dim=-1)
     # not "<=": a NaN bound (an inf in x) must fail the certificate, not pass it
     return values, ids.gather(1, at), ~(values[:, -1] > top.values[:, m])

@@ -480,7 +480,8 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
     only the M encoder columns an elementwise SAE needs, or a TopK SAE's k active features);
     `f1[:, m]`, the feature's value after ops 0..m (ops apply in the request's order; two on one feature
     chain); `last[:, m]`, whether column m holds its feature's final value. Fixed shapes, no
-    host synchronisation: the in-graph form of an edit."""
+    host synchronisation when compiled or on a GPU: the in-graph form of an edit (on a CPU, eager,
+    a TopK SAE's f0 encodes only the rows where an edited feature is above 0: `SAE.topk_active_at`)."""
     feat = table.feature[slot]  # (R, M)
     if f0 is None:
         f0 = sae.encode_at(x, feat) if sae.elementwise else sae.topk_active_at(x, feat)  # (R, M)
@@ -515,7 +516,8 @@ def sae_delta_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> 
     """(f' - f) W_dec on every row of `x (N, d_in)`, `(N, d_out)` (zero for rows without active ops),
     with fixed shapes and no host synchronisation, so it compiles whole (torch.compile fullgraph,
     CUDA graphs). For an elementwise SAE it reads only the edited features' encoder columns; a TopK
-    SAE's features depend on each other, so it encodes every row."""
+    SAE's features depend on each other, so it encodes every row (on a CPU, eager: every row where
+    an edited feature is above 0, which is not fixed-shape, and a CPU has no device to wait for)."""
     slot, act = table.active_all(rows)
     f0, f1, last = _feature_edits(sae, x, table, slot, act)
     return _edit_delta(sae, table.feature[slot], f0, f1, last)

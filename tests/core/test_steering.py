@@ -77,15 +77,26 @@ def test_each_op_moves_x_by_exactly_the_decoded_feature_change(sae, op, value):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("screen", ["1", "0"])
 @pytest.mark.parametrize("op,value", [(Op.ADD, 1.5), (Op.SCALE, 3.0)])
-def test_a_topk_prefill_edits_every_row_and_reads_out_the_last(op, value):
-    """A prefill step of a TopK SAE: every prompt row is edited, only the last (the one that chooses
-    the first token) is read out. Each row moves by exactly its decoded feature change, from its own
-    top k (a feature outside it reads 0), and the readout shows the edited top k."""
+def test_a_topk_prefill_edits_every_row_and_reads_out_the_last(monkeypatch, op, value, screen):
+    """A prefill step of a (frozen, as served) TopK SAE: every prompt row is edited, only the last (the
+    one that chooses the first token) is read out, and only that row's top k is found (the others
+    take the edit's membership test), through the bfloat16 screen or not. Each row moves by exactly
+    its decoded feature change, from its own top k (a feature outside it reads 0), and the readout
+    shows the edited top k."""
+    from rudder.core import screened_topk
+
+    monkeypatch.setattr(screened_topk, "_FAST_BF16", True)
+    monkeypatch.setenv("RUDDER_SAE_SCREEN", screen)
+    encoded: list[int] = []
+    real = SAE.topk_encode
+    monkeypatch.setattr(SAE, "topk_encode", lambda self, x: encoded.append(x.shape[0]) or real(self, x))
     torch.manual_seed(3)
     s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
     for p in s.parameters():
         p.normal_(0, 0.5)
+    s.requires_grad_(False)
     x = torch.randn(6, 16)
     f = s.encode(x)
     feature = int((f > 0).sum(0).argmax())  # among the k on some rows, not on others
@@ -100,6 +111,7 @@ def test_a_topk_prefill_edits_every_row_and_reads_out_the_last(op, value):
     top = f_new[5].topk(4)
     torch.testing.assert_close(r.top_values[0], top.values, rtol=1e-5, atol=1e-5)
     assert r.top_ids[0].tolist() == top.indices.tolist()
+    assert encoded == [1]  # the row read out
 
 
 def test_scope_limits_the_positions_touched(sae):
