@@ -372,8 +372,8 @@ class SAE(nn.Module):
         if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return active_at(*self.topk_encode(x), feat)  # fixed shapes, no host synchronisation
         xs = self._input(x)
-        screened = screened_topk.usable(self.W_enc, self.encoder_bias, xs)
-        w_t = self._screen().w_t if screened else self.W_enc.T  # the screen's copy is contiguous: a faster gather
+        screen = self._screen() if screened_topk.usable(self.W_enc, self.encoder_bias, xs) else None
+        w_t = self.W_enc.T if screen is None else screen.w_t  # the screen's copy is contiguous: a faster gather
         pre = screened_topk.pre_acts_at(w_t, self.encoder_bias, xs, feat)
         rows = (~(pre <= 0)).any(dim=1).nonzero().squeeze(-1)
         acts = torch.zeros_like(pre)
@@ -381,13 +381,17 @@ class SAE(nn.Module):
             return acts
         whole = rows.numel() == xs.shape[0]
         xr, fr, pr = (xs, feat, pre) if whole else (xs[rows], feat[rows], pre[rows])
-        if screened:
-            found, undecided = screened_topk.topk_active_at(self._screen(), xr, self.encoder_bias, self.cfg.k, fr, pr)
+
+        def in_full(at: Tensor | slice) -> Tensor:  # from the float32 top k of rows `at`
+            return active_at(*topk_active(self._pre_acts(xr[at]), self.cfg.k), fr[at])
+
+        if screen is None:
+            found = in_full(slice(None))
+        else:
+            found, undecided = screened_topk.topk_active_at(screen, xr, self.encoder_bias, self.cfg.k, fr, pr)
             if bool(undecided.any()):
                 at = undecided.nonzero().squeeze(-1)
-                found = found.index_copy(0, at, active_at(*topk_active(self._pre_acts(xr[at]), self.cfg.k), fr[at]))
-        else:
-            found = active_at(*topk_active(self._pre_acts(xr), self.cfg.k), fr)
+                found = found.index_copy(0, at, in_full(at))
         return found if whole else acts.index_copy(0, rows, found)
 
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:

@@ -560,13 +560,14 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     whole = sel.numel() == x.shape[0]  # every row edits or reads (a decode step): no gather, no scatter
     xs = x if whole else x[sel]
     feat = table.feature[slot]
+    reading = read_mask[sel]
     top = None
     if sae.elementwise:  # reading only
         top = _top_to_read(sae, xs, table)
         f = sae.encode(xs) if top is None else None  # (R, d_sae)
         f0 = sae.encode_at(xs, feat) if f is None else f.gather(1, feat)
     else:  # TopK: rows read out, their k active features; rows that only edit, whether each edited one is among them
-        f, reading = None, read_mask[sel]
+        f = None
         if bool(reading.all()):  # a decode step
             values, ids = sae.topk_encode(xs)  # (R, k)
             f0 = active_at(values, ids, feat)
@@ -581,7 +582,6 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     if table.edits:
         delta = _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
         out = out + delta if whole else out.index_add(0, sel, delta)
-    reading = read_mask[sel]
     if reading.any():
         if top is not None:
             top = tuple(t[reading] for t in top)
