@@ -106,13 +106,14 @@ def _op_in_engine(op: dict | None) -> str:
 
 @table("steering_profile", "steering_profile.json", "llr")
 def _steering_profile(d: dict) -> Rows:
-    cols = ["encode/decode", "top-k", "small kernels", "python", "total"]
+    cols = ["encode/decode", "top-k", "small kernels", "C kernel", "python", "total"]
     out = [["row", "code", *[f"{c} ms" for c in cols], "aten ops"]]
     profiles = d["profiles"]
     for mode in next(iter(profiles.values()))["rows"]:
         for label, p in profiles.items():
             r = p["rows"][mode]
-            out.append([mode, f"{label} ({p['commit']})", *[f"{r[c]:.2f}" for c in cols], f"{r['aten_ops']:.0f}"])
+            out.append([mode, f"{label} ({p['commit']})", *[f"{r.get(c, 0.0):.2f}" for c in cols],
+                        f"{r['aten_ops']:.0f}"])
     return out
 
 

@@ -15,6 +15,7 @@ profiler's self CPU time per aten op:
   encode/decode   matmuls (aten::mm, addmm, bmm, matmul, linear, einsum's kernels)
   top-k           aten::topk
   small kernels   every other aten op (indexing, where, gather, masks, isfinite, copies)
+  C kernel        the SAE screen's C kernel (`rudder.core.screen_kernel`), timed around its calls
   python          the rest of the wall time: Rudder's Python around the kernels (tables, row
                   index, routing, building readouts, the gates, the channel record)
 "total" is the best of 5 unprofiled timings of `--repeat` / 5 steps. Prints a table in ms per
@@ -37,7 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from vllm_backend import MODES, SITE, _host_step, decode_rows, sae_specs  # bench/ is on sys.path
 
-from rudder.core import steering
+from rudder.core import screen_kernel, steering
 from rudder.core.sae import SAE
 from rudder.core.steering import SiteArtifacts, build_tables
 from rudder.server.backends import channel
@@ -54,6 +55,25 @@ def one_step(spec, tables, spans, gates, positions, x, artifacts) -> None:
     channel.encode(channel.StepRecord(requests=[r.request for r in rows], hook_s=0.0, rows=rows))
 
 
+class TimedKernel:
+    """The screen's C kernel with the time spent in its calls (the profiler sees no aten op there)."""
+
+    def __init__(self, lib):
+        self.lib, self.seconds = lib, 0.0
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+
+        def timed(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
 def profile_mode(spec, args, repeat: int) -> dict[str, float]:
     for _ in range(20):  # warm the allocator and the cached properties
         one_step(spec, *args)
@@ -63,10 +83,17 @@ def profile_mode(spec, args, repeat: int) -> dict[str, float]:
         for _ in range(repeat // 5):
             one_step(spec, *args)
         wall = min(wall, (time.perf_counter() - t0) / (repeat // 5) * 1e3)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(repeat):
-            one_step(spec, *args)
-    cats = {"encode/decode": 0.0, "top-k": 0.0, "small kernels": 0.0}
+    real = screen_kernel.library
+    lib = real() if screen_kernel.enabled() else None
+    timed = TimedKernel(lib)
+    screen_kernel.library = lambda: timed if lib is not None else None
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeat):
+                one_step(spec, *args)
+    finally:
+        screen_kernel.library = real
+    cats = {"encode/decode": 0.0, "top-k": 0.0, "small kernels": 0.0, "C kernel": timed.seconds * 1e3 / repeat}
     kernels = 0
     for e in prof.key_averages():
         if not e.key.startswith("aten::"):
@@ -108,7 +135,7 @@ def main() -> None:
                      positions, x, artifacts)
         rows[mode] = profile_mode(spec, step_args, args.repeat)
     plain_step = json.loads((ROOT / "bench/results/vllm_backend.json").read_text()).get("plain_step_ms")
-    cols = ["encode/decode", "top-k", "small kernels", "python", "total"]
+    cols = ["encode/decode", "top-k", "small kernels", "C kernel", "python", "total"]
     print(f"\nms per decode step of {args.streams} requests, outside the model ({torch.get_num_threads()} torch "
           f"threads, {os.cpu_count()} cores; the model's step: {plain_step} ms)")
     print(f"{'row':<26}" + "".join(f"{c:>15}" for c in cols) + f"{'aten ops':>10}")

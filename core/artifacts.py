@@ -199,6 +199,8 @@ class Artifacts:
         if site_out is not None and site_out.order <= site.order:
             raise ArtifactError(f"transcoder {sae_id!r} ({path}) writes {site_out.name}, which runs before "
                                 f"{site.name}, where it reads: it must write a later site")
+        if sae is not None:
+            sae.warm()
         self.changes += 1
         if generation is None:
             generation = content_generation([path / CFG_FILE, path / WEIGHTS_FILE])

@@ -406,6 +406,13 @@ class SAE(nn.Module):
         values, ids = screened_topk.top_pre_acts(self._screen(), xs, self.encoder_bias, n)
         return torch.relu(values), ids
 
+    def warm(self) -> None:
+        """Build now what the first steering step would otherwise build: the bfloat16 screen, and its
+        C kernel (compiled once per machine, about a second), where this SAE is screened."""
+        if screened_topk.usable(self.W_enc, self.encoder_bias, self.W_enc.new_zeros(1, self.cfg.d_in)):
+            self._screen()
+            screened_topk.warm()
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.pop("_screen_cache", None)  # copies and pickles rebuild it on first use

@@ -23,7 +23,8 @@ ties) for any finite input in float32's normal range; a row with an inf or NaN f
 certificate and is encoded in full. It assumes the bfloat16 product accumulates in float32 and
 rounds once (oneDNN's and ATen's bfloat16 GEMMs on CPU do; AVX512-BF16 and AMX flush denormals,
 which matters only for values near 1e-38).
-`RUDDER_SAE_SCREEN=0` turns screening off (for comparisons).
+Steps 1-4 run in C, one pass per row, where the kernel is built (`rudder.core.screen_kernel`), else
+as torch ops. `RUDDER_SAE_SCREEN=0` turns screening off (for comparisons).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from rudder.core import screen_kernel
 
 MARGIN = 16
 """Candidates beyond n. On the default SAE and 512 tokens of model text, every row certified with
@@ -85,6 +88,12 @@ def _versions(W: Tensor, b: Tensor) -> tuple[int, int]:
     return W._version, b._version
 
 
+def warm() -> None:
+    """Build the C kernel now (`screen_kernel`), not in the first step that screens."""
+    if screen_kernel.enabled():
+        screen_kernel.library()
+
+
 def usable(W: Tensor, b: Tensor, x: Tensor) -> bool:
     """Screening applies: eager (not compiling or tracing, no autocast), a frozen float32 encoder on
     the CPU (an SAE being trained is not screened), no inference tensors (their writes are not
@@ -127,19 +136,27 @@ def _bounds(screen: Screen, x: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def _top_pre_acts(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
-    approx, slack, _ = _bounds(screen, x, b)
-    upper = slack.add_(approx)  # a bound on every feature's true pre-activation
-    values, ids, failed = _certified(screen, x, b, upper, m, n)
+    values, ids, failed = _round(screen, x, b, n, m)
     if bool(failed.any()):  # another feature might beat the n-th: four times the candidates, then in full
         rows = failed.nonzero().squeeze(-1)
         wide = min(4 * m, screen.w_t.shape[0] - 1)
-        v, i, still = _certified(screen, x[rows], b, upper[rows], wide, n)
+        v, i, still = _round(screen, x[rows], b, n, wide)
         if bool(still.any()):
             again = still.nonzero().squeeze(-1)
             full = torch.addmm(b, x[rows[again]], screen.w_t.t()).topk(n, dim=-1)
             v, i = v.index_copy(0, again, full.values), i.index_copy(0, again, full.indices)
         values, ids = values.index_copy(0, rows, v), ids.index_copy(0, rows, i)
     return values, ids
+
+
+def _round(screen: Screen, x: Tensor, b: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One round: the top n of the m candidates, and per row whether the certificate failed
+    (`_certified`), in C where the kernel is built (`rudder.core.screen_kernel`), else as torch ops."""
+    found = screen_kernel.top(screen, x, b, n, m, SAFETY * _C)
+    if found is not None:
+        return found
+    approx, slack, _ = _bounds(screen, x, b)
+    return _certified(screen, x, b, slack.add_(approx), m, n)  # the upper bound on every pre-activation
 
 
 def pre_acts_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor:
@@ -178,6 +195,13 @@ def _topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, 
     and which rows the screen could not decide (`(N,)`, for the caller to answer from the top k).
     An edit needs only this, not the top k itself: a feature is surely in when fewer than k others
     can exceed it (their upper bounds), surely out when k others surely do (their lower bounds)."""
+    found = screen_kernel.member(screen, x, b, k, feat, pre, SAFETY * _C)
+    inside, undecided = found if found is not None else _member(screen, x, b, k, feat, pre)
+    return torch.where(inside, torch.relu(pre), torch.zeros_like(pre)), undecided
+
+
+def _member(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """The membership test as torch ops (where the C kernel is not built)."""
     approx, slack, finite = _bounds(screen, x, b)
     upper, lower = approx + slack, approx.sub_(slack)
     del slack
@@ -190,7 +214,7 @@ def _topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, 
         surely = (lower > p).sum(1, dtype=torch.int32) - (lower.gather(1, f) > p).squeeze(1).int()
         inside[:, m] = maybe < k
         undecided |= (maybe >= k) & (surely < k)
-    return torch.where(inside, torch.relu(pre), torch.zeros_like(pre)), undecided
+    return inside, undecided
 
 
 _FAST_BF16 = cpu_has_fast_bf16()

@@ -5,10 +5,14 @@ steering step's edits and readouts."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+
 import pytest
 import torch
 
-from rudder.core import screened_topk
+from rudder.core import screen_kernel, screened_topk
 from rudder.core.default_model import default_sae_dirs
 from rudder.core.sae import SAE, SAEConfig
 from rudder.core.steering import (
@@ -23,18 +27,29 @@ from rudder.core.steering import (
 )
 
 
+@pytest.fixture(autouse=True, params=["C kernel", "torch ops"])
+def kernel(request, monkeypatch):
+    """Every test here runs twice: the screen's work in C (`screen_kernel`), and as torch ops."""
+    monkeypatch.setenv("RUDDER_SAE_KERNEL", "1" if request.param == "C kernel" else "0")
+    if request.param == "C kernel":
+        if not shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]):
+            pytest.skip("no C compiler here: the screen runs as torch ops")
+        assert screen_kernel.library() is not None, "a C compiler is here but the screen's kernel did not build"
+    return request.param
+
+
 @pytest.fixture
 def rounds(monkeypatch):
     """Each certification round the screen runs: (candidates, rows, rows that failed)."""
     seen: list[tuple[int, int, int]] = []
-    real = screened_topk._certified
+    real = screened_topk._round
 
-    def spy(screen, x, b, upper, m, n):
-        out = real(screen, x, b, upper, m, n)
+    def spy(screen, x, b, n, m):
+        out = real(screen, x, b, n, m)
         seen.append((m, x.shape[0], int(out[2].sum())))
         return out
 
-    monkeypatch.setattr(screened_topk, "_certified", spy)
+    monkeypatch.setattr(screened_topk, "_round", spy)
     return seen
 
 
@@ -159,15 +174,17 @@ def test_topk_encode_screens_a_frozen_sae_and_follows_its_weights(monkeypatch, r
 
 @pytest.fixture
 def screened_steps(monkeypatch):
-    """How many times a step computed the screen's bounds (every screened path does)."""
+    """The rows of each call a step made into the screen (its top n, or its membership test)."""
     calls = []
-    real = screened_topk._bounds
 
-    def spy(*a):
-        calls.append(a[1].shape[0])
-        return real(*a)
+    def spied(real):
+        def spy(*a):
+            calls.append(a[1].shape[0])
+            return real(*a)
+        return spy
 
-    monkeypatch.setattr(screened_topk, "_bounds", spy)
+    for name in ("top_pre_acts", "topk_active_at"):
+        monkeypatch.setattr(screened_topk, name, spied(getattr(screened_topk, name)))
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)  # as on a CPU with AVX512-BF16 or AMX
     monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
     return calls

@@ -1,0 +1,168 @@
+/* The bfloat16 screen's work after its matmul, one pass per row (see screened_topk.py for the math).
+
+   Inputs are the torch tensors' buffers, contiguous, row-major: `mm (N, F)` bfloat16, the product
+   bf16(x) @ bf16(W); `x (N, d)` float32 and `x_lo (N, d)` bfloat16, its rounding; `b (F)`, `per_norm (2, F)`,
+   `per_bias (F)` float32; `w_t (F, d)` float32, the encoder's columns as rows. Per row r and feature j:
+
+       a_j = mm_rj + b_j,  s_j = per_bias_j + |x_r| per_norm_0j + |x_r - x_lo_r| per_norm_1j + sc |a_j|
+
+   a_j + s_j bounds the true pre-activation from above, a_j - s_j from below. Rows run in parallel on
+   `threads` OpenMP threads (torch's own runtime where it is loaded: the same thread pool). */
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* |x_r| and |x_r - x_lo_r|; 0 when either is not finite (an inf or NaN in the row). */
+static int norms(const float *x, const uint16_t *x_lo, int64_t d, float *n0, float *n1) {
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1)
+    for (int64_t t = 0; t < d; t++) {
+        float e = x[t] - bf16(x_lo[t]);
+        s0 += x[t] * x[t];
+        s1 += e * e;
+    }
+    *n0 = sqrtf(s0);
+    *n1 = sqrtf(s1);
+    return isfinite(*n0) && isfinite(*n1);
+}
+
+/* s_j into `slack` and a_j into `approx` for one row; 0 when a bound is not finite. */
+static int bounds(const uint16_t *mm, const float *b, const float *per_norm, const float *per_bias, float sc,
+                  int64_t F, float n0, float n1, float *approx, float *slack) {
+    float worst = 0.0f;
+#pragma omp simd reduction(max : worst)
+    for (int64_t j = 0; j < F; j++) {
+        float a = bf16(mm[j]) + b[j];
+        float s = per_bias[j] + n0 * per_norm[j] + n1 * per_norm[F + j] + sc * fabsf(a);
+        approx[j] = a;
+        slack[j] = s;
+        float mag = fabsf(a) + s;
+        worst = mag > worst ? mag : worst;
+    }
+    return worst <= FLT_MAX;
+}
+
+static void sift_down(float *v, int32_t *id, int64_t size, int64_t i) { /* a min-heap of (value, id) */
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, s = i;
+        if (l < size && v[l] < v[s]) s = l;
+        if (r < size && v[r] < v[s]) s = r;
+        if (s == i) return;
+        float tv = v[i];
+        v[i] = v[s];
+        v[s] = tv;
+        int32_t ti = id[i];
+        id[i] = id[s];
+        id[s] = ti;
+        i = s;
+    }
+}
+
+/* The n largest exact pre-activations per row among the m features with the largest upper bounds,
+   largest first, into `values, ids (N, n)`; `failed[r]` = 1 where the n-th is not above the (m+1)-th
+   largest upper bound (which bounds every feature outside the candidates) or the row is not finite.
+   Needs n <= m < F. Returns the number of failed rows. */
+int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
+                          const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
+                          float sc, const float *w_t, int64_t n, int64_t m, int threads, float *values,
+                          int64_t *ids, uint8_t *failed) {
+    int64_t nfailed = 0;
+    const int64_t k = m + 1;
+#pragma omp parallel num_threads(threads) reduction(+ : nfailed)
+    {
+        float *approx = malloc(sizeof(float) * (2 * F + k + m));
+        int32_t *heap_id = malloc(sizeof(int32_t) * k);
+        float *upper = approx + F, *heap = upper + F, *exact = heap + k;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            float n0, n1;
+            failed[r] = 1;
+            if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
+                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, upper)) {
+                nfailed++;
+                continue;
+            }
+            for (int64_t j = 0; j < F; j++) upper[j] += approx[j];
+            /* the k largest upper bounds; the heap's root is the smallest of them */
+            for (int64_t j = 0; j < k; j++) heap[j] = upper[j], heap_id[j] = (int32_t)j;
+            for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, heap_id, k, i);
+            for (int64_t j = k; j < F; j++)
+                if (upper[j] > heap[0]) heap[0] = upper[j], heap_id[0] = (int32_t)j, sift_down(heap, heap_id, k, 0);
+            const float bound = heap[0];
+            const float *xr = x + r * d;
+            for (int64_t c = 1; c < k; c++) { /* the m candidates' float32 values (the next one's column prefetched) */
+                if (c + 1 < k)
+                    for (int64_t o = 0; o < d; o += 16) __builtin_prefetch(w_t + (int64_t)heap_id[c + 1] * d + o);
+                const float *w = w_t + (int64_t)heap_id[c] * d;
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t t = 0; t < d; t++) s += xr[t] * w[t];
+                exact[c - 1] = s + b[heap_id[c]];
+            }
+            float *v = values + r * n;
+            int64_t *id = ids + r * n, filled = 0;
+            for (int64_t c = 0; c < m; c++) { /* insertion into the n largest so far, largest first */
+                float e = exact[c];
+                if (filled == n && !(e > v[n - 1])) continue;
+                int64_t p = filled < n ? filled++ : n - 1;
+                for (; p > 0 && e > v[p - 1]; p--) v[p] = v[p - 1], id[p] = id[p - 1];
+                v[p] = e, id[p] = heap_id[c + 1];
+            }
+            failed[r] = !(v[n - 1] > bound); /* not "<=": a NaN must fail */
+            nfailed += failed[r];
+        }
+        free(approx);
+        free(heap_id);
+    }
+    return nfailed;
+}
+
+/* Whether each of the features `feat (N, M)` (int64) with float32 pre-activations `pre (N, M)` is
+   among its row's k largest: `inside[r, i]` = 1 where fewer than k other features' upper bounds exceed
+   it; `undecided[r]` = 1 where for some feature k or more might and fewer than k surely do (their
+   lower bounds), or the row is not finite. */
+void rudder_screen_member(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x, const uint16_t *x_lo,
+                          const float *b, const float *per_norm, const float *per_bias, float sc, int64_t k,
+                          int64_t M, const int64_t *feat, const float *pre, int threads, uint8_t *inside,
+                          uint8_t *undecided) {
+#pragma omp parallel num_threads(threads)
+    {
+        float *approx = malloc(sizeof(float) * 2 * F);
+        float *slack = approx + F;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            float n0, n1;
+            memset(inside + r * M, 0, (size_t)M);
+            undecided[r] = 1;
+            if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
+                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack))
+                continue;
+            undecided[r] = 0;
+            for (int64_t i = 0; i < M; i++) {
+                const float p = pre[r * M + i];
+                const int64_t f = feat[r * M + i];
+                int64_t maybe = 0, surely = 0;
+#pragma omp simd reduction(+ : maybe, surely)
+                for (int64_t j = 0; j < F; j++) {
+                    maybe += approx[j] + slack[j] > p;
+                    surely += approx[j] - slack[j] > p;
+                }
+                maybe -= approx[f] + slack[f] > p; /* others only */
+                surely -= approx[f] - slack[f] > p;
+                inside[r * M + i] = maybe < k;
+                undecided[r] |= maybe >= k && surely < k;
+            }
+        }
+        free(approx);
+    }
+}

@@ -1,0 +1,133 @@
+"""The bfloat16 screen's per-row work in C (`screen_kernel.c`): one pass per row, rows on torch's threads.
+
+After the screen's bfloat16 matmul (torch's, oneDNN on the CPU), what is left is elementwise bounds
+over every feature, a top-k or a count over them, and the candidates' float32 columns. As torch ops
+that is ~20 passes over an (N, d_sae) tensor and ~30 small kernels (0.8 ms of a 32-row readout of
+the default SAE, 2 threads); in C it is one pass per row (0.2 ms). The math and its guarantees are
+`rudder.core.screened_topk`'s; this module only runs it, and gives the same answers as the torch ops
+there (up to float32 rounding order in the bounds, which carry a safety factor of 2).
+
+The C file is compiled at first use with the system's C compiler (`$CC`, else `cc`; about a
+second), for this CPU (`-march=native`), and kept under `RUDDER_CACHE/kernels/`, keyed by the
+source, the flags and the CPU. Where it cannot be built (no compiler), a warning says so once and the
+torch ops do the work. `RUDDER_SAE_KERNEL=0` chooses the torch ops (for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rudder.core.default_model import cache_dir
+
+if TYPE_CHECKING:
+    from rudder.core.screened_topk import Screen
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("screen_kernel.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def enabled() -> bool:
+    return os.environ.get("RUDDER_SAE_KERNEL", "1") != "0"
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in info if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build() -> Path:
+    """The compiled kernel, built if it is not in the cache (atomically: concurrent builds are safe)."""
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"screen-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        done = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{' '.join(cc)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (with a warning, once) where it cannot be built."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("the SAE screen's C kernel could not be built, so its work runs as torch ops (slower "
+                    "readouts and TopK edits on the CPU, the same answers): %s. Install a C compiler with "
+                    "OpenMP (gcc) or point CC at one; RUDDER_SAE_KERNEL=0 stops trying.", e)
+        return None
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    common = [i64, i64, i64, p, p, p, p, p, p, f32]  # N, F, d, mm, x, x_lo, b, per_norm, per_bias, sc
+    lib.rudder_screen_top.argtypes = [*common, p, i64, i64, i32, p, p, p]
+    lib.rudder_screen_top.restype = i64
+    lib.rudder_screen_member.argtypes = [*common, i64, i64, p, p, i32, p, p]
+    lib.rudder_screen_member.restype = None
+    return lib
+
+
+def _ready() -> ctypes.CDLL | None:
+    return library() if enabled() else None
+
+
+def _common(screen: Screen, x: Tensor, b: Tensor, sc: float) -> tuple[list, list[Tensor]]:
+    """The arguments both kernels share, and the tensors that must outlive the call."""
+    x = x.contiguous()
+    x_lo = x.to(torch.bfloat16)
+    mm = torch.mm(x_lo, screen.w_lo)  # (N, F) bfloat16: fp32 accumulation, rounded once
+    keep = [x, x_lo, mm, b.contiguous(), screen.per_norm, screen.per_bias]
+    N, F = mm.shape
+    return [N, F, x.shape[1], mm.data_ptr(), x.data_ptr(), x_lo.data_ptr(), keep[3].data_ptr(),
+            screen.per_norm.data_ptr(), screen.per_bias.data_ptr(), sc], keep
+
+
+def top(screen: Screen, x: Tensor, b: Tensor, n: int, m: int, sc: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """One round of `screened_topk`'s certified top n from m candidates: values, ids `(N, n)` and which
+    rows failed `(N,)`; None where the kernel is not available."""
+    lib = _ready()
+    if lib is None:
+        return None
+    args, keep = _common(screen, x, b, sc)
+    N = args[0]
+    values, ids = x.new_empty(N, n), torch.empty(N, n, dtype=torch.long)
+    failed = torch.empty(N, dtype=torch.bool)
+    lib.rudder_screen_top(*args, screen.w_t.data_ptr(), n, m, torch.get_num_threads(), values.data_ptr(),
+                          ids.data_ptr(), failed.data_ptr())
+    return values, ids, failed
+
+
+def member(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor,
+           sc: float) -> tuple[Tensor, Tensor] | None:
+    """`screened_topk`'s membership test: whether each of `feat (N, M)` is surely among its row's k
+    (`(N, M)`), and which rows it cannot decide (`(N,)`); None where the kernel is not available."""
+    lib = _ready()
+    if lib is None:
+        return None
+    args, keep = _common(screen, x, b, sc)
+    feat, pre = feat.contiguous().long(), pre.contiguous().float()
+    inside, undecided = torch.empty(feat.shape, dtype=torch.bool), torch.empty(args[0], dtype=torch.bool)
+    lib.rudder_screen_member(*args, k, feat.shape[1], feat.data_ptr(), pre.data_ptr(), torch.get_num_threads(),
+                             inside.data_ptr(), undecided.data_ptr())
+    return inside, undecided
