@@ -518,9 +518,13 @@ def sae_delta_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> 
     CUDA graphs). For an elementwise SAE it reads only the edited features' encoder columns; a TopK
     SAE's features depend on each other, so it encodes every row (on a CPU, eager: every row where
     an edited feature is above 0, which is not fixed-shape, and a CPU has no device to wait for)."""
+    return _edit_delta(sae, *_edits_all_rows(sae, x, table, rows))
+
+
+def _edits_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every row's edited features `(N, M)` and `_feature_edits`' f0, f1, last (fixed shapes)."""
     slot, act = table.active_all(rows)
-    f0, f1, last = _feature_edits(sae, x, table, slot, act)
-    return _edit_delta(sae, table.feature[slot], f0, f1, last)
+    return table.feature[slot], *_feature_edits(sae, x, table, slot, act)
 
 
 def sae_edit_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
@@ -539,16 +543,14 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         read_mask = read_mask & ~watching
         _watch(sae_id, sae, x, table, rows, watching.nonzero().squeeze(-1), readouts)
     if table.edits and sae.elementwise:  # edits from the edited features' columns, on every row
+        feat, f0, f1, last = _edits_all_rows(sae, x, table, rows)
+        out = out + _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
         reading = read_mask.nonzero().squeeze(-1)
-        x_read = x[reading]  # readouts are of f' = f(x) with the edits, not of f(x')
-        out = out + sae_delta_all_rows(sae, x, table, rows).to(out.dtype)
-        if reading.numel():
-            slot, act = table.active(rows, reading)
+        if reading.numel():  # readouts are of f' = f(x) with the edits (these f1), not of f(x')
+            x_read = x[reading]
             top = _top_to_read(sae, x_read, table)
             f = sae.encode(x_read) if top is None else None  # (R, d_sae)
-            f0 = None if f is None else f.gather(1, table.feature[slot])  # None: from the edited features' columns
-            _, f1, last = _feature_edits(sae, x_read, table, slot, act, f0)
-            _read(sae_id, table, reading, f, table.feature[slot], f1, last, readouts, top)
+            _read(sae_id, table, reading, f, feat[reading], f1[reading], last[reading], readouts, top)
         return out
     # TopK (a feature's value depends on all of them; the only activation that is not elementwise),
     # or reading only: encode the rows that edit or read, once, for both.

@@ -126,6 +126,13 @@ def row_index(positions: Tensor, spans: list[Span], device: torch.device | str) 
                     torch.from_numpy(read).to(device))
 
 
+def finite_rows(t: Tensor) -> Tensor:
+    """`(N,)` bool: the rows of `t (N, d)` without an inf or NaN. inf·0 and NaN·0 are NaN and a finite
+    value·0 is ±0, so a row's sum of t·0 is 0 exactly when the row is finite (on a CPU 5x faster than
+    `isfinite(t).all(-1)`, whose kernel is not vectorised)."""
+    return (t * 0).sum(dim=-1) == 0
+
+
 class ReadoutRouter:
     """Turns one step's readout tensors (keyed by token row) into per-request `TokenReadout`s.
 
@@ -204,7 +211,7 @@ class StepRecorder:
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows, self.pending)
         if out is not flat:
-            bad = ~torch.isfinite(out).all(dim=-1) & torch.isfinite(flat).all(dim=-1)
+            bad = ~finite_rows(out) & finite_rows(flat)
             out = torch.where(bad[:, None], flat, out)
             self.broken = bad if self.broken is None else self.broken | bad
         self.readouts.extend(readouts)

@@ -1,10 +1,11 @@
 """The shared step recorder: a steered row made non-finite goes on as it came and is reported."""
 
+import pytest
 import torch
 
 from rudder.core.sae import SAE, SAEConfig
 from rudder.core.steering import FeatureEdit, Op, SiteArtifacts, SteeringSpec, build_tables
-from rudder.server.backends.step import Span, StepRecorder, row_index
+from rudder.server.backends.step import Span, StepRecorder, finite_rows, row_index
 
 SITE = "blocks.0.hook_resid_post"
 
@@ -32,6 +33,18 @@ def test_a_row_the_steering_overflows_goes_on_unsteered_and_is_reported():
     assert not torch.equal(out[1], x[1])  # steered
     assert torch.equal(out[2], x[2])  # left alone
     assert step.broken_slots() == {0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_rows_finds_every_row_with_an_inf_or_nan_and_no_other(dtype):
+    big = torch.finfo(dtype).max
+    x = torch.randn(7, 64).to(dtype)
+    x[1, 3], x[2, 0], x[3, 63] = float("inf"), float("-inf"), float("nan")
+    x[4] = big  # finite, though its sum overflows
+    x[5, ::2], x[5, 1::2] = big, -big
+    x[6] = -0.0
+    assert finite_rows(x).tolist() == [True, False, False, False, True, True, True]
+    assert torch.equal(finite_rows(x), torch.isfinite(x).all(dim=-1))
 
 
 def test_tables_drop_what_names_an_sae_of_another_generation():
