@@ -36,20 +36,20 @@ static int norms(const float *x, const uint16_t *x_lo, int64_t d, float *n0, flo
     return isfinite(*n0) && isfinite(*n1);
 }
 
-/* s_j into `slack` and a_j into `approx` for one row; 0 when a bound is not finite. */
+/* s_j into `slack` and a_j into `approx` for one row; 0 when a bound is not finite (an inf or NaN in
+   the weights: the torch ops' top-k ranks a NaN first, so their certificate fails there too). */
 static int bounds(const uint16_t *mm, const float *b, const float *per_norm, const float *per_bias, float sc,
                   int64_t F, float n0, float n1, float *approx, float *slack) {
-    float worst = 0.0f;
-#pragma omp simd reduction(max : worst)
+    int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
     for (int64_t j = 0; j < F; j++) {
         float a = bf16(mm[j]) + b[j];
         float s = per_bias[j] + n0 * per_norm[j] + n1 * per_norm[F + j] + sc * fabsf(a);
         approx[j] = a;
         slack[j] = s;
-        float mag = fabsf(a) + s;
-        worst = mag > worst ? mag : worst;
+        bad += !(fabsf(a) + s <= FLT_MAX); /* not "> FLT_MAX": a NaN must count */
     }
-    return worst <= FLT_MAX;
+    return bad == 0;
 }
 
 static void sift_down(float *v, int32_t *id, int64_t size, int64_t i) { /* a min-heap of (value, id) */
@@ -82,13 +82,13 @@ int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
     {
         float *approx = malloc(sizeof(float) * (2 * F + k + m));
         int32_t *heap_id = malloc(sizeof(int32_t) * k);
-        float *upper = approx + F, *heap = upper + F, *exact = heap + k;
+        float *upper = approx ? approx + F : NULL, *heap = approx ? upper + F : NULL, *exact = approx ? heap + k : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             float n0, n1;
             failed[r] = 1;
-            if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
-                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, upper)) {
+            if (!approx || !heap_id || !norms(x + r * d, x_lo + r * d, d, &n0, &n1) || /* no memory: failed, */
+                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, upper)) { /* encoded in full */
                 nfailed++;
                 continue;
             }
@@ -138,13 +138,13 @@ void rudder_screen_member(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
 #pragma omp parallel num_threads(threads)
     {
         float *approx = malloc(sizeof(float) * 2 * F);
-        float *slack = approx + F;
+        float *slack = approx ? approx + F : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             float n0, n1;
             memset(inside + r * M, 0, (size_t)M);
             undecided[r] = 1;
-            if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
+            if (!approx || !norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
                 !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack))
                 continue;
             undecided[r] = 0;

@@ -23,6 +23,8 @@ import os
 import platform
 import shlex
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,36 +46,58 @@ def enabled() -> bool:
     return os.environ.get("RUDDER_SAE_KERNEL", "1") != "0"
 
 
-def _cpu() -> str:
-    """What -march=native compiles for: the CPU's model and flags."""
+_CPU_FIELDS = ("model name", "flags", "Features", "CPU implementer", "CPU architecture", "CPU variant", "CPU part",
+               "isa", "uarch")
+
+
+def _machine(cc: list[str]) -> str:
+    """What the build depends on beyond the source and flags: the CPU -march=native compiles for (its
+    model and features, from /proc/cpuinfo on Linux), the compiler's version and the C library's."""
     try:
         info = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(sorted({ln for ln in info if ln.startswith(("model name", "flags"))}))
+        cpu = sorted({ln for ln in info if ln.split(":", 1)[0].strip() in _CPU_FIELDS})
     except OSError:
-        return platform.processor() or platform.machine()
+        cpu = []
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""  # the build itself will say what is wrong
+    return "\n".join([platform.machine(), platform.processor(), *cpu, version, *platform.libc_ver()])
 
 
-def build() -> Path:
-    """The compiled kernel, built if it is not in the cache (atomically: concurrent builds are safe)."""
+def build(fresh: bool = False) -> Path:
+    """The compiled kernel, built if it is not in the cache (or `fresh`), atomically: processes that
+    build at once each write a file of their own and the last rename wins."""
     cc = shlex.split(os.environ.get("CC", "cc"))
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, *FLAGS, _machine(cc)]).encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"screen-{key}.so"
-    if not out.exists():
+    if fresh or not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}")
-        done = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise OSError(f"{' '.join(cc)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise OSError(f"{' '.join(cc)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return out
+
+
+_lock = threading.Lock()
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (with a warning, once) where it cannot be built."""
+    """The loaded kernel, or None (with a warning, once) where it cannot be built. A cached file that
+    does not load (cut short, say) is built again once."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        with _lock:
+            try:
+                lib = ctypes.CDLL(str(build()))
+            except OSError:
+                lib = ctypes.CDLL(str(build(fresh=True)))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("the SAE screen's C kernel could not be built, so its work runs as torch ops (slower "
                     "readouts and TopK edits on the CPU, the same answers): %s. Install a C compiler with "
@@ -92,6 +116,11 @@ def _ready() -> ctypes.CDLL | None:
     return library() if enabled() else None
 
 
+def _float32(*tensors: Tensor) -> bool:
+    """The kernel reads float32 buffers on the CPU (the screen's own weights are; callers' rows are cast)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
 def _common(screen: Screen, x: Tensor, b: Tensor, sc: float) -> tuple[list, list[Tensor]]:
     """The arguments both kernels share, and the tensors that must outlive the call."""
     x = x.contiguous()
@@ -107,7 +136,7 @@ def top(screen: Screen, x: Tensor, b: Tensor, n: int, m: int, sc: float) -> tupl
     """One round of `screened_topk`'s certified top n from m candidates: values, ids `(N, n)` and which
     rows failed `(N,)`; None where the kernel is not available."""
     lib = _ready()
-    if lib is None:
+    if lib is None or not _float32(x, b):
         return None
     args, keep = _common(screen, x, b, sc)
     N = args[0]
@@ -123,10 +152,10 @@ def member(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tens
     """`screened_topk`'s membership test: whether each of `feat (N, M)` is surely among its row's k
     (`(N, M)`), and which rows it cannot decide (`(N,)`); None where the kernel is not available."""
     lib = _ready()
-    if lib is None:
+    if lib is None or not _float32(x, b, pre):
         return None
     args, keep = _common(screen, x, b, sc)
-    feat, pre = feat.contiguous().long(), pre.contiguous().float()
+    feat, pre = feat.contiguous().long(), pre.contiguous()
     inside, undecided = torch.empty(feat.shape, dtype=torch.bool), torch.empty(args[0], dtype=torch.bool)
     lib.rudder_screen_member(*args, k, feat.shape[1], feat.data_ptr(), pre.data_ptr(), torch.get_num_threads(),
                              inside.data_ptr(), undecided.data_ptr())

@@ -45,6 +45,16 @@ def test_the_kernel_is_built_once_into_the_cache_and_reused(fresh, monkeypatch):
     top_of_random_encoder()
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_a_cached_kernel_that_does_not_load_is_built_again(fresh, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    path = screen_kernel.build()
+    path.write_bytes(b"cut short")  # a file a killed copy left, say
+    assert screen_kernel.library() is not None
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    top_of_random_encoder()
+
+
 def test_without_a_compiler_a_warning_says_what_to_do_and_the_torch_ops_answer(fresh, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a compiler that fails
     calls = []

@@ -116,6 +116,22 @@ def test_rows_with_an_inf_are_encoded_in_full_and_the_others_are_screened():
     assert torch.equal(ids[2], want.indices[2])
 
 
+def test_an_encoder_with_a_nan_column_gives_what_the_float32_encode_gives(rounds, kernel):
+    """Corrupt weights: the float32 encode ranks the NaN feature first on every row. The torch ops'
+    top-k ranks its NaN bound first too, so it is a candidate and the rows certify; the C kernel
+    finds a bound it cannot trust, so every row fails and is encoded in full."""
+    g = torch.Generator().manual_seed(5)
+    d, F, n = 64, 512, 8
+    W, b = torch.randn(d, F, generator=g), torch.zeros(F)
+    W[3, 100] = float("nan")
+    x = torch.randn(5, d, generator=g)
+    values, ids = screened_topk.top_pre_acts(screened_topk.Screen.build(W, b), x, b, n)
+    want = torch.addmm(b, x, W).topk(n, dim=-1)
+    torch.testing.assert_close(values, want.values, equal_nan=True)
+    assert torch.equal(ids, want.indices) and (ids[:, 0] == 100).all()
+    assert [failed for _, _, failed in rounds] == ([5, 5] if kernel == "C kernel" else [0])
+
+
 def test_long_inputs_are_screened_in_chunks_and_wide_top_n_falls_back_to_the_plain_encode(monkeypatch, rounds):
     g = torch.Generator().manual_seed(3)
     d, F = 32, 256
