@@ -449,7 +449,9 @@ class SAE(nn.Module):
         if ids.dim() == 2 and ids.shape[0] > 1 and ids.stride(0) == 0:
             cols = ids[0]
             return torch.addmm(self.encoder_bias.index_select(0, cols), xs, self.W_enc.index_select(1, cols))
-        return screened_topk.pre_acts_at(self.W_enc.T, self.encoder_bias, xs, ids)
+        cached = self.__dict__.get("_screen_cache")  # its contiguous copy of the columns: a faster gather
+        w_t = cached.w_t if cached is not None and cached.fits(self.W_enc, self.encoder_bias) else self.W_enc.T
+        return screened_topk.pre_acts_at(w_t, self.encoder_bias, xs, ids)
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec  # (..., d_in)
