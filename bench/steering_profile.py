@@ -38,11 +38,16 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from vllm_backend import MODES, SITE, _host_step, decode_rows, sae_specs  # bench/ is on sys.path
 
-from rudder.core import screen_kernel, steering
+from rudder.core import steering
 from rudder.core.sae import SAE
 from rudder.core.steering import SiteArtifacts, build_tables
 from rudder.server.backends import channel
 from rudder.server.backends.step import GateState, Span
+
+try:
+    from rudder.core import screen_kernel
+except ImportError:  # the code of a commit before the C kernel
+    screen_kernel = None
 
 ROOT = Path(__file__).resolve().parents[1]
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
@@ -83,16 +88,18 @@ def profile_mode(spec, args, repeat: int) -> dict[str, float]:
         for _ in range(repeat // 5):
             one_step(spec, *args)
         wall = min(wall, (time.perf_counter() - t0) / (repeat // 5) * 1e3)
-    real = screen_kernel.library
-    lib = real() if screen_kernel.enabled() else None
+    real = screen_kernel.library if screen_kernel else None
+    lib = real() if real and screen_kernel.enabled() else None
     timed = TimedKernel(lib)
-    screen_kernel.library = lambda: timed if lib is not None else None
+    if real:
+        screen_kernel.library = lambda: timed if lib is not None else None
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(repeat):
                 one_step(spec, *args)
     finally:
-        screen_kernel.library = real
+        if real:
+            screen_kernel.library = real
     cats = {"encode/decode": 0.0, "top-k": 0.0, "small kernels": 0.0, "C kernel": timed.seconds * 1e3 / repeat}
     kernels = 0
     for e in prof.key_averages():
