@@ -373,8 +373,7 @@ class SAE(nn.Module):
             return active_at(*self.topk_encode(x), feat)  # fixed shapes, no host synchronisation
         xs = self._input(x)
         screen = self._screen() if screened_topk.usable(self.W_enc, self.encoder_bias, xs) else None
-        w_t = self.W_enc.T if screen is None else screen.w_t  # the screen's copy is contiguous: a faster gather
-        pre = screened_topk.pre_acts_at(w_t, self.encoder_bias, xs, feat)
+        pre = self._pre_acts_at(xs, feat)
         rows = (~(pre <= 0)).any(dim=1).nonzero().squeeze(-1)
         acts = torch.zeros_like(pre)
         if rows.numel() == 0:
@@ -445,11 +444,12 @@ class SAE(nn.Module):
     def _pre_acts_at(self, xs: Tensor, ids: Tensor) -> Tensor:
         """The pre-activations of features `ids (N, M)` at the (input-transformed) rows `xs (N, d_in)`:
         the same M columns for every row (`ids` expanded from one row) as one small matmul, else each
-        row's own M columns."""
+        row's own M columns, gathered from the screen's contiguous copy where one is built (a strided
+        column gather is ~6x slower)."""
         if ids.dim() == 2 and ids.shape[0] > 1 and ids.stride(0) == 0:
             cols = ids[0]
             return torch.addmm(self.encoder_bias.index_select(0, cols), xs, self.W_enc.index_select(1, cols))
-        cached = self.__dict__.get("_screen_cache")  # its contiguous copy of the columns: a faster gather
+        cached = self.__dict__.get("_screen_cache")
         w_t = cached.w_t if cached is not None and cached.fits(self.W_enc, self.encoder_bias) else self.W_enc.T
         return screened_topk.pre_acts_at(w_t, self.encoder_bias, xs, ids)
 

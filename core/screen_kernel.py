@@ -112,33 +112,30 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _ready() -> ctypes.CDLL | None:
-    return library() if enabled() else None
-
-
-def _float32(*tensors: Tensor) -> bool:
-    """The kernel reads float32 buffers on the CPU (the screen's own weights are; callers' rows are cast)."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-
-
-def _common(screen: Screen, x: Tensor, b: Tensor, sc: float) -> tuple[list, list[Tensor]]:
-    """The arguments both kernels share, and the tensors that must outlive the call."""
+def _call(screen: Screen, x: Tensor, b: Tensor, sc: float, *more: Tensor):
+    """The loaded kernel, the arguments both kernels share, and the tensors that must outlive the call;
+    None where the kernel is off, not built, or the inputs are not float32 CPU buffers (the screen's
+    own weights always are; its callers' rows are cast to the SAE's dtype)."""
+    lib = library() if enabled() else None
+    if lib is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, b, *more)):
+        return None
     x = x.contiguous()
     x_lo = x.to(torch.bfloat16)
     mm = torch.mm(x_lo, screen.w_lo)  # (N, F) bfloat16: fp32 accumulation, rounded once
-    keep = [x, x_lo, mm, b.contiguous(), screen.per_norm, screen.per_bias]
+    b = b.contiguous()
     N, F = mm.shape
-    return [N, F, x.shape[1], mm.data_ptr(), x.data_ptr(), x_lo.data_ptr(), keep[3].data_ptr(),
-            screen.per_norm.data_ptr(), screen.per_bias.data_ptr(), sc], keep
+    args = [N, F, x.shape[1], mm.data_ptr(), x.data_ptr(), x_lo.data_ptr(), b.data_ptr(),
+            screen.per_norm.data_ptr(), screen.per_bias.data_ptr(), sc]
+    return lib, args, (x, x_lo, mm, b)
 
 
 def top(screen: Screen, x: Tensor, b: Tensor, n: int, m: int, sc: float) -> tuple[Tensor, Tensor, Tensor] | None:
     """One round of `screened_topk`'s certified top n from m candidates: values, ids `(N, n)` and which
     rows failed `(N,)`; None where the kernel is not available."""
-    lib = _ready()
-    if lib is None or not _float32(x, b):
+    call = _call(screen, x, b, sc)
+    if call is None:
         return None
-    args, keep = _common(screen, x, b, sc)
+    lib, args, _alive = call
     N = args[0]
     values, ids = x.new_empty(N, n), torch.empty(N, n, dtype=torch.long)
     failed = torch.empty(N, dtype=torch.bool)
@@ -151,10 +148,10 @@ def member(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tens
            sc: float) -> tuple[Tensor, Tensor] | None:
     """`screened_topk`'s membership test: whether each of `feat (N, M)` is surely among its row's k
     (`(N, M)`), and which rows it cannot decide (`(N,)`); None where the kernel is not available."""
-    lib = _ready()
-    if lib is None or not _float32(x, b, pre):
+    call = _call(screen, x, b, sc, pre)
+    if call is None:
         return None
-    args, keep = _common(screen, x, b, sc)
+    lib, args, _alive = call
     feat, pre = feat.contiguous().long(), pre.contiguous()
     inside, undecided = torch.empty(feat.shape, dtype=torch.bool), torch.empty(args[0], dtype=torch.bool)
     lib.rudder_screen_member(*args, k, feat.shape[1], feat.data_ptr(), pre.data_ptr(), torch.get_num_threads(),
