@@ -71,7 +71,9 @@ static void sift_down(float *v, int32_t *id, int64_t size, int64_t i) { /* a min
 /* The n largest exact pre-activations per row among the m features with the largest upper bounds,
    largest first, into `values, ids (N, n)`; `failed[r]` = 1 where the n-th is not above the (m+1)-th
    largest upper bound (which bounds every feature outside the candidates) or the row is not finite.
-   Needs n <= m < F. Returns the number of failed rows. */
+   The candidates are read in the order of their bounds, and only until the n-th exact value beats the
+   next one's bound (which then bounds every feature not read): the same answer from fewer float32
+   columns. Needs n <= m < F. Returns the number of failed rows. */
 int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
                           const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
                           float sc, const float *w_t, int64_t n, int64_t m, int threads, float *values,
@@ -80,9 +82,9 @@ int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
     const int64_t k = m + 1;
 #pragma omp parallel num_threads(threads) reduction(+ : nfailed)
     {
-        float *approx = malloc(sizeof(float) * (2 * F + k + m));
+        float *approx = malloc(sizeof(float) * (2 * F + k));
         int32_t *heap_id = malloc(sizeof(int32_t) * k);
-        float *upper = approx ? approx + F : NULL, *heap = approx ? upper + F : NULL, *exact = approx ? heap + k : NULL;
+        float *upper = approx ? approx + F : NULL, *heap = approx ? upper + F : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             float n0, n1;
@@ -98,25 +100,37 @@ int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
             for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, heap_id, k, i);
             for (int64_t j = k; j < F; j++)
                 if (upper[j] > heap[0]) heap[0] = upper[j], heap_id[0] = (int32_t)j, sift_down(heap, heap_id, k, 0);
-            const float bound = heap[0];
-            const float *xr = x + r * d;
-            for (int64_t c = 1; c < k; c++) { /* the m candidates' float32 values (the next one's column prefetched) */
-                if (c + 1 < k)
-                    for (int64_t o = 0; o < d; o += 16) __builtin_prefetch(w_t + (int64_t)heap_id[c + 1] * d + o);
-                const float *w = w_t + (int64_t)heap_id[c] * d;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t t = 0; t < d; t++) s += xr[t] * w[t];
-                exact[c - 1] = s + b[heap_id[c]];
+            /* the candidates by upper bound, largest first; heap[0], the smallest of the k, bounds the rest */
+            for (int64_t size = k - 1; size > 0; size--) { /* heap sort: the root to the end, descending */
+                float tv = heap[0];
+                int32_t ti = heap_id[0];
+                heap[0] = heap[size], heap_id[0] = heap_id[size];
+                heap[size] = tv, heap_id[size] = ti;
+                sift_down(heap, heap_id, size, 0);
             }
+            /* now heap[0] >= heap[1] >= ... >= heap[m]: heap[m] is the (m+1)-th largest upper bound */
+            const float *xr = x + r * d;
             float *v = values + r * n;
             int64_t *id = ids + r * n, filled = 0;
-            for (int64_t c = 0; c < m; c++) { /* insertion into the n largest so far, largest first */
-                float e = exact[c];
-                if (filled == n && !(e > v[n - 1])) continue;
-                int64_t p = filled < n ? filled++ : n - 1;
-                for (; p > 0 && e > v[p - 1]; p--) v[p] = v[p - 1], id[p] = id[p - 1];
-                v[p] = e, id[p] = heap_id[c + 1];
+            float bound = heap[m];
+            for (int64_t c = 0; c < m; c++) { /* exact values in that order, until the n-th beats the next bound */
+                if (c + 1 < m)
+                    for (int64_t o = 0; o < d; o += 16) __builtin_prefetch(w_t + (int64_t)heap_id[c + 1] * d + o);
+                const float *w = w_t + (int64_t)heap_id[c] * d;
+                float e = 0.0f;
+#pragma omp simd reduction(+ : e)
+                for (int64_t t = 0; t < d; t++) e += xr[t] * w[t];
+                e += b[heap_id[c]];
+                if (filled < n || e > v[n - 1]) { /* insertion into the n largest so far, largest first */
+                    int64_t p = filled < n ? filled++ : n - 1;
+                    for (; p > 0 && e > v[p - 1]; p--) v[p] = v[p - 1], id[p] = id[p - 1];
+                    v[p] = e, id[p] = heap_id[c];
+                }
+                /* every feature not yet read is bounded by the next candidate's upper bound */
+                if (filled == n && v[n - 1] > heap[c + 1]) {
+                    bound = heap[c + 1];
+                    break;
+                }
             }
             failed[r] = !(v[n - 1] > bound); /* not "<=": a NaN must fail */
             nfailed += failed[r];
@@ -165,4 +179,29 @@ void rudder_screen_member(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
         }
         free(approx);
     }
+}
+
+/* `out[r, i]` = x_r . w_t[ids[r, i]] + b[ids[r, i]] for `x (N, d)`, `ids (N, M)` (int64), `out (N, M)`:
+   each row's own M encoder columns (the rows of `w_t (F, d)`), float32 summation. Returns the number of
+   ids outside [0, F) (their entries are left unwritten: the caller raises). */
+int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *x, const float *w_t, const float *b,
+                       const int64_t *ids, int threads, float *out) {
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (N * M * d >= (1 << 16))
+    for (int64_t r = 0; r < N; r++) {
+        const float *xr = x + r * d;
+        for (int64_t i = 0; i < M; i++) {
+            const int64_t f = ids[r * M + i];
+            if (f < 0 || f >= F) {
+                bad++;
+                continue;
+            }
+            const float *w = w_t + f * d;
+            float e = 0.0f;
+#pragma omp simd reduction(+ : e)
+            for (int64_t t = 0; t < d; t++) e += xr[t] * w[t];
+            out[r * M + i] = e + b[f];
+        }
+    }
+    return bad;
 }

@@ -109,6 +109,8 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_screen_top.restype = i64
     lib.rudder_screen_member.argtypes = [*common, i64, i64, p, p, i32, p, p]
     lib.rudder_screen_member.restype = None
+    lib.rudder_dots_at.argtypes = [i64, i64, i64, i64, p, p, p, p, i32, p]
+    lib.rudder_dots_at.restype = i64
     return lib
 
 
@@ -121,7 +123,7 @@ def _call(screen: Screen, x: Tensor, b: Tensor, sc: float, *more: Tensor):
         return None
     x = x.contiguous()
     x_lo = x.to(torch.bfloat16)
-    mm = torch.mm(x_lo, screen.w_lo)  # (N, F) bfloat16: fp32 accumulation, rounded once
+    mm = screen.product(x_lo)  # (N, F) bfloat16: fp32 accumulation, rounded once
     b = b.contiguous()
     N, F = mm.shape
     args = [N, F, x.shape[1], mm.data_ptr(), x.data_ptr(), x_lo.data_ptr(), b.data_ptr(),
@@ -157,3 +159,25 @@ def member(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tens
     lib.rudder_screen_member(*args, k, feat.shape[1], feat.data_ptr(), pre.data_ptr(), torch.get_num_threads(),
                              inside.data_ptr(), undecided.data_ptr())
     return inside, undecided
+
+
+def dots_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:
+    """`x (N, d) @ W + b` at features `ids (N, M)` only, each row from its own M rows of `w_t (F, d)`:
+    `(N, M)`, in one call (no (N, M, d) gather); None where the kernel is not available or the inputs are
+    not contiguous float32 CPU buffers."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not enabled() \
+            or any(t.requires_grad for t in (w_t, b, x)):  # the kernel is opaque to autograd and to graphs
+        return None
+    lib = library()
+    if lib is None or not (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w_t, b, x))
+                           and w_t.is_contiguous() and ids.dim() == 2 and x.dim() == 2
+                           and x.shape == (ids.shape[0], w_t.shape[1])):
+        return None
+    x, b, ids = x.contiguous(), b.contiguous(), ids.contiguous().long()
+    out = x.new_empty(ids.shape)
+    F, d = w_t.shape
+    bad = lib.rudder_dots_at(ids.shape[0], ids.shape[1], d, F, x.data_ptr(), w_t.data_ptr(), b.data_ptr(),
+                             ids.data_ptr(), torch.get_num_threads(), out.data_ptr())
+    if bad:
+        raise IndexError(f"{bad} feature ids outside the SAE's {F} features")
+    return out

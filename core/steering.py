@@ -589,8 +589,10 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
             top = tuple(t[reading] for t in top)
         elif f is not None:
             f = f[reading]
-        else:  # the TopK values and ids of the rows read out
-            f = values.new_zeros(ids.shape[0], sae.cfg.d_sae).scatter_(-1, ids, values)
+        else:  # the TopK values and ids of the rows read out: their top, else their dense activation
+            top = _topk_top(values, ids, table)
+            if top is None:
+                f = values.new_zeros(ids.shape[0], sae.cfg.d_sae).scatter_(-1, ids, values)
         _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts, top)
     return out
 
@@ -613,6 +615,16 @@ def _top_to_read(sae: SAE, x: Tensor, table: SaeTable) -> tuple[Tensor, Tensor, 
     if top is None or not bool((top[0][:, -1] > 0).all()):
         return None
     return *top, selected()
+
+
+def _topk_top(values: Tensor, ids: Tensor, table: SaeTable) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`_top_to_read`'s answer for a TopK SAE, from its rows' k active features `values, ids (R, k)`
+    (largest first), where they hold the top `top_k + M` and those are all above 0: the readout
+    without the dense (R, d_sae) activation and its top-k. None where they do not."""
+    n = table.top_k + table.feature.shape[1]
+    if n > ids.shape[1] or (table.top_k and not bool((values[:, n - 1] > 0).all())):
+        return None
+    return values, ids, active_at(values, ids, table.selected.expand(ids.shape[0], -1))
 
 
 def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, watching: Tensor,

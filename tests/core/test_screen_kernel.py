@@ -67,3 +67,21 @@ def test_without_a_compiler_a_warning_says_what_to_do_and_the_torch_ops_answer(f
     (warning,) = [r.getMessage() for r in caplog.records]
     assert "could not be built" in warning and "C compiler" in warning and "RUDDER_SAE_KERNEL=0" in warning
     assert not list((fresh / "kernels").iterdir())  # the failed build left nothing behind
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_each_rows_own_columns_in_one_call_equal_the_gathered_product(fresh):
+    """`pre_acts_at` (an edit's own features) in C: each row's M columns, as the gathered float32
+    product gives them; an id outside the dictionary raises, as indexing would, and reads nothing."""
+    g = torch.Generator().manual_seed(1)
+    w_t, b, x = torch.randn(300, 64, generator=g), torch.randn(300, generator=g), torch.randn(9, 64, generator=g)
+    ids = torch.randint(0, 300, (9, 3), generator=g)
+    got = screen_kernel.dots_at(w_t, b, x, ids)
+    assert got is not None
+    torch.testing.assert_close(got, torch.einsum("nd,nmd->nm", x, w_t[ids]) + b[ids], rtol=1e-5, atol=1e-5)
+    ids[4, 1] = 300
+    with pytest.raises(IndexError, match="outside the SAE's 300 features"):
+        screen_kernel.dots_at(w_t, b, x, ids)
+    # what the kernel does not take goes to the torch ops: a strided matrix, rows that need gradients
+    assert screen_kernel.dots_at(w_t.t().contiguous().t(), b, x, ids.clamp(max=299)) is None
+    assert screen_kernel.dots_at(w_t, b, x.requires_grad_(), ids.clamp(max=299)) is None

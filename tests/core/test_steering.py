@@ -114,6 +114,44 @@ def test_a_topk_prefill_edits_every_row_and_reads_out_the_last(monkeypatch, op, 
     assert encoded == [1]  # the row read out
 
 
+@pytest.mark.parametrize("top_k", [3, 6])
+@torch.no_grad()
+def test_a_topk_readout_from_its_k_active_features_equals_the_dense_one(monkeypatch, top_k):
+    """A decode step of a TopK SAE reads out from its rows' k active features, not from a dense
+    (R, d_sae) activation: the same top ids and values, the same selected values, with the edits
+    written in (a clamp that enters the top, an ablation that leaves it). top_k + 2 edits above k
+    (6 + 2 > 8 here) is read from the dense activation."""
+    from rudder.core import steering
+
+    torch.manual_seed(5)
+    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
+    for prm in s.parameters():
+        prm.normal_(0, 0.5)
+    s.requires_grad_(False)
+    x = torch.randn(5, 16)
+    f = s.encode(x)
+    assert bool((f > 0).sum(1).ge(8).all())  # every row has k active features
+    on, off = int(f[0].argmax()), int((f[0] == 0).nonzero()[0])  # one of row 0's top, one it lacks
+    spec = SteeringSpec(features=(FeatureEdit("s", on, Op.CLAMP, 0.0), FeatureEdit("s", off, Op.CLAMP, 50.0)),
+                        readouts=ReadoutSpec(saes=("s",), top_k=top_k, feature_ids=(on, off, 7)))
+    tables, rows = build_tables([spec] * 5, [3] * 5), RowIndex(torch.arange(5), torch.full((5,), 4))
+    used = []
+    real = steering._topk_top
+    monkeypatch.setattr(steering, "_topk_top", lambda *a: used.append(real(*a)) or used[-1])
+    out, (r,) = steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": s}), tables, rows)
+    assert (used[0] is not None) == (top_k + 2 <= 8)
+    monkeypatch.setattr(steering, "_topk_top", lambda *a: None)  # the dense readout
+    out_dense, (d,) = steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": s}), tables, rows)
+    f_new = f.clone()
+    f_new[:, on], f_new[:, off] = 0.0, 50.0
+    top = f_new.topk(top_k)
+    for got in (r, d):
+        assert got.top_ids.tolist() == top.indices.tolist()
+        torch.testing.assert_close(got.top_values, top.values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.selected_values, f_new[:, got.selected_ids], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_dense, rtol=0, atol=0)
+
+
 def test_scope_limits_the_positions_touched(sae):
     x = torch.randn(6, 16)
     positions = [0, 1, 2, 3, 4, 5]  # prompt length 3: rows 3.. are generated tokens
