@@ -435,11 +435,11 @@ class SiteArtifacts:
 
 
 def _row_mask(rows: RowIndex, wanted: Tensor) -> Tensor:
-    """(N,) bool: rows whose slot is marked in `wanted (S,)`; never a padding or unsteered row."""
-    ok = rows.slot >= 0
-    hit = torch.zeros_like(ok)
-    hit[ok] = wanted[rows.slot[ok]]
-    return hit
+    """(N,) bool: rows whose slot is marked in `wanted (S,)`; never a padding or unsteered row. Fixed
+    shapes, no host synchronisation (a row of no slot, -1, reads slot 0's mark, masked off)."""
+    if wanted.numel() == 0:
+        return torch.zeros_like(rows.slot, dtype=torch.bool)
+    return wanted[rows.slot.clamp(min=0)] & (rows.slot >= 0)
 
 
 def _reading(rows: RowIndex, reads: Tensor) -> Tensor:
