@@ -280,9 +280,24 @@ class SaeTable(_OpTable):
     top_k: int
     selected: Tensor  # (K,) feature ids read for every reading slot
     edits: bool = True  # some slot has an op (known on the host: no device sync to find out)
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+    """(S, M): each op as f' = f scale + shift (CLAMP: 0, v; ADD: 1, v; SCALE: v, 0; ABLATE: 0, 0), so an
+    edit is two small ops whatever its kind; built from `op` and `value` when not given"""
+
+    def __post_init__(self) -> None:
+        if self.scale is None or self.shift is None:
+            self.scale, self.shift = _scale_shift(self.op, self.value)
     gates_only: Tensor | None = None
     """(S,) bool: slot reads only its gates' features (no readout of this SAE): an elementwise SAE
     encodes just the `selected` columns for it; None when no slot does (known on the host)"""
+
+
+def _scale_shift(op: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    zero, one = torch.zeros_like(value), torch.ones_like(value)
+    scale = torch.where(op == int(Op.ADD), one, torch.where(op == int(Op.SCALE), value, zero))
+    shift = torch.where((op == int(Op.CLAMP)) | (op == int(Op.ADD)), value, zero)
+    return scale, shift
 
 
 @dataclass
@@ -485,16 +500,15 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
     feat = table.feature[slot]  # (R, M)
     if f0 is None:
         f0 = sae.encode_at(x, feat) if sae.elementwise else sae.topk_active_at(x, feat)  # (R, M)
-    op, val = table.op[slot], table.value[slot].to(f0.dtype)
+    scale, shift = table.scale[slot].to(f0.dtype), table.shift[slot].to(f0.dtype)
+    if feat.shape[1] == 1:  # one op per slot (the common case): nothing chains
+        return f0, torch.where(act, f0 * scale + shift, f0), act
     cols: list[Tensor] = []
     for m in range(feat.shape[1]):
         cur = f0[:, m]
         for j in range(m):  # the newest earlier active op on the same feature set its value
             cur = torch.where(act[:, j] & (feat[:, j] == feat[:, m]), cols[j], cur)
-        new = torch.where(op[:, m] == int(Op.CLAMP), val[:, m], torch.where(
-            op[:, m] == int(Op.ADD), cur + val[:, m], torch.where(op[:, m] == int(Op.SCALE), cur * val[:, m],
-                                                                  torch.zeros_like(cur))))
-        cols.append(torch.where(act[:, m], new, cur))
+        cols.append(torch.where(act[:, m], cur * scale[:, m] + shift[:, m], cur))
     f1 = torch.stack(cols, dim=1)
     later = torch.zeros_like(act)
     for m in range(feat.shape[1]):

@@ -211,9 +211,13 @@ class StepRecorder:
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows, self.pending)
         if out is not flat:
-            bad = ~finite_rows(out) & finite_rows(flat)
-            out = torch.where(bad[:, None], flat, out)
-            self.broken = bad if self.broken is None else self.broken | bad
+            fine = finite_rows(out)
+            # on a CPU, eager, a step that made nothing non-finite (all but an overflow) stops here: the
+            # check costs no device synchronisation there
+            if flat.device.type != "cpu" or torch.compiler.is_compiling() or not bool(fine.all()):
+                bad = ~fine & finite_rows(flat)
+                out = torch.where(bad[:, None], flat, out)
+                self.broken = bad if self.broken is None else self.broken | bad
         self.readouts.extend(readouts)
         self.hook_s += time.perf_counter() - t0
         return x if out is flat else out.view(x.shape)
