@@ -117,6 +117,10 @@ def _steering_profile(d: dict) -> Rows:
     return out
 
 
+# the same profile on the 2-core Intel Xeon with AMX (`--out bench/results/steering_profile_xeon.json`)
+table("steering_profile_xeon", "steering_profile_xeon.json", "llr")(_steering_profile.rows)
+
+
 def _span(p: dict | None) -> str:
     """A paired ratio (bench/paired.py): its median and range, or blank where the run had none."""
     return f"{p['median']:.3f} ({p['min']:.3f}–{p['max']:.3f})" if p else ""
@@ -138,7 +142,7 @@ def _vllm_vs_vllm_serve_cpu(d: dict) -> Rows:
     """Where the CPU went in each row (`--cpu`): per role, the median over rounds of CPU ms per streamed
     token / involuntary context switches per token, for the server measured (the other one idles)."""
     roles = ["client", "front end", "engine core", "worker"]
-    out = [["row", "cores busy", *[f"{r} ms/tok (switches/tok)" for r in roles]]]
+    out = [["row", "cores busy", *[f"{r} ms/tok (switches/tok)" for r in roles], "op in the worker, ms/step (share)"]]
     for name, rounds in d.get("cpu", {}).items():
         server = "vllm serve" if name == "vllm serve" else "rudder"
 
@@ -147,7 +151,10 @@ def _vllm_vs_vllm_serve_cpu(d: dict) -> Rows:
 
         cells = [f"{med(rounds, k, 'cpu_ms_per_token'):.3f} ({med(rounds, k, 'inv_switches_per_token'):.2f})"
                  for k in ["client", *(f"{server} {r}" for r in roles[1:])]]
-        out.append([name, f"{statistics.median(r['busy'] for r in rounds):.0%}", *cells])
+        ops = [r["op"] for r in rounds if r.get("op", {}).get("steps")]  # Rudder's rows that steered or read
+        op = (f"{statistics.median(o['ms_per_step'] for o in ops):.2f} "
+              f"({statistics.median(o['share_of_wall'] for o in ops):.1%})") if ops else ""
+        out.append([name, f"{statistics.median(r['busy'] for r in rounds):.0%}", *cells, op])
     return out
 
 

@@ -21,7 +21,10 @@ Prints a table with the best of `--repeats` and the spread, the median paired ra
 Rudder plain and over `vllm serve` measured in the same round, with the lowest and highest), and writes
 bench/results/vllm_vs_vllm_serve.json. With `--cpu`, each round also records where the CPU went
 (`CpuLedger`): CPU milliseconds per streamed token in the client, each server's front end, vLLM's
-engine core and its worker, with their involuntary context switches, and how busy the cores were.
+engine core and its worker, with their involuntary context switches, and how busy the cores were;
+and for Rudder's rows, the steering op's own time inside vLLM's worker, from the server's Prometheus
+histogram `rudder:hook_time_per_step_seconds` (ms per step that steered or read, and its share of the
+row's wall time).
 """
 
 from __future__ import annotations
@@ -186,6 +189,18 @@ async def features_to_steer(address: str, n: int = 32) -> tuple[list[int], dict[
     return [f.id for f in live], {f.id: f.max_activation for f in live}
 
 
+def hook_seconds(metrics_port: int) -> tuple[float, float]:
+    """Rudder's `rudder:hook_time_per_step_seconds` histogram, read from its /metrics: (sum, count)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    found = {s.name: s.value for fam in text_string_to_metric_families(text)
+             if fam.name == "rudder:hook_time_per_step_seconds" for s in fam.samples}
+    return found["rudder:hook_time_per_step_seconds_sum"], found["rudder:hook_time_per_step_seconds_count"]
+
+
 class CpuLedger:
     """CPU time by role over one measured row: the bench's own process (the clients), and for each
     server its front end (the process started), vLLM's engine core and its worker (by the process
@@ -258,7 +273,7 @@ def main() -> None:
         ap.error("--only needs --out: the full table's JSON (which the docs render) keeps every row")
     model = str(ensure_default_model(download=False))
     saes = [str(p) for p in default_sae_dirs()]
-    http, grpc_port, door = free_port(), free_port(), free_port()
+    http, grpc_port, door, metrics = free_port(), free_port(), free_port(), free_port()
     modes = ["plain", "steered", "steered+readout", "1 configs", "8 configs", "32 configs"]
     door_modes = ["plain", "steered+readout"]
     runs: dict[str, list[float]] = {"vllm serve": [], **{f"rudder {m}": [] for m in modes},
@@ -273,8 +288,8 @@ def main() -> None:
                   sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(http),
                   "--served-model-name", MODEL_NAME], Path("/tmp/bench-vllm-serve.log"), server_cores)
     rudder = start([sys.executable, "-m", "rudder.cli", "serve", "--backend", "vllm", "--port", str(grpc_port),
-                    "--metrics-port", "-1", "--openai-port", str(door)], Path("/tmp/bench-rudder-serve.log"),
-                   server_cores)
+                    "--metrics-port", str(metrics), "--metrics-host", "127.0.0.1", "--openai-port", str(door)],
+                   Path("/tmp/bench-rudder-serve.log"), server_cores)
     address = f"127.0.0.1:{grpc_port}"
     try:
         if vllm is not None:
@@ -292,6 +307,7 @@ def main() -> None:
             for name in names[r % len(names):] + names[:r % len(names)]:  # each round starts elsewhere
                 time.sleep(PAUSE_S)  # the server measured before goes idle first
                 before, t0 = (ledger.snapshot(), time.perf_counter()) if ledger else (None, None)
+                hook0 = hook_seconds(metrics) if ledger and name != "vllm serve" else None
                 if name == "vllm serve":
                     tps = asyncio.run(run_vllm_serve(http, MODEL_NAME, args.streams, args.tokens))
                 elif name.startswith("rudder openai "):
@@ -305,6 +321,13 @@ def main() -> None:
                 if ledger:
                     wall = time.perf_counter() - t0
                     cpu[name].append(CpuLedger.delta(before, ledger.snapshot(), wall, args.streams * args.tokens))
+                    if hook0 is not None:  # the op's own time in vLLM's worker, as the server's histogram has it
+                        time.sleep(0.5)  # the last step's record reaches the front end after its tokens may have
+                        hook1 = hook_seconds(metrics)
+                        steps = hook1[1] - hook0[1]
+                        spent = hook1[0] - hook0[0]
+                        cpu[name][-1]["op"] = {"ms_per_step": round(1e3 * spent / max(steps, 1), 3),
+                                               "steps": int(steps), "share_of_wall": round(spent / wall, 4)}
                     print("   ", json.dumps(cpu[name][-1]), flush=True)
     finally:
         if vllm is not None:

@@ -126,6 +126,8 @@ def _call(screen: Screen, x: Tensor, b: Tensor, sc: float, *more: Tensor):
     mm = screen.product(x_lo)  # (N, F) bfloat16: fp32 accumulation, rounded once
     b = b.contiguous()
     N, F = mm.shape
+    if mm.dtype != torch.bfloat16 or not mm.is_contiguous() or N != x.shape[0] or b.shape != (F,):
+        return None  # not the buffer the kernel reads
     args = [N, F, x.shape[1], mm.data_ptr(), x.data_ptr(), x_lo.data_ptr(), b.data_ptr(),
             screen.per_norm.data_ptr(), screen.per_bias.data_ptr(), sc]
     return lib, args, (x, x_lo, mm, b)
@@ -170,8 +172,8 @@ def dots_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:
         return None
     lib = library()
     if lib is None or not (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w_t, b, x))
-                           and w_t.is_contiguous() and ids.dim() == 2 and x.dim() == 2
-                           and x.shape == (ids.shape[0], w_t.shape[1])):
+                           and ids.device.type == "cpu" and w_t.is_contiguous() and ids.dim() == 2 and x.dim() == 2
+                           and x.shape == (ids.shape[0], w_t.shape[1]) and b.shape == (w_t.shape[0],)):
         return None
     x, b, ids = x.contiguous(), b.contiguous(), ids.contiguous().long()
     out = x.new_empty(ids.shape)

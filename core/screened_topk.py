@@ -96,12 +96,20 @@ class Screen:
 def _packed(w_lo: Tensor) -> Tensor | None:
     """`w_lo` reordered once into oneDNN's blocked layout for its bfloat16 linear (what inductor's
     weight prepacking does); None where this torch has no oneDNN or the op fails."""
-    if not torch.backends.mkldnn.is_available():
+    if w_lo.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
+    probe = torch.randn(2, w_lo.shape[0], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w_lo.t().contiguous(), 32)
-        torch.ops.mkldnn._linear_pointwise(w_lo.new_zeros(1, w_lo.shape[0]), packed, None, "none", [], "")
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
     except (RuntimeError, AttributeError):
+        return None
+    want = torch.mm(probe, w_lo)
+    # the same product, each rounded once from float32 sums (their order aside): within 2^-7 of the
+    # sum of magnitudes, what the screen's bound allows for
+    slack = 2.0**-7 * (probe.float().abs() @ w_lo.float().abs())
+    if got.dtype != torch.bfloat16 or got.shape != want.shape or not got.is_contiguous() \
+            or not bool(((got.float() - want.float()).abs() <= slack).all()):
         return None
     return packed
 

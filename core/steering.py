@@ -283,21 +283,29 @@ class SaeTable(_OpTable):
     scale: Tensor | None = None
     shift: Tensor | None = None
     """(S, M): each op as f' = f scale + shift (CLAMP: 0, v; ADD: 1, v; SCALE: v, 0; ABLATE: 0, 0), so an
-    edit is two small ops whatever its kind; built from `op` and `value` when not given"""
-
-    def __post_init__(self) -> None:
-        if self.scale is None or self.shift is None:
-            self.scale, self.shift = _scale_shift(self.op, self.value)
+    edit is a few small ops whatever its kind; worked out from `op` and `value` when not given"""
     gates_only: Tensor | None = None
     """(S,) bool: slot reads only its gates' features (no readout of this SAE): an elementwise SAE
     encodes just the `selected` columns for it; None when no slot does (known on the host)"""
 
+    def __post_init__(self) -> None:
+        if self.scale is None or self.shift is None:
+            self.scale, self.shift = _scale_shift(self.op, self.value)
+
 
 def _scale_shift(op: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    # SCALE's shift is -0.0: f v + (-0.0) is f v exactly, -0.0 included
     zero, one = torch.zeros_like(value), torch.ones_like(value)
     scale = torch.where(op == int(Op.ADD), one, torch.where(op == int(Op.SCALE), value, zero))
-    shift = torch.where((op == int(Op.CLAMP)) | (op == int(Op.ADD)), value, zero)
+    shift = torch.where((op == int(Op.CLAMP)) | (op == int(Op.ADD)), value,
+                        torch.where(op == int(Op.SCALE), -zero, zero))
     return scale, shift
+
+
+def _apply_op(f: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """f' = f scale + shift, and exactly the shift where the op sets the value (CLAMP, ABLATE: scale 0),
+    even where f is not finite (inf 0 is NaN)."""
+    return torch.where(scale == 0, shift, f * scale + shift)
 
 
 @dataclass
@@ -502,13 +510,13 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
         f0 = sae.encode_at(x, feat) if sae.elementwise else sae.topk_active_at(x, feat)  # (R, M)
     scale, shift = table.scale[slot].to(f0.dtype), table.shift[slot].to(f0.dtype)
     if feat.shape[1] == 1:  # one op per slot (the common case): nothing chains
-        return f0, torch.where(act, f0 * scale + shift, f0), act
+        return f0, torch.where(act, _apply_op(f0, scale, shift), f0), act
     cols: list[Tensor] = []
     for m in range(feat.shape[1]):
         cur = f0[:, m]
         for j in range(m):  # the newest earlier active op on the same feature set its value
             cur = torch.where(act[:, j] & (feat[:, j] == feat[:, m]), cols[j], cur)
-        cols.append(torch.where(act[:, m], cur * scale[:, m] + shift[:, m], cur))
+        cols.append(torch.where(act[:, m], _apply_op(cur, scale[:, m], shift[:, m]), cur))
     f1 = torch.stack(cols, dim=1)
     later = torch.zeros_like(act)
     for m in range(feat.shape[1]):
@@ -638,7 +646,18 @@ def _topk_top(values: Tensor, ids: Tensor, table: SaeTable) -> tuple[Tensor, Ten
     n = table.top_k + table.feature.shape[1]
     if n > ids.shape[1] or (table.top_k and not bool((values[:, n - 1] > 0).all())):
         return None
-    return values, ids, active_at(values, ids, table.selected.expand(ids.shape[0], -1))
+    return values, ids, _selected_of(values, ids, table.selected)
+
+
+def _selected_of(values: Tensor, ids: Tensor, selected: Tensor) -> Tensor:
+    """The values `values (R, k)` of features `ids (R, k)` (distinct per row) at the sorted feature ids
+    `selected (K,)`: `(R, K)`, 0 where a row does not have one; O(R k log K), no (R, k, K) comparison."""
+    K = selected.numel()
+    if K == 0:
+        return values.new_zeros(values.shape[0], 0)
+    pos = torch.searchsorted(selected, ids)
+    hit = selected[pos.clamp(max=K - 1)] == ids
+    return values.new_zeros(values.shape[0], K + 1).scatter_(1, torch.where(hit, pos, K), values)[:, :K]
 
 
 def _watch(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex, watching: Tensor,

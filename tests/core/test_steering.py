@@ -152,6 +152,28 @@ def test_a_topk_readout_from_its_k_active_features_equals_the_dense_one(monkeypa
     torch.testing.assert_close(out, out_dense, rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_each_op_gives_its_value_exactly_whatever_the_activation(sae):
+    """CLAMP and ABLATE set the value even where the activation is not finite (inf 0 is NaN), ADD and
+    SCALE follow the activation, SCALE keeps a -0.0; with two ops on one feature, the second applies to
+    the first's value."""
+    from rudder.core.steering import _feature_edits
+
+    ops = [Op.CLAMP, Op.ABLATE, Op.ADD, Op.SCALE, Op.CLAMP, Op.ADD]
+    f0 = torch.tensor([[float("inf")], [float("nan")], [1.0], [-0.0], [float("nan")], [float("-inf")]])
+    table = build_tables([SteeringSpec(features=(FeatureEdit("s", 3, op, 2.5),)) for op in ops], [1] * 6).saes["s"]
+    slot, act = torch.arange(6), torch.ones(6, 1, dtype=torch.bool)
+    _, f1, last = _feature_edits(sae, torch.zeros(6, 16), table, slot, act, f0=f0)
+    assert f1[:4, 0].tolist()[:3] == [2.5, 0.0, 3.5] and f1[4, 0] == 2.5 and f1[5, 0] == float("-inf")
+    assert f1[3, 0] == 0 and torch.signbit(f1[3, 0])  # -0.0 x 2.5
+    assert last.all()
+    chained = build_tables([SteeringSpec(features=(FeatureEdit("s", 3, Op.CLAMP, 2.0),
+                                                   FeatureEdit("s", 3, Op.SCALE, 3.0)))], [1]).saes["s"]
+    _, f1, last = _feature_edits(sae, torch.zeros(1, 16), chained, torch.zeros(1, dtype=torch.long),
+                                 torch.ones(1, 2, dtype=torch.bool), f0=torch.full((1, 2), float("nan")))
+    assert f1.tolist() == [[2.0, 6.0]] and last.tolist() == [[False, True]]
+
+
 def test_scope_limits_the_positions_touched(sae):
     x = torch.randn(6, 16)
     positions = [0, 1, 2, 3, 4, 5]  # prompt length 3: rows 3.. are generated tokens
