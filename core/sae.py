@@ -366,32 +366,36 @@ class SAE(nn.Module):
         pre-activation first: TopK ReLUs its k values, so a feature at or below 0 is 0 whether or
         not it is among the k, and only rows with a feature above 0 (or NaN) need the others. Those go
         through the screen where it applies (whether each is among the k, decided from bounds, without
-        finding the k), else through `topk_encode`."""
+        finding the k), else through `topk_encode`. A decode-sized step (up to
+        `screened_topk.ALL_ROWS` rows) goes to the screen's C kernel whole, in one call: its bfloat16
+        product reads the whole encoder for any number of rows, so the rows at or below 0 cost little
+        there, and one call saves the dozen small ops of picking them out."""
         if self.cfg.activation != "topk":
             raise ValueError(f"topk_active_at is for TopK SAEs; this one is {self.cfg.architecture}: use encode_at")
         if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return active_at(*self.topk_encode(x), feat)  # fixed shapes, no host synchronisation
         xs = self._input(x)
         screen = self._screen() if screened_topk.usable(self.W_enc, self.encoder_bias, xs) else None
+
+        def in_full(rows: Tensor, found: Tensor) -> Tensor:  # the float32 top k of `rows`, read at their features
+            return found.index_copy(0, rows, active_at(*topk_active(self._pre_acts(xs[rows]), self.cfg.k), feat[rows]))
+
+        if screen is not None and xs.shape[0] <= screened_topk.ALL_ROWS:
+            whole = screened_topk.topk_active_all(screen, xs, self.encoder_bias, self.cfg.k, feat)
+            if whole is not None:
+                acts, undecided = whole
+                return in_full(undecided.nonzero().squeeze(-1), acts) if bool(undecided.any()) else acts
         pre = self._pre_acts_at(xs, feat)
         rows = (~(pre <= 0)).any(dim=1).nonzero().squeeze(-1)
         acts = torch.zeros_like(pre)
         if rows.numel() == 0:
             return acts
-        whole = rows.numel() == xs.shape[0]
-        xr, fr, pr = (xs, feat, pre) if whole else (xs[rows], feat[rows], pre[rows])
-
-        def in_full(at: Tensor | slice) -> Tensor:  # from the float32 top k of rows `at`
-            return active_at(*topk_active(self._pre_acts(xr[at]), self.cfg.k), fr[at])
-
         if screen is None:
-            found = in_full(slice(None))
-        else:
-            found, undecided = screened_topk.topk_active_at(screen, xr, self.encoder_bias, self.cfg.k, fr, pr)
-            if bool(undecided.any()):
-                at = undecided.nonzero().squeeze(-1)
-                found = found.index_copy(0, at, in_full(at))
-        return found if whole else acts.index_copy(0, rows, found)
+            return in_full(rows, acts)
+        found, undecided = screened_topk.topk_active_at(screen, xs[rows], self.encoder_bias, self.cfg.k, feat[rows],
+                                                        pre[rows])
+        acts = acts.index_copy(0, rows, found)
+        return in_full(rows[undecided], acts) if bool(undecided.any()) else acts
 
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
         """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest

@@ -52,6 +52,14 @@ static int bounds(const uint16_t *mm, const float *b, const float *per_norm, con
     return bad == 0;
 }
 
+/* x . w over d, float32 summation (the order every caller here shares) */
+static inline float dot(const float *x, const float *w, int64_t d) {
+    float e = 0.0f;
+#pragma omp simd reduction(+ : e)
+    for (int64_t t = 0; t < d; t++) e += x[t] * w[t];
+    return e;
+}
+
 static void sift_down(float *v, int32_t *id, int64_t size, int64_t i) { /* a min-heap of (value, id) */
     for (;;) {
         int64_t l = 2 * i + 1, r = l + 1, s = i;
@@ -116,11 +124,7 @@ int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
             for (int64_t c = 0; c < m; c++) { /* exact values in that order, until the n-th beats the next bound */
                 if (c + 1 < m)
                     for (int64_t o = 0; o < d; o += 16) __builtin_prefetch(w_t + (int64_t)heap_id[c + 1] * d + o);
-                const float *w = w_t + (int64_t)heap_id[c] * d;
-                float e = 0.0f;
-#pragma omp simd reduction(+ : e)
-                for (int64_t t = 0; t < d; t++) e += xr[t] * w[t];
-                e += b[heap_id[c]];
+                float e = dot(xr, w_t + (int64_t)heap_id[c] * d, d) + b[heap_id[c]];
                 if (filled < n || e > v[n - 1]) { /* insertion into the n largest so far, largest first */
                     int64_t p = filled < n ? filled++ : n - 1;
                     for (; p > 0 && e > v[p - 1]; p--) v[p] = v[p - 1], id[p] = id[p - 1];
@@ -141,10 +145,32 @@ int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
     return nfailed;
 }
 
+/* For one row's bounds: whether each of its features `feat (M)` with float32 pre-activations `pre (M)`
+   is among the k largest (`inside[i]`: fewer than k other features' upper bounds exceed it); returns 1
+   where for some feature k or more might and fewer than k surely do (their lower bounds). */
+static int row_member(const float *approx, const float *slack, int64_t F, int64_t k, int64_t M,
+                      const int64_t *feat, const float *pre, uint8_t *inside) {
+    int undecided = 0;
+    for (int64_t i = 0; i < M; i++) {
+        const float p = pre[i];
+        const int64_t f = feat[i];
+        int64_t maybe = 0, surely = 0;
+#pragma omp simd reduction(+ : maybe, surely)
+        for (int64_t j = 0; j < F; j++) {
+            maybe += approx[j] + slack[j] > p;
+            surely += approx[j] - slack[j] > p;
+        }
+        maybe -= approx[f] + slack[f] > p; /* others only */
+        surely -= approx[f] - slack[f] > p;
+        inside[i] = maybe < k;
+        undecided |= maybe >= k && surely < k;
+    }
+    return undecided;
+}
+
 /* Whether each of the features `feat (N, M)` (int64) with float32 pre-activations `pre (N, M)` is
-   among its row's k largest: `inside[r, i]` = 1 where fewer than k other features' upper bounds exceed
-   it; `undecided[r]` = 1 where for some feature k or more might and fewer than k surely do (their
-   lower bounds), or the row is not finite. */
+   among its row's k largest (`inside (N, M)`, `row_member`); `undecided[r]` = 1 where some feature
+   is undecided, or the row is not finite. */
 void rudder_screen_member(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x, const uint16_t *x_lo,
                           const float *b, const float *per_norm, const float *per_bias, float sc, int64_t k,
                           int64_t M, const int64_t *feat, const float *pre, int threads, uint8_t *inside,
@@ -161,24 +187,60 @@ void rudder_screen_member(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
             if (!approx || !norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
                 !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack))
                 continue;
-            undecided[r] = 0;
-            for (int64_t i = 0; i < M; i++) {
-                const float p = pre[r * M + i];
-                const int64_t f = feat[r * M + i];
-                int64_t maybe = 0, surely = 0;
-#pragma omp simd reduction(+ : maybe, surely)
-                for (int64_t j = 0; j < F; j++) {
-                    maybe += approx[j] + slack[j] > p;
-                    surely += approx[j] - slack[j] > p;
-                }
-                maybe -= approx[f] + slack[f] > p; /* others only */
-                surely -= approx[f] - slack[f] > p;
-                inside[r * M + i] = maybe < k;
-                undecided[r] |= maybe >= k && surely < k;
-            }
+            undecided[r] = (uint8_t)row_member(approx, slack, F, k, M, feat + r * M, pre + r * M, inside + r * M);
         }
         free(approx);
     }
+}
+
+/* A TopK SAE's activations of the features `feat (N, M)` at every row, in one call: `acts[r, i]` is the
+   feature's exact pre-activation (`w_t`'s row, float32), ReLU'd, where it is among the row's k largest
+   (`row_member`), else 0. A row whose features are all at or below 0 reads 0 without its bounds (TopK
+   ReLUs its values). `undecided[r]` = 1 where the bounds cannot tell or the row is not finite (its acts
+   are left 0: the caller answers from the top k). Returns the number of ids outside [0, F). */
+int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
+                             const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
+                             float sc, const float *w_t, int64_t k, int64_t M, const int64_t *feat, int threads,
+                             float *acts, uint8_t *undecided) {
+    int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
+    {
+        float *approx = malloc(sizeof(float) * (2 * F + M));
+        uint8_t *inside = malloc((size_t)M + 1);
+        float *slack = approx ? approx + F : NULL, *pre = approx ? slack + F : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            const int64_t *fr = feat + r * M;
+            float *ar = acts + r * M;
+            int any = 0;
+            memset(ar, 0, sizeof(float) * (size_t)M);
+            undecided[r] = 1;
+            if (!approx || !inside) continue;
+            for (int64_t i = 0; i < M; i++) {
+                if (fr[i] < 0 || fr[i] >= F) {
+                    bad++;
+                    pre[i] = 0.0f;
+                    continue;
+                }
+                pre[i] = dot(x + r * d, w_t + fr[i] * d, d) + b[fr[i]];
+                any |= !(pre[i] <= 0.0f); /* above 0, or NaN */
+            }
+            undecided[r] = 0;
+            if (!any) continue;
+            float n0, n1;
+            if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
+                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack)) {
+                undecided[r] = 1;
+                continue;
+            }
+            undecided[r] = (uint8_t)row_member(approx, slack, F, k, M, fr, pre, inside);
+            for (int64_t i = 0; i < M; i++) /* ReLU'd as torch.relu: a NaN stays NaN */
+                ar[i] = inside[i] ? (pre[i] > 0.0f || pre[i] != pre[i] ? pre[i] : 0.0f) : 0.0f;
+        }
+        free(approx);
+        free(inside);
+    }
+    return bad;
 }
 
 /* `out[r, i]` = x_r . w_t[ids[r, i]] + b[ids[r, i]] for `x (N, d)`, `ids (N, M)` (int64), `out (N, M)`:
@@ -196,11 +258,7 @@ int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *
                 bad++;
                 continue;
             }
-            const float *w = w_t + f * d;
-            float e = 0.0f;
-#pragma omp simd reduction(+ : e)
-            for (int64_t t = 0; t < d; t++) e += xr[t] * w[t];
-            out[r * M + i] = e + b[f];
+            out[r * M + i] = dot(xr, w_t + f * d, d) + b[f];
         }
     }
     return bad;

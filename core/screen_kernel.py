@@ -109,6 +109,8 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_screen_top.restype = i64
     lib.rudder_screen_member.argtypes = [*common, i64, i64, p, p, i32, p, p]
     lib.rudder_screen_member.restype = None
+    lib.rudder_screen_active.argtypes = [*common, p, i64, i64, p, i32, p, p]
+    lib.rudder_screen_active.restype = i64
     lib.rudder_dots_at.argtypes = [i64, i64, i64, i64, p, p, p, p, i32, p]
     lib.rudder_dots_at.restype = i64
     return lib
@@ -161,6 +163,26 @@ def member(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tens
     lib.rudder_screen_member(*args, k, feat.shape[1], feat.data_ptr(), pre.data_ptr(), torch.get_num_threads(),
                              inside.data_ptr(), undecided.data_ptr())
     return inside, undecided
+
+
+def active(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, sc: float) -> tuple[Tensor, Tensor] | None:
+    """A TopK SAE's activations of `feat (N, M)` at every row of `x (N, d)` in one call: each feature's
+    exact pre-activation, ReLU'd where it is among its row's k, else 0 (`(N, M)`), and which rows the
+    bounds could not decide (`(N,)`, their activations 0: the caller answers them from the top k); None
+    where the kernel is not available."""
+    if feat.device.type != "cpu" or feat.dim() != 2 or feat.shape[0] != x.shape[0]:
+        return None
+    call = _call(screen, x, b, sc)
+    if call is None:
+        return None
+    lib, args, _alive = call
+    feat = feat.contiguous().long()
+    acts, undecided = x.new_empty(feat.shape), torch.empty(args[0], dtype=torch.bool)
+    bad = lib.rudder_screen_active(*args, screen.w_t.data_ptr(), k, feat.shape[1], feat.data_ptr(),
+                                   torch.get_num_threads(), acts.data_ptr(), undecided.data_ptr())
+    if bad:
+        raise IndexError(f"{bad} feature ids outside the SAE's {args[1]} features")
+    return acts, undecided
 
 
 def dots_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:

@@ -212,6 +212,18 @@ def _certified(screen: Screen, x: Tensor, b: Tensor, upper: Tensor, m: int, n: i
     return values, ids.gather(1, at), ~(values[:, -1] > top.values[:, m])
 
 
+ALL_ROWS = 64
+"""Up to this many rows (a decode step's), a TopK edit's membership test runs on every row in one call
+of the C kernel (`topk_active_all`); beyond (a prefill), on the rows whose edited features are above 0."""
+
+
+def topk_active_all(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) -> tuple[Tensor, Tensor] | None:
+    """`_topk_active_at` on every row of `x (N, d)`, each feature's pre-activation worked out in the
+    same call: the activations `(N, M)` and the rows left undecided `(N,)`; None where the C kernel is
+    not built (the caller picks the rows above 0 and runs `topk_active_at`)."""
+    return screen_kernel.active(screen, x, b, k, feat, SAFETY * _C)
+
+
 def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """Row chunks of `_topk_active_at` (a long prefill holds a few (rows, F) tensors at a time)."""
     rows = max(1, CHUNK_ELEMENTS // screen.w_t.shape[0])

@@ -85,3 +85,19 @@ def test_each_rows_own_columns_in_one_call_equal_the_gathered_product(fresh):
     # what the kernel does not take goes to the torch ops: a strided matrix, rows that need gradients
     assert screen_kernel.dots_at(w_t.t().contiguous().t(), b, x, ids.clamp(max=299)) is None
     assert screen_kernel.dots_at(w_t, b, x.requires_grad_(), ids.clamp(max=299)) is None
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_a_topk_edits_membership_in_one_call_raises_on_an_id_outside_the_dictionary(fresh):
+    g = torch.Generator().manual_seed(2)
+    W, b, x = torch.randn(32, 300, generator=g), torch.zeros(300), torch.randn(4, 32, generator=g)
+    screen = screened_topk.Screen.build(W, b)
+    feat = torch.tensor([[1], [2], [300], [4]])
+    with pytest.raises(IndexError, match="outside the SAE's 300 features"):
+        screen_kernel.active(screen, x, b, 16, feat, 0.01)
+    acts, undecided = screen_kernel.active(screen, x, b, 16, feat.clamp(max=299), 0.01)
+    pre = torch.addmm(b, x, W)
+    top = pre.topk(16)
+    dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+    decided = ~undecided
+    torch.testing.assert_close(acts[decided], dense.gather(1, feat.clamp(max=299))[decided], rtol=2e-6, atol=1e-6)

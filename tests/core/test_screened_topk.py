@@ -199,7 +199,7 @@ def screened_steps(monkeypatch):
             return real(*a)
         return spy
 
-    for name in ("top_pre_acts", "topk_active_at"):
+    for name in ("top_pre_acts", "topk_active_at", "topk_active_all"):
         monkeypatch.setattr(screened_topk, name, spied(getattr(screened_topk, name)))
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)  # as on a CPU with AVX512-BF16 or AMX
     monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
@@ -323,14 +323,17 @@ def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_d
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)
     monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
     undecided: list[int] = []
-    real = screened_topk.topk_active_at
 
-    def spy(*a):
-        out = real(*a)
-        undecided.append(int(out[1].sum()))
-        return out
+    def spied(real):
+        def spy(*a):
+            out = real(*a)
+            if out is not None:  # topk_active_all without the kernel: the rows above 0 go to topk_active_at
+                undecided.append(int(out[1].sum()))
+            return out
+        return spy
 
-    monkeypatch.setattr(screened_topk, "topk_active_at", spy)
+    for name in ("topk_active_at", "topk_active_all"):
+        monkeypatch.setattr(screened_topk, name, spied(getattr(screened_topk, name)))
     g = torch.Generator().manual_seed(4)
     d, F, k = 64, 512, 16
     if ties > 0:
@@ -358,17 +361,23 @@ def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_d
         assert undecided[0] == 0 and (ties == 0 or undecided[1] == 0)
 
 
+@pytest.mark.parametrize("all_rows", [64, 0])
 @pytest.mark.parametrize("screen", ["1", "0"])
-def test_an_edit_reads_the_other_features_only_on_rows_where_its_feature_is_above_zero(monkeypatch, screen):
+def test_an_edit_reads_the_other_features_only_on_rows_where_its_feature_is_above_zero(monkeypatch, screen, kernel,
+                                                                                        all_rows):
     """A TopK SAE ReLUs its k values, so an edited feature at or below 0 reads 0 whether or not it is
     among the k: only rows where some edited feature is above 0 (or NaN) are encoded, screened or not,
-    and every row equals the float32 top k read at the feature."""
+    and every row equals the float32 top k read at the feature. A decode-sized step (up to
+    `ALL_ROWS`) goes to the C kernel whole, which skips those rows itself."""
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)
+    monkeypatch.setattr(screened_topk, "ALL_ROWS", all_rows)
     monkeypatch.setenv("RUDDER_SAE_SCREEN", screen)
-    encoded: list = []  # rows screened ("s", n), or encoded in float32 (n)
-    real_screen, real_pre = screened_topk.topk_active_at, SAE._pre_acts
+    encoded: list = []  # rows screened ("s", n), screened whole in C ("all", n), or encoded in float32 (n)
+    real_screen, real_all, real_pre = screened_topk.topk_active_at, screened_topk.topk_active_all, SAE._pre_acts
     monkeypatch.setattr(screened_topk, "topk_active_at",
                         lambda *a: encoded.append(("s", a[1].shape[0])) or real_screen(*a))
+    monkeypatch.setattr(screened_topk, "topk_active_all",
+                        lambda *a: (out := real_all(*a)) is not None and encoded.append(("all", a[1].shape[0])) or out)
     monkeypatch.setattr(SAE, "_pre_acts", lambda self, x: encoded.append(x.shape[0]) or real_pre(self, x))
     g = torch.Generator().manual_seed(9)
     d, F, k = 64, 512, 16
@@ -384,4 +393,5 @@ def test_an_edit_reads_the_other_features_only_on_rows_where_its_feature_is_abov
     torch.testing.assert_close(sae.topk_active_at(x, feat), dense.gather(1, feat), rtol=2e-6, atol=1e-6,
                                equal_nan=True)
     # the rows above 0 and the NaN row: screened (the NaN row, undecided, then in float32), or in float32
-    assert encoded == ([("s", 9), 1] if screen == "1" else [9])
+    whole = screen == "1" and kernel == "C kernel" and all_rows >= 12
+    assert encoded == ([("all", 12), 1] if whole else [("s", 9), 1] if screen == "1" else [9])
