@@ -12,7 +12,8 @@ One decode step of `--streams` requests (one row each) at blocks.15.hook_resid_p
 default TopK SAE and a random standard (ReLU) SAE of its shape (576 x 4,608), float32, on the
 default model's own activations there (`decode_rows`), 2 torch threads. Categories, by the
 profiler's self CPU time per aten op:
-  encode/decode   matmuls (aten::mm, addmm, bmm, matmul, linear, einsum's kernels)
+  encode/decode   matmuls (aten::mm, addmm, bmm, matmul, linear, einsum's kernels, and oneDNN's
+                  prepacked linear, mkldnn::_linear_pointwise)
   top-k           aten::topk
   small kernels   every other aten op (indexing, where, gather, masks, isfinite, copies)
   C kernel        the SAE screen's C kernel (`rudder.core.screen_kernel`), timed around its calls
@@ -50,7 +51,8 @@ except ImportError:  # the code of a commit before the C kernel
     screen_kernel = None
 
 ROOT = Path(__file__).resolve().parents[1]
-MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+          "mkldnn::_linear_pointwise"}  # the last: the SAE screen's prepacked bfloat16 product
 
 
 def one_step(spec, tables, spans, gates, positions, x, artifacts) -> None:
@@ -103,7 +105,7 @@ def profile_mode(spec, args, repeat: int) -> dict[str, float]:
     cats = {"encode/decode": 0.0, "top-k": 0.0, "small kernels": 0.0, "C kernel": timed.seconds * 1e3 / repeat}
     kernels = 0
     for e in prof.key_averages():
-        if not e.key.startswith("aten::"):
+        if not e.key.startswith("aten::") and e.key not in MATMUL:
             continue
         ms = e.self_cpu_time_total / 1e3 / repeat
         cat = "encode/decode" if e.key in MATMUL else "top-k" if e.key == "aten::topk" else "small kernels"
