@@ -212,16 +212,18 @@ int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm
         for (int64_t r = 0; r < N; r++) {
             const int64_t *fr = feat + r * M;
             float *ar = acts + r * M;
-            int any = 0;
-            memset(ar, 0, sizeof(float) * (size_t)M);
+            int any = 0, row_bad = 0;
+            for (int64_t i = 0; i < M; i++) {
+                ar[i] = 0.0f;
+                row_bad |= fr[i] < 0 || fr[i] >= F;
+            }
             undecided[r] = 1;
+            if (row_bad) { /* nothing of this row is read: the caller raises */
+                bad++;
+                continue;
+            }
             if (!approx || !inside) continue;
             for (int64_t i = 0; i < M; i++) {
-                if (fr[i] < 0 || fr[i] >= F) {
-                    bad++;
-                    pre[i] = 0.0f;
-                    continue;
-                }
                 pre[i] = dot(x + r * d, w_t + fr[i] * d, d) + b[fr[i]];
                 any |= !(pre[i] <= 0.0f); /* above 0, or NaN */
             }

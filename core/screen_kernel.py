@@ -170,7 +170,8 @@ def active(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, sc: float
     exact pre-activation, ReLU'd where it is among its row's k, else 0 (`(N, M)`), and which rows the
     bounds could not decide (`(N,)`, their activations 0: the caller answers them from the top k); None
     where the kernel is not available."""
-    if feat.device.type != "cpu" or feat.dim() != 2 or feat.shape[0] != x.shape[0]:
+    if feat.device.type != "cpu" or feat.dim() != 2 or feat.shape[0] != x.shape[0] or x.requires_grad \
+            or torch.compiler.is_compiling() or torch.jit.is_tracing():  # opaque to autograd and to graphs
         return None
     call = _call(screen, x, b, sc)
     if call is None:
@@ -181,7 +182,7 @@ def active(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, sc: float
     bad = lib.rudder_screen_active(*args, screen.w_t.data_ptr(), k, feat.shape[1], feat.data_ptr(),
                                    torch.get_num_threads(), acts.data_ptr(), undecided.data_ptr())
     if bad:
-        raise IndexError(f"{bad} feature ids outside the SAE's {args[1]} features")
+        raise IndexError(f"{bad} rows edit feature ids outside the SAE's {args[1]} features")
     return acts, undecided
 
 

@@ -92,11 +92,14 @@ def test_a_topk_edits_membership_in_one_call_raises_on_an_id_outside_the_diction
     g = torch.Generator().manual_seed(2)
     W, b, x = torch.randn(32, 300, generator=g), torch.zeros(300), torch.randn(4, 32, generator=g)
     screen = screened_topk.Screen.build(W, b)
-    feat = torch.tensor([[1], [2], [300], [4]])
-    with pytest.raises(IndexError, match="outside the SAE's 300 features"):
-        screen_kernel.active(screen, x, b, 16, feat, 0.01)
-    acts, undecided = screen_kernel.active(screen, x, b, 16, feat.clamp(max=299), 0.01)
     pre = torch.addmm(b, x, W)
+    above = pre.argmax(1, keepdim=True)  # a feature above 0 beside the bad id: the row would be tested
+    for bad in (300, -1):
+        feat = torch.cat([torch.tensor([[1], [2], [bad], [4]]), above], 1)
+        with pytest.raises(IndexError, match="outside the SAE's 300 features"):
+            screen_kernel.active(screen, x, b, 16, feat, 0.01)
+    feat = torch.tensor([[1], [2], [300], [4]])
+    acts, undecided = screen_kernel.active(screen, x, b, 16, feat.clamp(max=299), 0.01)
     top = pre.topk(16)
     dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
     decided = ~undecided

@@ -313,14 +313,16 @@ def membership_cases(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return torch.stack([order[:, 0], order[:, -1]], dim=1), torch.stack([order[:, k - 1], order[:, k]], dim=1)
 
 
+@pytest.mark.parametrize("all_rows", [64, 0])  # every row in one C call, or the rows above 0 picked first
 @pytest.mark.parametrize("ties", [0, 256, -1])
-def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_does(monkeypatch, ties):
+def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_does(monkeypatch, ties, all_rows):
     """`topk_active_at` (an edit's f0 without finding the top k) equals the float32 top k read at the
     feature, for the strongest, the weakest, the k-th and the (k+1)-th feature of each row. Clear
     cases are decided from the bounds; where bfloat16 cannot tell the features apart (256 columns
     1e-5 apart, in order), the rows are left undecided and answered from the top k; where the
     features are far apart (ties=-1: one column times 1.05^j), even the boundary is decided."""
     monkeypatch.setattr(screened_topk, "_FAST_BF16", True)
+    monkeypatch.setattr(screened_topk, "ALL_ROWS", all_rows)
     monkeypatch.delenv("RUDDER_SAE_SCREEN", raising=False)
     undecided: list[int] = []
 
@@ -361,8 +363,7 @@ def test_an_edit_reads_whether_its_feature_is_among_the_k_as_the_float32_top_k_d
         assert undecided[0] == 0 and (ties == 0 or undecided[1] == 0)
 
 
-@pytest.mark.parametrize("all_rows", [64, 0])
-@pytest.mark.parametrize("screen", ["1", "0"])
+@pytest.mark.parametrize("screen,all_rows", [("1", 64), ("1", 0), ("0", 64)])
 def test_an_edit_reads_the_other_features_only_on_rows_where_its_feature_is_above_zero(monkeypatch, screen, kernel,
                                                                                         all_rows):
     """A TopK SAE ReLUs its k values, so an edited feature at or below 0 reads 0 whether or not it is
