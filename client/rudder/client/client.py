@@ -119,14 +119,16 @@ def channel_options(load_balancing: str = "round_robin", retry: bool = True) -> 
     """The channel's service config. `load_balancing`: gRPC's policy over the addresses a target
     resolves to (`dns:///rudder-headless:50051`, `ipv4:10.0.0.1:50051,10.0.0.2:50051`):
     round_robin spreads calls over every replica, pick_first sends them all to one. `retry`: a call
-    answered UNAVAILABLE before its first response (a replica draining or still warming up) is tried
-    once more, on the next address; a stream that has begun is never replayed."""
+    the server answers UNAVAILABLE or CANCELLED before its first response (a replica draining or still
+    warming up; a draining gRPC server cancels the calls it had queued but not started, and a proxy
+    such as nginx passes that on) is tried once more, on the next address; a stream that has begun is
+    never replayed, and a call this client cancelled (or whose deadline passed) is not retried."""
     config: dict = {"loadBalancingConfig": [{load_balancing: {}}]}
     if retry:
         config["methodConfig"] = [{
             "name": [{"service": "rudder.v1.Steering"}],
             "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "1s",
-                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}}]
     return [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
 
 
