@@ -29,6 +29,15 @@ def rows_for(slots, positions):
     return RowIndex(torch.tensor(slots), torch.tensor(positions))
 
 
+def frozen_topk_sae(seed: int) -> SAE:
+    """A TopK SAE (16 -> 64, k = 8) with weights N(0, 0.5), frozen as served; the generator seeded."""
+    torch.manual_seed(seed)
+    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
+    for p in s.parameters():
+        p.normal_(0, 0.5)
+    return s.requires_grad_(False)
+
+
 def run(sae, specs, prompt_lens, slots, positions, x):
     tables = build_tables(specs, prompt_lens)
     return steer_site(SITE, x, SiteArtifacts(saes={"s": sae}), tables, rows_for(slots, positions))
@@ -92,11 +101,7 @@ def test_a_topk_prefill_edits_every_row_and_reads_out_the_last(monkeypatch, op, 
     encoded: list[int] = []
     real = SAE.topk_encode
     monkeypatch.setattr(SAE, "topk_encode", lambda self, x: encoded.append(x.shape[0]) or real(self, x))
-    torch.manual_seed(3)
-    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
-    for p in s.parameters():
-        p.normal_(0, 0.5)
-    s.requires_grad_(False)
+    s = frozen_topk_sae(3)
     x = torch.randn(6, 16)
     f = s.encode(x)
     feature = int((f > 0).sum(0).argmax())  # among the k on some rows, not on others
@@ -123,11 +128,7 @@ def test_a_topk_readout_from_its_k_active_features_equals_the_dense_one(monkeypa
     (6 + 2 > 8 here) is read from the dense activation."""
     from rudder.core import steering
 
-    torch.manual_seed(5)
-    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
-    for prm in s.parameters():
-        prm.normal_(0, 0.5)
-    s.requires_grad_(False)
+    s = frozen_topk_sae(5)
     x = torch.randn(5, 16)
     f = s.encode(x)
     assert bool((f > 0).sum(1).ge(8).all())  # every row has k active features
