@@ -116,12 +116,21 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def _kernel(*tensors: Tensor) -> ctypes.CDLL | None:
+    """The loaded kernel where it may take `tensors`: turned on and built, float32 CPU buffers (the
+    screen's own weights always are; its callers' rows are cast to the SAE's dtype), none that needs a
+    gradient and no graph being traced (the kernel is opaque to autograd and to graphs); else None."""
+    if not enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing() \
+            or any(t.requires_grad or t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return None
+    return library()
+
+
 def _call(screen: Screen, x: Tensor, b: Tensor, sc: float, *more: Tensor):
-    """The loaded kernel, the arguments both kernels share, and the tensors that must outlive the call;
-    None where the kernel is off, not built, or the inputs are not float32 CPU buffers (the screen's
-    own weights always are; its callers' rows are cast to the SAE's dtype)."""
-    lib = library() if enabled() else None
-    if lib is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, b, *more)):
+    """The loaded kernel, the arguments the screen's entry points share, and the tensors that must
+    outlive the call; None where `_kernel` does not take the inputs."""
+    lib = _kernel(x, b, *more)
+    if lib is None:
         return None
     x = x.contiguous()
     x_lo = x.to(torch.bfloat16)
@@ -170,8 +179,7 @@ def active(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, sc: float
     exact pre-activation, ReLU'd where it is among its row's k, else 0 (`(N, M)`), and which rows the
     bounds could not decide (`(N,)`, their activations 0: the caller answers them from the top k); None
     where the kernel is not available."""
-    if feat.device.type != "cpu" or feat.dim() != 2 or feat.shape[0] != x.shape[0] or x.requires_grad \
-            or torch.compiler.is_compiling() or torch.jit.is_tracing():  # opaque to autograd and to graphs
+    if feat.device.type != "cpu" or feat.dim() != 2 or feat.shape[0] != x.shape[0]:
         return None
     call = _call(screen, x, b, sc)
     if call is None:
@@ -190,13 +198,11 @@ def dots_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:
     """`x (N, d) @ W + b` at features `ids (N, M)` only, each row from its own M rows of `w_t (F, d)`:
     `(N, M)`, in one call (no (N, M, d) gather); None where the kernel is not available or the inputs are
     not contiguous float32 CPU buffers."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not enabled() \
-            or any(t.requires_grad for t in (w_t, b, x)):  # the kernel is opaque to autograd and to graphs
+    if not (ids.device.type == "cpu" and w_t.is_contiguous() and ids.dim() == 2 and x.dim() == 2
+            and x.shape == (ids.shape[0], w_t.shape[1]) and b.shape == (w_t.shape[0],)):
         return None
-    lib = library()
-    if lib is None or not (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (w_t, b, x))
-                           and ids.device.type == "cpu" and w_t.is_contiguous() and ids.dim() == 2 and x.dim() == 2
-                           and x.shape == (ids.shape[0], w_t.shape[1]) and b.shape == (w_t.shape[0],)):
+    lib = _kernel(w_t, b, x)
+    if lib is None:
         return None
     x, b, ids = x.contiguous(), b.contiguous(), ids.contiguous().long()
     out = x.new_empty(ids.shape)
