@@ -265,3 +265,64 @@ int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *
     }
     return bad;
 }
+
+/* One step's feature edits of one SAE, every row in one pass: the C form of `steering._feature_edits`
+   and `_edit_delta` together. Row r is of slot `slot[r]` (-1: no slot, nothing edited) at token position
+   `pos[r]`; the tables are the SAE's `SaeTable`: `valid (S, M)` uint8, `start, end, feature (S, M)` int64,
+   `scale, shift (S, M)` float32 (each op as f' = f scale + shift, exactly the shift where scale is 0).
+   `f0 (N, M)` is each row's activation of its slot's M features before any edit. Writes, per column m:
+   `f1[r, m]`, the feature's value after ops 0..m (an op applies where valid and start <= pos < end; ops
+   apply in order, and an op on a feature an earlier active op set starts from that value); `last[r, m]`,
+   whether the op is active and no later active op edits the same feature; and `delta (N, d)`, the sum
+   over those of (f1 - f0) W_dec[feature], `w_dec (F, d)` float32 (zero for rows without an active op).
+   Returns the number of rows with an active op on a feature id outside [0, F) (their delta is left 0:
+   the caller raises). Plain float32 arithmetic, in the torch ops' order (built with -ffp-contract=off). */
+int64_t rudder_feature_edits(int64_t N, int64_t S, int64_t M, int64_t F, int64_t d, const int64_t *slot,
+                             const int64_t *pos, const uint8_t *valid, const int64_t *start, const int64_t *end,
+                             const int64_t *feature, const float *scale, const float *shift, const float *f0,
+                             const float *w_dec, int threads, float *f1, uint8_t *last, float *delta) {
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (N * d >= (1 << 15))
+    for (int64_t r = 0; r < N; r++) {
+        const int64_t s = slot[r], p = pos[r];
+        const float *fr = f0 + r * M;
+        float *g = f1 + r * M, *out = delta + r * d;
+        uint8_t *lr = last + r * M;
+        memset(out, 0, sizeof(float) * (size_t)d);
+        if (s < 0 || s >= S) { /* no slot: nothing applies */
+            for (int64_t m = 0; m < M; m++) g[m] = fr[m], lr[m] = 0;
+            continue;
+        }
+        const int64_t *feat = feature + s * M;
+        int row_bad = 0;
+        for (int64_t m = 0; m < M; m++) {
+            const int64_t i = s * M + m;
+            lr[m] = valid[i] && start[i] <= p && p < end[i]; /* active, for now */
+            float cur = fr[m];
+            for (int64_t j = 0; j < m; j++) /* the newest earlier active op on this feature set its value */
+                if (lr[j] && feat[j] == feat[m]) cur = g[j];
+            g[m] = lr[m] ? (scale[i] == 0.0f ? shift[i] : cur * scale[i] + shift[i]) : cur;
+            row_bad |= lr[m] && (feat[m] < 0 || feat[m] >= F);
+        }
+        if (row_bad) {
+            bad++;
+            continue;
+        }
+        for (int64_t m = 0; m < M; m++) { /* a later active op on the same feature: not its final value */
+            if (!lr[m]) continue;
+            for (int64_t j = m + 1; j < M; j++)
+                if (valid[s * M + j] && start[s * M + j] <= p && p < end[s * M + j] && feat[j] == feat[m]) {
+                    lr[m] = 0;
+                    break;
+                }
+        }
+        for (int64_t m = 0; m < M; m++) {
+            if (!lr[m]) continue;
+            const float c = g[m] - fr[m];
+            const float *w = w_dec + feat[m] * d;
+#pragma omp simd
+            for (int64_t t = 0; t < d; t++) out[t] += c * w[t];
+        }
+    }
+    return bad;
+}

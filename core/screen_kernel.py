@@ -35,11 +35,13 @@ from rudder.core.default_model import cache_dir
 
 if TYPE_CHECKING:
     from rudder.core.screened_topk import Screen
+    from rudder.core.steering import SaeTable
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("screen_kernel.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: no fused a*b+c, so an edit rounds as the torch ops do
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
 def enabled() -> bool:
@@ -113,6 +115,8 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_screen_active.restype = i64
     lib.rudder_dots_at.argtypes = [i64, i64, i64, i64, p, p, p, p, i32, p]
     lib.rudder_dots_at.restype = i64
+    lib.rudder_feature_edits.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, p, p, p]
+    lib.rudder_feature_edits.restype = i64
     return lib
 
 
@@ -212,3 +216,29 @@ def dots_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:
     if bad:
         raise IndexError(f"{bad} feature ids outside the SAE's {F} features")
     return out
+
+
+def feature_edits(table: SaeTable, slot: Tensor, pos: Tensor, f0: Tensor,
+                  w_dec: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`steering._feature_edits` and `_edit_delta` for rows of slots `slot (N,)` (-1: none) at positions
+    `pos (N,)`, from their activations `f0 (N, M)` of their slots' features, in one call: `f1, last (N, M)`
+    and `delta (N, d)`, (f' - f) W_dec without the SAE's input scale; None where the kernel is not
+    available (or a table is not on the CPU)."""
+    tensors = (table.valid, table.start, table.end, table.feature, table.scale, table.shift, slot, pos)
+    if any(t.device.type != "cpu" for t in tensors) or f0.shape != (slot.shape[0], table.feature.shape[1]):
+        return None
+    lib = _kernel(f0, w_dec, table.scale, table.shift)
+    if lib is None:
+        return None
+    valid = table.valid.contiguous().view(torch.uint8)
+    start, end, feature = (t.contiguous().long() for t in (table.start, table.end, table.feature))
+    scale, shift, f0, w_dec = (t.contiguous() for t in (table.scale, table.shift, f0, w_dec))
+    slot, pos = slot.contiguous().long(), pos.contiguous().long()
+    (N, M), (S, _), (F, d) = f0.shape, feature.shape, w_dec.shape
+    f1, last, delta = f0.new_empty(N, M), torch.empty(N, M, dtype=torch.bool), f0.new_empty(N, d)
+    inputs = (slot, pos, valid, start, end, feature, scale, shift, f0, w_dec)
+    bad = lib.rudder_feature_edits(N, S, M, F, d, *(t.data_ptr() for t in inputs), torch.get_num_threads(),
+                                   f1.data_ptr(), last.data_ptr(), delta.data_ptr())
+    if bad:
+        raise IndexError(f"{bad} rows edit feature ids outside the SAE's {F} features")
+    return f1, last, delta

@@ -26,6 +26,7 @@ import msgspec
 import torch
 from torch import Tensor
 
+from rudder.core import screen_kernel, screened_topk
 from rudder.core.codebook import Codebook, ForcedCodes
 from rudder.core.sae import SAE, active_at
 from rudder.core.sites import Site
@@ -264,11 +265,15 @@ class _OpTable:
         return slot, act
 
     def active_all(self, rows: RowIndex) -> tuple[Tensor, Tensor]:
-        """`active` for every row, with fixed shapes and no host synchronisation (the in-graph
-        form): a row of no slot (-1) reads slot 0's ops, all masked off."""
-        slot, pos = rows.slot.clamp(min=0), rows.position[:, None]
-        act = self.valid[slot] & (self.start[slot] <= pos) & (pos < self.end[slot]) & (rows.slot >= 0)[:, None]
-        return slot, act  # (N,), (N, M)
+        """`active` for every row, with fixed shapes and no host synchronisation (the in-graph form)."""
+        return self.active_of(rows.slot, rows.position)
+
+    def active_of(self, slot: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """`active_all` for rows of slots `slot (R,)` at positions `pos (R,)`: a row of no slot (-1)
+        reads slot 0's ops, all masked off."""
+        s, p = slot.clamp(min=0), pos[:, None]
+        act = self.valid[s] & (self.start[s] <= p) & (p < self.end[s]) & (slot >= 0)[:, None]
+        return s, act  # (R,), (R, M)
 
 
 @dataclass
@@ -280,6 +285,7 @@ class SaeTable(_OpTable):
     top_k: int
     selected: Tensor  # (K,) feature ids read for every reading slot
     edits: bool = True  # some slot has an op (known on the host: no device sync to find out)
+    any_reads: bool = True  # some slot reads (`reads` has a True; known on the host)
     scale: Tensor | None = None
     shift: Tensor | None = None
     """(S, M): each op as f' = f scale + shift (CLAMP: 0, v; ADD: 1, v; SCALE: v, 0; ABLATE: 0, 0), so an
@@ -389,7 +395,7 @@ def build_tables(
                         for i in s.readouts.feature_ids} | watched),
                 dtype=torch.long, device=device,
             ),
-            edits=any(per_slot),
+            edits=any(per_slot), any_reads=any(reading),
             gates_only=torch.tensor(gates_only, device=device) if any(gates_only) else None,
         )
 
@@ -528,10 +534,32 @@ def _feature_edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, act: Tens
 def _edit_delta(sae: SAE, feat: Tensor, f0: Tensor, f1: Tensor, last: Tensor) -> Tensor:
     """sum over edited features i of (f'_i - f_i) W_dec[i]: `(R, d)`, zero for rows without edits."""
     coef = torch.where(last, f1 - f0, torch.zeros_like(f0))  # (R, M)
-    delta = torch.einsum("rm,rmd->rd", coef, sae.W_dec[feat])
+    return _scaled_back(sae, torch.einsum("rm,rmd->rd", coef, sae.W_dec[feat]))
+
+
+def _scaled_back(sae: SAE, delta: Tensor) -> Tensor:
     if sae.in_scale is not None and not sae.cfg.is_transcoder:  # it reads the normalized value: scale back
         delta = delta * sae.in_scale
     return delta
+
+
+def _edits(sae: SAE, x: Tensor, table: SaeTable, slot: Tensor, pos: Tensor, feat: Tensor | None = None,
+           f0: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The feature edits of the rows `x (R, d)` of slots `slot (R,)` (-1: no slot, nothing edited) at token
+    positions `pos (R,)`: their edited features `feat (R, M)`, `_feature_edits`' f0, f1 and last, and the
+    delta `(R, d_out)` that `_edit_delta` gives. Eager on a CPU, everything after f0 is one C call
+    (`screen_kernel.feature_edits`, one pass per row instead of ~25 small ops); elsewhere (a GPU, a
+    graph being compiled, no C compiler) the torch ops, with fixed shapes and no host synchronisation."""
+    if feat is None:
+        feat = table.feature[slot.clamp(min=0)]
+    if f0 is None:
+        f0 = sae.encode_at(x, feat) if sae.elementwise else sae.topk_active_at(x, feat)  # (R, M)
+    done = None if f0.device.type != "cpu" else screen_kernel.feature_edits(table, slot, pos, f0, sae.W_dec)
+    if done is not None:
+        f1, last, delta = done
+        return feat, f0, f1, last, _scaled_back(sae, delta)
+    _, f1, last = _feature_edits(sae, x, table, *table.active_of(slot, pos), f0=f0)
+    return feat, f0, f1, last, _edit_delta(sae, feat, f0, f1, last)
 
 
 def sae_delta_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
@@ -540,13 +568,7 @@ def sae_delta_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> 
     CUDA graphs). For an elementwise SAE it reads only the edited features' encoder columns; a TopK
     SAE's features depend on each other, so it encodes every row (on a CPU, eager: every row where
     an edited feature is above 0, which is not fixed-shape, and a CPU has no device to wait for)."""
-    return _edit_delta(sae, *_edits_all_rows(sae, x, table, rows))
-
-
-def _edits_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every row's edited features `(N, M)` and `_feature_edits`' f0, f1, last (fixed shapes)."""
-    slot, act = table.active_all(rows)
-    return table.feature[slot], *_feature_edits(sae, x, table, slot, act)
+    return _edits(sae, x, table, rows.slot, rows.position)[-1]
 
 
 def sae_edit_all_rows(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Tensor:
@@ -559,14 +581,18 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     """Read `sae` on the rows `x (N, d_in)` and add its edits, (f' - f) W_dec, to `out (N, d_out)`:
     x itself by default (an SAE: x' comes back), or what a transcoder adds where it writes."""
     out = x if out is None else out
+    if table.edits and not table.any_reads and (sae.elementwise or x.shape[0] <= screened_topk.ALL_ROWS):
+        # edits, no readout (a steered decode step, say): every row at once, fixed shapes (a TopK SAE
+        # encodes rows of no slot too, but its screen reads the whole encoder for any number of rows)
+        return out + _edits(sae, x, table, rows.slot, rows.position)[-1].to(out.dtype)
     read_mask = _reading(rows, table.reads)
     if table.gates_only is not None and sae.elementwise:  # rows that only watch gates: their columns
         watching = read_mask & _row_mask(rows, table.gates_only)
         read_mask = read_mask & ~watching
         _watch(sae_id, sae, x, table, rows, watching.nonzero().squeeze(-1), readouts)
     if table.edits and sae.elementwise:  # edits from the edited features' columns, on every row
-        feat, f0, f1, last = _edits_all_rows(sae, x, table, rows)
-        out = out + _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
+        feat, f0, f1, last, delta = _edits(sae, x, table, rows.slot, rows.position)
+        out = out + delta.to(out.dtype)
         reading = read_mask.nonzero().squeeze(-1)
         if reading.numel():  # readouts are of f' = f(x) with the edits (these f1), not of f(x')
             x_read = x[reading]
@@ -580,9 +606,8 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     sel = (editing | read_mask).nonzero().squeeze(-1)
     if sel.numel() == 0:
         return out
-    slot, act = table.active(rows, sel)
     whole = sel.numel() == x.shape[0]  # every row edits or reads (a decode step): no gather, no scatter
-    xs = x if whole else x[sel]
+    xs, slot, pos = (x, rows.slot, rows.position) if whole else (x[sel], rows.slot[sel], rows.position[sel])
     feat = table.feature[slot]
     reading = read_mask[sel]
     top = None
@@ -602,9 +627,9 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
             values, ids = sae.topk_encode(xs[read])
             f0 = feat.new_zeros(feat.shape, dtype=values.dtype).index_copy(0, read, active_at(values, ids, feat[read]))
             f0.index_copy_(0, edit, sae.topk_active_at(xs[edit], feat[edit]))
-    _, f1, last = _feature_edits(sae, xs, table, slot, act, f0=f0)
+    _, _, f1, last, delta = _edits(sae, xs, table, slot, pos, feat, f0)
     if table.edits:
-        delta = _edit_delta(sae, feat, f0, f1, last).to(out.dtype)
+        delta = delta.to(out.dtype)
         out = out + delta if whole else out.index_add(0, sel, delta)
     if reading.any():
         if top is not None:

@@ -104,3 +104,105 @@ def test_a_topk_edits_membership_in_one_call_raises_on_an_id_outside_the_diction
     dense = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
     decided = ~undecided
     torch.testing.assert_close(acts[decided], dense.gather(1, feat.clamp(max=299))[decided], rtol=2e-6, atol=1e-6)
+
+
+def _random_edit_tables(g: torch.Generator, slots: int, d_sae: int):
+    """Tables of `slots` requests with 1-4 feature edits each, every op kind, scopes that start and end
+    at several positions, and repeated features (ops that chain)."""
+    from rudder.core.steering import FeatureEdit, Op, Scope, SteeringSpec, build_tables
+
+    specs = []
+    for _ in range(slots):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        feats = torch.randint(0, 6, (n,), generator=g).tolist()  # few distinct features: some chain
+        edits = []
+        for f in feats:
+            op = Op(int(torch.randint(1, 5, (1,), generator=g)))
+            value = round(float(torch.randn((), generator=g)) * 3, 2)
+            a = int(torch.randint(0, 6, (1,), generator=g))
+            scope = Scope("range", a, a + int(torch.randint(1, 6, (1,), generator=g))) if f % 2 else Scope()
+            edits.append(FeatureEdit("s", f * (d_sae // 6), op, value, scope))
+        specs.append(SteeringSpec(features=tuple(edits)))
+    return build_tables(specs, [4] * slots).saes["s"]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@torch.no_grad()
+def test_a_steps_feature_edits_in_one_call_equal_the_torch_ops(fresh):
+    """`feature_edits` (the edits after f0, on a CPU) gives `_feature_edits`' f1 and last bit for bit
+    (inf, NaN and -0.0 activations, ops that chain on one feature, scopes, rows of no slot) and
+    `_edit_delta`'s delta; an active op on an id outside the dictionary raises."""
+    from rudder.core.steering import _edit_delta, _feature_edits
+    from tests.core.test_steering import random_sae
+
+    g = torch.Generator().manual_seed(3)
+    sae = random_sae(3).requires_grad_(False)
+    for trial in range(20):
+        table = _random_edit_tables(g, 5, sae.cfg.d_sae)
+        N, M = 40, table.feature.shape[1]
+        slot = torch.randint(-1, 5, (N,), generator=g)
+        pos = torch.randint(0, 10, (N,), generator=g)
+        f0 = torch.randn(N, M, generator=g)
+        odd = torch.rand(N, M, generator=g)
+        f0[odd < 0.05] = float("inf")
+        f0[(odd >= 0.05) & (odd < 0.1)] = float("nan")
+        f0[(odd >= 0.1) & (odd < 0.15)] = -0.0
+        got = screen_kernel.feature_edits(table, slot, pos, f0, sae.W_dec)
+        assert got is not None
+        f1, last, delta = got
+        s, act = table.active_of(slot, pos)
+        _, want_f1, want_last = _feature_edits(sae, torch.zeros(N, 16), table, s, act, f0=f0)
+        assert torch.equal(last, want_last), trial
+        same = (f1 == want_f1) | (f1.isnan() & want_f1.isnan())
+        assert same.all() and torch.equal(f1.signbit(), want_f1.signbit()), trial
+        want = _edit_delta(sae, table.feature[s], f0, want_f1, want_last)
+        torch.testing.assert_close(delta, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert torch.equal(delta[slot < 0], torch.zeros(int((slot < 0).sum()), 16))
+    table.feature[0, 0] = sae.cfg.d_sae
+    table.valid[0, 0], table.start[0, 0], table.end[0, 0] = True, 0, 100
+    with pytest.raises(IndexError, match="outside the SAE's 64 features"):
+        screen_kernel.feature_edits(table, torch.zeros(3, dtype=torch.long), torch.arange(3), torch.zeros(3, M),
+                                    sae.W_dec)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+@pytest.mark.parametrize("rows_n", [6, 80])  # a decode step, and a prefill past screened_topk.ALL_ROWS
+@torch.no_grad()
+def test_a_steered_step_is_the_same_with_the_kernel_and_with_the_torch_ops(fresh, monkeypatch, arch, rows_n):
+    """The whole site op on frozen SAEs (as served): edits alone, and edits with a readout, give the
+    same stream and readouts through the C kernel as through the torch ops."""
+    from dataclasses import replace
+
+    from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
+    from tests.core.test_steering import SITE, frozen_topk_sae, random_sae
+
+    sae = frozen_topk_sae(4) if arch == "topk" else random_sae(4).requires_grad_(False)
+    real, taken = screen_kernel.feature_edits, []
+    monkeypatch.setattr(screen_kernel, "feature_edits", lambda *a: taken.append(real(*a)) or taken[-1])
+    g = torch.Generator().manual_seed(4)
+    edits = _random_edit_tables(g, 4, sae.cfg.d_sae)
+    x = torch.randn(rows_n, 16, generator=g) * 2
+    rows = RowIndex(torch.randint(-1, 4, (rows_n,), generator=g), torch.randint(0, 10, (rows_n,), generator=g))
+    for readout in (False, True):
+        table = edits
+        if readout:
+            table = replace(edits, reads=torch.tensor([True, False, True, False]), any_reads=True, top_k=4,
+                            selected=torch.tensor([0, 10, 20]))
+            rows = RowIndex(rows.slot, rows.position, torch.rand(rows_n, generator=g) < 0.5)
+        results = []
+        for kernel in ("1", "0"):
+            monkeypatch.setenv("RUDDER_SAE_KERNEL", kernel)
+            out, readouts = steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}),
+                                       StepTables(saes={"s": table}), rows)
+            results.append((out, readouts))
+        (out_c, read_c), (out_t, read_t) = results
+        assert taken and taken[0] is not None and all(t is None for t in taken[1:])  # the kernel, then torch
+        taken.clear()
+        assert not torch.equal(out_c, x)
+        torch.testing.assert_close(out_c, out_t, rtol=1e-5, atol=1e-5)
+        assert len(read_c) == len(read_t) == int(readout)
+        for a, b in zip(read_c, read_t):
+            assert torch.equal(a.rows, b.rows) and torch.equal(a.top_ids, b.top_ids)
+            torch.testing.assert_close(a.top_values, b.top_values, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.selected_values, b.selected_values, rtol=1e-5, atol=1e-5)
