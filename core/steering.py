@@ -248,6 +248,7 @@ class RowIndex:
     slot: Tensor  # (N,) long
     position: Tensor  # (N,) long
     read: Tensor | None = None  # (N,) bool
+    every_row_read: bool = False  # every row is a slot's and is read (known on the host)
 
 
 @dataclass
@@ -286,6 +287,7 @@ class SaeTable(_OpTable):
     selected: Tensor  # (K,) feature ids read for every reading slot
     edits: bool = True  # some slot has an op (known on the host: no device sync to find out)
     any_reads: bool = True  # some slot reads (`reads` has a True; known on the host)
+    every_slot_reads: bool = False  # every slot reads this SAE out (known on the host)
     scale: Tensor | None = None
     shift: Tensor | None = None
     """(S, M): each op as f' = f scale + shift (CLAMP: 0, v; ADD: 1, v; SCALE: v, 0; ABLATE: 0, 0), so an
@@ -396,6 +398,7 @@ def build_tables(
                 dtype=torch.long, device=device,
             ),
             edits=any(per_slot), any_reads=any(reading),
+            every_slot_reads=all(sae_id in s.readouts.saes for s in specs),
             gates_only=torch.tensor(gates_only, device=device) if any(gates_only) else None,
         )
 
@@ -585,7 +588,8 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         # edits, no readout (a steered decode step, say): every row at once, fixed shapes (a TopK SAE
         # encodes rows of no slot too, but its screen reads the whole encoder for any number of rows)
         return out + _edits(sae, x, table, rows.slot, rows.position)[-1].to(out.dtype)
-    read_mask = _reading(rows, table.reads)
+    every = rows.every_row_read and table.every_slot_reads  # known on the host: no rows to pick out
+    read_mask = None if every else _reading(rows, table.reads)
     if table.gates_only is not None and sae.elementwise:  # rows that only watch gates: their columns
         watching = read_mask & _row_mask(rows, table.gates_only)
         read_mask = read_mask & ~watching
@@ -593,23 +597,28 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     if table.edits and sae.elementwise:  # edits from the edited features' columns, on every row
         feat, f0, f1, last, delta = _edits(sae, x, table, rows.slot, rows.position)
         out = out + delta.to(out.dtype)
-        reading = read_mask.nonzero().squeeze(-1)
+        reading = torch.arange(x.shape[0], device=x.device) if every else read_mask.nonzero().squeeze(-1)
         if reading.numel():  # readouts are of f' = f(x) with the edits (these f1), not of f(x')
-            x_read = x[reading]
+            x_read = x if every else x[reading]
             top = _top_to_read(sae, x_read, table)
             f = sae.encode(x_read) if top is None else None  # (R, d_sae)
             _read(sae_id, table, reading, f, feat[reading], f1[reading], last[reading], readouts, top)
         return out
     # TopK (a feature's value depends on all of them; the only activation that is not elementwise),
     # or reading only: encode the rows that edit or read, once, for both.
-    editing = _row_mask(rows, table.valid.any(dim=1)) if table.edits else torch.zeros_like(read_mask)
-    sel = (editing | read_mask).nonzero().squeeze(-1)
-    if sel.numel() == 0:
-        return out
+    if every:
+        sel, reading = torch.arange(x.shape[0], device=x.device), None  # `reading` None: every row
+    else:
+        editing = _row_mask(rows, table.valid.any(dim=1)) if table.edits else torch.zeros_like(read_mask)
+        sel = (editing | read_mask).nonzero().squeeze(-1)
+        if sel.numel() == 0:
+            return out
+        reading = read_mask[sel]
     whole = sel.numel() == x.shape[0]  # every row edits or reads (a decode step): no gather, no scatter
     xs, slot, pos = (x, rows.slot, rows.position) if whole else (x[sel], rows.slot[sel], rows.position[sel])
     feat = table.feature[slot]
-    reading = read_mask[sel]
+    all_read = reading is None or bool(reading.all())
+    any_read = all_read or bool(reading.any())
     top = None
     if sae.elementwise:  # reading only
         top = _top_to_read(sae, xs, table)
@@ -617,10 +626,10 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         f0 = sae.encode_at(xs, feat) if f is None else f.gather(1, feat)
     else:  # TopK: rows read out, their k active features; rows that only edit, whether each edited one is among them
         f = None
-        if bool(reading.all()):  # a decode step
+        if all_read:  # a decode step
             values, ids = sae.topk_encode(xs)  # (R, k)
             f0 = active_at(values, ids, feat)
-        elif not reading.any():
+        elif not any_read:
             f0 = sae.topk_active_at(xs, feat)
         else:  # a prefill: one row per request is read out (the one that chooses its first token)
             read, edit = reading.nonzero().squeeze(-1), (~reading).nonzero().squeeze(-1)
@@ -631,16 +640,19 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     if table.edits:
         delta = delta.to(out.dtype)
         out = out + delta if whole else out.index_add(0, sel, delta)
-    if reading.any():
+    if any_read:
+        def pick(t: Tensor) -> Tensor:  # the rows read out
+            return t if all_read else t[reading]
+
         if top is not None:
-            top = tuple(t[reading] for t in top)
+            top = tuple(pick(t) for t in top)
         elif f is not None:
-            f = f[reading]
+            f = pick(f)
         else:  # the TopK values and ids of the rows read out: their top, else their dense activation
             top = _topk_top(values, ids, table)
             if top is None:
                 f = values.new_zeros(ids.shape[0], sae.cfg.d_sae).scatter_(-1, ids, values)
-        _read(sae_id, table, sel[reading], f, feat[reading], f1[reading], last[reading], readouts, top)
+        _read(sae_id, table, pick(sel), f, pick(feat), pick(f1), pick(last), readouts, top)
     return out
 
 

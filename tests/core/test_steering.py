@@ -310,3 +310,31 @@ def test_a_transcoder_reads_where_it_reads_and_edits_where_it_writes(architectur
     out, _ = steer_site("blocks.1.hook_mlp_out", x_out, None, tables, rows, pending)
     torch.testing.assert_close(out, x_out + (7.0 - f[:, 5:6]) * tc.W_dec[5])
     assert pending == {}  # consumed in the pass
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+@torch.no_grad()
+def test_a_step_where_every_row_reads_needs_no_rows_picked_out(arch):
+    """Where the host knows every row is read and every slot reads the SAE (`RowIndex.every_row_read`,
+    `SaeTable.every_slot_reads`: a decode step of readers), the op skips picking rows, and reads and
+    edits exactly as when it picks them."""
+
+    sae = frozen_topk_sae(5) if arch == "topk" else random_sae(5).requires_grad_(False)
+    read = ReadoutSpec(saes=("s",), top_k=4, feature_ids=(3, 9))
+    specs = [SteeringSpec(features=(FeatureEdit("s", 3, Op.CLAMP, 4.0),), readouts=read),
+             SteeringSpec(readouts=read),
+             SteeringSpec(features=(FeatureEdit("s", 9, Op.ADD, 1.0), FeatureEdit("s", 9, Op.SCALE, 2.0)),
+                          readouts=read)]
+    tables = build_tables(specs, [2, 2, 2])
+    assert tables.saes["s"].every_slot_reads
+    assert not build_tables(specs + [SteeringSpec()], [2] * 4).saes["s"].every_slot_reads
+    x = torch.randn(6, 16) * 2
+    slots, positions = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 2, 3, 3, 3])
+    got = []
+    for every in (True, False):
+        rows = RowIndex(slots, positions, torch.ones(6, dtype=torch.bool), every_row_read=every)
+        got.append(steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}), tables, rows))
+    (out_a, (ra,)), (out_b, (rb,)) = got
+    assert not torch.equal(out_a, x) and torch.equal(out_a, out_b)
+    for name in ("rows", "top_ids", "top_values", "selected_ids", "selected_values"):
+        assert torch.equal(getattr(ra, name), getattr(rb, name)), name
