@@ -19,13 +19,13 @@ import triton.language as tl
 from torch import Tensor
 
 from rudder.core.sae import SAE
-from rudder.core.steering import Op, RowIndex, SaeTable
+from rudder.core.steering import RowIndex, SaeTable
 
 SUPPORTED = ("standard", "jumprelu")
 
 
 @triton.jit
-def _edit_kernel(xin_ptr, feat_ptr, act_ptr, op_ptr, val_ptr, wenc_ptr, benc_ptr, thr_ptr, wdec_ptr, out_ptr,
+def _edit_kernel(xin_ptr, feat_ptr, act_ptr, scale_ptr, shift_ptr, wenc_ptr, benc_ptr, thr_ptr, wdec_ptr, out_ptr,
                  d, d_sae, M, jump: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     r = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -34,8 +34,8 @@ def _edit_kernel(xin_ptr, feat_ptr, act_ptr, op_ptr, val_ptr, wenc_ptr, benc_ptr
     xin = tl.load(xin_ptr + r * d + cols, mask=on_d, other=0.0).to(tl.float32)
     feat = tl.load(feat_ptr + r * M + ms, mask=on_m, other=0)
     act = tl.load(act_ptr + r * M + ms, mask=on_m, other=0) != 0
-    op = tl.load(op_ptr + r * M + ms, mask=on_m, other=0)
-    val = tl.load(val_ptr + r * M + ms, mask=on_m, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + r * M + ms, mask=on_m, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + r * M + ms, mask=on_m, other=0.0).to(tl.float32)
     both = on_m[:, None] & on_d[None, :]
     # W_enc is (d, d_sae): feature f's column, read in place
     w_enc = tl.load(wenc_ptr + cols[None, :] * d_sae + feat[:, None], mask=both, other=0.0).to(tl.float32)
@@ -50,12 +50,12 @@ def _edit_kernel(xin_ptr, feat_ptr, act_ptr, op_ptr, val_ptr, wenc_ptr, benc_ptr
     for m in tl.static_range(BLOCK_M):
         here = ms == m
         c = tl.sum(tl.where(here, cur, 0.0))
-        v = tl.sum(tl.where(here, val, 0.0))
-        o = tl.sum(tl.where(here, op, 0))
+        sc = tl.sum(tl.where(here, scale, 0.0))
+        sh = tl.sum(tl.where(here, shift, 0.0))
         a = tl.sum(tl.where(here & act, 1, 0)) > 0
         f = tl.sum(tl.where(here, feat, 0))
-        # Op.CLAMP 1, ADD 2, SCALE 3; ABLATE (and NONE) 0
-        new = tl.where(o == 1, v, tl.where(o == 2, c + v, tl.where(o == 3, c * v, 0.0)))
+        # each op as f' = f scale + shift, exactly the shift where the op sets the value (steering._apply_op)
+        new = tl.where(sc == 0.0, sh, c * sc + sh)
         f1 = tl.where(here, tl.where(a, new, c), f1)
         cur = tl.where(a & (feat == f), new, cur)
     # a column holds its feature's final value unless a later active op edits the same feature
@@ -77,14 +77,13 @@ def fused_sae_delta(sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex) -> Ten
     if sae.cfg.activation not in SUPPORTED or sae.in_scale is not None or sae.cfg.is_transcoder:
         raise ValueError(f"the fused edit serves {', '.join(SUPPORTED)} SAEs on their site's own values; "
                          f"{sae.cfg.architecture} goes through steering.sae_delta_all_rows")
-    assert (Op.CLAMP, Op.ADD, Op.SCALE) == (1, 2, 3), "the kernel's op codes"
     slot, act = table.active_all(rows)
     n, m = act.shape
     xin = sae._input(x).contiguous()
     out = torch.empty(n, sae.cfg.d_in, dtype=torch.float32, device=x.device)
     jump = sae.cfg.activation == "jumprelu"
     _edit_kernel[(n,)](xin, table.feature[slot].contiguous(), act.to(torch.int8).contiguous(),
-                       table.op[slot].contiguous(), table.value[slot].contiguous(), sae.W_enc.contiguous(),
+                       table.scale[slot].contiguous(), table.shift[slot].contiguous(), sae.W_enc.contiguous(),
                        sae.encoder_bias.contiguous(), (sae.threshold if jump else sae.encoder_bias).contiguous(),
                        sae.W_dec.contiguous(), out, sae.cfg.d_in, sae.cfg.d_sae, m, jump=jump,
                        BLOCK_D=triton.next_power_of_2(sae.cfg.d_in), BLOCK_M=triton.next_power_of_2(max(m, 1)))
