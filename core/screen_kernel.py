@@ -224,16 +224,14 @@ def feature_edits(table: SaeTable, slot: Tensor, pos: Tensor, f0: Tensor,
     `pos (N,)`, from their activations `f0 (N, M)` of their slots' features, in one call: `f1, last (N, M)`
     and `delta (N, d)`, (f' - f) W_dec without the SAE's input scale; None where the kernel is not
     available (or a table is not on the CPU)."""
-    tensors = (table.valid, table.start, table.end, table.feature, table.scale, table.shift, slot, pos)
-    if any(t.device.type != "cpu" for t in tensors) or f0.shape != (slot.shape[0], table.feature.shape[1]):
+    on_cpu = f0.device.type == table.valid.device.type == slot.device.type == "cpu"
+    if not on_cpu or f0.shape != (slot.shape[0], table.feature.shape[1]):
         return None
-    lib = _kernel(f0, w_dec, table.scale, table.shift)
+    lib = _kernel(f0, w_dec)
     if lib is None:
         return None
-    valid = table.valid.contiguous().view(torch.uint8)
-    start, end, feature = (t.contiguous().long() for t in (table.start, table.end, table.feature))
-    scale, shift, f0, w_dec = (t.contiguous() for t in (table.scale, table.shift, f0, w_dec))
-    slot, pos = slot.contiguous().long(), pos.contiguous().long()
+    valid, start, end, feature, scale, shift = table.kernel_buffers
+    f0, w_dec, slot, pos = f0.contiguous(), w_dec.contiguous(), slot.contiguous().long(), pos.contiguous().long()
     (N, M), (S, _), (F, d) = f0.shape, feature.shape, w_dec.shape
     f1, last, delta = f0.new_empty(N, M), torch.empty(N, M, dtype=torch.bool), f0.new_empty(N, d)
     inputs = (slot, pos, valid, start, end, feature, scale, shift, f0, w_dec)

@@ -300,6 +300,14 @@ class SaeTable(_OpTable):
         if self.scale is None or self.shift is None:
             self.scale, self.shift = _scale_shift(self.op, self.value)
 
+    @functools.cached_property
+    def kernel_buffers(self) -> tuple[Tensor, ...]:
+        """valid (as uint8), start, end, feature (int64), scale, shift (float32), contiguous: the tables as
+        the C kernel reads them (`screen_kernel.feature_edits`), worked out once per table."""
+        longs = (t.contiguous().long() for t in (self.start, self.end, self.feature))
+        return self.valid.contiguous().view(torch.uint8), *longs, self.scale.float().contiguous(), \
+            self.shift.float().contiguous()
+
 
 def _scale_shift(op: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
     # SCALE's shift is -0.0: f v + (-0.0) is f v exactly, -0.0 included

@@ -59,22 +59,25 @@ class Span:
     def reported_rows(self) -> range:
         """Rows the backend reports on after the step (readouts, possibly none, and overflow): the read
         rows, or else the sampled row, so a request hears of every token it gets."""
-        rows = self.read_rows()
-        if not rows and (row := self.sampled_row()) is not None:
-            return range(row, row + 1)
-        return rows
+        return self._rows[1]
 
     def read_rows(self) -> range:
         """Rows whose readouts it gets: every row when it asked for prompt readouts (or is a
         trace), else only the sampled row, if it asked for readouts at all."""
+        return self._rows[0]
+
+    @functools.cached_property
+    def _rows(self) -> tuple[range, range]:  # read and reported, worked out once: both are asked every step
+        sampled = self.sampled_row()
         if self.start == self.end:
-            return range(0)
-        if self.spec.readouts.include_prompt:  # a trace sets it, readouts asked for or not: a row per prompt token
-            return range(self.start, self.end)
-        if self.spec.readouts.empty and not self.spec.gates():
-            return range(0)
-        row = self.sampled_row()
-        return range(0) if row is None else range(row, row + 1)
+            read = range(0)
+        elif self.spec.readouts.include_prompt:  # a trace sets it, readouts asked for or not: a row per prompt token
+            read = range(self.start, self.end)
+        elif (self.spec.readouts.empty and not self.spec.gates()) or sampled is None:
+            read = range(0)
+        else:
+            read = range(sampled, sampled + 1)
+        return read, read if read or sampled is None else range(sampled, sampled + 1)
 
 
 class GateState:
