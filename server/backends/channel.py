@@ -1,10 +1,12 @@
 """The one channel from vLLM's workers to the front end: typed, versioned msgspec messages.
 
-Each forward step that steered or read, the first worker sends one `StepRecord` over a local
-zmq socket (msgpack, no pickle): for every row of a steering or reading request that produced a
-token (or a prompt readout), a `Row` with Rudder's own request id (carried as data: the front
-end puts it in `SamplingParams.extra_args`, the worker reads it back), the row's absolute
-position, its readouts, whether its steering overflowed, and a guard that fired there.
+Each forward step that steered or read, the first worker sends one `StepRecord` over a local Unix
+socket (msgpack, no pickle; each message after its 4-byte length): for every row of a steering or
+reading request that produced a token (or a prompt readout), a `Row` with Rudder's own request id
+(carried as data: the front end puts it in `SamplingParams.extra_args`, the worker reads it back), the
+row's absolute position, its readouts, whether its steering overflowed, and a guard that fired there.
+The worker writes to the socket itself, from the step (`Sender`): no I/O thread to hand the message
+to and wake, as a zmq socket has; the front end reads it on its event loop (`receive`).
 
 The contract, where readouts and tokens meet (`VllmEngine.generate`): the worker sends a step's
 rows before vLLM's output of that step reaches the front end, so the front end awaits the row of
@@ -17,6 +19,11 @@ refused the same way, naming both versions.
 """
 
 from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
 
 import msgspec
 
@@ -86,3 +93,51 @@ def decode(message: bytes) -> StepRecord:
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise ChannelError(f"a malformed step record from the steering worker ({e}); retry the request",
                            header.requests) from e
+
+
+_FRAME = struct.Struct("<I")  # each message's length, before it
+
+
+class Sender:
+    """The worker's end: a blocking Unix stream socket, connected to the front end's `receive`."""
+
+    def __init__(self, path: str):
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(path)
+
+    def send(self, message: bytes) -> None:
+        self._sock.sendall(_FRAME.pack(len(message)) + message)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def receive(server_path: str, handle: Callable[[bytes], None], started: asyncio.Future) -> None:
+    """The front end's end: listen at `server_path` (setting `started` once it does), take the one worker
+    that connects, and pass each of its messages to `handle`, until it closes the connection (the
+    engine stopped) or the task is cancelled; a connection that breaks mid-message raises."""
+    connected: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if connected.done():  # one sender (the first tensor-parallel rank): another is refused
+            writer.close()
+        else:
+            connected.set_result((reader, writer))
+
+    server = await asyncio.start_unix_server(accept, path=server_path)
+    started.set_result(None)
+    try:
+        reader, writer = await connected
+        try:
+            while True:
+                try:
+                    head = await reader.readexactly(_FRAME.size)
+                except asyncio.IncompleteReadError as e:
+                    if not e.partial:  # closed between messages: the worker is gone
+                        return
+                    raise
+                handle(await reader.readexactly(_FRAME.unpack(head)[0]))
+        finally:
+            writer.close()
+    finally:
+        server.close()

@@ -7,7 +7,7 @@ Requests are batched continuously by vLLM. Each request's steering is checked in
 this process (`RequestParser`) and sent with it in `SamplingParams.extra_args`;
 the worker (`vllm_worker.SteeringWorker`, vLLM's `worker_cls`) applies it through the
 op with the same `steer_site` the reference backend uses, and pushes each step's
-readouts back over a local zmq socket, keyed by (request, position). A token is
+readouts back over a local Unix socket (`channel`), keyed by (request, position). A token is
 streamed with the readout of the row that produced it, as in the reference backend.
 
 Prefix caching stays on, salted: requests with the same steering share cached
@@ -176,16 +176,14 @@ class VllmEngine(HfTokenizing):
     async def start(self) -> None:
         if self.llm is not None:
             return
-        import zmq
-        import zmq.asyncio
-
         vllm_compat.set_engine_env(FRONT_END_ENV)
         self._socket_dir = tempfile.mkdtemp(prefix="rudder-readouts-")  # mode 0700: only this user connects
-        address = f"ipc://{self._socket_dir}/readouts"
-        self._zmq = zmq.asyncio.Context()
-        self._socket = self._zmq.socket(zmq.PULL)
-        self._socket.bind(address)
-        self._receiver = asyncio.create_task(self._receive())
+        address = f"{self._socket_dir}/readouts"
+        listening = asyncio.get_running_loop().create_future()
+        self._receiver = asyncio.create_task(self._receive(address, listening))
+        await asyncio.wait({listening, self._receiver}, return_when=asyncio.FIRST_COMPLETED)
+        if self._receiver.done():  # it could not listen
+            self._receiver.result()
         self.llm = vllm_compat.async_llm(self.args)
         self.max_model_len = self.llm.model_config.max_model_len
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
@@ -199,8 +197,6 @@ class VllmEngine(HfTokenizing):
         self.llm.shutdown()
         self.llm = None
         self._receiver.cancel()
-        self._socket.close(0)
-        self._zmq.term()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     async def pause(self) -> None:
@@ -214,19 +210,20 @@ class VllmEngine(HfTokenizing):
         has: it will not serve again."""
         return self.llm is not None and not self.llm.errored and not self._receiver.done()
 
-    async def _receive(self) -> None:
+    async def _receive(self, address: str, listening: asyncio.Future) -> None:
         """The workers' step records (server.backends.channel), routed to the requests' `_Rows`. If the
-        socket itself fails, every waiting request fails at once."""
+        channel fails or closes (the engine stopped), every waiting request fails at once, and the
+        backend is no longer healthy."""
         try:
-            while True:
-                self._handle(await self._socket.recv())
+            await channel.receive(address, self._handle, listening)
+            failure = "the steering worker closed the readout channel (vLLM's engine stopped)"
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.exception("the readout receiver failed")
-            for rows in self._rows.values():
-                rows.fail(Unavailable(f"the readout channel from vLLM's workers failed ({e}); retry the request"))
-            raise
+            failure = f"the readout channel from vLLM's workers failed ({e})"
+        for rows in self._rows.values():
+            rows.fail(Unavailable(f"{failure}; retry the request"))
 
     def _handle(self, message: bytes) -> None:
         """One message from the workers. One that cannot be read is logged and counted, and the requests

@@ -15,7 +15,7 @@ Each forward step:
    `positions`, and builds the shared steering tables for the requests that steer or read
    (cached while the batch's requests stay the same) into a `StepRecorder`;
 2. the op at each site calls `StepRecorder.steer`, i.e. the shared `steer_site`;
-3. a post-hook sends the step's readouts, cut per request, over a local zmq socket as one typed
+3. a post-hook sends the step's readouts, cut per request, over a local Unix socket as one typed
    `channel.StepRecord` (from the first rank only: with tensor parallelism every rank steers the
    same full stream).
 
@@ -199,11 +199,8 @@ class _Steerer:
         self.model.register_forward_hook(self._end)
 
     def connect(self, readout_address: str) -> None:
-        import zmq
-
         if self.sends_readouts:
-            self.socket = zmq.Context.instance().socket(zmq.PUSH)
-            self.socket.connect(readout_address)
+            self.socket = channel.Sender(readout_address)
 
     # ------------------------------------------------------------ artifacts
 

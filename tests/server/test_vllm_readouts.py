@@ -105,3 +105,45 @@ def test_no_pickle_on_the_channel():
     for module in (channel, front, worker):
         source = open(module.__file__).read()
         assert "import pickle" not in source and "pickle." not in source, module.__name__
+
+
+def test_the_channel_carries_each_message_whole_in_order_and_ends_when_the_worker_closes(tmp_path):
+    """A real Unix socket: the worker's `Sender` in a thread (as in vLLM's worker: blocking writes from
+    the step), the front end's `receive` on its event loop. Messages of any size (one larger than the
+    socket's buffer) arrive whole and in order; a second sender is refused; the worker closing its end
+    ends the receiver; a message cut short raises."""
+    import threading
+
+    sizes = [0, 1, 5_000, 3_000_000, 17]
+    sent = [bytes([i]) * n for i, n in enumerate(sizes)]
+
+    async def go(cut: bool):
+        path = str(tmp_path / ("cut" if cut else "whole"))
+        got, listening = [], asyncio.get_running_loop().create_future()
+        receiver = asyncio.create_task(channel.receive(path, got.append, listening))
+        await listening
+
+        def worker():
+            sender = channel.Sender(path)
+            other = channel.Sender(path)  # a second worker: its connection is closed at once
+            for m in sent:
+                sender.send(m)
+            if cut:  # a length, then half the message
+                sender._sock.sendall(channel._FRAME.pack(100) + b"x" * 50)
+            sender.close()
+            other.close()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        try:
+            if cut:
+                with pytest.raises(asyncio.IncompleteReadError):
+                    await asyncio.wait_for(receiver, 30)
+            else:
+                await asyncio.wait_for(receiver, 30)
+        finally:
+            await asyncio.to_thread(thread.join, 30)
+        assert got == sent
+
+    asyncio.run(go(cut=False))
+    asyncio.run(go(cut=True))
