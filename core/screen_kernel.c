@@ -276,7 +276,9 @@ int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *
    whether the op is active and no later active op edits the same feature; and `delta (N, d)`, the sum
    over those of (f1 - f0) W_dec[feature], `w_dec (F, d)` float32 (zero for rows without an active op).
    Returns the number of rows with an active op on a feature id outside [0, F) (their delta is left 0:
-   the caller raises). Plain float32 arithmetic, in the torch ops' order (built with -ffp-contract=off). */
+   the caller raises). float32 arithmetic in the torch ops' order: f1 is theirs bit for bit (a fused
+   multiply-add rounds f scale + shift as they do, as scale is 1 or shift is 0 unless scale is 0);
+   delta is up to float32 rounding. */
 int64_t rudder_feature_edits(int64_t N, int64_t S, int64_t M, int64_t F, int64_t d, const int64_t *slot,
                              const int64_t *pos, const uint8_t *valid, const int64_t *start, const int64_t *end,
                              const int64_t *feature, const float *scale, const float *shift, const float *f0,

@@ -6,7 +6,7 @@ reading request that produced a token (or a prompt readout), a `Row` with Rudder
 (carried as data: the front end puts it in `SamplingParams.extra_args`, the worker reads it back), the
 row's absolute position, its readouts, whether its steering overflowed, and a guard that fired there.
 The worker writes to the socket itself, from the step (`Sender`): no I/O thread to hand the message
-to and wake, as a zmq socket has; the front end reads it on its event loop (`receive`).
+to and wake, as a zmq socket has; the front end reads it on a thread of its own (`Receiver`).
 
 The contract, where readouts and tokens meet (`VllmEngine.generate`): the worker sends a step's
 rows before vLLM's output of that step reaches the front end, so the front end awaits the row of
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 from collections.abc import Callable
 
 import msgspec
@@ -99,7 +100,7 @@ _FRAME = struct.Struct("<I")  # each message's length, before it
 
 
 class Sender:
-    """The worker's end: a blocking Unix stream socket, connected to the front end's `receive`."""
+    """The worker's end: a blocking Unix stream socket, connected to the front end's `Receiver`."""
 
     def __init__(self, path: str):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,32 +113,53 @@ class Sender:
         self._sock.close()
 
 
-async def receive(server_path: str, handle: Callable[[bytes], None], started: asyncio.Future) -> None:
-    """The front end's end: listen at `server_path` (setting `started` once it does), take the one worker
-    that connects, and pass each of its messages to `handle`, until it closes the connection (the
-    engine stopped) or the task is cancelled; a connection that breaks mid-message raises."""
-    connected: asyncio.Future = asyncio.get_running_loop().create_future()
+class Receiver:
+    """The front end's end: listens at `path` and reads each connected worker's messages whole on a
+    thread of its own (blocking reads), handing each to `handle` on the event loop `loop`. So a worker
+    never waits on the front end's event loop, however busy: only a front end that stopped reading
+    altogether would fill the socket and hold the worker. `ended` (a future on `loop`) settles when a
+    connection ends: None where it closed between messages (the engine stopped), else the error."""
 
-    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if connected.done():  # one sender (the first tensor-parallel rank): another is refused
-            writer.close()
-        else:
-            connected.set_result((reader, writer))
+    MAX_MESSAGE = 1 << 30  # a longer length means the stream is out of step
 
-    server = await asyncio.start_unix_server(accept, path=server_path)
-    started.set_result(None)
-    try:
-        reader, writer = await connected
+    def __init__(self, path: str, handle: Callable[[bytes], None], loop: asyncio.AbstractEventLoop):
+        self._handle, self._loop = handle, loop
+        self.ended: asyncio.Future = loop.create_future()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen()
+        threading.Thread(target=self._accept, name="rudder-readouts-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed: the front end is stopping
+                return
+            threading.Thread(target=self._read, args=(conn,), name="rudder-readouts", daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        ended: Exception | None = None
         try:
-            while True:
-                try:
-                    head = await reader.readexactly(_FRAME.size)
-                except asyncio.IncompleteReadError as e:
-                    if not e.partial:  # closed between messages: the worker is gone
-                        return
-                    raise
-                handle(await reader.readexactly(_FRAME.unpack(head)[0]))
-        finally:
-            writer.close()
-    finally:
-        server.close()
+            with conn, conn.makefile("rb") as stream:
+                while head := stream.read(_FRAME.size):
+                    size = _FRAME.unpack(head)[0] if len(head) == _FRAME.size else -1
+                    if not 0 <= size <= self.MAX_MESSAGE:
+                        raise ConnectionError(f"a message length the channel cannot have ({head.hex()})")
+                    message = stream.read(size)
+                    if len(message) != size:
+                        raise ConnectionError(f"a message cut short ({len(message)} of {size} bytes)")
+                    self._loop.call_soon_threadsafe(self._handle, message)
+        except Exception as e:  # noqa: BLE001 - reported through `ended`
+            ended = e
+        try:
+            self._loop.call_soon_threadsafe(self._end, ended)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
+
+    def _end(self, error: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None) if error is None else self.ended.set_exception(error)
+
+    def close(self) -> None:
+        self._listener.close()

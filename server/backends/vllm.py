@@ -179,11 +179,8 @@ class VllmEngine(HfTokenizing):
         vllm_compat.set_engine_env(FRONT_END_ENV)
         self._socket_dir = tempfile.mkdtemp(prefix="rudder-readouts-")  # mode 0700: only this user connects
         address = f"{self._socket_dir}/readouts"
-        listening = asyncio.get_running_loop().create_future()
-        self._receiver = asyncio.create_task(self._receive(address, listening))
-        await asyncio.wait({listening, self._receiver}, return_when=asyncio.FIRST_COMPLETED)
-        if self._receiver.done():  # it could not listen
-            self._receiver.result()
+        self._channel = channel.Receiver(address, self._handle, asyncio.get_running_loop())
+        self._receiver = asyncio.create_task(self._receive())
         self.llm = vllm_compat.async_llm(self.args)
         self.max_model_len = self.llm.model_config.max_model_len
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
@@ -197,6 +194,7 @@ class VllmEngine(HfTokenizing):
         self.llm.shutdown()
         self.llm = None
         self._receiver.cancel()
+        self._channel.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     async def pause(self) -> None:
@@ -210,12 +208,12 @@ class VllmEngine(HfTokenizing):
         has: it will not serve again."""
         return self.llm is not None and not self.llm.errored and not self._receiver.done()
 
-    async def _receive(self, address: str, listening: asyncio.Future) -> None:
-        """The workers' step records (server.backends.channel), routed to the requests' `_Rows`. If the
-        channel fails or closes (the engine stopped), every waiting request fails at once, and the
-        backend is no longer healthy."""
+    async def _receive(self) -> None:
+        """Waits on the channel from the workers, whose step records (server.backends.channel) `_handle`
+        routes to the requests' `_Rows`. If the channel fails or closes (the engine stopped), every
+        waiting request fails at once, and the backend is no longer healthy."""
         try:
-            await channel.receive(address, self._handle, listening)
+            await self._channel.ended
             failure = "the steering worker closed the readout channel (vLLM's engine stopped)"
         except asyncio.CancelledError:
             raise

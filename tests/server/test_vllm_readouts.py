@@ -107,43 +107,51 @@ def test_no_pickle_on_the_channel():
         assert "import pickle" not in source and "pickle." not in source, module.__name__
 
 
-def test_the_channel_carries_each_message_whole_in_order_and_ends_when_the_worker_closes(tmp_path):
-    """A real Unix socket: the worker's `Sender` in a thread (as in vLLM's worker: blocking writes from
-    the step), the front end's `receive` on its event loop. Messages of any size (one larger than the
-    socket's buffer) arrive whole and in order; a second sender is refused; the worker closing its end
-    ends the receiver; a message cut short raises."""
+def test_the_channel_carries_each_message_whole_in_order_and_never_waits_on_the_event_loop(tmp_path):
+    """A real Unix socket: two workers' `Sender`s in threads (as in vLLM's workers: blocking writes from
+    the step), the front end's `Receiver`. While the event loop is held (busy with something else), the
+    workers still finish sending, messages larger than the socket's buffer among them; then every
+    message arrives whole, each worker's in order. A worker closing its end settles `ended` with None;
+    a message cut short settles it with the error."""
     import threading
 
-    sizes = [0, 1, 5_000, 3_000_000, 17]
-    sent = [bytes([i]) * n for i, n in enumerate(sizes)]
+    sent = {w: [bytes([w * 10 + i]) * n for i, n in enumerate([0, 1, 5_000, 3_000_000, 17])] for w in (1, 2)}
 
     async def go(cut: bool):
         path = str(tmp_path / ("cut" if cut else "whole"))
-        got, listening = [], asyncio.get_running_loop().create_future()
-        receiver = asyncio.create_task(channel.receive(path, got.append, listening))
-        await listening
+        got = []
+        receiver = channel.Receiver(path, got.append, asyncio.get_running_loop())
 
-        def worker():
+        def worker(w: int):
             sender = channel.Sender(path)
-            other = channel.Sender(path)  # a second worker: its connection is closed at once
-            for m in sent:
+            for m in sent[w]:
                 sender.send(m)
-            if cut:  # a length, then half the message
+            if cut and w == 2:  # a length, then half the message
                 sender._sock.sendall(channel._FRAME.pack(100) + b"x" * 50)
             sender.close()
-            other.close()
 
-        thread = threading.Thread(target=worker)
-        thread.start()
+        threads = [threading.Thread(target=worker, args=(w,)) for w in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:  # the event loop is held here: the workers must not need it
+            t.join(60)
+            assert not t.is_alive()
         try:
             if cut:
-                with pytest.raises(asyncio.IncompleteReadError):
-                    await asyncio.wait_for(receiver, 30)
+                with pytest.raises(ConnectionError, match="cut short"):
+                    await asyncio.wait_for(asyncio.shield(receiver.ended), 30)
             else:
-                await asyncio.wait_for(receiver, 30)
+                assert await asyncio.wait_for(asyncio.shield(receiver.ended), 30) is None
+            async def all_handed_over():  # the other worker's messages may still be on their way to the loop
+                while len(got) < 10:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(all_handed_over(), 30)
         finally:
-            await asyncio.to_thread(thread.join, 30)
-        assert got == sent
+            receiver.close()
+        for w in (1, 2):
+            assert [m for m in got if m and m[0] // 10 == w] == [m for m in sent[w] if m]
+        assert got.count(b"") == 2
 
     asyncio.run(go(cut=False))
     asyncio.run(go(cut=True))
