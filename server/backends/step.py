@@ -126,7 +126,7 @@ def row_index(positions: Tensor, spans: list[Span], device: torch.device | str) 
         rows = s.read_rows()
         read[rows.start:rows.stop] = True
     return RowIndex(torch.from_numpy(slot).to(device), positions.to(device=device, dtype=torch.long),
-                    torch.from_numpy(read).to(device), every_row_read=bool(read.all()))
+                    torch.from_numpy(read).to(device), every_row_read=n > 0 and bool(read.all()))
 
 
 def finite_rows(t: Tensor) -> Tensor:
