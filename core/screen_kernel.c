@@ -310,14 +310,9 @@ int64_t rudder_feature_edits(int64_t N, int64_t S, int64_t M, int64_t F, int64_t
             bad++;
             continue;
         }
-        for (int64_t m = 0; m < M; m++) { /* a later active op on the same feature: not its final value */
-            if (!lr[m]) continue;
-            for (int64_t j = m + 1; j < M; j++)
-                if (valid[s * M + j] && start[s * M + j] <= p && p < end[s * M + j] && feat[j] == feat[m]) {
-                    lr[m] = 0;
-                    break;
-                }
-        }
+        for (int64_t m = 0; m < M; m++) /* a later active op on the same feature: not its final value */
+            for (int64_t j = m + 1; j < M && lr[m]; j++) /* lr[j], j > m, still says "active" */
+                if (lr[j] && feat[j] == feat[m]) lr[m] = 0;
         for (int64_t m = 0; m < M; m++) {
             if (!lr[m]) continue;
             const float c = g[m] - fr[m];

@@ -180,7 +180,7 @@ class VllmEngine(HfTokenizing):
         self._socket_dir = tempfile.mkdtemp(prefix="rudder-readouts-")  # mode 0700: only this user connects
         address = f"{self._socket_dir}/readouts"
         self._channel = channel.Receiver(address, self._handle, asyncio.get_running_loop())
-        self._receiver = asyncio.create_task(self._receive())
+        self._channel.ended.add_done_callback(self._channel_ended)
         self.llm = vllm_compat.async_llm(self.args)
         self.max_model_len = self.llm.model_config.max_model_len
         codebooks = str(self.model_dir) if has_codebooks(self.model_dir) else None
@@ -193,7 +193,6 @@ class VllmEngine(HfTokenizing):
             return
         self.llm.shutdown()
         self.llm = None
-        self._receiver.cancel()
         self._channel.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
@@ -206,19 +205,18 @@ class VllmEngine(HfTokenizing):
     def healthy(self) -> bool:
         """False once vLLM's engine has died (its core process gone or failed), or the readout receiver
         has: it will not serve again."""
-        return self.llm is not None and not self.llm.errored and not self._receiver.done()
+        return self.llm is not None and not self.llm.errored and not self._channel.ended.done()
 
-    async def _receive(self) -> None:
-        """Waits on the channel from the workers, whose step records (server.backends.channel) `_handle`
-        routes to the requests' `_Rows`. If the channel fails or closes (the engine stopped), every
-        waiting request fails at once, and the backend is no longer healthy."""
-        try:
-            await self._channel.ended
+    def _channel_ended(self, ended: asyncio.Future) -> None:
+        """The channel from the workers (whose step records `_handle` routes to the requests' `_Rows`)
+        failed or closed (the engine stopped): every waiting request fails at once, and the backend is
+        no longer healthy."""
+        if ended.cancelled():
+            return
+        if (e := ended.exception()) is None:
             failure = "the steering worker closed the readout channel (vLLM's engine stopped)"
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.exception("the readout receiver failed")
+        else:
+            log.error("the readout channel from vLLM's workers failed: %s", e)
             failure = f"the readout channel from vLLM's workers failed ({e})"
         for rows in self._rows.values():
             rows.fail(Unavailable(f"{failure}; retry the request"))
