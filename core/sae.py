@@ -397,6 +397,21 @@ class SAE(nn.Module):
         acts = acts.index_copy(0, rows, found)
         return in_full(rows[undecided], acts) if bool(undecided.any()) else acts
 
+    def topk_read(self, x: Tensor, feat: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """What a decode step that reads a TopK SAE out and edits it needs, from one screen product in one
+        C call: the top n activations at the rows `x (N, d_in)` (n <= k; values and ids `(N, n)`, largest
+        first, all above 0) and the activations of the features `feat (N, M)` (`topk_active_at`'s). None
+        where that does not apply (no screen or C kernel here, n above k, more than
+        `screened_topk.ALL_ROWS` rows, a row the screen cannot decide or with fewer than n active
+        features): `topk_encode` answers then."""
+        if self.cfg.activation != "topk" or not 0 < n <= self.cfg.k or x.device.type != "cpu" \
+                or not 0 < x.shape[0] <= screened_topk.ALL_ROWS:
+            return None
+        xs = self._input(x)
+        if not screened_topk.usable(self.W_enc, self.encoder_bias, xs):
+            return None
+        return screened_topk.topk_read(self._screen(), xs, self.encoder_bias, self.cfg.k, n, feat)
+
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
         """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest
         first, through the bfloat16 screen (float32's answer at about bfloat16's cost); None where the

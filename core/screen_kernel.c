@@ -76,22 +76,60 @@ static void sift_down(float *v, int32_t *id, int64_t size, int64_t i) { /* a min
     }
 }
 
-/* The n largest exact pre-activations per row among the m features with the largest upper bounds,
-   largest first, into `values, ids (N, n)`; `failed[r]` = 1 where the n-th is not above the (m+1)-th
-   largest upper bound (which bounds every feature outside the candidates) or the row is not finite.
-   The candidates are read in the order of their bounds, and only until the n-th exact value beats the
-   next one's bound (which then bounds every feature not read): the same answer from fewer float32
-   columns. Needs n <= m < F. Returns the number of failed rows. */
+/* One row's certified top n, from its upper bounds `upper (F)` (destroyed): the n largest exact
+   pre-activations among the m features with the largest upper bounds, largest first, into `v, id (n)`;
+   returns 1 where the n-th is not above the (m+1)-th largest upper bound (which bounds every feature
+   outside the candidates). The candidates are read in the order of their bounds, and only until the
+   n-th exact value beats the next one's bound (which then bounds every feature not read): the same
+   answer from fewer float32 columns. `heap, heap_id` hold m + 1 entries. Needs n <= m < F. */
+static int row_top(const float *upper, const float *xr, const float *w_t, const float *b, int64_t F, int64_t d,
+                   int64_t n, int64_t m, float *heap, int32_t *heap_id, float *v, int64_t *id) {
+    const int64_t k = m + 1;
+    /* the k largest upper bounds; the heap's root is the smallest of them */
+    for (int64_t j = 0; j < k; j++) heap[j] = upper[j], heap_id[j] = (int32_t)j;
+    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, heap_id, k, i);
+    for (int64_t j = k; j < F; j++)
+        if (upper[j] > heap[0]) heap[0] = upper[j], heap_id[0] = (int32_t)j, sift_down(heap, heap_id, k, 0);
+    /* the candidates by upper bound, largest first; heap[0], the smallest of the k, bounds the rest */
+    for (int64_t size = k - 1; size > 0; size--) { /* heap sort: the root to the end, descending */
+        float tv = heap[0];
+        int32_t ti = heap_id[0];
+        heap[0] = heap[size], heap_id[0] = heap_id[size];
+        heap[size] = tv, heap_id[size] = ti;
+        sift_down(heap, heap_id, size, 0);
+    }
+    /* now heap[0] >= heap[1] >= ... >= heap[m]: heap[m] is the (m+1)-th largest upper bound */
+    int64_t filled = 0;
+    float bound = heap[m];
+    for (int64_t c = 0; c < m; c++) { /* exact values in that order, until the n-th beats the next bound */
+        if (c + 1 < m)
+            for (int64_t o = 0; o < d; o += 16) __builtin_prefetch(w_t + (int64_t)heap_id[c + 1] * d + o);
+        float e = dot(xr, w_t + (int64_t)heap_id[c] * d, d) + b[heap_id[c]];
+        if (filled < n || e > v[n - 1]) { /* insertion into the n largest so far, largest first */
+            int64_t p = filled < n ? filled++ : n - 1;
+            for (; p > 0 && e > v[p - 1]; p--) v[p] = v[p - 1], id[p] = id[p - 1];
+            v[p] = e, id[p] = heap_id[c];
+        }
+        /* every feature not yet read is bounded by the next candidate's upper bound */
+        if (filled == n && v[n - 1] > heap[c + 1]) {
+            bound = heap[c + 1];
+            break;
+        }
+    }
+    return !(v[n - 1] > bound); /* not "<=": a NaN must fail */
+}
+
+/* The certified top n of every row (`row_top`), into `values, ids (N, n)`; `failed[r]` = 1 where the
+   certificate fails or the row is not finite. Returns the number of failed rows. */
 int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
                           const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
                           float sc, const float *w_t, int64_t n, int64_t m, int threads, float *values,
                           int64_t *ids, uint8_t *failed) {
     int64_t nfailed = 0;
-    const int64_t k = m + 1;
 #pragma omp parallel num_threads(threads) reduction(+ : nfailed)
     {
-        float *approx = malloc(sizeof(float) * (2 * F + k));
-        int32_t *heap_id = malloc(sizeof(int32_t) * k);
+        float *approx = malloc(sizeof(float) * (2 * F + m + 1));
+        int32_t *heap_id = malloc(sizeof(int32_t) * (m + 1));
         float *upper = approx ? approx + F : NULL, *heap = approx ? upper + F : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
@@ -103,40 +141,8 @@ int64_t rudder_screen_top(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
                 continue;
             }
             for (int64_t j = 0; j < F; j++) upper[j] += approx[j];
-            /* the k largest upper bounds; the heap's root is the smallest of them */
-            for (int64_t j = 0; j < k; j++) heap[j] = upper[j], heap_id[j] = (int32_t)j;
-            for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(heap, heap_id, k, i);
-            for (int64_t j = k; j < F; j++)
-                if (upper[j] > heap[0]) heap[0] = upper[j], heap_id[0] = (int32_t)j, sift_down(heap, heap_id, k, 0);
-            /* the candidates by upper bound, largest first; heap[0], the smallest of the k, bounds the rest */
-            for (int64_t size = k - 1; size > 0; size--) { /* heap sort: the root to the end, descending */
-                float tv = heap[0];
-                int32_t ti = heap_id[0];
-                heap[0] = heap[size], heap_id[0] = heap_id[size];
-                heap[size] = tv, heap_id[size] = ti;
-                sift_down(heap, heap_id, size, 0);
-            }
-            /* now heap[0] >= heap[1] >= ... >= heap[m]: heap[m] is the (m+1)-th largest upper bound */
-            const float *xr = x + r * d;
-            float *v = values + r * n;
-            int64_t *id = ids + r * n, filled = 0;
-            float bound = heap[m];
-            for (int64_t c = 0; c < m; c++) { /* exact values in that order, until the n-th beats the next bound */
-                if (c + 1 < m)
-                    for (int64_t o = 0; o < d; o += 16) __builtin_prefetch(w_t + (int64_t)heap_id[c + 1] * d + o);
-                float e = dot(xr, w_t + (int64_t)heap_id[c] * d, d) + b[heap_id[c]];
-                if (filled < n || e > v[n - 1]) { /* insertion into the n largest so far, largest first */
-                    int64_t p = filled < n ? filled++ : n - 1;
-                    for (; p > 0 && e > v[p - 1]; p--) v[p] = v[p - 1], id[p] = id[p - 1];
-                    v[p] = e, id[p] = heap_id[c];
-                }
-                /* every feature not yet read is bounded by the next candidate's upper bound */
-                if (filled == n && v[n - 1] > heap[c + 1]) {
-                    bound = heap[c + 1];
-                    break;
-                }
-            }
-            failed[r] = !(v[n - 1] > bound); /* not "<=": a NaN must fail */
+            failed[r] = (uint8_t)row_top(upper, x + r * d, w_t, b, F, d, n, m, heap, heap_id, values + r * n,
+                                         ids + r * n);
             nfailed += failed[r];
         }
         free(approx);
@@ -243,6 +249,107 @@ int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm
         free(inside);
     }
     return bad;
+}
+
+/* A TopK SAE's readout step in one call, for rows that read the top n (n <= k) of its activations and
+   edit the features `feat (N, M)` (int64): from one set of bounds per row, `acts (N, M)` as
+   `rudder_screen_active` gives them (each feature's exact pre-activation, ReLU'd, where it is among the
+   row's k largest, else 0) and the row's certified top n (`row_top`) into `values, ids (N, n)`.
+   `failed[r]` = 1 where the row needs the caller's general path: the certificate or the membership
+   test cannot decide, the row is not finite, or the n-th value is not above 0 (TopK ReLUs its values:
+   the top n are then not all active). Returns the number of failed rows; `*bad` gets the number of
+   rows with a feature id outside [0, F) (left unread: the caller raises). */
+int64_t rudder_screen_read(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
+                           const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
+                           float sc, const float *w_t, int64_t k, int64_t n, int64_t m, int64_t M,
+                           const int64_t *feat, int threads, float *values, int64_t *ids, float *acts,
+                           uint8_t *failed, int64_t *bad) {
+    int64_t nfailed = 0, nbad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nfailed, nbad)
+    {
+        float *approx = malloc(sizeof(float) * (2 * F + M + m + 1));
+        int32_t *heap_id = malloc(sizeof(int32_t) * (m + 1));
+        uint8_t *inside = malloc((size_t)M + 1);
+        float *slack = approx ? approx + F : NULL, *pre = approx ? slack + F : NULL, *heap = approx ? pre + M : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            const int64_t *fr = feat + r * M;
+            const float *xr = x + r * d;
+            float *ar = acts + r * M, n0, n1;
+            int any = 0, row_bad = 0;
+            failed[r] = 1;
+            for (int64_t i = 0; i < M; i++) {
+                ar[i] = 0.0f;
+                row_bad |= fr[i] < 0 || fr[i] >= F;
+            }
+            if (row_bad) {
+                nbad++;
+                nfailed++;
+                continue;
+            }
+            if (!approx || !heap_id || !inside || !norms(xr, x_lo + r * d, d, &n0, &n1) ||
+                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack)) {
+                nfailed++;
+                continue;
+            }
+            for (int64_t i = 0; i < M; i++) {
+                pre[i] = dot(xr, w_t + fr[i] * d, d) + b[fr[i]];
+                any |= !(pre[i] <= 0.0f); /* above 0, or NaN */
+            }
+            int undecided = any && row_member(approx, slack, F, k, M, fr, pre, inside);
+            for (int64_t i = 0; i < M; i++) /* ReLU'd as torch.relu: a NaN stays NaN */
+                ar[i] = any && inside[i] ? (pre[i] > 0.0f || pre[i] != pre[i] ? pre[i] : 0.0f) : 0.0f;
+            for (int64_t j = 0; j < F; j++) slack[j] += approx[j];
+            float *v = values + r * n;
+            int top_failed = row_top(slack, xr, w_t, b, F, d, n, m, heap, heap_id, v, ids + r * n);
+            failed[r] = (uint8_t)(undecided || top_failed || !(v[n - 1] > 0.0f));
+            nfailed += failed[r];
+        }
+        free(approx);
+        free(heap_id);
+        free(inside);
+    }
+    *bad = nbad;
+    return nfailed;
+}
+
+static inline int above(float a, float b) { return a > b || (a != a && b == b); } /* a NaN ranks first, as in torch.topk */
+
+/* The readout's top `top_k` of each row once its edits are written in: row r's candidates are its top
+   n activations `values, ids (N, n)` with each edited feature's final value (`f1 (N, M)` where `last`)
+   written over its entry, or beside them when it is not among them (an edited feature can enter the
+   top); the `top_k` largest, largest first (ties: the earlier candidate), into `out_values, out_ids`.
+   Needs top_k <= n (the edits never remove a candidate). */
+void rudder_edited_top(int64_t N, int64_t n, int64_t M, int64_t top_k, const float *values, const int64_t *ids,
+                       const int64_t *feat, const float *f1, const uint8_t *last, float *out_values,
+                       int64_t *out_ids) {
+    for (int64_t r = 0; r < N; r++) {
+        const float *vr = values + r * n, *gr = f1 + r * M;
+        const int64_t *ir = ids + r * n, *fr = feat + r * M;
+        const uint8_t *lr = last + r * M;
+        float *ov = out_values + r * top_k;
+        int64_t *oi = out_ids + r * top_k, filled = 0;
+        for (int64_t c = 0; c < n + M; c++) {
+            float e;
+            int64_t id;
+            if (c < n) {
+                e = vr[c], id = ir[c];
+                for (int64_t m = 0; m < M; m++)
+                    if (lr[m] && fr[m] == id) e = gr[m];
+            } else {
+                const int64_t m = c - n;
+                int among = 0;
+                for (int64_t j = 0; j < n && lr[m]; j++) among |= ir[j] == fr[m];
+                if (!lr[m] || among) continue;
+                e = gr[m], id = fr[m];
+            }
+            if (filled < top_k || above(e, ov[top_k - 1])) { /* insertion into the top_k so far */
+                int64_t p = filled < top_k ? filled++ : top_k - 1;
+                for (; p > 0 && above(e, ov[p - 1]); p--) ov[p] = ov[p - 1], oi[p] = oi[p - 1];
+                ov[p] = e, oi[p] = id;
+            }
+        }
+    }
 }
 
 /* `out[r, i]` = x_r . w_t[ids[r, i]] + b[ids[r, i]] for `x (N, d)`, `ids (N, M)` (int64), `out (N, M)`:

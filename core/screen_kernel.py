@@ -112,6 +112,10 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_screen_member.restype = None
     lib.rudder_screen_active.argtypes = [*common, p, i64, i64, p, i32, p, p]
     lib.rudder_screen_active.restype = i64
+    lib.rudder_screen_read.argtypes = [*common, p, i64, i64, i64, i64, p, i32, p, p, p, p, p]
+    lib.rudder_screen_read.restype = i64
+    lib.rudder_edited_top.argtypes = [i64, i64, i64, i64, p, p, p, p, p, p, p]
+    lib.rudder_edited_top.restype = None
     lib.rudder_dots_at.argtypes = [i64, i64, i64, i64, p, p, p, p, i32, p]
     lib.rudder_dots_at.restype = i64
     lib.rudder_feature_edits.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, p, p, p]
@@ -195,6 +199,51 @@ def active(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, sc: float
     if bad:
         raise IndexError(f"{bad} rows edit feature ids outside the SAE's {args[1]} features")
     return acts, undecided
+
+
+def read(screen: Screen, x: Tensor, b: Tensor, k: int, n: int, m: int, feat: Tensor,
+         sc: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A TopK SAE's readout step in one call (`rudder_screen_read`): every row's certified top n
+    pre-activations `(N, n)`, values and ids, all above 0 (so they are its top n activations), and its
+    activations of `feat (N, M)` as `active` gives them, from one bfloat16 product. None where the
+    kernel is not available or some row needs the general path (an uncertified or undecided row, or
+    fewer than n features above 0): the caller's `topk_encode` answers that step."""
+    if feat.device.type != "cpu" or feat.dim() != 2 or feat.shape[0] != x.shape[0] or not 0 < n <= m:
+        return None
+    call = _call(screen, x, b, sc)
+    if call is None:
+        return None
+    lib, args, _alive = call
+    N, feat = args[0], feat.contiguous().long()
+    values, ids = x.new_empty(N, n), torch.empty(N, n, dtype=torch.long)
+    acts, failed, bad = x.new_empty(feat.shape), torch.empty(N, dtype=torch.bool), ctypes.c_int64(0)
+    nfailed = lib.rudder_screen_read(*args, screen.w_t.data_ptr(), k, n, m, feat.shape[1], feat.data_ptr(),
+                                     torch.get_num_threads(), values.data_ptr(), ids.data_ptr(), acts.data_ptr(),
+                                     failed.data_ptr(), ctypes.byref(bad))
+    if bad.value:
+        raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
+    return None if nfailed else (values, ids, acts)
+
+
+def edited_top(values: Tensor, ids: Tensor, feat: Tensor, f1: Tensor, last: Tensor,
+               top_k: int) -> tuple[Tensor, Tensor] | None:
+    """A readout's top `top_k` with the edits written in (`rudder_edited_top`): from the rows' top n
+    activations `values, ids (R, n)` and their edits `feat, f1, last (R, M)`, `(R, top_k)` values and ids,
+    largest first; None where the kernel is not available or the inputs are not what it reads."""
+    if not (values.device.type == "cpu" and values.dim() == 2 and 0 < top_k <= values.shape[1]
+            and ids.shape == values.shape and feat.shape == f1.shape == last.shape
+            and feat.shape[0] == values.shape[0] and last.dtype == torch.bool):
+        return None
+    lib = _kernel(values, f1)
+    if lib is None:
+        return None
+    values, f1, ids, feat = values.contiguous(), f1.contiguous(), ids.contiguous().long(), feat.contiguous().long()
+    last = last.contiguous()
+    (R, n), M = values.shape, feat.shape[1]
+    out_values, out_ids = values.new_empty(R, top_k), torch.empty(R, top_k, dtype=torch.long)
+    lib.rudder_edited_top(R, n, M, top_k, values.data_ptr(), ids.data_ptr(), feat.data_ptr(), f1.data_ptr(),
+                          last.data_ptr(), out_values.data_ptr(), out_ids.data_ptr())
+    return out_values, out_ids
 
 
 def dots_at(w_t: Tensor, b: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:

@@ -224,6 +224,17 @@ def topk_active_all(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor) 
     return screen_kernel.active(screen, x, b, k, feat, SAFETY * _C)
 
 
+def topk_read(screen: Screen, x: Tensor, b: Tensor, k: int, n: int,
+              feat: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`SAE.topk_read` for the rows `x (N, d)`: the certified top n pre-activations (all above 0) and the
+    activations of `feat (N, M)` among the k, in one call of the C kernel; None where it is not built
+    or some row needs the general path (`top_pre_acts` and `topk_active_at`)."""
+    m = n + MARGIN
+    if 4 * m > screen.w_t.shape[0]:
+        return None
+    return screen_kernel.read(screen, x, b, k, n, m, feat, SAFETY * _C)
+
+
 def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """Row chunks of `_topk_active_at` (a long prefill holds a few (rows, F) tensors at a time)."""
     rows = max(1, CHUNK_ELEMENTS // screen.w_t.shape[0])

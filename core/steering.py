@@ -634,9 +634,15 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
         f0 = sae.encode_at(xs, feat) if f is None else f.gather(1, feat)
     else:  # TopK: rows read out, their k active features; rows that only edit, whether each edited one is among them
         f = None
-        if all_read:  # a decode step
-            values, ids = sae.topk_encode(xs)  # (R, k)
-            f0 = active_at(values, ids, feat)
+        if all_read:  # a decode step: where it reads the top only, top and f0 from one screen pass
+            fused = sae.topk_read(xs, feat, table.top_k + feat.shape[1]) if table.top_k and \
+                not table.selected.numel() else None
+            if fused is not None:
+                values, ids, f0 = fused  # (R, top_k + M): `_topk_top`'s answer, without the selected
+                top = values, ids, values.new_zeros(values.shape[0], 0)
+            else:
+                values, ids = sae.topk_encode(xs)  # (R, k)
+                f0 = active_at(values, ids, feat)
         elif not any_read:
             f0 = sae.topk_active_at(xs, feat)
         else:  # a prefill: one row per request is read out (the one that chooses its first token)
@@ -731,18 +737,13 @@ def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor | None, feat: Te
     same read from `top` (`_top_to_read`: the top values and ids, and the selected features' values)."""
     if top is not None:
         values, ids, selected = top
-        # the edited features' final values, where they sit among the top, among the selected, or
-        # beside them (an edited feature outside the top can enter it)
-        outside = last & ~(feat[:, :, None] == ids[:, None, :]).any(-1)
-        extra = torch.where(outside, f1, torch.full_like(f1, float("-inf")))
-        for m in range(feat.shape[1]):
-            hit = last[:, m, None]
-            values = torch.where(hit & (ids == feat[:, m, None]), f1[:, m, None], values)
-            selected = torch.where(hit & (table.selected == feat[:, m, None]), f1[:, m, None], selected)
-        values, ids = torch.cat([values, extra], 1), torch.cat([ids, feat], 1)
-        best = values.topk(table.top_k, dim=-1)
-        readouts.append(SaeReadout(source=sae_id, rows=rows, top_ids=ids.gather(1, best.indices),
-                                   top_values=best.values, selected_ids=table.selected, selected_values=selected))
+        for m in range(feat.shape[1] if table.selected.numel() else 0):  # an edited feature among the selected
+            hit = last[:, m, None] & (table.selected == feat[:, m, None])
+            selected = torch.where(hit, f1[:, m, None], selected)
+        best = screen_kernel.edited_top(values, ids, feat, f1, last, table.top_k) if table.top_k else None
+        top_values, top_ids = best if best is not None else _edited_top(values, ids, feat, f1, last, table.top_k)
+        readouts.append(SaeReadout(source=sae_id, rows=rows, top_ids=top_ids, top_values=top_values,
+                                   selected_ids=table.selected, selected_values=selected))
         return
     r = torch.arange(rows.numel(), device=f.device)
     for m in range(feat.shape[1]):  # column by column: a feature edited twice is written once, last
@@ -755,6 +756,19 @@ def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor | None, feat: Te
         top_values=top.values if top else f.new_zeros((f.shape[0], 0)),
         selected_ids=table.selected, selected_values=f[:, table.selected],
     ))
+
+
+def _edited_top(values: Tensor, ids: Tensor, feat: Tensor, f1: Tensor, last: Tensor,
+                top_k: int) -> tuple[Tensor, Tensor]:
+    """The top `top_k` of the rows' top activations `values, ids (R, n)` with their edits written in: each
+    edited feature's final value (`f1` where `last`, `(R, M)`) where it sits among them, or beside them (an
+    edited feature outside the top can enter it). `screen_kernel.edited_top` in torch ops."""
+    outside = last & ~(feat[:, :, None] == ids[:, None, :]).any(-1)
+    extra = torch.where(outside, f1, torch.full_like(f1, float("-inf")))
+    for m in range(feat.shape[1]):
+        values = torch.where(last[:, m, None] & (ids == feat[:, m, None]), f1[:, m, None], values)
+    best = torch.cat([values, extra], 1).topk(top_k, dim=-1)
+    return best.values, torch.cat([ids, feat], 1).gather(1, best.indices)
 
 
 def apply_direction(x: Tensor, table: DirectionTable, rows: RowIndex) -> Tensor:

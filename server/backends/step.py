@@ -143,18 +143,25 @@ class ReadoutRouter:
     """
 
     def __init__(self, readouts: list[Readout]):
-        self.by_row: dict[int, list[tuple[int, int]]] = {}
         self._host: list[dict[str, list]] = []
-        for n, r in enumerate(readouts):
+        for r in readouts:
             if isinstance(r, SaeReadout):
                 self._host.append({"top_ids": r.top_ids.tolist(), "top_values": r.top_values.tolist(),
                                    "selected_values": r.selected_values.tolist(),
                                    "selected_ids": r.selected_ids.tolist()})
             else:
                 self._host.append({"ids": r.ids.tolist()})
-            for i, row in enumerate(r.rows.tolist()):
-                self.by_row.setdefault(row, []).append((n, i))
+        self._rows = [r.rows.tolist() for r in readouts]
         self._readouts = readouts
+
+    @functools.cached_property
+    def by_row(self) -> dict[int, list[tuple[int, int]]]:
+        """token row -> (readout, its index there) of each readout of that row, in readout order."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for n, rows in enumerate(self._rows):
+            for i, row in enumerate(rows):
+                out.setdefault(row, []).append((n, i))
+        return out
 
     def gate_values(self, row: int) -> dict[tuple[str, int], float]:
         """(SAE, feature) -> value of every feature read as selected at `row` (gates' features among them)."""
@@ -165,22 +172,32 @@ class ReadoutRouter:
                 out.update(((r.source, f), v) for f, v in zip(h["selected_ids"], h["selected_values"][i]))
         return out
 
-    def for_row(self, row: int, spec: SteeringSpec) -> list[TokenReadout]:
-        out = []
-        wanted = spec.readouts
-        ids = set(wanted.feature_ids)
-        for n, i in self.by_row.get(row, ()):
-            r, h = self._readouts[n], self._host[n]
-            if isinstance(r, CodeReadout):
-                if r.source in wanted.codebooks:
-                    out.append(TokenReadout(r.source, codes=h["ids"][i]))
-            elif r.source in wanted.saes:
-                k = wanted.top_k
-                sel = [(f, v) for f, v in zip(h["selected_ids"], h["selected_values"][i]) if f in ids]
-                out.append(TokenReadout(
-                    r.source, top_ids=h["top_ids"][i][:k], top_values=h["top_values"][i][:k],
-                    selected_ids=[f for f, _ in sel], selected_values=[v for _, v in sel],
-                ))
+    def cut(self, slots: list[int], specs: list[SteeringSpec]) -> dict[int, list[TokenReadout]]:
+        """token row -> its readouts, cut to what the request of its slot (`slots[row]`, `specs[slot]`)
+        asked for: every row read, readouts possibly none (a row that only watched its gates), in
+        readout order. One pass per readout over its rows (a decode step's readouts are one row each
+        of every request)."""
+        out: dict[int, list[TokenReadout]] = {}
+        for r, h, rows in zip(self._readouts, self._host, self._rows):
+            code = isinstance(r, CodeReadout)
+            for i, row in enumerate(rows):
+                got = out.setdefault(row, [])
+                wanted = specs[slots[row]].readouts
+                if code:
+                    if r.source in wanted.codebooks:
+                        got.append(TokenReadout(r.source, codes=h["ids"][i]))
+                    continue
+                if r.source not in wanted.saes:
+                    continue
+                k, sel_ids, sel_values = wanted.top_k, [], []
+                if wanted.feature_ids:
+                    ids = set(wanted.feature_ids)
+                    for f, v in zip(h["selected_ids"], h["selected_values"][i]):
+                        if f in ids:
+                            sel_ids.append(f)
+                            sel_values.append(v)
+                got.append(TokenReadout(r.source, top_ids=h["top_ids"][i][:k], top_values=h["top_values"][i][:k],
+                                        selected_ids=sel_ids, selected_values=sel_values))
         return out
 
 
@@ -244,5 +261,5 @@ class StepRecorder:
             return {}
         router = self.router = ReadoutRouter(self.readouts)
         slots, positions = self.host_rows
-        return {row: (slots[row], positions[row], router.for_row(row, self.specs[slots[row]]))
-                for row in sorted(router.by_row)}
+        cut = router.cut(slots, self.specs)
+        return {row: (slots[row], positions[row], cut[row]) for row in sorted(cut)}

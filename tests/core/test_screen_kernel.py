@@ -206,3 +206,68 @@ def test_a_steered_step_is_the_same_with_the_kernel_and_with_the_torch_ops(fresh
             assert torch.equal(a.rows, b.rows) and torch.equal(a.top_ids, b.top_ids)
             torch.testing.assert_close(a.top_values, b.top_values, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.selected_values, b.selected_values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@torch.no_grad()
+def test_a_topk_decode_readout_reads_its_top_and_edits_from_one_call(fresh, monkeypatch):
+    """A TopK decode step where every row reads the top of the SAE and edits it takes one C call for both
+    (`screen_kernel.read`) and gives the stream and readouts of the general path (the torch ops); a step
+    whose rows have fewer active features than the readout shows falls back to that path."""
+    from dataclasses import replace
+
+    from rudder.core.sae import SAE, SAEConfig
+    from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
+    from tests.core.test_steering import SITE
+
+    torch.manual_seed(5)
+    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
+    for p in sae.parameters():
+        p.normal_(0, 0.5)
+    sae.requires_grad_(False)
+    real, taken = screen_kernel.read, []
+    monkeypatch.setattr(screen_kernel, "read", lambda *a: taken.append(real(*a)) or taken[-1])
+    g = torch.Generator().manual_seed(5)
+    table = replace(_random_edit_tables(g, 4, sae.cfg.d_sae), reads=torch.ones(4, dtype=torch.bool), any_reads=True,
+                    every_slot_reads=True, top_k=8, selected=torch.zeros(0, dtype=torch.long))
+    n = 24
+    rows = RowIndex(torch.arange(n) % 4, torch.randint(0, 10, (n,), generator=g), torch.ones(n, dtype=torch.bool),
+                    every_row_read=True)
+    x = torch.randn(n, 32, generator=torch.Generator().manual_seed(6)) * 2  # rows the screen decides
+    for shift, fused in ((0.0, True), (-40.0, False)):  # then too few features above 0: the general path
+        sae.b_enc.add_(shift)
+        results = []
+        for kernel in ("1", "0"):
+            monkeypatch.setenv("RUDDER_SAE_KERNEL", kernel)
+            results.append(steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}), StepTables(saes={"s": table}),
+                                      rows))
+        assert len(taken) == 2 and (taken[0] is not None) == fused and taken[1] is None, shift  # kernel, then none
+        taken.clear()
+        (out_c, (read_c,)), (out_t, (read_t,)) = results
+        assert not torch.equal(out_c, x)
+        torch.testing.assert_close(out_c, out_t, rtol=1e-5, atol=1e-5)
+        assert torch.equal(read_c.rows, read_t.rows) and torch.equal(read_c.top_ids, read_t.top_ids), shift
+        torch.testing.assert_close(read_c.top_values, read_t.top_values, rtol=1e-5, atol=1e-5)
+        assert read_c.selected_values.shape == read_t.selected_values.shape == (n, 0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_a_readouts_top_with_its_edits_written_in_equals_the_torch_ops(fresh):
+    """`edited_top` gives `steering._edited_top`'s top: edited features written over their entries among
+    the top, or entering it from outside, edits that are not a feature's last left out, several per row."""
+    from rudder.core.steering import _edited_top
+
+    g = torch.Generator().manual_seed(6)
+    for trial in range(30):
+        R, n, M, top_k = 12, 10, 3, int(torch.randint(1, 11, (1,), generator=g))
+        values, at = torch.rand(R, n, generator=g).sort(dim=1, descending=True)
+        ids = torch.randperm(40, generator=g)[:n].repeat(R, 1).gather(1, at)
+        feat = torch.where(torch.rand(R, M, generator=g) < 0.5, ids[:, torch.randint(0, n, (M,), generator=g)],
+                           torch.randint(40, 45, (R, M), generator=g))
+        f1 = torch.rand(R, M, generator=g) * 1.2
+        last = torch.rand(R, M, generator=g) < 0.7
+        last &= ~((feat[:, :, None] == feat[:, None, :]) & torch.ones(M, M, dtype=torch.bool).triu(1)).any(-1)
+        got = screen_kernel.edited_top(values, ids, feat, f1, last, top_k)
+        assert got is not None
+        want = _edited_top(values, ids, feat, f1, last, top_k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
