@@ -21,7 +21,6 @@ refused the same way, naming both versions.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 import threading
@@ -114,18 +113,6 @@ class Sender:
         self._sock.close()
 
 
-def _no_wakeup_preemption() -> None:
-    """Make the calling thread SCHED_BATCH (Linux; elsewhere nothing): it keeps its fair share of the CPU,
-    but a message that wakes it no longer preempts the thread that sent it. Without this, on a busy
-    machine each step's record switched the worker out, in the middle of its step, for the reader (0.1-0.5 ms
-    a step on 2 cores, while vLLM's other OpenMP thread spun waiting for it); the front end waits for
-    a row only once vLLM's output of that step reaches it, well after."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or not allowed here: the default policy
-        pass
-
-
 class Receiver:
     """The front end's end: listens at `path` and reads each connected worker's messages whole on a
     thread of its own (blocking reads), handing each to `handle` on the event loop `loop`. So a worker
@@ -152,7 +139,6 @@ class Receiver:
             threading.Thread(target=self._read, args=(conn,), name="rudder-readouts", daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
-        _no_wakeup_preemption()
         ended: Exception | None = None
         try:
             with conn, conn.makefile("rb") as stream:

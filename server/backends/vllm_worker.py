@@ -33,6 +33,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -189,6 +190,10 @@ class _Steerer:
         self._gates: dict[str, GateState] = {}  # requests with conditions or guards
         self._broken: set[str] = set()  # requests whose steering overflowed (sticky: reported on every row)
         self.step_spans: list[Span] = []
+        self._layout = None  # the last step's requests and rows, where it was a decode step
+        self._rows = None  # its RowIndex
+        self._reported: list[tuple[str, int, int]] = []  # its reported rows: (Rudder's request id, row, slot)
+        self._requests: list[str] = []  # its requests, by Rudder's ids
         self._table_key = None
         self._tables: StepTables | None = None
         self.step: StepRecorder | None = None
@@ -288,11 +293,23 @@ class _Steerer:
                                         prompt_lens, self.device, self.artifacts.sae_modules(),
                                         self.artifacts.generations())
             self._table_key = key
-        spans = [Span(slot, qsl[i], qsl[i + 1], batch.num_computed_tokens[i], batch.num_prompt_tokens[i], spec)
-                 for slot, (i, _, spec) in enumerate(used)]  # host-side bookkeeping: no device sync
-        self.step = StepRecorder(self._tables, row_index(positions, spans, self.device), [s for _, _, s in used])
-        self.step_req_ids = [r for _, r, _ in used]
-        self.step_spans = spans
+        # a decode step of the same requests in the same rows as the last (most steps) has the same
+        # spans, rows and reported rows: only the positions are new
+        decoding = all(batch.num_computed_tokens[i] >= batch.num_prompt_tokens[i] for i, _, _ in used)
+        layout = (key, tuple(qsl), positions.shape[0]) if decoding else None
+        if layout is None or layout != self._layout:
+            self.step_spans = [Span(slot, qsl[i], qsl[i + 1], batch.num_computed_tokens[i], batch.num_prompt_tokens[i],
+                                    spec) for slot, (i, _, spec) in enumerate(used)]  # host-side: no device sync
+            self._rows = row_index(positions, self.step_spans, self.device)
+            self.step_req_ids = [r for _, r, _ in used]
+            self._reported = [(self._ours[self.step_req_ids[span.slot]], row, span.slot)
+                              for span in self.step_spans for row in span.reported_rows()]
+            self._requests = sorted({self._ours[r] for r in self.step_req_ids})
+            self._layout = layout
+            rows = self._rows
+        else:
+            rows = replace(self._rows, position=positions.to(device=self.device, dtype=torch.long))
+        self.step = StepRecorder(self._tables, rows, [s for _, _, s in used])
 
     def _end(self, module, args, output) -> None:
         """Send the step's record (server.backends.channel) of every steering or reading request's rows
@@ -317,11 +334,10 @@ class _Steerer:
         if self.socket is None:
             return
         self._broken |= {ids[slot] for slot in step.broken_slots()}
-        rows = [channel.Row(self._ours[ids[span.slot]], positions[row], routed[row][2] if row in routed else [],
-                            ids[span.slot] in self._broken, hits.get(row))
-                for span in self.step_spans for row in span.reported_rows()]
-        requests = sorted({self._ours[r] for r in ids})
-        self.socket.send(channel.encode(channel.StepRecord(requests=requests, hook_s=step.hook_s, rows=rows)))
+        broken = self._broken
+        rows = [channel.Row(ours, positions[row], routed[row][2] if row in routed else [], ids[slot] in broken,
+                            hits.get(row)) for ours, row, slot in self._reported]
+        self.socket.send(channel.encode(channel.StepRecord(requests=self._requests, hook_s=step.hook_s, rows=rows)))
 
 
 # ---------------------------------------------------------------- the worker class
