@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from rudder.core.artifacts import Artifacts
 from rudder.core.hf_sites import ModelShape
 from rudder.core.steering import SteeringSpec
@@ -49,15 +51,16 @@ class EngineRequest:
             self.steering = dataclasses.replace(self.steering, readouts=readouts)
 
 
-@dataclass
-class TokenReadout:
-    """One source's readout at one token position, already cut to what the request asked."""
+class TokenReadout(msgspec.Struct, array_like=True):
+    """One source's readout at one token position, already cut to what the request asked. A msgspec
+    struct: made for every read row of every step in the worker, sent over the channel, read back
+    in the front end (made, encoded and decoded in C)."""
 
     source: str
-    top_ids: list[int] = field(default_factory=list)
-    top_values: list[float] = field(default_factory=list)
-    selected_ids: list[int] = field(default_factory=list)
-    selected_values: list[float] = field(default_factory=list)
+    top_ids: list[int] = []
+    top_values: list[float] = []
+    selected_ids: list[int] = []
+    selected_values: list[float] = []
     codes: list[list[int]] | None = None  # per head, best first
 
 

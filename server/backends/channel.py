@@ -31,7 +31,7 @@ import msgspec
 from rudder.core.errors import Unavailable
 from rudder.server.backends.base import GuardHit, TokenReadout
 
-VERSION = 1
+VERSION = 2  # 2: TokenReadout as an array
 REQUEST_ID_KEY = "rudder_request"  # in SamplingParams.extra_args: Rudder's request id, sent back with its rows
 
 
