@@ -293,10 +293,10 @@ class _Steerer:
                                         prompt_lens, self.device, self.artifacts.sae_modules(),
                                         self.artifacts.generations())
             self._table_key = key
-        # a decode step of the same requests in the same rows as the last (most steps) has the same
-        # spans, rows and reported rows: only the positions are new
+        # a decode step of the same requests at the same places in the batch, in the same rows, as the
+        # last (most steps) has the same spans, rows and reported rows: only the positions are new
         decoding = all(batch.num_computed_tokens[i] >= batch.num_prompt_tokens[i] for i, _, _ in used)
-        layout = (key, tuple(qsl), positions.shape[0]) if decoding else None
+        layout = (key, tuple(i for i, _, _ in used), tuple(qsl), positions.shape[0]) if decoding else None
         if layout is None or layout != self._layout:
             self.step_spans = [Span(slot, qsl[i], qsl[i + 1], batch.num_computed_tokens[i], batch.num_prompt_tokens[i],
                                     spec) for slot, (i, _, spec) in enumerate(used)]  # host-side: no device sync
