@@ -199,6 +199,34 @@ void rudder_screen_member(int64_t N, int64_t F, int64_t d, const uint16_t *mm, c
     }
 }
 
+/* Zero a row's activations of its M edited features `fr`; 1 where an id is outside [0, F). */
+static int row_ids_bad(const int64_t *fr, int64_t M, int64_t F, float *ar) {
+    int row_bad = 0;
+    for (int64_t i = 0; i < M; i++) {
+        ar[i] = 0.0f;
+        row_bad |= fr[i] < 0 || fr[i] >= F;
+    }
+    return row_bad;
+}
+
+/* Each edited feature's exact pre-activation at row `xr` into `pre (M)`; 1 where one is above 0 or NaN
+   (at or below 0, TopK's ReLU makes it 0 whether or not it is among the k). */
+static int row_pre(const float *xr, const float *w_t, const float *b, int64_t d, int64_t M, const int64_t *fr,
+                   float *pre) {
+    int any = 0;
+    for (int64_t i = 0; i < M; i++) {
+        pre[i] = dot(xr, w_t + fr[i] * d, d) + b[fr[i]];
+        any |= !(pre[i] <= 0.0f);
+    }
+    return any;
+}
+
+/* The activations `ar (M)`: each pre-activation ReLU'd as torch.relu (a NaN stays NaN) where it is
+   among the k (`inside`), else 0. */
+static void row_acts(const float *pre, const uint8_t *inside, int64_t M, float *ar) {
+    for (int64_t i = 0; i < M; i++) ar[i] = inside[i] ? (pre[i] > 0.0f || pre[i] != pre[i] ? pre[i] : 0.0f) : 0.0f;
+}
+
 /* A TopK SAE's activations of the features `feat (N, M)` at every row, in one call: `acts[r, i]` is the
    feature's exact pre-activation (`w_t`'s row, float32), ReLU'd, where it is among the row's k largest
    (`row_member`), else 0. A row whose features are all at or below 0 reads 0 without its bounds (TopK
@@ -218,23 +246,14 @@ int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm
         for (int64_t r = 0; r < N; r++) {
             const int64_t *fr = feat + r * M;
             float *ar = acts + r * M;
-            int any = 0, row_bad = 0;
-            for (int64_t i = 0; i < M; i++) {
-                ar[i] = 0.0f;
-                row_bad |= fr[i] < 0 || fr[i] >= F;
-            }
             undecided[r] = 1;
-            if (row_bad) { /* nothing of this row is read: the caller raises */
+            if (row_ids_bad(fr, M, F, ar)) { /* nothing of this row is read: the caller raises */
                 bad++;
                 continue;
             }
             if (!approx || !inside) continue;
-            for (int64_t i = 0; i < M; i++) {
-                pre[i] = dot(x + r * d, w_t + fr[i] * d, d) + b[fr[i]];
-                any |= !(pre[i] <= 0.0f); /* above 0, or NaN */
-            }
             undecided[r] = 0;
-            if (!any) continue;
+            if (!row_pre(x + r * d, w_t, b, d, M, fr, pre)) continue;
             float n0, n1;
             if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
                 !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack)) {
@@ -242,8 +261,7 @@ int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm
                 continue;
             }
             undecided[r] = (uint8_t)row_member(approx, slack, F, k, M, fr, pre, inside);
-            for (int64_t i = 0; i < M; i++) /* ReLU'd as torch.relu: a NaN stays NaN */
-                ar[i] = inside[i] ? (pre[i] > 0.0f || pre[i] != pre[i] ? pre[i] : 0.0f) : 0.0f;
+            row_acts(pre, inside, M, ar);
         }
         free(approx);
         free(inside);
@@ -276,13 +294,8 @@ int64_t rudder_screen_read(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
             const int64_t *fr = feat + r * M;
             const float *xr = x + r * d;
             float *ar = acts + r * M, n0, n1;
-            int any = 0, row_bad = 0;
             failed[r] = 1;
-            for (int64_t i = 0; i < M; i++) {
-                ar[i] = 0.0f;
-                row_bad |= fr[i] < 0 || fr[i] >= F;
-            }
-            if (row_bad) {
+            if (row_ids_bad(fr, M, F, ar)) {
                 nbad++;
                 nfailed++;
                 continue;
@@ -292,13 +305,11 @@ int64_t rudder_screen_read(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
                 nfailed++;
                 continue;
             }
-            for (int64_t i = 0; i < M; i++) {
-                pre[i] = dot(xr, w_t + fr[i] * d, d) + b[fr[i]];
-                any |= !(pre[i] <= 0.0f); /* above 0, or NaN */
+            int undecided = 0;
+            if (row_pre(xr, w_t, b, d, M, fr, pre)) { /* else every edited feature reads 0 */
+                undecided = row_member(approx, slack, F, k, M, fr, pre, inside);
+                row_acts(pre, inside, M, ar);
             }
-            int undecided = any && row_member(approx, slack, F, k, M, fr, pre, inside);
-            for (int64_t i = 0; i < M; i++) /* ReLU'd as torch.relu: a NaN stays NaN */
-                ar[i] = any && inside[i] ? (pre[i] > 0.0f || pre[i] != pre[i] ? pre[i] : 0.0f) : 0.0f;
             for (int64_t j = 0; j < F; j++) slack[j] += approx[j];
             float *v = values + r * n;
             int top_failed = row_top(slack, xr, w_t, b, F, d, n, m, heap, heap_id, v, ids + r * n);

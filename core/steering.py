@@ -740,7 +740,7 @@ def _read(sae_id: str, table: SaeTable, rows: Tensor, f: Tensor | None, feat: Te
         for m in range(feat.shape[1] if table.selected.numel() else 0):  # an edited feature among the selected
             hit = last[:, m, None] & (table.selected == feat[:, m, None])
             selected = torch.where(hit, f1[:, m, None], selected)
-        best = screen_kernel.edited_top(values, ids, feat, f1, last, table.top_k) if table.top_k else None
+        best = screen_kernel.edited_top(values, ids, feat, f1, last, table.top_k)
         top_values, top_ids = best if best is not None else _edited_top(values, ids, feat, f1, last, table.top_k)
         readouts.append(SaeReadout(source=sae_id, rows=rows, top_ids=top_ids, top_values=top_values,
                                    selected_ids=table.selected, selected_values=selected))
