@@ -6,7 +6,8 @@ reading request that produced a token (or a prompt readout), a `Row` with Rudder
 (carried as data: the front end puts it in `SamplingParams.extra_args`, the worker reads it back), the
 row's absolute position, its readouts, whether its steering overflowed, and a guard that fired there.
 The worker writes to the socket itself, from the step (`Sender`): no I/O thread to hand the message
-to and wake, as a zmq socket has; the front end reads it on a thread of its own (`Receiver`).
+to and wake, as a zmq socket has; the front end reads it when a request needs a row (`Receiver.poll`),
+so the write wakes nobody either.
 
 The contract, where readouts and tokens meet (`VllmEngine.generate`): the worker sends a step's
 rows before vLLM's output of that step reaches the front end, so the front end awaits the row of
@@ -21,6 +22,8 @@ refused the same way, naming both versions.
 from __future__ import annotations
 
 import asyncio
+import collections
+import select
 import socket
 import struct
 import threading
@@ -114,21 +117,37 @@ class Sender:
 
 
 class Receiver:
-    """The front end's end: listens at `path` and reads each connected worker's messages whole on a
-    thread of its own (blocking reads), handing each to `handle` on the event loop `loop`. So a worker
-    never waits on the front end's event loop, however busy: only a front end that stopped reading
-    altogether would fill the socket and hold the worker. `ended` (a future on `loop`) settles when a
-    connection ends: None where it closed between messages (the engine stopped), else the error."""
+    """The front end's end: listens at `path`; each step's record is read when the front end needs it,
+    so a worker's write wakes nobody.
+
+    The worker writes a step's record before vLLM's output of that step leaves it, so when the front
+    end takes a token from vLLM's output, that step's record is already in the socket: `poll` (called on
+    the event loop `loop` by a request that awaits its row) reads whatever is there without blocking
+    and hands each whole message to `handle`, in order. A reader blocked on the socket would be woken
+    by every write: on two busy cores that wake-up preempted the worker mid-step (a median 0.1–0.2 ms
+    stall a step, measured). A thread of its own still looks every POLL_S, and reads as the bytes come
+    while a message is part-way (longer than the socket's buffer), so a worker never waits long on a
+    full socket, nor on the event loop however busy: messages it reads wait for the loop in order.
+    `ended` (a future on `loop`) settles when a connection ends: None where it closed between messages
+    (the engine stopped), else the error."""
 
     MAX_MESSAGE = 1 << 30  # a longer length means the stream is out of step
+    POLL_S = 0.05
 
     def __init__(self, path: str, handle: Callable[[bytes], None], loop: asyncio.AbstractEventLoop):
         self._handle, self._loop = handle, loop
         self.ended: asyncio.Future = loop.create_future()
+        self._lock = threading.Lock()  # the loop's `poll` and the thread's read the same buffers
+        self._conns: list[_Connection] = []
+        self._ready: collections.deque[bytes] = collections.deque()  # whole messages read, not yet handled
+        self._ends: list[Exception | None] = []  # connections that ended, not yet reported
+        self._scheduled = False  # a `_hand_over` is on its way to the loop
+        self._closed = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(path)
         self._listener.listen()
         threading.Thread(target=self._accept, name="rudder-readouts-accept", daemon=True).start()
+        threading.Thread(target=self._watch, name="rudder-readouts", daemon=True).start()
 
     def _accept(self) -> None:
         while True:
@@ -136,30 +155,105 @@ class Receiver:
                 conn, _ = self._listener.accept()
             except OSError:  # closed: the front end is stopping
                 return
-            threading.Thread(target=self._read, args=(conn,), name="rudder-readouts", daemon=True).start()
+            conn.setblocking(False)
+            with self._lock:
+                self._conns.append(_Connection(conn))
 
-    def _read(self, conn: socket.socket) -> None:
-        ended: Exception | None = None
-        try:
-            with conn, conn.makefile("rb") as stream:
-                while head := stream.read(_FRAME.size):
-                    size = _FRAME.unpack(head)[0] if len(head) == _FRAME.size else -1
-                    if not 0 <= size <= self.MAX_MESSAGE:
-                        raise ConnectionError(f"a message length the channel cannot have ({head.hex()})")
-                    message = stream.read(size)
-                    if len(message) != size:
-                        raise ConnectionError(f"a message cut short ({len(message)} of {size} bytes)")
-                    self._loop.call_soon_threadsafe(self._handle, message)
-        except Exception as e:  # noqa: BLE001 - reported through `ended`
-            ended = e
-        try:
-            self._loop.call_soon_threadsafe(self._end, ended)
-        except RuntimeError:  # the loop is closed: nobody is waiting
-            pass
+    def _read(self) -> bool:
+        """Read what every connection has, without blocking, into whole messages; under the lock. True
+        where a message is part-way."""
+        partial = False
+        for c in list(self._conns):
+            try:
+                c.read(self._ready, self.MAX_MESSAGE)
+            except Exception as e:  # noqa: BLE001 - reported through `ended`
+                self._conns.remove(c)
+                c.sock.close()
+                self._ends.append(None if isinstance(e, EOFError) else e)
+                continue
+            partial |= bool(c.buffer)
+        return partial
 
-    def _end(self, error: Exception | None) -> None:
-        if not self.ended.done():
-            self.ended.set_result(None) if error is None else self.ended.set_exception(error)
+    def poll(self) -> None:
+        """On the event loop: hand every message the workers have sent so far to `handle`, in order."""
+        with self._lock:
+            self._read()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while True:
+            with self._lock:
+                self._scheduled = False
+                if not self._ready and not self._ends:
+                    return
+                ready, self._ready = self._ready, collections.deque()
+                ends, self._ends = self._ends, []
+            for message in ready:
+                self._handle(message)
+            for error in ends:
+                if not self.ended.done():
+                    self.ended.set_result(None) if error is None else self.ended.set_exception(error)
+
+    def _watch(self) -> None:
+        """Every POLL_S, or as the bytes come while a message is part-way: read, and have the loop hand
+        over what was read (when no request polled first)."""
+        partial = False
+        while not self._closed.is_set():
+            if partial:
+                with self._lock:
+                    socks = [c.sock for c in self._conns]
+                try:
+                    select.select(socks, [], [], self.POLL_S)
+                except (OSError, ValueError):  # a connection closed meanwhile: read it below
+                    pass
+            else:
+                self._closed.wait(self.POLL_S)
+            with self._lock:
+                partial = self._read()
+                wake = (self._ready or self._ends) and not self._scheduled
+                self._scheduled |= bool(wake)
+            if wake:
+                try:
+                    self._loop.call_soon_threadsafe(self._hand_over)
+                except RuntimeError:  # the loop is closed: nobody is waiting
+                    return
 
     def close(self) -> None:
+        self._closed.set()
         self._listener.close()
+        with self._lock:
+            for c in self._conns:
+                c.sock.close()
+            self._conns.clear()
+
+
+class _Connection:
+    """One worker's connection, non-blocking, and the bytes read of a message not yet whole."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buffer = sock, bytearray()
+
+    def read(self, out: collections.deque[bytes], max_message: int) -> None:
+        """Append every whole message now readable to `out`; EOFError where the worker closed between
+        messages, ConnectionError where the stream broke."""
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                self.buffer += chunk
+            while len(self.buffer) >= _FRAME.size:
+                size = _FRAME.unpack_from(self.buffer)[0]
+                if size > max_message:
+                    raise ConnectionError(f"a message length the channel cannot have ({bytes(self.buffer[:4]).hex()})")
+                if len(self.buffer) < _FRAME.size + size:
+                    break
+                out.append(bytes(self.buffer[_FRAME.size:_FRAME.size + size]))
+                del self.buffer[:_FRAME.size + size]
+            if chunk is None:
+                return
+            if not chunk:  # the worker closed its end
+                if self.buffer:
+                    raise ConnectionError(f"a message cut short ({len(self.buffer)} bytes of a frame)")
+                raise EOFError

@@ -24,7 +24,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
@@ -56,7 +56,8 @@ class _Rows:
     """Per steering or reading request: what the worker sent of each of its sampled rows (readouts,
     and whether the steering overflowed there), by position."""
 
-    def __init__(self):
+    def __init__(self, poll: Callable[[], None] | None = None):
+        self._poll = poll  # reads the channel (`channel.Receiver.poll`)
         self.by_position: dict[int, tuple[list[TokenReadout], bool]] = {}
         self.hits: dict[int, GuardHit] = {}  # a guard that fired, by the position it read above at
         self.arrived = asyncio.Event()
@@ -69,6 +70,8 @@ class _Rows:
     async def row(self, position: int) -> tuple[list[TokenReadout], GuardHit | None, bool]:
         """The record of the row at `position`: its readouts, the guard that fired there, whether its
         steering overflowed (the request's `Sequence` decides what each means). Raises if it never came."""
+        if position not in self.by_position and self.error is None and self._poll is not None:
+            self._poll()  # the worker sent the step's record before vLLM's output of it: it is there to read
         try:
             while position not in self.by_position and self.error is None:
                 self.arrived.clear()
@@ -316,7 +319,7 @@ class VllmEngine(HfTokenizing):
         salt = self._salt(spec, payload, len(request.prompt_ids))
         if salt:
             prompt["cache_salt"] = salt
-        box = _Rows() if spec.active else None
+        box = _Rows(self._channel.poll) if spec.active else None
         if box is not None:
             self._rows[req_id] = box
         seq = Sequence(request, self.tokenizer, self.eos_ids)

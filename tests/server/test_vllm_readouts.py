@@ -156,3 +156,34 @@ def test_the_channel_carries_each_message_whole_in_order_and_never_waits_on_the_
 
     asyncio.run(go(cut=False))
     asyncio.run(go(cut=True))
+
+
+def test_a_request_that_awaits_its_row_reads_the_step_record_from_the_socket_itself(tmp_path, monkeypatch):
+    """The worker's record of a step is in the socket before vLLM's output of it reaches the front end, so
+    the request awaiting that row reads it there (`Receiver.poll`): no reader is woken by the worker's
+    write. Here the receiver's own thread never looks (POLL_S an hour), and the rows still arrive, whole
+    and in order, as soon as a request asks."""
+    monkeypatch.setattr(channel.Receiver, "POLL_S", 3600.0)
+
+    async def go():
+        engine = bare_engine()
+        receiver = channel.Receiver(str(tmp_path / "sock"), engine._handle, asyncio.get_running_loop())
+        try:
+            sender = channel.Sender(str(tmp_path / "sock"))
+            while not receiver._conns:  # the accept thread has taken the connection (before any record, as at set-up)
+                await asyncio.sleep(0.01)
+            box = engine._rows["a"] = vllm_front._Rows(receiver.poll)
+            sender.send(record(channel.Row("a", 5, [TokenReadout("s", top_ids=[1], top_values=[2.0])])))
+            sender.send(record(channel.Row("a", 6, [], broken=True)))
+            sender.send(record(channel.Row("a", 5, [TokenReadout("s", top_ids=[7], top_values=[9.0])])))  # recomputed
+            assert box.by_position == {}  # nothing read yet: nobody reads until a request asks
+            assert (await asyncio.wait_for(box.row(5), 5))[0] == [TokenReadout("s", top_ids=[1], top_values=[2.0])]
+            assert box.by_position.keys() == {5, 6} and engine.recomputed_rows == 1  # in order: the first kept
+            assert (await box.row(6))[2]
+            sender.close()
+            receiver.poll()  # the worker closed between messages: the channel ended cleanly
+            assert receiver.ended.done() and receiver.ended.result() is None
+        finally:
+            receiver.close()
+
+    asyncio.run(go())
