@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from rudder.core import screened_topk
 from rudder.core.errors import ArtifactError
 from rudder.core.fileio import replace_dir
+
+if TYPE_CHECKING:
+    from rudder.core.steering import SaeTable
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -411,6 +414,22 @@ class SAE(nn.Module):
         if not screened_topk.usable(self.W_enc, self.encoder_bias, xs):
             return None
         return screened_topk.topk_read(self._screen(), xs, self.encoder_bias, self.cfg.k, n, feat)
+
+    def topk_edit(self, x: Tensor, table: SaeTable, slot: Tensor, pos: Tensor) -> Tensor | None:
+        """A decode step's edits of a TopK SAE that nobody reads out, from one screen product in one C call:
+        the rows `x (N, d_in)` with `table`'s edits added (`x + (f' - f) W_dec`, in x's dtype, exactly x on
+        rows no op applies to), for rows of slots `slot (N,)` (-1: none) at positions `pos (N,)`. None where
+        that does not apply (no screen or C kernel here, more than `screened_topk.ALL_ROWS` rows, a
+        transcoder, an input scale, a stream neither float32 nor bfloat16, a row the screen cannot decide):
+        `steering._edits` answers then."""
+        if self.cfg.activation != "topk" or self.cfg.is_transcoder or self.in_scale is not None \
+                or x.device.type != "cpu" or not 0 < x.shape[0] <= screened_topk.ALL_ROWS:
+            return None
+        xs = self._input(x)
+        if not screened_topk.usable(self.W_enc, self.encoder_bias, xs):
+            return None
+        return screened_topk.topk_edit(self._screen(), xs, self.encoder_bias, self.cfg.k, table, slot, pos,
+                                       self.W_dec, x)
 
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
         """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest

@@ -397,47 +397,133 @@ int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *
    the caller raises). float32 arithmetic in the torch ops' order: f1 is theirs bit for bit (a fused
    multiply-add rounds f scale + shift as they do, as scale is 1 or shift is 0 unless scale is 0);
    delta is up to float32 rounding. */
+/* One row's feature edits (`rudder_feature_edits` for row r of slot s at position p): f1 into `g (M)`,
+   last into `lr (M)`, the delta into `out (d)`; 1 where an active op's feature id is outside [0, F)
+   (the delta is left 0). */
+static int row_edit(int64_t s, int64_t p, int64_t S, int64_t M, int64_t F, int64_t d, const uint8_t *valid,
+                    const int64_t *start, const int64_t *end, const int64_t *feature, const float *scale,
+                    const float *shift, const float *fr, const float *w_dec, float *g, uint8_t *lr, float *out) {
+    memset(out, 0, sizeof(float) * (size_t)d);
+    if (s < 0 || s >= S) { /* no slot: nothing applies */
+        for (int64_t m = 0; m < M; m++) g[m] = fr[m], lr[m] = 0;
+        return 0;
+    }
+    const int64_t *feat = feature + s * M;
+    int row_bad = 0;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t i = s * M + m;
+        lr[m] = valid[i] && start[i] <= p && p < end[i]; /* active, for now */
+        float cur = fr[m];
+        for (int64_t j = 0; j < m; j++) /* the newest earlier active op on this feature set its value */
+            if (lr[j] && feat[j] == feat[m]) cur = g[j];
+        g[m] = lr[m] ? (scale[i] == 0.0f ? shift[i] : cur * scale[i] + shift[i]) : cur;
+        row_bad |= lr[m] && (feat[m] < 0 || feat[m] >= F);
+    }
+    if (row_bad) return 1;
+    for (int64_t m = 0; m < M; m++) /* a later active op on the same feature: not its final value */
+        for (int64_t j = m + 1; j < M && lr[m]; j++) /* lr[j], j > m, still says "active" */
+            if (lr[j] && feat[j] == feat[m]) lr[m] = 0;
+    for (int64_t m = 0; m < M; m++) {
+        if (!lr[m]) continue;
+        const float c = g[m] - fr[m];
+        const float *w = w_dec + feat[m] * d;
+#pragma omp simd
+        for (int64_t t = 0; t < d; t++) out[t] += c * w[t];
+    }
+    return 0;
+}
+
 int64_t rudder_feature_edits(int64_t N, int64_t S, int64_t M, int64_t F, int64_t d, const int64_t *slot,
                              const int64_t *pos, const uint8_t *valid, const int64_t *start, const int64_t *end,
                              const int64_t *feature, const float *scale, const float *shift, const float *f0,
                              const float *w_dec, int threads, float *f1, uint8_t *last, float *delta) {
     int64_t bad = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : bad) if (N * d >= (1 << 15))
-    for (int64_t r = 0; r < N; r++) {
-        const int64_t s = slot[r], p = pos[r];
-        const float *fr = f0 + r * M;
-        float *g = f1 + r * M, *out = delta + r * d;
-        uint8_t *lr = last + r * M;
-        memset(out, 0, sizeof(float) * (size_t)d);
-        if (s < 0 || s >= S) { /* no slot: nothing applies */
-            for (int64_t m = 0; m < M; m++) g[m] = fr[m], lr[m] = 0;
-            continue;
-        }
-        const int64_t *feat = feature + s * M;
-        int row_bad = 0;
-        for (int64_t m = 0; m < M; m++) {
-            const int64_t i = s * M + m;
-            lr[m] = valid[i] && start[i] <= p && p < end[i]; /* active, for now */
-            float cur = fr[m];
-            for (int64_t j = 0; j < m; j++) /* the newest earlier active op on this feature set its value */
-                if (lr[j] && feat[j] == feat[m]) cur = g[j];
-            g[m] = lr[m] ? (scale[i] == 0.0f ? shift[i] : cur * scale[i] + shift[i]) : cur;
-            row_bad |= lr[m] && (feat[m] < 0 || feat[m] >= F);
-        }
-        if (row_bad) {
-            bad++;
-            continue;
-        }
-        for (int64_t m = 0; m < M; m++) /* a later active op on the same feature: not its final value */
-            for (int64_t j = m + 1; j < M && lr[m]; j++) /* lr[j], j > m, still says "active" */
-                if (lr[j] && feat[j] == feat[m]) lr[m] = 0;
-        for (int64_t m = 0; m < M; m++) {
-            if (!lr[m]) continue;
-            const float c = g[m] - fr[m];
-            const float *w = w_dec + feat[m] * d;
-#pragma omp simd
-            for (int64_t t = 0; t < d; t++) out[t] += c * w[t];
-        }
-    }
+    for (int64_t r = 0; r < N; r++)
+        bad += row_edit(slot[r], pos[r], S, M, F, d, valid, start, end, feature, scale, shift, f0 + r * M, w_dec,
+                        f1 + r * M, last + r * M, delta + r * d);
     return bad;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return (uint16_t)((u >> 16) | 0x40); /* a NaN stays a NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* A TopK SAE's edit-only step in one call: `rudder_screen_active` and `rudder_feature_edits` per row, and
+   the edited stream written out. Row r is of slot `slot[r]` at position `pos[r]` (the tables as in
+   `rudder_feature_edits`); its edited features are its slot's M (`feature`), their activations `f0` as
+   `rudder_screen_active` gives them, from the screen's `mm, x, x_lo` (`x`: the SAE's input, float32).
+   `stream (N, d)` is the site's activation, float32 or (`stream_bf16`) bfloat16; `y` gets, in its dtype,
+   stream + delta as the torch ops give it (the delta rounded to the stream's dtype, then added in float32
+   and rounded once), and exactly the stream row where no op applies. `undecided[r]` = 1 where the bounds
+   cannot tell whether an edited feature is among the k, or the row is not finite (its y is the stream
+   row: the caller answers such a step on its general path). Returns the number of undecided rows; `*bad`
+   gets the number of rows whose slot holds a feature id outside [0, F) (the caller raises). */
+int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
+                           const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
+                           float sc, const float *w_t, int64_t k, int64_t S, int64_t M, const int64_t *slot,
+                           const int64_t *pos, const uint8_t *valid, const int64_t *start, const int64_t *end,
+                           const int64_t *feature, const float *scale, const float *shift, const float *w_dec,
+                           const void *stream, int stream_bf16, int threads, void *y, uint8_t *undecided,
+                           int64_t *bad) {
+    int64_t nundecided = 0, nbad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nundecided, nbad)
+    {
+        float *approx = malloc(sizeof(float) * (2 * F + 3 * M + d));
+        uint8_t *inside = malloc(2 * (size_t)M + 1);
+        float *slack = approx ? approx + F : NULL, *pre = approx ? slack + F : NULL, *f0 = approx ? pre + M : NULL;
+        float *g = approx ? f0 + M : NULL, *delta = approx ? g + M : NULL;
+        uint8_t *lr = inside ? inside + M : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            const int64_t s = slot[r], p = pos[r];
+            const float *xr = x + r * d;
+            int applies = 0;
+            undecided[r] = 0;
+            if (stream_bf16)
+                memcpy((uint16_t *)y + r * d, (const uint16_t *)stream + r * d, sizeof(uint16_t) * (size_t)d);
+            else
+                memcpy((float *)y + r * d, (const float *)stream + r * d, sizeof(float) * (size_t)d);
+            if (s < 0 || s >= S) continue;
+            for (int64_t m = 0; m < M; m++) {
+                const int64_t i = s * M + m;
+                applies |= valid[i] && start[i] <= p && p < end[i];
+            }
+            if (!applies) continue; /* no op at this position: the row goes on as it came */
+            const int64_t *fr = feature + s * M;
+            if (!approx || !inside) {
+                undecided[r] = 1, nundecided++;
+                continue;
+            }
+            if (row_ids_bad(fr, M, F, f0)) {
+                nbad++;
+                continue;
+            }
+            if (row_pre(xr, w_t, b, d, M, fr, pre)) { /* some feature above 0: is it among the k? */
+                float n0, n1;
+                if (!norms(xr, x_lo + r * d, d, &n0, &n1) ||
+                    !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack) ||
+                    row_member(approx, slack, F, k, M, fr, pre, inside)) {
+                    undecided[r] = 1, nundecided++;
+                    continue;
+                }
+                row_acts(pre, inside, M, f0);
+            }
+            row_edit(s, p, S, M, F, d, valid, start, end, feature, scale, shift, f0, w_dec, g, lr, delta);
+            if (stream_bf16) {
+                uint16_t *yr = (uint16_t *)y + r * d;
+                for (int64_t t = 0; t < d; t++) yr[t] = to_bf16(bf16(yr[t]) + bf16(to_bf16(delta[t])));
+            } else {
+                float *yr = (float *)y + r * d;
+                for (int64_t t = 0; t < d; t++) yr[t] += delta[t];
+            }
+        }
+        free(approx);
+        free(inside);
+    }
+    *bad = nbad;
+    return nundecided;
 }

@@ -120,6 +120,8 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_dots_at.restype = i64
     lib.rudder_feature_edits.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, p, p, p]
     lib.rudder_feature_edits.restype = i64
+    lib.rudder_screen_edit.argtypes = [*common, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, i32, p, p, p]
+    lib.rudder_screen_edit.restype = i64
     return lib
 
 
@@ -288,3 +290,32 @@ def feature_edits(table: SaeTable, slot: Tensor, pos: Tensor, f0: Tensor,
     if bad:
         raise IndexError(f"{bad} rows edit feature ids outside the SAE's {F} features")
     return f1, last, delta
+
+
+def edit(screen: Screen, x: Tensor, b: Tensor, k: int, table: SaeTable, slot: Tensor, pos: Tensor, w_dec: Tensor,
+         stream: Tensor, sc: float) -> Tensor | None:
+    """A TopK SAE's edit-only step in one call after the screen's product (`rudder_screen_edit`): the site's
+    activation `stream (N, d)` (float32 or bfloat16) with the edits of `table` added, for rows of slots
+    `slot (N,)` (-1: none) at positions `pos (N,)`, as `steering._edits` and `stream + delta` give it; `x` is
+    the SAE's input of those rows. None where the kernel is not available or takes another path, or some
+    row's membership the bounds cannot decide (the caller's general path answers that step)."""
+    if not (stream.dtype in (torch.float32, torch.bfloat16)
+            and stream.shape == x.shape == (slot.shape[0], w_dec.shape[1])
+            and slot.device.type == pos.device.type == table.valid.device.type == "cpu"):
+        return None
+    call = _call(screen, x, b, sc, w_dec)
+    if call is None:
+        return None
+    lib, args, _alive = call
+    valid, start, end, feature, scale, shift = table.kernel_buffers
+    stream, w_dec = stream.contiguous(), w_dec.contiguous()
+    slot, pos = slot.contiguous().long(), pos.contiguous().long()
+    N, (S, M) = args[0], feature.shape
+    y, undecided, bad = torch.empty_like(stream), torch.empty(N, dtype=torch.bool), ctypes.c_int64(0)
+    buffers = (slot, pos, valid, start, end, feature, scale, shift, w_dec, stream)
+    nundecided = lib.rudder_screen_edit(*args, screen.w_t.data_ptr(), k, S, M, *(t.data_ptr() for t in buffers),
+                                        int(stream.dtype == torch.bfloat16), torch.get_num_threads(), y.data_ptr(),
+                                        undecided.data_ptr(), ctypes.byref(bad))
+    if bad.value:
+        raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
+    return None if nundecided else y

@@ -235,6 +235,13 @@ def topk_read(screen: Screen, x: Tensor, b: Tensor, k: int, n: int,
     return screen_kernel.read(screen, x, b, k, n, m, feat, SAFETY * _C)
 
 
+def topk_edit(screen: Screen, x: Tensor, b: Tensor, k: int, table, slot: Tensor, pos: Tensor, w_dec: Tensor,
+              stream: Tensor) -> Tensor | None:
+    """`SAE.topk_edit` for the rows `x (N, d)` (the SAE's input of `stream`): the edited stream from one
+    C call after the product; None where it is not built or some row's membership is undecided."""
+    return screen_kernel.edit(screen, x, b, k, table, slot, pos, w_dec, stream, SAFETY * _C)
+
+
 def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """Row chunks of `_topk_active_at` (a long prefill holds a few (rows, F) tensors at a time)."""
     rows = max(1, CHUNK_ELEMENTS // screen.w_t.shape[0])

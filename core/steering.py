@@ -594,7 +594,11 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
     out = x if out is None else out
     if table.edits and not table.any_reads and (sae.elementwise or x.shape[0] <= screened_topk.ALL_ROWS):
         # edits, no readout (a steered decode step, say): every row at once, fixed shapes (a TopK SAE
-        # encodes rows of no slot too, but its screen reads the whole encoder for any number of rows)
+        # encodes rows of no slot too, but its screen reads the whole encoder for any number of rows);
+        # on a CPU, eager, a TopK SAE's whole step is one C call after its screen's product
+        edited = sae.topk_edit(x, table, rows.slot, rows.position) if out is x and not sae.elementwise else None
+        if edited is not None:
+            return edited
         return out + _edits(sae, x, table, rows.slot, rows.position)[-1].to(out.dtype)
     every = rows.every_row_read and table.every_slot_reads  # known on the host: no rows to pick out
     read_mask = None if every else _reading(rows, table.reads)

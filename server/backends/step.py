@@ -10,6 +10,7 @@ readouts per token row, already trimmed to what each request asked for.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -231,10 +232,11 @@ class StepRecorder:
         flat = x.reshape(-1, x.shape[-1])  # (N, d)
         out, readouts = steer_site(site, flat, artifacts, self.tables, self.rows, self.pending)
         if out is not flat:
-            fine = finite_rows(out)
-            # on a CPU, eager, a step that made nothing non-finite (all but an overflow) stops here: the
-            # check costs no device synchronisation there
-            if flat.device.type != "cpu" or torch.compiler.is_compiling() or not bool(fine.all()):
+            # on a CPU, eager, a step that made nothing non-finite (all but an overflow) stops at one sum
+            # (finite exactly when every value is, unless the sum itself overflows: then the exact check
+            # below finds nothing to do): the check costs no device synchronisation there
+            if flat.device.type != "cpu" or torch.compiler.is_compiling() or not math.isfinite(out.sum()):
+                fine = finite_rows(out)
                 bad = ~fine & finite_rows(flat)
                 out = torch.where(bad[:, None], flat, out)
                 self.broken = bad if self.broken is None else self.broken | bad

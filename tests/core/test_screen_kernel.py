@@ -178,8 +178,12 @@ def test_a_steered_step_is_the_same_with_the_kernel_and_with_the_torch_ops(fresh
     from tests.core.test_steering import SITE, frozen_topk_sae, random_sae
 
     sae = frozen_topk_sae(4) if arch == "topk" else random_sae(4).requires_grad_(False)
-    real, taken = screen_kernel.feature_edits, []
-    monkeypatch.setattr(screen_kernel, "feature_edits", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = []  # what the C calls of the edits gave: `edit` (a TopK decode step's whole edit), `feature_edits`
+    def recorded(real):
+        return lambda *a: taken.append(real(*a)) or taken[-1]
+
+    for name in ("edit", "feature_edits"):
+        monkeypatch.setattr(screen_kernel, name, recorded(getattr(screen_kernel, name)))
     g = torch.Generator().manual_seed(4)
     edits = _random_edit_tables(g, 4, sae.cfg.d_sae)
     x = torch.randn(rows_n, 16, generator=g) * 2
@@ -271,3 +275,49 @@ def test_a_readouts_top_with_its_edits_written_in_equals_the_torch_ops(fresh):
         assert got is not None
         want = _edited_top(values, ids, feat, f1, last, top_k)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_a_topk_edit_step_in_one_call_equals_the_calls_it_fuses(fresh, monkeypatch, dtype):
+    """A TopK decode step that edits and reads nothing is one C call after the screen's product
+    (`screen_kernel.edit`): its stream equals, bit for bit, the membership call and the edits' call
+    (`active`, `feature_edits`) followed by `x + delta` in the stream's dtype; rows no op applies to come
+    back exactly as they went in (-0.0 included), rows of no slot too. A step with a row the bounds cannot
+    decide takes the general path, with the same answer."""
+    from rudder.core.sae import SAE, SAEConfig
+    from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
+    from tests.core.test_steering import SITE
+
+    torch.manual_seed(7)
+    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
+    for p in sae.parameters():
+        p.normal_(0, 0.5)
+    sae.requires_grad_(False)
+    real, taken = screen_kernel.edit, []
+    g = torch.Generator().manual_seed(7)
+    answered = 0
+    for step in range(8):
+        table = _random_edit_tables(g, 4, sae.cfg.d_sae)
+        n = 24
+        rows = RowIndex(torch.randint(-1, 4, (n,), generator=g), torch.randint(0, 10, (n,), generator=g))
+        x = (torch.randn(n, 32, generator=g) * 2).to(dtype)
+        x[rows.slot == -1, 0] = -0.0
+        results = []
+        for fused in (True, False):
+            monkeypatch.setattr(screen_kernel, "edit", (lambda *a: taken.append(real(*a)) or taken[-1]) if fused
+                                else (lambda *a: None))
+            results.append(steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}), StepTables(saes={"s": table}),
+                                      rows)[0])
+        assert len(taken) == 1, step
+        fused = taken.pop() is not None  # else a row the bounds could not decide: the general path answered
+        answered += fused
+        fused_out, calls_out = results
+        assert fused_out.dtype == dtype and not torch.equal(fused_out, x)
+        assert torch.equal(fused_out, calls_out), step
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        none = rows.slot == -1
+        assert torch.equal(fused_out[none], x[none])
+        assert not fused or torch.equal(fused_out[none].view(bits), x[none].view(bits))
+    assert answered >= 2  # most steps: the fused call's answer is what was compared
