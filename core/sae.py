@@ -422,14 +422,26 @@ class SAE(nn.Module):
         that does not apply (no screen or C kernel here, more than `screened_topk.ALL_ROWS` rows, a
         transcoder, an input scale, a stream neither float32 nor bfloat16, a row the screen cannot decide):
         `steering._edits` answers then."""
+        return self._fused_step(screened_topk.topk_edit, x, table, slot, pos)
+
+    def topk_read_edit(self, x: Tensor, table: SaeTable, slot: Tensor, pos: Tensor) -> tuple[Tensor, ...] | None:
+        """A decode step of a TopK SAE whose every row reads its top `table.top_k` out and edits it, from one
+        screen product in one C call: `topk_edit`'s edited rows, and each row's readout, the top `top_k`
+        activations with the edits written in, values and ids `(N, top_k)`. None where `topk_edit` would
+        be, or where `top_k` + the edits is more than k, or a row needs the general path (a row the screen
+        cannot decide, with fewer active features than the readout shows, or of no slot)."""
+        if not 0 < table.top_k + table.feature.shape[1] <= self.cfg.k:
+            return None
+        return self._fused_step(screened_topk.topk_read_edit, x, table, slot, pos)
+
+    def _fused_step(self, step, x: Tensor, table: SaeTable, slot: Tensor, pos: Tensor):
         if self.cfg.activation != "topk" or self.cfg.is_transcoder or self.in_scale is not None \
                 or x.device.type != "cpu" or not 0 < x.shape[0] <= screened_topk.ALL_ROWS:
             return None
         xs = self._input(x)
         if not screened_topk.usable(self.W_enc, self.encoder_bias, xs):
             return None
-        return screened_topk.topk_edit(self._screen(), xs, self.encoder_bias, self.cfg.k, table, slot, pos,
-                                       self.W_dec, x)
+        return step(self._screen(), xs, self.encoder_bias, self.cfg.k, table, slot, pos, self.W_dec, x)
 
     def top_activations(self, x: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
         """A ReLU SAE's n largest activations at the rows `x (N, d_in)`, values and ids `(N, n)`, largest

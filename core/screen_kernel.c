@@ -269,6 +269,30 @@ int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm
     return bad;
 }
 
+/* One row of `rudder_screen_read`: its acts of `fr (M)` into `ar (M)` and its certified top n into `v, id
+   (n)`; 1 where the row needs the general path (`*row_bad` = 1 where an id is outside [0, F): nothing of
+   the row is read). Scratch: `approx (2 F + M + m + 1)`, `inside (M)`, `heap_id (m + 1)`. */
+static int row_read(const uint16_t *mmr, const float *xr, const uint16_t *x_lor, const float *b, const float *per_norm,
+                    const float *per_bias, float sc, const float *w_t, int64_t F, int64_t d, int64_t k, int64_t n,
+                    int64_t m, int64_t M, const int64_t *fr, float *approx, uint8_t *inside, int32_t *heap_id,
+                    float *v, int64_t *id, float *ar, int *row_bad) {
+    float *slack = approx + F, *pre = slack + F, *heap = pre + M, n0, n1;
+    if (row_ids_bad(fr, M, F, ar)) {
+        *row_bad = 1;
+        return 1;
+    }
+    if (!norms(xr, x_lor, d, &n0, &n1) || !bounds(mmr, b, per_norm, per_bias, sc, F, n0, n1, approx, slack))
+        return 1;
+    int undecided = 0;
+    if (row_pre(xr, w_t, b, d, M, fr, pre)) { /* else every edited feature reads 0 */
+        undecided = row_member(approx, slack, F, k, M, fr, pre, inside);
+        row_acts(pre, inside, M, ar);
+    }
+    for (int64_t j = 0; j < F; j++) slack[j] += approx[j];
+    int top_failed = row_top(slack, xr, w_t, b, F, d, n, m, heap, heap_id, v, id);
+    return undecided || top_failed || !(v[n - 1] > 0.0f);
+}
+
 /* A TopK SAE's readout step in one call, for rows that read the top n (n <= k) of its activations and
    edit the features `feat (N, M)` (int64): from one set of bounds per row, `acts (N, M)` as
    `rudder_screen_active` gives them (each feature's exact pre-activation, ReLU'd, where it is among the
@@ -288,33 +312,15 @@ int64_t rudder_screen_read(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
         float *approx = malloc(sizeof(float) * (2 * F + M + m + 1));
         int32_t *heap_id = malloc(sizeof(int32_t) * (m + 1));
         uint8_t *inside = malloc((size_t)M + 1);
-        float *slack = approx ? approx + F : NULL, *pre = approx ? slack + F : NULL, *heap = approx ? pre + M : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
-            const int64_t *fr = feat + r * M;
-            const float *xr = x + r * d;
-            float *ar = acts + r * M, n0, n1;
-            failed[r] = 1;
-            if (row_ids_bad(fr, M, F, ar)) {
-                nbad++;
-                nfailed++;
-                continue;
-            }
-            if (!approx || !heap_id || !inside || !norms(xr, x_lo + r * d, d, &n0, &n1) ||
-                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack)) {
-                nfailed++;
-                continue;
-            }
-            int undecided = 0;
-            if (row_pre(xr, w_t, b, d, M, fr, pre)) { /* else every edited feature reads 0 */
-                undecided = row_member(approx, slack, F, k, M, fr, pre, inside);
-                row_acts(pre, inside, M, ar);
-            }
-            for (int64_t j = 0; j < F; j++) slack[j] += approx[j];
-            float *v = values + r * n;
-            int top_failed = row_top(slack, xr, w_t, b, F, d, n, m, heap, heap_id, v, ids + r * n);
-            failed[r] = (uint8_t)(undecided || top_failed || !(v[n - 1] > 0.0f));
+            int row_bad = 0;
+            failed[r] = (uint8_t)(!approx || !heap_id || !inside ||
+                                  row_read(mm + r * F, x + r * d, x_lo + r * d, b, per_norm, per_bias, sc, w_t, F, d, k,
+                                           n, m, M, feat + r * M, approx, inside, heap_id, values + r * n, ids + r * n,
+                                           acts + r * M, &row_bad));
             nfailed += failed[r];
+            nbad += row_bad;
         }
         free(approx);
         free(heap_id);
@@ -326,6 +332,32 @@ int64_t rudder_screen_read(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
 
 static inline int above(float a, float b) { return a > b || (a != a && b == b); } /* a NaN ranks first, as in torch.topk */
 
+/* One row of `rudder_edited_top`. */
+static void row_edited_top(int64_t n, int64_t M, int64_t top_k, const float *vr, const int64_t *ir, const int64_t *fr,
+                           const float *gr, const uint8_t *lr, float *ov, int64_t *oi) {
+    int64_t filled = 0;
+    for (int64_t c = 0; c < n + M; c++) {
+        float e;
+        int64_t id;
+        if (c < n) {
+            e = vr[c], id = ir[c];
+            for (int64_t m = 0; m < M; m++)
+                if (lr[m] && fr[m] == id) e = gr[m];
+        } else {
+            const int64_t m = c - n;
+            int among = 0;
+            for (int64_t j = 0; j < n && lr[m]; j++) among |= ir[j] == fr[m];
+            if (!lr[m] || among) continue;
+            e = gr[m], id = fr[m];
+        }
+        if (filled < top_k || above(e, ov[top_k - 1])) { /* insertion into the top_k so far */
+            int64_t p = filled < top_k ? filled++ : top_k - 1;
+            for (; p > 0 && above(e, ov[p - 1]); p--) ov[p] = ov[p - 1], oi[p] = oi[p - 1];
+            ov[p] = e, oi[p] = id;
+        }
+    }
+}
+
 /* The readout's top `top_k` of each row once its edits are written in: row r's candidates are its top
    n activations `values, ids (N, n)` with each edited feature's final value (`f1 (N, M)` where `last`)
    written over its entry, or beside them when it is not among them (an edited feature can enter the
@@ -334,33 +366,9 @@ static inline int above(float a, float b) { return a > b || (a != a && b == b); 
 void rudder_edited_top(int64_t N, int64_t n, int64_t M, int64_t top_k, const float *values, const int64_t *ids,
                        const int64_t *feat, const float *f1, const uint8_t *last, float *out_values,
                        int64_t *out_ids) {
-    for (int64_t r = 0; r < N; r++) {
-        const float *vr = values + r * n, *gr = f1 + r * M;
-        const int64_t *ir = ids + r * n, *fr = feat + r * M;
-        const uint8_t *lr = last + r * M;
-        float *ov = out_values + r * top_k;
-        int64_t *oi = out_ids + r * top_k, filled = 0;
-        for (int64_t c = 0; c < n + M; c++) {
-            float e;
-            int64_t id;
-            if (c < n) {
-                e = vr[c], id = ir[c];
-                for (int64_t m = 0; m < M; m++)
-                    if (lr[m] && fr[m] == id) e = gr[m];
-            } else {
-                const int64_t m = c - n;
-                int among = 0;
-                for (int64_t j = 0; j < n && lr[m]; j++) among |= ir[j] == fr[m];
-                if (!lr[m] || among) continue;
-                e = gr[m], id = fr[m];
-            }
-            if (filled < top_k || above(e, ov[top_k - 1])) { /* insertion into the top_k so far */
-                int64_t p = filled < top_k ? filled++ : top_k - 1;
-                for (; p > 0 && above(e, ov[p - 1]); p--) ov[p] = ov[p - 1], oi[p] = oi[p - 1];
-                ov[p] = e, oi[p] = id;
-            }
-        }
-    }
+    for (int64_t r = 0; r < N; r++)
+        row_edited_top(n, M, top_k, values + r * n, ids + r * n, feat + r * M, f1 + r * M, last + r * M,
+                       out_values + r * top_k, out_ids + r * top_k);
 }
 
 /* `out[r, i]` = x_r . w_t[ids[r, i]] + b[ids[r, i]] for `x (N, d)`, `ids (N, M)` (int64), `out (N, M)`:
@@ -452,6 +460,18 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
+/* y's row r (a copy of the stream's) += delta as the torch ops add it: float32, or (`bf16`) the delta rounded
+   to bfloat16, added in float32 and rounded once. */
+static void row_add(void *y, int64_t r, int64_t d, const float *delta, int bf16_out) {
+    if (bf16_out) {
+        uint16_t *yr = (uint16_t *)y + r * d;
+        for (int64_t t = 0; t < d; t++) yr[t] = to_bf16(bf16(yr[t]) + bf16(to_bf16(delta[t])));
+    } else {
+        float *yr = (float *)y + r * d;
+        for (int64_t t = 0; t < d; t++) yr[t] += delta[t];
+    }
+}
+
 /* A TopK SAE's edit-only step in one call: `rudder_screen_active` and `rudder_feature_edits` per row, and
    the edited stream written out. Row r is of slot `slot[r]` at position `pos[r]` (the tables as in
    `rudder_feature_edits`); its edited features are its slot's M (`feature`), their activations `f0` as
@@ -513,17 +533,65 @@ int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
                 row_acts(pre, inside, M, f0);
             }
             row_edit(s, p, S, M, F, d, valid, start, end, feature, scale, shift, f0, w_dec, g, lr, delta);
-            if (stream_bf16) {
-                uint16_t *yr = (uint16_t *)y + r * d;
-                for (int64_t t = 0; t < d; t++) yr[t] = to_bf16(bf16(yr[t]) + bf16(to_bf16(delta[t])));
-            } else {
-                float *yr = (float *)y + r * d;
-                for (int64_t t = 0; t < d; t++) yr[t] += delta[t];
-            }
+            row_add(y, r, d, delta, stream_bf16);
         }
         free(approx);
         free(inside);
     }
     *bad = nbad;
     return nundecided;
+}
+
+/* A TopK SAE's readout decode step in one call, for rows that all read the top `top_k` of its activations
+   and edit it (`rudder_screen_read`, `rudder_feature_edits`, `rudder_edited_top` per row, and the stream
+   written out as `rudder_screen_edit` does): row r of slot `slot[r]` at `pos[r]`, its slot's M features
+   `feature`; its certified top n = top_k + M (from m candidates) with the edits written in, the top
+   `top_k` into `top_values, top_ids (N, top_k)`; the edited stream into `y`. Returns the number of rows
+   that need the caller's general path (as `rudder_screen_read`'s `failed`, or a row of no slot); `*bad`
+   gets the number of rows whose slot holds a feature id outside [0, F). */
+int64_t rudder_screen_read_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
+                                const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
+                                float sc, const float *w_t, int64_t k, int64_t n, int64_t m, int64_t S, int64_t M,
+                                const int64_t *slot, const int64_t *pos, const uint8_t *valid, const int64_t *start,
+                                const int64_t *end, const int64_t *feature, const float *scale, const float *shift,
+                                const float *w_dec, const void *stream, int stream_bf16, int64_t top_k, int threads,
+                                void *y, float *top_values, int64_t *top_ids, int64_t *bad) {
+    int64_t nfailed = 0, nbad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nfailed, nbad)
+    {
+        float *approx = malloc(sizeof(float) * (2 * F + M + m + 1 + 3 * M + n + d));
+        int32_t *heap_id = malloc(sizeof(int32_t) * (m + 1));
+        int64_t *id = malloc(sizeof(int64_t) * (n + 1));
+        uint8_t *inside = malloc(2 * (size_t)M + 1);
+        float *f0 = approx ? approx + 2 * F + M + m + 1 : NULL, *g = f0 ? f0 + M : NULL, *v = g ? g + M : NULL;
+        float *delta = v ? v + n : NULL;
+        uint8_t *lr = inside ? inside + M : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            const int64_t s = slot[r];
+            int row_bad = 0;
+            if (stream_bf16)
+                memcpy((uint16_t *)y + r * d, (const uint16_t *)stream + r * d, sizeof(uint16_t) * (size_t)d);
+            else
+                memcpy((float *)y + r * d, (const float *)stream + r * d, sizeof(float) * (size_t)d);
+            if (!approx || !heap_id || !id || !inside || s < 0 || s >= S ||
+                row_read(mm + r * F, x + r * d, x_lo + r * d, b, per_norm, per_bias, sc, w_t, F, d, k, n, m, M,
+                         feature + s * M, approx, inside, heap_id, v, id, f0, &row_bad)) {
+                nfailed++;
+                nbad += row_bad;
+                continue;
+            }
+            row_edit(s, pos[r], S, M, F, d, valid, start, end, feature, scale, shift, f0, w_dec, g, lr, delta);
+            row_edited_top(n, M, top_k, v, id, feature + s * M, g, lr, top_values + r * top_k, top_ids + r * top_k);
+            int applies = 0;
+            for (int64_t i = 0; i < M; i++) applies |= lr[i];
+            if (applies) row_add(y, r, d, delta, stream_bf16); /* else the row goes on exactly as it came */
+        }
+        free(approx);
+        free(heap_id);
+        free(id);
+        free(inside);
+    }
+    *bad = nbad;
+    return nfailed;
 }

@@ -122,6 +122,9 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_feature_edits.restype = i64
     lib.rudder_screen_edit.argtypes = [*common, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, i32, p, p, p]
     lib.rudder_screen_edit.restype = i64
+    lib.rudder_screen_read_edit.argtypes = [*common, p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32,
+                                            i64, i32, p, p, p, p]
+    lib.rudder_screen_read_edit.restype = i64
     return lib
 
 
@@ -292,6 +295,19 @@ def feature_edits(table: SaeTable, slot: Tensor, pos: Tensor, f0: Tensor,
     return f1, last, delta
 
 
+def _edit_inputs(x: Tensor, table: SaeTable, slot: Tensor, pos: Tensor, w_dec: Tensor, stream: Tensor):
+    """The buffers `rudder_screen_edit` and `rudder_screen_read_edit` read of a step's rows and tables after
+    the screen's own, and y, the stream's copy they write; None where they take another path."""
+    if not (stream.dtype in (torch.float32, torch.bfloat16)
+            and stream.shape == x.shape == (slot.shape[0], w_dec.shape[1])
+            and slot.device.type == pos.device.type == table.valid.device.type == "cpu"):
+        return None
+    valid, start, end, feature, scale, shift = table.kernel_buffers
+    stream, w_dec = stream.contiguous(), w_dec.contiguous()
+    slot, pos = slot.contiguous().long(), pos.contiguous().long()
+    return torch.empty_like(stream), (slot, pos, valid, start, end, feature, scale, shift, w_dec, stream)
+
+
 def edit(screen: Screen, x: Tensor, b: Tensor, k: int, table: SaeTable, slot: Tensor, pos: Tensor, w_dec: Tensor,
          stream: Tensor, sc: float) -> Tensor | None:
     """A TopK SAE's edit-only step in one call after the screen's product (`rudder_screen_edit`): the site's
@@ -299,23 +315,42 @@ def edit(screen: Screen, x: Tensor, b: Tensor, k: int, table: SaeTable, slot: Te
     `slot (N,)` (-1: none) at positions `pos (N,)`, as `steering._edits` and `stream + delta` give it; `x` is
     the SAE's input of those rows. None where the kernel is not available or takes another path, or some
     row's membership the bounds cannot decide (the caller's general path answers that step)."""
-    if not (stream.dtype in (torch.float32, torch.bfloat16)
-            and stream.shape == x.shape == (slot.shape[0], w_dec.shape[1])
-            and slot.device.type == pos.device.type == table.valid.device.type == "cpu"):
-        return None
-    call = _call(screen, x, b, sc, w_dec)
+    inputs = _edit_inputs(x, table, slot, pos, w_dec, stream)
+    call = None if inputs is None else _call(screen, x, b, sc, w_dec)
     if call is None:
         return None
-    lib, args, _alive = call
-    valid, start, end, feature, scale, shift = table.kernel_buffers
-    stream, w_dec = stream.contiguous(), w_dec.contiguous()
-    slot, pos = slot.contiguous().long(), pos.contiguous().long()
-    N, (S, M) = args[0], feature.shape
-    y, undecided, bad = torch.empty_like(stream), torch.empty(N, dtype=torch.bool), ctypes.c_int64(0)
-    buffers = (slot, pos, valid, start, end, feature, scale, shift, w_dec, stream)
+    (lib, args, _alive), (y, buffers) = call, inputs
+    S, M = table.feature.shape
+    undecided, bad = torch.empty(args[0], dtype=torch.bool), ctypes.c_int64(0)
     nundecided = lib.rudder_screen_edit(*args, screen.w_t.data_ptr(), k, S, M, *(t.data_ptr() for t in buffers),
                                         int(stream.dtype == torch.bfloat16), torch.get_num_threads(), y.data_ptr(),
                                         undecided.data_ptr(), ctypes.byref(bad))
     if bad.value:
         raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
     return None if nundecided else y
+
+
+def read_edit(screen: Screen, x: Tensor, b: Tensor, k: int, m: int, table: SaeTable, slot: Tensor, pos: Tensor,
+              w_dec: Tensor, stream: Tensor, sc: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A TopK SAE's readout decode step in one call after the screen's product (`rudder_screen_read_edit`):
+    as `edit`, and each row's readout, the top `table.top_k` activations with the edits written in, values
+    and ids `(N, top_k)` (as `read`, `feature_edits` and `edited_top` give them); every row of a slot,
+    reading. None where the kernel is not available or takes another path, or some row needs the general
+    path (see `read`)."""
+    S, M = table.feature.shape
+    n = table.top_k + M
+    inputs = _edit_inputs(x, table, slot, pos, w_dec, stream) if 0 < table.top_k and n <= m else None
+    call = None if inputs is None else _call(screen, x, b, sc, w_dec)
+    if call is None:
+        return None
+    (lib, args, _alive), (y, buffers) = call, inputs
+    N = args[0]
+    top_values, top_ids, bad = x.new_empty(N, table.top_k), torch.empty(N, table.top_k, dtype=torch.long), \
+        ctypes.c_int64(0)
+    nfailed = lib.rudder_screen_read_edit(*args, screen.w_t.data_ptr(), k, n, m, S, M,
+                                          *(t.data_ptr() for t in buffers), int(stream.dtype == torch.bfloat16),
+                                          table.top_k, torch.get_num_threads(), y.data_ptr(), top_values.data_ptr(),
+                                          top_ids.data_ptr(), ctypes.byref(bad))
+    if bad.value:
+        raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
+    return None if nfailed else (y, top_values, top_ids)

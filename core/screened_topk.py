@@ -242,6 +242,17 @@ def topk_edit(screen: Screen, x: Tensor, b: Tensor, k: int, table, slot: Tensor,
     return screen_kernel.edit(screen, x, b, k, table, slot, pos, w_dec, stream, SAFETY * _C)
 
 
+def topk_read_edit(screen: Screen, x: Tensor, b: Tensor, k: int, table, slot: Tensor, pos: Tensor, w_dec: Tensor,
+                   stream: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`SAE.topk_read_edit` for the rows `x (N, d)` (the SAE's input of `stream`): the edited stream and the
+    readout's top from one C call after the product; None where it is not built or a row needs the
+    general path."""
+    m = table.top_k + table.feature.shape[1] + MARGIN
+    if 4 * m > screen.w_t.shape[0]:
+        return None
+    return screen_kernel.read_edit(screen, x, b, k, m, table, slot, pos, w_dec, stream, SAFETY * _C)
+
+
 def topk_active_at(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, pre: Tensor) -> tuple[Tensor, Tensor]:
     """Row chunks of `_topk_active_at` (a long prefill holds a few (rows, F) tensors at a time)."""
     rows = max(1, CHUNK_ELEMENTS // screen.w_t.shape[0])

@@ -601,6 +601,15 @@ def apply_sae(sae_id: str, sae: SAE, x: Tensor, table: SaeTable, rows: RowIndex,
             return edited
         return out + _edits(sae, x, table, rows.slot, rows.position)[-1].to(out.dtype)
     every = rows.every_row_read and table.every_slot_reads  # known on the host: no rows to pick out
+    if every and out is x and table.edits and table.top_k > 0 and not table.selected.numel() and not sae.elementwise:
+        # a TopK decode step where every row reads the top and edits: on a CPU, one C call after the product
+        fused = sae.topk_read_edit(x, table, rows.slot, rows.position)
+        if fused is not None:
+            y, top_values, top_ids = fused
+            readouts.append(SaeReadout(source=sae_id, rows=torch.arange(x.shape[0]), top_ids=top_ids,
+                                       top_values=top_values, selected_ids=table.selected,
+                                       selected_values=top_values.new_zeros(x.shape[0], 0)))
+            return y
     read_mask = None if every else _reading(rows, table.reads)
     if table.gates_only is not None and sae.elementwise:  # rows that only watch gates: their columns
         watching = read_mask & _row_mask(rows, table.gates_only)

@@ -214,10 +214,13 @@ def test_a_steered_step_is_the_same_with_the_kernel_and_with_the_torch_ops(fresh
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
 @torch.no_grad()
-def test_a_topk_decode_readout_reads_its_top_and_edits_from_one_call(fresh, monkeypatch):
-    """A TopK decode step where every row reads the top of the SAE and edits it takes one C call for both
-    (`screen_kernel.read`) and gives the stream and readouts of the general path (the torch ops); a step
-    whose rows have fewer active features than the readout shows falls back to that path."""
+@pytest.mark.parametrize("layout", ["every row", "a row of no slot"])
+def test_a_topk_decode_readout_reads_its_top_and_edits_from_one_call(fresh, monkeypatch, layout):
+    """A TopK decode step where every row reads the top of the SAE and edits it takes one C call after the
+    product (`screen_kernel.read_edit`: the readout and the edited stream; where a row of no slot is in the
+    step, `screen_kernel.read`: the top and the edited features' activations) and gives the stream and
+    readouts of the general path (the torch ops); a step whose rows have fewer active features than the
+    readout shows falls back to that path."""
     from dataclasses import replace
 
     from rudder.core.sae import SAE, SAEConfig
@@ -229,14 +232,22 @@ def test_a_topk_decode_readout_reads_its_top_and_edits_from_one_call(fresh, monk
     for p in sae.parameters():
         p.normal_(0, 0.5)
     sae.requires_grad_(False)
-    real, taken = screen_kernel.read, []
-    monkeypatch.setattr(screen_kernel, "read", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = []
+
+    def recorded(name, real):
+        return lambda *a: taken.append((name, real(*a))) or taken[-1][1]
+
+    for name in ("read_edit", "read"):
+        monkeypatch.setattr(screen_kernel, name, recorded(name, getattr(screen_kernel, name)))
     g = torch.Generator().manual_seed(5)
     table = replace(_random_edit_tables(g, 4, sae.cfg.d_sae), reads=torch.ones(4, dtype=torch.bool), any_reads=True,
                     every_slot_reads=True, top_k=8, selected=torch.zeros(0, dtype=torch.long))
     n = 24
-    rows = RowIndex(torch.arange(n) % 4, torch.randint(0, 10, (n,), generator=g), torch.ones(n, dtype=torch.bool),
-                    every_row_read=True)
+    slot = torch.arange(n) % 4
+    if layout != "every row":
+        slot[5] = -1
+    rows = RowIndex(slot, torch.randint(0, 10, (n,), generator=g), slot >= 0, every_row_read=layout == "every row")
+    call = "read_edit" if layout == "every row" else "read"
     x = torch.randn(n, 32, generator=torch.Generator().manual_seed(6)) * 2  # rows the screen decides
     for shift, fused in ((0.0, True), (-40.0, False)):  # then too few features above 0: the general path
         sae.b_enc.add_(shift)
@@ -245,14 +256,60 @@ def test_a_topk_decode_readout_reads_its_top_and_edits_from_one_call(fresh, monk
             monkeypatch.setenv("RUDDER_SAE_KERNEL", kernel)
             results.append(steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}), StepTables(saes={"s": table}),
                                       rows))
-        assert len(taken) == 2 and (taken[0] is not None) == fused and taken[1] is None, shift  # kernel, then none
-        taken.clear()
+            answered = [name for name, got in taken if got is not None]
+            assert answered == ([call] if fused and kernel == "1" else []), (shift, kernel, taken)
+            assert any(name == call for name, _ in taken), taken
+            taken.clear()
         (out_c, (read_c,)), (out_t, (read_t,)) = results
         assert not torch.equal(out_c, x)
         torch.testing.assert_close(out_c, out_t, rtol=1e-5, atol=1e-5)
         assert torch.equal(read_c.rows, read_t.rows) and torch.equal(read_c.top_ids, read_t.top_ids), shift
         torch.testing.assert_close(read_c.top_values, read_t.top_values, rtol=1e-5, atol=1e-5)
-        assert read_c.selected_values.shape == read_t.selected_values.shape == (n, 0)
+        R = read_c.rows.numel()
+        assert R == int((slot >= 0).sum()) and read_c.selected_values.shape == read_t.selected_values.shape == (R, 0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_a_topk_readout_step_in_one_call_equals_the_calls_it_fuses(fresh, monkeypatch, dtype):
+    """`screen_kernel.read_edit` (a TopK decode step where every row reads the top and edits, one C call
+    after the product) gives, bit for bit, the stream and readout of the calls it fuses (`read`,
+    `feature_edits`, `edited_top`, then `x + delta` in the stream's dtype)."""
+    from dataclasses import replace
+
+    from rudder.core.sae import SAE, SAEConfig
+    from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
+    from tests.core.test_steering import SITE
+
+    torch.manual_seed(8)
+    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
+    for p in sae.parameters():
+        p.normal_(0, 0.5)
+    sae.requires_grad_(False)
+    real, taken = screen_kernel.read_edit, []
+    g = torch.Generator().manual_seed(8)
+    answered, n = 0, 24
+    for step in range(8):
+        table = replace(_random_edit_tables(g, 4, sae.cfg.d_sae), reads=torch.ones(4, dtype=torch.bool),
+                        any_reads=True, every_slot_reads=True, top_k=int(torch.randint(1, 12, (1,), generator=g)),
+                        selected=torch.zeros(0, dtype=torch.long))
+        rows = RowIndex(torch.randint(0, 4, (n,), generator=g), torch.randint(0, 10, (n,), generator=g),
+                        torch.ones(n, dtype=torch.bool), every_row_read=True)
+        x = (torch.randn(n, 32, generator=g) * 2).to(dtype)
+        results = []
+        for fused in (True, False):
+            monkeypatch.setattr(screen_kernel, "read_edit", (lambda *a: taken.append(real(*a)) or taken[-1]) if fused
+                                else (lambda *a: None))
+            results.append(steer_site(SITE, x.clone(), SiteArtifacts(saes={"s": sae}), StepTables(saes={"s": table}),
+                                      rows))
+        assert len(taken) == 1, step
+        answered += taken.pop() is not None  # else a row needs the general path: it answered both
+        (out_f, (read_f,)), (out_c, (read_c,)) = results
+        assert out_f.dtype == dtype and torch.equal(out_f, out_c), step
+        assert torch.equal(read_f.rows, read_c.rows) and torch.equal(read_f.top_ids, read_c.top_ids), step
+        assert torch.equal(read_f.top_values, read_c.top_values), step
+    assert answered >= 2
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
