@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import threading
@@ -245,6 +246,7 @@ class RudderServer:
         """Serve until SIGTERM or SIGINT (then drain for `grace` seconds: exit code 0) or until the
         engine dies (then stop at once: ENGINE_DIED_EXIT)."""
         await self.start()
+        freeze_startup_heap()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -259,6 +261,17 @@ class RudderServer:
         log.info("draining (grace %.0fs)", grace)
         await self.stop(grace)
         return 0
+
+
+def freeze_startup_heap() -> None:
+    """Leave what start-up made (the engine, the model's and tokenizer's Python objects, the artifacts:
+    millions of objects) out of Python's garbage collection from now on, as `vllm serve` does once it is
+    up: a full collection then walks only what serving allocates. Without it, under a readout load (each
+    step's records allocate thousands of small objects), a full collection paused every stream of the
+    server for about a second (measured: docs/benchmarks.md). For the process that serves until a signal,
+    not for servers inside another program (`BackgroundServer`), whose heap is not theirs to freeze."""
+    gc.collect()
+    gc.freeze()
 
 
 class BackgroundServer:

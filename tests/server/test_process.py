@@ -102,6 +102,7 @@ def test_prometheus_metrics_are_scraped_over_http(served):
     proc, address = served
     before = scrape(proc.metrics_url)
     assert before[("rudder:artifacts_loaded", (("kind", "sae"),))] == 1
+    assert before[("rudder:gc_frozen_objects", ())] > 10_000  # the start-up heap, out of the GC's way
     with rc.Client(address, timeout=60) as c:
         toks = list(c.generate("The capital of France", max_tokens=5, ignore_eos=True,
                                interventions=[rc.clamp("s", 3, 9.0), rc.add("s", 4, 1.0)],
