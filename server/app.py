@@ -174,9 +174,10 @@ class RudderServer:
                    tls=tls, token=token, openai_port=cfg.openai_port, artifact_set=cfg.artifact_set,
                    artifact_set_poll_s=cfg.artifact_set_poll_s, max_connection_age_s=cfg.max_connection_age)
 
-    async def start(self) -> None:
+    async def start(self, freeze_heap: bool = False) -> None:
         """Answer on the port at once (health NOT_SERVING, calls UNAVAILABLE "warming up"), start the
-        engine, load the artifact set, serve one warm-up request, then report SERVING."""
+        engine, load the artifact set, serve one warm-up request, then report SERVING (`freeze_heap`: in
+        a process of its own, first leave the start-up heap out of the GC, `freeze_startup_heap`)."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
@@ -188,6 +189,8 @@ class RudderServer:
         await self._warm_up()
         if self.openai is not None:
             await self.openai.serve(*self._openai_bind)
+        if freeze_heap:
+            freeze_startup_heap()
         self.policy.ready = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -245,8 +248,7 @@ class RudderServer:
     async def run_until_signal(self, grace: float = 30.0) -> int:
         """Serve until SIGTERM or SIGINT (then drain for `grace` seconds: exit code 0) or until the
         engine dies (then stop at once: ENGINE_DIED_EXIT)."""
-        await self.start()
-        freeze_startup_heap()
+        await self.start(freeze_heap=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

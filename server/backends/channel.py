@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import select
 import socket
 import struct
@@ -33,6 +34,8 @@ import msgspec
 
 from rudder.core.errors import Unavailable
 from rudder.server.backends.base import GuardHit, TokenReadout
+
+log = logging.getLogger(__name__)
 
 VERSION = 2  # 2: TokenReadout as an array
 REQUEST_ID_KEY = "rudder_request"  # in SamplingParams.extra_args: Rudder's request id, sent back with its rows
@@ -105,8 +108,11 @@ _FRAME = struct.Struct("<I")  # each message's length, before it
 class Sender:
     """The worker's end: a blocking Unix stream socket, connected to the front end's `Receiver`."""
 
+    SEND_BUFFER = 8 << 20  # asked for (the kernel caps it at net.core.wmem_max): a step's record fits whole
+
     def __init__(self, path: str):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
         self._sock.connect(path)
 
     def send(self, message: bytes) -> None:
@@ -189,7 +195,10 @@ class Receiver:
                 ready, self._ready = self._ready, collections.deque()
                 ends, self._ends = self._ends, []
             for message in ready:
-                self._handle(message)
+                try:
+                    self._handle(message)
+                except Exception:  # one message's fault is not every other request's
+                    log.exception("a steering worker message could not be handled")
             for error in ends:
                 if not self.ended.done():
                     self.ended.set_result(None) if error is None else self.ended.set_exception(error)
@@ -200,11 +209,13 @@ class Receiver:
         partial = False
         while not self._closed.is_set():
             if partial:
+                waiting = select.poll()
                 with self._lock:
-                    socks = [c.sock for c in self._conns]
+                    for c in self._conns:
+                        waiting.register(c.sock, select.POLLIN)
                 try:
-                    select.select(socks, [], [], self.POLL_S)
-                except (OSError, ValueError):  # a connection closed meanwhile: read it below
+                    waiting.poll(self.POLL_S * 1000)
+                except OSError:  # a connection closed meanwhile: read it below
                     pass
             else:
                 self._closed.wait(self.POLL_S)
@@ -219,12 +230,15 @@ class Receiver:
                     return
 
     def close(self) -> None:
+        """On the event loop: stop reading; a request still waiting for a row hears at once (`ended`)."""
         self._closed.set()
         self._listener.close()
         with self._lock:
             for c in self._conns:
                 c.sock.close()
             self._conns.clear()
+        if not self.ended.done():
+            self.ended.set_result(None)
 
 
 class _Connection:
@@ -232,15 +246,17 @@ class _Connection:
 
     def __init__(self, sock: socket.socket):
         self.sock, self.buffer = sock, bytearray()
+        self._chunk = memoryview(bytearray(1 << 16))  # reused: no large allocation per read
 
     def read(self, out: collections.deque[bytes], max_message: int) -> None:
         """Append every whole message now readable to `out`; EOFError where the worker closed between
         messages, ConnectionError where the stream broke."""
         while True:
             try:
-                chunk = self.sock.recv(1 << 20)
+                got = self.sock.recv_into(self._chunk)
             except BlockingIOError:
-                chunk = None
+                got = None
+            chunk = None if got is None else self._chunk[:got]
             if chunk:
                 self.buffer += chunk
             while len(self.buffer) >= _FRAME.size:

@@ -187,3 +187,35 @@ def test_a_request_that_awaits_its_row_reads_the_step_record_from_the_socket_its
             receiver.close()
 
     asyncio.run(go())
+
+
+def test_a_message_whose_handling_fails_costs_no_other_and_closing_the_channel_ends_it(tmp_path, monkeypatch, caplog):
+    """One message that its handler fails on is logged; the messages read with it are still handled, in
+    order. Closing the receiver (the engine stopping) settles `ended` at once, so a request still waiting
+    for a row hears at once instead of after READOUT_WAIT_S."""
+    monkeypatch.setattr(channel.Receiver, "POLL_S", 3600.0)
+
+    async def go():
+        got = []
+
+        def handle(message: bytes) -> None:
+            if message == b"bad":
+                raise RuntimeError("a fault in the handler")
+            got.append(message)
+
+        receiver = channel.Receiver(str(tmp_path / "sock"), handle, asyncio.get_running_loop())
+        sender = channel.Sender(str(tmp_path / "sock"))
+        while not receiver._conns:
+            await asyncio.sleep(0.01)
+        for m in (b"one", b"bad", b"two"):
+            sender.send(m)
+        with caplog.at_level(logging.ERROR):
+            receiver.poll()
+        assert got == [b"one", b"two"]
+        assert any("could not be handled" in r.getMessage() for r in caplog.records)
+        assert not receiver.ended.done()
+        receiver.close()
+        assert receiver.ended.done() and receiver.ended.result() is None
+        sender.close()
+
+    asyncio.run(go())
