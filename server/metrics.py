@@ -6,8 +6,6 @@ plus steering's own. docs/serving.md lists every metric with its meaning.
 
 from __future__ import annotations
 
-import gc
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -54,7 +52,6 @@ class Metrics:
                                        registry=r)
         self.gc_frozen_objects = Gauge("rudder:gc_frozen_objects", "Python objects of the server's start-up "
                                        "that its garbage collector skips (gc.freeze: 0 until it serves)", registry=r)
-        self.gc_frozen_objects.set_function(gc.get_freeze_count)
 
     def watch_engine(self, engine) -> None:
         """Gauges read from the engine at scrape time; the engine reports its hook time per step."""
