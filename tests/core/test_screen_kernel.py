@@ -106,6 +106,19 @@ def test_a_topk_edits_membership_in_one_call_raises_on_an_id_outside_the_diction
     torch.testing.assert_close(acts[decided], dense.gather(1, feat.clamp(max=299))[decided], rtol=2e-6, atol=1e-6)
 
 
+def _decode_sized_topk_sae(seed: int):
+    """A frozen TopK SAE (32 -> 512, k = 32) with weights N(0, 0.5): most rows of its decode steps the
+    screen decides; the generator seeded."""
+    from rudder.core.sae import SAE, SAEConfig
+    from tests.core.test_steering import SITE
+
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
+    for p in sae.parameters():
+        p.normal_(0, 0.5)
+    return sae.requires_grad_(False)
+
+
 def _random_edit_tables(g: torch.Generator, slots: int, d_sae: int):
     """Tables of `slots` requests with 1-4 feature edits each, every op kind, scopes that start and end
     at several positions, and repeated features (ops that chain)."""
@@ -223,15 +236,10 @@ def test_a_topk_decode_readout_reads_its_top_and_edits_from_one_call(fresh, monk
     readout shows falls back to that path."""
     from dataclasses import replace
 
-    from rudder.core.sae import SAE, SAEConfig
     from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
     from tests.core.test_steering import SITE
 
-    torch.manual_seed(5)
-    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
-    for p in sae.parameters():
-        p.normal_(0, 0.5)
-    sae.requires_grad_(False)
+    sae = _decode_sized_topk_sae(5)
     taken = []
 
     def recorded(name, real):
@@ -278,15 +286,10 @@ def test_a_topk_readout_step_in_one_call_equals_the_calls_it_fuses(fresh, monkey
     `feature_edits`, `edited_top`, then `x + delta` in the stream's dtype)."""
     from dataclasses import replace
 
-    from rudder.core.sae import SAE, SAEConfig
     from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
     from tests.core.test_steering import SITE
 
-    torch.manual_seed(8)
-    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
-    for p in sae.parameters():
-        p.normal_(0, 0.5)
-    sae.requires_grad_(False)
+    sae = _decode_sized_topk_sae(8)
     real, taken = screen_kernel.read_edit, []
     g = torch.Generator().manual_seed(8)
     answered, n = 0, 24
@@ -343,15 +346,10 @@ def test_a_topk_edit_step_in_one_call_equals_the_calls_it_fuses(fresh, monkeypat
     (`active`, `feature_edits`) followed by `x + delta` in the stream's dtype; rows no op applies to come
     back exactly as they went in (-0.0 included), rows of no slot too. A step with a row the bounds cannot
     decide takes the general path, with the same answer."""
-    from rudder.core.sae import SAE, SAEConfig
     from rudder.core.steering import RowIndex, SiteArtifacts, StepTables, steer_site
     from tests.core.test_steering import SITE
 
-    torch.manual_seed(7)
-    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
-    for p in sae.parameters():
-        p.normal_(0, 0.5)
-    sae.requires_grad_(False)
+    sae = _decode_sized_topk_sae(7)
     real, taken = screen_kernel.edit, []
     g = torch.Generator().manual_seed(7)
     answered = 0
