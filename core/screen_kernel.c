@@ -227,6 +227,22 @@ static void row_acts(const float *pre, const uint8_t *inside, int64_t M, float *
     for (int64_t i = 0; i < M; i++) ar[i] = inside[i] ? (pre[i] > 0.0f || pre[i] != pre[i] ? pre[i] : 0.0f) : 0.0f;
 }
 
+/* One row of `rudder_screen_active`: its activations of `fr (M)` into `ar (M)`; returns 0 where decided,
+   1 where the bounds cannot tell or the row is not finite, 2 where an id is outside [0, F) (nothing of the
+   row is read). Scratch: `approx (2 F + M)`, `inside (M)`. */
+static int row_active(const uint16_t *mmr, const float *xr, const uint16_t *x_lor, const float *b,
+                      const float *per_norm, const float *per_bias, float sc, const float *w_t, int64_t F, int64_t d,
+                      int64_t k, int64_t M, const int64_t *fr, float *approx, uint8_t *inside, float *ar) {
+    float *slack = approx + F, *pre = slack + F, n0, n1;
+    if (row_ids_bad(fr, M, F, ar)) return 2;
+    if (!row_pre(xr, w_t, b, d, M, fr, pre)) return 0; /* every edited feature at or below 0: 0 */
+    if (!norms(xr, x_lor, d, &n0, &n1) || !bounds(mmr, b, per_norm, per_bias, sc, F, n0, n1, approx, slack))
+        return 1;
+    int undecided = row_member(approx, slack, F, k, M, fr, pre, inside);
+    row_acts(pre, inside, M, ar);
+    return undecided;
+}
+
 /* A TopK SAE's activations of the features `feat (N, M)` at every row, in one call: `acts[r, i]` is the
    feature's exact pre-activation (`w_t`'s row, float32), ReLU'd, where it is among the row's k largest
    (`row_member`), else 0. A row whose features are all at or below 0 reads 0 without its bounds (TopK
@@ -241,27 +257,15 @@ int64_t rudder_screen_active(int64_t N, int64_t F, int64_t d, const uint16_t *mm
     {
         float *approx = malloc(sizeof(float) * (2 * F + M));
         uint8_t *inside = malloc((size_t)M + 1);
-        float *slack = approx ? approx + F : NULL, *pre = approx ? slack + F : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             const int64_t *fr = feat + r * M;
             float *ar = acts + r * M;
-            undecided[r] = 1;
-            if (row_ids_bad(fr, M, F, ar)) { /* nothing of this row is read: the caller raises */
-                bad++;
-                continue;
-            }
-            if (!approx || !inside) continue;
-            undecided[r] = 0;
-            if (!row_pre(x + r * d, w_t, b, d, M, fr, pre)) continue;
-            float n0, n1;
-            if (!norms(x + r * d, x_lo + r * d, d, &n0, &n1) ||
-                !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack)) {
-                undecided[r] = 1;
-                continue;
-            }
-            undecided[r] = (uint8_t)row_member(approx, slack, F, k, M, fr, pre, inside);
-            row_acts(pre, inside, M, ar);
+            const int got = approx && inside ? row_active(mm + r * F, x + r * d, x_lo + r * d, b, per_norm, per_bias,
+                                                          sc, w_t, F, d, k, M, fr, approx, inside, ar)
+                                             : (row_ids_bad(fr, M, F, ar) ? 2 : 1);
+            undecided[r] = got != 0;
+            bad += got == 2; /* nothing of this row is read: the caller raises */
         }
         free(approx);
         free(inside);
@@ -392,19 +396,6 @@ int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *
     return bad;
 }
 
-/* One step's feature edits of one SAE, every row in one pass: the C form of `steering._feature_edits`
-   and `_edit_delta` together. Row r is of slot `slot[r]` (-1: no slot, nothing edited) at token position
-   `pos[r]`; the tables are the SAE's `SaeTable`: `valid (S, M)` uint8, `start, end, feature (S, M)` int64,
-   `scale, shift (S, M)` float32 (each op as f' = f scale + shift, exactly the shift where scale is 0).
-   `f0 (N, M)` is each row's activation of its slot's M features before any edit. Writes, per column m:
-   `f1[r, m]`, the feature's value after ops 0..m (an op applies where valid and start <= pos < end; ops
-   apply in order, and an op on a feature an earlier active op set starts from that value); `last[r, m]`,
-   whether the op is active and no later active op edits the same feature; and `delta (N, d)`, the sum
-   over those of (f1 - f0) W_dec[feature], `w_dec (F, d)` float32 (zero for rows without an active op).
-   Returns the number of rows with an active op on a feature id outside [0, F) (their delta is left 0:
-   the caller raises). float32 arithmetic in the torch ops' order: f1 is theirs bit for bit (a fused
-   multiply-add rounds f scale + shift as they do, as scale is 1 or shift is 0 unless scale is 0);
-   delta is up to float32 rounding. */
 /* One row's feature edits (`rudder_feature_edits` for row r of slot s at position p): f1 into `g (M)`,
    last into `lr (M)`, the delta into `out (d)`; 1 where an active op's feature id is outside [0, F)
    (the delta is left 0). */
@@ -441,6 +432,19 @@ static int row_edit(int64_t s, int64_t p, int64_t S, int64_t M, int64_t F, int64
     return 0;
 }
 
+/* One step's feature edits of one SAE, every row in one pass: the C form of `steering._feature_edits`
+   and `_edit_delta` together. Row r is of slot `slot[r]` (-1: no slot, nothing edited) at token position
+   `pos[r]`; the tables are the SAE's `SaeTable`: `valid (S, M)` uint8, `start, end, feature (S, M)` int64,
+   `scale, shift (S, M)` float32 (each op as f' = f scale + shift, exactly the shift where scale is 0).
+   `f0 (N, M)` is each row's activation of its slot's M features before any edit. Writes, per column m:
+   `f1[r, m]`, the feature's value after ops 0..m (an op applies where valid and start <= pos < end; ops
+   apply in order, and an op on a feature an earlier active op set starts from that value); `last[r, m]`,
+   whether the op is active and no later active op edits the same feature; and `delta (N, d)`, the sum
+   over those of (f1 - f0) W_dec[feature], `w_dec (F, d)` float32 (zero for rows without an active op).
+   Returns the number of rows with an active op on a feature id outside [0, F) (their delta is left 0:
+   the caller raises). float32 arithmetic in the torch ops' order: f1 is theirs bit for bit (a fused
+   multiply-add rounds f scale + shift as they do, as scale is 1 or shift is 0 unless scale is 0);
+   delta is up to float32 rounding. */
 int64_t rudder_feature_edits(int64_t N, int64_t S, int64_t M, int64_t F, int64_t d, const int64_t *slot,
                              const int64_t *pos, const uint8_t *valid, const int64_t *start, const int64_t *end,
                              const int64_t *feature, const float *scale, const float *shift, const float *f0,
@@ -458,6 +462,12 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .
     memcpy(&u, &f, sizeof u);
     if (f != f) return (uint16_t)((u >> 16) | 0x40); /* a NaN stays a NaN */
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* y's row r = the stream's, float32 or (`bf16`) bfloat16. */
+static void row_copy(const void *stream, void *y, int64_t r, int64_t d, int bf16) {
+    const size_t size = bf16 ? sizeof(uint16_t) : sizeof(float);
+    memcpy((char *)y + (size_t)(r * d) * size, (const char *)stream + (size_t)(r * d) * size, size * (size_t)d);
 }
 
 /* y's row r (a copy of the stream's) += delta as the torch ops add it: float32, or (`bf16`) the delta rounded
@@ -492,45 +502,30 @@ int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
     int64_t nundecided = 0, nbad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : nundecided, nbad)
     {
-        float *approx = malloc(sizeof(float) * (2 * F + 3 * M + d));
+        float *approx = malloc(sizeof(float) * (2 * F + 3 * M + d)); /* row_active's scratch, then f0, g, delta */
         uint8_t *inside = malloc(2 * (size_t)M + 1);
-        float *slack = approx ? approx + F : NULL, *pre = approx ? slack + F : NULL, *f0 = approx ? pre + M : NULL;
-        float *g = approx ? f0 + M : NULL, *delta = approx ? g + M : NULL;
+        float *f0 = approx ? approx + 2 * F + M : NULL, *g = f0 ? f0 + M : NULL, *delta = g ? g + M : NULL;
         uint8_t *lr = inside ? inside + M : NULL;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             const int64_t s = slot[r], p = pos[r];
-            const float *xr = x + r * d;
             int applies = 0;
             undecided[r] = 0;
-            if (stream_bf16)
-                memcpy((uint16_t *)y + r * d, (const uint16_t *)stream + r * d, sizeof(uint16_t) * (size_t)d);
-            else
-                memcpy((float *)y + r * d, (const float *)stream + r * d, sizeof(float) * (size_t)d);
+            row_copy(stream, y, r, d, stream_bf16);
             if (s < 0 || s >= S) continue;
             for (int64_t m = 0; m < M; m++) {
                 const int64_t i = s * M + m;
                 applies |= valid[i] && start[i] <= p && p < end[i];
             }
             if (!applies) continue; /* no op at this position: the row goes on as it came */
-            const int64_t *fr = feature + s * M;
-            if (!approx || !inside) {
-                undecided[r] = 1, nundecided++;
+            const int got = approx && inside ? row_active(mm + r * F, x + r * d, x_lo + r * d, b, per_norm, per_bias,
+                                                          sc, w_t, F, d, k, M, feature + s * M, approx, inside, f0)
+                                             : 1;
+            if (got) {
+                undecided[r] = got == 1;
+                nundecided += got == 1;
+                nbad += got == 2;
                 continue;
-            }
-            if (row_ids_bad(fr, M, F, f0)) {
-                nbad++;
-                continue;
-            }
-            if (row_pre(xr, w_t, b, d, M, fr, pre)) { /* some feature above 0: is it among the k? */
-                float n0, n1;
-                if (!norms(xr, x_lo + r * d, d, &n0, &n1) ||
-                    !bounds(mm + r * F, b, per_norm, per_bias, sc, F, n0, n1, approx, slack) ||
-                    row_member(approx, slack, F, k, M, fr, pre, inside)) {
-                    undecided[r] = 1, nundecided++;
-                    continue;
-                }
-                row_acts(pre, inside, M, f0);
             }
             row_edit(s, p, S, M, F, d, valid, start, end, feature, scale, shift, f0, w_dec, g, lr, delta);
             row_add(y, r, d, delta, stream_bf16);
@@ -570,10 +565,7 @@ int64_t rudder_screen_read_edit(int64_t N, int64_t F, int64_t d, const uint16_t 
         for (int64_t r = 0; r < N; r++) {
             const int64_t s = slot[r];
             int row_bad = 0;
-            if (stream_bf16)
-                memcpy((uint16_t *)y + r * d, (const uint16_t *)stream + r * d, sizeof(uint16_t) * (size_t)d);
-            else
-                memcpy((float *)y + r * d, (const float *)stream + r * d, sizeof(float) * (size_t)d);
+            row_copy(stream, y, r, d, stream_bf16);
             if (!approx || !heap_id || !id || !inside || s < 0 || s >= S ||
                 row_read(mm + r * F, x + r * d, x_lo + r * d, b, per_norm, per_bias, sc, w_t, F, d, k, n, m, M,
                          feature + s * M, approx, inside, heap_id, v, id, f0, &row_bad)) {

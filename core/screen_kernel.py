@@ -138,6 +138,12 @@ def _kernel(*tensors: Tensor) -> ctypes.CDLL | None:
     return library()
 
 
+def _check_edited_ids(bad: int, F: int) -> None:
+    """Raise where the kernel found `bad` rows editing feature ids outside the SAE's F features."""
+    if bad:
+        raise IndexError(f"{bad} rows edit feature ids outside the SAE's {F} features")
+
+
 def _call(screen: Screen, x: Tensor, b: Tensor, sc: float, *more: Tensor):
     """The loaded kernel, the arguments the screen's entry points share, and the tensors that must
     outlive the call; None where `_kernel` does not take the inputs."""
@@ -201,8 +207,7 @@ def active(screen: Screen, x: Tensor, b: Tensor, k: int, feat: Tensor, sc: float
     acts, undecided = x.new_empty(feat.shape), torch.empty(args[0], dtype=torch.bool)
     bad = lib.rudder_screen_active(*args, screen.w_t.data_ptr(), k, feat.shape[1], feat.data_ptr(),
                                    torch.get_num_threads(), acts.data_ptr(), undecided.data_ptr())
-    if bad:
-        raise IndexError(f"{bad} rows edit feature ids outside the SAE's {args[1]} features")
+    _check_edited_ids(bad, args[1])
     return acts, undecided
 
 
@@ -225,8 +230,7 @@ def read(screen: Screen, x: Tensor, b: Tensor, k: int, n: int, m: int, feat: Ten
     nfailed = lib.rudder_screen_read(*args, screen.w_t.data_ptr(), k, n, m, feat.shape[1], feat.data_ptr(),
                                      torch.get_num_threads(), values.data_ptr(), ids.data_ptr(), acts.data_ptr(),
                                      failed.data_ptr(), ctypes.byref(bad))
-    if bad.value:
-        raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
+    _check_edited_ids(bad.value, args[1])
     return None if nfailed else (values, ids, acts)
 
 
@@ -290,8 +294,7 @@ def feature_edits(table: SaeTable, slot: Tensor, pos: Tensor, f0: Tensor,
     inputs = (slot, pos, valid, start, end, feature, scale, shift, f0, w_dec)
     bad = lib.rudder_feature_edits(N, S, M, F, d, *(t.data_ptr() for t in inputs), torch.get_num_threads(),
                                    f1.data_ptr(), last.data_ptr(), delta.data_ptr())
-    if bad:
-        raise IndexError(f"{bad} rows edit feature ids outside the SAE's {F} features")
+    _check_edited_ids(bad, F)
     return f1, last, delta
 
 
@@ -325,8 +328,7 @@ def edit(screen: Screen, x: Tensor, b: Tensor, k: int, table: SaeTable, slot: Te
     nundecided = lib.rudder_screen_edit(*args, screen.w_t.data_ptr(), k, S, M, *(t.data_ptr() for t in buffers),
                                         int(stream.dtype == torch.bfloat16), torch.get_num_threads(), y.data_ptr(),
                                         undecided.data_ptr(), ctypes.byref(bad))
-    if bad.value:
-        raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
+    _check_edited_ids(bad.value, args[1])
     return None if nundecided else y
 
 
@@ -351,6 +353,5 @@ def read_edit(screen: Screen, x: Tensor, b: Tensor, k: int, m: int, table: SaeTa
                                           *(t.data_ptr() for t in buffers), int(stream.dtype == torch.bfloat16),
                                           table.top_k, torch.get_num_threads(), y.data_ptr(), top_values.data_ptr(),
                                           top_ids.data_ptr(), ctypes.byref(bad))
-    if bad.value:
-        raise IndexError(f"{bad.value} rows edit feature ids outside the SAE's {args[1]} features")
+    _check_edited_ids(bad.value, args[1])
     return None if nfailed else (y, top_values, top_ids)
