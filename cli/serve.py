@@ -143,7 +143,10 @@ def serve(cfg: ServeConfig) -> int:
     engine, name = load_engine(cfg)
 
     async def run() -> int:  # grpc.aio objects belong to the loop they are made in
-        server = RudderServer.from_config(engine, name, cfg, token)
+        try:
+            server = RudderServer.from_config(engine, name, cfg, token)
+        except OSError as e:  # a port in use: before any engine process starts
+            raise SystemExit(f"error: {e}") from None
         return await server.run_until_signal(cfg.grace)
 
     return asyncio.run(run())

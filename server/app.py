@@ -134,7 +134,11 @@ class RudderServer:
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(engine)
-        options = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))] if max_connection_age_s else []
+        # gRPC binds with SO_REUSEPORT by default: a second server on a port in use would start and share
+        # its connections with the first (clients then reach either, at random). Off: the second fails to bind.
+        options = [("grpc.so_reuseport", 0)]
+        if max_connection_age_s:
+            options.append(("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)))
         self.policy = Policy(self.metrics, token)
         self._watchdog: asyncio.Task | None = None
         self.server = grpc.aio.server(interceptors=[PolicyInterceptor(self.policy)], options=options)
@@ -153,10 +157,14 @@ class RudderServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = (self.server.add_secure_port(f"{host}:{port}", tls.credentials()) if tls
-                     else self.server.add_insecure_port(f"{host}:{port}"))
+        try:
+            self.port = (self.server.add_secure_port(f"{host}:{port}", tls.credentials()) if tls
+                         else self.server.add_insecure_port(f"{host}:{port}"))
+        except RuntimeError:  # grpcio's "Failed to bind": the cause is in its C log, not the exception
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}; is another server on that port?")
+            raise OSError(f"could not bind {host}:{port}: the port is in use (is another server on it?) or the "
+                          "address is not this machine's; pick another --port")
         self.address = f"{host}:{self.port}"
         self.openai = None
         if openai_port is not None:

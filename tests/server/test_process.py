@@ -17,10 +17,28 @@ from tests.server.engines import wait_for
 pytestmark = pytest.mark.slow  # `rudder serve` in a child process for each test
 
 
+def _ports():
+    """Ports below Linux's ephemeral range (which hands out the ports bind(0) and clients use), a block of
+    its own for each pytest-xdist worker: a port the kernel gave this worker could otherwise be given to
+    another worker too before this one's server binds it, and the second server would fail to start."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    yield from range(20000 + 400 * worker, 20400 + 400 * worker)
+
+
+_free = _ports()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of this test worker's block that nothing listens on now."""
+    for port in _free:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: past TIME_WAIT
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("this test worker used up its block of ports")
 
 
 def wait_until_serving(proc: subprocess.Popen, address: str, timeout: float = 120) -> bool:
@@ -85,6 +103,22 @@ def test_cli_generate_with_flags(served, capsys):
     assert rc_ == 0 and out.count("s: 3=25.00") == 3
     assert client_main(["generate", "x", "--server", address, "--clamp", "s:9999=1"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_a_second_server_on_a_port_in_use_exits_instead_of_sharing_it(served, tiny_dir):
+    """gRPC binds with SO_REUSEPORT by default, so a second `rudder serve` on a taken port would start and
+    take part of the first one's connections at random. It exits at once with the port named instead."""
+    proc, address = served
+    port = address.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "rudder.cli", "serve", "--backend", "reference",
+                             "--model", str(tiny_dir), "--port", port, "--metrics-port", "-1"],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert f"error: could not bind 127.0.0.1:{port}: the port is in use" in second.stderr, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    assert proc.poll() is None
+    with rc.Client(address, timeout=60) as c:  # the first one serves on
+        assert len(list(c.generate("x", max_tokens=2, ignore_eos=True))) == 2
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
