@@ -160,11 +160,9 @@ class RudderServer:
         try:
             self.port = (self.server.add_secure_port(f"{host}:{port}", tls.credentials()) if tls
                          else self.server.add_insecure_port(f"{host}:{port}"))
-        except RuntimeError:  # grpcio's "Failed to bind": the cause is in its C log, not the exception
-            self.port = 0
-        if self.port == 0:
+        except RuntimeError as e:  # grpcio's "Failed to bind": the cause is in its C log, not the exception
             raise OSError(f"could not bind {host}:{port}: the port is in use (is another server on it?) or the "
-                          "address is not this machine's; pick another --port")
+                          "address is not this machine's; pick another --port") from e
         self.address = f"{host}:{self.port}"
         self.openai = None
         if openai_port is not None:
