@@ -488,17 +488,16 @@ static void row_add(void *y, int64_t r, int64_t d, const float *delta, int bf16_
    `rudder_screen_active` gives them, from the screen's `mm, x, x_lo` (`x`: the SAE's input, float32).
    `stream (N, d)` is the site's activation, float32 or (`stream_bf16`) bfloat16; `y` gets, in its dtype,
    stream + delta as the torch ops give it (the delta rounded to the stream's dtype, then added in float32
-   and rounded once), and exactly the stream row where no op applies. `undecided[r]` = 1 where the bounds
-   cannot tell whether an edited feature is among the k, or the row is not finite (its y is the stream
-   row: the caller answers such a step on its general path). Returns the number of undecided rows; `*bad`
+   and rounded once), and exactly the stream row where no op applies. Returns the number of rows whose
+   bounds cannot tell whether an edited feature is among the k, or that are not finite (their y is the
+   stream row: the caller answers such a step on its general path); `*bad`
    gets the number of rows whose slot holds a feature id outside [0, F) (the caller raises). */
 int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, const float *x,
                            const uint16_t *x_lo, const float *b, const float *per_norm, const float *per_bias,
                            float sc, const float *w_t, int64_t k, int64_t S, int64_t M, const int64_t *slot,
                            const int64_t *pos, const uint8_t *valid, const int64_t *start, const int64_t *end,
                            const int64_t *feature, const float *scale, const float *shift, const float *w_dec,
-                           const void *stream, int stream_bf16, int threads, void *y, uint8_t *undecided,
-                           int64_t *bad) {
+                           const void *stream, int stream_bf16, int threads, void *y, int64_t *bad) {
     int64_t nundecided = 0, nbad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : nundecided, nbad)
     {
@@ -510,7 +509,6 @@ int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
         for (int64_t r = 0; r < N; r++) {
             const int64_t s = slot[r], p = pos[r];
             int applies = 0;
-            undecided[r] = 0;
             row_copy(stream, y, r, d, stream_bf16);
             if (s < 0 || s >= S) continue;
             for (int64_t m = 0; m < M; m++) {
@@ -522,7 +520,6 @@ int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
                                                           sc, w_t, F, d, k, M, feature + s * M, approx, inside, f0)
                                              : 1;
             if (got) {
-                undecided[r] = got == 1;
                 nundecided += got == 1;
                 nbad += got == 2;
                 continue;
@@ -554,7 +551,7 @@ int64_t rudder_screen_read_edit(int64_t N, int64_t F, int64_t d, const uint16_t 
     int64_t nfailed = 0, nbad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : nfailed, nbad)
     {
-        float *approx = malloc(sizeof(float) * (2 * F + M + m + 1 + 3 * M + n + d));
+        float *approx = malloc(sizeof(float) * (2 * F + M + m + 1 + 2 * M + n + d)); /* row_read's scratch, f0, g, v, delta */
         int32_t *heap_id = malloc(sizeof(int32_t) * (m + 1));
         int64_t *id = malloc(sizeof(int64_t) * (n + 1));
         uint8_t *inside = malloc(2 * (size_t)M + 1);

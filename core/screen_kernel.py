@@ -120,7 +120,7 @@ def library() -> ctypes.CDLL | None:
     lib.rudder_dots_at.restype = i64
     lib.rudder_feature_edits.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, p, p, p]
     lib.rudder_feature_edits.restype = i64
-    lib.rudder_screen_edit.argtypes = [*common, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, i32, p, p, p]
+    lib.rudder_screen_edit.argtypes = [*common, p, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, i32, p, p]
     lib.rudder_screen_edit.restype = i64
     lib.rudder_screen_read_edit.argtypes = [*common, p, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32,
                                             i64, i32, p, p, p, p]
@@ -324,10 +324,10 @@ def edit(screen: Screen, x: Tensor, b: Tensor, k: int, table: SaeTable, slot: Te
         return None
     (lib, args, _alive), (y, buffers) = call, inputs
     S, M = table.feature.shape
-    undecided, bad = torch.empty(args[0], dtype=torch.bool), ctypes.c_int64(0)
+    bad = ctypes.c_int64(0)
     nundecided = lib.rudder_screen_edit(*args, screen.w_t.data_ptr(), k, S, M, *(t.data_ptr() for t in buffers),
                                         int(stream.dtype == torch.bfloat16), torch.get_num_threads(), y.data_ptr(),
-                                        undecided.data_ptr(), ctypes.byref(bad))
+                                        ctypes.byref(bad))
     _check_edited_ids(bad.value, args[1])
     return None if nundecided else y
 
@@ -341,7 +341,7 @@ def read_edit(screen: Screen, x: Tensor, b: Tensor, k: int, m: int, table: SaeTa
     path (see `read`)."""
     S, M = table.feature.shape
     n = table.top_k + M
-    inputs = _edit_inputs(x, table, slot, pos, w_dec, stream) if 0 < table.top_k and n <= m else None
+    inputs = _edit_inputs(x, table, slot, pos, w_dec, stream) if table.top_k > 0 else None
     call = None if inputs is None else _call(screen, x, b, sc, w_dec)
     if call is None:
         return None

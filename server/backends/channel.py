@@ -200,8 +200,12 @@ class Receiver:
                 except Exception:  # one message's fault is not every other request's
                     log.exception("a steering worker message could not be handled")
             for error in ends:
-                if not self.ended.done():
-                    self.ended.set_result(None) if error is None else self.ended.set_exception(error)
+                self._settle(error)
+
+    def _settle(self, error: Exception | None) -> None:
+        """`ended`, once: None where a connection closed between messages (or the receiver did), else why."""
+        if not self.ended.done():
+            self.ended.set_result(None) if error is None else self.ended.set_exception(error)
 
     def _watch(self) -> None:
         """Every POLL_S, or as the bytes come while a message is part-way: read, and have the loop hand
@@ -237,8 +241,7 @@ class Receiver:
             for c in self._conns:
                 c.sock.close()
             self._conns.clear()
-        if not self.ended.done():
-            self.ended.set_result(None)
+        self._settle(None)
 
 
 class _Connection:

@@ -107,16 +107,10 @@ def test_a_topk_edits_membership_in_one_call_raises_on_an_id_outside_the_diction
 
 
 def _decode_sized_topk_sae(seed: int):
-    """A frozen TopK SAE (32 -> 512, k = 32) with weights N(0, 0.5): most rows of its decode steps the
-    screen decides; the generator seeded."""
-    from rudder.core.sae import SAE, SAEConfig
-    from tests.core.test_steering import SITE
+    """A frozen TopK SAE (32 -> 512, k = 32): most rows of its decode steps the screen decides."""
+    from tests.core.test_steering import frozen_topk_sae
 
-    torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_in=32, d_sae=512, hook_name=SITE, architecture="topk", k=32))
-    for p in sae.parameters():
-        p.normal_(0, 0.5)
-    return sae.requires_grad_(False)
+    return frozen_topk_sae(seed, d_in=32, d_sae=512, k=32)
 
 
 def _random_edit_tables(g: torch.Generator, slots: int, d_sae: int):

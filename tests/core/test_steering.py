@@ -29,10 +29,10 @@ def rows_for(slots, positions):
     return RowIndex(torch.tensor(slots), torch.tensor(positions))
 
 
-def frozen_topk_sae(seed: int) -> SAE:
-    """A TopK SAE (16 -> 64, k = 8) with weights N(0, 0.5), frozen as served; the generator seeded."""
+def frozen_topk_sae(seed: int, d_in: int = 16, d_sae: int = 64, k: int = 8) -> SAE:
+    """A TopK SAE (16 -> 64, k = 8 unless told) with weights N(0, 0.5), frozen as served; the generator seeded."""
     torch.manual_seed(seed)
-    s = SAE(SAEConfig(d_in=16, d_sae=64, hook_name=SITE, architecture="topk", k=8))
+    s = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, hook_name=SITE, architecture="topk", k=k))
     for p in s.parameters():
         p.normal_(0, 0.5)
     return s.requires_grad_(False)
