@@ -396,6 +396,11 @@ int64_t rudder_dots_at(int64_t N, int64_t M, int64_t d, int64_t F, const float *
     return bad;
 }
 
+/* Whether op i of the tables applies at position p (its slot's op, valid, p in its scope). */
+static inline int op_applies(const uint8_t *valid, const int64_t *start, const int64_t *end, int64_t i, int64_t p) {
+    return valid[i] && start[i] <= p && p < end[i];
+}
+
 /* One row's feature edits (`rudder_feature_edits` for row r of slot s at position p): f1 into `g (M)`,
    last into `lr (M)`, the delta into `out (d)`; 1 where an active op's feature id is outside [0, F)
    (the delta is left 0). */
@@ -411,7 +416,7 @@ static int row_edit(int64_t s, int64_t p, int64_t S, int64_t M, int64_t F, int64
     int row_bad = 0;
     for (int64_t m = 0; m < M; m++) {
         const int64_t i = s * M + m;
-        lr[m] = valid[i] && start[i] <= p && p < end[i]; /* active, for now */
+        lr[m] = op_applies(valid, start, end, i, p); /* active, for now */
         float cur = fr[m];
         for (int64_t j = 0; j < m; j++) /* the newest earlier active op on this feature set its value */
             if (lr[j] && feat[j] == feat[m]) cur = g[j];
@@ -513,7 +518,7 @@ int64_t rudder_screen_edit(int64_t N, int64_t F, int64_t d, const uint16_t *mm, 
             if (s < 0 || s >= S) continue;
             for (int64_t m = 0; m < M; m++) {
                 const int64_t i = s * M + m;
-                applies |= valid[i] && start[i] <= p && p < end[i];
+                applies |= op_applies(valid, start, end, i, p);
             }
             if (!applies) continue; /* no op at this position: the row goes on as it came */
             const int got = approx && inside ? row_active(mm + r * F, x + r * d, x_lo + r * d, b, per_norm, per_bias,
